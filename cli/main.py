@@ -1,0 +1,100 @@
+"""The `dptool` Click application: a group whose commands live one per module and load on first use."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from dptool.errors import DptoolError, InputError
+
+from ._common import CONTEXT_SETTINGS
+
+__all__ = ["cli", "main", "COMMANDS"]
+
+#: command name -> module under dptool.cli holding a Click command called `command`
+COMMANDS = {
+    "convert": "convert",
+    "info": "info",
+    "train": "train",
+    "finetune": "finetune",
+    "score": "score",
+    "prune": "prune",
+    "bench": "bench",
+    "demo": "demo",
+}
+
+
+class _LazyGroup(click.Group):
+    """Loads each command's module only when that command runs, so `dptool -h` stays fast."""
+
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if self.get_command(ctx, name) is not None]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        try:
+            module = importlib.import_module(f"dptool.cli.{COMMANDS[name]}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"dptool.cli.{COMMANDS[name]}":
+                return None  # not built yet
+            raise
+        return module.command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except InputError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            err = click.ClickException(str(exc))
+            err.exit_code = 2
+            raise err from exc
+        except DptoolError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as exc:  # an internal error: one sentence unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(
+                f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+            ) from exc
+
+
+@click.group(cls=_LazyGroup, context_settings=CONTEXT_SETTINGS)
+@click.option("-v", "--verbose", count=True, help="More log output: -v info, -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="dptool")
+@click.pass_context
+def cli(ctx, verbose: int, quiet: bool, debug: bool):
+    """Prune a source dataset to the classes that matter for a target task, then pretrain faster.
+
+    \b
+    dptool convert ~/imagenet/train in_train.beton
+    dptool score --method lm --source in_train.beton --target flowers.beton --model rn18.pt -o scores.json
+    dptool prune in_train.beton --scores scores.json --ratio 0.6 -o in_train_p60.beton
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("numba", "PIL", "matplotlib", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="dptool")
+
+
+if __name__ == "__main__":
+    main()

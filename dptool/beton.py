@@ -1,0 +1,214 @@
+"""`.beton` files and their JSON sidecars: open and validate, read labels without decoding, fingerprint.
+
+The sidecar (`X.beton.json`) holds what FFCV's format does not: class names in label order, per-class counts,
+writer parameters, where the data came from, what was skipped, pruning provenance, and a content
+fingerprint that later steps compare to make sure they are talking about the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._ffcv import import_ffcv
+from .atomic import atomic_output
+from .errors import InputError
+
+__all__ = [
+    "SIDECAR_FORMAT",
+    "SIDECAR_VERSION",
+    "Beton",
+    "open_beton",
+    "read_sidecar",
+    "sidecar_path",
+    "write_sidecar",
+    "fingerprint",
+    "summarize",
+]
+
+SIDECAR_FORMAT = "dptool-beton"
+SIDECAR_VERSION = 1
+
+# FFCV's on-disk header (ffcv/types.py, format version 1); read with NumPy so that a bad file gives one sentence.
+_HEADER = np.dtype(
+    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")],
+    align=True,
+)
+_FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", (16,))), ("arguments", ("<u1", (1024,)))], align=True)
+_ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+_TYPE_NAMES = {0: "FloatField", 1: "IntField", 2: "RGBImageField", 3: "BytesField", 4: "NDArrayField", 5: "JSONField",
+               6: "TorchTensorField"}
+_FORMAT_VERSION = 2  # ffcv.types.CURRENT_VERSION of FFCV 1.0
+
+
+def sidecar_path(beton: str | os.PathLike) -> Path:
+    """The sidecar of `beton`: the same path with `.json` appended."""
+    return Path(str(beton) + ".json")
+
+
+def read_sidecar(beton: str | os.PathLike) -> dict | None:
+    """The sidecar dict of `beton`, or None when there is none (a .beton written by another tool)."""
+    path = sidecar_path(beton)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Sidecar {path} is not valid JSON ({exc}); delete it or re-create the .beton.") from exc
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise InputError(f"Sidecar {path} is not a dptool sidecar (missing format {SIDECAR_FORMAT!r}).")
+    return data
+
+
+def write_sidecar(beton: str | os.PathLike, data: dict) -> Path:
+    """Write `data` as the sidecar of `beton`, atomically."""
+    path = sidecar_path(beton)
+    payload = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, **data}
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Beton:
+    """A validated `.beton` file: its layout, fields, labels (from the metadata table) and sidecar."""
+
+    path: Path
+    num_samples: int
+    page_size: int
+    field_names: tuple[str, ...]
+    field_types: tuple[str, ...]
+    file_size: int
+    header: np.void
+    field_descriptors: np.ndarray
+    metadata: np.ndarray  # structured (N,), one column per field
+    alloc_table: np.ndarray  # structured (M,), sample_id / ptr / size
+    data_start: int
+    sidecar: dict | None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 labels in file order, from the metadata table (no image decoding)."""
+        if "label" not in self.field_names:
+            raise InputError(f"{self.path} has no 'label' field (fields: {', '.join(self.field_names)}).")
+        col = self.metadata[f"f{self.field_names.index('label')}"]
+        return np.asarray(col, dtype=np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        """Head width: the sidecar's class count, else 1 + the largest label."""
+        if self.sidecar and "num_classes" in self.sidecar:
+            return int(self.sidecar["num_classes"])
+        labels = self.labels
+        return int(labels.max()) + 1 if len(labels) else 0
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (from the sidecar; label numbers when there is none)."""
+        if self.sidecar and self.sidecar.get("class_names"):
+            return list(self.sidecar["class_names"])
+        return [str(i) for i in range(self.num_classes)]
+
+    def class_counts(self) -> np.ndarray:
+        """(num_classes,) int64 samples per class."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def image_field_args(self) -> dict:
+        """The writer parameters of the image field as stored in the sidecar (empty if unknown)."""
+        return dict((self.sidecar or {}).get("writer", {}))
+
+
+def open_beton(path: str | os.PathLike, *, require_label: bool = True) -> Beton:
+    """Open and validate a `.beton`: header, fields, metadata and allocation table must all be in the file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"File {path} does not exist.")
+    if not path.is_file():
+        raise InputError(f"{path} is not a file.")
+    size = path.stat().st_size
+    if size < _HEADER.itemsize:
+        raise InputError(f"{path} is not a .beton file (too small for an FFCV header).")
+    header = np.fromfile(path, dtype=_HEADER, count=1)[0]
+    n_fields, n = int(header["num_fields"]), int(header["num_samples"])
+    page_size, alloc_ptr = int(header["page_size"]), int(header["alloc_table_ptr"])
+    if int(header["version"]) != _FORMAT_VERSION or not 0 < n_fields < 64 or page_size <= 0 or page_size & (page_size - 1):
+        raise InputError(f"{path} is not a .beton file (bad FFCV header).")
+    desc_end = _HEADER.itemsize + n_fields * _FIELD_DESC.itemsize
+    if desc_end > size:
+        raise InputError(f"{path} is truncated (field descriptors cut off).")
+    descs = np.fromfile(path, dtype=_FIELD_DESC, count=n_fields, offset=_HEADER.itemsize)
+    names, types = [], []
+    for d in descs:
+        type_id = int(d["type_id"])
+        if type_id not in _TYPE_NAMES:
+            raise InputError(f"{path} is not a .beton file (unknown field type {type_id}).")
+        names.append(bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace"))
+        types.append(_TYPE_NAMES[type_id])
+    types_mod = import_ffcv("ffcv.types")  # deferred: importing ffcv costs seconds
+    meta_type = types_mod.get_metadata_type(types_mod.get_handlers(descs))
+    data_start = desc_end + n * meta_type.itemsize
+    if alloc_ptr < data_start or alloc_ptr > size or (size - alloc_ptr) % _ALLOC.itemsize:
+        raise InputError(f"{path} is truncated or damaged (allocation table at {alloc_ptr}, file size {size}).")
+    metadata = np.fromfile(path, dtype=meta_type, count=n, offset=desc_end)
+    alloc = np.fromfile(path, dtype=_ALLOC, count=(size - alloc_ptr) // _ALLOC.itemsize, offset=alloc_ptr)
+    if len(alloc) and (int(alloc["ptr"].max()) + 0 > alloc_ptr or int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr):
+        raise InputError(f"{path} is truncated or damaged (sample data past the allocation table).")
+    beton = Beton(
+        path=path, num_samples=n, page_size=page_size, field_names=tuple(names), field_types=tuple(types),
+        file_size=size, header=header, field_descriptors=descs, metadata=metadata, alloc_table=alloc,
+        data_start=data_start, sidecar=read_sidecar(path),
+    )
+    if require_label and "label" not in names:
+        raise InputError(f"{path} has no 'label' field (fields: {', '.join(names)}); dptool needs image and label.")
+    return beton
+
+
+def fingerprint(beton: Beton | str | os.PathLike) -> str:
+    """Content fingerprint of a `.beton`: BLAKE2b of its size, header, fields, metadata and allocation tables,
+    and the first and last MiB of sample data. Cheap on 300 GB files; changes when samples or labels change."""
+    b = beton if isinstance(beton, Beton) else open_beton(beton, require_label=False)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(b.file_size).encode())
+    for part in (b.header, b.field_descriptors, b.metadata, b.alloc_table):
+        h.update(np.ascontiguousarray(part).tobytes())
+    alloc_ptr = int(b.header["alloc_table_ptr"])
+    with open(b.path, "rb") as f:
+        f.seek(b.data_start)
+        h.update(f.read(min(1 << 20, alloc_ptr - b.data_start)))
+        tail = max(b.data_start, alloc_ptr - (1 << 20))
+        f.seek(tail)
+        h.update(f.read(alloc_ptr - tail))
+    return "blake2b:" + h.hexdigest()
+
+
+def summarize(path: str | os.PathLike) -> dict:
+    """Everything `dptool info` shows about a `.beton`: samples, classes with names and counts, fields,
+    writer parameters, provenance, file size."""
+    b = open_beton(path, require_label=False)
+    side = b.sidecar or {}
+    summary = {
+        "path": str(b.path),
+        "file_size": b.file_size,
+        "num_samples": b.num_samples,
+        "fields": dict(zip(b.field_names, b.field_types)),
+        "page_size": b.page_size,
+        "sidecar": str(sidecar_path(b.path)) if b.sidecar else None,
+        "writer": side.get("writer"),
+        "source": side.get("source"),
+        "fingerprint": side.get("fingerprint"),
+        "skipped": len(side.get("skipped", [])),
+        "pruning": side.get("pruning"),
+    }
+    if "label" in b.field_names:
+        counts = b.class_counts()
+        names = b.class_names
+        summary["num_classes"] = b.num_classes
+        summary["classes"] = [
+            {"label": i, "name": names[i] if i < len(names) else str(i), "count": int(c)} for i, c in enumerate(counts)
+        ]
+    return summary

@@ -1,0 +1,264 @@
+"""Dataset readers: ImageFolder trees, `.npz` arrays and torchvision datasets on disk, as (RGB image, label).
+
+Every reader is an indexable `SourceDataset`: `len()`, `[i] -> (HxWx3 uint8 array, label)`, `class_names`,
+`labels` (read without decoding images where the format allows) and `describe(i)` for messages. Image files are
+checked cheaply (`prescan`) before writing; decoding errors found later are reported by `safe_item`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from .errors import InputError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "TORCHVISION_FORMATS",
+    "SourceDataset",
+    "ImageFolderSource",
+    "NpzSource",
+    "TorchvisionSource",
+    "open_source",
+    "to_rgb_array",
+]
+
+log = logging.getLogger(__name__)
+
+#: PIL's own decompression-bomb threshold; larger images are skipped as bombs.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Truncated files must raise, not be silently padded.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert any PIL image (L, P, RGBA, LA, CMYK, I;16, I, F...) to an (H, W, 3) uint8 RGB array.
+
+    Transparent images are composited on white; 16-bit and 32-bit images are scaled to 8 bits.
+    """
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 -> (H, W, 3) uint8."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=2))
+    if arr.shape[2] == 4:
+        return to_rgb_array(Image.fromarray(arr, "RGBA"))
+    return np.ascontiguousarray(arr)
+
+
+@dataclass
+class SourceDataset:
+    """An indexable dataset of (RGB uint8 image, int label) with class names; subclasses load samples."""
+
+    class_names: list[str]
+    labels: np.ndarray  # (N,) int64
+    format: str
+    root: str
+    split: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    skipped: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, index: int) -> str:
+        """A human name for sample `index` (a file path where there is one)."""
+        return f"{self.format} sample {index}"
+
+    def load(self, index: int) -> np.ndarray:
+        """Decode sample `index` to an (H, W, 3) uint8 array; raises on a bad image."""
+        raise NotImplementedError
+
+    def prescan(self, index: int) -> str | None:
+        """Cheap check of sample `index` before writing; returns a reason to skip it, or None."""
+        return None
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.load(index), int(self.labels[index])
+
+
+class ImageFolderSource(SourceDataset):
+    """One sub-folder per class (sorted by name); every regular, non-hidden file in it is a sample."""
+
+    def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"Source folder {root} does not exist or is not a folder.")
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise InputError(f"Source folder {root} has no class sub-folders; an ImageFolder tree has one per class.")
+        paths: list[str] = []
+        labels: list[int] = []
+        for label, class_dir in enumerate(class_dirs):
+            files = sorted(
+                str(p) for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+            )
+            if not files:
+                log.warning("class folder %s is empty; its label %d is kept with no samples", class_dir, label)
+            paths.extend(files)
+            labels.extend([label] * len(files))
+        super().__init__(
+            class_names=[d.name for d in class_dirs],
+            labels=np.asarray(labels, dtype=np.int64),
+            format="imagefolder",
+            root=str(root),
+            max_pixels=max_pixels,
+        )
+        self.paths = paths
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def prescan(self, index: int) -> str | None:
+        path = self.paths[index]
+        try:
+            if os.path.getsize(path) == 0:
+                return "zero-byte file"
+            with Image.open(path) as img:
+                width, height = img.size
+        except Image.DecompressionBombError:
+            return "decompression bomb (too many pixels)"
+        except (OSError, ValueError, SyntaxError) as exc:
+            return f"not a readable image ({type(exc).__name__}: {exc})"
+        if width * height > self.max_pixels:
+            return f"decompression bomb ({width}x{height} > {self.max_pixels} pixels)"
+        return None
+
+    def load(self, index: int) -> np.ndarray:
+        with Image.open(self.paths[index]) as img:
+            img.load()
+            return to_rgb_array(img)
+
+
+class NpzSource(SourceDataset):
+    """`.npz` with `images` (N, H, W[, C]) uint8, `labels` (N,) int and optional `class_names` (C,) str."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"Source file {path} does not exist.")
+        try:
+            data = np.load(path, allow_pickle=False)
+            images, labels = data["images"], data["labels"]
+            names = [str(n) for n in data["class_names"]] if "class_names" in data.files else None
+        except KeyError as exc:
+            raise InputError(f"{path} must hold arrays 'images' and 'labels' (missing {exc}).") from exc
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path} is not a readable .npz file ({exc}).") from exc
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
+            raise InputError(
+                f"{path}: 'images' must be uint8 of shape (N, H, W) or (N, H, W, 1|3|4), got {images.dtype} {images.shape}."
+            )
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"{path}: 'labels' must be (N,) integers matching {len(images)} images, got {labels.dtype} {labels.shape}.")
+        if len(labels) and labels.min() < 0:
+            raise InputError(f"{path}: labels must be non-negative, got {labels.min()}.")
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        if names is None:
+            names = [str(i) for i in range(n_classes)]
+        elif len(names) < n_classes:
+            raise InputError(f"{path}: {len(names)} class_names given but labels go up to {n_classes - 1}.")
+        super().__init__(class_names=names, labels=labels.astype(np.int64), format="npz", root=str(path))
+        self.images = images
+
+    def load(self, index: int) -> np.ndarray:
+        return _array_to_rgb(self.images[index])
+
+
+# name -> (constructor keyword for the split, {dptool split: torchvision value}, attribute holding targets)
+TORCHVISION_FORMATS: dict[str, tuple[str | None, dict[str, object], tuple[str, ...]]] = {
+    "CIFAR10": ("train", {"train": True, "test": False}, ("targets",)),
+    "CIFAR100": ("train", {"train": True, "test": False}, ("targets",)),
+    "FashionMNIST": ("train", {"train": True, "test": False}, ("targets",)),
+    "MNIST": ("train", {"train": True, "test": False}, ("targets",)),
+    "Flowers102": ("split", {"train": "train", "val": "val", "test": "test"}, ("_labels",)),
+    "OxfordIIITPet": ("split", {"train": "trainval", "test": "test"}, ("_labels",)),
+    "DTD": ("split", {"train": "train", "val": "val", "test": "test"}, ("_labels",)),
+    "Food101": ("split", {"train": "train", "test": "test"}, ("_labels",)),
+    "StanfordCars": ("split", {"train": "train", "test": "test"}, ("_samples",)),
+    "SUN397": (None, {"all": None}, ("_labels",)),
+}
+
+
+class TorchvisionSource(SourceDataset):
+    """A torchvision dataset already on local disk (never downloaded), images converted to RGB."""
+
+    def __init__(self, name: str, root: str | os.PathLike, split: str):
+        import torchvision.datasets as tvd
+
+        if name not in TORCHVISION_FORMATS:
+            known = ", ".join(sorted(TORCHVISION_FORMATS))
+            raise InputError(f"Unknown torchvision dataset {name!r}; known: {known}.")
+        key, splits, target_attrs = TORCHVISION_FORMATS[name]
+        if split not in splits:
+            raise InputError(f"{name} has no split {split!r}; accepted: {', '.join(splits)}.")
+        if not Path(root).is_dir():
+            raise InputError(f"Dataset root {root} does not exist or is not a folder.")
+        kwargs = {} if key is None else {key: splits[split]}
+        try:
+            ds = getattr(tvd, name)(str(root), download=False, **kwargs)
+        except (RuntimeError, FileNotFoundError, OSError) as exc:
+            raise InputError(f"torchvision {name} ({split}) is not on disk under {root} ({exc}); dptool never downloads.") from exc
+        labels = None
+        for attr in target_attrs:
+            if hasattr(ds, attr):
+                raw = getattr(ds, attr)
+                if attr == "_samples":
+                    raw = [s[1] for s in raw]
+                labels = np.asarray([int(t) for t in raw], dtype=np.int64)
+                break
+        if labels is None:
+            labels = np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+        names = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+        super().__init__(
+            class_names=[str(n) for n in names], labels=labels, format=f"torchvision:{name}", root=str(root), split=split
+        )
+        self.dataset = ds
+
+    def load(self, index: int) -> np.ndarray:
+        img = self.dataset[index][0]
+        if isinstance(img, Image.Image):
+            return to_rgb_array(img)
+        return _array_to_rgb(np.asarray(img))
+
+
+def open_source(src: str | os.PathLike, *, format: str = "auto", split: str | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceDataset:
+    """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz' or 'torchvision:NAME'."""
+    src_path = Path(src)
+    if format.startswith("torchvision:"):
+        return TorchvisionSource(format.split(":", 1)[1], src_path, split or "train")
+    if not src_path.exists():
+        raise InputError(f"Source {src_path} does not exist.")
+    if format == "auto":
+        format = "npz" if src_path.is_file() and src_path.suffix == ".npz" else "imagefolder"
+    if format == "npz":
+        return NpzSource(src_path)
+    if format == "imagefolder":
+        return ImageFolderSource(src_path, max_pixels=max_pixels)
+    raise InputError(f"Unknown format {format!r}; accepted: auto, imagefolder, npz, torchvision:NAME.")
