@@ -6,6 +6,7 @@ input lives (or where ``device=`` says), and returns its result as the same kind
 
 from ._device import CudaUnavailableError, KernelInputError, cuda_available
 from .histogram import class_histogram, joint_histogram
+from .nearest import nearest_centroid
 
 __all__ = [
     "CudaUnavailableError",
@@ -13,4 +14,5 @@ __all__ = [
     "class_histogram",
     "cuda_available",
     "joint_histogram",
+    "nearest_centroid",
 ]

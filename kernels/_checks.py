@@ -18,10 +18,10 @@ __all__ = [
     "as_features",
     "as_labels",
     "as_weights",
+    "bad_row_error",
     "check_count",
     "label_range_error",
-    "nonfinite_error",
-]
+    ]
 
 # Integer dtypes the compiled kernels take as they are; every other integer dtype is widened to int64.
 NATIVE_LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -73,9 +73,14 @@ def label_range_error(xp: Any, labels: Any, n: int, name: str, count_name: str) 
     return KernelInputError(f"{name} must be in [0, {count_name}) = [0, {n}), got {bad}.")
 
 
-def nonfinite_error(xp: Any, x: Any, name: str) -> KernelInputError:
-    """Build the error for NaN or Inf values in ``x``, naming the first one and where it is."""
-    return KernelInputError(f"{name} must be finite, got {_first_nonfinite(xp, x)}.")
+def bad_row_error(xp: Any, x: Any, row: int, name: str) -> KernelInputError:
+    """Build the error for row ``row`` of ``x``: it holds NaN or Inf, or its squared norm overflows float32.
+    """
+    values = xp.asarray(x[row], dtype=np.float64)
+    if bool(xp.isfinite(values).all()):
+        return KernelInputError(f"{name} row {row} is too large: its squared norm overflows float32 "
+                                "(about 3.4e38); rescale the features.")
+    return KernelInputError(f"{name} must be finite, got {_first_nonfinite(xp, values)} in row {row}.")
 
 
 def _first_nonfinite(xp: Any, x: Any) -> str:

@@ -36,7 +36,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 
 
 class KernelInputError(InputError, ValueError):
-    """A kernel argument with a bad value, shape or dtype (a ``ValueError``, and an ``InputError`` for the CLI)."""
+    """A kernel argument with a bad value, shape or dtype: a ``ValueError``, and an ``InputError`` (CLI)."""
 
 
 class CudaUnavailableError(DptoolError, RuntimeError):
@@ -55,7 +55,8 @@ def import_cupy() -> Any:
     try:
         available = bool(cupy.cuda.is_available())
     except Exception as exc:  # a broken driver or runtime: report it, never hide it
-        raise CudaUnavailableError(f"device='cuda' was asked for but CUDA could not be queried: {exc}") from exc
+        raise CudaUnavailableError(f"device='cuda' was asked for but CUDA could not be queried: {exc}.") \
+            from exc
     if not available:
         raise CudaUnavailableError("device='cuda' was asked for but CuPy finds no usable NVIDIA GPU; "
                                    "use device='cpu'.")
@@ -71,7 +72,7 @@ def cuda_available() -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------------------------- classification
+# ----------------------------------------------------------------------------------------- classification
 
 
 def _torch_tensor_type() -> Any:
@@ -101,7 +102,7 @@ def _kind_and_device(obj: Any, name: str) -> tuple[str, str]:
     return "numpy", "cpu"
 
 
-# --------------------------------------------------------------------------------------------------- placement
+# ---------------------------------------------------------------------------------------------- placement
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ class Placement:
     def gpu_context(self) -> Iterator[Any]:
         """Make the inputs' GPU (and torch's current stream, for torch inputs) current; yields CuPy."""
         cupy = import_cupy()
-        ordinal = int(self.device.split(":")[1]) if self.device.startswith("cuda:") else cupy.cuda.runtime.getDevice()
+        on_gpu = self.device.startswith("cuda:")
+        ordinal = int(self.device.split(":")[1]) if on_gpu else cupy.cuda.runtime.getDevice()
         with contextlib.ExitStack() as stack:
             stack.enter_context(cupy.cuda.Device(ordinal))
             if self.kind == "torch" and self.device != "cpu":
@@ -145,7 +147,7 @@ class Placement:
 
 @contextlib.contextmanager
 def on_device(named: dict[str, Any], device: str) -> Iterator[tuple[Placement, dict[str, Any]]]:
-    """Check that the arrays in ``named`` (None values skipped) share one device, and bring them to the target.
+    """Check that the arrays in ``named`` (None values skipped) share a device, and bring them to the target.
 
     Yields the :class:`Placement` and a dict of the same names holding NumPy arrays (target "cpu") or CuPy
     arrays (target "cuda"); dtypes and layout are left to the caller, and inputs are never modified. On the

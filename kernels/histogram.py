@@ -45,7 +45,7 @@ def class_histogram(labels: Any, n_classes: int, *, weights: Any = None, device:
     Raises
     ------
     ValueError (``KernelInputError``)
-        A label out of range, a non-integer or non-1-D ``labels``, ``weights`` of another length or not finite.
+        A label out of range, non-integer or non-1-D ``labels``, ``weights`` of another length or not finite.
     TypeError
         ``labels`` and ``weights`` on different devices.
     """
@@ -141,7 +141,7 @@ def _histogram_cpu(a: np.ndarray, b: np.ndarray | None, w: np.ndarray | None, n_
 
 @njit(cache=True, parallel=True, nogil=True)
 def _reduce(partial):  # pragma: no cover - compiled
-    """Sum the rows of a (chunks, bins + 1) partial histogram; returns (bins,) totals and the overflow slot."""
+    """Sum the rows of a (chunks, bins + 1) partial histogram; return the (bins,) totals and the last slot."""
     chunks, width = partial.shape
     out = np.zeros(width, partial.dtype)
     for j in prange(width):
