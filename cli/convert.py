@@ -27,28 +27,78 @@ def _human(r) -> str:
 @click.command("convert", context_settings=CONTEXT_SETTINGS)
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--format", "fmt", default="auto", help="auto, imagefolder, npz or torchvision:NAME (e.g. torchvision:Flowers102).")
+@click.option(
+    "--format", "fmt", default="auto", help="auto, imagefolder, npz or torchvision:NAME (e.g. torchvision:Flowers102)."
+)
 @click.option("--split", default="train", help="Split of a torchvision dataset: train, test (val where it has one).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="FFCV ImageNet write settings (rn18: 400 px, 10% JPEG, q90; rn50: 500 px, 50% JPEG, q90).")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help="FFCV ImageNet write settings (rn18: 400 px, 10% JPEG, q90; rn50: 500 px, 50% JPEG, q90).",
+)
 @click.option("--max-res", type=click.IntRange(min=8), default=None, help="Longest side stored, px  [default: 256]")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None, help="JPEG quality  [default: 90]")
-@click.option("--compress-prob", type=click.FloatRange(0, 1), default=None, help="Fraction JPEG-compressed in proportion mode  [default: 0.5]")
-@click.option("--write-mode", type=click.Choice(["raw", "jpg", "smart", "proportion"]), default=None, help="How images are stored  [default: jpg]")
+@click.option(
+    "--compress-prob",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Fraction JPEG-compressed in proportion mode  [default: 0.5]",
+)
+@click.option(
+    "--write-mode",
+    type=click.Choice(["raw", "jpg", "smart", "proportion"]),
+    default=None,
+    help="How images are stored  [default: jpg]",
+)
 @click.option("--seed", type=int, default=0, help="Seed of the sample shuffle in the file (class-balanced FFCV order).")
-@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", help="Unreadable images: skip and list them, or stop.")
+@click.option(
+    "--on-error",
+    type=click.Choice(["skip", "fail"]),
+    default="skip",
+    help="Unreadable images: skip and list them, or stop.",
+)
 @workers_option
 @force_option
 @json_option
-def command(src, out, fmt, split, preset, max_res, jpeg_quality, compress_prob, write_mode, seed, on_error, workers, force, as_json):
+def command(
+    src,
+    out,
+    fmt,
+    split,
+    preset,
+    max_res,
+    jpeg_quality,
+    compress_prob,
+    write_mode,
+    seed,
+    on_error,
+    workers,
+    force,
+    as_json,
+):
     """Convert an image dataset on disk to an FFCV .beton with a JSON sidecar.
 
     \b
     dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18
     dptool convert --format torchvision:Flowers102 ~/data flowers_train.beton --split train
     """
-    explicit = {"max_resolution": max_res, "jpeg_quality": jpeg_quality, "compress_probability": compress_prob, "write_mode": write_mode}
+    explicit = {
+        "max_resolution": max_res,
+        "jpeg_quality": jpeg_quality,
+        "compress_probability": compress_prob,
+        "write_mode": write_mode,
+    }
     chosen = {**PRESETS.get(preset, {}), **{k: v for k, v in explicit.items() if v is not None}}
     params = dataclasses.replace(WriterParams(), shuffle_seed=seed, num_workers=workers, **chosen)
-    result = convert(src, out, format=fmt, split=split, params=params, on_error=on_error, force=force,
-                     progress=show_progress(as_json))
+    result = convert(
+        src,
+        out,
+        format=fmt,
+        split=split,
+        params=params,
+        on_error=on_error,
+        force=force,
+        progress=show_progress(as_json),
+    )
     emit(result, as_json, _human)

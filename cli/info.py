@@ -16,13 +16,17 @@ def _human(s: dict) -> str:
     lines.append("fields: " + ", ".join(f"{k} ({v})" for k, v in s["fields"].items()))
     if s.get("writer"):
         w = s["writer"]
-        lines.append(f"writer: max-res {w.get('max_resolution')}, {w.get('write_mode')}, jpeg quality "
-                     f"{w.get('jpeg_quality')}, compress-prob {w.get('compress_probability')}")
+        lines.append(
+            f"writer: max-res {w.get('max_resolution')}, {w.get('write_mode')}, jpeg quality "
+            f"{w.get('jpeg_quality')}, compress-prob {w.get('compress_probability')}"
+        )
     if s.get("source"):
         lines.append(f"source: {s['source'].get('format')} {s['source'].get('path')} ({s['source'].get('split')})")
     if s.get("pruning"):
         p = s["pruning"]
-        lines.append(f"pruned: ratio {p.get('ratio')}, {p.get('kept_groups', '?')} groups kept, scores {p.get('scores')}")
+        lines.append(
+            f"pruned: ratio {p.get('ratio')}, {p.get('kept_groups', '?')} groups kept, scores {p.get('scores')}"
+        )
     if s["skipped"]:
         lines.append(f"skipped at conversion: {s['skipped']} files (listed in the sidecar)")
     if "classes" in s:

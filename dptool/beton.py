@@ -29,6 +29,7 @@ __all__ = [
     "write_sidecar",
     "fingerprint",
     "summarize",
+    "read_image",
 ]
 
 SIDECAR_FORMAT = "dptool-beton"
@@ -36,13 +37,26 @@ SIDECAR_VERSION = 1
 
 # FFCV's on-disk header (ffcv/types.py, format version 1); read with NumPy so that a bad file gives one sentence.
 _HEADER = np.dtype(
-    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")],
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
     align=True,
 )
 _FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", (16,))), ("arguments", ("<u1", (1024,)))], align=True)
 _ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
-_TYPE_NAMES = {0: "FloatField", 1: "IntField", 2: "RGBImageField", 3: "BytesField", 4: "NDArrayField", 5: "JSONField",
-               6: "TorchTensorField"}
+_TYPE_NAMES = {
+    0: "FloatField",
+    1: "IntField",
+    2: "RGBImageField",
+    3: "BytesField",
+    4: "NDArrayField",
+    5: "JSONField",
+    6: "TorchTensorField",
+}
 _FORMAT_VERSION = 2  # ffcv.types.CURRENT_VERSION of FFCV 1.0
 
 
@@ -136,7 +150,12 @@ def open_beton(path: str | os.PathLike, *, require_label: bool = True) -> Beton:
     header = np.fromfile(path, dtype=_HEADER, count=1)[0]
     n_fields, n = int(header["num_fields"]), int(header["num_samples"])
     page_size, alloc_ptr = int(header["page_size"]), int(header["alloc_table_ptr"])
-    if int(header["version"]) != _FORMAT_VERSION or not 0 < n_fields < 64 or page_size <= 0 or page_size & (page_size - 1):
+    if (
+        int(header["version"]) != _FORMAT_VERSION
+        or not 0 < n_fields < 64
+        or page_size <= 0
+        or page_size & (page_size - 1)
+    ):
         raise InputError(f"{path} is not a .beton file (bad FFCV header).")
     desc_end = _HEADER.itemsize + n_fields * _FIELD_DESC.itemsize
     if desc_end > size:
@@ -156,12 +175,23 @@ def open_beton(path: str | os.PathLike, *, require_label: bool = True) -> Beton:
         raise InputError(f"{path} is truncated or damaged (allocation table at {alloc_ptr}, file size {size}).")
     metadata = np.fromfile(path, dtype=meta_type, count=n, offset=desc_end)
     alloc = np.fromfile(path, dtype=_ALLOC, count=(size - alloc_ptr) // _ALLOC.itemsize, offset=alloc_ptr)
-    if len(alloc) and (int(alloc["ptr"].max()) + 0 > alloc_ptr or int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr):
+    if len(alloc) and (
+        int(alloc["ptr"].max()) + 0 > alloc_ptr or int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr
+    ):
         raise InputError(f"{path} is truncated or damaged (sample data past the allocation table).")
     beton = Beton(
-        path=path, num_samples=n, page_size=page_size, field_names=tuple(names), field_types=tuple(types),
-        file_size=size, header=header, field_descriptors=descs, metadata=metadata, alloc_table=alloc,
-        data_start=data_start, sidecar=read_sidecar(path),
+        path=path,
+        num_samples=n,
+        page_size=page_size,
+        field_names=tuple(names),
+        field_types=tuple(types),
+        file_size=size,
+        header=header,
+        field_descriptors=descs,
+        metadata=metadata,
+        alloc_table=alloc,
+        data_start=data_start,
+        sidecar=read_sidecar(path),
     )
     if require_label and "label" not in names:
         raise InputError(f"{path} has no 'label' field (fields: {', '.join(names)}); dptool needs image and label.")
@@ -212,3 +242,30 @@ def summarize(path: str | os.PathLike) -> dict:
             {"label": i, "name": names[i] if i < len(names) else str(i), "count": int(c)} for i, c in enumerate(counts)
         ]
     return summary
+
+
+def read_image(beton: Beton, index: int) -> np.ndarray:
+    """Decode the stored image of sample `index` (file order) to (H, W, 3) uint8 without an FFCV Loader.
+
+    A slow reference path for checks and `info`; training and scoring read through `dptool.loaders`."""
+    if "image" not in beton.field_names:
+        raise InputError(f"{beton.path} has no 'image' field.")
+    if not 0 <= index < beton.num_samples:
+        raise InputError(f"Sample {index} is out of range for {beton.path} ({beton.num_samples} samples).")
+    meta = beton.metadata[f"f{beton.field_names.index('image')}"][index]
+    ptr = int(meta["data_ptr"])
+    sizes = beton.alloc_table["size"][beton.alloc_table["ptr"] == ptr]
+    if len(sizes) != 1:
+        raise InputError(f"{beton.path} is damaged: no allocation for sample {index}.")
+    with open(beton.path, "rb") as f:
+        f.seek(ptr)
+        data = f.read(int(sizes[0]))
+    height, width = int(meta["height"]), int(meta["width"])
+    if int(meta["mode"]) == 1:  # raw
+        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)

@@ -145,8 +145,9 @@ def _writer_progress(show: bool, desc: str):
         ffcv_writer.tqdm = original
 
 
-def write_beton(dataset, path: str | os.PathLike, indices: np.ndarray, params: WriterParams, *,
-                progress: bool = False) -> None:
+def write_beton(
+    dataset, path: str | os.PathLike, indices: np.ndarray, params: WriterParams, *, progress: bool = False
+) -> None:
     """Write `dataset[i]` for i in `indices` (in that order) to `path` with FFCV's `DatasetWriter`."""
     fields = import_ffcv("ffcv.fields")
     DatasetWriter = import_ffcv("ffcv.writer").DatasetWriter
@@ -213,7 +214,9 @@ def convert(
             failures = _read_failures(failures_dir)
             if failures and on_error == "fail":
                 first = min(failures)
-                raise InputError(f"Cannot read {source.describe(first)}: {failures[first]} (use --on-error skip to skip it).")
+                raise InputError(
+                    f"Cannot read {source.describe(first)}: {failures[first]} (use --on-error skip to skip it)."
+                )
             if failures:
                 log.warning("%d unreadable files skipped; rewriting without them", len(failures))
                 order = order[~np.isin(order, np.fromiter(failures, dtype=np.int64))]
@@ -227,23 +230,35 @@ def convert(
             fp = fingerprint(beton)
             skipped = [{"path": source.describe(i), "reason": failures[i]} for i in sorted(failures)]
             counts = np.bincount(source.labels[order], minlength=len(source.class_names))
-            sidecar = write_sidecar(out, {
-                "num_samples": int(len(order)),
-                "num_classes": len(source.class_names),
-                "class_names": source.class_names,
-                "class_counts": counts.tolist(),
-                "fields": {"image": "RGBImageField", "label": "IntField"},
-                "writer": {**asdict(params), "num_workers": params.resolved_workers(),
-                           "page_size": params.resolved_page_size()},
-                "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
-                "skipped": skipped,
-                "fingerprint": fp,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
+            sidecar = write_sidecar(
+                out,
+                {
+                    "num_samples": int(len(order)),
+                    "num_classes": len(source.class_names),
+                    "class_names": source.class_names,
+                    "class_counts": counts.tolist(),
+                    "fields": {"image": "RGBImageField", "label": "IntField"},
+                    "writer": {
+                        **asdict(params),
+                        "num_workers": params.resolved_workers(),
+                        "page_size": params.resolved_page_size(),
+                    },
+                    "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
+                    "skipped": skipped,
+                    "fingerprint": fp,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
     finally:
         shutil.rmtree(failures_dir, ignore_errors=True)
     return ConvertResult(
-        output=str(out), sidecar=str(sidecar), num_samples=int(len(order)), num_classes=len(source.class_names),
-        bytes=beton.file_size, seconds=seconds, images_per_second=len(order) / max(seconds, 1e-9),
-        fingerprint=fp, skipped=skipped,
+        output=str(out),
+        sidecar=str(sidecar),
+        num_samples=int(len(order)),
+        num_classes=len(source.class_names),
+        bytes=beton.file_size,
+        seconds=seconds,
+        images_per_second=len(order) / max(seconds, 1e-9),
+        fingerprint=fp,
+        skipped=skipped,
     )

@@ -115,9 +115,7 @@ class ImageFolderSource(SourceDataset):
         paths: list[str] = []
         labels: list[int] = []
         for label, class_dir in enumerate(class_dirs):
-            files = sorted(
-                str(p) for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
-            )
+            files = sorted(str(p) for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not files:
                 log.warning("class folder %s is empty; its label %d is kept with no samples", class_dir, label)
             paths.extend(files)
@@ -170,12 +168,20 @@ class NpzSource(SourceDataset):
             raise InputError(f"{path} must hold arrays 'images' and 'labels' (missing {exc}).") from exc
         except (OSError, ValueError) as exc:
             raise InputError(f"{path} is not a readable .npz file ({exc}).") from exc
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
+        if (
+            images.dtype != np.uint8
+            or images.ndim not in (3, 4)
+            or (images.ndim == 4 and images.shape[3] not in (1, 3, 4))
+        ):
             raise InputError(
-                f"{path}: 'images' must be uint8 of shape (N, H, W) or (N, H, W, 1|3|4), got {images.dtype} {images.shape}."
+                f"{path}: 'images' must be uint8 of shape (N, H, W) or (N, H, W, 1|3|4), "
+                f"got {images.dtype} {images.shape}."
             )
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"{path}: 'labels' must be (N,) integers matching {len(images)} images, got {labels.dtype} {labels.shape}.")
+            raise InputError(
+                f"{path}: 'labels' must be (N,) integers matching {len(images)} images, "
+                f"got {labels.dtype} {labels.shape}."
+            )
         if len(labels) and labels.min() < 0:
             raise InputError(f"{path}: labels must be non-negative, got {labels.min()}.")
         n_classes = int(labels.max()) + 1 if len(labels) else 0
@@ -223,7 +229,9 @@ class TorchvisionSource(SourceDataset):
         try:
             ds = getattr(tvd, name)(str(root), download=False, **kwargs)
         except (RuntimeError, FileNotFoundError, OSError) as exc:
-            raise InputError(f"torchvision {name} ({split}) is not on disk under {root} ({exc}); dptool never downloads.") from exc
+            raise InputError(
+                f"torchvision {name} ({split}) is not on disk under {root} ({exc}); dptool never downloads."
+            ) from exc
         labels = None
         for attr in target_attrs:
             if hasattr(ds, attr):
@@ -236,7 +244,11 @@ class TorchvisionSource(SourceDataset):
             labels = np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
         names = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
         super().__init__(
-            class_names=[str(n) for n in names], labels=labels, format=f"torchvision:{name}", root=str(root), split=split
+            class_names=[str(n) for n in names],
+            labels=labels,
+            format=f"torchvision:{name}",
+            root=str(root),
+            split=split,
         )
         self.dataset = ds
 
@@ -247,8 +259,9 @@ class TorchvisionSource(SourceDataset):
         return _array_to_rgb(np.asarray(img))
 
 
-def open_source(src: str | os.PathLike, *, format: str = "auto", split: str | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceDataset:
+def open_source(
+    src: str | os.PathLike, *, format: str = "auto", split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> SourceDataset:
     """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz' or 'torchvision:NAME'."""
     src_path = Path(src)
     if format.startswith("torchvision:"):

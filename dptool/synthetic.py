@@ -10,8 +10,9 @@ import numpy as np
 __all__ = ["separable_images", "write_npz", "write_image_folder"]
 
 
-def separable_images(n_classes: int, per_class: int, size: int = 32, *, seed: int = 0,
-                     noise: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+def separable_images(
+    n_classes: int, per_class: int, size: int = 32, *, seed: int = 0, noise: float = 12.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Easily separable classes: each has its own base colour and stripe frequency, plus pixel noise.
 
     Returns images (N, size, size, 3) uint8 and labels (N,) int64, N = n_classes * per_class, class-sorted.
@@ -32,8 +33,9 @@ def separable_images(n_classes: int, per_class: int, size: int = 32, *, seed: in
     return images, labels
 
 
-def write_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
-              class_names: list[str] | None = None) -> Path:
+def write_npz(
+    path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None
+) -> Path:
     """Save images/labels (and class names) in the `.npz` layout `dptool convert` reads."""
     arrays = {"images": images, "labels": labels}
     if class_names is not None:
@@ -42,8 +44,9 @@ def write_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
     return Path(path)
 
 
-def write_image_folder(root: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
-                       class_names: list[str], *, ext: str = "png") -> Path:
+def write_image_folder(
+    root: str | os.PathLike, images: np.ndarray, labels: np.ndarray, class_names: list[str], *, ext: str = "png"
+) -> Path:
     """Write an ImageFolder tree root/<class name>/<index>.<ext> (PNG is lossless; JPEG for realism)."""
     from PIL import Image
 

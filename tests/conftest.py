@@ -9,8 +9,9 @@ from dptool.convert import WriterParams, convert
 from dptool.synthetic import separable_images, write_npz
 
 
-def make_beton(folder, name: str, n_classes: int = 4, per_class: int = 40, size: int = 32, seed: int = 0,
-               write_mode: str = "raw"):
+def make_beton(
+    folder, name: str, n_classes: int = 4, per_class: int = 40, size: int = 32, seed: int = 0, write_mode: str = "raw"
+):
     """Generate separable images and convert them to folder/name.beton (raw pixels by default)."""
     images, labels = separable_images(n_classes, per_class, size, seed=seed)
     npz = write_npz(folder / f"{name}.npz", images, labels, [f"class_{c}" for c in range(n_classes)])

@@ -1,0 +1,269 @@
+"""`dptool convert` and `dptool info` on generated data: round trips, messy folders, refusals."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from dptool.cli.main import cli
+from PIL import Image
+
+from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
+from dptool.convert import WriterParams, convert
+from dptool.synthetic import separable_images, write_image_folder, write_npz
+
+RAW = ["--write-mode", "raw", "--max-res", "64", "--workers", "2"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _digest(img: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+def test_imagefolder_round_trip_is_exact_in_raw_mode(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(15, 16, 20, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(3), 5)
+    names = ["cat", "dog", "emu"]
+    write_image_folder(tmp_path / "src", images, labels, names, ext="png")
+    result = run("convert", tmp_path / "src", tmp_path / "out.beton", *RAW, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["num_samples"] == 15 and summary["num_classes"] == 3 and summary["skipped"] == []
+
+    beton = open_beton(tmp_path / "out.beton")
+    expected = {_digest(img): int(lab) for img, lab in zip(images, labels)}
+    stored = {_digest(read_image(beton, i)): int(beton.labels[i]) for i in range(beton.num_samples)}
+    assert stored == expected
+    side = read_sidecar(tmp_path / "out.beton")
+    assert side["class_names"] == names and side["class_counts"] == [5, 5, 5]
+    assert side["fingerprint"] == fingerprint(beton)
+    # shuffled with the seed: not class-sorted, and the same seed gives the same file
+    assert list(beton.labels) != sorted(beton.labels)
+    run("convert", tmp_path / "src", tmp_path / "again.beton", *RAW)
+    assert open_beton(tmp_path / "again.beton").labels.tolist() == beton.labels.tolist()
+
+
+def test_jpeg_mode_decodes_within_tolerance(tmp_path):
+    images, labels = separable_images(2, 4, 48, seed=3, noise=0.0)
+    npz = write_npz(tmp_path / "d.npz", images, labels)
+    convert(
+        npz,
+        tmp_path / "j.beton",
+        params=WriterParams(max_resolution=48, write_mode="jpg", jpeg_quality=95, num_workers=1),
+    )
+    beton = open_beton(tmp_path / "j.beton")
+    order = np.random.default_rng(0).permutation(len(images))  # the writer's shuffle with seed 0
+    for pos, src_index in enumerate(order):
+        diff = np.abs(read_image(beton, pos).astype(int) - images[src_index].astype(int))
+        assert diff.mean() < 3.0
+        assert beton.labels[pos] == labels[src_index]
+
+
+def _messy_folder(root):
+    good = root / "good"
+    good.mkdir(parents=True)
+    (root / "empty").mkdir()
+    rgb = np.full((8, 8, 3), 100, np.uint8)
+    Image.fromarray(rgb).save(good / "rgb.png")
+    Image.fromarray(np.full((8, 8), 77, np.uint8), "L").save(good / "gray.png")
+    Image.fromarray(rgb).convert("P").save(good / "palette.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:4] = (255, 0, 0, 255)  # top half opaque red, bottom half fully transparent -> white
+    Image.fromarray(rgba, "RGBA").save(good / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(good / "cmyk.jpg", quality=100)
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(good / "deep16.png")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "notes.txt").write_text("not an image")
+    (bad / "garbage.jpg").write_bytes(os.urandom(300))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(bad / "full.jpg")
+    data = (bad / "full.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (bad / "full.jpg").unlink()
+    Image.new("1", (10_000, 9_000)).save(bad / "bomb.png")  # 90 Mpx, a few KB on disk
+    Image.fromarray(rgb).save(bad / "fine.png")
+
+
+def test_messy_folder_converts_what_it_can_and_lists_the_rest(tmp_path, caplog):
+    _messy_folder(tmp_path / "src")
+    result = convert(tmp_path / "src", tmp_path / "m.beton", params=WriterParams(write_mode="raw", num_workers=2))
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in result.skipped}
+    assert set(reasons) == {"zero.jpg", "notes.txt", "garbage.jpg", "truncated.jpg", "bomb.png"}
+    assert "zero-byte" in reasons["zero.jpg"] and "bomb" in reasons["bomb.png"]
+    assert "empty" in caplog.text  # the empty class folder is warned about
+
+    beton = open_beton(tmp_path / "m.beton")
+    side = read_sidecar(tmp_path / "m.beton")
+    assert side["class_names"] == ["bad", "empty", "good"]  # the empty class keeps its label
+    assert side["class_counts"] == [1, 0, 6] and beton.num_samples == 7
+    assert len(side["skipped"]) == 5
+    pixels = sorted(_digest(read_image(beton, i)) for i in range(beton.num_samples))
+    white_red = np.zeros((8, 8, 3), np.uint8)
+    white_red[:4] = (255, 0, 0)
+    white_red[4:] = 255
+    for expected in (np.full((8, 8, 3), 77, np.uint8), white_red, np.full((8, 8, 3), 255, np.uint8)):
+        assert _digest(expected) in pixels
+    for i in range(beton.num_samples):
+        assert read_image(beton, i).shape == (8, 8, 3)
+
+
+def test_on_error_fail_names_the_file_and_leaves_nothing(tmp_path):
+    _messy_folder(tmp_path / "src")
+    result = run("convert", tmp_path / "src", tmp_path / "f.beton", *RAW, "--on-error", "fail")
+    assert result.exit_code == 2
+    assert "Cannot read" in result.output and "bad" in result.output
+    assert not (tmp_path / "f.beton").exists() and not (tmp_path / "f.beton.json").exists()
+    assert not glob.glob(str(tmp_path / ".f.beton*"))
+
+
+def test_npz_with_class_names_and_grayscale(tmp_path):
+    gray = np.arange(6 * 10 * 10, dtype=np.uint8).reshape(6, 10, 10)
+    write_npz(tmp_path / "g.npz", gray, np.array([0, 1, 2, 0, 1, 2]), ["a", "b", "c"])
+    result = run("convert", tmp_path / "g.npz", tmp_path / "g.beton", *RAW, "--json")
+    assert result.exit_code == 0, result.output
+    beton = open_beton(tmp_path / "g.beton")
+    assert beton.class_names == ["a", "b", "c"]
+    stored = {_digest(read_image(beton, i)) for i in range(6)}
+    assert stored == {_digest(np.repeat(g[..., None], 3, axis=2)) for g in gray}
+
+
+def _write_idx(path, array, magic):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_fashionmnist_from_disk(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_x = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    train_y = np.arange(12) % 10
+    for prefix, x, y in (("train", train_x, train_y), ("t10k", train_x[:4], train_y[:4])):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", x, 0x803)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", y, 0x801)
+    result = run(
+        "convert",
+        "--format",
+        "torchvision:FashionMNIST",
+        tmp_path,
+        tmp_path / "fm.beton",
+        *RAW,
+        "--split",
+        "train",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    beton = open_beton(tmp_path / "fm.beton")
+    assert beton.num_samples == 12 and beton.num_classes == 10 and beton.class_names[0] == "T-shirt/top"
+    stored = {_digest(read_image(beton, i)): int(beton.labels[i]) for i in range(12)}
+    assert stored == {_digest(np.repeat(x[..., None], 3, axis=2)): int(y) for x, y in zip(train_x, train_y)}
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["convert", "{t}/missing", "{t}/o.beton"], "does not exist"),
+        (["convert", "--format", "parquet", "{t}", "{t}/o.beton"], "Unknown format"),
+        (["convert", "--format", "torchvision:CIFAR10", "{t}", "{t}/o.beton"], "not on disk"),
+        (["convert", "--format", "torchvision:Imagenette9", "{t}", "{t}/o.beton"], "Unknown torchvision dataset"),
+        (["convert", "{t}/d.npz", "{t}/d.npz"], "same"),
+        (["convert", "{t}/d.npz", "{t}/nofolder/o.beton"], "does not exist"),
+        (["info", "{t}/d.npz"], "not a .beton"),
+        (["info", "{t}/missing.beton"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_sentence_with_exit_2(tmp_path, args, phrase):
+    images, labels = separable_images(2, 2, 8)
+    write_npz(tmp_path / "d.npz", images, labels)
+    result = run(*[a.format(t=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert phrase in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+
+
+def test_existing_output_needs_force_and_truncated_beton_is_refused(tiny_beton, tmp_path):
+    images, labels = separable_images(2, 3, 8)
+    write_npz(tmp_path / "d.npz", images, labels)
+    out = tmp_path / "o.beton"
+    assert run("convert", tmp_path / "d.npz", out, *RAW).exit_code == 0
+    before = out.read_bytes()
+    again = run("convert", tmp_path / "d.npz", out, *RAW)
+    assert again.exit_code == 2 and "--force" in again.output and out.read_bytes() == before
+    assert run("convert", tmp_path / "d.npz", out, *RAW, "--force").exit_code == 0
+
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes(tiny_beton.read_bytes()[: tiny_beton.stat().st_size // 2])
+    result = run("info", cut)
+    assert result.exit_code == 2 and "truncated" in result.output
+
+
+def test_info_json_lists_classes(tiny_beton):
+    result = run("info", tiny_beton, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["num_samples"] == 160 and info["num_classes"] == 4
+    assert [c["count"] for c in info["classes"]] == [40] * 4
+    assert info["fields"] == {"image": "RGBImageField", "label": "IntField"}
+    assert info["writer"]["write_mode"] == "raw"
+
+
+def test_interrupted_convert_leaves_no_file_under_the_final_name(tmp_path):
+    images, labels = separable_images(10, 300, 64, seed=1)
+    write_npz(tmp_path / "big.npz", images, labels)
+    out = tmp_path / "big.beton"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dptool",
+            "convert",
+            str(tmp_path / "big.npz"),
+            str(out),
+            "--write-mode",
+            "jpg",
+            "--workers",
+            "1",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(tmp_path / ".big.beton.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "conversion finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not (tmp_path / "big.beton.json").exists()
+
+
+def test_every_command_has_help():
+    result = run("--help")
+    assert result.exit_code == 0
+    commands = [line.split()[0] for line in result.output.split("Commands:")[1].strip().splitlines()]
+    assert "convert" in commands and "info" in commands
+    for name in commands:
+        sub = run(name, "-h")
+        assert sub.exit_code == 0 and "Usage:" in sub.output
+        assert len(sub.output.split("Usage:")[1].strip().splitlines()) > 2
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "dptool", "--help"], capture_output=True, text=True, check=True)
+    assert "convert" in out.stdout
