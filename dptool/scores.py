@@ -1,0 +1,305 @@
+"""The scores file: one importance score per source class (or cluster), written once by `score`, read by `prune`.
+
+A scores file is JSON (format ``dptool-scores``, version 1) with the method, its parameters, the surrogate's
+identity, the source and target fingerprints, one row per group (id, name, score, tie-break value, rank; rank 0
+is the most important) and the tie-break rule in words. Cluster-level scores (FM) also name a NumPy file beside
+the JSON, ``<stem>.assign.npy``, holding the (N_source,) int32 cluster id of every source sample in file order.
+
+Ranks order groups by score (descending), then the tie-break value (descending), then id (ascending), so that
+the kept set for any ratio is deterministic even when most scores tie (LM on a small target).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_output, check_output_path
+from .errors import InputError
+
+__all__ = [
+    "SCORES_FORMAT",
+    "SCORES_VERSION",
+    "LEVELS",
+    "Scores",
+    "rank_groups",
+    "write_scores",
+    "read_scores",
+    "load_assignment",
+    "assignment_path",
+    "select_groups",
+    "removed_count",
+    "fingerprint_file",
+]
+
+SCORES_FORMAT = "dptool-scores"
+SCORES_VERSION = 1
+LEVELS = ("class", "cluster")
+_SOURCE_KEYS = ("path", "fingerprint", "num_samples", "num_classes")
+_REQUIRED = ("method", "level", "source", "groups", "tie_break")
+
+
+def rank_groups(scores: np.ndarray, tiebreak: np.ndarray, *, ids: np.ndarray | None = None) -> np.ndarray:
+    """Rank groups: score descending, then tie-break descending, then id ascending; rank 0 = most important.
+
+    Parameters
+    ----------
+    scores, tiebreak : (G,) float
+        Finite values; `tiebreak` decides between equal scores.
+    ids : (G,) int, optional
+        Group ids, the last key (ascending); default ``arange(G)``.
+
+    Returns
+    -------
+    (G,) int64 rank of each group, a permutation of ``0..G-1``.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    tiebreak = np.asarray(tiebreak, dtype=np.float64).reshape(-1)
+    ids = np.arange(len(scores), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
+    if not len(scores) == len(tiebreak) == len(ids):
+        raise InputError(f"scores, tiebreak and ids must have one value per group, got "
+                         f"{len(scores)}, {len(tiebreak)} and {len(ids)}.")
+    if not (np.isfinite(scores).all() and np.isfinite(tiebreak).all()):
+        raise InputError("scores and tie-break values must be finite numbers (found NaN or infinity).")
+    order = np.lexsort((ids, -tiebreak, -scores))  # last key is the primary one
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order), dtype=np.int64)
+    return ranks
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """Importance of every source class or cluster, with the provenance needed to check it against a source.
+
+    `ids`, `scores`, `tiebreak` and `ranks` are (G,) arrays (int64, float64, float64, int64), one entry per
+    group, read-only; `ranks` is computed with `rank_groups` when not given. `assignment` is the file name (beside
+    the scores file) of the per-sample cluster ids, set by `write_scores` for cluster-level scores.
+    """
+
+    method: str
+    level: str
+    ids: np.ndarray
+    names: tuple[str, ...]
+    scores: np.ndarray
+    tiebreak: np.ndarray
+    source: dict
+    tie_break: str
+    ranks: np.ndarray | None = None
+    params: dict = field(default_factory=dict)
+    surrogate: dict | None = None
+    target: dict | None = None
+    extra: dict = field(default_factory=dict)
+    assignment: str | None = None
+    created: str | None = None
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.ids).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer) and not np.array_equal(ids, np.round(ids)):
+            raise InputError("group ids must be integers.")
+        ids = ids.astype(np.int64)
+        g = len(ids)
+        scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        tiebreak = np.asarray(self.tiebreak, dtype=np.float64).reshape(-1)
+        names = tuple(str(n) for n in self.names)
+        if g == 0:
+            raise InputError("scores must have at least one group.")
+        if len(np.unique(ids)) != g or ids.min() < 0:
+            raise InputError("group ids must be unique non-negative integers.")
+        if not len(scores) == len(tiebreak) == len(names) == g:
+            raise InputError(f"ids, names, scores and tiebreak must have one entry per group ({g}), got "
+                             f"{len(names)} names, {len(scores)} scores and {len(tiebreak)} tie-break values.")
+        if self.level not in LEVELS:
+            raise InputError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}.")
+        if not isinstance(self.method, str) or not self.method:
+            raise InputError(f"method must be a non-empty string, got {self.method!r}.")
+        if not isinstance(self.source, dict) or any(k not in self.source for k in _SOURCE_KEYS):
+            raise InputError(f"source must be a dict with keys {', '.join(_SOURCE_KEYS)}.")
+        if self.level == "class" and ids.max() >= int(self.source["num_classes"]):
+            raise InputError(f"class id {int(ids.max())} is out of range for a source with "
+                             f"{int(self.source['num_classes'])} classes.")
+        computed = rank_groups(scores, tiebreak, ids=ids)
+        ranks = computed if self.ranks is None else np.asarray(self.ranks).reshape(-1).astype(np.int64)
+        if len(ranks) != g or not np.array_equal(np.sort(ranks), np.arange(g)):
+            raise InputError(f"ranks must be a permutation of 0..{g - 1}.")
+        for name, value in (("ids", ids), ("scores", scores), ("tiebreak", tiebreak), ("ranks", ranks)):
+            object.__setattr__(self, name, _readonly(value))
+        object.__setattr__(self, "names", names)
+
+    @property
+    def num_groups(self) -> int:
+        """Number of scored groups G."""
+        return len(self.ids)
+
+    def order(self) -> np.ndarray:
+        """(G,) int64 group ids, most important first."""
+        return self.ids[np.argsort(self.ranks, kind="stable")]
+
+    def to_dict(self) -> dict:
+        """The JSON document of the scores file (without the `created` time filled in)."""
+        groups = [
+            {"id": int(i), "name": n, "score": float(s), "tiebreak": float(t), "rank": int(r)}
+            for i, n, s, t, r in zip(self.ids, self.names, self.scores, self.tiebreak, self.ranks)
+        ]
+        return {
+            "format": SCORES_FORMAT, "version": SCORES_VERSION, "method": self.method, "level": self.level,
+            "params": self.params, "surrogate": self.surrogate, "source": self.source, "target": self.target,
+            "tie_break": self.tie_break, "groups": groups, "assignment": self.assignment, "extra": self.extra,
+            "created": self.created,
+        }
+
+
+def assignment_path(scores_path: str | os.PathLike) -> Path:
+    """Where the cluster assignment of `scores_path` goes: ``<stem>.assign.npy`` beside it."""
+    p = Path(scores_path)
+    return p.with_name(f"{p.stem}.assign.npy")
+
+
+def _check_assignment(assignment: np.ndarray, scores: Scores, where: str) -> np.ndarray:
+    a = np.asarray(assignment)
+    n = int(scores.source["num_samples"])
+    if a.ndim != 1 or len(a) != n:
+        raise InputError(f"{where} must hold one cluster id per source sample ({n}), got shape {a.shape}.")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"{where} must hold integer cluster ids, got dtype {a.dtype}.")
+    a = a.astype(np.int32, copy=False)
+    unknown = np.setdiff1d(np.unique(a), scores.ids)
+    if len(unknown):
+        raise InputError(f"{where} holds cluster id {int(unknown[0])}, which has no score "
+                         f"({len(unknown)} unknown ids in all).")
+    return a
+
+
+def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndarray | None = None,
+                 force: bool = False) -> Path:
+    """Write `scores` to `path` (JSON) and, for cluster-level scores, `assignment` beside it; both atomically.
+
+    Parameters
+    ----------
+    path : path of the JSON file; the assignment goes to ``<stem>.assign.npy`` beside it.
+    scores : the scores to write; its `created` time is filled in when empty.
+    assignment : (N_source,) int cluster id of every source sample in source-file order; required for
+        cluster-level scores, refused for class-level ones.
+    force : overwrite an existing scores file.
+    """
+    out = check_output_path(path, force=force)
+    if scores.level == "cluster" and assignment is None:
+        raise InputError("cluster-level scores need the per-sample cluster assignment (assignment=...).")
+    if scores.level == "class" and assignment is not None:
+        raise InputError("class-level scores take no assignment: samples are kept by their label.")
+    doc_scores = dataclasses.replace(scores, created=scores.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    extra_keys: dict = {}
+    if assignment is not None:
+        a = _check_assignment(assignment, scores, "assignment")
+        apath = assignment_path(out)
+        with atomic_output(apath) as tmp, open(tmp, "wb") as f:
+            np.save(f, a)
+        doc_scores = dataclasses.replace(doc_scores, assignment=apath.name)
+        extra_keys["assignment_sha256"] = fingerprint_file(apath)
+    doc = {**doc_scores.to_dict(), **extra_keys}
+    try:
+        text = json.dumps(doc, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"scores cannot be written as JSON ({exc}); params, surrogate, target and extra "
+                         "must hold plain JSON values.") from exc
+    with atomic_output(out) as tmp:
+        tmp.write_text(text + "\n")
+    return out
+
+
+def read_scores(path: str | os.PathLike) -> Scores:
+    """Read and validate a scores file; every problem is one sentence naming the file (InputError)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"Scores file {p} does not exist.")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"Scores file {p} is not valid JSON ({exc}).") from exc
+    if not isinstance(doc, dict) or doc.get("format") != SCORES_FORMAT:
+        raise InputError(f"{p} is not a dptool scores file (its format is not {SCORES_FORMAT!r}).")
+    if doc.get("version") != SCORES_VERSION:
+        raise InputError(f"Scores file {p} has version {doc.get('version')!r}; this dptool reads version "
+                         f"{SCORES_VERSION}.")
+    missing = [k for k in _REQUIRED if k not in doc]
+    if missing:
+        raise InputError(f"Scores file {p} is missing {', '.join(repr(k) for k in missing)}.")
+    groups = doc["groups"]
+    try:
+        if not isinstance(groups, list):
+            raise TypeError("'groups' is not a list")
+        cols = {k: [g[k] for g in groups] for k in ("id", "name", "score", "tiebreak", "rank")}
+        return Scores(
+            method=doc["method"], level=doc["level"], ids=np.asarray(cols["id"]), names=tuple(cols["name"]),
+            scores=np.asarray(cols["score"], dtype=np.float64), tiebreak=np.asarray(cols["tiebreak"], np.float64),
+            ranks=np.asarray(cols["rank"]), params=doc.get("params") or {}, surrogate=doc.get("surrogate"),
+            source=doc["source"], target=doc.get("target"), tie_break=str(doc["tie_break"]),
+            extra=doc.get("extra") or {}, assignment=doc.get("assignment"), created=doc.get("created"),
+        )
+    except InputError as exc:
+        raise InputError(f"Scores file {p} is invalid: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"Scores file {p} has malformed groups ({type(exc).__name__}: {exc}).") from exc
+
+
+def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarray:
+    """(N_source,) int32 cluster id of every source sample, from the file beside `scores_path`."""
+    if scores.assignment is None:
+        raise InputError(f"Scores file {scores_path} has no cluster assignment (its level is {scores.level!r}).")
+    apath = Path(scores_path).with_name(scores.assignment)
+    if not apath.is_file():
+        raise InputError(f"Scores file {scores_path} names assignment {apath.name}, which does not exist.")
+    try:
+        a = np.load(apath, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Assignment file {apath} is not a NumPy array file ({exc}).") from exc
+    return _check_assignment(a, scores, f"Assignment file {apath}")
+
+
+def removed_count(ratio: float, n_groups: int) -> int:
+    """Groups removed at `ratio`: ratio·G rounded half up (after rounding away float noise)."""
+    return int(math.floor(round(ratio * n_groups, 9) + 0.5))
+
+
+def select_groups(scores: Scores, *, ratio: float | None = None, keep: int | None = None) -> np.ndarray:
+    """Ids of the kept groups, most important first: remove the fraction `ratio` of groups, or keep `keep`.
+
+    With G groups, ``K = G - round_half_up(ratio * G)`` groups of lowest rank are kept (ratio in [0, 1), as in
+    the paper: ratio 0.6 removes 60% of the classes). Ties are resolved by the ranks. Returns (K,) int64.
+    """
+    g = scores.num_groups
+    if (ratio is None) == (keep is None):
+        raise InputError("Give exactly one of --ratio and --keep.")
+    if ratio is not None:
+        if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+            raise InputError(f"--ratio must be in [0, 1), got {ratio}.")
+        k = g - removed_count(float(ratio), g)
+        if k < 1:
+            raise InputError(f"--ratio {ratio} removes all {g} groups; use a smaller ratio.")
+    else:
+        if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 1 <= keep <= g:
+            raise InputError(f"--keep must be in [1, {g}], got {keep}.")
+        k = int(keep)
+    return scores.order()[:k].astype(np.int64)
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of the file's bytes (provenance of a scores or assignment file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
