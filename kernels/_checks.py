@@ -38,6 +38,8 @@ def as_labels(xp: Any, labels: Any, name: str) -> Any:
     """Return ``labels`` as a contiguous 1-D int32 or int64 array (a copy only when needed)."""
     if labels.ndim != 1:
         raise KernelInputError(f"{name} must be 1-D with shape (N,), got shape {tuple(labels.shape)}.")
+    if labels.shape[0] == 0 and labels.dtype.kind in "fb":  # np.asarray([]) is float64: accept, as bincount does
+        labels = labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
         raise KernelInputError(f"{name} must have an integer dtype, got {labels.dtype}.")
     if labels.dtype not in NATIVE_LABEL_DTYPES:
@@ -63,7 +65,8 @@ def as_features(xp: Any, x: Any, name: str) -> Any:
         raise KernelInputError(f"{name} must be 2-D with shape (rows, dims), got shape {tuple(x.shape)}.")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise KernelInputError(f"{name} must have a real numeric dtype (float32 preferred), got {x.dtype}.")
-    return xp.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported by the kernels
+        return xp.ascontiguousarray(x, dtype=np.float32)
 
 
 def label_range_error(xp: Any, labels: Any, n: int, name: str, count_name: str) -> KernelInputError:
@@ -74,8 +77,7 @@ def label_range_error(xp: Any, labels: Any, n: int, name: str, count_name: str) 
 
 
 def bad_row_error(xp: Any, x: Any, row: int, name: str) -> KernelInputError:
-    """Build the error for row ``row`` of ``x``: it holds NaN or Inf, or its squared norm overflows float32.
-    """
+    """The error for row ``row`` of ``x``: it holds NaN or Inf, or its squared norm overflows float32."""
     values = xp.asarray(x[row], dtype=np.float64)
     if bool(xp.isfinite(values).all()):
         return KernelInputError(f"{name} row {row} is too large: its squared norm overflows float32 "

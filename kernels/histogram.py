@@ -100,6 +100,8 @@ def joint_histogram(a: Any, b: Any, n_a: int, n_b: int, *, device: str = "auto")
             raise _checks.KernelInputError(
                 f"a and b must have the same length, got {left.shape[0]} and {right.shape[0]}."
             )
+        if left.dtype != right.dtype:  # one compiled variant per dtype, not per pair of dtypes
+            left, right = left.astype(np.int64, copy=False), right.astype(np.int64, copy=False)
         if where.target == "cuda":
             from . import _cuda
 

@@ -123,7 +123,8 @@ def _nearest_cpu(x: np.ndarray, c: np.ndarray, cosine: bool, block_rows: int) ->
     cft = cf.T
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        xb = np.ascontiguousarray(x[r0:r1], dtype=np.float32)  # a view unless x needs converting
+        with np.errstate(over="ignore"):  # a float64 value beyond float32 is reported just below
+            xb = np.ascontiguousarray(x[r0:r1], dtype=np.float32)  # a view unless x needs converting
         a, s, bad = _row_terms(xb, cosine)
         if bad >= 0:
             raise _checks.bad_row_error(np, x, r0 + bad, "x")
