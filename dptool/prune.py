@@ -1,0 +1,213 @@
+"""Prune a source `.beton` with a scores file: keep the top-ranked classes (or FM clusters) and byte-copy their
+samples into new `.beton` files, one per ratio, in one pass over the source.
+
+Class-level scores keep every sample whose label is kept (the validation file can be pruned to the same classes);
+cluster-level (FM) scores keep every sample whose cluster, from the assignment beside the scores, is kept. The
+output keeps the source's labels and class list (the head stays as wide as the source's), and its sidecar records
+what was kept and where it came from under ``pruning``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import check_output_path
+from .beton import Beton, fingerprint, open_beton, write_sidecar
+from .errors import InputError
+from .scores import Scores, assignment_path, fingerprint_file, load_assignment, read_scores, select_groups
+from .subset import write_subsets
+
+__all__ = ["PrunedFile", "PruneResult", "prune", "check_scores_source", "kept_samples", "output_paths"]
+
+RATIO_PLACEHOLDER = "{ratio}"
+
+
+@dataclass
+class PrunedFile:
+    """One pruned `.beton`: what was kept and its size."""
+
+    output: str
+    split: str  # "train" (the source) or "val"
+    ratio: float
+    kept_groups: int
+    num_samples: int
+    num_classes_kept: int
+    bytes: int
+
+
+@dataclass
+class PruneResult:
+    """What `prune` wrote: the files, totals, and speed of the byte copy."""
+
+    source: str
+    scores: str
+    method: str
+    level: str
+    files: list[PrunedFile] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        """Output bytes per second, in MB/s."""
+        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form for `--json`."""
+        return {**asdict(self), "mb_per_second": self.mb_per_second}
+
+
+def output_paths(template: str | os.PathLike, ratios: list[float]) -> list[Path]:
+    """Output path per ratio: ``{ratio}`` in `template` becomes the ratio (``out_{ratio}.beton`` -> out_0.6.beton);
+    several ratios need the placeholder."""
+    text = str(template)
+    if len(ratios) > 1 and RATIO_PLACEHOLDER not in text:
+        raise InputError(f"Output {text} must contain {RATIO_PLACEHOLDER} when several ratios are given "
+                         "(e.g. 'out_{ratio}.beton').")
+    return [Path(text.replace(RATIO_PLACEHOLDER, f"{r:g}")) for r in ratios]
+
+
+def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: Beton) -> None:
+    """Refuse scores computed on another source: class count, sample count or fingerprint differ (says which)."""
+    src = scores.source
+    if int(src["num_classes"]) != beton.num_classes:
+        raise InputError(f"Scores file {scores_path} was computed for {int(src['num_classes'])} classes but "
+                         f"{beton.path} has {beton.num_classes}; score this source first.")
+    if int(src["num_samples"]) != beton.num_samples:
+        raise InputError(f"Scores file {scores_path} was computed for {int(src['num_samples'])} samples but "
+                         f"{beton.path} has {beton.num_samples}; score this source first.")
+    have = (beton.sidecar or {}).get("fingerprint") or fingerprint(beton)
+    if src["fingerprint"] != have:
+        raise InputError(f"Scores file {scores_path} belongs to another source: its source fingerprint "
+                         f"{src['fingerprint']} differs from {have} of {beton.path}.")
+    if scores.level == "class" and not np.array_equal(np.sort(scores.ids), np.arange(beton.num_classes)):
+        raise InputError(f"Scores file {scores_path} scores {scores.num_groups} groups, not each of the "
+                         f"{beton.num_classes} classes of {beton.path}.")
+
+
+def kept_samples(groups_of_samples: np.ndarray, kept_groups: np.ndarray) -> np.ndarray:
+    """(K,) int64 indices, ascending (file order), of the samples whose group (label or cluster) is kept."""
+    g = np.asarray(groups_of_samples, dtype=np.int64)
+    top = int(max(g.max(initial=0), np.max(kept_groups, initial=0))) + 1
+    keep = np.zeros(top, dtype=bool)
+    keep[np.asarray(kept_groups, dtype=np.int64)] = True
+    return np.flatnonzero(keep[g]).astype(np.int64)
+
+
+def _selections(scores: Scores, ratio, keep, ratios) -> list[tuple[float, np.ndarray]]:
+    """[(ratio, kept group ids)] for the options given: exactly one of ratio, keep, ratios."""
+    if sum(x is not None for x in (ratio, keep, ratios)) != 1:
+        raise InputError("Give exactly one of --ratio, --keep and --ratios.")
+    if keep is not None:
+        kept = select_groups(scores, keep=keep)
+        return [((scores.num_groups - len(kept)) / scores.num_groups, kept)]
+    ratios = [ratio] if ratio is not None else list(ratios)
+    if not ratios:
+        raise InputError("--ratios must list at least one ratio, got none.")
+    dup = {r for r in ratios if ratios.count(r) > 1}
+    if dup:
+        raise InputError(f"--ratios lists {min(dup):g} more than once; give each ratio once.")
+    return [(float(r), select_groups(scores, ratio=r)) for r in ratios]
+
+
+def _sidecar(beton: Beton, indices: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
+             scores_path: Path, scores_fp: str, tmp: Path) -> dict:
+    side = beton.sidecar or {}
+    counts = np.bincount(beton.labels[indices], minlength=beton.num_classes)
+    kept_list = sorted(int(k) for k in kept)
+    pruning = {
+        "ratio": ratio, "keep": len(kept), "level": scores.level, "kept_groups": len(kept),
+        ("kept_classes" if scores.level == "class" else "kept_clusters"): kept_list,
+        "scores": str(scores_path.resolve()), "scores_fingerprint": scores_fp, "method": scores.method,
+        "source": str(beton.path.resolve()), "source_fingerprint": side.get("fingerprint") or fingerprint(beton),
+    }
+    return {
+        **{k: side[k] for k in ("fields", "writer", "source") if k in side},
+        "num_samples": int(len(indices)), "num_classes": beton.num_classes, "class_names": beton.class_names,
+        "class_counts": counts.tolist(), "fingerprint": fingerprint(open_beton(tmp, require_label=False)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pruning": pruning,
+    }
+
+
+def _write(beton: Beton, split: str, jobs: list[tuple[Path, float, np.ndarray, np.ndarray]], scores: Scores,
+           scores_path: Path, force: bool, progress: bool) -> tuple[list[PrunedFile], float]:
+    """Byte-copy one source's subsets in one pass and write their sidecars; returns the files and seconds."""
+    scores_fp = fingerprint_file(scores_path)
+    by_path = {os.path.abspath(p): (r, kept, idx) for p, r, kept, idx in jobs}
+
+    def finalize(final: Path, tmp: Path) -> None:
+        r, kept, idx = by_path[os.path.abspath(final)]
+        write_sidecar(final, _sidecar(beton, idx, r, kept, scores, scores_path, scores_fp, tmp))
+
+    results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
+                            finalize=finalize)
+    labels = beton.labels
+    files = [PrunedFile(output=res.output, split=split, ratio=r, kept_groups=len(kept), num_samples=res.num_samples,
+                        num_classes_kept=int(len(np.unique(labels[idx]))), bytes=res.bytes)
+             for res, (_, r, kept, idx) in zip(results, jobs)]
+    return files, results[0].seconds
+
+
+def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str | os.PathLike, *,
+          ratio: float | None = None, keep: int | None = None, ratios: list[float] | None = None,
+          val: str | os.PathLike | None = None, val_output: str | os.PathLike | None = None,
+          force: bool = False, progress: bool = False) -> PruneResult:
+    """Prune `source` with the scores file at `scores_path` and write the pruned `.beton` (+ sidecar) per ratio.
+
+    Parameters
+    ----------
+    source : the `.beton` the scores were computed on (opened read-only).
+    scores_path : the scores file (`dptool score`); cluster-level scores need their assignment beside it.
+    output : output path; with several `ratios` a template holding ``{ratio}``.
+    ratio, keep, ratios : exactly one: the fraction of groups removed, the number of groups kept, or several
+        ratios written in one pass over the source.
+    val, val_output : optionally prune a validation `.beton` to the same classes (class-level scores only).
+    force : overwrite existing outputs.
+    progress : progress bar on stderr.
+    """
+    scores_path = Path(scores_path)
+    scores = read_scores(scores_path)
+    if (val is None) != (val_output is None):
+        raise InputError("--val and --val-out go together; give both or neither.")
+    if val is not None and scores.level != "class":
+        raise InputError(f"--val needs class-level scores, but {scores_path} is {scores.level}-level "
+                         "(cluster pruning keeps samples, not classes).")
+    selections = _selections(scores, ratio, keep, ratios)
+    rs = [r for r, _ in selections]
+    outs = output_paths(output, rs)
+    val_outs = output_paths(val_output, rs) if val_output is not None else []
+    if len({os.path.abspath(p) for p in outs + val_outs}) != len(outs) + len(val_outs):
+        raise InputError("Two outputs have the same path; give --val-out a different name from -o.")
+    inputs = (source, scores_path, val, assignment_path(scores_path) if scores.assignment else None)
+    for p in outs + val_outs:
+        check_output_path(p, force=force, inputs=inputs)
+
+    beton = open_beton(source)
+    check_scores_source(scores, scores_path, beton)
+    groups_of = beton.labels if scores.level == "class" else load_assignment(scores_path, scores)
+    jobs = [(p, r, kept, kept_samples(groups_of, kept)) for p, (r, kept) in zip(outs, selections)]
+    vbeton, vjobs = None, []
+    if val is not None:
+        vbeton = open_beton(val)
+        if vbeton.num_classes != beton.num_classes:
+            raise InputError(f"Validation file {vbeton.path} has {vbeton.num_classes} classes but {beton.path} "
+                             f"has {beton.num_classes}; give the validation split of the same dataset.")
+        vjobs = [(p, r, kept, kept_samples(vbeton.labels, kept)) for p, (r, kept) in zip(val_outs, selections)]
+    for (p, _, kept, idx), b in [(j, beton) for j in jobs] + [(j, vbeton) for j in vjobs]:
+        if len(idx) == 0:
+            raise InputError(f"The {len(kept)} kept groups hold no samples of {b.path}, so {p} would be empty.")
+
+    result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level)
+    files, seconds = _write(beton, "train", jobs, scores, scores_path, force, progress)
+    if vjobs:
+        vfiles, vseconds = _write(vbeton, "val", vjobs, scores, scores_path, force, progress)
+        files, seconds = files + vfiles, seconds + vseconds
+    result.files = files
+    result.bytes_written = sum(f.bytes for f in files)
+    result.seconds = seconds
+    return result

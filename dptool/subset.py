@@ -1,0 +1,344 @@
+"""Write a subset of a `.beton`'s samples to new `.beton` files by copying their stored bytes: no decode.
+
+An FFCV file is: header, field descriptors, one metadata row per sample (an image row holds mode, width, height
+and `data_ptr`, the absolute file offset of its bytes), zero padding up to a page boundary, the data region in
+pages of `page_size` bytes (a sample's allocations never straddle pages: FFCV's process-cache loader reads whole
+pages, page = address >> log2(page_size)), and the allocation table (sample_id, ptr, size) at the end.
+
+A subset keeps the metadata rows in the order given (the source's shuffled order for pruning) with rewritten
+pointers, and packs the kept samples' byte ranges into fresh pages in source *file* order, so the source is read
+once, front to back, in large `pread`s, and every output is written front to back in whole pages. Several
+outputs (several ratios) share that one pass. Memory is bounded by the read and page buffers, the metadata and
+the allocation tables (a few tens of bytes per sample), not by the file size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_output, check_output_path
+from .beton import Beton, open_beton
+from .errors import DptoolError, InputError
+
+__all__ = ["SubsetResult", "write_subset", "write_subsets", "sample_extents"]
+
+log = logging.getLogger(__name__)
+
+_ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+# FFCV type id -> the part of its metadata row that is a pointer into the data region ("" = the row itself).
+_POINTER_FIELDS = {2: "data_ptr", 3: "ptr", 4: "", 5: "ptr", 6: ""}
+_MIB = 1 << 20
+
+
+@dataclass
+class SubsetResult:
+    """One written subset: samples, pages, sizes; `seconds` and `bytes_read` are those of the whole pass."""
+
+    output: str
+    num_samples: int
+    num_pages: int
+    bytes: int
+    data_bytes: int
+    bytes_read: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+@dataclass
+class _Plan:
+    """Everything about one output that is known before a byte of sample data is copied."""
+
+    dst: Path
+    head: bytes  # header + field descriptors + metadata rows + zero padding up to data_start
+    alloc: np.ndarray  # (M',) new allocation table, sorted by ptr
+    data_start: int
+    data_end: int
+    num_samples: int
+    data_bytes: int
+    # copy items in source file order: (K',) source start, size, destination start (int64), sizes > 0 only
+    src: np.ndarray
+    size: np.ndarray
+    dst_ptr: np.ndarray
+
+
+def _align(x: int, page: int) -> int:
+    return -(-x // page) * page
+
+
+def sample_extents(beton: Beton) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte range of every sample's stored data: (N,) int64 start and stop (stop = start = 0 without data), and
+    (N,) int64 allocation count. Refuses a file whose sample crosses a page boundary (FFCV never writes one)."""
+    n, table = beton.num_samples, beton.alloc_table
+    sid = table["sample_id"].astype(np.int64)
+    ptr = table["ptr"].astype(np.int64)
+    end = ptr + table["size"].astype(np.int64)
+    if len(sid) and (sid.min() < 0 or sid.max() >= n):
+        raise InputError(f"{beton.path} is damaged (allocation table names sample {int(sid.max())} of {n}).")
+    count = np.bincount(sid, minlength=n).astype(np.int64)
+    if len(sid) == 0 or count.max() <= 1:  # the usual case: one allocation (the image) per sample
+        start, stop = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        start[sid], stop[sid] = ptr, end
+    else:
+        start, stop = np.full(n, np.iinfo(np.int64).max), np.zeros(n, np.int64)
+        np.minimum.at(start, sid, ptr)
+        np.maximum.at(stop, sid, end)
+        start[count == 0] = 0
+    has = stop > start
+    ps = beton.page_size
+    bad = np.flatnonzero(has & ((start // ps) != ((stop - 1) // ps)))
+    if len(bad):
+        raise InputError(f"{beton.path}: sample {int(bad[0])} crosses a page boundary, which FFCV's "
+                         "DatasetWriter never writes; convert the dataset again.")
+    if len(sid) and (start[has].min() < beton.data_start or stop.max() > int(beton.header["alloc_table_ptr"])):
+        raise InputError(f"{beton.path} is damaged (sample data outside the data region).")
+    return start, stop, count
+
+
+def _plan(beton: Beton, dst: Path, indices: np.ndarray, extents, order_by_sample: np.ndarray) -> _Plan:
+    """Lay out one output: metadata with rewritten pointers, page packing in source file order, new table."""
+    start, stop, count = extents
+    ps, k = beton.page_size, len(indices)
+    size = stop[indices] - start[indices]
+    phys = np.argsort(start[indices], kind="stable")  # source file order
+    s = size[phys]
+    cs = np.cumsum(s)
+    cs_excl = cs - s
+    meta_type = beton.metadata.dtype
+    head_len = beton.header.dtype.itemsize + beton.field_descriptors.nbytes + k * meta_type.itemsize
+    data_start = _align(head_len, ps)
+    new = np.empty(k, np.int64)
+    pos, page = 0, 0
+    while pos < k:  # one iteration per output page: fill it with as many samples as fit, in order
+        base = int(cs_excl[pos])
+        stop_pos = max(int(np.searchsorted(cs, base + ps, side="right")), pos + 1)
+        new[pos:stop_pos] = data_start + page * ps + (cs_excl[pos:stop_pos] - base)
+        pos, page = stop_pos, page + 1
+    data_end = data_start + page * ps
+    dst_ptr = np.empty(k, np.int64)
+    dst_ptr[phys] = new
+    delta = dst_ptr - start[indices]  # per kept sample, in output order
+
+    meta = beton.metadata[indices].copy()
+    has = count[indices] > 0
+    for j, desc in enumerate(beton.field_descriptors):
+        sub = _POINTER_FIELDS.get(int(desc["type_id"]))
+        if sub is not None:
+            col = meta[f"f{j}"] if sub == "" else meta[f"f{j}"][sub]  # a view into `meta`
+            col[has] = (col[has].astype(np.int64) + delta[has]).astype(np.uint64)
+
+    c = count[indices]
+    offsets = np.concatenate([[0], np.cumsum(count)])
+    total = int(c.sum())
+    first = np.repeat(offsets[indices] - (np.cumsum(c) - c), c) + np.arange(total)
+    entries = order_by_sample[first]
+    table = beton.alloc_table
+    alloc = np.empty(total, _ALLOC)
+    alloc["sample_id"] = np.repeat(np.arange(k, dtype=np.uint64), c)
+    alloc["ptr"] = (table["ptr"][entries].astype(np.int64) + np.repeat(delta, c)).astype(np.uint64)
+    alloc["size"] = table["size"][entries]
+    alloc = alloc[np.argsort(alloc["ptr"], kind="stable")]
+
+    header = np.array(beton.header)  # 0-d copy of the structured header
+    header["num_samples"] = k
+    header["alloc_table_ptr"] = data_end
+    head = b"".join([header.tobytes(), np.ascontiguousarray(beton.field_descriptors).tobytes(), meta.tobytes()])
+    head += bytes(data_start - len(head))
+    nz = s > 0
+    return _Plan(dst=dst, head=head, alloc=alloc, data_start=data_start, data_end=data_end, num_samples=k,
+                 data_bytes=int(cs[-1]), src=start[indices][phys][nz], size=s[nz], dst_ptr=new[nz])
+
+
+def _chunks(plans: list[_Plan], read_size: int, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source byte ranges to read, in file order: (C,) lo and hi. Each covers whole samples of the union of the
+    outputs, at most `read_size` bytes (or one sample), and gaps of at most `max_gap` unread bytes."""
+    starts = np.concatenate([p.src for p in plans])
+    stops = np.concatenate([p.src + p.size for p in plans])
+    us, first = np.unique(starts, return_index=True)
+    ue = np.maximum.accumulate(stops[first])
+    breaks = np.concatenate([np.flatnonzero(us[1:] - ue[:-1] > max_gap) + 1, [len(us)]])
+    lo, hi = [], []
+    p, b = 0, 0
+    while p < len(us):
+        while breaks[b] <= p:
+            b += 1
+        q = min(int(breaks[b]), int(np.searchsorted(ue, us[p] + read_size, side="right")))
+        q = max(q, p + 1)
+        lo.append(int(us[p]))
+        hi.append(int(ue[q - 1]))
+        p = q
+    return np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+
+
+class _Writer:
+    """Streams one output: head, then the data region in windows of whole pages, then the allocation table."""
+
+    def __init__(self, plan: _Plan, tmp: Path, chunk_lo: np.ndarray, window: int):
+        self.plan, self.window = plan, window
+        self.buf = np.zeros(window, np.uint8)
+        self.current = 0  # index of the window in self.buf
+        # Merge items that are contiguous in the source and in the output into single copies, never across a
+        # read chunk or an output window.
+        src, size, dst = plan.src, plan.size, plan.dst_ptr
+        chunk = np.searchsorted(chunk_lo, src, side="right") - 1
+        win = (dst - plan.data_start) // window
+        brk = np.ones(len(src), bool)
+        brk[1:] = ((src[1:] != src[:-1] + size[:-1]) | (dst[1:] != dst[:-1] + size[:-1])
+                   | (chunk[1:] != chunk[:-1]) | (win[1:] != win[:-1]))
+        first = np.flatnonzero(brk)
+        last = np.concatenate([first[1:], [len(src)]]) - 1
+        self.seg_src, self.seg_dst = src[first], dst[first]
+        self.seg_len = dst[last] + size[last] - dst[first]
+        self.bounds = np.searchsorted(chunk[first], np.arange(len(chunk_lo) + 1))
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._write(memoryview(plan.head))
+
+    def _write(self, data: memoryview) -> None:
+        while len(data):
+            data = data[os.write(self.fd, data):]
+
+    def _flush_to(self, target: int) -> None:
+        while self.current < target:
+            lo = self.plan.data_start + self.current * self.window
+            n = min(self.window, self.plan.data_end - lo)
+            self._write(memoryview(self.buf[:n]))
+            self.buf[:n] = 0
+            self.current += 1
+
+    def copy_chunk(self, c: int, data: np.ndarray, lo: int) -> None:
+        """Copy this output's segments of read chunk `c` (its bytes in `data`, starting at file offset lo)."""
+        a, b = self.bounds[c], self.bounds[c + 1]
+        base, w = self.plan.data_start, self.window
+        for s, d, n in zip(self.seg_src[a:b].tolist(), self.seg_dst[a:b].tolist(), self.seg_len[a:b].tolist()):
+            target = (d - base) // w
+            if target != self.current:
+                self._flush_to(target)
+            off = d - base - target * w
+            self.buf[off:off + n] = data[s - lo:s - lo + n]
+
+    def finish(self) -> None:
+        """Write the last pages and the allocation table, then close."""
+        self._flush_to(-(-(self.plan.data_end - self.plan.data_start) // self.window))
+        if os.lseek(self.fd, 0, os.SEEK_CUR) != self.plan.data_end:
+            raise DptoolError(f"internal error: {self.plan.dst} data region ends at the wrong offset.")
+        self._write(memoryview(self.plan.alloc.tobytes()))
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise DptoolError(f"source file ended early at byte {offset + done} (was it truncated?).")
+        done += n
+
+
+def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.PathLike, np.ndarray], *,
+                  force: bool = False, progress: bool = False, read_size: int = 32 * _MIB,
+                  max_gap: int = 1 * _MIB, window: int = 16 * _MIB,
+                  finalize: Callable[[Path, Path], None] | None = None) -> list[SubsetResult]:
+    """Write several subsets of `src` in one pass over it, by copying stored sample bytes (no decode).
+
+    Parameters
+    ----------
+    src : the source `.beton` (opened read-only).
+    outputs : {output path: (K,) int sample indices of `src`, in the order wanted in the output}; unique indices.
+    force : overwrite existing outputs.
+    progress : draw a progress bar (bytes read) on stderr.
+    read_size : bytes per `pread` of the source (at least one page).
+    max_gap : unwanted source bytes read through rather than skipped, between two wanted samples.
+    window : bytes of output pages buffered per output before a write (rounded to whole pages).
+    finalize : called as ``finalize(final_path, temp_path)`` once an output is complete, before it is renamed
+        into place (to write its sidecar).
+
+    Returns
+    -------
+    One `SubsetResult` per output, in the order of `outputs`.
+    """
+    from tqdm import tqdm
+
+    beton = src if isinstance(src, Beton) else open_beton(src, require_label=False)
+    if not outputs:
+        raise InputError("No outputs to write.")
+    dsts = [check_output_path(d, force=force, inputs=(beton.path,)) for d in outputs]
+    if len({os.path.abspath(d) for d in dsts}) != len(dsts):
+        raise InputError("Two outputs have the same path; give each subset its own file.")
+    started = time.perf_counter()
+    extents = sample_extents(beton)
+    order_by_sample = np.argsort(beton.alloc_table["sample_id"], kind="stable")
+    plans = []
+    for dst, idx in zip(dsts, outputs.values()):
+        idx = np.asarray(idx)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise InputError(f"Indices for {dst} must be a 1-D array of integers, got {idx.dtype} {idx.shape}.")
+        idx = idx.astype(np.int64)
+        if len(idx) == 0:
+            raise InputError(f"The subset for {dst} holds no samples; nothing to write.")
+        if idx.min() < 0 or idx.max() >= beton.num_samples:
+            raise InputError(f"Indices for {dst} must be in [0, {beton.num_samples}), "
+                             f"got {int(idx.min())}..{int(idx.max())}.")
+        if len(np.unique(idx)) != len(idx):
+            raise InputError(f"Indices for {dst} repeat a sample; each sample can be kept once.")
+        plans.append(_plan(beton, dst, idx, extents, order_by_sample))
+    read_size = max(int(read_size), beton.page_size)
+    window = max(1, int(window) // beton.page_size) * beton.page_size
+    chunk_lo, chunk_hi = _chunks(plans, read_size, max(0, int(max_gap)))
+    bytes_read = int((chunk_hi - chunk_lo).sum())
+    log.info("subset of %s: %d outputs, %d reads, %.1f MB to read", beton.path, len(plans), len(chunk_lo),
+             bytes_read / 1e6)
+
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_output(p.dst)) for p in plans]
+        writers = []
+        try:
+            for p, tmp in zip(plans, tmps):
+                writers.append(_Writer(p, tmp, chunk_lo, window))
+            fd = os.open(beton.path, os.O_RDONLY)
+            stack.callback(os.close, fd)
+            with contextlib.suppress(AttributeError, OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            buf = np.empty(int((chunk_hi - chunk_lo).max()) if len(chunk_lo) else 0, np.uint8)
+            with tqdm(total=bytes_read, unit="B", unit_scale=True, desc="prune", disable=not progress) as bar:
+                for c, (lo, hi) in enumerate(zip(chunk_lo.tolist(), chunk_hi.tolist())):
+                    data = buf[:hi - lo]
+                    _pread_into(fd, data, lo)
+                    for w in writers:
+                        w.copy_chunk(c, data, lo)
+                    bar.update(hi - lo)
+            for w in writers:
+                w.finish()
+        finally:
+            for w in writers:
+                w.close()
+        if finalize is not None:
+            for p, tmp in zip(plans, tmps):
+                finalize(p.dst, tmp)
+    seconds = time.perf_counter() - started
+    return [SubsetResult(output=str(p.dst), num_samples=p.num_samples,
+                         num_pages=(p.data_end - p.data_start) // beton.page_size,
+                         bytes=p.data_end + p.alloc.nbytes, data_bytes=p.data_bytes, bytes_read=bytes_read,
+                         seconds=seconds) for p in plans]
+
+
+def write_subset(src: Beton | str | os.PathLike, dst: str | os.PathLike, indices: np.ndarray, *,
+                 force: bool = False, progress: bool = False,
+                 finalize: Callable[[Path, Path], None] | None = None) -> SubsetResult:
+    """Write the samples `indices` (K,) of `src`, in that order, to the `.beton` `dst` by byte copy."""
+    return write_subsets(src, {dst: indices}, force=force, progress=progress, finalize=finalize)[0]
