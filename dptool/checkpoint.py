@@ -1,0 +1,107 @@
+"""Checkpoints: a `torch.save`d dict with the architecture, head width, weights, recipe and data fingerprint.
+
+Written atomically (temporary name, then rename). Loadable by `score` (surrogate), `train --resume` and
+`finetune`. Only plain Python values and tensors go in, so loading uses `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .atomic import atomic_output
+from .errors import InputError
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+
+CHECKPOINT_FORMAT = "dptool-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _plain_state(state_dict: dict) -> dict:
+    """Strip DistributedDataParallel's `module.` prefix and detach to CPU tensors."""
+    out = {}
+    for key, value in state_dict.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        out[name] = value.detach().cpu() if hasattr(value, "detach") else value
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, *, arch: str, num_classes: int, state_dict: dict, recipe: dict,
+                    data_fingerprint: str | None, epoch: int, optimizer_state: dict | None = None,
+                    small_input: bool = False, blurpool: bool = False, image_size: int | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically. `epoch` = epochs completed; `extra` holds resume state and metrics."""
+    import torch
+
+    from .models import canonical_name
+
+    base, small = canonical_name(arch, small_input)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": base,
+        "small_input": small,
+        "blurpool": bool(blurpool),
+        "image_size": image_size,
+        "num_classes": int(num_classes),
+        "state_dict": _plain_state(state_dict),
+        "recipe": dict(recipe),
+        "data_fingerprint": data_fingerprint,
+        "epoch": int(epoch),
+        "optimizer_state": optimizer_state,
+        "extra": dict(extra or {}),
+    }
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint dict at `path` (tensors on the CPU), validated; no model is built."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
+        raise InputError(f"{path} is not a dptool checkpoint ({type(exc).__name__}).") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a dptool checkpoint (no {CHECKPOINT_FORMAT!r} format tag).")
+    if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
+        raise InputError(f"{path} has checkpoint version {ckpt['version']}; this dptool reads up to "
+                         f"{CHECKPOINT_VERSION}.")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
+                    device="cpu"):
+    """Build the model a checkpoint describes and load its weights. Returns `(model, ckpt_dict)`.
+
+    `arch` / `num_classes`, when given, must match the checkpoint; a mismatch is one `InputError` sentence.
+    """
+    from .models import canonical_name, create_model
+
+    ckpt = read_checkpoint(path)
+    if arch is not None:
+        want = canonical_name(arch)
+        have = (ckpt["arch"], bool(ckpt["small_input"]))
+        if want[0] != have[0] or (want[1] and not have[1]):
+            raise InputError(f"Checkpoint {path} holds a {_label(*have)}, not a {_label(*want)}.")
+    if num_classes is not None and int(num_classes) != int(ckpt["num_classes"]):
+        raise InputError(f"Checkpoint {path} has a {ckpt['num_classes']}-class head, not {num_classes} classes.")
+    model = create_model(ckpt["arch"], int(ckpt["num_classes"]), small_input=bool(ckpt["small_input"]),
+                         blurpool=bool(ckpt.get("blurpool")), image_size=ckpt.get("image_size"))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"Checkpoint {path} does not fit a {ckpt['arch']}: {first}") from exc
+    return model.to(device), ckpt
+
+
+def _label(arch: str, small: bool) -> str:
+    return arch + (" (small-input stem)" if small else "")

@@ -1,0 +1,176 @@
+"""Model registry: torchvision ResNets and ViT-B/16 built with `weights=None` (never downloads).
+
+Small inputs: a ResNet built with `small_input=True` gets a 3x3 stride-1 first convolution and no max-pool, so
+32-64 px images keep enough resolution (the CIFAR-style stem). The registry also lists `<resnet>_small` names,
+which are the same constructors with `small_input=True`, so that `--arch resnet18_small` works on the CLI and
+the variant is visible in `list_models()`. A checkpoint records the canonical name and the flag separately.
+
+BlurPool (`blurpool=True`, as in ffcv-imagenet) puts a fixed 3x3 binomial blur before every strided conv.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from .errors import InputError
+
+__all__ = [
+    "register_model",
+    "list_models",
+    "create_model",
+    "canonical_name",
+    "feature_layer",
+    "feature_dim",
+    "replace_head",
+    "apply_blurpool",
+]
+
+_MODELS: dict[str, Callable] = {}
+_SMALL_SUFFIX = "_small"
+
+
+def register_model(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn(num_classes, *, small_input, image_size)` -> nn.Module under `name`."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Registered architecture names, sorted."""
+    return sorted(_MODELS)
+
+
+def canonical_name(name: str, small_input: bool = False) -> tuple[str, bool]:
+    """`('resnet18_small', False)` -> `('resnet18', True)`: the base architecture and the small-input flag."""
+    if name.endswith(_SMALL_SUFFIX) and name in _MODELS:
+        return name[: -len(_SMALL_SUFFIX)], True
+    return name, bool(small_input)
+
+
+def create_model(name: str, num_classes: int, *, small_input: bool = False, blurpool: bool = False,
+                 image_size: int | None = None):
+    """Build architecture `name` with a `num_classes`-way head, randomly initialised.
+
+    `small_input` swaps a ResNet's stem for 32-64 px images (names ending in `_small` imply it).
+    `image_size` is the ViT's input side (default 224; ResNets take any size). `blurpool` adds BlurPool.
+    """
+    if name not in _MODELS:
+        raise InputError(f"Unknown architecture {name!r}; choose one of: {', '.join(list_models())}.")
+    if num_classes < 1:
+        raise InputError(f"Number of classes must be at least 1, got {num_classes}.")
+    base, small = canonical_name(name, small_input)
+    model = _MODELS[base](num_classes, small_input=small, image_size=image_size)
+    if blurpool:
+        apply_blurpool(model)
+    return model
+
+
+def _resnet(fn_name: str):
+    def build(num_classes: int, *, small_input: bool = False, image_size: int | None = None):
+        import torch.nn as nn
+        import torchvision.models as tvm
+
+        model = getattr(tvm, fn_name)(weights=None, num_classes=num_classes)
+        if small_input:
+            model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+            model.maxpool = nn.Identity()
+        return model
+
+    build.__doc__ = f"torchvision {fn_name}, weights=None; optional small-image stem."
+    return build
+
+
+for _depth in (18, 34, 50, 101, 152):
+    _name = f"resnet{_depth}"
+    register_model(_name)(_resnet(_name))
+    register_model(_name + _SMALL_SUFFIX)(_MODELS[_name])
+
+
+@register_model("vit_b_16")
+def _vit_b_16(num_classes: int, *, small_input: bool = False, image_size: int | None = None):
+    """torchvision ViT-B/16, weights=None, at `image_size` (default 224, a multiple of 16)."""
+    from torchvision.models import vit_b_16
+
+    if small_input:
+        raise InputError("small_input applies to ResNets only; give vit_b_16 an image_size instead.")
+    size = image_size or 224
+    if size % 16:
+        raise InputError(f"vit_b_16 needs an image size that is a multiple of 16, got {size}.")
+    return vit_b_16(weights=None, num_classes=num_classes, image_size=size)
+
+
+def feature_layer(model):
+    """The final classifier (an `nn.Linear`): its input is the penultimate feature (ResNet `fc`, ViT `heads.head`).
+
+    Register a forward pre-hook on it to read features of shape (B, feature_dim).
+    """
+    import torch.nn as nn
+
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    if isinstance(getattr(inner, "fc", None), nn.Linear):
+        return inner.fc
+    heads = getattr(inner, "heads", None)
+    if heads is not None and isinstance(getattr(heads, "head", None), nn.Linear):
+        return heads.head
+    raise InputError(f"Cannot find the classifier of a {type(inner).__name__}; expected a ResNet or a ViT.")
+
+
+def feature_dim(model) -> int:
+    """Width of the penultimate feature (512 for ResNet-18/34, 2048 for ResNet-50+, 768 for ViT-B/16)."""
+    return int(feature_layer(model).in_features)
+
+
+def replace_head(model, num_classes: int):
+    """Swap the final classifier for a fresh `num_classes`-way `nn.Linear`; returns the new layer."""
+    import torch.nn as nn
+
+    inner = getattr(model, "module", model)
+    old = feature_layer(inner)
+    new = nn.Linear(old.in_features, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
+    if old is getattr(inner, "fc", None):
+        inner.fc = new
+    else:
+        inner.heads.head = new
+    return new
+
+
+@functools.lru_cache(maxsize=1)
+def _blur_module():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class BlurPoolConv2d(nn.Module):
+        """A 3x3 binomial low-pass filter before a strided convolution (anti-aliasing, as in ffcv-imagenet)."""
+
+        def __init__(self, conv: nn.Conv2d):
+            super().__init__()
+            default = torch.tensor([[[[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]]]) / 16.0
+            self.conv = conv
+            self.register_buffer("blur_filter", default.repeat(conv.in_channels, 1, 1, 1))
+
+        def forward(self, x):
+            blurred = F.conv2d(x, self.blur_filter, stride=1, padding=(1, 1), groups=self.conv.in_channels)
+            return self.conv(blurred)
+
+    return BlurPoolConv2d
+
+
+def apply_blurpool(model) -> None:
+    """Wrap every conv with stride > 1 and at least 16 input channels in BlurPool, in place."""
+    import torch.nn as nn
+
+    cls = _blur_module()
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(model, name, cls(child))
+        else:
+            apply_blurpool(child)
