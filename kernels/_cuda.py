@@ -21,6 +21,7 @@ __all__ = ["histogram", "nearest"]
 _THREADS = 256
 _SHARED_BYTES = 48 * 1024  # dynamic shared memory every CUDA GPU gives a block without opting in
 _TILE_ELEMS = 1 << 26  # float32 elements in one GEMM tile (256 MiB)
+_MAX_COLS = 8192  # centroids per tile when K is larger: keeps tiles tall enough for an efficient GEMM
 
 _SOURCE = r"""
 template <bool C, typename A, typename B> struct pick { typedef A type; };
@@ -150,7 +151,7 @@ def histogram(a: Any, b: Any, w: Any, n_a: int, n_b: int) -> tuple[Any, bool]:
     args = (a, a if b is None else b, w if weighted else out, np.int64(n), np.int64(n_a),
             np.int64(n_b if b is not None else 1), out, bad)
     kernel((blocks,), (_THREADS,), args, shared_mem=local_bytes if shared else 0)
-    return (out if weighted else out.view(np.int64)), bool(int(bad.get()[0]))
+    return (out if weighted else out.view(np.int64)), int(bad[0]) != 0
 
 
 def nearest(x: Any, c: Any, cosine: bool) -> tuple[Any, Any]:
@@ -173,7 +174,7 @@ def nearest(x: Any, c: Any, cosine: bool) -> tuple[Any, Any]:
     if n == 0:
         return index, dist
     kernel = _module().get_function("argmin_tile")
-    rows = max(1, min(n, _TILE_ELEMS // max(k, x.shape[1], 1)))
+    rows = max(1, min(n, _TILE_ELEMS // max(min(k, _MAX_COLS), x.shape[1], 1)))
     cols = min(k, max(1, _TILE_ELEMS // rows))
     tile = cupy.empty(rows * cols, np.float32)
     best = cupy.empty(rows, np.float32)
