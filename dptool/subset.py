@@ -129,7 +129,10 @@ def _plan(beton: Beton, dst: Path, indices: np.ndarray, extents, order_by_sample
     dst_ptr[phys] = new
     delta = dst_ptr - start[indices]  # per kept sample, in output order
 
-    meta = beton.metadata[indices].copy()
+    # Copy whole rows as bytes: a structured copy does not keep the padding bytes, and outputs must not depend
+    # on uninitialised memory (one pass over several outputs must equal separate runs, byte for byte).
+    rows = np.ascontiguousarray(beton.metadata).view(np.uint8).reshape(beton.num_samples, meta_type.itemsize)
+    meta = rows[indices].view(meta_type).reshape(k)
     has = count[indices] > 0
     for j, desc in enumerate(beton.field_descriptors):
         sub = _POINTER_FIELDS.get(int(desc["type_id"]))

@@ -1,0 +1,213 @@
+"""Byte-copy subsets of .beton files: a stock FFCV Loader reads them, pixels and labels equal the source's,
+pages are packed like FFCV's, several outputs in one pass equal separate runs, failures leave nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_beton
+
+import dptool.subset as subset_mod
+from dptool._ffcv import import_ffcv
+from dptool.beton import open_beton
+from dptool.errors import InputError
+from dptool.subset import sample_extents, write_subset, write_subsets
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mixed_beton(tmp_path_factory):
+    """8 classes x 90 images of 64 px, half raw, half JPEG ('proportion' mode): about 5 MB, several 2 MiB pages."""
+    return make_beton(tmp_path_factory.mktemp("mixed"), "mixed", n_classes=8, per_class=90, size=64, seed=3,
+                      write_mode="proportion")
+
+
+@pytest.fixture(scope="module")
+def jpg_beton(tmp_path_factory):
+    return make_beton(tmp_path_factory.mktemp("jpg"), "jpg", n_classes=3, per_class=20, size=32, seed=5,
+                      write_mode="jpg")
+
+
+def load_all(path, *, os_cache: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every image and label of `path` in file order through a stock FFCV Loader (SimpleRGBImageDecoder)."""
+    loader_mod = import_ffcv("ffcv.loader")
+    decoders = import_ffcv("ffcv.fields.decoders")
+    pipelines = {"image": [decoders.SimpleRGBImageDecoder()], "label": [decoders.IntDecoder()]}
+    loader = loader_mod.Loader(str(path), batch_size=128, num_workers=2, order=loader_mod.OrderOption.SEQUENTIAL,
+                               os_cache=os_cache, drop_last=False, pipelines=pipelines)
+    images, labels = [], []
+    for im, lab in loader:  # the loader reuses its batch buffers: copy
+        images.append(np.array(im, copy=True))
+        labels.append(np.array(lab, copy=True).reshape(-1))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def check_layout(path) -> None:
+    """FFCV's layout rules: page-aligned data region, no sample across a page, table at the end, full pages."""
+    b = open_beton(path, require_label=False)
+    ps, table = b.page_size, b.alloc_table
+    ptr, end = table["ptr"].astype(np.int64), (table["ptr"] + table["size"]).astype(np.int64)
+    first_page = -(-b.data_start // ps) * ps
+    assert ptr.min() >= first_page
+    assert np.all(ptr // ps == (end - 1) // ps)
+    alloc_ptr = int(b.header["alloc_table_ptr"])
+    assert alloc_ptr % ps == 0 and end.max() <= alloc_ptr
+    assert b.file_size == alloc_ptr + table.nbytes
+    assert np.unique(table["sample_id"]).tolist() == list(range(b.num_samples))
+
+
+def check_stored_bytes(src_path, out_path, indices) -> None:
+    """Metadata rows equal the source's except pointers; each sample's stored bytes equal the source's."""
+    src, out = open_beton(src_path), open_beton(out_path)
+    assert out.num_samples == len(indices) and out.page_size == src.page_size
+    assert out.field_descriptors.tobytes() == src.field_descriptors.tobytes()
+    np.testing.assert_array_equal(out.labels, src.labels[indices])
+    for name in ("mode", "width", "height"):
+        np.testing.assert_array_equal(out.metadata["f0"][name], src.metadata["f0"][name][indices])
+    s_size = dict(zip(src.alloc_table["ptr"].tolist(), src.alloc_table["size"].tolist()))
+    o_size = dict(zip(out.alloc_table["ptr"].tolist(), out.alloc_table["size"].tolist()))
+    s_bytes, o_bytes = Path(src_path).read_bytes(), Path(out_path).read_bytes()
+    for k, i in enumerate(indices):
+        sp, op = int(src.metadata["f0"]["data_ptr"][i]), int(out.metadata["f0"]["data_ptr"][k])
+        assert s_size[sp] == o_size[op]
+        assert s_bytes[sp:sp + s_size[sp]] == o_bytes[op:op + o_size[op]]
+
+
+def test_loader_reads_pixel_identical_subsets_of_a_multipage_mixed_file(mixed_beton, tmp_path):
+    src = open_beton(mixed_beton)
+    modes = set(src.metadata["f0"]["mode"].tolist())
+    assert modes == {0, 1}, "the source should hold JPEG (0) and raw (1) images"
+    assert len(np.unique(src.alloc_table["ptr"] // src.page_size)) >= 3, "the source should span several pages"
+    rng = np.random.default_rng(0)
+    kept = np.sort(rng.choice(src.num_samples, int(0.45 * src.num_samples), replace=False))  # file order
+    shuffled = rng.permutation(src.num_samples)[:500]  # any order works too
+    outs = {tmp_path / "kept.beton": kept, tmp_path / "shuffled.beton": shuffled}
+    results = write_subsets(mixed_beton, outs, read_size=1 << 20)
+    assert [r.num_samples for r in results] == [len(kept), len(shuffled)]
+    assert results[1].num_pages >= 2
+    for path, idx in outs.items():
+        check_layout(path)
+        check_stored_bytes(mixed_beton, path, idx)
+
+    src_images, src_labels = load_all(mixed_beton, os_cache=True)
+    np.testing.assert_array_equal(src_labels, src.labels)
+    for path, idx in outs.items():
+        # process cache reads whole pages (page = address >> log2(page_size)): exercises the page packing
+        images, labels = load_all(path, os_cache=path.name == "kept.beton")
+        np.testing.assert_array_equal(labels, src_labels[idx])
+        np.testing.assert_array_equal(images, src_images[idx])
+
+
+@pytest.mark.parametrize("which", ["raw", "jpg"])
+def test_stored_bytes_are_copied_as_they_are(which, tiny_beton, jpg_beton, tmp_path):
+    path = tiny_beton if which == "raw" else jpg_beton
+    src = open_beton(path)
+    indices = np.flatnonzero(src.labels % 2 == 0)
+    result = write_subset(path, tmp_path / "out.beton", indices)
+    assert result.num_samples == len(indices) and result.bytes == (tmp_path / "out.beton").stat().st_size
+    check_layout(tmp_path / "out.beton")
+    check_stored_bytes(path, tmp_path / "out.beton", indices)
+
+
+def test_several_outputs_in_one_pass_equal_separate_runs(mixed_beton, tmp_path):
+    src = open_beton(mixed_beton)
+    subsets = {tmp_path / f"one_{c}.beton": np.flatnonzero(src.labels < c) for c in (2, 5, 8)}
+    write_subsets(mixed_beton, subsets)
+    for path, idx in subsets.items():
+        separate = tmp_path / f"sep_{path.name}"
+        write_subset(mixed_beton, separate, idx)
+        assert sha256(separate) == sha256(path)
+        # the read plan (pread size, gaps read through) changes nothing in the output
+        other = tmp_path / f"small_reads_{path.name}"
+        write_subsets(mixed_beton, {other: idx}, read_size=1, max_gap=0, window=1)
+        assert sha256(other) == sha256(path)
+
+
+def test_keeping_everything_reproduces_every_sample(tiny_beton, tmp_path):
+    src = open_beton(tiny_beton)
+    out = tmp_path / "all.beton"
+    write_subset(tiny_beton, out, np.arange(src.num_samples))
+    check_stored_bytes(tiny_beton, out, np.arange(src.num_samples))
+
+
+def test_source_is_unchanged(mixed_beton, tmp_path):
+    before = sha256(mixed_beton)
+    write_subsets(mixed_beton, {tmp_path / "a.beton": np.arange(0, 700, 3), tmp_path / "b.beton": np.arange(5)})
+    assert sha256(mixed_beton) == before
+
+
+def test_interrupted_write_leaves_nothing(mixed_beton, tmp_path, monkeypatch):
+    real, calls = subset_mod._pread_into, []
+
+    def failing(fd, buf, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(fd, buf, offset)
+
+    monkeypatch.setattr(subset_mod, "_pread_into", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_subsets(mixed_beton, {tmp_path / "a.beton": np.arange(600), tmp_path / "b.beton": np.arange(9)},
+                      read_size=1 << 20)
+    assert len(calls) == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_samples_with_several_allocations_keep_every_field(tmp_path):
+    """A file with an image, a bytes field and a label: pointers of every data field are rewritten."""
+    fields = import_ffcv("ffcv.fields")
+    writer_mod = import_ffcv("ffcv.writer")
+    rng = np.random.default_rng(2)
+    data = [(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), rng.integers(0, 255, 5 + i, dtype=np.uint8), i)
+            for i in range(40)]
+    path = tmp_path / "multi.beton"
+    writer = writer_mod.DatasetWriter(str(path), {"image": fields.RGBImageField(write_mode="raw"),
+                                                  "blob": fields.BytesField(), "label": fields.IntField()},
+                                      num_workers=1)
+    writer.from_indexed_dataset(data, chunksize=10)
+    src = open_beton(path)
+    assert sample_extents(src)[2].max() == 2
+    keep = np.array([39, 3, 17, 0, 22])
+    write_subset(path, tmp_path / "out.beton", keep)
+    out = open_beton(tmp_path / "out.beton")
+    check_layout(tmp_path / "out.beton")
+    raw = (tmp_path / "out.beton").read_bytes()
+    for k, i in enumerate(keep):
+        image, blob, label = data[i]
+        row = out.metadata[k]
+        assert int(row["f2"]) == label
+        p = int(row["f0"]["data_ptr"])
+        assert raw[p:p + image.nbytes] == image.tobytes()
+        p, n = int(row["f1"]["ptr"]), int(row["f1"]["size"])
+        assert raw[p:p + n] == blob.tobytes()
+
+
+@pytest.mark.parametrize("indices, message", [
+    (np.array([], dtype=np.int64), "holds no samples"),
+    (np.array([0, 160]), r"must be in \[0, 160\)"),
+    (np.array([-1, 3]), r"must be in \[0, 160\)"),
+    (np.array([1, 2, 1]), "repeat a sample"),
+    (np.array([0.5, 1.0]), "1-D array of integers"),
+])
+def test_bad_indices_are_refused(tiny_beton, tmp_path, indices, message):
+    with pytest.raises(InputError, match=message):
+        write_subset(tiny_beton, tmp_path / "out.beton", indices)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_checks(tiny_beton, tmp_path):
+    with pytest.raises(InputError, match="same (file|path) as input"):
+        write_subset(tiny_beton, tiny_beton, np.arange(3))
+    out = tmp_path / "out.beton"
+    out.write_bytes(b"old")
+    with pytest.raises(InputError, match="--force"):
+        write_subset(tiny_beton, out, np.arange(3))
+    assert out.read_bytes() == b"old"
+    write_subset(tiny_beton, out, np.arange(3), force=True)
+    assert open_beton(out).num_samples == 3
