@@ -1,0 +1,247 @@
+"""`dptool prune`: the exact kept classes for a scores file and ratio (ties included), several ratios in one pass,
+the validation split, FM sample-level pruning, sidecars, and every refusal (exit 2, one sentence, no file)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_beton
+from dptool.cli.main import cli
+
+import dptool.subset as subset_mod
+from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
+from dptool.errors import InputError
+from dptool.prune import kept_samples, output_paths, prune
+from dptool.scores import Scores, fingerprint_file, write_scores
+
+# Class order by rank: 2 and 0 tie at 5 (tie-break .2 > .1), then 5, then 1 and 3 tie at 0 with equal tie-break
+# values (class id decides), then 4.
+CLASS_SCORES = [5, 0, 5, 0, 0, 2]
+CLASS_TIEBREAK = [0.1, 0.3, 0.2, 0.3, 0.0, 0.0]
+ORDER = [2, 0, 5, 1, 3, 4]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["prune", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def one_sentence(output: str) -> bool:
+    """A single error line (Click may put its usage lines above it) and no traceback."""
+    errors = [line for line in output.strip().splitlines() if line.startswith("Error:")]
+    return len(errors) == 1 and errors[0].endswith(".") and "Traceback" not in output
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def source_dict(beton_path, **changes) -> dict:
+    b = open_beton(beton_path)
+    return {"path": str(beton_path), "fingerprint": b.sidecar["fingerprint"], "num_samples": b.num_samples,
+            "num_classes": b.num_classes, **changes}
+
+
+def class_scores_file(path, beton_path, scores=CLASS_SCORES, tiebreak=CLASS_TIEBREAK, **source_changes) -> Path:
+    n = len(scores)
+    s = Scores(method="lm", level="class", ids=np.arange(n), names=[f"class_{i}" for i in range(n)],
+               scores=np.asarray(scores, float), tiebreak=np.asarray(tiebreak, float),
+               source=source_dict(beton_path, **source_changes), tie_break="summed softmax, then class id")
+    return write_scores(path, s, force=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Source (6 classes x 25, 32 px raw), its validation split, class-level and cluster-level scores."""
+    folder = tmp_path_factory.mktemp("prune")
+    train = make_beton(folder, "train", n_classes=6, per_class=25, size=32, seed=7)
+    val = make_beton(folder, "val", n_classes=6, per_class=6, size=32, seed=8)
+    scores = class_scores_file(folder / "lm.json", train)
+    n = open_beton(train).num_samples
+    assign = np.random.default_rng(0).integers(0, 4, n)
+    fm = Scores(method="fm", level="cluster", ids=np.arange(4), names=[f"cluster {i}" for i in range(4)],
+                scores=np.array([3.0, 1.0, 0.0, 2.0]), tiebreak=np.zeros(4), source=source_dict(train),
+                tie_break="cluster id", params={"k": 4})
+    fm_path = write_scores(folder / "fm.json", fm, assignment=assign)
+    return {"folder": folder, "train": train, "val": val, "scores": scores, "fm": fm_path, "assign": assign}
+
+
+def check_samples(out, src, indices) -> None:
+    """The output holds exactly the source samples `indices`, in that order, with equal labels and pixels."""
+    o, s = open_beton(out), open_beton(src)
+    assert o.num_samples == len(indices)
+    np.testing.assert_array_equal(o.labels, s.labels[indices])
+    for k in range(0, len(indices), max(1, len(indices) // 12)):
+        np.testing.assert_array_equal(read_image(o, k), read_image(s, int(indices[k])))
+
+
+@pytest.mark.parametrize("ratio, kept", [(0.0, ORDER), (0.25, ORDER[:4]), (0.4, ORDER[:4]), (0.5, ORDER[:3]),
+                                         (0.6, ORDER[:2]), (0.8, ORDER[:1])])
+def test_class_pruning_keeps_the_top_classes_with_ties(data, tmp_path, ratio, kept):
+    out = tmp_path / "p.beton"
+    result = run(data["train"], "--scores", data["scores"], "--ratio", ratio, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    src = open_beton(data["train"])
+    expected = np.flatnonzero(np.isin(src.labels, kept))
+    check_samples(out, data["train"], expected)
+    side = read_sidecar(out)
+    pruning = side["pruning"]
+    assert pruning["kept_classes"] == sorted(kept) and pruning["kept_groups"] == len(kept) == pruning["keep"]
+    assert pruning["ratio"] == ratio and pruning["level"] == "class" and pruning["method"] == "lm"
+    assert pruning["scores_fingerprint"] == fingerprint_file(data["scores"])
+    assert pruning["source_fingerprint"] == src.sidecar["fingerprint"]
+    assert Path(pruning["source"]) == Path(data["train"]).resolve()
+    assert side["num_classes"] == 6 and side["class_names"] == src.class_names
+    assert side["num_samples"] == len(expected) and side["fingerprint"] == fingerprint(out)
+    assert side["class_counts"] == [25 if c in kept else 0 for c in range(6)]
+    assert side["writer"] == src.sidecar["writer"]
+    (f,) = doc["files"]
+    assert f["num_samples"] == len(expected) and f["num_classes_kept"] == len(kept)
+    assert doc["bytes_written"] == out.stat().st_size and doc["mb_per_second"] > 0
+
+
+def test_keep_and_human_summary(data, tmp_path):
+    out = tmp_path / "k.beton"
+    result = run(data["train"], "--scores", data["scores"], "--keep", 2, "-o", out)
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("kept 50 samples, 2 classes;") and "MB written" in last and "MB/s" in last
+    pruning = read_sidecar(out)["pruning"]
+    assert pruning["kept_classes"] == [0, 2] and pruning["ratio"] == pytest.approx(4 / 6)
+
+
+def test_several_ratios_in_one_pass_equal_separate_runs(data, tmp_path):
+    before = {k: sha256(data[k]) for k in ("train", "val", "scores")}
+    result = run(data["train"], "--scores", data["scores"], "--ratios", "0.2,0.5,0.8",
+                 "-o", tmp_path / "multi_{ratio}.beton",
+                 "--val", data["val"], "--val-out", tmp_path / "v_{ratio}.beton")
+    assert result.exit_code == 0, result.output
+    for r in ("0.2", "0.5", "0.8"):
+        single = tmp_path / f"single_{r}.beton"
+        assert run(data["train"], "--scores", data["scores"], "--ratio", r, "-o", single).exit_code == 0
+        multi = tmp_path / f"multi_{r}.beton"
+        assert sha256(multi) == sha256(single)
+        assert read_sidecar(multi)["pruning"] == read_sidecar(single)["pruning"]
+        kept = read_sidecar(multi)["pruning"]["kept_classes"]
+        val_out = open_beton(tmp_path / f"v_{r}.beton")
+        v = open_beton(data["val"])
+        check_samples(val_out.path, data["val"], np.flatnonzero(np.isin(v.labels, kept)))
+        assert read_sidecar(val_out.path)["pruning"]["kept_classes"] == kept
+    assert {k: sha256(data[k]) for k in ("train", "val", "scores")} == before  # inputs untouched
+
+
+def test_fm_cluster_scores_prune_samples_by_assignment(data, tmp_path):
+    out = tmp_path / "fm.beton"
+    result = prune(data["train"], data["fm"], out, ratio=0.5)
+    expected = np.flatnonzero(np.isin(data["assign"], [0, 3]))  # cluster scores 3, 1, 0, 2 -> top two: 0, 3
+    check_samples(out, data["train"], expected)
+    pruning = read_sidecar(out)["pruning"]
+    assert pruning["level"] == "cluster" and pruning["kept_clusters"] == [0, 3] and "kept_classes" not in pruning
+    src = open_beton(data["train"])
+    assert read_sidecar(out)["class_counts"] == np.bincount(src.labels[expected], minlength=6).tolist()
+    assert result.files[0].num_classes_kept == len(np.unique(src.labels[expected]))
+
+
+def test_kept_samples_and_output_paths():
+    assert kept_samples(np.array([3, 0, 1, 3, 2]), np.array([3, 1])).tolist() == [0, 2, 3]
+    assert output_paths("a_{ratio}.beton", [0.2, 0.6]) == [Path("a_0.2.beton"), Path("a_0.6.beton")]
+    with pytest.raises(InputError, match="must contain"):
+        output_paths("a.beton", [0.2, 0.6])
+
+
+REFUSALS = [
+    (["--ratio", "1.5"], r"--ratio must be in [0, 1), got 1.5."),
+    (["--ratio", "-0.2"], r"--ratio must be in [0, 1), got -0.2."),
+    (["--ratio", "0.95"], "removes all 6 groups"),
+    (["--keep", "0"], "--keep must be in [1, 6], got 0."),
+    (["--ratio", "0.5", "--keep", "2"], "exactly one"),
+    ([], "exactly one"),
+    (["--ratios", "0.2,0.2", "-o", "{t}/r_{{ratio}}.beton"], "more than once"),
+    (["--ratios", "0.2,x"], "comma-separated numbers"),
+    (["--ratios", "0.2,0.4"], "must contain {ratio}"),
+    (["--ratio", "0.5", "--val", "{val}"], "--val and --val-out go together"),
+    (["--ratio", "0.5", "--val", "{val}", "--val-out", "{t}/out.beton"], "same path"),
+    (["--ratio", "0.5", "-o", "{train}"], "same file as input"),
+    (["--ratio", "0.5", "-o", "{scores}"], "same file as input"),
+    (["--ratio", "0.5", "-o", "{t}/nofolder/out.beton"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", REFUSALS)
+def test_refusals_are_one_sentence_exit_2_and_leave_nothing(data, tmp_path, extra, phrase):
+    fmt = {"t": tmp_path, "val": data["val"], "train": data["train"], "scores": data["scores"]}
+    args = [data["train"], "--scores", data["scores"]]
+    if "-o" not in extra:
+        args += ["-o", tmp_path / "out.beton"]
+    result = run(*args, *[a.format(**fmt) for a in extra])
+    assert result.exit_code == 2, result.output
+    assert phrase in result.output
+    assert one_sentence(result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _refuse(data, tmp_path, scores, *extra) -> str:
+    result = run(data["train"], "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "out.beton", *extra)
+    assert result.exit_code == 2, result.output
+    assert one_sentence(result.output)
+    assert not (tmp_path / "out.beton").exists() and not (tmp_path / "out.beton.json").exists()
+    return result.output
+
+
+def test_scores_of_another_source_are_refused(data, tmp_path):
+    other = class_scores_file(tmp_path / "other.json", data["train"], fingerprint="blake2b:0123")
+    assert "fingerprint blake2b:0123 differs from" in _refuse(data, tmp_path, other)
+    seven = class_scores_file(tmp_path / "seven.json", data["train"], scores=[1] * 7, tiebreak=[0] * 7,
+                              num_classes=7)
+    assert "computed for 7 classes but" in _refuse(data, tmp_path, seven)
+    fewer = class_scores_file(tmp_path / "fewer.json", data["train"], num_samples=10)
+    assert "computed for 10 samples but" in _refuse(data, tmp_path, fewer)
+
+
+def test_val_with_cluster_scores_is_refused(data, tmp_path):
+    out = _refuse(data, tmp_path, data["fm"], "--val", data["val"], "--val-out", tmp_path / "v.beton")
+    assert "--val needs class-level scores" in out
+    assert not (tmp_path / "v.beton").exists()
+
+
+def test_broken_scores_files_are_refused(data, tmp_path):
+    (tmp_path / "bad.json").write_text("{")
+    assert "not valid JSON" in _refuse(data, tmp_path, tmp_path / "bad.json")
+    fm = tmp_path / "fm.json"
+    shutil.copy(data["fm"], fm)  # its assignment file is not beside the copy
+    assert "fm.assign.npy, which does not exist" in _refuse(data, tmp_path, fm)
+
+
+def test_existing_output_needs_force(data, tmp_path):
+    out = tmp_path / "out.beton"
+    out.write_bytes(b"keep me")
+    assert "already exists; pass --force" in _refuse_existing(data, out)
+    assert out.read_bytes() == b"keep me"
+    result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out, "--force")
+    assert result.exit_code == 0 and open_beton(out).num_samples == 75
+
+
+def _refuse_existing(data, out) -> str:
+    result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out)
+    assert result.exit_code == 2 and one_sentence(result.output)
+    return result.output
+
+
+def test_interrupted_prune_leaves_nothing_under_the_final_names(data, tmp_path, monkeypatch):
+    before = sha256(data["train"])
+
+    def interrupted(fd, buf, offset):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subset_mod, "_pread_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune(data["train"], data["scores"], tmp_path / "p_{ratio}.beton", ratios=[0.2, 0.6], val=data["val"],
+              val_output=tmp_path / "v_{ratio}.beton")
+    assert list(tmp_path.iterdir()) == []
+    assert sha256(data["train"]) == before
