@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# GPU checks for dptool in one command: GPU tests, then GPU benchmarks, printing the numbers.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root or anywhere; about 2-4 minutes
+#
+# Needs an NVIDIA GPU with its driver, dptool set up (make setup: .venv with torch, numba, ...), and CuPy.
+# The machine may have no network: if `import cupy` fails, CuPy is installed from wheels in ./wheels
+# (or $DPTOOL_WHEELS), which you fetch beforehand on a machine with network and the same Python version:
+#
+#   .venv/bin/pip download cupy-cuda13x -d wheels/        # brings its dependencies (cuda-pathfinder, ...)
+#
+# CUDA libraries come from the nvidia-* wheels that torch installs (or a system CUDA 13 toolkit).
+# Environment: PYTHON (default .venv/bin/python, else python3), DPTOOL_WHEELS (default wheels).
+# Exit status: 0 all passed, 1 a check failed, 2 could not run (the reason is printed).
+# Later issues append their sections (e.g. training benchmarks) at the end, each as a `section` block.
+
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+WHEELS="${DPTOOL_WHEELS:-wheels}"
+STATUS=0
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+
+section() { printf '\n===== %s =====\n' "$*"; }
+cannot_run() { printf '\ngpu_check: cannot run: %s\n' "$*" >&2; exit 2; }
+step() {  # step TIMEOUT_S COMMAND...: run, report failure or timeout, carry on with the next step
+    local limit="$1"; shift
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "gpu_check: TIMED OUT after ${limit}s: $*" >&2; STATUS=1
+    elif [ "$rc" -ne 0 ]; then
+        echo "gpu_check: FAILED (exit $rc): $*" >&2; STATUS=1
+    fi
+}
+
+# ------------------------------------------------------------------------------------------ environment
+section "environment"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+        || cannot_run "nvidia-smi is present but cannot talk to the driver (is the GPU visible in this container?)"
+else
+    echo "nvidia-smi not found; relying on CuPy to find the GPU"
+fi
+"$PY" -c "import dptool.kernels, torch, numba" \
+    || cannot_run "$PY cannot import dptool.kernels, torch and numba; run 'make setup' (or set PYTHON)"
+"$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| torch sees CUDA:', torch.cuda.is_available())"
+
+# ------------------------------------------------------------------------------------------------ CuPy
+section "cupy"
+if ! "$PY" -c "import cupy" >/dev/null 2>&1; then
+    if ls "$WHEELS"/cupy_cuda*.whl >/dev/null 2>&1; then
+        echo "CuPy missing: installing from $WHEELS/ (no network)"
+        "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" cupy-cuda13x \
+            || cannot_run "pip could not install CuPy from $WHEELS/ (missing dependency wheels? see pip's message)"
+    else
+        cannot_run "CuPy is not installed and $WHEELS/ holds no cupy_cuda*.whl; on a machine with network run \
+'$PY -m pip download cupy-cuda13x -d $WHEELS/' and copy $WHEELS/ here"
+    fi
+fi
+"$PY" - <<'EOF' || cannot_run "CuPy is installed but cannot use a GPU (see the line above)"
+import sys
+import cupy
+try:
+    ok = cupy.cuda.is_available()
+    if ok:
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        print(f"cupy {cupy.__version__} | {props['name'].decode()} | CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
+              f" | driver {cupy.cuda.runtime.driverGetVersion()}")
+        cupy.arange(4).sum().item()  # a real launch: fails here if the libraries or driver do not fit
+except Exception as exc:
+    print(f"CuPy error: {exc}", file=sys.stderr)
+    ok = False
+else:
+    if not ok:
+        print("cupy.cuda.is_available() is False: no GPU visible, or the driver is too old for this CuPy",
+              file=sys.stderr)
+sys.exit(0 if ok else 1)
+EOF
+
+# ------------------------------------------------------------------------------------------- kernels
+section "kernels: GPU tests (tests/test_kernels_gpu.py)"
+step 150 "$PY" -m pytest tests/test_kernels_gpu.py -q -rs -p no:cacheprovider
+
+section "kernels: benchmarks, CPU and GPU (benchmarks/bench_kernels.py --gpu)"
+step 120 "$PY" benchmarks/bench_kernels.py --gpu --repeats 3 --json-out "$RESULTS/kernels_gpu.json"
+
+# ------------------------------------------------------------------------------- later sections go here
+
+section "done"
+if [ "$STATUS" -eq 0 ]; then echo "gpu_check: all steps passed"; else echo "gpu_check: some steps FAILED"; fi
+exit "$STATUS"
