@@ -1,0 +1,167 @@
+"""Stream a surrogate over a `.beton`: logits and/or penultimate features per batch, with file positions.
+
+Images come from `dptool.loaders.inference_loader` (deterministic centre square crop of the short side,
+resized, normalised). Features are read by a forward pre-hook on the module whose *input* is the feature
+(the final classifier), flattened to (B, D). Nothing is accumulated here: callers reduce each batch to a
+few bytes per sample (a prediction, a cluster id) or to per-class sums, so memory does not grow with N.
+
+Under torch.distributed every rank reads its own shard of the rows, ``rows[rank::world]`` (exact: no
+padding, no duplicates), so that summing per-rank histograms gives the single-process result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DptoolError, InputError
+from .loaders import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["InferenceOptions", "Batch", "rank_world", "shard_rows", "stream", "feature_hook"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How images reach the surrogate: resolution, batch size, decoding threads, device, normalisation.
+
+    `amp` runs the forward pass under float16 autocast on CUDA (as the paper does); it has no effect on the CPU.
+    """
+
+    res: int = 224
+    batch_size: int = 256
+    workers: int = 0
+    device: str = "cpu"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: file rows (B,) int64 NumPy, labels (B,) int64 and, when asked for, logits (B, C) float32
+    and features (B, D) float32, all three torch tensors on the options' device."""
+
+    rows: np.ndarray
+    labels: object
+    logits: object | None = None
+    features: object | None = None
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process under torch.distributed, else (0, 1)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_rows(rows: np.ndarray) -> np.ndarray:
+    """This rank's share of `rows`: every world-th row starting at the rank."""
+    rank, world = rank_world()
+    return np.asarray(rows, dtype=np.int64)[rank::world]
+
+
+@contextlib.contextmanager
+def feature_hook(module) -> Iterator[list]:
+    """Capture the input of `module` on every forward: yields a one-slot list holding the last (B, D) input."""
+    slot: list = [None]
+
+    def hook(_mod, inputs):
+        x = inputs[0]
+        slot[0] = x.reshape(x.shape[0], -1)
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield slot
+    finally:
+        handle.remove()
+
+
+def _progress(total: int, desc: str, show: bool):
+    from tqdm import tqdm
+
+    rank, _ = rank_world()
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not show or rank != 0,
+                dynamic_ncols=True, leave=False)
+
+
+def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray, *, options: InferenceOptions,
+           logits: bool = True, features: bool = False, progress: bool = False,
+           desc: str = "inference") -> Iterator[Batch]:
+    """Run `surrogate` over the given file `rows` of `path` (this rank's share only) in file-row order.
+
+    Yields one `Batch` per loader batch; rows of the batch are checked against the file's labels, so a
+    loader that reorders samples is an error rather than silently wrong scores.
+    """
+    import torch
+
+    from .beton import open_beton
+    from .loaders import inference_loader
+
+    mine = shard_rows(np.asarray(rows, dtype=np.int64))
+    if len(mine) == 0:
+        return
+    file_labels = open_beton(path).labels
+    whole = len(mine) == len(file_labels) and np.array_equal(mine, np.arange(len(file_labels)))
+    loader = inference_loader(path, batch_size=options.batch_size, res=options.res, workers=options.workers,
+                              device=options.device, indices=None if whole else mine, mean=options.mean,
+                              std=options.std)
+    device = torch.device(options.device)
+    amp = options.amp and device.type == "cuda"
+    model = surrogate.model
+    hook = feature_hook(surrogate.feature_module()) if features and not surrogate.scripted else None
+    forward_features = getattr(model, "forward_features", None) if features and surrogate.scripted else None
+    if features and surrogate.scripted and forward_features is None:
+        surrogate.feature_module()  # raises the one-sentence InputError
+    pos = 0
+    with contextlib.ExitStack() as stack:
+        slot = stack.enter_context(hook) if hook is not None else None
+        bar = stack.enter_context(_progress(len(mine), desc, progress))
+        stack.enter_context(torch.inference_mode())
+        if amp:
+            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        for images, labels in loader:
+            b = int(labels.shape[0])
+            batch_rows = mine[pos:pos + b]
+            pos += b
+            if len(batch_rows) != b or not np.array_equal(labels.cpu().numpy(), file_labels[batch_rows]):
+                raise DptoolError(f"The loader of {path} did not yield its rows in file order; cannot score.")
+            try:
+                if forward_features is not None:
+                    out, feats = None, forward_features(images)
+                    if logits:
+                        out = model(images)
+                else:
+                    if slot is not None:
+                        slot[0] = None
+                    out = model(images)
+                    feats = slot[0] if slot is not None else None
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise InputError(f"The surrogate cannot take {options.res}x{options.res} images from {path}: "
+                                 f"{first}") from exc
+            yield Batch(rows=batch_rows, labels=labels,
+                        logits=_as_float(out) if logits else None,
+                        features=_as_float(feats) if features else None)
+            bar.update(b)
+    if pos != len(mine):
+        raise DptoolError(f"The loader of {path} yielded {pos} of {len(mine)} rows; cannot score.")
+
+
+def _as_float(t):
+    if t is None:
+        raise DptoolError("The surrogate produced no output for a batch (is --feature-layer on the forward path?).")
+    if isinstance(t, (tuple, list)):  # some models return (logits, aux)
+        t = t[0]
+    return t.float()

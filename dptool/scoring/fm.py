@@ -1,0 +1,216 @@
+"""FM (feature mapping): source features clustered into K groups; score of a group = target images nearest to it.
+
+1. Features (the input of the surrogate's classifier) of at most ``source_sample`` source images per class.
+2. Centroids: faiss k-means on those features (``groups="clusters"``, K = ``clusters``, default the number of
+   source classes), or the per-class mean feature (``groups="labels"``, the supervised variant: class-level).
+3. k-means only: every source image is assigned to its nearest centroid (sampled images reuse their features,
+   the rest are streamed), one int32 per image, saved beside the scores file.
+4. Every target training image votes for its nearest centroid (L2, ties to the smallest index, as the
+   `dptool.kernels.nearest_centroid` kernel and a brute-force NumPy reference agree).
+
+Ties between equal vote counts (most groups get no vote on a small target) go to the group whose centroid is
+closest to any target feature, then to the smaller id. Every per-sample step is one batch at a time; what is
+kept is the sampled features, K x D centroids and 4 bytes per source image.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import InputError
+from ..features import rank_world, stream
+from ._collective import all_reduce, broadcast, gather_interleaved
+from .kmeans import kmeans
+from .registry import register_method
+from .run import Context, MethodResult
+
+__all__ = ["feature_mapping", "sample_rows", "nearest", "TIE_BREAK"]
+
+log = logging.getLogger(__name__)
+
+TIE_BREAK = ("score (target images whose nearest centroid is the group's), then squared L2 distance from the "
+             "group's centroid to its nearest target feature (closer first; tiebreak = minus that distance), "
+             "then group id (lower first)")
+_NAMES_BUDGET = 1 << 25  # K x C joint-histogram cells above which clusters are not named by majority class
+
+
+def sample_rows(labels: np.ndarray, n_classes: int, per_class: int, seed: int) -> np.ndarray:
+    """Sorted file rows of at most `per_class` images of each class, chosen at random (seeded); 0 = all rows."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if per_class <= 0:
+        return np.arange(n, dtype=np.int64)
+    key = np.random.default_rng(seed).random(n)
+    order = np.lexsort((key, labels))  # grouped by class, random within
+    counts = np.bincount(labels, minlength=n_classes)
+    starts = np.cumsum(counts) - counts
+    within = np.arange(n) - starts[labels[order]]
+    return np.sort(order[within < per_class]).astype(np.int64)
+
+
+def nearest(x, centroids) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row of torch `x` (B, D): (B,) int64 index and float32 squared distance.
+
+    Computed where `x` lives when the GPU kernels can run there, else on the CPU; `centroids` is a torch
+    tensor on the same device as `x` (or a NumPy array for the CPU).
+    """
+    from ..kernels import cuda_available, nearest_centroid
+
+    if getattr(x, "is_cuda", False) and cuda_available():
+        idx, dist = nearest_centroid(x.contiguous(), centroids)
+        return idx.cpu().numpy(), dist.cpu().numpy()
+    c = centroids.cpu().numpy() if hasattr(centroids, "cpu") else centroids
+    idx, dist = nearest_centroid(x.cpu().numpy(), c)
+    return np.asarray(idx), np.asarray(dist)
+
+
+def _sample_features(ctx: Context, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's sampled rows and their (n, D) float32 features."""
+    got_rows, feats = [], []
+    for b in stream(ctx.surrogate, ctx.source.path, rows, options=ctx.options.inference, logits=False,
+                    features=True, progress=ctx.options.progress, desc="FM: source sample"):
+        got_rows.append(b.rows)
+        feats.append(b.features.cpu().numpy())
+    if not feats:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate(got_rows), np.concatenate(feats)
+
+
+def _class_means(ctx: Context, rows: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C, D) float32 mean feature of each class over the sampled rows of all ranks, and (C,) sample counts."""
+    from ..kernels import class_histogram
+
+    n_cls = ctx.source.num_classes
+    labels = ctx.source.labels[rows]
+    sums = np.zeros((n_cls, feats.shape[1]), np.float64)
+    if len(rows):
+        np.add.at(sums, labels, feats.astype(np.float64))
+    counts = all_reduce(np.asarray(class_histogram(labels, n_cls), dtype=np.int64))
+    sums = all_reduce(sums)
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts
+
+
+def _feature_width(feats: np.ndarray) -> int:
+    """Feature width D, agreed over ranks (a rank with no rows has none of its own)."""
+    return int(all_reduce(np.array([feats.shape[1] if feats.size else 0], np.int64), "max")[0])
+
+
+def _assign_all(ctx: Context, rows: np.ndarray, feats: np.ndarray, centroids: np.ndarray,
+                sampled: np.ndarray) -> np.ndarray:
+    """(N_source,) int32 nearest centroid of every source image (same on every rank)."""
+    n = ctx.source.num_samples
+    assign = np.full(n, -1, dtype=np.int32)
+    if len(rows):
+        assign[rows] = nearest_np(feats, centroids)
+    rest = np.setdiff1d(np.arange(n, dtype=np.int64), sampled, assume_unique=True)
+    if len(rest):
+        cent = _on(centroids, ctx.options.inference.device)
+        for b in stream(ctx.surrogate, ctx.source.path, rest, options=ctx.options.inference, logits=False,
+                        features=True, progress=ctx.options.progress, desc="FM: assign source"):
+            assign[b.rows] = nearest(b.features, cent)[0]
+    return all_reduce(assign, "max")
+
+
+def nearest_np(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(N,) int32 nearest-centroid index of NumPy rows `x` (CPU kernel)."""
+    from ..kernels import nearest_centroid
+
+    return np.asarray(nearest_centroid(x, centroids)[0], dtype=np.int32)
+
+
+def _on(centroids: np.ndarray, device: str):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(centroids)).to(device)
+
+
+def _target_votes(ctx: Context, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G,) int64 votes and (G,) float64 squared distance from each centroid to its nearest target feature."""
+    from ..kernels import class_histogram
+
+    g = len(centroids)
+    votes = np.zeros(g, np.int64)
+    closest = np.full(g, np.inf, np.float64)
+    cent = _on(centroids, ctx.options.inference.device)
+    tgt = ctx.target
+    for b in stream(ctx.surrogate, tgt.path, np.arange(tgt.num_samples), options=ctx.options.inference,
+                    logits=False, features=True, progress=ctx.options.progress, desc="FM: target"):
+        idx, _ = nearest(b.features, cent)
+        votes += np.asarray(class_histogram(idx, g), dtype=np.int64)
+        _, dist = nearest(cent, b.features)  # each centroid's nearest feature in this batch
+        np.minimum(closest, dist.astype(np.float64), out=closest)
+    return all_reduce(votes), all_reduce(closest, "min")
+
+
+def _cluster_names(ctx: Context, assign: np.ndarray, k: int) -> tuple[tuple[str, ...], list[int], list[int]]:
+    """Each cluster named by its majority source class; also cluster sizes and majority class ids."""
+    from ..kernels import class_histogram, joint_histogram
+
+    sizes = np.asarray(class_histogram(assign, k), dtype=np.int64)
+    n_cls = ctx.source.num_classes
+    if k * n_cls > _NAMES_BUDGET:
+        return tuple(f"cluster {i}" for i in range(k)), sizes.tolist(), []
+    joint = np.asarray(joint_histogram(assign, ctx.source.labels, k, n_cls))
+    major = joint.argmax(axis=1)
+    names = ctx.source.class_names
+    out = tuple(f"cluster {i}: {names[m]} {joint[i, m] / s:.0%}" if s else f"cluster {i}: empty"
+                for i, (m, s) in enumerate(zip(major, sizes)))
+    return out, sizes.tolist(), major.tolist()
+
+
+@register_method("fm", help="feature mapping: k-means clusters (or class means) of source features, "
+                            "scored by target votes for the nearest centroid")
+def feature_mapping(ctx: Context) -> MethodResult:
+    """FM scores per cluster (or per class with groups="labels"), the proximity tie-break and the assignment."""
+    opts = ctx.options
+    src = ctx.source
+    n_cls = src.num_classes
+    k = opts.clusters or n_cls
+    sampled = sample_rows(src.labels, n_cls, opts.source_sample, opts.seed)
+    with ctx.stage("source features"):
+        rows, feats = _sample_features(ctx, sampled)
+        width = _feature_width(feats)
+        feats = feats.reshape(len(rows), width)
+    params = {"groups": opts.groups, "source_sample": opts.source_sample, "sampled_images": int(len(sampled)),
+              "seed": opts.seed, "metric": "l2"}
+    extra: dict = {}
+    assignment = None
+    if opts.groups == "labels":
+        with ctx.stage("class means"):
+            centroids, counts = _class_means(ctx, rows, feats)
+        present = np.nonzero(counts)[0]
+        with ctx.stage("target votes"):
+            v, c = _target_votes(ctx, centroids[present])
+        votes = np.zeros(n_cls, np.int64)
+        votes[present] = v
+        closest = np.full(n_cls, np.nan)
+        closest[present] = c
+        level, names = "class", tuple(src.class_names)
+    else:
+        if opts.clusters is not None and opts.clusters < 1:
+            raise InputError(f"--clusters must be at least 1, got {opts.clusters}.")
+        with ctx.stage("k-means"):
+            everything = gather_interleaved(feats, len(sampled))
+            cent = None
+            if rank_world()[0] == 0:
+                cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress)
+            del everything
+            centroids = broadcast(cent, shape=(k, width), dtype=np.float32)
+        with ctx.stage("source assignment"):
+            assignment = _assign_all(ctx, rows, feats, centroids, sampled)
+        del feats
+        with ctx.stage("target votes"):
+            votes, closest = _target_votes(ctx, centroids)
+        names, sizes, major = _cluster_names(ctx, assignment, k)
+        extra.update(cluster_sizes=sizes, majority_class=major)
+        level = "cluster"
+        params.update(clusters=k, kmeans_iters=opts.kmeans_iters, kmeans="faiss")
+    tiebreak = -np.where(np.isfinite(closest), closest, np.nan)
+    floor = np.nanmin(tiebreak) - 1.0 if np.isfinite(tiebreak).any() else 0.0
+    tiebreak = np.where(np.isnan(tiebreak), floor, tiebreak)  # groups without a centroid go last among ties
+    extra["target_images"] = int(votes.sum())
+    return MethodResult(level=level, ids=np.arange(len(votes)), names=names, scores=votes.astype(np.float64),
+                        tiebreak=tiebreak, tie_break=TIE_BREAK, params=params, extra=extra, assignment=assignment,
+                        centroids=centroids)

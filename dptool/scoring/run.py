@@ -1,0 +1,232 @@
+"""`score()`: check the inputs, run one registered method, and wrap its result as a `dptool.scores.Scores`.
+
+Refusals (InputError, one sentence each): an empty source or target, a method that needs a target or a
+surrogate without one, a surrogate whose output width is not the source's class count (methods that use
+logits), a surrogate that cannot take `res`-pixel images, and a resolution mismatch.
+
+Resolution mismatch. Both files are read at one resolution, ``res`` (centre square crop of the short side,
+resized). A file's stored resolution is the median short side of its stored images, read from the .beton
+metadata table (no decoding). When ``res`` is more than `MAX_UPSCALE` (2x) a file's stored resolution, that
+file's images would be blown up to a scale the other file (and the surrogate trained on the source) does not
+have; this is refused unless ``allow_upscale`` (``--allow-upscale``) is set, e.g. for 32 px CIFAR scored
+against 224 px ImageNet, as the paper does. Downscaling is always accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..beton import Beton, fingerprint, open_beton
+from ..errors import InputError
+from ..features import InferenceOptions, rank_world
+from ..scores import Scores, write_scores
+from .registry import get_method
+
+__all__ = ["MAX_UPSCALE", "ScoreOptions", "Context", "MethodResult", "ScoreRun", "score", "stored_resolution",
+           "check_resolution", "default_res"]
+
+log = logging.getLogger(__name__)
+
+MAX_UPSCALE = 2.0
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """Everything a method may read besides the files and the surrogate (plain data, saved as params).
+
+    `clusters`: FM's K (None = number of source classes). `source_sample`: source images per class used for
+    k-means training, FM class means and EL2N (0 = all). `groups`: FM's groups, "clusters" (k-means) or
+    "labels" (class-mean centroids). `seed`: k-means, sampling and the random baseline.
+    """
+
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    clusters: int | None = None
+    source_sample: int = 256
+    groups: str = "clusters"
+    seed: int = 0
+    kmeans_iters: int = 20
+    allow_upscale: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """What a method returns: per-group scores and tie-break values, the rule in words, and extras.
+
+    `ids` (G,) int, `scores` and `tiebreak` (G,) float, `names` (G,) str; `assignment` (N_source,) int32 for
+    cluster-level results; `extra` plain JSON kept in the scores file.
+    """
+
+    level: str
+    ids: np.ndarray
+    names: tuple[str, ...]
+    scores: np.ndarray
+    tiebreak: np.ndarray
+    tie_break: str
+    params: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    assignment: np.ndarray | None = None
+    centroids: np.ndarray | None = None
+
+
+@dataclass
+class Context:
+    """What a method gets: the opened files, the surrogate, the options, and a stage timer."""
+
+    source: Beton
+    target: Beton | None
+    surrogate: object | None
+    options: ScoreOptions
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block and add it to `timings[name]` (seconds)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            log.info("%s: %.2f s", name, self.timings[name])
+
+
+@dataclass(frozen=True)
+class ScoreRun:
+    """The outcome of `score`: the `Scores`, the per-sample cluster ids and (K, D) centroids (FM), seconds per stage."""
+
+    scores: Scores
+    assignment: np.ndarray | None
+    timings: dict[str, float]
+    centroids: np.ndarray | None = None
+
+    def write(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write the scores file (and the assignment beside it) atomically; refuses to overwrite without force."""
+        return write_scores(path, self.scores, assignment=self.assignment, force=force)
+
+    def summary(self, top: int = 10) -> dict:
+        """Plain-JSON summary for the terminal: top groups with names and scores, zero-score count, timings."""
+        s = self.scores
+        order = np.argsort(s.ranks, kind="stable")[:top]
+        return {
+            "method": s.method, "level": s.level, "groups": s.num_groups,
+            "zero_score_groups": int((s.scores == 0).sum()), "tie_break": s.tie_break,
+            "top": [{"rank": int(s.ranks[i]), "id": int(s.ids[i]), "name": s.names[i], "score": float(s.scores[i]),
+                     "tiebreak": float(s.tiebreak[i])} for i in order],
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def stored_resolution(beton: Beton) -> int | None:
+    """Median short side in pixels of the images stored in `beton` (from metadata; None without images)."""
+    if "image" not in beton.field_names or beton.num_samples == 0:
+        return None
+    meta = beton.metadata[f"f{beton.field_names.index('image')}"]
+    return int(np.median(np.minimum(meta["height"], meta["width"])))
+
+
+def default_res(surrogate, source: Beton) -> int:
+    """The surrogate checkpoint's recorded evaluation resolution, else min(224, source's stored resolution)."""
+    from ..surrogate import default_resolution
+
+    stored = stored_resolution(source) or 224
+    return default_resolution(getattr(surrogate, "recipe", {}) or {}, fallback=min(224, stored))
+
+
+def check_resolution(files: dict[str, Beton], res: int, *, allow_upscale: bool = False) -> None:
+    """Refuse (InputError) when `res` is more than `MAX_UPSCALE` times a file's stored resolution."""
+    for role, beton in files.items():
+        stored = stored_resolution(beton)
+        if stored is None or allow_upscale or res <= MAX_UPSCALE * stored:
+            continue
+        others = ", ".join(f"{r} {stored_resolution(b)} px" for r, b in files.items() if r != role)
+        raise InputError(
+            f"Resolution mismatch: {role} {beton.path} stores {stored} px images but scoring runs at --res {res} "
+            f"({res / stored:.1f}x upscaling, more than {MAX_UPSCALE:g}x){'; ' + others if others else ''}; "
+            "lower --res, reconvert with a larger --max-res, or pass --allow-upscale.")
+
+
+def _output_width(surrogate, options: InferenceOptions) -> int:
+    """Logit count of the surrogate, from one forward pass of zeros at the scoring resolution."""
+    import torch
+
+    x = torch.zeros(1, 3, options.res, options.res, device=options.device)
+    try:
+        with torch.inference_mode():
+            out = surrogate.model(x)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"The surrogate cannot take {options.res}x{options.res} images: {first}") from exc
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.ndim != 2:
+        raise InputError(f"The surrogate returns an output of shape {tuple(out.shape)}, not (batch, classes).")
+    return int(out.shape[1])
+
+
+def _file_info(beton: Beton) -> dict:
+    return {"path": str(beton.path.resolve()), "fingerprint": fingerprint(beton),
+            "num_samples": int(beton.num_samples), "num_classes": int(beton.num_classes)}
+
+
+def score(method: str, *, source: str | os.PathLike, target: str | os.PathLike | None = None,
+          surrogate=None, options: ScoreOptions | None = None) -> ScoreRun:
+    """Score the classes (or clusters) of `source` for transfer to `target` with registered `method`.
+
+    `surrogate` is a `dptool.surrogate.Surrogate` (not needed by the random baseline). Under
+    torch.distributed every rank must call this; each scores a shard and all get the same result.
+    """
+    options = options or ScoreOptions()
+    spec = get_method(method)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    src = open_beton(source)
+    tgt = open_beton(target) if target is not None else None
+    if src.num_samples == 0:
+        raise InputError(f"Source {src.path} has no samples; there is nothing to score.")
+    if spec.needs_target and tgt is None:
+        raise InputError(f"--method {method} needs --target, the target task's training .beton.")
+    if tgt is not None and tgt.num_samples == 0:
+        raise InputError(f"Target {tgt.path} has no samples; score needs at least one target training image.")
+    if spec.needs_surrogate and surrogate is None:
+        raise InputError(f"--method {method} needs a surrogate model (--model, --arch/--weights or "
+                         "--model-factory).")
+    if options.groups not in ("clusters", "labels"):
+        raise InputError(f"--groups must be clusters or labels, got {options.groups!r}.")
+    if spec.needs_surrogate:
+        files = {"source": src, **({"target": tgt} if tgt is not None else {})}
+        check_resolution(files, options.inference.res, allow_upscale=options.allow_upscale)
+    if spec.needs_logits:
+        width = _output_width(surrogate, options.inference)
+        if width != src.num_classes:
+            raise InputError(f"The surrogate outputs {width} class scores but source {src.path} has "
+                             f"{src.num_classes} classes; --method {method} needs a surrogate trained on this "
+                             "source, with one output per source class.")
+    _warn_fingerprint(surrogate, src)
+    timings["open and check"] = time.perf_counter() - start
+    ctx = Context(source=src, target=tgt, surrogate=surrogate, options=options, timings=timings)
+    result = spec.fn(ctx)
+    params = {"res": options.inference.res, "mean": list(options.inference.mean),
+              "std": list(options.inference.std), "batch_size": options.inference.batch_size,
+              "world_size": rank_world()[1], **result.params}
+    scores = Scores(method=method, level=result.level, ids=result.ids, names=result.names, scores=result.scores,
+                    tiebreak=result.tiebreak, source=_file_info(src), tie_break=result.tie_break, params=params,
+                    surrogate=getattr(surrogate, "identity", None),
+                    target=_file_info(tgt) if tgt is not None else None, extra=result.extra)
+    return ScoreRun(scores=scores, assignment=result.assignment, timings=dict(ctx.timings),
+                    centroids=result.centroids)
+
+
+def _warn_fingerprint(surrogate, src: Beton) -> None:
+    trained_on = (getattr(surrogate, "identity", None) or {}).get("data_fingerprint")
+    side_fp = (src.sidecar or {}).get("fingerprint")
+    if trained_on and side_fp and trained_on != side_fp:
+        log.warning("the surrogate was trained on data with fingerprint %s, not on source %s (%s)",
+                    trained_on, src.path, side_fp)

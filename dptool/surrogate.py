@@ -1,0 +1,234 @@
+"""The surrogate model that scoring runs: loaded from any of four sources and put in eval mode.
+
+* a dptool checkpoint (``--model rn18.pt``): architecture, head width and weights from the file;
+* a TorchScript file (``--model rn18.ts``), told apart from a checkpoint by the ``code/`` folder of its archive;
+* a registered architecture plus a state-dict file (``--arch resnet18 --weights rn18.pth``); the head width is
+  read from the state dict, and the authors' ``{"state_dicts": {"network": ...}}`` layout is accepted too;
+* any ``torch.nn.Module`` from a factory (``--model-factory package.module:function``), called with no
+  arguments (timm models or a user's own), optionally followed by ``--weights``.
+
+Features for FM are the input of the final classifier (found by `dptool.models.feature_layer`) or of the
+module named by ``--feature-layer``, read with a forward pre-hook. TorchScript modules take no hooks: they
+serve LM and EL2N, and FM only if they export a ``forward_features`` method.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["Surrogate", "load_surrogate", "read_state_dict", "default_resolution"]
+
+log = logging.getLogger(__name__)
+
+_STATE_KEYS = ("state_dict", "model", "model_state", "network")
+_RES_KEYS = ("eval_res", "val_res", "res", "end_res", "final_res", "max_res")
+
+
+@dataclass(frozen=True, eq=False)
+class Surrogate:
+    """A loaded surrogate: the module (eval mode, on `device`), where it came from, and its training recipe.
+
+    `identity` is the plain-JSON description written into the scores file (kind, path, arch, file hash,
+    data fingerprint of a dptool checkpoint). `feature_name` is the module whose input is the feature.
+    """
+
+    model: object
+    identity: dict
+    scripted: bool = False
+    recipe: dict = field(default_factory=dict)
+    feature_name: str | None = None
+
+    def feature_module(self):
+        """The module whose input is the penultimate feature; InputError when there is none to hook."""
+        if self.scripted:
+            raise InputError("A TorchScript surrogate takes no forward hooks, so FM cannot read its features; "
+                             "load it as --arch/--weights or --model-factory instead.")
+        if self.feature_name is not None:
+            modules = dict(self.model.named_modules())
+            if self.feature_name not in modules:
+                names = [n for n in modules if n][-8:]
+                raise InputError(f"--feature-layer {self.feature_name!r} is not a module of the surrogate; "
+                                 f"its last modules are: {', '.join(names)}.")
+            return modules[self.feature_name]
+        from .models import feature_layer
+
+        try:
+            return feature_layer(self.model)
+        except InputError as exc:
+            raise InputError(f"{exc} Name the classifier module with --feature-layer.") from exc
+
+
+def default_resolution(recipe: dict, fallback: int = 224) -> int:
+    """The evaluation resolution a dptool checkpoint's recipe records, else `fallback`."""
+    for key in _RES_KEYS:
+        value = recipe.get(key) if isinstance(recipe, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+            return int(value)
+    return fallback
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in name for name in z.namelist()[:2000])
+
+
+def _strip_prefix(state: dict) -> dict:
+    """Drop the `module.` prefix of DistributedDataParallel (and torch.compile's `_orig_mod.`)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """A plain state dict from `path`: a bare state dict, or one nested under state_dict/model/network keys."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Weights file {path} does not exist.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a state dict"
+        raise InputError(f"Weights file {path} is not a torch state dict ({type(exc).__name__}).") from exc
+    for _ in range(3):  # {"state_dicts": {"network": {...}}} is the authors' layout
+        if not isinstance(obj, dict) or all(hasattr(v, "shape") for v in obj.values()):
+            break
+        nested = obj.get("state_dicts", obj)
+        key = next((k for k in _STATE_KEYS if isinstance(nested.get(k), dict)), None)
+        if key is None:
+            break
+        obj = nested[key]
+    if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
+        raise InputError(f"Weights file {path} holds no state dict (a dict of tensors, possibly under "
+                         f"one of the keys {', '.join(_STATE_KEYS)}).")
+    return _strip_prefix(obj)
+
+
+def _head_width(state: dict) -> int | None:
+    for key in ("fc.weight", "heads.head.weight", "head.weight", "classifier.weight"):
+        if key in state and len(state[key].shape) == 2:
+            return int(state[key].shape[0])
+    return None
+
+
+def _load_weights(model, state: dict, where: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"Weights {where} do not fit the model: {first}") from exc
+
+
+def _from_factory(spec: str):
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"--model-factory must look like package.module:function, got {spec!r}.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"--model-factory: cannot import {module_name!r} ({exc}).") from exc
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise InputError(f"--model-factory: {module_name} has no callable {attr!r}.")
+    if any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+           for p in _parameters(fn)):
+        raise InputError(f"--model-factory {spec} needs arguments; give a function that takes none.")
+    model = fn()
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--model-factory {spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def _parameters(fn) -> list:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None = None,
+                   weights: str | os.PathLike | None = None, factory: str | None = None,
+                   feature_layer: str | None = None, device="cpu") -> Surrogate:
+    """Load the surrogate from exactly one of `model` (checkpoint or TorchScript), `arch`, `factory`.
+
+    `weights` is a state-dict file for `arch` (required) or `factory` (optional). The module is moved to
+    `device`, put in eval mode and its gradients switched off. Every problem is one InputError sentence.
+    """
+    import torch
+
+    from .scores import fingerprint_file
+
+    given = [name for name, v in (("--model", model), ("--arch", arch), ("--model-factory", factory)) if v]
+    if len(given) != 1:
+        raise InputError("Give the surrogate as exactly one of --model, --arch (with --weights) or "
+                         f"--model-factory, got {' and '.join(given) if given else 'none'}.")
+    if weights is not None and model is not None:
+        raise InputError("--weights goes with --arch or --model-factory; a --model file has its own weights.")
+    recipe: dict = {}
+    scripted = False
+    if model is not None:
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"Surrogate {path} does not exist.")
+        if _is_torchscript(path):
+            try:
+                net = torch.jit.load(str(path), map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - a damaged archive is the user's to fix
+                raise InputError(f"TorchScript file {path} cannot be loaded ({type(exc).__name__}: {exc}).") from exc
+            scripted = True
+            identity = {"kind": "torchscript", "path": str(path.resolve()), "arch": type(net).__name__}
+        else:
+            from .checkpoint import load_checkpoint
+
+            net, ckpt = load_checkpoint(path)
+            recipe = dict(ckpt.get("recipe") or {})
+            identity = {"kind": "checkpoint", "path": str(path.resolve()), "arch": ckpt["arch"],
+                        "small_input": bool(ckpt.get("small_input")), "num_classes": int(ckpt["num_classes"]),
+                        "data_fingerprint": ckpt.get("data_fingerprint"), "epoch": ckpt.get("epoch")}
+        identity["sha256"] = fingerprint_file(path)
+    elif arch is not None:
+        if weights is None:
+            raise InputError(f"--arch {arch} needs --weights, a state-dict file of that architecture.")
+        from .models import canonical_name, create_model
+
+        state = read_state_dict(weights)
+        width = _head_width(state)
+        if width is None:
+            raise InputError(f"Weights {weights} have no classifier weight (fc.weight or heads.head.weight), "
+                             f"so the head width of {arch} is unknown.")
+        base, small = canonical_name(arch)
+        net = create_model(arch, width)
+        _load_weights(net, state, str(weights))
+        identity = {"kind": "state_dict", "path": str(Path(weights).resolve()), "arch": base,
+                    "small_input": small, "num_classes": width, "sha256": fingerprint_file(weights)}
+    else:
+        net = _from_factory(str(factory))
+        identity = {"kind": "factory", "factory": str(factory), "arch": type(net).__name__}
+        if weights is not None:
+            _load_weights(net, read_state_dict(weights), str(weights))
+            identity.update(path=str(Path(weights).resolve()), sha256=fingerprint_file(weights))
+    net = net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if feature_layer is not None:
+        identity["feature_layer"] = feature_layer
+    log.info("surrogate: %s", identity)
+    return Surrogate(model=net, identity=identity, scripted=scripted, recipe=recipe, feature_name=feature_layer)
