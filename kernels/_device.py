@@ -179,9 +179,7 @@ def on_device(named: dict[str, Any], device: str) -> Iterator[tuple[Placement, d
 def _to_numpy(obj: Any) -> np.ndarray:
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(obj, tensor):
-        if obj.device.type != "cpu":
-            obj = obj.detach().cpu()
-        return obj.detach().resolve_conj().resolve_neg().numpy()
+        return _plain_tensor(obj).cpu().numpy()
     ndarray = _cupy_ndarray_type()
     if ndarray is not None and isinstance(obj, ndarray):
         return obj.get()
@@ -195,12 +193,21 @@ def _to_cupy(obj: Any) -> Any:
     cupy = import_cupy()
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(obj, tensor):
-        obj = obj.detach()
+        obj = _plain_tensor(obj)
         if obj.device.type == "cpu":
-            return cupy.asarray(obj.resolve_conj().resolve_neg().numpy())
-        if obj.dtype == sys.modules["torch"].bool:  # DLPack bool support varies between versions
-            obj = obj.to(sys.modules["torch"].uint8)
+            return cupy.asarray(obj.numpy())
         return cupy.from_dlpack(obj)  # zero-copy, ordered after torch's work on this stream
     if isinstance(obj, cupy.ndarray):
         return obj
     return cupy.asarray(obj)
+
+
+def _plain_tensor(obj: Any) -> Any:
+    """Detach a tensor and give it a dtype NumPy and CuPy know: bfloat16 becomes float32 (a copy), bool uint8."""
+    torch = sys.modules["torch"]
+    obj = obj.detach().resolve_conj().resolve_neg()
+    if obj.dtype == torch.bfloat16:
+        obj = obj.float()
+    elif obj.dtype == torch.bool:
+        obj = obj.to(torch.uint8)
+    return obj

@@ -279,6 +279,9 @@ def test_torch_cpu_tensors_in_and_out():
     index, dist = nearest_centroid(x, c)
     assert isinstance(index, torch.Tensor) and index.dtype == torch.int64 and dist.dtype == torch.float32
     check_nearest(x.numpy(), c.numpy(), "l2", index.numpy(), dist.numpy())
+    xb, cb = x.to(torch.bfloat16), c.to(torch.bfloat16).requires_grad_()  # model outputs: bf16, with grad
+    index, dist = nearest_centroid(xb, cb, metric="cosine")
+    check_nearest(xb.float().numpy(), cb.detach().float().numpy(), "cosine", index.numpy(), dist.numpy())
 
 
 def test_errors_are_value_errors_and_input_errors():
