@@ -1,0 +1,122 @@
+"""`dptool bench`: throughput of pruned pretraining and of the data path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
+
+from ._common import CONTEXT_SETTINGS, emit, json_option, show_progress
+
+__all__ = ["command"]
+
+_out_options = [
+    click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Also write the result as JSON to this file."),
+    json_option,
+]
+
+
+def _with(options):
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+def _save(result: dict, json_out: Path | None) -> None:
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _pretrain_table(d: dict) -> str:
+    lines = [f"{d['arch']} at {d['res']} px, batch {d['batch_size']} x {d['world_size']}, {d['device']}",
+             f"{'file':<34}{'samples':>9}{'img/s':>9}{'epoch s':>9}{'speed-up':>10}{'ideal':>7}{'eff.':>7}{'wait':>7}"]
+    for r in d["rows"]:
+        epoch = r["measured_epoch_seconds"] or r["projected_epoch_seconds"]
+        lines.append(f"{Path(r['path']).name[:33]:<34}{r['samples']:>9}{r['images_per_second']:>9.1f}{epoch:>9.2f}"
+                     f"{r['speedup']:>9.2f}x{r['ideal_speedup']:>6.2f}x{r['efficiency']:>7.0%}"
+                     f"{r['data_wait_share']:>7.0%}")
+    lines.append(f"epoch time: {d['rows'][0]['speedup_basis']}; eff. = speed-up / ideal; wait = share of time "
+                 "waiting on data")
+    return "\n".join(lines)
+
+
+def _loader_table(d: dict) -> str:
+    rows = [("FFCV train pipeline", d["ffcv_images_per_second"]),
+            ("FFCV + model step", d["ffcv_with_model_images_per_second"]),
+            ("ImageFolder + DataLoader", d["folder_images_per_second"]),
+            ("ImageFolder + model step", d["folder_with_model_images_per_second"])]
+    lines = [f"{d['path']} at {d['res']} px, batch {d['batch_size']}, {d['workers']} workers"]
+    lines += [f"  {name:<26}{rate:>10.1f} img/s" for name, rate in rows if rate]
+    if d.get("loader_ratio"):
+        lines.append(f"  FFCV / ImageFolder: {d['loader_ratio']:.2f}x (loader only)")
+    if d.get("with_model_ratio"):
+        lines.append(f"  FFCV / ImageFolder: {d['with_model_ratio']:.2f}x (with the model)")
+    return "\n".join(lines)
+
+
+@click.group("bench", context_settings=CONTEXT_SETTINGS)
+def command():
+    """Measure throughput: pruned vs full pretraining, and the data path.
+
+    \b
+    dptool bench pretrain full.beton pruned_p60.beton --arch resnet50 --steps 50
+    dptool bench loader full.beton --compare-folder ~/data/imagenet/train
+    """
+
+
+@command.command("pretrain", context_settings=CONTEXT_SETTINGS)
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--arch", default="resnet50", help="Architecture (see dptool train --help).")
+@click.option("--small-input", is_flag=True, help="Small-image ResNet stem (32-64 px data).")
+@click.option("--res", type=click.IntRange(min=8), default=160, help="Training resolution, px.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Batch per process.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="FFCV decoding threads; 0 = all cores.")
+@click.option("--epochs", type=click.IntRange(min=0), default=0, help="Whole epochs per file (0: use --steps).")
+@click.option("--steps", type=click.IntRange(min=1), default=50, help="Steps per file per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved rounds (steps mode).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG bar chart.")
+@_with(_out_options)
+def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, rounds, precision, plot, json_out,
+             as_json):
+    """Train one recipe on each file, interleaved; report images/s, epoch time and speed-up over the first.
+
+    \b
+    dptool bench pretrain in_train.beton in_train_p60.beton --arch resnet50 --epochs 1 --plot bench.png
+    """
+    result = bench_pretrain(list(files), arch=arch, small_input=small_input, res=res, batch_size=batch_size,
+                            workers=workers, epochs=epochs, steps=steps, rounds=rounds, precision=precision,
+                            progress=show_progress(as_json)).to_dict()
+    _save(result, json_out)
+    if plot:
+        plot_pretrain(result, plot)
+    emit(result, as_json, _pretrain_table)
+
+
+@command.command("loader", context_settings=CONTEXT_SETTINGS)
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--res", type=click.IntRange(min=8), default=160, help="Crop resolution, px.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Batch size.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Workers for both paths; 0 = all cores.")
+@click.option("--arch", default=None, help="Also measure with a training step of this model.")
+@click.option("--small-input", is_flag=True, help="Small-image ResNet stem for --arch.")
+@click.option("--compare-folder", type=click.Path(path_type=str), default=None,
+              help="The same images as an ImageFolder tree, read by torchvision for comparison.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop each measurement early.")
+@_with(_out_options)
+def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, json_out, as_json):
+    """Images/s through the training data pipeline (decode, crop, flip, to device).
+
+    \b
+    dptool bench loader in_train.beton --res 160 --compare-folder ~/data/imagenet/train --arch resnet18
+    """
+    result = bench_loader(path, res=res, batch_size=batch_size, workers=workers, arch=arch, small_input=small_input,
+                          compare_folder=compare_folder, max_batches=max_batches).to_dict()
+    _save(result, json_out)
+    emit(result, as_json, _loader_table)

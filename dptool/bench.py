@@ -1,0 +1,311 @@
+"""Throughput of the data path and of (pruned) pretraining, measured side by side in one run.
+
+`bench_pretrain` trains the same model with the same recipe on each file, interleaving the files round by round
+so that drift in the machine's speed hits all of them alike. Every loader is built, JIT-compiled and warmed
+(a few steps, and the file read once into the page cache) before any clock starts: these are one-off costs of a
+run, not of an epoch, and leaving them in would make a small pruned file look slower per sample than it is.
+`bench_loader` measures images/s through the training pipeline, with and without the model, and optionally the
+same images through torchvision's `ImageFolder` + `DataLoader`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import distributed as dist
+from .beton import open_beton
+from .errors import InputError
+
+__all__ = ["PretrainRow", "PretrainBench", "LoaderBench", "bench_pretrain", "bench_loader", "warm_page_cache",
+           "plot_pretrain"]
+
+log = logging.getLogger(__name__)
+
+
+def warm_page_cache(path: str | os.PathLike, chunk: int = 1 << 24) -> int:
+    """Read `path` once so that the first measured epoch does not pay disk reads; returns bytes read."""
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(chunk):
+            total += len(block)
+    return total
+
+
+@dataclass
+class PretrainRow:
+    """One file's measurement: samples, images/s, projected and measured epoch time, data-wait share."""
+
+    path: str
+    samples: int
+    images: int = 0
+    seconds: float = 0.0
+    wait_seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)
+    cold_seconds: float = 0.0  # loader construction + JIT + warm-up steps, excluded from the rates
+
+    @property
+    def images_per_second(self) -> float:
+        """Training images per second over the measured steps."""
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form with the derived rates."""
+        d = asdict(self)
+        d["images_per_second"] = self.images_per_second
+        d["projected_epoch_seconds"] = self.samples / self.images_per_second if self.images else None
+        d["measured_epoch_seconds"] = min(self.epoch_seconds) if self.epoch_seconds else None
+        d["data_wait_share"] = self.wait_seconds / self.seconds if self.seconds else None
+        return d
+
+
+@dataclass
+class PretrainBench:
+    """All rows plus the speed-ups of every file over the first (the full file)."""
+
+    arch: str
+    res: int
+    batch_size: int
+    device: str
+    world_size: int
+    rows: list[PretrainRow]
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form: rows, and for each file after the first its measured and ideal speed-up."""
+        rows = [r.to_dict() for r in self.rows]
+        base = rows[0]
+        for r in rows:
+            r["ideal_speedup"] = base["samples"] / r["samples"]
+            key = "measured_epoch_seconds" if r["measured_epoch_seconds"] else "projected_epoch_seconds"
+            r["speedup"] = base[key] / r[key] if r[key] else None
+            r["speedup_basis"] = key.split("_")[0]
+            r["efficiency"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] else None
+        return {"arch": self.arch, "res": self.res, "batch_size": self.batch_size, "device": self.device,
+                "world_size": self.world_size, "rows": rows}
+
+
+def _train_step(model, optimizer, criterion, x, y, device, precision):
+    from .train import autocast
+
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss = criterion(model(x), y)
+    loss.backward()
+    optimizer.step()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", res: int = 160, batch_size: int = 256,
+                   workers: int = 0, epochs: int = 0, steps: int = 50, rounds: int = 3, warmup_steps: int = 3,
+                   small_input: bool = False, precision: str = "auto", warm_cache: bool = True,
+                   progress: bool = False) -> PretrainBench:
+    """Train `arch` on each file with one recipe, interleaved, and measure images/s and epoch time.
+
+    `epochs` > 0: that many whole epochs per file, alternating files (measured epoch time). Otherwise `rounds`
+    rounds of `steps` steps per file (projected epoch time = samples / images/s). The first file is the
+    reference for speed-ups. Under torchrun every rank trains with DDP and the counts are summed.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .loaders import train_loader
+    from .models import create_model
+    from .train import resolve_precision
+
+    if len(files) < 1:
+        raise InputError("bench pretrain needs at least one .beton file.")
+    if epochs < 0 or steps < 1 or rounds < 1:
+        raise InputError(f"--epochs must be >= 0 and --steps/--rounds >= 1, got {epochs}/{steps}/{rounds}.")
+    betons = [open_beton(f) for f in files]
+    num_classes = max(b.num_classes for b in betons)
+    with dist.distributed_session() as device:
+        precision = resolve_precision(device, precision)
+        torch.manual_seed(0)
+        model = create_model(arch, num_classes, small_input=small_input).to(device, memory_format=torch.channels_last)
+        if dist.world_size() > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        model.train()
+
+        rows, loaders, iters = [], [], []
+        for b in betons:
+            start = time.perf_counter()
+            if warm_cache:
+                warm_page_cache(b.path)
+            loader = train_loader(b.path, batch_size=batch_size, res=res, workers=workers, device=device,
+                                  distributed=dist.world_size() > 1)
+            it = iter(loader)
+            for _ in range(min(warmup_steps, len(loader))):  # JIT compilation and first batches
+                x, y = next(it)
+                _train_step(model, optimizer, criterion, x, y, device, precision)
+            _sync(device)
+            if epochs > 0:
+                it.close()  # whole epochs start from fresh iterators; stop this one's prefetch threads
+            rows.append(PretrainRow(path=str(b.path), samples=b.num_samples, cold_seconds=time.perf_counter() - start))
+            loaders.append(loader)
+            iters.append(it)
+
+        def run(i: int, n_steps: int | None) -> None:
+            """Train file i for n_steps (None: one whole epoch from a fresh iterator)."""
+            row, done, wait, images = rows[i], 0, 0.0, 0
+            it = iter(loaders[i]) if n_steps is None else iters[i]
+            _sync(device)
+            start = time.perf_counter()
+            while n_steps is None or done < n_steps:
+                t0 = time.perf_counter()
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    if n_steps is None:
+                        break
+                    it = iters[i] = iter(loaders[i])
+                    continue
+                wait += time.perf_counter() - t0
+                _train_step(model, optimizer, criterion, x, y, device, precision)
+                images += len(y)
+                done += 1
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            counts = torch.tensor([images, elapsed, wait], dtype=torch.float64, device=device)
+            dist.all_reduce_sum(counts)
+            row.images += int(counts[0])
+            row.seconds += float(counts[1]) / dist.world_size()
+            row.wait_seconds += float(counts[2]) / dist.world_size()
+            if n_steps is None:
+                row.epoch_seconds.append(elapsed)
+
+        n_rounds = epochs if epochs > 0 else rounds
+        bar = tqdm(total=n_rounds * len(files), desc="bench pretrain", unit="run", disable=not progress)
+        for _ in range(n_rounds):
+            for i in range(len(files)):
+                run(i, None if epochs > 0 else steps)
+                bar.update()
+        bar.close()
+        for it in iters:
+            it.close()
+        return PretrainBench(arch=arch, res=res, batch_size=batch_size, device=str(device),
+                             world_size=dist.world_size(), rows=rows)
+
+
+@dataclass
+class LoaderBench:
+    """Images/s of the FFCV training pipeline, with the model, and of torchvision's ImageFolder path."""
+
+    path: str
+    res: int
+    batch_size: int
+    workers: int
+    ffcv_images_per_second: float
+    ffcv_with_model_images_per_second: float | None = None
+    folder_images_per_second: float | None = None
+    folder_with_model_images_per_second: float | None = None
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form with the FFCV / ImageFolder ratios."""
+        d = asdict(self)
+        if self.folder_images_per_second:
+            d["loader_ratio"] = self.ffcv_images_per_second / self.folder_images_per_second
+        if self.folder_with_model_images_per_second and self.ffcv_with_model_images_per_second:
+            d["with_model_ratio"] = self.ffcv_with_model_images_per_second / self.folder_with_model_images_per_second
+        return d
+
+
+def _rate(batches, step=None, max_batches: int | None = None) -> float:
+    """Images/s over `batches` (after one warm-up batch), applying `step(x, y)` to each when given."""
+    it = iter(batches)
+    x, y = next(it)
+    if step:
+        step(x, y)
+    images, start = 0, time.perf_counter()
+    for n, (x, y) in enumerate(it):
+        if step:
+            step(x, y)
+        else:
+            float(x[0, 0, 0, 0])  # touch the batch
+        images += len(y)
+        if max_batches and n + 1 >= max_batches:
+            break
+    return images / max(time.perf_counter() - start, 1e-9)
+
+
+def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 256, workers: int = 0,
+                 arch: str | None = None, small_input: bool = False, compare_folder: str | os.PathLike | None = None,
+                 max_batches: int | None = None) -> LoaderBench:
+    """Images/s of random-resized-crop + flip batches from `path` (FFCV) and, with `compare_folder`, from the same
+    images through torchvision ImageFolder + DataLoader with the same augmentation and workers; with `arch`, also
+    with a training step of that model on each batch."""
+    import torch
+
+    from .loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
+    from .models import create_model
+
+    beton = open_beton(path)
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    threads = torch.get_num_threads()
+    warm_page_cache(beton.path)
+    ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers)
+    result = LoaderBench(path=str(beton.path), res=res, batch_size=batch_size, workers=workers,
+                         ffcv_images_per_second=_rate(ffcv_loader, max_batches=max_batches))
+    step = None
+    if arch:
+        model = create_model(arch, beton.num_classes, small_input=small_input).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        criterion = torch.nn.CrossEntropyLoss()
+        step = lambda x, y: _train_step(model, optimizer, criterion, x, y, torch.device("cpu"), "fp32")  # noqa: E731
+        result.ffcv_with_model_images_per_second = _rate(ffcv_loader, step, max_batches)
+    if compare_folder:
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+
+        folder = Path(compare_folder)
+        if not folder.is_dir():
+            raise InputError(f"--compare-folder {folder} is not a folder.")
+        tf = T.Compose([T.RandomResizedCrop(res, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        torch.set_num_threads(threads)
+        dl = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=tf), batch_size=batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=True,
+                                         persistent_workers=bool(arch) and workers > 0)
+        result.folder_images_per_second = _rate(dl, max_batches=max_batches)
+        if step:
+            result.folder_with_model_images_per_second = _rate(dl, step, max_batches)
+    return result
+
+
+def plot_pretrain(bench: dict, path: str | os.PathLike) -> Path:
+    """Bar chart of measured (or projected) epoch seconds per file, with the ideal for each pruned file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = bench["rows"]
+    names = [Path(r["path"]).stem for r in rows]
+    key = "measured_epoch_seconds" if rows[0]["measured_epoch_seconds"] else "projected_epoch_seconds"
+    times = [r[key] for r in rows]
+    ideal = [times[0] / r["ideal_speedup"] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 3.5))
+    xs = range(len(rows))
+    ax.bar(xs, times, color="tab:blue", label=f"{key.split('_')[0]} epoch time")
+    ax.scatter(xs, ideal, color="black", marker="_", s=600, zorder=3, label="ideal (full / kept samples)")
+    for x, r, t in zip(xs, rows, times):
+        ax.text(x, t, f"{r['speedup']:.2f}x", ha="center", va="bottom")
+    ax.set_xticks(list(xs), names, rotation=15)
+    ax.set_ylabel("seconds per epoch")
+    ax.set_title(f"{bench['arch']} at {bench['res']} px, batch {bench['batch_size']}, {bench['device']}")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

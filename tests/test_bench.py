@@ -1,0 +1,103 @@
+"""`dptool bench`: the pretraining and loader benchmarks run end to end on tiny files and report consistent numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dptool.beton import open_beton
+from dptool.cli.main import cli
+from dptool.subset import write_subset
+
+
+@pytest.fixture(scope="module")
+def full_and_pruned(tiny_beton, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    beton = open_beton(tiny_beton)
+    keep = np.flatnonzero(beton.labels < 2)  # half of the classes
+    write_subset(beton, folder / "half.beton", keep)
+    return tiny_beton, folder / "half.beton"
+
+
+def test_bench_pretrain_reports_speedups_against_the_first_file(full_and_pruned, tmp_path):
+    full, half = full_and_pruned
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "pretrain",
+            str(full),
+            str(half),
+            "--arch",
+            "resnet18",
+            "--small-input",
+            "--res",
+            "16",
+            "--batch-size",
+            "16",
+            "--steps",
+            "2",
+            "--rounds",
+            "2",
+            "--workers",
+            "1",
+            "--json",
+            "--json-out",
+            str(tmp_path / "b.json"),
+            "--plot",
+            str(tmp_path / "b.png"),
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert json.loads((tmp_path / "b.json").read_text()) == data
+    full_row, half_row = data["rows"]
+    assert (full_row["samples"], half_row["samples"]) == (160, 80)
+    assert half_row["ideal_speedup"] == pytest.approx(2.0)
+    for row in data["rows"]:
+        assert row["images"] == 2 * 2 * 16  # rounds x steps x batch
+        assert row["images_per_second"] > 0 and 0 <= row["data_wait_share"] <= 1
+        assert row["projected_epoch_seconds"] == pytest.approx(row["samples"] / row["images_per_second"])
+    assert full_row["speedup"] == pytest.approx(1.0)
+    assert half_row["speedup"] == pytest.approx(
+        full_row["projected_epoch_seconds"] / half_row["projected_epoch_seconds"]
+    )
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_path):
+    from dptool.synthetic import write_image_folder
+
+    images, labels = tiny_arrays
+    write_image_folder(tmp_path / "folder", images, labels, [f"class_{c}" for c in range(4)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "loader",
+            str(tiny_beton),
+            "--res",
+            "16",
+            "--batch-size",
+            "16",
+            "--workers",
+            "1",
+            "--compare-folder",
+            str(tmp_path / "folder"),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ffcv_images_per_second"] > 0 and data["folder_images_per_second"] > 0
+    assert data["loader_ratio"] == pytest.approx(data["ffcv_images_per_second"] / data["folder_images_per_second"])
+
+
+def test_bench_refuses_missing_files(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "pretrain", str(tmp_path / "nope.beton")])
+    assert result.exit_code == 2 and "does not exist" in result.output
