@@ -50,6 +50,7 @@ class PruneResult:
     level: str
     files: list[PrunedFile] = field(default_factory=list)
     bytes_written: int = 0
+    bytes_read: int = 0  # source bytes read (kept samples and the small gaps read through)
     seconds: float = 0.0
 
     @property
@@ -135,8 +136,8 @@ def _sidecar(beton: Beton, indices: np.ndarray, ratio: float, kept: np.ndarray, 
 
 
 def _write(beton: Beton, split: str, jobs: list[tuple[Path, float, np.ndarray, np.ndarray]], scores: Scores,
-           scores_path: Path, force: bool, progress: bool) -> tuple[list[PrunedFile], float]:
-    """Byte-copy one source's subsets in one pass and write their sidecars; returns the files and seconds."""
+           scores_path: Path, force: bool, progress: bool) -> tuple[list[PrunedFile], float, int]:
+    """Byte-copy one source's subsets in one pass and write their sidecars; returns files, seconds, bytes read."""
     scores_fp = fingerprint_file(scores_path)
     by_path = {os.path.abspath(p): (r, kept, idx) for p, r, kept, idx in jobs}
 
@@ -150,7 +151,7 @@ def _write(beton: Beton, split: str, jobs: list[tuple[Path, float, np.ndarray, n
     files = [PrunedFile(output=res.output, split=split, ratio=r, kept_groups=len(kept), num_samples=res.num_samples,
                         num_classes_kept=int(len(np.unique(labels[idx]))), bytes=res.bytes)
              for res, (_, r, kept, idx) in zip(results, jobs)]
-    return files, results[0].seconds
+    return files, results[0].seconds, results[0].bytes_read
 
 
 def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str | os.PathLike, *,
@@ -203,11 +204,12 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
             raise InputError(f"The {len(kept)} kept groups hold no samples of {b.path}, so {p} would be empty.")
 
     result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level)
-    files, seconds = _write(beton, "train", jobs, scores, scores_path, force, progress)
+    files, seconds, read = _write(beton, "train", jobs, scores, scores_path, force, progress)
     if vjobs:
-        vfiles, vseconds = _write(vbeton, "val", vjobs, scores, scores_path, force, progress)
-        files, seconds = files + vfiles, seconds + vseconds
+        vfiles, vseconds, vread = _write(vbeton, "val", vjobs, scores, scores_path, force, progress)
+        files, seconds, read = files + vfiles, seconds + vseconds, read + vread
     result.files = files
     result.bytes_written = sum(f.bytes for f in files)
+    result.bytes_read = read
     result.seconds = seconds
     return result
