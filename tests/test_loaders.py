@@ -27,7 +27,7 @@ def _file_order(n: int, seed: int = 0) -> np.ndarray:
 
 def test_train_loader_batches(tiny_beton):
     threads = torch.get_num_threads()
-    loader = train_loader(tiny_beton, batch_size=32, res=24, workers=2, seed=1)
+    loader = train_loader(tiny_beton, batch_size=32, res=24, workers=2, seed=1, channels_last=True)
     assert len(loader) == 5 and loader.resolution == 24
     seen = []
     for x, y in loader:

@@ -1,0 +1,66 @@
+"""`dptool finetune`: linear probe or full finetune of a checkpoint on a target task."""
+
+from __future__ import annotations
+
+import click
+
+from dptool.finetune import FinetuneConfig, finetune
+
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
+
+__all__ = ["command"]
+
+D = FinetuneConfig()
+
+
+def _human(r) -> str:
+    lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {r.epochs} epochs, "
+             f"{r.train_images} train / {r.val_images} val / {r.test_images} test images",
+             f"final-epoch test top-1:       {r.final_test_top1:.4f}",
+             f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch + 1}; selected on the "
+             f"test set, as the paper reports)"]
+    if r.best_val_top1 is not None:
+        lines.append(f"test top-1 at best val epoch: {r.test_top1_at_best_val:.4f} (epoch {r.best_val_epoch + 1}, "
+                     f"val top-1 {r.best_val_top1:.4f})")
+    return "\n".join(lines)
+
+
+@click.command("finetune", context_settings=CONTEXT_SETTINGS)
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("train_data", metavar="TRAIN.beton", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("test_data", metavar="TEST.beton", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--mode", type=click.Choice(["lp", "ff"]), default=D.mode, help="lp: frozen backbone; ff: all weights.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs  [default: lp 50, ff 200]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, help="Training batch.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Optimizer  [default: adam]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate (cosine decay)  [default: lp 0.01; ff adam 1e-4, sgd 0.1]")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help="Weight decay  [default: adam 0, sgd 5e-4]")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=D.momentum, help="SGD momentum.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D.label_smoothing,
+              help="Label smoothing.")
+@click.option("--res", type=click.IntRange(min=8), default=D.res, help="Train and test resolution, px.")
+@click.option("--test-batch-size", type=click.IntRange(min=1), default=D.test_batch_size, help="Evaluation batch.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=D.val_fraction,
+              help="Hold out this fraction of each training class for model selection.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D.precision,
+              help="Autocast on CUDA (auto: bf16); CPU runs fp32.")
+@click.option("--seed", type=int, default=D.seed, help="Seed of the head, the split and the sample order.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write the finetuned checkpoint.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
+              help="JSON-lines log  [default: OUTPUT with .jsonl when -o is given]")
+@workers_option
+@force_option
+@json_option
+def command(checkpoint, train_data, test_data, output, log_path, force, as_json, **options):
+    """Transfer a checkpoint to a target task: linear probe (lp) or full finetune (ff).
+
+    \b
+    dptool finetune rn101_p60.pt flowers_train.beton flowers_test.beton --mode lp
+    dptool finetune rn18.pt pets_train.beton pets_test.beton --mode ff --optimizer sgd --val-fraction 0.1
+    """
+    config = FinetuneConfig(**options)
+    result = finetune(checkpoint, train_data, test_data, config=config, output=output, log_path=log_path,
+                      force=force, progress=show_progress(as_json))
+    emit(result, as_json, _human)

@@ -1,0 +1,134 @@
+"""torch.distributed helpers: start from torchrun's environment, rank/world, all-reduce, rank-0-only output.
+
+NCCL on CUDA, gloo on the CPU. Outside torchrun (no `WORLD_SIZE` in the environment) every helper behaves as a
+single process of rank 0, so library code calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+__all__ = [
+    "launched_by_torchrun",
+    "launch_rank",
+    "init_from_env",
+    "is_initialized",
+    "rank",
+    "local_rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "all_reduce_sum",
+    "broadcast_object",
+    "cleanup",
+    "distributed_session",
+]
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set WORLD_SIZE > 1 in the environment."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    """The RANK torchrun gave this process (0 without torchrun); valid before and after the process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_initialized() -> bool:
+    """True when a default process group exists."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_from_env(backend: str | None = None):
+    """Join the process group torchrun described (env://) and return this process's device.
+
+    Backend: `nccl` when CUDA is available, else `gloo`. Returns `cuda:LOCAL_RANK` or `cpu`.
+    Single process (no torchrun): returns `cuda` or `cpu` without creating a group.
+    """
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if not launched_by_torchrun():
+        return torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    if not is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")
+    return torch.device(f"cuda:{local_rank()}" if cuda else "cpu")
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_initialized() else 0
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (LOCAL_RANK from torchrun; 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0: the only process that writes logs and checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over ranks in place and return it (unchanged on one process)."""
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (picklable objects; identity on one process)."""
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    """Leave the process group if one exists."""
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(backend: str | None = None) -> Iterator:
+    """`with distributed_session() as device:` joins torchrun's group (if any) and always leaves it."""
+    started = launched_by_torchrun() and not is_initialized()
+    try:
+        yield init_from_env(backend)
+    finally:
+        if started:
+            cleanup()

@@ -1,0 +1,279 @@
+"""Transfer a pretrained checkpoint to a target task: linear probe (`lp`) or full finetune (`ff`).
+
+LP: the backbone is frozen and in eval mode (BatchNorm statistics fixed), the training images get the
+deterministic centre square crop, and a fresh head with the target's classes is trained. Because nothing that
+feeds the head changes, the penultimate features are extracted once and the head is trained on them (exactly
+the same computation, epochs cost microseconds). FF: all weights train, random-resized crop + flip.
+Defaults follow DP4TL's protocol (LP: Adam 0.01, 50 epochs, cosine; FF: Adam 1e-4, 200 epochs, cosine; SGD
+0.1/5e-4 when `optimizer="sgd"`). Reported: final-epoch test top-1 and best-over-epochs test top-1 (what the
+paper reports, selected on the test set); with `val_fraction`, also test top-1 at the best validation epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import check_output_path
+from .beton import fingerprint, open_beton
+from .errors import InputError
+from .train import JsonLog, autocast, evaluate, resolve_precision
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every finetuning choice; None means the mode's DP4TL default (see `resolved`)."""
+
+    mode: str = "lp"  # lp | ff
+    epochs: int | None = None  # lp 50, ff 200
+    batch_size: int = 128
+    optimizer: str | None = None  # adam (default) | sgd
+    lr: float | None = None  # lp 0.01; ff adam 1e-4, sgd 0.1
+    weight_decay: float | None = None  # adam 0, sgd 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    res: int = 224
+    test_batch_size: int = 256
+    val_fraction: float = 0.0
+    workers: int = 0
+    precision: str = "auto"
+    seed: int = 0
+
+    def resolved(self) -> FinetuneConfig:
+        """The config with every None replaced by the mode's default, validated."""
+        if self.mode not in ("lp", "ff"):
+            raise InputError(f"--mode must be lp or ff, got {self.mode!r}.")
+        opt = self.optimizer or "adam"
+        if opt not in ("adam", "sgd"):
+            raise InputError(f"--optimizer must be adam or sgd, got {opt!r}.")
+        lr = self.lr if self.lr is not None else (0.01 if self.mode == "lp" else (1e-4 if opt == "adam" else 0.1))
+        wd = self.weight_decay if self.weight_decay is not None else (0.0 if opt == "adam" else 5e-4)
+        epochs = self.epochs if self.epochs is not None else (50 if self.mode == "lp" else 200)
+        out = replace(self, optimizer=opt, lr=lr, weight_decay=wd, epochs=epochs)
+        if out.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {out.epochs}.")
+        if not 0.0 <= out.val_fraction < 1.0:
+            raise InputError(f"--val-fraction must be in [0, 1), got {out.val_fraction}.")
+        if out.batch_size < 1 or out.lr <= 0:
+            raise InputError(f"--batch-size and --lr must be positive, got {out.batch_size} and {out.lr}.")
+        return out
+
+
+@dataclass
+class FinetuneResult:
+    """Final-epoch and best-over-epochs test top-1 (and validation-selected when a split was held out)."""
+
+    mode: str
+    checkpoint: str
+    target_classes: int
+    train_images: int
+    val_images: int
+    test_images: int
+    epochs: int
+    final_test_top1: float
+    best_test_top1: float
+    best_test_epoch: int
+    best_val_top1: float | None = None
+    test_top1_at_best_val: float | None = None
+    best_val_epoch: int | None = None
+    output: str | None = None
+    log: str | None = None
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form for `--json`."""
+        return asdict(self)
+
+
+def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) row indices: `fraction` of each class (at least one sample when the class has two) held out."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * len(rows))) if fraction > 0 else 0
+        if fraction > 0 and len(rows) > 1:
+            k = min(max(k, 1), len(rows) - 1)
+        val.append(rows[:k])
+        train.append(rows[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _schedule(optimizer, total_steps: int):
+    import torch
+
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+
+def _optimizer(params, cfg: FinetuneConfig):
+    import torch
+
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _features(model, loader, device, precision: str):
+    """Penultimate features (N, D) float32 and labels (N,) of every batch of `loader`, model in eval mode."""
+    import torch
+
+    from .models import feature_layer
+
+    feats: list = []
+    hook = feature_layer(model).register_forward_pre_hook(lambda m, inp: feats.append(inp[0].float()))
+    labels = []
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            for x, y in loader:
+                model(x)
+                labels.append(y)
+    finally:
+        hook.remove()
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _top1(head, feats, labels, batch: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        hits = sum(int(head(feats[i:i + batch]).argmax(1).eq(labels[i:i + batch]).sum())
+                   for i in range(0, len(labels), batch))
+    return hits / max(len(labels), 1)
+
+
+def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_data: str | os.PathLike, *,
+             config: FinetuneConfig = FinetuneConfig(), output: str | os.PathLike | None = None,
+             log_path: str | os.PathLike | None = None, force: bool = False, progress: bool = False,
+             device=None) -> FinetuneResult:
+    """Transfer `checkpoint` to the target (`train_data`, `test_data`) by LP or FF; one process.
+
+    `output` (optional) receives the finetuned checkpoint; `log_path` (default: beside `output`) a JSON-lines log.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .loaders import eval_loader, inference_loader, train_loader
+    from .models import replace_head
+
+    cfg = config.resolved()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(device, cfg.precision)
+    if output is not None:
+        output = check_output_path(output, force=force, inputs=(checkpoint, train_data, test_data))
+        log_path = log_path or Path(output).with_suffix(".jsonl")
+    train_b, test_b = open_beton(train_data), open_beton(test_data)
+    num_classes = train_b.num_classes
+    if test_b.num_samples and int(test_b.labels.max()) >= num_classes:
+        raise InputError(f"Test file {test_data} has label {int(test_b.labels.max())}, beyond the {num_classes} "
+                         f"classes of {train_data}.")
+    tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
+    if cfg.batch_size > len(tr_idx) and cfg.mode == "ff":
+        raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "
+                         f"{train_data}; use a smaller batch.")
+    model, ckpt = load_checkpoint(checkpoint, device=device)
+    torch.manual_seed(cfg.seed)
+    head = replace_head(model, num_classes)
+    jlog = JsonLog(log_path)
+    jlog.write({"event": "config", "config": asdict(cfg), "checkpoint": str(checkpoint), "arch": ckpt["arch"],
+                "source_fingerprint": ckpt.get("data_fingerprint"), "train": str(train_data), "test": str(test_data),
+                "num_classes": num_classes, "device": str(device), "precision": precision})
+    kw = {"batch_size": cfg.test_batch_size, "res": cfg.res, "workers": cfg.workers, "device": device}
+    test_loader = eval_loader(test_data, **kw)
+    val_loader = eval_loader(train_data, indices=va_idx, **kw) if len(va_idx) else None
+    history: list[dict] = []
+    started = time.perf_counter()
+
+    if cfg.mode == "lp":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        ftr, ytr = _features(model, inference_loader(train_data, indices=tr_idx, **kw), device, precision)
+        fte, yte = _features(model, test_loader, device, precision)
+        fva, yva = _features(model, val_loader, device, precision) if val_loader else (None, None)
+        optimizer = _optimizer(head.parameters(), cfg)
+        steps = -(-len(ytr) // cfg.batch_size)
+        sched = _schedule(optimizer, cfg.epochs * steps)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        for epoch in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch", disable=not progress):
+            t0 = time.perf_counter()
+            order = torch.randperm(len(ytr), generator=gen).to(device)
+            total = 0.0
+            for i in range(steps):
+                rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                loss = criterion(head(ftr[rows]), ytr[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sched.step()
+                total += float(loss) * len(rows)
+            rec = {"event": "epoch", "epoch": epoch, "train_loss": total / len(ytr),
+                   "test_top1": _top1(head, fte, yte, cfg.test_batch_size), "epoch_time_s": time.perf_counter() - t0}
+            if fva is not None:
+                rec["val_top1"] = _top1(head, fva, yva, cfg.test_batch_size)
+            history.append(rec)
+            jlog.write(rec)
+    else:
+        loader = train_loader(train_data, batch_size=cfg.batch_size, res=cfg.res, workers=cfg.workers, device=device,
+                              seed=cfg.seed, indices=tr_idx if len(va_idx) else None)
+        optimizer = _optimizer(model.parameters(), cfg)
+        sched = _schedule(optimizer, cfg.epochs * len(loader))
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        for epoch in tqdm(range(cfg.epochs), desc="finetune", unit="epoch", disable=not progress):
+            t0 = time.perf_counter()
+            model.train()
+            total, n = 0.0, 0
+            for x, y in loader:
+                with autocast(device, precision):
+                    loss = criterion(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                sched.step()
+                total, n = total + float(loss) * len(y), n + len(y)
+            rec = {"event": "epoch", "epoch": epoch, "train_loss": total / max(n, 1),
+                   "test_top1": evaluate(model, test_loader, device, precision)["val_top1"],
+                   "epoch_time_s": time.perf_counter() - t0, "images_per_s": n / (time.perf_counter() - t0)}
+            if val_loader is not None:
+                rec["val_top1"] = evaluate(model, val_loader, device, precision)["val_top1"]
+            history.append(rec)
+            jlog.write(rec)
+
+    tests = [h["test_top1"] for h in history]
+    best = int(np.argmax(tests))
+    result = FinetuneResult(
+        mode=cfg.mode, checkpoint=str(checkpoint), target_classes=num_classes, train_images=len(tr_idx),
+        val_images=len(va_idx), test_images=test_b.num_samples, epochs=cfg.epochs, final_test_top1=tests[-1],
+        best_test_top1=tests[best], best_test_epoch=best, output=str(output) if output else None,
+        log=str(log_path) if log_path else None, seconds=time.perf_counter() - started, config=asdict(cfg),
+        history=history,
+    )
+    if len(va_idx):
+        vals = [h["val_top1"] for h in history]
+        bv = int(np.argmax(vals))
+        result.best_val_top1, result.best_val_epoch, result.test_top1_at_best_val = vals[bv], bv, tests[bv]
+    summary = {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
+    jlog.write({"event": "summary", **summary})
+    if output is not None:
+        save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
+                        recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
+                        data_fingerprint=fingerprint(train_b), epoch=cfg.epochs,
+                        small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
+                        image_size=ckpt.get("image_size"), extra={"history": history, "summary": summary})
+    return result

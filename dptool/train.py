@@ -1,0 +1,385 @@
+"""Pretraining on a `.beton` with the ffcv-imagenet recipe, on a CPU, one GPU or many processes under torchrun.
+
+The recipe (`TrainConfig`) is plain data: logged as the first line of the JSON-lines log and saved in every
+checkpoint. SGD with momentum; the learning rate ramps linearly from 0 to its peak at `lr_peak_epoch` and back
+to 0 at the end, stepped every iteration; label smoothing; progressive resizing from `min_res` to `max_res`.
+A pruned `.beton` keeps its original labels and head width (the sidecar's `num_classes`); validation reports
+accuracy on the val images of the kept classes (`val_top1`) and on all of them (`val_top1_all`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import distributed as dist
+from .atomic import atomic_output, check_output_path
+from .beton import Beton, fingerprint, open_beton
+from .errors import InputError
+
+__all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
+           "autocast", "resolve_precision", "JsonLog"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training choice, with ffcv-imagenet's ResNet defaults (as in the DP4TL surrogate where they agree)."""
+
+    arch: str = "resnet18"
+    small_input: bool = False  # 3x3 stride-1 stem, no max-pool: for 32-64 px images
+    blurpool: bool = False
+    epochs: int = 16
+    batch_size: int = 512  # per process; the effective batch is batch_size x world size
+    lr: float = 0.5  # peak learning rate per 256 images of effective batch (linear scaling)
+    lr_peak_epoch: float = 2.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    label_smoothing: float = 0.1
+    min_res: int = 160
+    max_res: int = 192
+    start_ramp: int | None = None  # epoch where resizing starts; default round(epochs * 11/16) as ffcv's 16-epoch
+    end_ramp: int | None = None  # epoch where max_res is reached; default round(epochs * 13/16)
+    res_step: int = 32  # resolutions are rounded to a multiple of this (ffcv: 32)
+    val_res: int = 256
+    val_batch_size: int = 256
+    workers: int = 0  # FFCV decoding threads; 0 = all cores
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+
+    def ramp(self) -> tuple[int, int]:
+        """(start_ramp, end_ramp) with the defaults filled in."""
+        start = self.start_ramp if self.start_ramp is not None else round(self.epochs * 11 / 16)
+        end = self.end_ramp if self.end_ramp is not None else round(self.epochs * 13 / 16)
+        return start, max(start, end)
+
+    def validate(self) -> None:
+        """One InputError sentence for the first bad value."""
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1 or self.val_batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {min(self.batch_size, self.val_batch_size)}.")
+        if not 8 <= self.min_res <= self.max_res:
+            raise InputError(f"--min-res/--max-res must satisfy 8 <= min <= max, got {self.min_res}/{self.max_res}.")
+        if self.lr <= 0 or self.lr_peak_epoch < 0:
+            raise InputError(f"--lr must be > 0 and --lr-peak-epoch >= 0, got {self.lr} and {self.lr_peak_epoch}.")
+        if not 0 <= self.label_smoothing < 1:
+            raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise InputError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
+
+
+def resolution_at(config: TrainConfig, epoch: int) -> int:
+    """Training resolution of `epoch`: linear from min_res to max_res over the ramp, rounded as ffcv does."""
+    start, end = config.ramp()
+    res = float(np.interp(epoch, [start, end], [config.min_res, config.max_res]))
+    res = int(np.round(res / config.res_step)) * config.res_step
+    return int(min(max(res, config.min_res), config.max_res))
+
+
+def lr_at(config: TrainConfig, progress: float, peak_lr: float) -> float:
+    """Learning rate at `progress` epochs (fractional): 0 -> peak at lr_peak_epoch -> 0 at the last epoch."""
+    peak_epoch = min(config.lr_peak_epoch, config.epochs / 2)
+    return float(np.interp(progress, [0.0, peak_epoch, float(config.epochs)], [0.0, peak_lr, 0.0]))
+
+
+def autocast(device, precision: str):
+    """Autocast context for `precision` on `device` (fp32 or a CPU: no autocast)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def resolve_precision(device, precision: str) -> str:
+    """`auto` -> bf16 on a CUDA device that supports it (else fp16), fp32 on the CPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def evaluate(model, loader, device, precision: str, *, kept=None) -> dict:
+    """Top-1/top-5 of `model` over `loader`, summed over ranks. With `kept` (bool (C,) tensor), `val_*` counts
+    only images whose label is a kept class and `val_*_all` every image."""
+    import torch
+
+    model = getattr(model, "module", model)  # evaluate the plain module under DDP: no buffer sync per batch
+    model.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # top1, top5, n (kept), top1, top5, n (all)
+    with torch.no_grad(), autocast(device, precision):
+        for x, y in loader:
+            logits = model(x)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit1 = top[:, 0].eq(y)
+            hit5 = top.eq(y[:, None]).any(dim=1)
+            mask = kept[y] if kept is not None else torch.ones_like(hit1)
+            sums += torch.stack([(hit1 & mask).sum(), (hit5 & mask).sum(), mask.sum(),
+                                 hit1.sum(), hit5.sum(), torch.tensor(len(y), device=device)]).double()
+    dist.all_reduce_sum(sums)
+    s = sums.tolist()
+    out = {"val_top1": s[0] / max(s[2], 1), "val_top5": s[1] / max(s[2], 1), "val_images": int(s[2])}
+    if kept is not None:
+        out.update({"val_top1_all": s[3] / max(s[5], 1), "val_top5_all": s[4] / max(s[5], 1),
+                    "val_images_all": int(s[5])})
+    return out
+
+
+class JsonLog:
+    """A JSON-lines log rewritten atomically after each record (an interrupted run leaves the last complete one)."""
+
+    def __init__(self, path: str | os.PathLike | None, records: list[dict] | None = None):
+        self.path = Path(path) if path else None
+        self.records: list[dict] = list(records or [])
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike | None, before_epoch: int) -> JsonLog:
+        """Reopen an earlier log, keeping records of epochs before `before_epoch`."""
+        records: list[dict] = []
+        if path and Path(path).exists():
+            for line in Path(path).read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("event") != "epoch" or rec.get("epoch", 0) < before_epoch:
+                    records.append(rec)
+        return cls(path, records)
+
+    def write(self, record: dict) -> None:
+        """Append `record` (on rank 0; other ranks keep nothing)."""
+        if not dist.is_main():
+            return
+        self.records.append(record)
+        if self.path is not None:
+            with atomic_output(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.records))
+
+
+@dataclass
+class TrainResult:
+    """What `train` did: the files, the effective batch and learning rate, the last and best metrics."""
+
+    checkpoint: str
+    log: str | None
+    arch: str
+    num_classes: int
+    num_samples: int
+    epochs: int
+    start_epoch: int
+    world_size: int
+    effective_batch_size: int
+    effective_lr: float
+    device: str
+    precision: str
+    pruned: bool
+    final: dict = field(default_factory=dict)
+    best_val_top1: float | None = None
+    images_per_second: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form for `--json`."""
+        return asdict(self)
+
+
+def _kept_classes(beton: Beton) -> np.ndarray | None:
+    """Kept classes of a pruned `.beton` (sidecar `pruning.kept_classes`, else the labels present), or None."""
+    pruning = (beton.sidecar or {}).get("pruning")
+    if not pruning:
+        return None
+    kept = pruning.get("kept_classes")
+    if kept is None:
+        kept = np.flatnonzero(beton.class_counts())
+    return np.asarray(kept, dtype=np.int64)
+
+
+def _check_val(val: Beton, num_classes: int) -> None:
+    if val.num_samples and int(val.labels.max()) >= num_classes:
+        raise InputError(f"Validation file {val.path} has label {int(val.labels.max())}, beyond the "
+                         f"{num_classes}-class head of the training data.")
+
+
+def _resume_state(output: Path, config: TrainConfig, data_fp: str, num_classes: int) -> dict:
+    from .checkpoint import read_checkpoint
+    from .models import canonical_name
+
+    if not output.exists():
+        raise InputError(f"Cannot resume: checkpoint {output} does not exist (run without --resume first).")
+    ckpt = read_checkpoint(output)
+    want = canonical_name(config.arch, config.small_input)
+    if (ckpt["arch"], bool(ckpt["small_input"])) != want or bool(ckpt.get("blurpool")) != config.blurpool:
+        raise InputError(f"Cannot resume: {output} holds a {ckpt['arch']} (small input {ckpt['small_input']}, "
+                         f"blurpool {ckpt.get('blurpool')}), not the requested {config.arch}.")
+    if ckpt.get("data_fingerprint") != data_fp or int(ckpt["num_classes"]) != num_classes:
+        raise InputError(f"Cannot resume: {output} was trained on different data ({ckpt.get('data_fingerprint')}).")
+    if int(ckpt["epoch"]) >= config.epochs:
+        raise InputError(f"Cannot resume: {output} already holds {ckpt['epoch']} epochs; raise --epochs above that.")
+    return ckpt
+
+
+def train(data: str | os.PathLike, output: str | os.PathLike, *, config: TrainConfig = TrainConfig(),
+          val: str | os.PathLike | None = None, log_path: str | os.PathLike | None = None, resume: bool = False,
+          force: bool = False, progress: bool = False) -> TrainResult:
+    """Train `config.arch` on `data`, checkpointing to `output` after every epoch; under torchrun, with DDP.
+
+    `log_path` (default: `output` with suffix `.jsonl`) gets the config line, then one line per epoch.
+    `resume` continues from the epoch saved in `output` (same data and architecture required).
+    """
+    config.validate()
+    with dist.distributed_session() as device:
+        return _train(Path(data), Path(output), config, Path(val) if val else None,
+                      Path(log_path) if log_path else Path(output).with_suffix(".jsonl"), resume, force, progress,
+                      device)
+
+
+def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_path: Path, resume: bool,
+           force: bool, progress: bool, device) -> TrainResult:
+    import torch
+    from tqdm import tqdm
+
+    from .checkpoint import save_checkpoint
+    from .loaders import IMAGENET_MEAN, IMAGENET_STD, eval_loader, train_loader
+    from .models import create_model
+
+    beton = open_beton(data)
+    num_classes = beton.num_classes
+    if beton.num_samples == 0 or int(beton.labels.max()) >= num_classes:
+        raise InputError(f"{data} holds no samples or labels beyond its {num_classes} classes.")
+    val_beton = open_beton(val) if val else None
+    if val_beton is not None:
+        _check_val(val_beton, num_classes)
+    check_output_path(output, force=force or resume, inputs=(data, val))
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = math.ceil(beton.num_samples / world)
+    if config.batch_size > per_rank:
+        raise InputError(f"--batch-size {config.batch_size} is larger than the {per_rank} samples each of the "
+                         f"{world} processes gets from {data}; use a smaller batch.")
+    data_fp = fingerprint(beton)
+    ckpt = _resume_state(output, config, data_fp, num_classes) if resume else None
+    start_epoch = int(ckpt["epoch"]) if ckpt else 0
+
+    torch.manual_seed(config.seed + rank)
+    precision = resolve_precision(device, config.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = create_model(config.arch, num_classes, small_input=config.small_input, blurpool=config.blurpool)
+    if ckpt:
+        model.load_state_dict(ckpt["state_dict"])
+    model = model.to(device=device, memory_format=torch.channels_last if device.type == "cuda" else
+                     torch.contiguous_format)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                                          else None)
+    eff_batch = config.batch_size * world
+    peak_lr = config.lr * eff_batch / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        if ckpt["extra"].get("scaler_state"):
+            scaler.load_state_dict(ckpt["extra"]["scaler_state"])
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    kept_np = _kept_classes(beton)
+    kept = None
+    if kept_np is not None:
+        kept = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        kept[torch.as_tensor(kept_np, device=device)] = True
+    loader = train_loader(data, batch_size=config.batch_size, res=resolution_at(config, start_epoch),
+                          workers=config.workers, device=device, distributed=world > 1, seed=config.seed)
+    vloader = (eval_loader(val, batch_size=config.val_batch_size, res=config.val_res, workers=config.workers,
+                           device=device, distributed=world > 1) if val else None)
+    # FFCV's epoch counter drives its shuffle seed: continue it where the checkpoint stopped.
+    loader.loader.next_epoch = start_epoch
+    iters = len(loader)
+
+    recipe = {**asdict(config), "effective_batch_size": eff_batch, "effective_lr": peak_lr, "world_size": world,
+              "precision": precision, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    jlog = JsonLog.resume(log_path, start_epoch) if resume else JsonLog(log_path)
+    jlog.write({"event": "resume" if resume else "config", "config": asdict(config), "data": str(data),
+                "val": str(val) if val else None, "data_fingerprint": data_fp, "num_samples": beton.num_samples,
+                "num_classes": num_classes, "kept_classes": None if kept_np is None else len(kept_np),
+                "world_size": world, "effective_batch_size": eff_batch, "effective_lr": peak_lr,
+                "device": str(device), "precision": precision, "start_epoch": start_epoch})
+    history = list(ckpt["extra"].get("history", [])) if ckpt else []
+    show = progress and dist.is_main()
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(config.seed * 1000 + epoch * 10 + rank)
+        res = resolution_at(config, epoch)
+        loader.set_resolution(res)
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x n, correct, n
+        t0 = time.perf_counter()
+        bar = tqdm(loader, total=iters, desc=f"epoch {epoch + 1}/{config.epochs} @{res}px", unit="batch",
+                   disable=not show, leave=False)
+        for i, (x, y) in enumerate(bar):
+            lr = lr_at(config, epoch + (i + 1) / iters, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, precision):
+                logits = model(x)
+                loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums += torch.stack([loss.detach().double() * len(y), logits.argmax(1).eq(y).sum().double(),
+                                 torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            if show and i % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        dist.all_reduce_sum(sums)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - t0
+        loss_sum, correct, n = sums.tolist()
+        record = {"event": "epoch", "epoch": epoch, "res": res, "lr": lr, "train_loss": loss_sum / max(n, 1),
+                  "train_top1": correct / max(n, 1), "train_images": int(n), "epoch_time_s": epoch_time,
+                  "images_per_s": n / max(epoch_time, 1e-9)}
+        if vloader is not None:
+            t1 = time.perf_counter()
+            record.update(evaluate(model, vloader, device, precision, kept=kept))
+            record["val_time_s"] = time.perf_counter() - t1
+        history.append(record)
+        jlog.write(record)
+        if dist.is_main():
+            best = max((h["val_top1"] for h in history if "val_top1" in h), default=None)
+            save_checkpoint(output, arch=config.arch, num_classes=num_classes, state_dict=model.state_dict(),
+                            recipe=recipe, data_fingerprint=data_fp, epoch=epoch + 1,
+                            optimizer_state=optimizer.state_dict(), small_input=config.small_input,
+                            blurpool=config.blurpool,
+                            extra={"history": history, "best_val_top1": best, "scaler_state": scaler.state_dict(),
+                                   "kept_classes": None if kept_np is None else kept_np.tolist()})
+            log.info("epoch %d/%d: %s", epoch + 1, config.epochs, json.dumps(record, default=str))
+        dist.barrier()
+    seconds = time.perf_counter() - started
+    final = history[-1] if history else {}
+    done = [h for h in history if h.get("epoch", -1) >= start_epoch]
+    return TrainResult(
+        checkpoint=str(output), log=str(log_path) if log_path else None, arch=config.arch, num_classes=num_classes,
+        num_samples=beton.num_samples, epochs=config.epochs, start_epoch=start_epoch, world_size=world,
+        effective_batch_size=eff_batch, effective_lr=peak_lr, device=str(device), precision=precision,
+        pruned=kept_np is not None, final=final,
+        best_val_top1=max((h["val_top1"] for h in history if "val_top1" in h), default=None),
+        images_per_second=sum(h["train_images"] for h in done) / max(sum(h["epoch_time_s"] for h in done), 1e-9),
+        seconds=seconds,
+    )
+
+
+def config_from_options(**options) -> TrainConfig:
+    """A TrainConfig from CLI options (None = the default)."""
+    return replace(TrainConfig(), **{k: v for k, v in options.items() if v is not None})
