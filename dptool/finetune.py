@@ -220,7 +220,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
                 loss.backward()
                 optimizer.step()
                 sched.step()
-                total += float(loss) * len(rows)
+                total += float(loss.detach()) * len(rows)
             rec = {"event": "epoch", "epoch": epoch, "train_loss": total / len(ytr),
                    "test_top1": _top1(head, fte, yte, cfg.test_batch_size), "epoch_time_s": time.perf_counter() - t0}
             if fva is not None:
@@ -246,7 +246,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
                 scaler.step(optimizer)
                 scaler.update()
                 sched.step()
-                total, n = total + float(loss) * len(y), n + len(y)
+                total, n = total + float(loss.detach()) * len(y), n + len(y)
             rec = {"event": "epoch", "epoch": epoch, "train_loss": total / max(n, 1),
                    "test_top1": evaluate(model, test_loader, device, precision)["val_top1"],
                    "epoch_time_s": time.perf_counter() - t0, "images_per_s": n / (time.perf_counter() - t0)}

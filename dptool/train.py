@@ -262,13 +262,13 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     if val_beton is not None:
         _check_val(val_beton, num_classes)
     check_output_path(output, force=force or resume, inputs=(data, val))
+    data_fp = fingerprint(beton)
+    ckpt = _resume_state(output, config, data_fp, num_classes) if resume else None
     world, rank = dist.world_size(), dist.rank()
     per_rank = math.ceil(beton.num_samples / world)
     if config.batch_size > per_rank:
         raise InputError(f"--batch-size {config.batch_size} is larger than the {per_rank} samples each of the "
-                         f"{world} processes gets from {data}; use a smaller batch.")
-    data_fp = fingerprint(beton)
-    ckpt = _resume_state(output, config, data_fp, num_classes) if resume else None
+                         f"{world} process(es) gets from {data}; use a smaller batch.")
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
 
     torch.manual_seed(config.seed + rank)

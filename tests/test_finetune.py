@@ -1,0 +1,104 @@
+"""`dptool finetune`: linear probe keeps the backbone bit-identical; full finetune trains it; splits; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_split_betons
+
+from dptool.checkpoint import read_checkpoint, save_checkpoint
+from dptool.cli.main import cli
+from dptool.errors import InputError
+from dptool.finetune import FinetuneConfig, finetune, split_indices
+from dptool.models import create_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A 3-class target task unlike the source (another palette): (train, test) .beton paths."""
+    return make_split_betons(tmp_path_factory.mktemp("target"), n_classes=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def source_ckpt(tmp_path_factory):
+    """A 4-class ResNet-18 checkpoint (random weights, BN statistics made non-trivial)."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 16, 16) * 2 + 1)  # move the BN running statistics away from 0/1
+    path = tmp_path_factory.mktemp("src") / "src.pt"
+    save_checkpoint(path, arch="resnet18", num_classes=4, state_dict=model.state_dict(), recipe={"lr": 0.5},
+                    data_fingerprint="blake2b:src", epoch=16)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_linear_probe_backbone_bit_identical(tmp_path, target, source_ckpt, one_thread):
+    train, test = target
+    out = tmp_path / "lp.pt"
+    result = CliRunner().invoke(cli, ["finetune", str(source_ckpt), str(train), str(test), "--mode", "lp",
+                                      "--epochs", "8", "--batch-size", "16", "--res", "16", "--val-fraction", "0.25",
+                                      "--workers", "1", "-o", str(out), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert r["mode"] == "lp" and r["target_classes"] == 3 and r["epochs"] == 8
+    assert (r["train_images"], r["val_images"], r["test_images"]) == (90, 30, 30)
+    assert r["best_test_top1"] == max(h["test_top1"] for h in r["history"]) >= r["final_test_top1"]
+    assert r["test_top1_at_best_val"] == r["history"][r["best_val_epoch"]]["test_top1"]
+    assert r["config"]["lr"] == 0.01 and r["config"]["optimizer"] == "adam"  # the paper's LP defaults
+    assert r["best_test_top1"] > 0.5  # 3 classes: chance is 1/3
+
+    src, tuned = read_checkpoint(source_ckpt)["state_dict"], read_checkpoint(out)["state_dict"]
+    backbone = [k for k in src if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(src[k], tuned[k]) for k in backbone)  # weights and BN statistics
+    assert tuned["fc.weight"].shape == (3, 512)
+    lines = [json.loads(line) for line in (tmp_path / "lp.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "config" and lines[-1]["event"] == "summary"
+
+
+def test_full_finetune_trains_everything(tmp_path, target, source_ckpt, one_thread):
+    train, test = target
+    cfg = FinetuneConfig(mode="ff", epochs=2, batch_size=16, res=16, lr=1e-3, workers=1)
+    r = finetune(source_ckpt, train, test, config=cfg, output=tmp_path / "ff.pt")
+    assert [h["epoch"] for h in r.history] == [0, 1] and r.val_images == 0 and r.best_val_top1 is None
+    assert r.final_test_top1 == r.history[-1]["test_top1"]
+    src, tuned = read_checkpoint(source_ckpt)["state_dict"], read_checkpoint(tmp_path / "ff.pt")["state_dict"]
+    assert not torch.equal(src["conv1.weight"], tuned["conv1.weight"])
+    assert FinetuneConfig(mode="ff", optimizer="sgd").resolved().lr == 0.1
+
+
+def test_split_indices_stratified_and_seeded():
+    labels = np.repeat(np.arange(3), [10, 5, 2])
+    tr, va = split_indices(labels, 0.2, seed=1)
+    assert np.bincount(labels[va]).tolist() == [2, 1, 1]
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(17))
+    assert np.array_equal(va, split_indices(labels, 0.2, seed=1)[1])
+    assert len(split_indices(labels, 0.0, seed=1)[1]) == 0
+
+
+def test_bad_input(tmp_path, target, source_ckpt, tiny_beton):
+    train, test = target
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    run = CliRunner().invoke
+    r = run(cli, ["finetune", str(tmp_path / "junk.pt"), str(train), str(test)])
+    assert r.exit_code == 2 and "not a dptool checkpoint" in r.output
+    r = run(cli, ["finetune", str(source_ckpt), str(train), str(test), "--val-fraction", "1"])
+    assert r.exit_code == 2
+    with pytest.raises(InputError, match="beyond the 3 classes"):
+        finetune(source_ckpt, train, tiny_beton, config=FinetuneConfig(epochs=1))
+    with pytest.raises(InputError, match="--mode must be lp or ff"):
+        FinetuneConfig(mode="xx").resolved()

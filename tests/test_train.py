@@ -1,0 +1,154 @@
+"""`dptool train`: learning on separable data, resume, logs, schedules, pruned evaluation and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dptool.beton import fingerprint, open_beton, read_sidecar, write_sidecar
+from dptool.checkpoint import read_checkpoint, save_checkpoint
+from dptool.cli.main import cli
+from dptool.models import create_model
+from dptool.train import TrainConfig, _kept_classes, evaluate, lr_at, resolution_at
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
+
+FAST = ["--arch", "resnet18", "--batch-size", "16", "--min-res", "16", "--max-res", "16", "--val-res", "16",
+        "--lr", "0.32", "--lr-peak-epoch", "1", "--label-smoothing", "0", "--workers", "1"]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy 2-core machine, two OpenMP threads ran ResNet steps 40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(args):
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_schedules_match_ffcv_imagenet():
+    cfg = TrainConfig(epochs=16)
+    assert [resolution_at(cfg, e) for e in range(16)] == [160] * 12 + [192] * 4  # dp4tl.md section 6
+    peak = 0.5 * 1024 / 256
+    assert lr_at(cfg, 0.0, peak) == 0.0 and lr_at(cfg, 2.0, peak) == pytest.approx(peak)
+    assert lr_at(cfg, 9.0, peak) == pytest.approx(peak / 2) and lr_at(cfg, 16.0, peak) == 0.0
+    assert resolution_at(TrainConfig(epochs=4, min_res=48, max_res=48), 0) == 48  # never leaves [min, max]
+
+
+def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
+    train, val = train_val_betons
+    out = tmp_path / "m.pt"
+    code, text = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "3", "--json", *FAST])
+    assert code == 0, text
+    res = json.loads(text)
+    assert res["epochs"] == 3 and res["num_classes"] == 4 and res["effective_batch_size"] == 16
+    assert res["effective_lr"] == pytest.approx(0.02) and not res["pruned"]
+    assert res["best_val_top1"] >= 0.6  # 4 classes: chance is 0.25
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "config" and lines[0]["config"]["lr"] == 0.32
+    assert [r["epoch"] for r in lines[1:]] == [0, 1, 2]
+    assert {"train_loss", "train_top1", "val_top1", "val_top5", "images_per_s", "epoch_time_s"} <= set(lines[1])
+    first = read_checkpoint(out)
+    assert first["epoch"] == 3 and first["optimizer_state"]["state"] and first["recipe"]["effective_lr"] == 0.02
+
+    code, text = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "3", "--resume", *FAST])
+    assert code == 2 and "already holds 3 epochs" in text
+
+    code, text = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "4", "--resume",
+                       "--json", *FAST])
+    assert code == 0, text
+    res = json.loads(text)
+    assert res["start_epoch"] == 3 and res["final"]["epoch"] == 3
+    ckpt = read_checkpoint(out)
+    assert ckpt["epoch"] == 4 and ckpt["extra"]["history"][:3] == first["extra"]["history"]
+    # continued from the trained state, not from scratch: the loss stays at its trained level
+    assert ckpt["extra"]["history"][3]["train_loss"] < 0.7 * first["extra"]["history"][0]["train_loss"]
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["config", "epoch", "epoch", "epoch", "resume", "epoch"]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_pruned_evaluation_counts_kept_and_all():
+    """val_* covers the kept classes' images, val_*_all every image (one pass)."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # predicts class 1 for every image
+            return torch.tensor([0.0, 1.0, 0.5, 0.2]).repeat(len(x), 1)
+
+    labels = torch.tensor([0, 1, 1, 2, 3, 1])
+    batches = [(torch.zeros(3, 1), labels[:3]), (torch.zeros(3, 1), labels[3:])]
+    kept = torch.tensor([False, True, True, False])
+    m = evaluate(Fixed(), batches, torch.device("cpu"), "fp32", kept=kept)
+    assert m["val_images"] == 4 and m["val_top1"] == 0.75 and m["val_images_all"] == 6
+    assert m["val_top1_all"] == pytest.approx(0.5) and m["val_top5_all"] == 1.0
+
+
+def test_kept_classes_from_sidecar(tmp_path, tiny_beton):
+    copy = tmp_path / "p.beton"
+    shutil.copy(tiny_beton, copy)
+    side = read_sidecar(tiny_beton)
+    write_sidecar(copy, {k: v for k, v in side.items() if k not in ("format", "version")})
+    assert _kept_classes(open_beton(copy)) is None  # no `pruning` entry: unpruned
+    write_sidecar(copy, {**side, "pruning": {"kept_classes": [3, 0]}})
+    assert _kept_classes(open_beton(copy)).tolist() == [3, 0]
+    write_sidecar(copy, {**side, "pruning": {"method": "fm"}})  # sample-level: the classes present
+    assert _kept_classes(open_beton(copy)).tolist() == [0, 1, 2, 3]
+
+
+def _no_label_beton(path):
+    from dptool._ffcv import import_ffcv
+
+    fields = import_ffcv("ffcv.fields")
+    writer = import_ffcv("ffcv.writer").DatasetWriter(str(path), {"image": fields.RGBImageField(write_mode="raw")},
+                                                      num_workers=1, page_size=1 << 21)
+    images = [(np.full((8, 8, 3), i, np.uint8),) for i in range(4)]
+    writer.from_indexed_dataset(images, chunksize=4)
+    return path
+
+
+def test_bad_input_exits_2(tmp_path, train_val_betons):
+    train, val = train_val_betons
+    out = tmp_path / "m.pt"
+    (tmp_path / "junk.beton").write_bytes(b"nope" * 100)
+    cases = [
+        (["train", str(tmp_path / "missing.beton"), "-o", str(out)], "does not exist"),
+        (["train", str(tmp_path / "junk.beton"), "-o", str(out)], "not a .beton"),
+        (["train", str(_no_label_beton(tmp_path / "nolabel.beton")), "-o", str(out)], "no 'label' field"),
+        (["train", str(train), "-o", str(out), "--epochs", "0"], "--epochs"),
+        (["train", str(train), "-o", str(out), "--batch-size", "161"], "larger than the 160 samples"),
+        (["train", str(train), "-o", str(out), "--resume"], "does not exist"),
+    ]
+    fp = fingerprint(train)
+    model = create_model("resnet18", 4)
+    save_checkpoint(tmp_path / "rn18.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(), recipe={},
+                    data_fingerprint=fp, epoch=1)
+    save_checkpoint(tmp_path / "other.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(),
+                    recipe={}, data_fingerprint="blake2b:other", epoch=1)
+    cases += [
+        (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume", "--arch", "resnet34"], "not the requested"),
+        (["train", str(train), "-o", str(tmp_path / "other.pt"), "--resume"], "different data"),
+        (["train", str(train), "-o", str(tmp_path / "rn18.pt")], "already exists"),
+        (["train", str(train), "--val", str(val), "-o", str(out), "--arch", "resnet19"], "resnet19"),
+    ]
+    for args, message in cases:
+        code, text = _run(args)
+        assert code == 2, (args, text)
+        assert message in text, (args, text)
+        assert "Traceback" not in text
+    assert not out.exists()
+
+
+def test_help_texts():
+    for name in ("train", "finetune"):
+        code, text = _run([name, "-h"])
+        assert code == 0 and "Usage:" in text and "--json" in text
