@@ -57,13 +57,9 @@ class Batch:
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of this process under torch.distributed, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch without distributed support
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    from .distributed import rank, world_size
+
+    return rank(), world_size()
 
 
 def shard_rows(rows: np.ndarray) -> np.ndarray:
@@ -112,6 +108,11 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
     mine = shard_rows(np.asarray(rows, dtype=np.int64))
     if len(mine) == 0:
         return
+    model = surrogate.model
+    hook = feature_hook(surrogate.feature_module()) if features and not surrogate.scripted else None
+    forward_features = getattr(model, "forward_features", None) if features and surrogate.scripted else None
+    if features and surrogate.scripted and forward_features is None:
+        surrogate.feature_module()  # raises the one-sentence InputError
     file_labels = open_beton(path).labels
     whole = len(mine) == len(file_labels) and np.array_equal(mine, np.arange(len(file_labels)))
     loader = inference_loader(path, batch_size=options.batch_size, res=options.res, workers=options.workers,
@@ -119,11 +120,6 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
                               std=options.std)
     device = torch.device(options.device)
     amp = options.amp and device.type == "cuda"
-    model = surrogate.model
-    hook = feature_hook(surrogate.feature_module()) if features and not surrogate.scripted else None
-    forward_features = getattr(model, "forward_features", None) if features and surrogate.scripted else None
-    if features and surrogate.scripted and forward_features is None:
-        surrogate.feature_module()  # raises the one-sentence InputError
     pos = 0
     with contextlib.ExitStack() as stack:
         slot = stack.enter_context(hook) if hook is not None else None

@@ -7,6 +7,7 @@ whose `scores` is the `dptool.scores.Scores` written by ``run.write(path)``. Met
 
 from . import baselines, fm, lm  # noqa: F401 - importing registers the methods
 from .kmeans import faiss_gpus, kmeans
+from .pipeline import score_files
 from .plot import plot_scores
 from .registry import MethodSpec, get_method, list_methods, register_method
 from .run import (
@@ -37,5 +38,6 @@ __all__ = [
     "plot_scores",
     "register_method",
     "score",
+    "score_files",
     "stored_resolution",
 ]

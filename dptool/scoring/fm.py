@@ -168,6 +168,8 @@ def feature_mapping(ctx: Context) -> MethodResult:
     src = ctx.source
     n_cls = src.num_classes
     k = opts.clusters or n_cls
+    if not (ctx.surrogate.scripted and hasattr(ctx.surrogate.model, "forward_features")):
+        ctx.surrogate.feature_module()  # an unknown --feature-layer fails here, before any image is read
     sampled = sample_rows(src.labels, n_cls, opts.source_sample, opts.seed)
     with ctx.stage("source features"):
         rows, feats = _sample_features(ctx, sampled)
@@ -197,7 +199,7 @@ def feature_mapping(ctx: Context) -> MethodResult:
             if rank_world()[0] == 0:
                 cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress)
             del everything
-            centroids = broadcast(cent, shape=(k, width), dtype=np.float32)
+            centroids = broadcast(cent)
         with ctx.stage("source assignment"):
             assignment = _assign_all(ctx, rows, feats, centroids, sampled)
         del feats

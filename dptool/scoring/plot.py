@@ -27,15 +27,13 @@ def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force
     try:
         ax.plot(np.arange(len(values)), values, lw=1.5, color="tab:blue")
         ax.fill_between(np.arange(len(values)), values, alpha=0.15, color="tab:blue")
-        span = float(values.max() - values.min()) or 1.0
         for rank, i in enumerate(order[:top]):
             ax.annotate(scores.names[i][:28], (rank, scores.scores[i]), fontsize=7, rotation=30,
-                        xytext=(4, 4 + 0.0 * span), textcoords="offset points")
+                        xytext=(4, 4), textcoords="offset points")
         ax.scatter(np.arange(min(top, len(values))), values[:top], s=10, color="tab:red", zorder=3)
+        noun = "classes" if scores.level == "class" else "clusters"
         zero = int((values == 0).sum())
-        ax.set_title(f"{scores.method} scores of {len(values)} {scores.level}es "
-                     f"({zero} score zero)" if scores.level == "class" else
-                     f"{scores.method} scores of {len(values)} clusters ({zero} score zero)")
+        ax.set_title(f"{scores.method} scores of {len(values)} {noun}, best first ({zero} score zero)")
         ax.set_xlabel(f"{scores.level} rank (0 = kept first)")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)

@@ -1,0 +1,82 @@
+"""`dptool score`: score the source's classes (or FM clusters) for a target with LM, FM or a baseline."""
+
+from __future__ import annotations
+
+import click
+
+from dptool.features import InferenceOptions
+from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
+from dptool.models import list_models
+from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
+
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
+
+__all__ = ["command"]
+
+_PATH = click.Path(exists=True, dir_okay=False, path_type=str)
+_METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
+
+
+def _human(s: dict) -> str:
+    noun = "source classes" if s["level"] == "class" else "clusters"
+    lines = [f"{s.get('output', '(not written on this rank)')}: {s['method']} scores of {s['groups']} {noun}",
+             f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
+    lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
+              for t in s["top"]]
+    lines.append(f"{s['zero_score_groups']} of {s['groups']} {noun} scored zero; ties broken by {s['tie_break']}")
+    lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s["timings"].items())
+                 + f"; total {sum(s['timings'].values()):.2f} s")
+    if s.get("assignment"):
+        lines.append(f"cluster of every source image: {s['assignment']}")
+    if s.get("plot"):
+        lines.append(f"plot: {s['plot']}")
+    return "\n".join(lines)
+
+
+@click.command("score", context_settings=CONTEXT_SETTINGS)
+@click.option("--method", type=click.Choice(list_methods()), default="lm", help=_METHODS_HELP)
+@click.option("--source", required=True, type=_PATH, help="Source (pretraining) training .beton.")
+@click.option("--target", type=_PATH, default=None, help="Target task's training .beton (LM, FM).")
+@click.option("--model", type=_PATH, default=None, help="Surrogate: a dptool checkpoint or a TorchScript file.")
+@click.option("--arch", type=click.Choice(list_models()), default=None, help="Surrogate architecture (with --weights).")
+@click.option("--weights", type=_PATH, default=None, help="State-dict file for --arch or --model-factory.")
+@click.option("--model-factory", default=None, help="package.module:function returning a torch.nn.Module.")
+@click.option("--feature-layer", default=None, help="Module whose input is the FM feature  [default: the classifier]")
+@click.option("--res", type=click.IntRange(min=8), default=None,
+              help="Scoring resolution, px  [default: the checkpoint's, else min(224, source's)]")
+@click.option("--mean", type=float, nargs=3, default=None, help=f"Normalisation mean  [default: {IMAGENET_MEAN}]")
+@click.option("--std", type=float, nargs=3, default=None, help=f"Normalisation std  [default: {IMAGENET_STD}]")
+@click.option("--allow-upscale", is_flag=True, help="Accept a --res more than 2x a file's stored resolution.")
+@click.option("--clusters", type=click.IntRange(min=1), default=None, help="FM k-means K  [default: source classes]")
+@click.option("--groups", type=click.Choice(["clusters", "labels"]), default="clusters",
+              help="FM groups: k-means clusters, or source classes with class-mean centroids.")
+@click.option("--source-sample", type=click.IntRange(min=0), default=256,
+              help="Source images per class for k-means, class means and EL2N; 0 = all.")
+@click.option("--kmeans-iters", type=click.IntRange(min=1), default=20, help="k-means iterations.")
+@click.option("--seed", type=int, default=0, help="Seed of sampling, k-means and --method random.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")
+@workers_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where the model runs.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Scores file.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, help="PNG of the score curve.")
+@force_option
+@json_option
+def command(method, source, target, model, arch, weights, model_factory, feature_layer, res, mean, std,
+            allow_upscale, clusters, groups, source_sample, kmeans_iters, seed, batch_size, workers, device, output,
+            plot, force, as_json):
+    """Score every source class (or FM cluster) by its usefulness for the target task; write a scores file.
+
+    \b
+    dptool score --method lm --source in_train.beton --target flowers.beton --model rn18.pt -o scores.json
+    dptool score --method fm --source in_train.beton --target flowers.beton --arch resnet50 --weights rn50.pth \\
+        --clusters 1000 -o fm.json --plot fm.png
+    torchrun --nproc-per-node 8 -m dptool score --method lm ...    # each rank scores a shard
+    """
+    surrogate = {"model": model, "arch": arch, "weights": weights, "factory": model_factory,
+                 "feature_layer": feature_layer}
+    options = ScoreOptions(inference=InferenceOptions(batch_size=batch_size, workers=workers), clusters=clusters,
+                           source_sample=source_sample, groups=groups, seed=seed, kmeans_iters=kmeans_iters,
+                           allow_upscale=allow_upscale, progress=show_progress(as_json))
+    summary = score_files(output, method=method, source=source, target=target, surrogate=surrogate, options=options,
+                          res=res, mean=mean, std=std, device=device, plot=plot, force=force)
+    emit(summary, as_json, _human)

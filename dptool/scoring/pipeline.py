@@ -1,0 +1,82 @@
+"""`score_files`: the whole `dptool score` run as one library call (surrogate, score, scores file, plot).
+
+Under torchrun it joins the process group, every rank scores its shard, and rank 0 alone writes the outputs.
+The output path is checked before any work, so an existing file is refused in a second, not after an hour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+from ..atomic import check_output_path
+from ..beton import open_beton
+from ..distributed import barrier, distributed_session, is_main
+from ..features import InferenceOptions
+from ..loaders import IMAGENET_MEAN, IMAGENET_STD
+from ..scores import assignment_path
+from .plot import plot_scores
+from .registry import get_method
+from .run import ScoreOptions, default_res, score
+
+__all__ = ["score_files"]
+
+log = logging.getLogger(__name__)
+
+
+def _norm(value: Sequence[float] | None, recipe: dict, key: str, fallback) -> tuple[float, float, float]:
+    """An explicit --mean/--std, else the checkpoint recipe's, else ImageNet's."""
+    if value:
+        return tuple(float(v) for v in value)
+    got = recipe.get(key) if isinstance(recipe, dict) else None
+    return tuple(float(v) for v in got) if isinstance(got, (list, tuple)) and len(got) == 3 else fallback
+
+
+def score_files(output: str | os.PathLike, *, method: str, source: str | os.PathLike,
+                target: str | os.PathLike | None = None, surrogate: dict | None = None,
+                options: ScoreOptions | None = None, res: int | None = None,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str = "auto",
+                plot: str | os.PathLike | None = None, force: bool = False, top: int = 10) -> dict:
+    """Score `source` for `target` with `method`, write the scores file to `output` (and `plot`), return a summary.
+
+    `surrogate` holds the keyword arguments of `dptool.surrogate.load_surrogate` (model / arch + weights /
+    factory, feature_layer). `res`, `mean`, `std` default to what the checkpoint's recipe records, else
+    min(224, the source's stored resolution) and ImageNet statistics. `device` "auto" is the process's CUDA
+    device under torchrun, else CUDA when present, else the CPU.
+    """
+    from ..surrogate import load_surrogate
+
+    options = options or ScoreOptions()
+    spec = get_method(method)
+    out = check_output_path(output, force=force, inputs=(source, target))
+    if plot is not None:
+        check_output_path(plot, force=force, inputs=(source, target, output))
+    with distributed_session() as session_device:
+        dev = str(session_device) if device == "auto" else device
+        start = time.perf_counter()
+        sur = load_surrogate(device=dev, **(surrogate or {})) if spec.needs_surrogate else None
+        loaded = time.perf_counter() - start
+        recipe = getattr(sur, "recipe", {}) or {}
+        inference = InferenceOptions(
+            res=res or (default_res(sur, open_beton(source)) if sur is not None else 224),
+            batch_size=options.inference.batch_size, workers=options.inference.workers, device=dev,
+            mean=_norm(mean, recipe, "mean", IMAGENET_MEAN), std=_norm(std, recipe, "std", IMAGENET_STD),
+            amp=options.inference.amp)
+        run = score(method, source=source, target=target, surrogate=sur,
+                    options=replace(options, inference=inference, progress=options.progress and is_main()))
+        summary = run.summary(top)
+        summary["timings"] = {"load surrogate": round(loaded, 3), **summary["timings"]}
+        if is_main():
+            start = time.perf_counter()
+            summary["output"] = str(run.write(out, force=force))
+            summary["assignment"] = str(assignment_path(out)) if run.assignment is not None else None
+            if plot is not None:
+                summary["plot"] = str(plot_scores(run.scores, plot, top=top, force=force))
+            summary["timings"]["write"] = round(time.perf_counter() - start, 3)
+        barrier()
+    summary.update(source=str(source), target=str(target) if target is not None else None,
+                   res=inference.res, device=dev, surrogate=run.scores.surrogate)
+    return summary

@@ -1,0 +1,301 @@
+"""`dptool score`: LM, FM and baselines against plain torch / NumPy references, the scores file, and refusals.
+
+The data (fixture `score_data` in conftest.py): 8 separable source classes, and a target drawn from source
+classes 2, 5 and 6 only, so a working method ranks exactly those at the top. Each FFCV loader costs seconds of
+compilation, so every scoring run happens once per module and is shared by the tests that inspect it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dptool.beton import fingerprint, open_beton, read_image
+from dptool.checkpoint import load_checkpoint, save_checkpoint
+from dptool.cli.main import cli
+from dptool.errors import InputError
+from dptool.features import InferenceOptions
+from dptool.models import create_model, feature_layer
+from dptool.scores import fingerprint_file, read_scores, write_scores
+from dptool.scoring import (
+    ScoreOptions,
+    check_resolution,
+    get_method,
+    kmeans,
+    list_methods,
+    register_method,
+    score,
+    stored_resolution,
+)
+from dptool.scoring.fm import nearest, sample_rows
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
+
+LOADER = ["--batch-size", "16", "--workers", "1"]
+INFERENCE = InferenceOptions(res=16, batch_size=16, workers=1)
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, ["score", *map(str, args)])
+
+
+def _reference(data, path):
+    """Logits, features and labels of every row of `path` from a plain torch forward pass (no FFCV)."""
+    model, _ = load_checkpoint(data.checkpoint)
+    model.eval()
+    beton = open_beton(path)
+    images = np.stack([read_image(beton, i) for i in range(beton.num_samples)])
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - data.mean) * data.inv_std
+    captured = []
+    handle = feature_layer(model).register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+    with torch.no_grad():
+        logits = model(x)
+    handle.remove()
+    return logits, captured[0].numpy().astype(np.float64), beton.labels
+
+
+def _brute_nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Distances to every centroid in float64, arg-min; np.argmin returns the first (smallest) index on ties."""
+    d = ((np.asarray(x, np.float64)[:, None, :] - np.asarray(centroids, np.float64)[None]) ** 2).sum(axis=2)
+    return d.argmin(axis=1)
+
+
+@pytest.fixture(scope="module")
+def lm_cli(score_data):
+    out, png = score_data.folder / "lm.json", score_data.folder / "lm.png"
+    result = _invoke("--method", "lm", "--source", score_data.source, "--target", score_data.target, "--model",
+                     score_data.checkpoint, "-o", out, "--plot", png, "--json", *LOADER)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), out, png
+
+
+@pytest.fixture(scope="module")
+def target_ref(score_data):
+    return _reference(score_data, score_data.target)
+
+
+@pytest.fixture(scope="module")
+def source_ref(score_data):
+    return _reference(score_data, score_data.source)
+
+
+def test_lm_equals_plain_torch_loop(lm_cli, target_ref, score_data):
+    _, out, _ = lm_cli
+    s = read_scores(out)
+    logits, _, labels = target_ref
+    pred = logits.argmax(dim=1).numpy()
+    assert np.array_equal(s.scores, np.bincount(pred, minlength=8))
+    mass = torch.softmax(logits, dim=1).sum(dim=0).double().numpy()
+    np.testing.assert_allclose(s.tiebreak, mass, rtol=1e-4, atol=1e-5)
+    joint = np.zeros((8, 3), np.int64)
+    np.add.at(joint, (pred, labels), 1)
+    got = s.extra["joint_histogram"]["counts"]
+    assert {int(k): v for k, v in got.items()} == {c: joint[c].tolist() for c in range(8) if joint[c].any()}
+    assert s.level == "class" and "softmax" in s.tie_break and s.params["res"] == 16
+
+
+def test_lm_ranks_the_target_classes_first(lm_cli, score_data):
+    summary, out, _ = lm_cli
+    s = read_scores(out)
+    assert set(s.order()[:3].tolist()) == set(score_data.subset)
+    assert {t["id"] for t in summary["top"][:3]} == set(score_data.subset)
+    assert summary["zero_score_groups"] == int((s.scores == 0).sum()) >= 5
+    assert summary["top"][0]["name"].startswith("source_") and "target inference" in summary["timings"]
+
+
+def test_scores_file_round_trips_with_fingerprints(lm_cli, score_data, tmp_path):
+    _, out, png = lm_cli
+    s = read_scores(out)
+    assert s.source["fingerprint"] == fingerprint(open_beton(score_data.source))
+    assert s.target["fingerprint"] == fingerprint(open_beton(score_data.target))
+    assert s.source["num_classes"] == 8 and s.target["num_samples"] == 45
+    assert s.surrogate["kind"] == "checkpoint" and s.surrogate["sha256"] == fingerprint_file(score_data.checkpoint)
+    copy = write_scores(tmp_path / "again.json", s)
+    again = read_scores(copy)
+    assert json.loads(copy.read_text())["groups"] == json.loads(out.read_text())["groups"]
+    assert again.to_dict() == s.to_dict()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def fm_labels(score_data):
+    return score("fm", source=score_data.source, target=score_data.target, surrogate=_surrogate(score_data),
+                 options=ScoreOptions(inference=INFERENCE, groups="labels", source_sample=0))
+
+
+@pytest.fixture(scope="module")
+def fm_clusters(score_data):
+    opts = ScoreOptions(inference=INFERENCE, clusters=8, source_sample=16, seed=1)  # 16 of 24 per class sampled
+    return score("fm", source=score_data.source, target=score_data.target, surrogate=_surrogate(score_data),
+                 options=opts)
+
+
+def _surrogate(data):
+    from dptool.surrogate import load_surrogate
+
+    return load_surrogate(model=data.checkpoint)
+
+
+def test_fm_labels_votes_equal_numpy_brute_force(fm_labels, source_ref, target_ref, score_data):
+    _, src_feats, src_labels = source_ref
+    means = np.stack([src_feats[src_labels == c].mean(axis=0) for c in range(8)])
+    np.testing.assert_allclose(fm_labels.centroids, means, rtol=1e-4, atol=1e-4)
+    votes = np.bincount(_brute_nearest(target_ref[1], fm_labels.centroids), minlength=8)
+    s = fm_labels.scores
+    assert s.level == "class" and np.array_equal(s.scores, votes)
+    assert set(s.order()[:3].tolist()) == set(score_data.subset)
+    assert fm_labels.assignment is None
+
+
+def test_fm_clusters_votes_and_assignment_equal_brute_force(fm_clusters, source_ref, target_ref, score_data):
+    s, cent = fm_clusters.scores, fm_clusters.centroids
+    assert s.level == "cluster" and cent.shape == (8, 512)
+    assert np.array_equal(s.scores, np.bincount(_brute_nearest(target_ref[1], cent), minlength=8))
+    # every source row, sampled (features reused) or streamed afterwards, is assigned to its nearest centroid
+    assert np.array_equal(fm_clusters.assignment, _brute_nearest(source_ref[1], cent))
+    assert fm_clusters.assignment.dtype == np.int32 and s.params["sampled_images"] == 128
+    # the voted clusters are made of the target's source classes, and they rank first
+    voted = np.nonzero(s.scores)[0]
+    major = np.asarray(s.extra["majority_class"])
+    assert set(major[voted].tolist()) <= set(score_data.subset)
+    assert set(s.order()[: len(voted)].tolist()) == set(voted.tolist())
+    in_voted = np.isin(fm_clusters.assignment, voted)
+    assert np.isin(source_ref[2][in_voted], score_data.subset).mean() >= 0.9
+
+
+def test_fm_scores_file_carries_the_assignment(fm_clusters, tmp_path):
+    from dptool.scores import load_assignment
+
+    path = fm_clusters.write(tmp_path / "fm.json")
+    s = read_scores(path)
+    assert np.array_equal(load_assignment(path, s), fm_clusters.assignment)
+    assert "closer first" in s.tie_break and s.params["clusters"] == 8
+
+
+def test_nearest_ties_go_to_the_smallest_index(rng):
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    cent = rng.normal(size=(20, 16)).astype(np.float32)
+    cent[7] = cent[3]  # duplicate centroids: every row nearest to one of them must pick 3
+    x[:10] = cent[3]
+    idx, dist = nearest(torch.from_numpy(x), cent)
+    assert np.array_equal(idx, _brute_nearest(x, cent))
+    assert not np.isin(7, idx) and (idx[:10] == 3).all() and dist.dtype == np.float32
+
+
+def test_el2n_matches_plain_torch(score_data, source_ref):
+    run = score("el2n", source=score_data.source, surrogate=_surrogate(score_data),
+                options=ScoreOptions(inference=INFERENCE, source_sample=0))
+    logits, _, labels = source_ref
+    err = torch.softmax(logits, dim=1) - torch.nn.functional.one_hot(torch.from_numpy(labels), 8)
+    per = torch.linalg.vector_norm(err.double(), dim=1).numpy()
+    expect = np.array([per[labels == c].mean() for c in range(8)])
+    np.testing.assert_allclose(run.scores.scores, expect, atol=1e-5)
+    assert run.scores.target is None
+
+
+def test_random_baseline_is_seeded(score_data, tmp_path):
+    docs = []
+    for seed, name in ((3, "a"), (3, "b"), (4, "c")):
+        result = _invoke("--method", "random", "--seed", seed, "--source", score_data.source,
+                         "-o", tmp_path / f"{name}.json", "--json")
+        assert result.exit_code == 0, result.output
+        docs.append(read_scores(tmp_path / f"{name}.json"))
+    assert np.array_equal(docs[0].ranks, docs[1].ranks) and not np.array_equal(docs[0].ranks, docs[2].ranks)
+    assert sorted(docs[0].scores) == list(range(1, 9)) and docs[0].surrogate is None
+
+
+def test_sample_rows_caps_each_class():
+    labels = np.repeat(np.arange(5), [3, 10, 0, 7, 1])
+    rows = sample_rows(labels, 5, 4, seed=0)
+    assert np.array_equal(np.bincount(labels[rows], minlength=5), [3, 4, 0, 4, 1])
+    assert np.array_equal(rows, np.sort(rows)) and np.array_equal(rows, sample_rows(labels, 5, 4, seed=0))
+    assert np.array_equal(sample_rows(labels, 5, 0, seed=0), np.arange(len(labels)))
+
+
+def test_kmeans_equals_faiss_kmeans(rng):
+    import faiss
+
+    x = rng.normal(size=(2000, 8)).astype(np.float32)
+    km = faiss.Kmeans(8, 10, niter=12, seed=5, max_points_per_centroid=10_000)
+    km.train(x)
+    np.testing.assert_allclose(kmeans(x, 10, niter=12, seed=5, init="random"), km.centroids, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="at least 10 source features"):
+        kmeans(x[:5], 10)
+
+
+def test_registry():
+    assert {"lm", "fm", "random", "el2n"} <= set(list_methods())
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("lm", help="again")(lambda ctx: None)
+    with pytest.raises(InputError, match="choose one of: el2n, fm, lm, random"):
+        get_method("flm")
+    help_text = _invoke("-h").output
+    assert all(m in help_text for m in list_methods()) and "--source-sample" in help_text
+
+
+def _one_sentence(result, *fragments):
+    assert result.exit_code == 2, result.output
+    message = result.output.strip().splitlines()
+    assert len(message) == 1 and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in message[0], message[0]
+
+
+def test_refuses_a_surrogate_with_the_wrong_width(score_data, tmp_path):
+    wrong = save_checkpoint(tmp_path / "five.pt", arch="resnet18_small", num_classes=5,
+                            state_dict=create_model("resnet18_small", 5).state_dict(), recipe={}, data_fingerprint=None,
+                            epoch=0)
+    result = _invoke("--source", score_data.source, "--target", score_data.target, "--model", wrong,
+                     "--res", 16, "-o", tmp_path / "s.json")
+    _one_sentence(result, "outputs 5 class scores", "has 8 classes")
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_refuses_an_empty_target(score_data, tmp_path):
+    empty = tmp_path / "empty.beton"
+    shutil.copy(score_data.target, empty)
+    with open(empty, "r+b") as f:  # header field num_samples (uint64 at byte 8) = 0: a file with no samples
+        f.seek(8)
+        f.write(np.uint64(0).tobytes())
+    result = _invoke("--source", score_data.source, "--target", empty, "--model", score_data.checkpoint,
+                     "-o", tmp_path / "s.json")
+    _one_sentence(result, "has no samples")
+
+
+def test_refuses_a_resolution_mismatch(score_data, tmp_path):
+    from dptool.convert import WriterParams, convert
+    from dptool.synthetic import separable_images, write_npz
+
+    images, labels = separable_images(3, 4, 6, seed=0)  # 6 px target, scored at 16 px: 2.7x upscaling
+    small = tmp_path / "small.beton"
+    convert(write_npz(tmp_path / "small.npz", images, labels), small,
+            params=WriterParams(max_resolution=8, write_mode="raw", num_workers=1))
+    result = _invoke("--source", score_data.source, "--target", small, "--model", score_data.checkpoint,
+                     "-o", tmp_path / "s.json")
+    _one_sentence(result, "Resolution mismatch", "stores 6 px", "--res 16", "--allow-upscale")
+    files = {"source": open_beton(score_data.source), "target": open_beton(small)}
+    assert stored_resolution(files["target"]) == 6
+    check_resolution(files, 16, allow_upscale=True)  # accepted when asked for
+    check_resolution(files, 12)  # 2x is still accepted
+
+
+def test_refusals_before_any_work(score_data, tmp_path):
+    exists = tmp_path / "exists.json"
+    exists.write_text("keep me")
+    base = ["--source", score_data.source, "--target", score_data.target]
+    _one_sentence(_invoke(*base, "--model", score_data.checkpoint, "-o", exists), "already exists", "--force")
+    assert exists.read_text() == "keep me"
+    out = tmp_path / "s.json"
+    _one_sentence(_invoke("--source", score_data.source, "--model", score_data.checkpoint, "-o", out),
+                  "--method lm needs --target")
+    _one_sentence(_invoke(*base, "-o", out), "exactly one of --model")
+    _one_sentence(_invoke(*base, "--model", score_data.checkpoint, "--arch", "resnet18", "-o", out), "exactly one")
+    _one_sentence(_invoke(*base, "--method", "fm", "--model", score_data.checkpoint, "--feature-layer", "nope",
+                          "-o", out), "--feature-layer 'nope'")
+    _one_sentence(_invoke(*base, "--arch", "resnet18", "-o", out), "needs --weights")
+    assert not out.exists()
