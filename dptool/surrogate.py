@@ -18,6 +18,7 @@ import importlib
 import inspect
 import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,9 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
             raise InputError(f"Surrogate {path} does not exist.")
         if _is_torchscript(path):
             try:
-                net = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # torch 2.x marks TorchScript deprecated; it still loads
+                    warnings.simplefilter("ignore", FutureWarning)
+                    net = torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:  # noqa: BLE001 - a damaged archive is the user's to fix
                 raise InputError(f"TorchScript file {path} cannot be loaded ({type(exc).__name__}: {exc}).") from exc
             scripted = True

@@ -1,0 +1,151 @@
+"""Surrogate loading (checkpoint, TorchScript, --arch/--weights, --model-factory) and feature hooks; no FFCV."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dptool.checkpoint import save_checkpoint
+from dptool.errors import InputError
+from dptool.features import feature_hook
+from dptool.models import create_model
+from dptool.surrogate import default_resolution, load_surrogate, read_state_dict
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return create_model("resnet18_small", 6).eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(2, 3, 16, 16)
+
+
+def _same_outputs(a, b, x) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_checkpoint(net, x, tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", arch="resnet18_small", num_classes=6, state_dict=net.state_dict(),
+                           recipe={"val_res": 64, "mean": [0.5] * 3}, data_fingerprint="blake2b:00", epoch=3)
+    s = load_surrogate(model=path)
+    _same_outputs(s.model, net, x)
+    assert not s.model.training and not any(p.requires_grad for p in s.model.parameters())
+    assert s.identity["kind"] == "checkpoint" and s.identity["arch"] == "resnet18" and s.identity["small_input"]
+    assert s.identity["data_fingerprint"] == "blake2b:00" and s.identity["sha256"].startswith("sha256:")
+    assert default_resolution(s.recipe) == 64 and default_resolution({}, fallback=32) == 32
+    assert s.feature_module() is s.model.fc
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript(net, x, tmp_path):
+    path = tmp_path / "m.ts"
+    torch.jit.script(net).save(str(path))
+    s = load_surrogate(model=path)
+    assert s.scripted and s.identity["kind"] == "torchscript"
+    _same_outputs(s.model, net, x)
+    with pytest.raises(InputError, match="TorchScript surrogate takes no forward hooks"):
+        s.feature_module()
+
+
+@pytest.mark.parametrize("layout", ["plain", "nested", "authors", "ddp"])
+def test_arch_and_weights(net, x, tmp_path, layout):
+    state = net.state_dict()
+    obj = {
+        "plain": state,
+        "nested": {"state_dict": state, "epoch": 3},
+        "authors": {"state_dicts": {"network": state}},
+        "ddp": {f"module.{k}": v for k, v in state.items()},
+    }[layout]
+    torch.save(obj, tmp_path / "w.pth")
+    s = load_surrogate(arch="resnet18_small", weights=tmp_path / "w.pth")
+    _same_outputs(s.model, net, x)
+    assert s.identity["num_classes"] == 6 and s.identity["kind"] == "state_dict"
+
+
+def test_weights_that_do_not_fit(net, tmp_path):
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(InputError, match="do not fit the model"):
+        load_surrogate(arch="resnet34", weights=tmp_path / "w.pth")
+    torch.save({"epoch": 1}, tmp_path / "bad.pth")
+    with pytest.raises(InputError, match="holds no state dict"):
+        read_state_dict(tmp_path / "bad.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(InputError, match="is not a torch state dict"):
+        read_state_dict(tmp_path / "junk.pth")
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.fixture
+def factory_module(monkeypatch):
+    mod = types.ModuleType("tiny_factory")
+    mod.make = lambda: _Tiny()
+    mod.needs_args = lambda depth: _Tiny()
+    mod.not_a_model = lambda: "hello"
+    monkeypatch.setitem(sys.modules, "tiny_factory", mod)
+    return mod
+
+
+def test_model_factory(factory_module, x, tmp_path):
+    s = load_surrogate(factory="tiny_factory:make", feature_layer="head")
+    assert s.identity == {"kind": "factory", "factory": "tiny_factory:make", "arch": "_Tiny", "feature_layer": "head"}
+    with feature_hook(s.feature_module()) as slot, torch.no_grad():
+        s.model(x)
+    assert slot[0].shape == (2, 4)
+    torch.save(s.model.state_dict(), tmp_path / "t.pth")
+    again = load_surrogate(factory="tiny_factory:make", weights=tmp_path / "t.pth")
+    _same_outputs(again.model, s.model, x)
+    with pytest.raises(InputError, match="Cannot find the classifier.*--feature-layer"):
+        again.feature_module()  # no fc / heads.head: the user must name it
+    missing = load_surrogate(factory="tiny_factory:make", feature_layer="neck")
+    with pytest.raises(InputError, match="'neck' is not a module"):
+        missing.feature_module()
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("tiny_factory", "must look like package.module:function"),
+    ("no_such_pkg_xyz:make", "cannot import"),
+    ("tiny_factory:nothing", "has no callable"),
+    ("tiny_factory:needs_args", "needs arguments"),
+    ("tiny_factory:not_a_model", "not a torch.nn.Module"),
+])
+def test_model_factory_refusals(factory_module, spec, message):
+    with pytest.raises(InputError, match=message):
+        load_surrogate(factory=spec)
+
+
+def test_feature_hook_reads_the_classifier_input(net, x):
+    with feature_hook(net.fc) as slot, torch.no_grad():
+        logits = net(x)
+    torch.testing.assert_close(net.fc(slot[0]), logits)
+    assert slot[0].shape == (2, 512) and not net.fc._forward_pre_hooks  # removed on exit
+
+
+def test_exactly_one_source(net, tmp_path):
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(InputError, match="got none"):
+        load_surrogate()
+    with pytest.raises(InputError, match="got --model and --arch"):
+        load_surrogate(model=tmp_path / "w.pth", arch="resnet18")
+    with pytest.raises(InputError, match="needs --weights"):
+        load_surrogate(arch="resnet18")
+    with pytest.raises(InputError, match="does not exist"):
+        load_surrogate(model=tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="not a dptool checkpoint"):
+        load_surrogate(model=tmp_path / "w.pth")  # a bare state dict is not a checkpoint
