@@ -100,7 +100,7 @@ def sample_extents(beton: Beton) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(bad):
         raise InputError(f"{beton.path}: sample {int(bad[0])} crosses a page boundary, which FFCV's "
                          "DatasetWriter never writes; convert the dataset again.")
-    if len(sid) and (start[has].min() < beton.data_start or stop.max() > int(beton.header["alloc_table_ptr"])):
+    if has.any() and (start[has].min() < beton.data_start or stop.max() > int(beton.header["alloc_table_ptr"])):
         raise InputError(f"{beton.path} is damaged (sample data outside the data region).")
     return start, stop, count
 
@@ -118,7 +118,8 @@ def _plan(beton: Beton, dst: Path, indices: np.ndarray, extents, order_by_sample
     head_len = beton.header.dtype.itemsize + beton.field_descriptors.nbytes + k * meta_type.itemsize
     data_start = _align(head_len, ps)
     new = np.empty(k, np.int64)
-    pos, page = 0, 0
+    pos, page = (0, 0) if cs[-1] > 0 else (k, 0)  # no data at all (numbers-only fields): no page
+    new[pos:] = data_start
     while pos < k:  # one iteration per output page: fill it with as many samples as fit, in order
         base = int(cs_excl[pos])
         stop_pos = max(int(np.searchsorted(cs, base + ps, side="right")), pos + 1)
@@ -152,7 +153,8 @@ def _plan(beton: Beton, dst: Path, indices: np.ndarray, extents, order_by_sample
     alloc["size"] = table["size"][entries]
     alloc = alloc[np.argsort(alloc["ptr"], kind="stable")]
 
-    header = np.array(beton.header)  # 0-d copy of the structured header
+    # A copy through bytes: np.array() of the header (a void scalar that views the Beton's array) would share it.
+    header = np.frombuffer(bytearray(beton.header.tobytes()), dtype=beton.header.dtype)
     header["num_samples"] = k
     header["alloc_table_ptr"] = data_end
     head = b"".join([header.tobytes(), np.ascontiguousarray(beton.field_descriptors).tobytes(), meta.tobytes()])
@@ -169,18 +171,25 @@ def _chunks(plans: list[_Plan], read_size: int, max_gap: int) -> tuple[np.ndarra
     stops = np.concatenate([p.src + p.size for p in plans])
     us, first = np.unique(starts, return_index=True)
     ue = np.maximum.accumulate(stops[first])
-    breaks = np.concatenate([np.flatnonzero(us[1:] - ue[:-1] > max_gap) + 1, [len(us)]])
-    lo, hi = [], []
-    p, b = 0, 0
-    while p < len(us):
-        while breaks[b] <= p:
-            b += 1
-        q = min(int(breaks[b]), int(np.searchsorted(ue, us[p] + read_size, side="right")))
-        q = max(q, p + 1)
-        lo.append(int(us[p]))
-        hi.append(int(ue[q - 1]))
-        p = q
-    return np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+    if len(us) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # runs of samples separated by gaps of at most max_gap; most are shorter than read_size and are one read
+    seg_lo = np.concatenate([[0], np.flatnonzero(us[1:] - ue[:-1] > max_gap) + 1])
+    seg_hi = np.concatenate([seg_lo[1:], [len(us)]])
+    long = np.flatnonzero(ue[seg_hi - 1] - us[seg_lo] > read_size)
+    keep = np.ones(len(seg_lo), bool)
+    keep[long] = False
+    lo, hi = [us[seg_lo][keep]], [ue[seg_hi - 1][keep]]
+    for a, b in zip(seg_lo[long].tolist(), seg_hi[long].tolist()):  # split long runs into read_size pieces
+        p = a
+        while p < b:
+            q = max(min(b, int(np.searchsorted(ue, us[p] + read_size, side="right"))), p + 1)
+            lo.append(us[p:p + 1])
+            hi.append(ue[q - 1:q])
+            p = q
+    lo_all, hi_all = np.concatenate(lo).astype(np.int64), np.concatenate(hi).astype(np.int64)
+    order = np.argsort(lo_all, kind="stable")
+    return lo_all[order], hi_all[order]
 
 
 class _Writer:
@@ -199,7 +208,7 @@ class _Writer:
         brk[1:] = ((src[1:] != src[:-1] + size[:-1]) | (dst[1:] != dst[:-1] + size[:-1])
                    | (chunk[1:] != chunk[:-1]) | (win[1:] != win[:-1]))
         first = np.flatnonzero(brk)
-        last = np.concatenate([first[1:], [len(src)]]) - 1
+        last = np.concatenate([first[1:], [len(src)]])[:len(first)] - 1
         self.seg_src, self.seg_dst = src[first], dst[first]
         self.seg_len = dst[last] + size[last] - dst[first]
         self.bounds = np.searchsorted(chunk[first], np.arange(len(chunk_lo) + 1))

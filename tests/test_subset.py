@@ -123,10 +123,11 @@ def test_several_outputs_in_one_pass_equal_separate_runs(mixed_beton, tmp_path):
         separate = tmp_path / f"sep_{path.name}"
         write_subset(mixed_beton, separate, idx)
         assert sha256(separate) == sha256(path)
-        # the read plan (pread size, gaps read through) changes nothing in the output
-        other = tmp_path / f"small_reads_{path.name}"
-        write_subsets(mixed_beton, {other: idx}, read_size=1, max_gap=0, window=1)
-        assert sha256(other) == sha256(path)
+        # the read plan (pread size, gaps read through, write window) changes nothing in the output
+        for read_size, max_gap in ((1, 0), (1, 1 << 30), (1 << 30, 1 << 30)):
+            other = tmp_path / f"reads_{read_size}_{max_gap}_{path.name}"
+            write_subsets(mixed_beton, {other: idx}, read_size=read_size, max_gap=max_gap, window=1)
+            assert sha256(other) == sha256(path)
 
 
 def test_keeping_everything_reproduces_every_sample(tiny_beton, tmp_path):
@@ -138,8 +139,12 @@ def test_keeping_everything_reproduces_every_sample(tiny_beton, tmp_path):
 
 def test_source_is_unchanged(mixed_beton, tmp_path):
     before = sha256(mixed_beton)
-    write_subsets(mixed_beton, {tmp_path / "a.beton": np.arange(0, 700, 3), tmp_path / "b.beton": np.arange(5)})
+    src = open_beton(mixed_beton)
+    header, metadata, table = src.header.tobytes(), src.metadata.tobytes(), src.alloc_table.tobytes()
+    write_subsets(src, {tmp_path / "a.beton": np.arange(0, 700, 3), tmp_path / "b.beton": np.arange(5)})
     assert sha256(mixed_beton) == before
+    # nor the Beton object in memory (it is reused for the validation split, fingerprints, further subsets)
+    assert (src.header.tobytes(), src.metadata.tobytes(), src.alloc_table.tobytes()) == (header, metadata, table)
 
 
 def test_interrupted_write_leaves_nothing(mixed_beton, tmp_path, monkeypatch):
@@ -186,6 +191,21 @@ def test_samples_with_several_allocations_keep_every_field(tmp_path):
         assert raw[p:p + image.nbytes] == image.tobytes()
         p, n = int(row["f1"]["ptr"]), int(row["f1"]["size"])
         assert raw[p:p + n] == blob.tobytes()
+
+
+def test_a_file_without_data_regions(tmp_path):
+    """Numbers-only fields live in the metadata table: the subset has no data pages at all."""
+    fields = import_ffcv("ffcv.fields")
+    writer_mod = import_ffcv("ffcv.writer")
+    data = [(float(i) / 2, i) for i in range(30)]
+    path = tmp_path / "numbers.beton"
+    writer = writer_mod.DatasetWriter(str(path), {"x": fields.FloatField(), "label": fields.IntField()},
+                                      num_workers=1)
+    writer.from_indexed_dataset(data, chunksize=10)
+    result = write_subset(path, tmp_path / "out.beton", np.array([7, 2, 29]))
+    out = open_beton(tmp_path / "out.beton")
+    assert result.num_pages == 0 and len(out.alloc_table) == 0
+    assert out.labels.tolist() == [7, 2, 29] and out.metadata["f0"].tolist() == [3.5, 1.0, 14.5]
 
 
 @pytest.mark.parametrize("indices, message", [
