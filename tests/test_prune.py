@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import make_beton
-from dptool.cli.main import cli
 
 import dptool.subset as subset_mod
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
+from dptool.cli.main import cli
 from dptool.errors import InputError
 from dptool.prune import kept_samples, output_paths, prune
 from dptool.scores import Scores, fingerprint_file, write_scores
