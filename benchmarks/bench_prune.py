@@ -7,8 +7,8 @@ side by side in one run:
 * dptool prune: the library call behind `dptool prune` (byte copy, one pass over the source);
 * re-encode: decode each kept image and write the subset again with FFCV's `DatasetWriter` (JPEG q90, same
   resolution, all cores); timed on a fixed number of kept images and extrapolated linearly to the whole subset;
-* plain copy: `shutil.copyfileobj` (user space, 64 KiB buffers) and `shutil.copyfile` (in-kernel `sendfile`) of a
-  file with exactly the bytes the prune wrote.
+* plain copy of as many bytes as the prune wrote, read from the start of the same source file: as
+  `shutil.copyfileobj` does it (user space, 64 KiB buffers) and as `shutil.copyfile` does it (in-kernel `sendfile`).
 
 Each is timed with the files in the page cache ("warm") and from disk ("cold": source evicted with
 posix_fadvise(DONTNEED) before, output fsync'ed inside the timing). Prints a table, writes JSON.
@@ -180,17 +180,24 @@ def time_prune(source: Path, scores: Path, out: Path, ratio: float, cold: bool) 
     return time.perf_counter() - start, result
 
 
-def time_copy(src: Path, dst: Path, how: str, cold: bool) -> float:
-    """Copy `src` to `dst` with shutil.copyfileobj ('copyfileobj') or shutil.copyfile ('sendfile')."""
+def time_copy(src: Path, nbytes: int, dst: Path, how: str, cold: bool) -> float:
+    """Copy the first `nbytes` of `src` to `dst` as shutil.copyfileobj does (64 KiB reads and writes,
+    'copyfileobj') or as shutil.copyfile does on Linux (os.sendfile, 'sendfile'). The source file is the
+    pruned file's source, so that both read data of the same age from the same disk."""
     if dst.exists():
         dst.unlink()
     (evict if cold else warm)(src)
     start = time.perf_counter()
-    if how == "copyfileobj":
-        with open(src, "rb") as fi, open(dst, "wb") as fo:
-            shutil.copyfileobj(fi, fo)
-    else:
-        shutil.copyfile(src, dst)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        done = 0
+        if how == "copyfileobj":
+            while done < nbytes:
+                block = fi.read(min(shutil.COPY_BUFSIZE, nbytes - done))
+                fo.write(block)
+                done += len(block)
+        else:
+            while done < nbytes:
+                done += os.sendfile(fo.fileno(), fi.fileno(), done, nbytes - done)
     if cold:
         fsync_path(dst)
     return time.perf_counter() - start
@@ -243,7 +250,8 @@ def main() -> None:
             t, result = time_prune(source, scores, out, args.ratio, cold)
             times.setdefault(f"prune_{tag}", []).append(t)
             for how in ("copyfileobj", "sendfile"):
-                times.setdefault(f"{how}_{tag}", []).append(time_copy(out, copy_dst, how, cold))
+                nbytes = out.stat().st_size
+                times.setdefault(f"{how}_{tag}", []).append(time_copy(source, nbytes, copy_dst, how, cold))
     copy_dst.unlink()
     pruned = open_beton(out)
     for k in np.linspace(0, len(kept) - 1, 16).astype(int):  # spot check: the same pixels
