@@ -46,7 +46,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
     norms = np.einsum("ij,ij->i", x, x)
     seeds = np.empty(k, dtype=np.int64)
     seeds[0] = rng.integers(len(x))
-    closest = np.maximum(norms - 2 * x @ x[seeds[0]] + norms[seeds[0]], 0).astype(np.float64)
+    closest = np.maximum(norms - 2 * (x @ x[seeds[0]]) + norms[seeds[0]], 0).astype(np.float64)
     for i in range(1, k):
         total = closest.sum()
         if total > 0:
@@ -55,7 +55,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
         else:  # every row coincides with a seed: any unused row will do
             pick = int(np.setdiff1d(np.arange(len(x)), seeds[:i])[0])
         seeds[i] = pick
-        np.minimum(closest, np.maximum(norms - 2 * x @ x[pick] + norms[pick], 0), out=closest)
+        np.minimum(closest, np.maximum(norms - 2 * (x @ x[pick]) + norms[pick], 0), out=closest)
     return x[seeds].copy()
 
 
