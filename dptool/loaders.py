@@ -1,10 +1,11 @@
 """FFCV loader pipelines for training, evaluation and scoring inference.
 
-Each loader yields ``(images, labels)``: images float32 ``(B, 3, res, res)`` on `device` (channels-last on CUDA;
-contiguous NCHW on the CPU, where channels-last made ResNet training about 3x slower here; `channels_last` overrides),
-normalised there with torch (uint8 crosses to the device, a quarter of the bytes of float32; measured faster
-than FFCV's `NormalizeImage` on the CPU), labels int64 ``(B,)`` on `device`. Pixels are decoded, cropped and
-flipped by FFCV's compiled operations; torch's thread count is put back after FFCV changes it.
+Each loader yields ``(images, labels)``: images float32 ``(B, 3, res, res)`` on `device`, labels int64 ``(B,)`` on
+`device`. Pixels are decoded, cropped and flipped by FFCV's compiled operations; uint8 crosses to the device (a
+quarter of the bytes of float32) and is normalised there by torch in one fused pass (on this 2-core CPU about
+2.4k img/s at 128 px, against 1.9k for convert-then-normalise). Images are channels-last on CUDA and contiguous
+NCHW on the CPU, where channels-last made ResNet training about 3x slower here (`channels_last` overrides).
+Torch's thread count is put back after FFCV changes it.
 
 * `train_loader`: random-resized crop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip. QUASI_RANDOM order on one
   process (RANDOM when `indices` are given, avoiding FFCV #208), RANDOM under `distributed` (FFCV #92).
@@ -58,8 +59,9 @@ class FfcvLoader:
         self.device = torch.device(device)
         self.num_samples = num_samples  # samples this process sees per epoch (before drop_last)
         shape = (1, 3, 1, 1)
-        self._mean = torch.tensor([m * 255.0 for m in mean], device=self.device).view(shape)
+        # x_norm = (x - 255 mean) / (255 std) = x * inv_std + bias: one fused pass (addcmul) from uint8 to float32
         self._inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=self.device).view(shape)
+        self._bias = -torch.tensor([m * 255.0 for m in mean], device=self.device).view(shape) * self._inv_std
         self._threads = threads  # torch's thread count before FFCV touched it
         if channels_last is None:
             channels_last = self.device.type == "cuda"
@@ -89,9 +91,10 @@ class FfcvLoader:
         try:
             for images, labels in self.loader:
                 restore_threads(threads)
-                # FFCV reuses its output buffers: the float conversion and the label copy own their memory.
-                x = images.to(self.device, non_blocking=True).to(torch.float32, memory_format=self._format)
-                x = x.sub_(self._mean).mul_(self._inv_std)
+                # FFCV reuses its output buffers: the float output and the label copy own their memory.
+                u = images.to(self.device, non_blocking=True)
+                x = torch.empty(u.shape, dtype=torch.float32, device=self.device, memory_format=self._format)
+                torch.addcmul(self._bias, u, self._inv_std, out=x)
                 y = labels.reshape(-1).to(device=self.device, dtype=torch.int64, copy=True)
                 yield x, y
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -17,6 +18,13 @@ from dptool.finetune import FinetuneConfig, finetune, split_indices
 from dptool.models import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
+
+
+@pytest.fixture(autouse=True)
+def _collect_loaders():
+    """Collect dropped FFCV loaders inside the test, where numba #167's finalizer noise is filtered."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,13 @@ from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD, eval_loader, inference_l
 from dptool.synthetic import write_npz
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
+
+
+@pytest.fixture(autouse=True)
+def _collect_loaders():
+    """Collect dropped FFCV loaders inside the test, where numba #167's finalizer noise is filtered."""
+    yield
+    gc.collect()
 
 
 def _denormalise(x: torch.Tensor) -> np.ndarray:

@@ -32,12 +32,12 @@ def test_registry_contract(name):
     model = create_model(name, 7, **kwargs).eval()
     head = feature_layer(model)
     assert isinstance(head, nn.Linear) and head.out_features == 7
-    assert feature_dim(model) == _DIMS[base]
+    assert feature_dim(model) == _DIMS.get(base, head.in_features)
     feats = []
     head.register_forward_pre_hook(lambda m, inp: feats.append(inp[0]))
     with torch.no_grad():
         out = model(torch.randn(2, 3, size, size))
-    assert out.shape == (2, 7) and feats[0].shape == (2, _DIMS[base])
+    assert out.shape == (2, 7) and feats[0].shape == (2, feature_dim(model))
 
 
 def test_small_input_stem():
