@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from dptool._ffcv import silence_loader_gc_noise
 from dptool.errors import DptoolError, InputError
 
 from ._common import CONTEXT_SETTINGS
@@ -85,6 +86,8 @@ def cli(ctx, verbose: int, quiet: bool, debug: bool):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if not debug:
+        silence_loader_gc_noise()
     level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     for noisy in ("numba", "PIL", "matplotlib", "faiss"):

@@ -107,6 +107,34 @@ def _vit_b_16(num_classes: int, *, small_input: bool = False, image_size: int | 
     return vit_b_16(weights=None, num_classes=num_classes, image_size=size)
 
 
+@register_model("resnet_tiny")
+def _resnet_tiny(num_classes: int, *, small_input: bool = True, image_size: int | None = None):
+    """A ResNet-10 with widths 16-32-64-128 and a 3x3 stride-1 stem: for CPU demos and tests at 32-64 px."""
+    import torch.nn as nn
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class TinyResNet(ResNet):
+        def __init__(self, widths=(16, 32, 64, 128)):
+            nn.Module.__init__(self)
+            self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+            self.inplanes = widths[0]
+            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.Identity()
+            self.layer1 = self._make_layer(BasicBlock, widths[0], 1)
+            self.layer2 = self._make_layer(BasicBlock, widths[1], 1, stride=2)
+            self.layer3 = self._make_layer(BasicBlock, widths[2], 1, stride=2)
+            self.layer4 = self._make_layer(BasicBlock, widths[3], 1, stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(widths[3], num_classes)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    return TinyResNet()
+
+
 def feature_layer(model):
     """The final classifier (an `nn.Linear`): its input is the penultimate feature (ResNet `fc`, ViT `heads.head`).
 
