@@ -155,6 +155,8 @@ def test_fm_labels_votes_equal_numpy_brute_force(fm_labels, source_ref, target_r
 def test_fm_clusters_votes_and_assignment_equal_brute_force(fm_clusters, source_ref, target_ref, score_data):
     s, cent = fm_clusters.scores, fm_clusters.centroids
     assert s.level == "cluster" and cent.shape == (8, 512)
+    sampled = sample_rows(source_ref[2], 8, 16, seed=1)  # k-means ran on these rows' features
+    np.testing.assert_allclose(cent, kmeans(source_ref[1][sampled], 8, niter=20, seed=1), rtol=1e-4, atol=1e-4)
     assert np.array_equal(s.scores, np.bincount(_brute_nearest(target_ref[1], cent), minlength=8))
     # every source row, sampled (features reused) or streamed afterwards, is assigned to its nearest centroid
     assert np.array_equal(fm_clusters.assignment, _brute_nearest(source_ref[1], cent))

@@ -1,9 +1,11 @@
 """`score` under torchrun: two gloo processes on the CPU score shards and give the one-process result.
 
-One torchrun job runs LM and FM (k-means, sampled source so that the gather, broadcast and the streamed
-assignment of the unsampled rows all run); the same calls in this process give the reference. Shards are
-uneven (45 target images, 192 source images with 128 sampled) and batches are small, so ranks see different
-batch counts and sizes.
+One torchrun job runs LM and FM (k-means on a sample, so that the gather to rank 0, the broadcast of the
+centroids and the streamed assignment of the unsampled rows all run). Shards are uneven (45 target images,
+192 source images of which 128 are sampled) and batches are small, so ranks see different batch counts.
+The expected values are the plain torch / NumPy references that tests/test_score.py shows a one-process run
+equals (LM counts and joint histogram, k-means centroids from the same sampled features, brute-force
+assignment and votes), computed here without FFCV so the test does not pay for a third set of loaders.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from test_score import _brute_nearest, _reference
 
 from dptool.scores import load_assignment, read_scores
-from dptool.scoring import ScoreOptions, score_files
+from dptool.scoring import ScoreOptions, kmeans
+from dptool.scoring.fm import sample_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
 
 OPTIONS = {"batch_size": 8, "workers": 1, "clusters": 8, "source_sample": 16, "seed": 1}
 
 DRIVER = """
-import json, sys
+import sys
 from dptool.distributed import distributed_session, world_size
 from test_score_ddp import options
 from dptool.scoring import score_files
@@ -59,31 +64,38 @@ def _same(a, b) -> None:
 
 
 def test_two_gloo_processes_equal_one(score_data, tmp_path):
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
-    ddp.mkdir()
-    single.mkdir()
+    out = tmp_path / "ddp"
+    out.mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(driver), str(ddp), str(score_data.source),
+           "--master_port", str(_free_port()), str(driver), str(out), str(score_data.source),
            str(score_data.target), str(score_data.checkpoint)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    for method in ("lm", "fm"):  # the one-process reference, computed while the two ranks run
-        score_files(single / f"{method}.json", method=method, source=score_data.source, target=score_data.target,
-                    surrogate={"model": score_data.checkpoint}, options=options(), device="cpu")
-    stdout, stderr = proc.communicate(timeout=600)
+    # references, computed while the two ranks run
+    logits, tgt_feats, tgt_labels = _reference(score_data, score_data.target)
+    _, src_feats, src_labels = _reference(score_data, score_data.source)
+    o = options()
+    sampled = sample_rows(src_labels, 8, o.source_sample, o.seed)
+    centroids = kmeans(src_feats[sampled], o.clusters, niter=o.kmeans_iters, seed=o.seed)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
-    assert sorted(p.name for p in ddp.iterdir()) == ["fm.assign.npy", "fm.json", "lm.json"]  # rank 0 alone wrote
+    assert sorted(p.name for p in out.iterdir()) == ["fm.assign.npy", "fm.json", "lm.json"]  # rank 0 alone wrote
 
-    lm_ddp, lm_one = read_scores(ddp / "lm.json"), read_scores(single / "lm.json")
-    _same(lm_ddp, lm_one)
-    assert lm_ddp.extra["joint_histogram"] == lm_one.extra["joint_histogram"]
-    assert lm_ddp.params["world_size"] == 2 and lm_one.params["world_size"] == 1
+    lm = read_scores(out / "lm.json")
+    pred = logits.argmax(dim=1).numpy()
+    assert np.array_equal(lm.scores, np.bincount(pred, minlength=8)) and lm.params["world_size"] == 2
+    np.testing.assert_allclose(lm.tiebreak, torch.softmax(logits, 1).sum(0).double().numpy(), rtol=1e-4, atol=1e-5)
+    joint = np.zeros((8, 3), np.int64)
+    np.add.at(joint, (pred, tgt_labels), 1)
+    got = {int(k): v for k, v in lm.extra["joint_histogram"]["counts"].items()}
+    assert got == {c: joint[c].tolist() for c in range(8) if joint[c].any()}
 
-    fm_ddp, fm_one = read_scores(ddp / "fm.json"), read_scores(single / "fm.json")
-    _same(fm_ddp, fm_one)
-    assert fm_ddp.extra["cluster_sizes"] == fm_one.extra["cluster_sizes"]
-    assert np.array_equal(load_assignment(ddp / "fm.json", fm_ddp), load_assignment(single / "fm.json", fm_one))
-    assert int(fm_ddp.scores.sum()) == 45 and fm_ddp.params["sampled_images"] == 128
+    fm = read_scores(out / "fm.json")
+    assignment = load_assignment(out / "fm.json", fm)
+    assert np.array_equal(assignment, _brute_nearest(src_feats, centroids))
+    assert np.array_equal(fm.scores, np.bincount(_brute_nearest(tgt_feats, centroids), minlength=8))
+    assert int(fm.scores.sum()) == 45 and fm.params["sampled_images"] == 128 and fm.params["world_size"] == 2
+    assert fm.extra["cluster_sizes"] == np.bincount(assignment, minlength=8).tolist()
