@@ -1,0 +1,60 @@
+"""`dptool demo`: every stage runs through the real path and produces its output; one table row per method."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+
+from dptool.beton import open_beton
+from dptool.cli.main import cli
+from dptool.demo import DemoConfig, run_demo
+from dptool.scores import read_scores
+from dptool.synthetic import mini_imagenet, relevant_source_classes
+
+
+def test_mini_imagenet_is_deterministic_and_shaped():
+    a = mini_imagenet(per_class=2, target_train_per_class=2, target_test_per_class=1, seed=5)
+    b = mini_imagenet(per_class=2, target_train_per_class=2, target_test_per_class=1, seed=5)
+    for key in a:
+        assert (a[key][0] == b[key][0]).all() and (a[key][1] == b[key][1]).all()
+    images, labels, names = a["source"]
+    assert images.shape == (200, 32, 32, 3) and len(names) == 100 and labels.max() == 99
+    assert a["target_train"][0].shape == (20, 32, 32, 3) and len(a["target_train"][2]) == 10
+    assert len(relevant_source_classes()) == 40
+
+
+def test_tiny_demo_runs_every_stage(tmp_path):
+    config = replace(DemoConfig.quick(), per_class=6, target_train_per_class=4, target_test_per_class=4,
+                     surrogate_epochs=1, pretrain_epochs=1, probe_epochs=2, batch_size=32, workers=1)
+    result = run_demo(tmp_path, config, force=False)
+    assert [r.method for r in result.rows] == ["none", "lm", "fm", "random"]
+    full = open_beton(tmp_path / "source.beton")
+    assert full.num_samples == 600 and full.num_classes == 100
+    for method in ("lm", "random"):
+        pruned = open_beton(tmp_path / f"source_{method}_p60.beton")
+        assert len(set(pruned.labels.tolist())) == 40 and pruned.num_classes == 100
+        assert read_scores(tmp_path / f"scores_{method}.json").method == method
+    assert (tmp_path / "scores_fm.assign.npy").exists()
+    rows = {r.method: r for r in result.rows}
+    assert rows["none"].pretrain_images == 600 and rows["lm"].pretrain_images == 240
+    for r in result.rows:
+        assert 0.0 <= r.target_top1_final <= r.target_top1_best <= 1.0
+        assert (tmp_path / f"pretrain_{r.method}.pt").exists()
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert json.loads((tmp_path / "demo.json").read_text())["rows"][0]["method"] == "none"
+
+    again = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path)])
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+@pytest.mark.slow
+def test_quick_demo_cli(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--workdir", str(tmp_path / "d"), "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [r["method"] for r in data["rows"]] == ["none", "lm", "fm", "random"]
+    assert set(data["stage_seconds"]) >= {"generate + convert", "train surrogate", "score lm", "prune lm"}
