@@ -7,9 +7,11 @@ pages, page = address >> log2(page_size)), and the allocation table (sample_id, 
 
 A subset keeps the metadata rows in the order given (the source's shuffled order for pruning) with rewritten
 pointers, and packs the kept samples' byte ranges into fresh pages in source *file* order, so the source is read
-once, front to back, in large `pread`s, and every output is written front to back in whole pages. Several
-outputs (several ratios) share that one pass. Memory is bounded by the read and page buffers, the metadata and
-the allocation tables (a few tens of bytes per sample), not by the file size.
+front to back, only where kept samples are (one `pread` per run of adjacent kept samples, straight into the
+output's page buffer: no intermediate copy), and every output is written front to back in whole pages. Several
+outputs (several ratios) advance through the source together, so each kept byte comes from disk once. Memory is
+bounded by one page window per output, the metadata and the allocation tables (a few tens of bytes per sample),
+not by the file size.
 """
 
 from __future__ import annotations
@@ -164,56 +166,36 @@ def _plan(beton: Beton, dst: Path, indices: np.ndarray, extents, order_by_sample
                  data_bytes=int(cs[-1]), src=start[indices][phys][nz], size=s[nz], dst_ptr=new[nz])
 
 
-def _chunks(plans: list[_Plan], read_size: int, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source byte ranges to read, in file order: (C,) lo and hi. Each covers whole samples of the union of the
-    outputs, at most `read_size` bytes (or one sample), and gaps of at most `max_gap` unread bytes."""
-    starts = np.concatenate([p.src for p in plans])
-    stops = np.concatenate([p.src + p.size for p in plans])
-    us, first = np.unique(starts, return_index=True)
-    ue = np.maximum.accumulate(stops[first])
-    if len(us) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    # runs of samples separated by gaps of at most max_gap; most are shorter than read_size and are one read
-    seg_lo = np.concatenate([[0], np.flatnonzero(us[1:] - ue[:-1] > max_gap) + 1])
-    seg_hi = np.concatenate([seg_lo[1:], [len(us)]])
-    long = np.flatnonzero(ue[seg_hi - 1] - us[seg_lo] > read_size)
-    keep = np.ones(len(seg_lo), bool)
-    keep[long] = False
-    lo, hi = [us[seg_lo][keep]], [ue[seg_hi - 1][keep]]
-    for a, b in zip(seg_lo[long].tolist(), seg_hi[long].tolist()):  # split long runs into read_size pieces
-        p = a
-        while p < b:
-            q = max(min(b, int(np.searchsorted(ue, us[p] + read_size, side="right"))), p + 1)
-            lo.append(us[p:p + 1])
-            hi.append(ue[q - 1:q])
-            p = q
-    lo_all, hi_all = np.concatenate(lo).astype(np.int64), np.concatenate(hi).astype(np.int64)
-    order = np.argsort(lo_all, kind="stable")
-    return lo_all[order], hi_all[order]
-
-
 class _Writer:
-    """Streams one output: head, then the data region in windows of whole pages, then the allocation table."""
+    """Streams one output: head, then the data region in windows of whole pages, then the allocation table.
 
-    def __init__(self, plan: _Plan, tmp: Path, chunk_lo: np.ndarray, window: int):
-        self.plan, self.window = plan, window
-        self.buf = np.zeros(window, np.uint8)
+    Runs of samples that are contiguous in the source and in the output are read with one `pread` straight into
+    the window buffer at their place in the output; the padding at page ends is zeroed; a full window is written
+    with one `write`. The source is read only where kept samples are, in file order.
+    """
+
+    def __init__(self, plan: _Plan, tmp: Path, fd_in: int, window: int):
+        self.plan, self.window, self.fd_in = plan, window, fd_in
+        self.buf = np.empty(window, np.uint8)
         self.current = 0  # index of the window in self.buf
-        # Merge items that are contiguous in the source and in the output into single copies, never across a
-        # read chunk or an output window.
+        self.filled = 0  # bytes of self.buf written so far (runs arrive in output order)
+        self.next = 0  # next run to copy
+        self.prefetched = 0  # next run to prefetch
         src, size, dst = plan.src, plan.size, plan.dst_ptr
-        chunk = np.searchsorted(chunk_lo, src, side="right") - 1
         win = (dst - plan.data_start) // window
         brk = np.ones(len(src), bool)
-        brk[1:] = ((src[1:] != src[:-1] + size[:-1]) | (dst[1:] != dst[:-1] + size[:-1])
-                   | (chunk[1:] != chunk[:-1]) | (win[1:] != win[:-1]))
+        brk[1:] = (src[1:] != src[:-1] + size[:-1]) | (dst[1:] != dst[:-1] + size[:-1]) | (win[1:] != win[:-1])
         first = np.flatnonzero(brk)
         last = np.concatenate([first[1:], [len(src)]])[:len(first)] - 1
-        self.seg_src, self.seg_dst = src[first], dst[first]
-        self.seg_len = dst[last] + size[last] - dst[first]
-        self.bounds = np.searchsorted(chunk[first], np.arange(len(chunk_lo) + 1))
+        self.run_src, self.run_dst = src[first], dst[first]
+        self.run_len = dst[last] + size[last] - dst[first]
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._write(memoryview(plan.head))
+
+    @property
+    def num_runs(self) -> int:
+        """Number of preads this output needs."""
+        return len(self.run_src)
 
     def _write(self, data: memoryview) -> None:
         while len(data):
@@ -223,20 +205,35 @@ class _Writer:
         while self.current < target:
             lo = self.plan.data_start + self.current * self.window
             n = min(self.window, self.plan.data_end - lo)
+            self.buf[self.filled:n] = 0
             self._write(memoryview(self.buf[:n]))
-            self.buf[:n] = 0
-            self.current += 1
+            self.current, self.filled = self.current + 1, 0
 
-    def copy_chunk(self, c: int, data: np.ndarray, lo: int) -> None:
-        """Copy this output's segments of read chunk `c` (its bytes in `data`, starting at file offset lo)."""
-        a, b = self.bounds[c], self.bounds[c + 1]
+    def prefetch_until(self, src_end: int) -> None:
+        """Ask the kernel to start reading the runs that start before `src_end` (async; no-op where unsupported)."""
+        stop = int(np.searchsorted(self.run_src, src_end, side="left"))
+        a, self.prefetched = self.prefetched, max(stop, self.prefetched)
+        with contextlib.suppress(AttributeError, OSError):
+            for s, n in zip(self.run_src[a:stop].tolist(), self.run_len[a:stop].tolist()):
+                os.posix_fadvise(self.fd_in, s, n, os.POSIX_FADV_WILLNEED)
+
+    def copy_until(self, src_end: int) -> int:
+        """Copy the runs that start before source offset `src_end`; returns the bytes read."""
+        stop = int(np.searchsorted(self.run_src, src_end, side="left"))
+        a, self.next = self.next, max(stop, self.next)
         base, w = self.plan.data_start, self.window
-        for s, d, n in zip(self.seg_src[a:b].tolist(), self.seg_dst[a:b].tolist(), self.seg_len[a:b].tolist()):
+        done = 0
+        for s, d, n in zip(self.run_src[a:stop].tolist(), self.run_dst[a:stop].tolist(),
+                           self.run_len[a:stop].tolist()):
             target = (d - base) // w
             if target != self.current:
                 self._flush_to(target)
             off = d - base - target * w
-            self.buf[off:off + n] = data[s - lo:s - lo + n]
+            self.buf[self.filled:off] = 0  # page-end padding
+            _pread_into(self.fd_in, self.buf[off:off + n], s)
+            self.filled = off + n
+            done += n
+        return done
 
     def finish(self) -> None:
         """Write the last pages and the allocation table, then close."""
@@ -263,8 +260,7 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
 
 
 def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.PathLike, np.ndarray], *,
-                  force: bool = False, progress: bool = False, read_size: int = 32 * _MIB,
-                  max_gap: int = 64 * 1024, window: int = 16 * _MIB,
+                  force: bool = False, progress: bool = False, window: int = 16 * _MIB, step: int = 64 * _MIB,
                   finalize: Callable[[Path, Path], None] | None = None) -> list[SubsetResult]:
     """Write several subsets of `src` in one pass over it, by copying stored sample bytes (no decode).
 
@@ -273,11 +269,10 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     src : the source `.beton` (opened read-only).
     outputs : {output path: (K,) int sample indices of `src`, in the order wanted in the output}; unique indices.
     force : overwrite existing outputs.
-    progress : draw a progress bar (bytes read) on stderr.
-    read_size : bytes per `pread` of the source (at least one page).
-    max_gap : unwanted source bytes read through rather than skipped between two wanted samples (small gaps
-        only: reading just the kept bytes was faster, cold and warm, on the SSD-backed machines measured).
+    progress : draw a progress bar (source bytes) on stderr.
     window : bytes of output pages buffered per output before a write (rounded to whole pages).
+    step : the outputs advance together through the source in steps of this many bytes (at least a page), so
+        that a sample kept by several outputs is read from disk once and then from the page cache.
     finalize : called as ``finalize(final_path, temp_path)`` once an output is complete, before it is renamed
         into place (to write its sidecar).
 
@@ -310,30 +305,29 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
         if len(np.unique(idx)) != len(idx):
             raise InputError(f"Indices for {dst} repeat a sample; each sample can be kept once.")
         plans.append(_plan(beton, dst, idx, extents, order_by_sample))
-    read_size = max(int(read_size), beton.page_size)
     window = max(1, int(window) // beton.page_size) * beton.page_size
-    chunk_lo, chunk_hi = _chunks(plans, read_size, max(0, int(max_gap)))
-    bytes_read = int((chunk_hi - chunk_lo).sum())
-    log.info("subset of %s: %d outputs, %d reads, %.1f MB to read", beton.path, len(plans), len(chunk_lo),
-             bytes_read / 1e6)
+    step = max(beton.page_size, int(step))
+    data_lo, data_hi = beton.data_start, int(beton.header["alloc_table_ptr"])
 
+    bytes_read = 0
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_output(p.dst)) for p in plans]
+        fd = os.open(beton.path, os.O_RDONLY)
+        stack.callback(os.close, fd)
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         writers = []
         try:
             for p, tmp in zip(plans, tmps):
-                writers.append(_Writer(p, tmp, chunk_lo, window))
-            fd = os.open(beton.path, os.O_RDONLY)
-            stack.callback(os.close, fd)
-            with contextlib.suppress(AttributeError, OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            buf = np.empty(int((chunk_hi - chunk_lo).max()) if len(chunk_lo) else 0, np.uint8)
-            with tqdm(total=bytes_read, unit="B", unit_scale=True, desc="prune", disable=not progress) as bar:
-                for c, (lo, hi) in enumerate(zip(chunk_lo.tolist(), chunk_hi.tolist())):
-                    data = buf[:hi - lo]
-                    _pread_into(fd, data, lo)
+                writers.append(_Writer(p, tmp, fd, window))
+            log.info("subset of %s: %d outputs, %d reads", beton.path, len(plans), sum(w.num_runs for w in writers))
+            with tqdm(total=data_hi - data_lo, unit="B", unit_scale=True, desc="prune", disable=not progress) as bar:
+                for lo in range(data_lo, data_hi, step):
+                    hi = min(lo + step, data_hi)
                     for w in writers:
-                        w.copy_chunk(c, data, lo)
+                        w.prefetch_until(min(hi + step, data_hi))
+                    for w in writers:
+                        bytes_read += w.copy_until(hi)
                     bar.update(hi - lo)
             for w in writers:
                 w.finish()

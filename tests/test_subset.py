@@ -88,7 +88,7 @@ def test_loader_reads_pixel_identical_subsets_of_a_multipage_mixed_file(mixed_be
     kept = np.sort(rng.choice(src.num_samples, int(0.45 * src.num_samples), replace=False))  # file order
     shuffled = rng.permutation(src.num_samples)[:500]  # any order works too
     outs = {tmp_path / "kept.beton": kept, tmp_path / "shuffled.beton": shuffled}
-    results = write_subsets(mixed_beton, outs, read_size=1 << 20)
+    results = write_subsets(mixed_beton, outs, window=1)
     assert [r.num_samples for r in results] == [len(kept), len(shuffled)]
     assert results[1].num_pages >= 2
     for path, idx in outs.items():
@@ -123,10 +123,10 @@ def test_several_outputs_in_one_pass_equal_separate_runs(mixed_beton, tmp_path):
         separate = tmp_path / f"sep_{path.name}"
         write_subset(mixed_beton, separate, idx)
         assert sha256(separate) == sha256(path)
-        # the read plan (pread size, gaps read through, write window) changes nothing in the output
-        for read_size, max_gap in ((1, 0), (1, 1 << 30), (1 << 30, 1 << 30)):
-            other = tmp_path / f"reads_{read_size}_{max_gap}_{path.name}"
-            write_subsets(mixed_beton, {other: idx}, read_size=read_size, max_gap=max_gap, window=1)
+        # the buffering (write window, lockstep step) changes nothing in the output
+        for window, step in ((1, 1), (1 << 30, 1 << 40)):
+            other = tmp_path / f"buffers_{window}_{step}_{path.name}"
+            write_subsets(mixed_beton, {other: idx}, window=window, step=step)
             assert sha256(other) == sha256(path)
 
 
@@ -158,8 +158,7 @@ def test_interrupted_write_leaves_nothing(mixed_beton, tmp_path, monkeypatch):
 
     monkeypatch.setattr(subset_mod, "_pread_into", failing)
     with pytest.raises(KeyboardInterrupt):
-        write_subsets(mixed_beton, {tmp_path / "a.beton": np.arange(600), tmp_path / "b.beton": np.arange(9)},
-                      read_size=1 << 20)
+        write_subsets(mixed_beton, {tmp_path / "a.beton": np.arange(600), tmp_path / "b.beton": np.arange(9)})
     assert len(calls) == 3
     assert list(tmp_path.iterdir()) == []
 
