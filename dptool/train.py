@@ -212,6 +212,17 @@ def _check_val(val: Beton, num_classes: int) -> None:
                          f"{num_classes}-class head of the training data.")
 
 
+def _fixed_size(config: TrainConfig, has_val: bool) -> int | None:
+    """A ViT's input side (its position embeddings fix it): one resolution for training and validation."""
+    if not config.arch.startswith("vit"):
+        return None
+    sizes = {config.min_res, config.max_res} | ({config.val_res} if has_val else set())
+    if len(sizes) != 1:
+        raise InputError(f"{config.arch} trains at one fixed resolution; give --min-res, --max-res and --val-res "
+                         f"the same value (e.g. 224), got {sorted(sizes)}.")
+    return config.max_res
+
+
 def _resume_state(output: Path, config: TrainConfig, data_fp: str, num_classes: int) -> dict:
     from .checkpoint import read_checkpoint
     from .models import canonical_name
@@ -254,6 +265,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     from .loaders import IMAGENET_MEAN, IMAGENET_STD, eval_loader, train_loader
     from .models import create_model
 
+    image_size = _fixed_size(config, val is not None)
     beton = open_beton(data)
     num_classes = beton.num_classes
     if beton.num_samples == 0 or int(beton.labels.max()) >= num_classes:
@@ -275,7 +287,8 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     precision = resolve_precision(device, config.precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = create_model(config.arch, num_classes, small_input=config.small_input, blurpool=config.blurpool)
+    model = create_model(config.arch, num_classes, small_input=config.small_input, blurpool=config.blurpool,
+                         image_size=image_size)
     if ckpt:
         model.load_state_dict(ckpt["state_dict"])
     model = model.to(device=device, memory_format=torch.channels_last if device.type == "cuda" else
@@ -361,7 +374,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
             save_checkpoint(output, arch=config.arch, num_classes=num_classes, state_dict=model.state_dict(),
                             recipe=recipe, data_fingerprint=data_fp, epoch=epoch + 1,
                             optimizer_state=optimizer.state_dict(), small_input=config.small_input,
-                            blurpool=config.blurpool,
+                            blurpool=config.blurpool, image_size=image_size,
                             extra={"history": history, "best_val_top1": best, "scaler_state": scaler.state_dict(),
                                    "kept_classes": None if kept_np is None else kept_np.tolist()})
             log.info("epoch %d/%d: %s", epoch + 1, config.epochs, json.dumps(record, default=str))
