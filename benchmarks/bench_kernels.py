@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from dptool.kernels import class_histogram, joint_histogram, nearest_centroid
 
 

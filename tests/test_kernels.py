@@ -11,6 +11,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from naive import naive_class_histogram, naive_distances, naive_joint_histogram, naive_nearest_centroid
+
+from dptool.errors import DptoolError, InputError
 from dptool.kernels import (
     CudaUnavailableError,
     KernelInputError,
@@ -20,11 +25,6 @@ from dptool.kernels import (
     nearest_centroid,
 )
 from dptool.kernels import nearest as nearest_module
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from naive import naive_class_histogram, naive_distances, naive_joint_histogram, naive_nearest_centroid
-
-from dptool.errors import DptoolError, InputError
 
 LABEL_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
 FEATURE_DTYPES = [np.float16, np.float32, np.float64]

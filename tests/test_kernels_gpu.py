@@ -13,11 +13,12 @@ cupy = pytest.importorskip("cupy")
 if not cupy.cuda.is_available():
     pytest.skip("CuPy sees no NVIDIA GPU", allow_module_level=True)
 
-from dptool.kernels import _cuda, class_histogram, joint_histogram, nearest_centroid  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from naive import naive_class_histogram, naive_joint_histogram, naive_nearest_centroid  # noqa: E402
 from test_kernels import LABEL_DTYPES, SETTINGS, check_nearest, feature_cases  # noqa: E402
+
+from dptool.kernels import _cuda, class_histogram, joint_histogram, nearest_centroid  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
