@@ -9,7 +9,8 @@ DataLoader: worker processes), same model. Reported for each path:
 * training: images/s over `--train-steps` SGD steps after a warm-up, and the epoch time that rate implies.
 
     python benchmarks/bench_train.py                       # CPU defaults, writes benchmarks/results/train.json
-    python benchmarks/bench_train.py --device cuda --arch resnet18 resnet50 --res 160 --images 20000 --workers 16
+    python benchmarks/bench_train.py --device cuda --arch resnet18 resnet50 --shapes 256:160 --images 20000 \
+        --workers 16 --batch-size 256
 """
 
 from __future__ import annotations
@@ -100,28 +101,13 @@ def time_training(loader, model, device, steps: int, warmup: int = 2) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main(argv=None) -> dict:
-    """Run the comparison, print a table, write JSON."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--size", type=int, default=160, help="stored image side, px")
-    p.add_argument("--res", type=int, default=128, help="training crop, px")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--arch", nargs="+", default=["resnet18"])
-    p.add_argument("--train-steps", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    threads = torch.get_num_threads()
-
+def run_shape(args, device, size: int, res: int, threads: int) -> dict:
+    """Both paths on one generated data set of `size` px JPEGs cropped to `res` px."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         t0 = time.perf_counter()
-        root, beton = make_data(Path(tmp), args.images, args.size, args.classes, args.workers)
+        root, beton = make_data(Path(tmp), args.images, size, args.classes, args.workers)
         prep = time.perf_counter() - t0
-        kw = {"batch_size": args.batch_size, "res": args.res, "workers": args.workers}
+        kw = {"batch_size": args.batch_size, "res": res, "workers": args.workers}
         paths = {  # torchvision first: its worker processes fork before FFCV/Numba start threads
             "torchvision": lambda: torchvision_loader(root, **kw),
             "ffcv": lambda: train_loader(beton, device=device, **kw),
@@ -146,27 +132,55 @@ def main(argv=None) -> dict:
             rows.append(row)
             torch.set_num_threads(threads)
             del loader
-
     tv, ffcv = rows
     speedup = {"loader": ffcv["loader_images_per_s"] / tv["loader_images_per_s"],
                **{arch: ffcv[f"train_{arch}_images_per_s"] / tv[f"train_{arch}_images_per_s"] for arch in args.arch}}
-    result = {"config": {**vars(args), "out": str(args.out)}, "device": str(device), "torch_threads": threads,
-              "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-              "data_prep_s": prep, "rows": rows, "speedup_ffcv_over_torchvision": speedup}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return {"size": size, "res": res, "data_prep_s": prep, "rows": rows, "speedup_ffcv_over_torchvision": speedup}
 
-    print(f"{args.images} JPEG images {args.size}px -> RRC {args.res}px + flip, batch {args.batch_size}, "
-          f"{args.workers} workers, device {device}")
+
+def print_shape(run: dict, args, device) -> None:
+    """One table per data shape."""
+    print(f"\n{args.images} JPEG images {run['size']}px -> RRC {run['res']}px + flip + normalise, batch "
+          f"{args.batch_size}, {args.workers} workers, device {device}")
     head = f"{'path':<12} {'loader img/s':>13} {'1st epoch img/s':>16} {'epoch s':>8}"
     head += "".join(f" {'train ' + a + ' img/s':>22}" for a in args.arch)
     print(head)
-    for r in rows:
+    for r in run["rows"]:
         line = f"{r['path']:<12} {r['loader_images_per_s']:>13.0f} {r['first_epoch_images_per_s']:>16.0f} "
         line += f"{r['epoch_s']:>8.2f}" + "".join(f" {r[f'train_{a}_images_per_s']:>22.1f}" for a in args.arch)
         print(line)
-    print("speed-up ffcv/torchvision: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()))
-    print(f"wrote {args.out}")
+    print("speed-up ffcv/torchvision: " + ", ".join(f"{k} {v:.2f}x"
+                                                    for k, v in run["speedup_ffcv_over_torchvision"].items()))
+
+
+def main(argv=None) -> dict:
+    """Run the comparison for every --shapes entry, print tables, write JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--shapes", nargs="+", default=["160:128", "64:56"],
+                   help="STORED:CROP pairs in px, e.g. 256:224 (ImageNet-like) or 64:56")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--arch", nargs="+", default=["resnet18"])
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    runs = []
+    for shape in args.shapes:
+        size, res = (int(v) for v in shape.split(":"))
+        runs.append(run_shape(args, device, size, res, threads))
+        print_shape(runs[-1], args, device)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result = {"config": {**vars(args), "out": str(args.out)}, "device": str(device), "torch_threads": threads,
+              "cpu_count": os.cpu_count(), "load_average_after": load, "platform": platform.platform(),
+              "python": sys.version.split()[0], "torch": torch.__version__, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"load average after the run: {load}; wrote {args.out}")
     return result
 
 
