@@ -95,7 +95,9 @@ def bench_lm(args, folder: Path) -> dict:
                               surrogate={"model": ckpt}, options=opts, res=args.res, device=args.device, force=True)
         return time.perf_counter() - start, summary["timings"]
 
-    bare()  # warm-up: allocator, oneDNN/cuDNN kernel choice
+    with torch.inference_mode():  # warm-up: allocator, oneDNN/cuDNN kernel choice
+        for x in batches[:2]:
+            model(x)
     bares, e2es, stages = [], [], []
     for _ in range(args.repeats):
         bares.append(bare())
@@ -108,6 +110,8 @@ def bench_lm(args, folder: Path) -> dict:
         "res": args.res, "batch_size": args.batch_size, "device": args.device, "workers": args.workers,
         "bare_forward_seconds": min(bares), "end_to_end_seconds": e2es[best],
         "end_to_end_over_bare": e2es[best] / min(bares), "target_ratio": 1.2,
+        "end_to_end_without_first_batch_over_bare": (e2es[best] - stages[best]["first batch (FFCV compile)"])
+        / (min(bares) * (1 - len(batches[0]) / n)),
         "end_to_end_stages": stages[best], "decode_to_memory_seconds_first_loader": decode_seconds,
         "bare_images_per_s": n / min(bares), "end_to_end_images_per_s": n / e2es[best],
         "all_bare_seconds": bares, "all_end_to_end_seconds": e2es,
@@ -195,7 +199,7 @@ def main() -> None:
     ap.add_argument("--fm-dim", type=int, default=256)
     ap.add_argument("--fm-k", type=int, default=500)
     ap.add_argument("--fm-iters", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--skip-fm", action="store_true")
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "score.json")
@@ -211,6 +215,8 @@ def main() -> None:
         print(f"  bare forward passes   {lm['bare_forward_seconds']:8.2f} s  ({lm['bare_images_per_s']:.0f} img/s)")
         print(f"  dptool score (LM)     {lm['end_to_end_seconds']:8.2f} s  ({lm['end_to_end_images_per_s']:.0f} img/s)")
         print(f"  end to end / bare     {lm['end_to_end_over_bare']:8.2f} x  (target <= 1.2)")
+        print(f"  same, after the first batch (FFCV compile excluded) "
+              f"{lm['end_to_end_without_first_batch_over_bare']:.2f} x")
         print("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in lm["end_to_end_stages"].items()))
     if not args.skip_fm:
         fm = result["fm"] = bench_fm(args)

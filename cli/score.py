@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from dptool.distributed import launch_rank
 from dptool.features import InferenceOptions
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
@@ -19,7 +20,7 @@ _METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
 
 def _human(s: dict) -> str:
     noun = "source classes" if s["level"] == "class" else "clusters"
-    lines = [f"{s.get('output', '(not written on this rank)')}: {s['method']} scores of {s['groups']} {noun}",
+    lines = [f"{s['output']}: {s['method']} scores of {s['groups']} {noun}",
              f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
     lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
               for t in s["top"]]
@@ -79,4 +80,5 @@ def command(method, source, target, model, arch, weights, model_factory, feature
                            allow_upscale=allow_upscale, progress=show_progress(as_json))
     summary = score_files(output, method=method, source=source, target=target, surrogate=surrogate, options=options,
                           res=res, mean=mean, std=std, device=device, plot=plot, force=force)
-    emit(summary, as_json, _human)
+    if launch_rank() == 0:  # under torchrun every rank returns the summary; rank 0 alone wrote and prints
+        emit(summary, as_json, _human)
