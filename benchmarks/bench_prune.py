@@ -243,15 +243,18 @@ def main() -> None:
     out, copy_dst = args.workdir / "pruned.beton", args.workdir / "copy.bin"
 
     times: dict[str, list[float]] = {}
-    result = None
-    for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit every method alike
+    result = time_prune(source, scores, out, args.ratio, False)[1]  # untimed: the output size for the copies
+    nbytes = out.stat().st_size
+    methods = ["prune", "copyfileobj", "sendfile"]
+    for r in range(args.repeats):  # interleaved, order rotated: drifts of a shared machine hit every method alike
         for cold in (False, True):
             tag = "cold" if cold else "warm"
-            t, result = time_prune(source, scores, out, args.ratio, cold)
-            times.setdefault(f"prune_{tag}", []).append(t)
-            for how in ("copyfileobj", "sendfile"):
-                nbytes = out.stat().st_size
-                times.setdefault(f"{how}_{tag}", []).append(time_copy(source, nbytes, copy_dst, how, cold))
+            for how in methods[r % 3:] + methods[:r % 3]:
+                if how == "prune":
+                    t, result = time_prune(source, scores, out, args.ratio, cold)
+                else:
+                    t = time_copy(source, nbytes, copy_dst, how, cold)
+                times.setdefault(f"{how}_{tag}", []).append(t)
     copy_dst.unlink()
     pruned = open_beton(out)
     for k in np.linspace(0, len(kept) - 1, 16).astype(int):  # spot check: the same pixels

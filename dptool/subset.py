@@ -7,16 +7,16 @@ pages, page = address >> log2(page_size)), and the allocation table (sample_id, 
 
 A subset keeps the metadata rows in the order given (the source's shuffled order for pruning) with rewritten
 pointers, and packs the kept samples' byte ranges into fresh pages in source *file* order, so the source is read
-front to back, only where kept samples are (one `pread` per run of adjacent kept samples, straight into the
-output's page buffer: no intermediate copy), and every output is written front to back in whole pages. Several
-outputs (several ratios) advance through the source together, so each kept byte comes from disk once. Memory is
-bounded by one page window per output, the metadata and the allocation tables (a few tens of bytes per sample),
-not by the file size.
+front to back, only where kept samples are (one `copy_file_range` per run of adjacent kept samples: the bytes
+stay in the kernel), and every output is written front to back. Several outputs (several ratios) advance through
+the source together, so each kept byte comes from disk once. Memory is bounded by the metadata and allocation
+tables (a few tens of bytes per sample), not by the file size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -166,48 +166,64 @@ def _plan(beton: Beton, dst: Path, indices: np.ndarray, extents, order_by_sample
                  data_bytes=int(cs[-1]), src=start[indices][phys][nz], size=s[nz], dst_ptr=new[nz])
 
 
-class _Writer:
-    """Streams one output: head, then the data region in windows of whole pages, then the allocation table.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.EBADF}
 
-    Runs of samples that are contiguous in the source and in the output are read with one `pread` straight into
-    the window buffer at their place in the output; the padding at page ends is zeroed; a full window is written
-    with one `write`. The source is read only where kept samples are, in file order.
+
+class _Writer:
+    """Streams one output front to back: head, the data region page by page, then the allocation table.
+
+    Each run of samples that are contiguous in the source and in the output is copied with one
+    `os.copy_file_range` (in the kernel: no trip through user memory; a reflink where the file system offers
+    one); where that is unavailable (another file system, old kernel) with `pread` + `pwrite` through a small
+    buffer. The padding at page ends is written as zeros. The source is read only where kept samples are.
     """
 
-    def __init__(self, plan: _Plan, tmp: Path, fd_in: int, window: int):
-        self.plan, self.window, self.fd_in = plan, window, fd_in
-        self.buf = np.empty(window, np.uint8)
-        self.current = 0  # index of the window in self.buf
-        self.filled = 0  # bytes of self.buf written so far (runs arrive in output order)
-        self.next = 0  # next run to copy
-        self.prefetched = 0  # next run to prefetch
+    def __init__(self, plan: _Plan, tmp: Path, fd_in: int, page_size: int):
+        self.plan, self.fd_in = plan, fd_in
+        self.zeros = bytes(page_size)
+        self.scratch: np.ndarray | None = None  # set when the kernel cannot copy between these files
+        self.pos = plan.data_start  # bytes of the output written so far
+        self.next = self.prefetched = 0  # next run to copy, to prefetch
         src, size, dst = plan.src, plan.size, plan.dst_ptr
-        win = (dst - plan.data_start) // window
         brk = np.ones(len(src), bool)
-        brk[1:] = (src[1:] != src[:-1] + size[:-1]) | (dst[1:] != dst[:-1] + size[:-1]) | (win[1:] != win[:-1])
+        brk[1:] = (src[1:] != src[:-1] + size[:-1]) | (dst[1:] != dst[:-1] + size[:-1])
         first = np.flatnonzero(brk)
         last = np.concatenate([first[1:], [len(src)]])[:len(first)] - 1
         self.run_src, self.run_dst = src[first], dst[first]
         self.run_len = dst[last] + size[last] - dst[first]
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._write(memoryview(plan.head))
+        _pwrite_all(self.fd, memoryview(plan.head), 0)
 
     @property
     def num_runs(self) -> int:
-        """Number of preads this output needs."""
+        """Number of copies this output needs."""
         return len(self.run_src)
 
-    def _write(self, data: memoryview) -> None:
-        while len(data):
-            data = data[os.write(self.fd, data):]
+    def _zero_to(self, end: int) -> None:
+        while self.pos < end:
+            n = min(len(self.zeros), end - self.pos)
+            _pwrite_all(self.fd, memoryview(self.zeros)[:n], self.pos)
+            self.pos += n
 
-    def _flush_to(self, target: int) -> None:
-        while self.current < target:
-            lo = self.plan.data_start + self.current * self.window
-            n = min(self.window, self.plan.data_end - lo)
-            self.buf[self.filled:n] = 0
-            self._write(memoryview(self.buf[:n]))
-            self.current, self.filled = self.current + 1, 0
+    def _copy(self, src: int, dst: int, n: int) -> None:
+        if self.scratch is None:
+            try:
+                while n > 0:
+                    k = os.copy_file_range(self.fd_in, self.fd, n, src, dst)
+                    if k == 0:
+                        raise DptoolError(f"source file ended early at byte {src} (was it truncated?).")
+                    src, dst, n = src + k, dst + k, n - k
+                return
+            except (AttributeError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                log.debug("copy_file_range unavailable (%s); copying through user memory", exc)
+                self.scratch = np.empty(len(self.zeros), np.uint8)
+        while n > 0:
+            k = min(n, len(self.scratch))
+            _pread_into(self.fd_in, self.scratch[:k], src)
+            _pwrite_all(self.fd, memoryview(self.scratch[:k]), dst)
+            src, dst, n = src + k, dst + k, n - k
 
     def prefetch_until(self, src_end: int) -> None:
         """Ask the kernel to start reading the runs that start before `src_end` (async; no-op where unsupported)."""
@@ -218,29 +234,24 @@ class _Writer:
                 os.posix_fadvise(self.fd_in, s, n, os.POSIX_FADV_WILLNEED)
 
     def copy_until(self, src_end: int) -> int:
-        """Copy the runs that start before source offset `src_end`; returns the bytes read."""
+        """Copy the runs that start before source offset `src_end`, in output order; returns the bytes copied."""
         stop = int(np.searchsorted(self.run_src, src_end, side="left"))
         a, self.next = self.next, max(stop, self.next)
-        base, w = self.plan.data_start, self.window
         done = 0
         for s, d, n in zip(self.run_src[a:stop].tolist(), self.run_dst[a:stop].tolist(),
                            self.run_len[a:stop].tolist()):
-            target = (d - base) // w
-            if target != self.current:
-                self._flush_to(target)
-            off = d - base - target * w
-            self.buf[self.filled:off] = 0  # page-end padding
-            _pread_into(self.fd_in, self.buf[off:off + n], s)
-            self.filled = off + n
+            self._zero_to(d)  # page-end padding
+            _copy_run(self, s, d, n)
+            self.pos = d + n
             done += n
         return done
 
     def finish(self) -> None:
-        """Write the last pages and the allocation table, then close."""
-        self._flush_to(-(-(self.plan.data_end - self.plan.data_start) // self.window))
-        if os.lseek(self.fd, 0, os.SEEK_CUR) != self.plan.data_end:
-            raise DptoolError(f"internal error: {self.plan.dst} data region ends at the wrong offset.")
-        self._write(memoryview(self.plan.alloc.tobytes()))
+        """Write the last page's padding and the allocation table, then close."""
+        self._zero_to(self.plan.data_end)
+        _pwrite_all(self.fd, memoryview(self.plan.alloc.tobytes()), self.plan.data_end)
+        if os.fstat(self.fd).st_size != self.plan.data_end + self.plan.alloc.nbytes:
+            raise DptoolError(f"internal error: {self.plan.dst} has the wrong size.")
         self.close()
 
     def close(self) -> None:
@@ -248,6 +259,17 @@ class _Writer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _copy_run(writer: _Writer, src: int, dst: int, n: int) -> None:
+    """Copy one run (module level so that tests can interrupt a write here)."""
+    writer._copy(src, dst, n)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        k = os.pwrite(fd, data, offset)
+        data, offset = data[k:], offset + k
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -260,7 +282,7 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
 
 
 def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.PathLike, np.ndarray], *,
-                  force: bool = False, progress: bool = False, window: int = 16 * _MIB, step: int = 64 * _MIB,
+                  force: bool = False, progress: bool = False, step: int = 64 * _MIB,
                   finalize: Callable[[Path, Path], None] | None = None) -> list[SubsetResult]:
     """Write several subsets of `src` in one pass over it, by copying stored sample bytes (no decode).
 
@@ -270,7 +292,6 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     outputs : {output path: (K,) int sample indices of `src`, in the order wanted in the output}; unique indices.
     force : overwrite existing outputs.
     progress : draw a progress bar (source bytes) on stderr.
-    window : bytes of output pages buffered per output before a write (rounded to whole pages).
     step : the outputs advance together through the source in steps of this many bytes (at least a page), so
         that a sample kept by several outputs is read from disk once and then from the page cache.
     finalize : called as ``finalize(final_path, temp_path)`` once an output is complete, before it is renamed
@@ -305,7 +326,6 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
         if len(np.unique(idx)) != len(idx):
             raise InputError(f"Indices for {dst} repeat a sample; each sample can be kept once.")
         plans.append(_plan(beton, dst, idx, extents, order_by_sample))
-    window = max(1, int(window) // beton.page_size) * beton.page_size
     step = max(beton.page_size, int(step))
     data_lo, data_hi = beton.data_start, int(beton.header["alloc_table_ptr"])
 
@@ -319,7 +339,7 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
         writers = []
         try:
             for p, tmp in zip(plans, tmps):
-                writers.append(_Writer(p, tmp, fd, window))
+                writers.append(_Writer(p, tmp, fd, beton.page_size))
             log.info("subset of %s: %d outputs, %d reads", beton.path, len(plans), sum(w.num_runs for w in writers))
             with tqdm(total=data_hi - data_lo, unit="B", unit_scale=True, desc="prune", disable=not progress) as bar:
                 for lo in range(data_lo, data_hi, step):

@@ -236,10 +236,10 @@ def _refuse_existing(data, out) -> str:
 def test_interrupted_prune_leaves_nothing_under_the_final_names(data, tmp_path, monkeypatch):
     before = sha256(data["train"])
 
-    def interrupted(fd, buf, offset):
+    def interrupted(writer, src, dst, n):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(subset_mod, "_pread_into", interrupted)
+    monkeypatch.setattr(subset_mod, "_copy_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prune(data["train"], data["scores"], tmp_path / "p_{ratio}.beton", ratios=[0.2, 0.6], val=data["val"],
               val_output=tmp_path / "v_{ratio}.beton")

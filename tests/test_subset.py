@@ -3,7 +3,9 @@ pages are packed like FFCV's, several outputs in one pass equal separate runs, f
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +90,7 @@ def test_loader_reads_pixel_identical_subsets_of_a_multipage_mixed_file(mixed_be
     kept = np.sort(rng.choice(src.num_samples, int(0.45 * src.num_samples), replace=False))  # file order
     shuffled = rng.permutation(src.num_samples)[:500]  # any order works too
     outs = {tmp_path / "kept.beton": kept, tmp_path / "shuffled.beton": shuffled}
-    results = write_subsets(mixed_beton, outs, window=1)
+    results = write_subsets(mixed_beton, outs)
     assert [r.num_samples for r in results] == [len(kept), len(shuffled)]
     assert results[1].num_pages >= 2
     for path, idx in outs.items():
@@ -123,11 +125,25 @@ def test_several_outputs_in_one_pass_equal_separate_runs(mixed_beton, tmp_path):
         separate = tmp_path / f"sep_{path.name}"
         write_subset(mixed_beton, separate, idx)
         assert sha256(separate) == sha256(path)
-        # the buffering (write window, lockstep step) changes nothing in the output
-        for window, step in ((1, 1), (1 << 30, 1 << 40)):
-            other = tmp_path / f"buffers_{window}_{step}_{path.name}"
-            write_subsets(mixed_beton, {other: idx}, window=window, step=step)
+        # the lockstep step changes nothing in the output
+        for step in (1, 1 << 40):
+            other = tmp_path / f"step_{step}_{path.name}"
+            write_subsets(mixed_beton, {other: idx}, step=step)
             assert sha256(other) == sha256(path)
+
+
+def test_copy_through_user_memory_where_the_kernel_cannot(mixed_beton, tmp_path, monkeypatch):
+    """Another file system (EXDEV) or an old kernel: the pread + pwrite fallback writes the same bytes."""
+    idx = np.arange(0, open_beton(mixed_beton).num_samples, 3)
+    kernel = write_subset(mixed_beton, tmp_path / "kernel.beton", idx)
+
+    def no_kernel_copy(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
+    user = write_subset(mixed_beton, tmp_path / "user.beton", idx)
+    assert sha256(tmp_path / "user.beton") == sha256(tmp_path / "kernel.beton")
+    assert user.bytes == kernel.bytes
 
 
 def test_keeping_everything_reproduces_every_sample(tiny_beton, tmp_path):
@@ -148,15 +164,15 @@ def test_source_is_unchanged(mixed_beton, tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(mixed_beton, tmp_path, monkeypatch):
-    real, calls = subset_mod._pread_into, []
+    real, calls = subset_mod._copy_run, []
 
-    def failing(fd, buf, offset):
-        calls.append(offset)
+    def failing(writer, src, dst, n):
+        calls.append(src)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        real(fd, buf, offset)
+        real(writer, src, dst, n)
 
-    monkeypatch.setattr(subset_mod, "_pread_into", failing)
+    monkeypatch.setattr(subset_mod, "_copy_run", failing)
     with pytest.raises(KeyboardInterrupt):
         write_subsets(mixed_beton, {tmp_path / "a.beton": np.arange(600), tmp_path / "b.beton": np.arange(9)})
     assert len(calls) == 3
