@@ -26,7 +26,7 @@ def _human(s: dict) -> str:
               for t in s["top"]]
     lines.append(f"{s['zero_score_groups']} of {s['groups']} {noun} scored zero; ties broken by {s['tie_break']}")
     lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s["timings"].items())
-                 + f"; total {sum(s['timings'].values()):.2f} s")
+                 + f"; total {s['seconds']:.2f} s")
     if s.get("assignment"):
         lines.append(f"cluster of every source image: {s['assignment']}")
     if s.get("plot"):

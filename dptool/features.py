@@ -121,6 +121,7 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
     device = torch.device(options.device)
     amp = options.amp and device.type == "cuda"
     pos = 0
+    mismatches = torch.zeros((), dtype=torch.int64, device=device)  # checked once at the end: no sync per batch
     with contextlib.ExitStack() as stack:
         slot = stack.enter_context(hook) if hook is not None else None
         bar = stack.enter_context(_progress(len(mine), desc, progress))
@@ -131,8 +132,10 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
             b = int(labels.shape[0])
             batch_rows = mine[pos:pos + b]
             pos += b
-            if len(batch_rows) != b or not np.array_equal(labels.cpu().numpy(), file_labels[batch_rows]):
-                raise DptoolError(f"The loader of {path} did not yield its rows in file order; cannot score.")
+            if len(batch_rows) != b:
+                raise DptoolError(f"The loader of {path} yielded more than its {len(mine)} rows; cannot score.")
+            expected = torch.from_numpy(file_labels[batch_rows]).to(labels.device, non_blocking=True)
+            mismatches += (labels.reshape(-1) != expected).sum()
             try:
                 if forward_features is not None:
                     out, feats = None, forward_features(images)
@@ -151,8 +154,8 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
                         logits=_as_float(out) if logits else None,
                         features=_as_float(feats) if features else None)
             bar.update(b)
-    if pos != len(mine):
-        raise DptoolError(f"The loader of {path} yielded {pos} of {len(mine)} rows; cannot score.")
+    if pos != len(mine) or int(mismatches):
+        raise DptoolError(f"The loader of {path} did not yield its {len(mine)} rows in file order; cannot score.")
 
 
 def _as_float(t):

@@ -46,7 +46,7 @@ def label_mapping(ctx: Context) -> MethodResult:
             preds.append(batch.logits.argmax(dim=1).to(torch.int32))
             labels.append(batch.labels.to(torch.int32))
             prob_sum += torch.round(probs.double() * PROB_SCALE).to(torch.int64).sum(dim=0)
-    ctx.timings["first batch (FFCV compile)"] = first or 0.0
+    ctx.timings["target inference: first batch (FFCV compile)"] = first or 0.0
     with ctx.stage("histograms"):
         p = torch.cat(preds).cpu().numpy() if preds else np.zeros(0, np.int32)
         y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int32)

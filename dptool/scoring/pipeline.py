@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ..atomic import check_output_path
 from ..beton import open_beton
-from ..distributed import barrier, distributed_session, is_main
+from ..distributed import barrier, distributed_session, is_main, launch_rank
 from ..features import InferenceOptions
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..scores import assignment_path
@@ -54,6 +54,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     out = check_output_path(output, force=force, inputs=(source, target))
     if plot is not None:
         check_output_path(plot, force=force, inputs=(source, target, output))
+    began = time.perf_counter()
     with distributed_session() as session_device:
         dev = str(session_device) if device == "auto" else device
         start = time.perf_counter()
@@ -77,6 +78,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
                 summary["plot"] = str(plot_scores(run.scores, plot, top=top, force=force))
             summary["timings"]["write"] = round(time.perf_counter() - start, 3)
         barrier()
-    summary.update(source=str(source), target=str(target) if target is not None else None,
+    summary.update(seconds=round(time.perf_counter() - began, 3), rank=launch_rank(), source=str(source),
+                   target=str(target) if target is not None else None,
                    res=inference.res, device=dev, surrogate=run.scores.surrogate)
     return summary
