@@ -219,13 +219,15 @@ def test_sample_rows_caps_each_class():
     assert np.array_equal(sample_rows(labels, 5, 0, seed=0), np.arange(len(labels)))
 
 
-def test_kmeans_equals_faiss_kmeans(rng):
+@pytest.mark.parametrize("spread", [1.0, 0.05])  # no structure (runs all iterations); tight blobs (stops early)
+def test_kmeans_equals_faiss_kmeans(rng, spread):
     import faiss
 
-    x = rng.normal(size=(2000, 8)).astype(np.float32)
-    km = faiss.Kmeans(8, 10, niter=12, seed=5, max_points_per_centroid=10_000)
+    centres = rng.normal(size=(10, 8)).astype(np.float32)
+    x = (centres[rng.integers(10, size=2000)] + spread * rng.normal(size=(2000, 8))).astype(np.float32)
+    km = faiss.Kmeans(8, 10, niter=30, seed=5, max_points_per_centroid=10_000)
     km.train(x)
-    np.testing.assert_allclose(kmeans(x, 10, niter=12, seed=5, init="random"), km.centroids, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kmeans(x, 10, niter=30, seed=5, init="random"), km.centroids, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="at least 10 source features"):
         kmeans(x[:5], 10)
 
@@ -300,4 +302,6 @@ def test_refusals_before_any_work(score_data, tmp_path):
     _one_sentence(_invoke(*base, "--method", "fm", "--model", score_data.checkpoint, "--feature-layer", "nope",
                           "-o", out), "--feature-layer 'nope'")
     _one_sentence(_invoke(*base, "--arch", "resnet18", "-o", out), "needs --weights")
+    _one_sentence(_invoke(*base, "--method", "fm", "--groups", "labels", "--clusters", 4, "--model",
+                          score_data.checkpoint, "-o", out), "--clusters applies to --groups clusters")
     assert not out.exists()

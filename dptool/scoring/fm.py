@@ -168,6 +168,9 @@ def feature_mapping(ctx: Context) -> MethodResult:
     src = ctx.source
     n_cls = src.num_classes
     k = opts.clusters or n_cls
+    if opts.groups == "labels" and opts.clusters is not None:
+        raise InputError(f"--clusters applies to --groups clusters; with --groups labels the groups are the "
+                         f"{n_cls} source classes.")
     if not (ctx.surrogate.scripted and hasattr(ctx.surrogate.model, "forward_features")):
         ctx.surrogate.feature_module()  # an unknown --feature-layer fails here, before any image is read
     sampled = sample_rows(src.labels, n_cls, opts.source_sample, opts.seed)

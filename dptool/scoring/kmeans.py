@@ -7,8 +7,8 @@ separated classes and k = 8, 19 of 20 seeds did), which is exactly the structure
 
 The Lloyd iterations run one `faiss.Clustering.train` call at a time (each call starts from the previous
 centroids, which is what faiss does inside one call), so that a progress bar can advance per iteration and
-the objective is logged. Inputs are already sampled per class by the caller, so faiss' own subsampling
-(`max_points_per_centroid`) is switched off.
+the objective is logged; like faiss, the loop stops early once the objective no longer changes. Inputs are
+already sampled per class by the caller, so faiss' own subsampling (`max_points_per_centroid`) is switched off.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
     index = _index(d, gpus)
     log.info("k-means: %d x %d into %d clusters, %s init, %d iterations, %s", n, d, k, init, niter,
              f"{gpus} GPU(s)" if gpus else "CPU")
+    previous = None
     with tqdm(total=niter, desc="k-means", unit="it", file=sys.stderr, disable=not progress, leave=False) as bar:
         for it in range(niter):
             clus.train(x, index)
@@ -118,4 +119,8 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
             log.debug("k-means iteration %d: objective %.6g", it, obj)
             bar.set_postfix(obj=f"{obj:.4g}")
             bar.update(1)
+            if obj == previous:  # converged: faiss stops here too (early_stop_threshold 0)
+                log.info("k-means converged after %d iterations", it + 1)
+                break
+            previous = obj
     return faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32)
