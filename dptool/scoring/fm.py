@@ -84,9 +84,13 @@ def _class_means(ctx: Context, rows: np.ndarray, feats: np.ndarray) -> tuple[np.
 
     n_cls = ctx.source.num_classes
     labels = ctx.source.labels[rows]
-    sums = np.zeros((n_cls, feats.shape[1]), np.float64)
-    if len(rows):
-        np.add.at(sums, labels, feats.astype(np.float64))
+    import torch
+
+    sums = torch.zeros((n_cls, feats.shape[1]), dtype=torch.float64)
+    for lo in range(0, len(rows), 1 << 16):  # index_add_ (np.add.at is ~50x slower), in float64, by chunks
+        hi = lo + (1 << 16)
+        sums.index_add_(0, torch.from_numpy(labels[lo:hi]), torch.from_numpy(feats[lo:hi]).double())
+    sums = sums.numpy()
     counts = all_reduce(np.asarray(class_histogram(labels, n_cls), dtype=np.int64))
     sums = all_reduce(sums)
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts
