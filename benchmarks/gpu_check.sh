@@ -25,6 +25,8 @@ mkdir -p "$RESULTS"
 
 section() { printf '\n===== %s =====\n' "$*"; }
 cannot_run() { printf '\ngpu_check: cannot run: %s\n' "$*" >&2; exit 2; }
+skip_cupy() { printf '\ngpu_check: skipping the CuPy kernel checks: %s\n' "$*" >&2; CUPY_OK=0; STATUS=2; }
+CUPY_OK=1
 step() {  # step TIMEOUT_S COMMAND...: run, report failure or timeout, carry on with the next step
     local limit="$1"; shift
     timeout --kill-after=10 "$limit" "$@"
@@ -55,13 +57,13 @@ if ! "$PY" -c "import cupy" >/dev/null 2>&1; then
     if ls "$WHEELS"/cupy_cuda*.whl >/dev/null 2>&1; then
         echo "CuPy missing: installing from $WHEELS/ (no network)"
         "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" cupy-cuda13x \
-            || cannot_run "pip could not install CuPy from $WHEELS/ (missing dependency wheels? see pip's message)"
+            || skip_cupy "pip could not install CuPy from $WHEELS/ (missing dependency wheels? see pip's message)"
     else
-        cannot_run "CuPy is not installed and $WHEELS/ holds no cupy_cuda*.whl; on a machine with network run \
+        skip_cupy "CuPy is not installed and $WHEELS/ holds no cupy_cuda*.whl; on a machine with network run \
 '$PY -m pip download cupy-cuda13x -d $WHEELS/' and copy $WHEELS/ here"
     fi
 fi
-"$PY" - <<'EOF' || cannot_run "CuPy is installed but cannot use a GPU (see the line above)"
+if [ "$CUPY_OK" -eq 1 ] && ! "$PY" - <<'EOF'
 import sys
 import cupy
 try:
@@ -80,13 +82,75 @@ else:
               file=sys.stderr)
 sys.exit(0 if ok else 1)
 EOF
+then
+    skip_cupy "CuPy is installed but cannot use a GPU (see the line above)"
+fi
 
 # ------------------------------------------------------------------------------------------- kernels
+if [ "$CUPY_OK" -eq 1 ]; then
 section "kernels: GPU tests (tests/test_kernels_gpu.py)"
 step 150 "$PY" -m pytest tests/test_kernels_gpu.py -q -rs -p no:cacheprovider
 
 section "kernels: benchmarks, CPU and GPU (benchmarks/bench_kernels.py --gpu)"
 step 120 "$PY" benchmarks/bench_kernels.py --gpu --repeats 3 --json-out "$RESULTS/kernels_gpu.json"
+fi
+
+# ------------------------------------------------------------------------------ FFCV training path
+# FFCV is an sdist that compiles against libturbojpeg and OpenCV. A machine without network gets it from a wheel
+# built beforehand for its Python (`.venv/bin/pip wheel ffcv==1.0.2 --no-deps -w wheels/` on a machine with the
+# same Python and the Debian packages pkg-config libturbojpeg0-dev libopencv-dev); the wheel still needs the
+# libturbojpeg and OpenCV shared libraries at run time.
+section "ffcv"
+FFCV_OK=1
+if ! "$PY" -c "import ffcv" >/dev/null 2>&1; then
+    if ls "$WHEELS"/ffcv-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" ffcv || FFCV_OK=0
+    else
+        FFCV_OK=0
+    fi
+fi
+if [ "$FFCV_OK" -eq 1 ] && "$PY" -c "import ffcv" 2>/tmp/dptool_ffcv_err; then
+    echo "ffcv imports"
+else
+    echo "gpu_check: cannot run the training sections: ffcv does not import here ($(tail -1 /tmp/dptool_ffcv_err 2>/dev/null))." \
+         "Bring a wheel built for this Python in $WHEELS/ and the libturbojpeg/OpenCV shared libraries." >&2
+    STATUS=2
+    FFCV_OK=0
+fi
+
+if [ "$FFCV_OK" -eq 1 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: cannot run the training sections: torch sees no CUDA device." >&2
+    STATUS=2
+    FFCV_OK=0
+fi
+if [ "$FFCV_OK" -eq 1 ]; then
+    section "training throughput: FFCV vs torchvision ImageFolder on CUDA (benchmarks/bench_train.py)"
+    step 150 "$PY" benchmarks/bench_train.py --device cuda --images 4000 --arch resnet18 resnet50 \
+        --out "$RESULTS/train_gpu.json"
+
+    section "pruned pretraining: dptool bench pretrain, full vs 60%-pruned, ResNet-18 and ResNet-50 at 160 px"
+    WORK=$(mktemp -d)
+    step 120 "$PY" - "$WORK" <<'PYEOF'
+import sys
+from dptool.convert import WriterParams, convert
+from dptool.prune import prune
+from dptool.scoring.pipeline import score_files
+from dptool.synthetic import mini_imagenet, write_npz
+
+work = sys.argv[1]
+images, labels, names = mini_imagenet(per_class=40, target_train_per_class=1, target_test_per_class=1, size=192)["source"]
+write_npz(f"{work}/src.npz", images, labels, names)
+convert(f"{work}/src.npz", f"{work}/full.beton", params=WriterParams(max_resolution=192, write_mode="jpg"))
+score_files(f"{work}/random.json", method="random", source=f"{work}/full.beton")
+prune(f"{work}/full.beton", f"{work}/random.json", f"{work}/p60.beton", ratio=0.6)
+print("generated 4000 images at 192 px and a 60%-pruned copy")
+PYEOF
+    for arch in resnet18 resnet50; do
+        step 120 "$PY" -m dptool bench pretrain "$WORK/full.beton" "$WORK/p60.beton" --arch "$arch" --res 160 \
+            --batch-size 256 --steps 20 --rounds 2 --json-out "$RESULTS/bench_pretrain_gpu_$arch.json"
+    done
+    rm -rf "$WORK"
+fi
 
 # ------------------------------------------------------------------------------- later sections go here
 
