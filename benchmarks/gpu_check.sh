@@ -155,5 +155,9 @@ fi
 # ------------------------------------------------------------------------------- later sections go here
 
 section "done"
-if [ "$STATUS" -eq 0 ]; then echo "gpu_check: all steps passed"; else echo "gpu_check: some steps FAILED"; fi
+case "$STATUS" in
+    0) echo "gpu_check: all steps passed" ;;
+    2) echo "gpu_check: some sections could not run (reasons above)" ;;
+    *) echo "gpu_check: some steps FAILED" ;;
+esac
 exit "$STATUS"
