@@ -116,15 +116,15 @@ def main() -> None:
 
     base = DemoConfig.quick() if args.quick else DemoConfig()
     records, start = [], time.perf_counter()
-    for seed in args.seeds:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for done, seed in enumerate(args.seeds, 1):
         config = replace(base, seed=seed)
         records += run_seed(args.workdir / f"seed{seed}", config, args.ratios, args.methods)
-    summary = summarize(records)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"config": asdict(base), "seeds": args.seeds, "ratios": args.ratios, "records": records,
-              "summary": summary, "seconds": time.perf_counter() - start}
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(summary, args.out.with_suffix(".png"))
+        summary = summarize(records)  # written after every seed, so a cut-short run still reports
+        result = {"config": asdict(base), "seeds": args.seeds[:done], "ratios": args.ratios, "records": records,
+                  "summary": summary, "seconds": time.perf_counter() - start}
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(summary, args.out.with_suffix(".png"))
     print(f"{'method':<8}{'ratio':>6}{'final':>14}{'best':>14}{'pretrain s':>12}")
     for r in summary:
         print(f"{r['method']:<8}{r['ratio']:>6.1f}{r['final']:>8.3f}±{r['final_std']:.3f}"
