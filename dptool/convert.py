@@ -23,7 +23,7 @@ from ._ffcv import import_ffcv
 from .atomic import atomic_output, check_output_path
 from .beton import fingerprint, open_beton, write_sidecar
 from .errors import InputError
-from .readers import DEFAULT_MAX_PIXELS, SourceDataset, open_source
+from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
 
 __all__ = ["WriterParams", "PRESETS", "ConvertResult", "convert", "write_beton"]
 
@@ -106,13 +106,12 @@ class _FailSafeSamples:
         if self.stop_on_error and os.path.exists(self.stop_file):
             return _PLACEHOLDER, label
         try:
-            reason = self.source.prescan(index)
-            if reason is None:
-                image = self.source.load(index)
-                if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-                    reason = f"decoded to an unusable shape {image.shape}"
-                else:
-                    return image, label
+            image = self.source.load(index)
+            if image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 1:
+                return image, label
+            reason = f"decoded to an unusable shape {image.shape}"
+        except UnreadableImage as exc:
+            reason = str(exc)
         except Exception as exc:  # noqa: BLE001 - any decoder error means "skip this file"
             reason = f"{type(exc).__name__}: {exc}"
         self._record(index, reason)

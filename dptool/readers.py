@@ -1,8 +1,9 @@
 """Dataset readers: ImageFolder trees, `.npz` arrays and torchvision datasets on disk, as (RGB image, label).
 
 Every reader is an indexable `SourceDataset`: `len()`, `[i] -> (HxWx3 uint8 array, label)`, `class_names`,
-`labels` (read without decoding images where the format allows) and `describe(i)` for messages. Image files are
-checked cheaply (`prescan`) before writing; decoding errors found later are reported by `safe_item`.
+`labels` (read without decoding images where the format allows) and `describe(i)` for messages. `load(i)` raises
+`UnreadableImage` with a one-line reason for a file that must be skipped (zero bytes, not an image, too many
+pixels, corrupt or truncated), after opening the file only once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .errors import InputError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "UnreadableImage",
     "TORCHVISION_FORMATS",
     "SourceDataset",
     "ImageFolderSource",
@@ -35,6 +37,10 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 # Truncated files must raise, not be silently padded.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UnreadableImage(Exception):
+    """A sample that cannot become an RGB image; the message is the reason, in a few words."""
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -91,12 +97,8 @@ class SourceDataset:
         return f"{self.format} sample {index}"
 
     def load(self, index: int) -> np.ndarray:
-        """Decode sample `index` to an (H, W, 3) uint8 array; raises on a bad image."""
+        """Decode sample `index` to an (H, W, 3) uint8 array; raises UnreadableImage (or a decoder error)."""
         raise NotImplementedError
-
-    def prescan(self, index: int) -> str | None:
-        """Cheap check of sample `index` before writing; returns a reason to skip it, or None."""
-        return None
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.load(index), int(self.labels[index])
@@ -132,25 +134,21 @@ class ImageFolderSource(SourceDataset):
     def describe(self, index: int) -> str:
         return self.paths[index]
 
-    def prescan(self, index: int) -> str | None:
+    def load(self, index: int) -> np.ndarray:
         path = self.paths[index]
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage("zero-byte file")
         try:
-            if os.path.getsize(path) == 0:
-                return "zero-byte file"
             with Image.open(path) as img:
                 width, height = img.size
-        except Image.DecompressionBombError:
-            return "decompression bomb (too many pixels)"
+                if width * height > self.max_pixels:
+                    raise UnreadableImage(f"decompression bomb ({width}x{height} > {self.max_pixels} pixels)")
+                img.load()
+                return to_rgb_array(img)
+        except Image.DecompressionBombError as exc:
+            raise UnreadableImage("decompression bomb (too many pixels)") from exc
         except (OSError, ValueError, SyntaxError) as exc:
-            return f"not a readable image ({type(exc).__name__}: {exc})"
-        if width * height > self.max_pixels:
-            return f"decompression bomb ({width}x{height} > {self.max_pixels} pixels)"
-        return None
-
-    def load(self, index: int) -> np.ndarray:
-        with Image.open(self.paths[index]) as img:
-            img.load()
-            return to_rgb_array(img)
+            raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 class NpzSource(SourceDataset):
