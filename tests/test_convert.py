@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from dptool.cli.main import cli
 from PIL import Image
 
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
+from dptool.cli.main import cli
 from dptool.convert import WriterParams, convert
 from dptool.synthetic import separable_images, write_image_folder, write_npz
 
