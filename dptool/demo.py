@@ -6,6 +6,8 @@ prune at one ratio -> pretrain on the full and on each pruned file -> linear pro
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -80,24 +82,13 @@ class DemoResult:
                 "stage_seconds": self.stage_seconds, "plot": self.plot}
 
 
-class _Stages:
-    """Times each stage and logs it."""
-
-    def __init__(self, result: DemoResult):
-        self.result = result
-
-    def __call__(self, name: str):
-        stages = self
-
-        class _Timer:
-            def __enter__(self):
-                log.info("demo: %s", name)
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                stages.result.stage_seconds[name] = round(time.perf_counter() - self.start, 2)
-
-        return _Timer()
+@contextlib.contextmanager
+def _stage(result: DemoResult, name: str):
+    """Log the start of a stage and record its seconds in `result.stage_seconds`."""
+    log.info("demo: %s", name)
+    start = time.perf_counter()
+    yield
+    result.stage_seconds[name] = round(time.perf_counter() - start, 2)
 
 
 def prepare_data(workdir: Path, config: DemoConfig, *, force: bool = False) -> dict[str, Path]:
@@ -159,7 +150,7 @@ def run_demo(workdir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, f
     if any(workdir.glob("*.beton")) and not force:
         raise InputError(f"{workdir} already holds demo files; pass --force to run again over them.")
     result = DemoResult(workdir=str(workdir))
-    stage = _Stages(result)
+    stage = functools.partial(_stage, result)
 
     with stage("generate + convert"):
         paths = prepare_data(workdir, config, force=True)
