@@ -125,8 +125,10 @@ def pretrain_and_probe(data: Path, target_train: Path, target_test: Path, out_st
     from .finetune import FinetuneConfig, finetune
     from .train import train
 
-    trained = train(data, out_stem.with_suffix(".pt"), config=_train_config(config, config.pretrain_arch,
-                                                                              config.pretrain_epochs), force=force)
+    # not with_suffix: a stem such as "pretrain_lm_0.2" would lose its ".2"
+    checkpoint = out_stem.parent / f"{out_stem.name}.pt"
+    recipe = _train_config(config, config.pretrain_arch, config.pretrain_epochs)
+    trained = train(data, checkpoint, config=recipe, force=force)
     probe = finetune(trained.checkpoint, target_train, target_test,
                      config=FinetuneConfig(mode="lp", epochs=config.probe_epochs, batch_size=config.batch_size,
                                            res=config.size, workers=config.workers, seed=config.seed),
