@@ -175,9 +175,7 @@ def open_beton(path: str | os.PathLike, *, require_label: bool = True) -> Beton:
         raise InputError(f"{path} is truncated or damaged (allocation table at {alloc_ptr}, file size {size}).")
     metadata = np.fromfile(path, dtype=meta_type, count=n, offset=desc_end)
     alloc = np.fromfile(path, dtype=_ALLOC, count=(size - alloc_ptr) // _ALLOC.itemsize, offset=alloc_ptr)
-    if len(alloc) and (
-        int(alloc["ptr"].max()) + 0 > alloc_ptr or int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr
-    ):
+    if len(alloc) and int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr:
         raise InputError(f"{path} is truncated or damaged (sample data past the allocation table).")
     beton = Beton(
         path=path,
