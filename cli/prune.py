@@ -27,8 +27,9 @@ class _FloatList(click.ParamType):
 
 def _human(r) -> str:
     lines = [
-        f"{f.output}: {f.num_samples} samples, {f.num_classes_kept} classes, {r.level}s kept {f.kept_groups} "
-        f"(ratio {f.ratio:g}), {f.bytes / 1e6:.1f} MB" for f in r.files
+        f"{f.output}: {f.num_samples} samples, {f.num_classes_kept} classes, {f.kept_groups} "
+        f"{'clusters' if r.level == 'cluster' else 'classes'} kept (ratio {f.ratio:g}), {f.bytes / 1e6:.1f} MB"
+        for f in r.files
     ]
     train = [f for f in r.files if f.split == "train"]
     lines.append(
