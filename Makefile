@@ -39,7 +39,7 @@ test-slow: setup
 
 ## demo: set-up + the whole method on built-in data
 demo: setup
-	$(BIN)/dptool demo
+	$(BIN)/dptool demo --workdir dptool-demo --force
 
 lint: setup
 	$(BIN)/ruff check .
