@@ -110,3 +110,14 @@ def make_split_betons(folder, n_classes: int = 4, train_per_class: int = 40, val
 def train_val_betons(tmp_path_factory):
     """(train, val) .beton paths: 4 separable classes, 40 + 10 images each, 32 px (read-only)."""
     return make_split_betons(tmp_path_factory.mktemp("split"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy 2-core machine, two OpenMP threads ran ResNet steps 40x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

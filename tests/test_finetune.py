@@ -47,14 +47,6 @@ def source_ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_linear_probe_backbone_bit_identical(tmp_path, target, source_ckpt, one_thread):
     train, test = target
     out = tmp_path / "lp.pt"
