@@ -17,11 +17,17 @@ def restore_threads(n_threads: int) -> None:
 
 
 def import_ffcv(module: str = "ffcv") -> ModuleType:
-    """Import an FFCV module, keeping torch's thread count as it was before."""
+    """Import an FFCV module, keeping torch's thread count as it was before.
+
+    The first call also puts FFCV's compiled stages in Numba's disk cache (see `dptool._ffcv_cache`).
+    """
     import torch
+
+    from ._ffcv_cache import enable_compile_cache
 
     before = torch.get_num_threads()
     mod = importlib.import_module(module)
+    enable_compile_cache()
     restore_threads(before)
     return mod
 

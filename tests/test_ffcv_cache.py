@@ -1,0 +1,94 @@
+"""The on-disk cache of FFCV's compiled stages: same pixels as plain FFCV, and a second process compiles nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import make_beton
+
+from dptool._ffcv_cache import _Unkeyable, _value_key
+
+# Decodes a JPEG .beton through the inference loader in a fresh process; saves the pixels and labels, and reports
+# which functions Numba compiled (its "numba:compile" event fires for compilations, not for loads from the cache).
+DECODE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from numba.core import event
+    from dptool import _ffcv_cache
+    from dptool.loaders import inference_loader
+
+    compiled = []
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+        def on_end(self, ev):
+            pass
+    event.register("numba:compile", Listener())
+    xs, ys = [], []
+    for x, y in inference_loader(sys.argv[1], batch_size=16, res=24, workers=2):
+        xs.append(x.numpy()); ys.append(y.numpy())
+    np.savez(sys.argv[2], x=np.concatenate(xs), y=np.concatenate(ys))
+    print(json.dumps({"enabled": _ffcv_cache.compile_cache_enabled(), "compiled": compiled}))
+""")
+
+
+def _decode(beton, out, cache_dir, enabled: bool) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), DPTOOL_FFCV_COMPILE_CACHE="1" if enabled else "0")
+    done = subprocess.run([sys.executable, "-c", DECODE, str(beton), str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_cached_stages_decode_the_same_pixels_and_are_not_recompiled(tmp_path):
+    beton = make_beton(tmp_path, "jpeg", n_classes=3, per_class=12, size=40, write_mode="jpg")
+    cache = tmp_path / "numba-cache"
+
+    cold = _decode(beton, tmp_path / "cold.npz", cache, enabled=True)
+    assert cold["enabled"]
+    assert any("decode" in name for name in cold["compiled"])  # the JPEG stage was compiled, then saved
+    assert list(cache.rglob("*decode*.nbi")), "no cache index written for the decode stage"
+
+    warm = _decode(beton, tmp_path / "warm.npz", cache, enabled=True)
+    ffcv_stages = [n for n in warm["compiled"] if "generate_code" in n or n in ("imdecode", "resize_crop",
+                                                                                 "get_random_crop")]
+    assert ffcv_stages == [], f"recompiled although cached: {ffcv_stages}"
+
+    plain = _decode(beton, tmp_path / "plain.npz", tmp_path / "unused-cache", enabled=False)
+    assert not plain["enabled"]
+    assert any("decode" in name for name in plain["compiled"])
+    ref = np.load(tmp_path / "plain.npz")
+    assert len(ref["y"]) == 36
+    for run in ("cold", "warm"):
+        got = np.load(tmp_path / f"{run}.npz")
+        np.testing.assert_array_equal(got["x"], ref["x"])
+        np.testing.assert_array_equal(got["y"], ref["y"])
+
+
+def test_value_key_describes_contents_not_identity():
+    from numba import njit
+
+    def outer(arr):
+        def inner(i):
+            return arr[i]
+
+        return inner
+
+    def plain(i):
+        return i
+
+    assert _value_key(outer(np.arange(3))) == _value_key(outer(np.arange(3)))
+    assert _value_key(outer(np.arange(3))) != _value_key(outer(np.arange(4)))
+    assert _value_key(outer(np.arange(3))) != _value_key(outer(np.arange(3.0)))
+    # two dispatchers of one function (each with its own random id) are the same; other options are not
+    assert _value_key(njit(plain)) == _value_key(njit(plain))
+    assert _value_key(njit(plain)) != _value_key(njit(parallel=True)(plain))
+    assert _value_key((1, "a", None)) != _value_key((1, "b", None))
+    with pytest.raises(_Unkeyable):
+        _value_key(object())
