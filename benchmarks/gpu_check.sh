@@ -124,6 +124,9 @@ if [ "$FFCV_OK" -eq 1 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cu
     FFCV_OK=0
 fi
 if [ "$FFCV_OK" -eq 1 ]; then
+    section "scoring on CUDA: LM and FM against the CPU references (tests/test_score_gpu.py)"
+    step 90 "$PY" -m pytest tests/test_score_gpu.py -q -rs -p no:cacheprovider
+
     section "training throughput: FFCV vs torchvision ImageFolder on CUDA (benchmarks/bench_train.py)"
     step 150 "$PY" benchmarks/bench_train.py --device cuda --images 4000 --arch resnet18 resnet50 \
         --out "$RESULTS/train_gpu.json"

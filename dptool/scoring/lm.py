@@ -40,13 +40,13 @@ def label_mapping(ctx: Context) -> MethodResult:
     with ctx.stage("target inference"):
         for batch in stream(ctx.surrogate, ctx.target.path, np.arange(ctx.target.num_samples), options=opts,
                             progress=ctx.options.progress, desc="LM: target"):
-            if first is None:  # FFCV compiles its pipeline before the first batch: a fixed cost per loader
+            if first is None:  # loader set-up: FFCV compiles its stages (or loads them from the disk cache)
                 first = time.perf_counter() - start
             probs = torch.softmax(batch.logits, dim=1)
             preds.append(batch.logits.argmax(dim=1).to(torch.int32))
             labels.append(batch.labels.to(torch.int32))
             prob_sum += torch.round(probs.double() * PROB_SCALE).to(torch.int64).sum(dim=0)
-    ctx.timings["target inference: first batch (FFCV compile)"] = first or 0.0
+    ctx.timings["target inference: first batch (loader set-up)"] = first or 0.0
     with ctx.stage("histograms"):
         p = torch.cat(preds).cpu().numpy() if preds else np.zeros(0, np.int32)
         y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int32)

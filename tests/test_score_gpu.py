@@ -1,0 +1,70 @@
+"""`dptool score` on an NVIDIA GPU: LM and FM on CUDA against the same plain-torch / NumPy references as the CPU.
+
+Skipped as a whole where torch sees no CUDA device. float32 (amp off) so that predictions can be compared with the
+CPU reference: a row may differ only where the reference's two best logits (or centroid distances) are closer than
+the difference between the devices' float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("torch sees no CUDA device", allow_module_level=True)
+
+from test_score import _brute_nearest, _reference  # noqa: E402
+
+from dptool.features import InferenceOptions  # noqa: E402
+from dptool.scoring import ScoreOptions, score  # noqa: E402
+from dptool.surrogate import load_surrogate  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
+
+CUDA = InferenceOptions(res=16, batch_size=16, workers=1, device="cuda", amp=False)
+NEAR_TIE = 1e-3  # relative gap between the best two under which CPU and GPU float32 may disagree
+
+
+def _near_tie(values: np.ndarray, largest: bool) -> np.ndarray:
+    """Rows whose best two entries are within NEAR_TIE (relative) of each other."""
+    top2 = np.sort(values, axis=1)[:, -2:] if largest else np.sort(values, axis=1)[:, :2]
+    gap = np.abs(top2[:, 1] - top2[:, 0])
+    return gap <= NEAR_TIE * np.maximum(np.abs(top2).max(axis=1), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def surrogate(score_data):
+    return load_surrogate(model=score_data.checkpoint, device="cuda")
+
+
+def test_lm_on_cuda_equals_plain_torch_loop(score_data, surrogate):
+    run = score("lm", source=score_data.source, target=score_data.target, surrogate=surrogate,
+                options=ScoreOptions(inference=CUDA))
+    logits, _, _ = _reference(score_data, score_data.target)
+    pred = logits.argmax(dim=1).numpy()
+    ties = _near_tie(logits.numpy(), largest=True)
+    expected = np.bincount(pred, minlength=8)
+    if not ties.any():
+        assert np.array_equal(run.scores.scores, expected)
+    else:
+        assert np.abs(run.scores.scores - expected).sum() <= 2 * ties.sum()
+    assert set(run.scores.order()[:3].tolist()) == set(score_data.subset)
+
+
+def test_fm_clusters_on_cuda_vote_like_brute_force(score_data, surrogate):
+    opts = ScoreOptions(inference=CUDA, clusters=8, source_sample=16, seed=1)
+    run = score("fm", source=score_data.source, target=score_data.target, surrogate=surrogate, options=opts)
+    _, tgt_feats, _ = _reference(score_data, score_data.target)
+    _, src_feats, _ = _reference(score_data, score_data.source)
+    cent = np.asarray(run.centroids, np.float64)
+    d_tgt = ((tgt_feats[:, None, :] - cent[None]) ** 2).sum(axis=2)
+    d_src = ((src_feats[:, None, :] - cent[None]) ** 2).sum(axis=2)
+    votes = np.bincount(_brute_nearest(tgt_feats, cent), minlength=8)
+    tgt_ties, src_ties = _near_tie(d_tgt, largest=False), _near_tie(d_src, largest=False)
+    assert np.abs(run.scores.scores - votes).sum() <= 2 * tgt_ties.sum()
+    differ = run.assignment != _brute_nearest(src_feats, cent)
+    assert not (differ & ~src_ties).any()
+    voted = np.nonzero(run.scores.scores)[0]
+    major = np.asarray(run.scores.extra["majority_class"])
+    assert set(major[voted].tolist()) <= set(score_data.subset)
