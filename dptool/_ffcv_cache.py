@@ -71,8 +71,8 @@ def _value_key(obj, depth: int = 0):
         return ("function", obj.__module__, obj.__qualname__, _code_key(obj.__code__), _value_key(cells, depth + 1))
     if obj is numba.prange or obj is range:
         return ("builtin", obj.__name__)
-    if isinstance(obj, nb_types.Type):
-        return ("numba type", str(obj))
+    if isinstance(obj, nb_types.Type):  # an external C function's str is its symbol alone: add its signature
+        return ("numba type", type(obj).__name__, str(obj), str(getattr(obj, "sig", "")))
     raise _Unkeyable(type(obj).__name__)
 
 
@@ -81,8 +81,30 @@ def _closure_values(func) -> tuple:
     return tuple(c.cell_contents for c in func.__closure__ or ())
 
 
-def _make_cache_class():
-    from numba.core.caching import FunctionCache
+def _make_cache_classes() -> tuple[type, type]:
+    """(KeyNamedCacheFile, StageCache), defined on first use so that importing this module does not import Numba."""
+    from numba.core.caching import FunctionCache, IndexDataCacheFile
+
+    class KeyNamedCacheFile(IndexDataCacheFile):
+        """Numba's index + data files, with each data file named after its key.
+
+        Numba numbers data files in the order entries arrive. Two processes adding different entries at once
+        (two closures of one stage, e.g. a training and an evaluation crop) can then both pick number 1, and the
+        index can end up pointing one key at the other's code. A name derived from the key cannot be shared;
+        a lost index update only means one more compilation later.
+        """
+
+        def __init__(self, cache_path, filename_base, source_stamp):
+            super().__init__(cache_path, filename_base, source_stamp)
+            self._filename_base = filename_base
+
+        def save(self, key, data):
+            name = f"{self._filename_base}.{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.nbc"
+            self._save_data(name, data)  # data first: an index entry never names a file not yet written
+            overloads = self._load_index()
+            if overloads.get(key) != name:
+                overloads[key] = name
+                self._save_index(overloads)
 
     class StageCache(FunctionCache):
         """Numba's function cache, keyed on `_value_key` of the closure instead of its pickle."""
@@ -90,12 +112,14 @@ def _make_cache_class():
         def __init__(self, py_func, closure_key: str):
             super().__init__(py_func)
             self._closure_key = closure_key
+            self._cache_file = KeyNamedCacheFile(self._cache_path, self._impl.filename_base,
+                                                 self._impl.locator.get_source_stamp())
 
         def _index_key(self, sig, codegen):
             code = hashlib.sha256(self._py_func.__code__.co_code).hexdigest()
             return (sig, codegen.magic_tuple(), (code, self._closure_key))
 
-    return StageCache
+    return KeyNamedCacheFile, StageCache
 
 
 def _external_functions() -> dict:
@@ -169,7 +193,7 @@ def enable_compile_cache() -> bool:
 
     try:
         replacements = _cacheable_libffcv(_external_functions())
-        stage_cache = _make_cache_class()
+        _, stage_cache = _make_cache_classes()
     except Exception as exc:  # an llvmlite/numba without these entry points: FFCV as it is
         log.debug("FFCV compile cache unavailable: %s", exc)
         return False

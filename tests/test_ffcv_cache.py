@@ -92,3 +92,41 @@ def test_value_key_describes_contents_not_identity():
     assert _value_key((1, "a", None)) != _value_key((1, "b", None))
     with pytest.raises(_Unkeyable):
         _value_key(object())
+
+
+def _interleaved_saves(cache_file_class, folder, keys: dict) -> dict:
+    """Process one saves keys["train"]; right after its first write (index or data), process two saves
+    keys["eval"] whole; then one finishes. Both read the index before either wrote. Returns what a third loads."""
+    one, two = (cache_file_class(str(folder), "rgb_image.decode-185.py311", "stamp") for _ in range(2))
+    one._load_index = two._load_index = lambda: {}
+    writes = []
+
+    def after_first_write(method):
+        def wrapped(*args):
+            method(*args)
+            writes.append(method.__name__)
+            if len(writes) == 1:
+                two.save(keys["eval"], "code of eval")
+        return wrapped
+
+    one._save_index, one._save_data = after_first_write(one._save_index), after_first_write(one._save_data)
+    one.save(keys["train"], "code of train")
+    reader = cache_file_class(str(folder), "rgb_image.decode-185.py311", "stamp")
+    return {name: reader.load(key) for name, key in keys.items()}
+
+
+def test_entries_saved_at_once_by_two_processes_never_load_each_others_code(tmp_path):
+    from numba.core.caching import IndexDataCacheFile
+
+    from dptool._ffcv_cache import _make_cache_classes
+
+    key_named, _ = _make_cache_classes()
+    keys = {"train": ("sig", "cpu", ("code", "closure A")), "eval": ("sig", "cpu", ("code", "closure B"))}
+    (tmp_path / "dptool").mkdir()
+    (tmp_path / "numba").mkdir()
+    loaded = _interleaved_saves(key_named, tmp_path / "dptool", keys)
+    assert all(code in (None, f"code of {name}") for name, code in loaded.items()), loaded
+    assert any(code is not None for code in loaded.values())  # a lost entry is only compiled again later
+    # numba's numbered data files, under the same interleaving: the eval key loads the training stage's code
+    numbered = _interleaved_saves(IndexDataCacheFile, tmp_path / "numba", keys)
+    assert numbered["eval"] == "code of train"
