@@ -5,7 +5,7 @@ and fingerprint both files, check the output width, FFCV decoding, forward passe
 file). The baseline is the same surrogate's forward passes alone over the same images, already decoded and
 normalised in memory, same batch size and device. Target: end to end <= 1.2x the bare forward passes.
 FFCV's compiled stages come from Numba's disk cache (`dptool._ffcv_cache`) once any loader has run; the baseline's
-own decoding fills it, so the end-to-end runs load them. ``DPTOOL_FFCV_COMPILE_CACHE=0`` measures without it.
+own decoding fills it, so the end-to-end runs load them. ``DPTOOL_FFCV_PATCHES=0`` measures without it.
 
 FM. Gaussian-blob features: ``dptool.scoring.kmeans`` (k-means++ seeds + faiss Lloyd iterations, one per call)
 followed by assigning every sample with ``dptool.kernels.nearest_centroid``, vs ``faiss.Kmeans.train`` +

@@ -1,11 +1,28 @@
-"""Import FFCV without its side effect: `import ffcv` sets torch (and Numba) to one thread."""
+"""Import FFCV without its side effects, and start it fast.
+
+`import ffcv` sets torch (and Numba) to one thread: `import_ffcv` puts torch's count back. On FFCV 1.0.2 it also
+applies two start-up patches (``DPTOOL_FFCV_PATCHES=0`` turns both off; decoded pixels are identical either way):
+
+* FFCV builds its table of image modes (``{"jpg": 0, "raw": 1}``) as a Numba typed dict at import, which compiles
+  Numba's dict code: 3.5 s of every process, on a 2-core CPU. Only Python reads the table, so it is built as a
+  plain dict (`numba.typed.Dict` is `dict` while FFCV's modules are first imported, nothing else meanwhile);
+* FFCV's compiled pipeline stages go to Numba's disk cache (`dptool._ffcv_cache`).
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
+import os
+import sys
 from types import ModuleType
 
-__all__ = ["import_ffcv", "restore_threads", "silence_loader_gc_noise"]
+__all__ = ["import_ffcv", "patches_enabled", "restore_threads", "silence_loader_gc_noise"]
+
+PATCHED_RELEASE = "1.0.2"  # the FFCV release whose internals the start-up patches rely on
+
+log = logging.getLogger(__name__)
 
 
 def restore_threads(n_threads: int) -> None:
@@ -16,18 +33,50 @@ def restore_threads(n_threads: int) -> None:
         torch.set_num_threads(n_threads)
 
 
-def import_ffcv(module: str = "ffcv") -> ModuleType:
-    """Import an FFCV module, keeping torch's thread count as it was before.
+@functools.cache
+def patches_enabled() -> bool:
+    """Whether the start-up patches apply: FFCV 1.0.2 is installed and ``DPTOOL_FFCV_PATCHES`` is not 0."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    The first call also puts FFCV's compiled stages in Numba's disk cache (see `dptool._ffcv_cache`).
-    """
+    if os.environ.get("DPTOOL_FFCV_PATCHES", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        found = version("ffcv")
+    except PackageNotFoundError:
+        return False
+    if found != PATCHED_RELEASE:
+        log.debug("FFCV %s is not %s: started without dptool's patches", found, PATCHED_RELEASE)
+    return found == PATCHED_RELEASE
+
+
+def _first_import_with_plain_image_modes() -> None:
+    """Import ffcv with `numba.typed.Dict` standing for `dict` (see the module docstring)."""
+    import numba.typed
+
+    had = "Dict" in vars(numba.typed)  # else numba.typed resolves it lazily, as it will again afterwards
+    typed_dict = numba.typed.Dict
+    numba.typed.Dict = dict
+    try:
+        importlib.import_module("ffcv")
+    finally:
+        if had:
+            numba.typed.Dict = typed_dict
+        else:
+            del numba.typed.Dict
+
+
+def import_ffcv(module: str = "ffcv") -> ModuleType:
+    """Import an FFCV module, keeping torch's thread count as it was before (and patched, see above)."""
     import torch
 
-    from ._ffcv_cache import enable_compile_cache
-
     before = torch.get_num_threads()
+    if patches_enabled() and "ffcv" not in sys.modules:
+        _first_import_with_plain_image_modes()
     mod = importlib.import_module(module)
-    enable_compile_cache()
+    if patches_enabled():
+        from ._ffcv_cache import enable_compile_cache
+
+        enable_compile_cache()
     restore_threads(before)
     return mod
 

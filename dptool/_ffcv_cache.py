@@ -15,8 +15,8 @@ on a 2-core CPU for the JPEG resized-crop pipeline, paid again by every process 
 
 The cache lives where Numba keeps caches (``__pycache__`` beside FFCV's sources, else ``NUMBA_CACHE_DIR`` or the
 user's cache folder) and is invalidated by Numba when FFCV's sources change. Decoded pixels are identical with
-and without it (tested). ``DPTOOL_FFCV_COMPILE_CACHE=0`` turns it off. Only FFCV 1.0.2 is patched: the patch
-relies on the names and signatures of that release.
+and without it (tested). `dptool._ffcv.import_ffcv` turns it on where `patches_enabled()`: FFCV 1.0.2, the
+release whose names and signatures this relies on, and ``DPTOOL_FFCV_PATCHES`` not 0.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import os
 import pickle
 import types
 import warnings
@@ -35,7 +34,6 @@ __all__ = ["enable_compile_cache", "compile_cache_enabled"]
 
 log = logging.getLogger(__name__)
 
-_FFCV_VERSION = "1.0.2"
 _decided = False  # enable_compile_cache has run in this process (it decides once)
 _enabled = False
 
@@ -166,24 +164,13 @@ def compile_cache_enabled() -> bool:
 def enable_compile_cache() -> bool:
     """Route FFCV's stage compilation through Numba's on-disk cache; returns whether it is on.
 
-    Decides once per process. Does nothing (and returns False) when ``DPTOOL_FFCV_COMPILE_CACHE=0``, when FFCV
-    is not the release this patch was written for, or when Numba's caching is unavailable.
+    Decides once per process; call it only where `dptool._ffcv.patches_enabled()`. Returns False when Numba
+    lacks what the patch uses (FFCV then compiles as it always did).
     """
     global _decided, _enabled
     if _decided:
         return _enabled
     _decided = True
-    if os.environ.get("DPTOOL_FFCV_COMPILE_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        if version("ffcv") != _FFCV_VERSION:
-            log.debug("FFCV %s is not %s: its stages are compiled without a cache", version("ffcv"), _FFCV_VERSION)
-            return False
-    except PackageNotFoundError:
-        return False
-
     import ffcv.fields.bytes as ffcv_bytes
     import ffcv.fields.ndarray as ffcv_ndarray
     import ffcv.fields.rgb_image as ffcv_rgb

@@ -1,4 +1,5 @@
-"""The on-disk cache of FFCV's compiled stages: same pixels as plain FFCV, and a second process compiles nothing."""
+"""dptool's start-up patches of FFCV (plain-dict image modes, compile cache): same pixels as plain FFCV, and a
+second process compiles none of FFCV's stages."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ DECODE = textwrap.dedent("""
     import numpy as np
     from numba.core import event
     from dptool import _ffcv_cache
+    from dptool._ffcv import import_ffcv
     from dptool.loaders import inference_loader
+
+    modes = import_ffcv("ffcv.fields.rgb_image").IMAGE_MODES
 
     compiled = []
     class Listener(event.Listener):
@@ -34,12 +38,13 @@ DECODE = textwrap.dedent("""
     for x, y in inference_loader(sys.argv[1], batch_size=16, res=24, workers=2):
         xs.append(x.numpy()); ys.append(y.numpy())
     np.savez(sys.argv[2], x=np.concatenate(xs), y=np.concatenate(ys))
-    print(json.dumps({"enabled": _ffcv_cache.compile_cache_enabled(), "compiled": compiled}))
+    print(json.dumps({"enabled": _ffcv_cache.compile_cache_enabled(), "compiled": compiled,
+                      "modes": dict(modes), "modes_type": type(modes).__name__}))
 """)
 
 
 def _decode(beton, out, cache_dir, enabled: bool) -> dict:
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), DPTOOL_FFCV_COMPILE_CACHE="1" if enabled else "0")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), DPTOOL_FFCV_PATCHES="1" if enabled else "0")
     done = subprocess.run([sys.executable, "-c", DECODE, str(beton), str(out)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -51,7 +56,7 @@ def test_cached_stages_decode_the_same_pixels_and_are_not_recompiled(tmp_path):
     cache = tmp_path / "numba-cache"
 
     cold = _decode(beton, tmp_path / "cold.npz", cache, enabled=True)
-    assert cold["enabled"]
+    assert cold["enabled"] and cold["modes_type"] == "dict"
     assert any("decode" in name for name in cold["compiled"])  # the JPEG stage was compiled, then saved
     assert list(cache.rglob("*decode*.nbi")), "no cache index written for the decode stage"
 
@@ -61,7 +66,8 @@ def test_cached_stages_decode_the_same_pixels_and_are_not_recompiled(tmp_path):
     assert ffcv_stages == [], f"recompiled although cached: {ffcv_stages}"
 
     plain = _decode(beton, tmp_path / "plain.npz", tmp_path / "unused-cache", enabled=False)
-    assert not plain["enabled"]
+    assert not plain["enabled"] and plain["modes_type"] == "Dict"  # FFCV as released: a Numba typed dict
+    assert cold["modes"] == plain["modes"] == {"jpg": 0, "raw": 1}
     assert any("decode" in name for name in plain["compiled"])
     ref = np.load(tmp_path / "plain.npz")
     assert len(ref["y"]) == 36
