@@ -15,15 +15,16 @@ from conftest import make_beton
 
 from dptool._ffcv_cache import _Unkeyable, _value_key
 
-# Decodes a JPEG .beton through the inference loader in a fresh process; saves the pixels and labels, and reports
-# which functions Numba compiled (its "numba:compile" event fires for compilations, not for loads from the cache).
+# Decodes a JPEG .beton through the inference and evaluation loaders in a fresh process; saves the pixels and
+# labels, and reports which functions Numba compiled (its "numba:compile" event fires for compilations, not for
+# loads from the cache).
 DECODE = textwrap.dedent("""
     import json, sys
     import numpy as np
     from numba.core import event
     from dptool import _ffcv_cache
     from dptool._ffcv import import_ffcv
-    from dptool.loaders import inference_loader
+    from dptool.loaders import eval_loader, inference_loader
 
     modes = import_ffcv("ffcv.fields.rgb_image").IMAGE_MODES
 
@@ -35,8 +36,9 @@ DECODE = textwrap.dedent("""
             pass
     event.register("numba:compile", Listener())
     xs, ys = [], []
-    for x, y in inference_loader(sys.argv[1], batch_size=16, res=24, workers=2):
-        xs.append(x.numpy()); ys.append(y.numpy())
+    for make in (inference_loader, eval_loader):  # whole-short-side and 224/256 centre crops
+        for x, y in make(sys.argv[1], batch_size=16, res=24, workers=2):
+            xs.append(x.numpy()); ys.append(y.numpy())
     np.savez(sys.argv[2], x=np.concatenate(xs), y=np.concatenate(ys))
     print(json.dumps({"enabled": _ffcv_cache.compile_cache_enabled(), "compiled": compiled,
                       "modes": dict(modes), "modes_type": type(modes).__name__}))
@@ -70,7 +72,7 @@ def test_cached_stages_decode_the_same_pixels_and_are_not_recompiled(tmp_path):
     assert cold["modes"] == plain["modes"] == {"jpg": 0, "raw": 1}
     assert any("decode" in name for name in plain["compiled"])
     ref = np.load(tmp_path / "plain.npz")
-    assert len(ref["y"]) == 36
+    assert len(ref["y"]) == 2 * 36
     for run in ("cold", "warm"):
         got = np.load(tmp_path / f"{run}.npz")
         np.testing.assert_array_equal(got["x"], ref["x"])
