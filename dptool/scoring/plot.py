@@ -1,4 +1,4 @@
-"""The sorted score curve as a PNG: scores of all groups from best to worst, the top groups labelled."""
+"""The sorted score curve as a PNG: scores of all groups from best to worst, the top groups marked and listed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["plot_scores"]
 
 
 def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force: bool = False) -> Path:
-    """Write a PNG of the scores sorted by rank, with the `top` groups' names beside their points (Agg backend)."""
+    """Write a PNG of the scores sorted by rank, the `top` groups marked on the curve and listed by name (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -27,10 +27,16 @@ def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force
     try:
         ax.plot(np.arange(len(values)), values, lw=1.5, color="tab:blue")
         ax.fill_between(np.arange(len(values)), values, alpha=0.15, color="tab:blue")
-        for rank, i in enumerate(order[:top]):
-            ax.annotate(scores.names[i][:28], (rank, scores.scores[i]), fontsize=7, rotation=30,
-                        xytext=(4, 4), textcoords="offset points")
-        ax.scatter(np.arange(min(top, len(values))), values[:top], s=10, color="tab:red", zorder=3)
+        shown = min(top, len(values))
+        ax.scatter(np.arange(shown), values[:shown], s=10, color="tab:red", zorder=3)
+        # a list rather than labels at the points: tied groups (often many at zero) sit side by side on the curve
+        lines = [f"{rank + 1:>2}. {scores.names[i][:24]:<24} {scores.scores[i]:>10.4g}"
+                 for rank, i in enumerate(order[:shown])]
+        if shown > 1 and len(np.unique(values[:shown])) < shown:
+            lines.append("equal scores ordered by the tie-break")
+        box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.85}
+        ax.text(0.98, 0.96, "\n".join([f"top {shown}", *lines]), transform=ax.transAxes, ha="right", va="top",
+                multialignment="left", family="monospace", fontsize=7, bbox=box)
         noun = "classes" if scores.level == "class" else "clusters"
         zero = int((values == 0).sum())
         ax.set_title(f"{scores.method} scores of {len(values)} {noun}, best first ({zero} score zero)")
