@@ -27,7 +27,7 @@ def _table(result) -> str:
 @click.command("demo", context_settings=CONTEXT_SETTINGS)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("dptool-demo"),
               help="Folder for the generated data, models, scores and pruned files.")
-@click.option("--quick", is_flag=True, help="A smaller, shorter run (about two minutes on two cores).")
+@click.option("--quick", is_flag=True, help="A smaller, shorter run (about a minute on two cores).")
 @click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="Pruning ratio  [default: 0.6]")
 @click.option("--seed", type=int, default=None, help="Seed of the data, training and baselines  [default: 0]")
 @force_option

@@ -89,12 +89,19 @@ def _make_cache_classes() -> tuple[type, type]:
         Numba numbers data files in the order entries arrive. Two processes adding different entries at once
         (two closures of one stage, e.g. a training and an evaluation crop) can then both pick number 1, and the
         index can end up pointing one key at the other's code. A name derived from the key cannot be shared;
-        a lost index update only means one more compilation later.
+        a lost index update only means one more compilation later. An unreadable entry counts as absent.
         """
 
         def __init__(self, cache_path, filename_base, source_stamp):
             super().__init__(cache_path, filename_base, source_stamp)
             self._filename_base = filename_base
+
+        def load(self, key):
+            try:
+                return super().load(key)
+            except Exception as exc:  # a damaged file (disk full, a killed copy): compile again, as if absent
+                log.debug("ignoring an unreadable cache entry in %s: %s", self._cache_path, exc)
+                return None
 
         def save(self, key, data):
             name = f"{self._filename_base}.{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.nbc"

@@ -45,7 +45,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        """A smaller, shorter run (under two minutes on two cores)."""
+        """A smaller, shorter run (about a minute on two cores)."""
         return cls(per_class=24, target_train_per_class=20, target_test_per_class=20, surrogate_epochs=2,
                    pretrain_epochs=3, probe_epochs=10)
 

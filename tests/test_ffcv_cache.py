@@ -138,3 +138,15 @@ def test_entries_saved_at_once_by_two_processes_never_load_each_others_code(tmp_
     # numba's numbered data files, under the same interleaving: the eval key loads the training stage's code
     numbered = _interleaved_saves(IndexDataCacheFile, tmp_path / "numba", keys)
     assert numbered["eval"] == "code of train"
+
+
+def test_an_unreadable_entry_counts_as_absent(tmp_path):
+    from dptool._ffcv_cache import _make_cache_classes
+
+    key_named, _ = _make_cache_classes()
+    cache = key_named(str(tmp_path), "rgb_image.decode-185.py311", "stamp")
+    cache.save(("sig", "cpu", ("code", "closure")), {"code": b"\x00" * 64})
+    assert cache.load(("sig", "cpu", ("code", "closure"))) == {"code": b"\x00" * 64}
+    (data,) = tmp_path.glob("*.nbc")
+    data.write_bytes(data.read_bytes()[:10])  # truncated
+    assert cache.load(("sig", "cpu", ("code", "closure"))) is None
