@@ -10,6 +10,8 @@
 #   .venv/bin/pip download cupy-cuda13x -d wheels/        # brings its dependencies (cuda-pathfinder, ...)
 #
 # CUDA libraries come from the nvidia-* wheels that torch installs (or a system CUDA 13 toolkit).
+# On a machine whose python3 already holds torch, numba and CuPy but not dptool (no .venv, no network):
+#   PYTHON=python3 bash benchmarks/gpu_check.sh   # installs this checkout into it with --no-deps first
 # Environment: PYTHON (default .venv/bin/python, else python3), DPTOOL_WHEELS (default wheels).
 # Exit status: 0 all passed, 1 a check failed, 2 could not run (the reason is printed).
 # Later issues append their sections (e.g. training benchmarks) at the end, each as a `section` block.
@@ -45,6 +47,13 @@ if command -v nvidia-smi >/dev/null 2>&1; then
         || cannot_run "nvidia-smi is present but cannot talk to the driver (is the GPU visible in this container?)"
 else
     echo "nvidia-smi not found; relying on CuPy to find the GPU"
+fi
+if ! "$PY" -c "import dptool.kernels" >/dev/null 2>&1 && "$PY" -c "import torch, numba" >/dev/null 2>&1; then
+    # a machine whose own Python already has torch, numba (and CuPy), e.g. a lent GPU machine without network;
+    # its Python may be newer than the 3.10-3.11 dptool is tested on: the GPU checks need only its pure-Python code
+    echo "dptool is not installed in $PY: installing this checkout into it (editable, no dependencies, no network)"
+    "$PY" -m pip install --quiet --no-deps --no-build-isolation --no-index --ignore-requires-python -e . \
+        || cannot_run "pip could not install this checkout into $PY (it needs setuptools >= 64 there)"
 fi
 "$PY" -c "import dptool.kernels, torch, numba" \
     || cannot_run "$PY cannot import dptool.kernels, torch and numba; run 'make setup' (or set PYTHON)"
