@@ -13,8 +13,8 @@ on a 2-core CPU for the JPEG resized-crop pipeline, paid again by every process 
   with their own closed-over values), the bytes of arrays, the compile options; a stage holding anything else
   is compiled as FFCV would, without a cache.
 
-The cache lives where Numba keeps caches (``__pycache__`` beside FFCV's sources, else ``NUMBA_CACHE_DIR`` or the
-user's cache folder) and is invalidated by Numba when FFCV's sources change. Decoded pixels are identical with
+The cache lives where Numba keeps caches (``NUMBA_CACHE_DIR`` when set, else ``__pycache__`` beside FFCV's sources,
+else the user's cache folder) and is invalidated by Numba when FFCV's sources change. Decoded pixels are identical with
 and without it (tested). `dptool._ffcv.import_ffcv` turns it on where `patches_enabled()`: FFCV 1.0.2, the
 release whose names and signatures this relies on, and ``DPTOOL_FFCV_PATCHES`` not 0.
 """
