@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-DEB_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
+DEB_PKGS := g++ pkg-config libturbojpeg0-dev libopencv-dev  # g++ and these: FFCV compiles its C++ extension
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup test test-slow demo lint clean-venv

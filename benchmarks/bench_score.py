@@ -34,8 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-FIRST_BATCH = "target inference: first batch (loader set-up)"  # a stage of dptool.scoring.lm's timings
-
 
 def make_data(folder: Path, classes: int, target_images: int, stored: int) -> tuple[Path, Path]:
     """A source with `classes` classes (4 images each: LM reads only its labels) and a 10-class JPEG target."""
@@ -73,6 +71,7 @@ def bench_lm(args, folder: Path) -> dict:
     from dptool.features import InferenceOptions
     from dptool.loaders import inference_loader
     from dptool.scoring import ScoreOptions, score_files
+    from dptool.scoring.lm import FIRST_BATCH_STAGE
     from dptool.surrogate import load_surrogate
 
     source, target = make_data(folder, args.classes, args.target_images, args.stored)
@@ -117,7 +116,8 @@ def bench_lm(args, folder: Path) -> dict:
         stages.append(timings)
     best = int(np.argmin(e2es))
     ratios = [e / b for e, b in zip(e2es, bares)]
-    steady = [(e - st[FIRST_BATCH]) / (b * (1 - len(batches[0]) / n)) for e, b, st in zip(e2es, bares, stages)]
+    steady = [(e - st[FIRST_BATCH_STAGE]) / (b * (1 - len(batches[0]) / n))
+              for e, b, st in zip(e2es, bares, stages)]
     return {
         "arch": args.arch, "source_classes": args.classes, "target_images": n, "stored_px": args.stored,
         "res": args.res, "batch_size": args.batch_size, "device": args.device, "workers": args.workers,

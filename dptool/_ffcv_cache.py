@@ -65,7 +65,7 @@ def _value_key(obj, depth: int = 0):
     if isinstance(obj, Dispatcher):
         return ("jit", _value_key(obj.py_func, depth + 1), repr(sorted(obj.targetoptions.items())))
     if isinstance(obj, types.FunctionType):
-        cells = tuple(c.cell_contents for c in obj.__closure__ or ())
+        cells = _closure_values(obj)
         return ("function", obj.__module__, obj.__qualname__, _code_key(obj.__code__), _value_key(cells, depth + 1))
     if obj is numba.prange or obj is range:
         return ("builtin", obj.__name__)

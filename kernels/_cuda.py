@@ -15,7 +15,7 @@ import cupy
 import numpy as np
 
 from . import _checks
-from ._cuda_source import LABEL_TYPES, OPTIONS, SOURCE, hist_name, kernel_names
+from ._cuda_source import LABEL_TYPES, OPTIONS, SOURCE, hist_name, hist_names
 
 __all__ = ["histogram", "nearest"]
 
@@ -27,8 +27,7 @@ _MAX_COLS = 8192  # centroids per tile when K is larger: keeps tiles tall enough
 
 @functools.cache
 def _module() -> Any:
-    names = [name for name in kernel_names() if name != "argmin_tile"]  # extern "C": no name expression needed
-    return cupy.RawModule(code=SOURCE, options=OPTIONS, name_expressions=names)
+    return cupy.RawModule(code=SOURCE, options=OPTIONS, name_expressions=hist_names())
 
 
 @functools.cache

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SOURCE", "OPTIONS", "LABEL_TYPES", "hist_name", "kernel_names"]
+__all__ = ["SOURCE", "OPTIONS", "LABEL_TYPES", "hist_name", "hist_names"]
 
 SOURCE = r"""
 template <bool C, typename A, typename B> struct pick { typedef A type; };
@@ -97,8 +97,8 @@ def hist_name(ctype: str, joint: bool, weighted: bool, shared: bool) -> str:
 OPTIONS = ("-std=c++17",)
 
 
-def kernel_names() -> list[str]:
-    """Every kernel the GPU path launches: each `hist` instance in use, and `argmin_tile`."""
+def hist_names() -> list[str]:
+    """The name expressions of every `hist` instance the GPU path launches (`argmin_tile` is extern "C")."""
     return [
         hist_name(ctype, joint, weighted, shared)
         for ctype in LABEL_TYPES.values()
@@ -106,4 +106,4 @@ def kernel_names() -> list[str]:
         for weighted in (False, True)
         for shared in (False, True)
         if not (joint and weighted)
-    ] + ["argmin_tile"]
+    ]

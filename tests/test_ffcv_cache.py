@@ -31,7 +31,8 @@ DECODE = textwrap.dedent("""
     compiled = []
     class Listener(event.Listener):
         def on_start(self, ev):
-            compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+            func = ev.data["dispatcher"].py_func
+            compiled.append(f"{func.__module__}:{func.__qualname__}")
         def on_end(self, ev):
             pass
     event.register("numba:compile", Listener())
@@ -63,9 +64,8 @@ def test_cached_stages_decode_the_same_pixels_and_are_not_recompiled(tmp_path):
     assert list(cache.rglob("*decode*.nbi")), "no cache index written for the decode stage"
 
     warm = _decode(beton, tmp_path / "warm.npz", cache, enabled=True)
-    ffcv_stages = [n for n in warm["compiled"] if "generate_code" in n or n in ("imdecode", "resize_crop",
-                                                                                 "get_random_crop")]
-    assert ffcv_stages == [], f"recompiled although cached: {ffcv_stages}"
+    stages = [n for n in warm["compiled"] if n.startswith(("ffcv.", "dptool._ffcv_cache:"))]
+    assert stages == [], f"recompiled although cached: {stages}"
 
     plain = _decode(beton, tmp_path / "plain.npz", tmp_path / "unused-cache", enabled=False)
     assert not plain["enabled"] and plain["modes_type"] == "Dict"  # FFCV as released: a Numba typed dict

@@ -38,10 +38,20 @@ def surrogate(score_data):
     return load_surrogate(model=score_data.checkpoint, device="cuda")
 
 
-def test_lm_on_cuda_equals_plain_torch_loop(score_data, surrogate):
+@pytest.fixture(scope="module")
+def target_ref(score_data):
+    return _reference(score_data, score_data.target)
+
+
+@pytest.fixture(scope="module")
+def source_ref(score_data):
+    return _reference(score_data, score_data.source)
+
+
+def test_lm_on_cuda_equals_plain_torch_loop(score_data, surrogate, target_ref):
     run = score("lm", source=score_data.source, target=score_data.target, surrogate=surrogate,
                 options=ScoreOptions(inference=CUDA))
-    logits, _, _ = _reference(score_data, score_data.target)
+    logits, _, _ = target_ref
     pred = logits.argmax(dim=1).numpy()
     ties = _near_tie(logits.numpy(), largest=True)
     expected = np.bincount(pred, minlength=8)
@@ -52,11 +62,10 @@ def test_lm_on_cuda_equals_plain_torch_loop(score_data, surrogate):
     assert set(run.scores.order()[:3].tolist()) == set(score_data.subset)
 
 
-def test_fm_clusters_on_cuda_vote_like_brute_force(score_data, surrogate):
+def test_fm_clusters_on_cuda_vote_like_brute_force(score_data, surrogate, target_ref, source_ref):
     opts = ScoreOptions(inference=CUDA, clusters=8, source_sample=16, seed=1)
     run = score("fm", source=score_data.source, target=score_data.target, surrogate=surrogate, options=opts)
-    _, tgt_feats, _ = _reference(score_data, score_data.target)
-    _, src_feats, _ = _reference(score_data, score_data.source)
+    tgt_feats, src_feats = target_ref[1], source_ref[1]
     cent = np.asarray(run.centroids, np.float64)
     d_tgt = ((tgt_feats[:, None, :] - cent[None]) ** 2).sum(axis=2)
     d_src = ((src_feats[:, None, :] - cent[None]) ** 2).sum(axis=2)

@@ -17,11 +17,12 @@ from ._collective import all_reduce
 from .registry import register_method
 from .run import Context, MethodResult
 
-__all__ = ["label_mapping", "TIE_BREAK", "PROB_SCALE"]
+__all__ = ["label_mapping", "TIE_BREAK", "PROB_SCALE", "FIRST_BATCH_STAGE"]
 
 PROB_SCALE = float(2**40)  # fixed-point unit of the summed softmax; 2^40 x 1.3M images < 2^63
 TIE_BREAK = ("score (target images predicted as the class), then summed softmax probability of the class over "
              "all target images (higher first), then class id (lower first)")
+FIRST_BATCH_STAGE = "target inference: first batch (loader set-up)"  # a timing: loader set-up + first batch
 
 
 @register_method("lm", needs_logits=True,
@@ -46,7 +47,7 @@ def label_mapping(ctx: Context) -> MethodResult:
             preds.append(batch.logits.argmax(dim=1).to(torch.int32))
             labels.append(batch.labels.to(torch.int32))
             prob_sum += torch.round(probs.double() * PROB_SCALE).to(torch.int64).sum(dim=0)
-    ctx.timings["target inference: first batch (loader set-up)"] = first or 0.0
+    ctx.timings[FIRST_BATCH_STAGE] = first or 0.0
     with ctx.stage("histograms"):
         p = torch.cat(preds).cpu().numpy() if preds else np.zeros(0, np.int32)
         y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int32)
