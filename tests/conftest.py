@@ -90,6 +90,40 @@ def score_data(tmp_path_factory):
                                  subset=SCORE_SUBSET, mean=mean, inv_std=inv_std)
 
 
+def score_reference(data, path):
+    """Logits, features and labels of every row of `path` from a plain torch forward pass of `score_data`'s
+    checkpoint (no FFCV): the reference the score tests compare with."""
+    import torch
+
+    from dptool.beton import open_beton, read_image
+    from dptool.checkpoint import load_checkpoint
+    from dptool.models import feature_layer
+
+    model, _ = load_checkpoint(data.checkpoint)
+    model.eval()
+    beton = open_beton(path)
+    images = np.stack([read_image(beton, i) for i in range(beton.num_samples)])
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - data.mean) * data.inv_std
+    captured = []
+    handle = feature_layer(model).register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+    with torch.no_grad():
+        logits = model(x)
+    handle.remove()
+    return logits, captured[0].numpy().astype(np.float64), beton.labels
+
+
+@pytest.fixture(scope="session")
+def target_ref(score_data):
+    """`score_reference` of the score tests' target."""
+    return score_reference(score_data, score_data.target)
+
+
+@pytest.fixture(scope="session")
+def source_ref(score_data):
+    """`score_reference` of the score tests' source."""
+    return score_reference(score_data, score_data.source)
+
+
 def make_split_betons(folder, n_classes: int = 4, train_per_class: int = 40, val_per_class: int = 10,
                       size: int = 32, seed: int = 0):
     """Train and validation .beton files drawn from the same separable classes (disjoint samples)."""

@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dptool.beton import fingerprint, open_beton, read_image
-from dptool.checkpoint import load_checkpoint, save_checkpoint
+from dptool.beton import fingerprint, open_beton
+from dptool.checkpoint import save_checkpoint
 from dptool.cli.main import cli
 from dptool.errors import InputError
 from dptool.features import InferenceOptions
-from dptool.models import create_model, feature_layer
+from dptool.models import create_model
 from dptool.scores import fingerprint_file, read_scores, write_scores
 from dptool.scoring import (
     ScoreOptions,
@@ -44,21 +44,6 @@ def _invoke(*args):
     return CliRunner().invoke(cli, ["score", *map(str, args)])
 
 
-def _reference(data, path):
-    """Logits, features and labels of every row of `path` from a plain torch forward pass (no FFCV)."""
-    model, _ = load_checkpoint(data.checkpoint)
-    model.eval()
-    beton = open_beton(path)
-    images = np.stack([read_image(beton, i) for i in range(beton.num_samples)])
-    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - data.mean) * data.inv_std
-    captured = []
-    handle = feature_layer(model).register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
-    with torch.no_grad():
-        logits = model(x)
-    handle.remove()
-    return logits, captured[0].numpy().astype(np.float64), beton.labels
-
-
 def _brute_nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Distances to every centroid in float64, arg-min; np.argmin returns the first (smallest) index on ties."""
     d = ((np.asarray(x, np.float64)[:, None, :] - np.asarray(centroids, np.float64)[None]) ** 2).sum(axis=2)
@@ -72,16 +57,6 @@ def lm_cli(score_data):
                      score_data.checkpoint, "-o", out, "--plot", png, "--json", *LOADER)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), out, png
-
-
-@pytest.fixture(scope="module")
-def target_ref(score_data):
-    return _reference(score_data, score_data.target)
-
-
-@pytest.fixture(scope="module")
-def source_ref(score_data):
-    return _reference(score_data, score_data.source)
 
 
 def test_lm_equals_plain_torch_loop(lm_cli, target_ref, score_data):

@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_score import _brute_nearest, _reference
+from conftest import score_reference
+from test_score import _brute_nearest
 
 from dptool.scores import load_assignment, read_scores
 from dptool.scoring import ScoreOptions, kmeans
@@ -75,8 +76,8 @@ def test_two_gloo_processes_equal_one(score_data, tmp_path):
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     # references, computed while the two ranks run
-    logits, tgt_feats, tgt_labels = _reference(score_data, score_data.target)
-    _, src_feats, src_labels = _reference(score_data, score_data.source)
+    logits, tgt_feats, tgt_labels = score_reference(score_data, score_data.target)
+    _, src_feats, src_labels = score_reference(score_data, score_data.source)
     o = options()
     sampled = sample_rows(src_labels, 8, o.source_sample, o.seed)
     centroids = kmeans(src_feats[sampled], o.clusters, niter=o.kmeans_iters, seed=o.seed)

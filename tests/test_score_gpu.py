@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("torch sees no CUDA device", allow_module_level=True)
 
-from test_score import _brute_nearest, _reference  # noqa: E402
+from test_score import _brute_nearest  # noqa: E402
 
 from dptool.features import InferenceOptions  # noqa: E402
 from dptool.scoring import ScoreOptions, score  # noqa: E402
@@ -36,16 +36,6 @@ def _near_tie(values: np.ndarray, largest: bool) -> np.ndarray:
 @pytest.fixture(scope="module")
 def surrogate(score_data):
     return load_surrogate(model=score_data.checkpoint, device="cuda")
-
-
-@pytest.fixture(scope="module")
-def target_ref(score_data):
-    return _reference(score_data, score_data.target)
-
-
-@pytest.fixture(scope="module")
-def source_ref(score_data):
-    return _reference(score_data, score_data.source)
 
 
 def test_lm_on_cuda_equals_plain_torch_loop(score_data, surrogate, target_ref):
