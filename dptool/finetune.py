@@ -174,6 +174,8 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if output is not None:
         output = check_output_path(output, force=force, inputs=(checkpoint, train_data, test_data))
         log_path = log_path or Path(output).with_suffix(".jsonl")
+    if log_path is not None:
+        log_path = check_output_path(log_path, force=force, inputs=(checkpoint, train_data, test_data, output))
     train_b, test_b = open_beton(train_data), open_beton(test_data)
     num_classes = train_b.num_classes
     if test_b.num_samples and int(test_b.labels.max()) >= num_classes:
@@ -237,7 +239,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         for epoch in tqdm(range(cfg.epochs), desc="finetune", unit="epoch", disable=not progress):
             t0 = time.perf_counter()
             model.train()
-            total, n = 0.0, 0
+            total, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
             for x, y in loader:
                 with autocast(device, precision):
                     loss = criterion(model(x), y)
@@ -246,10 +248,15 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
                 scaler.step(optimizer)
                 scaler.update()
                 sched.step()
-                total, n = total + float(loss.detach()) * len(y), n + len(y)
-            rec = {"event": "epoch", "epoch": epoch, "train_loss": total / max(n, 1),
-                   "test_top1": evaluate(model, test_loader, device, precision)["val_top1"],
-                   "epoch_time_s": time.perf_counter() - t0, "images_per_s": n / (time.perf_counter() - t0)}
+                total += loss.detach().double() * len(y)
+                n += len(y)
+            train_loss = float(total) / max(n, 1)  # waits for the last step, so the time below is the epoch's
+            train_s = time.perf_counter() - t0
+            rec = {"event": "epoch", "epoch": epoch, "train_loss": train_loss, "epoch_time_s": train_s,
+                   "images_per_s": n / max(train_s, 1e-9)}
+            t1 = time.perf_counter()
+            rec["test_top1"] = evaluate(model, test_loader, device, precision)["val_top1"]
+            rec["test_time_s"] = time.perf_counter() - t1
             if val_loader is not None:
                 rec["val_top1"] = evaluate(model, val_loader, device, precision)["val_top1"]
             history.append(rec)

@@ -121,16 +121,19 @@ def evaluate(model, loader, device, precision: str, *, kept=None) -> dict:
     model = getattr(model, "module", model)  # evaluate the plain module under DDP: no buffer sync per batch
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # top1, top5, n (kept), top1, top5, n (all)
+    seen = 0  # counted on the host: a tensor made from a Python number per batch would be a blocking copy
     with torch.no_grad(), autocast(device, precision):
         for x, y in loader:
+            seen += len(y)
             logits = model(x)
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             hit1 = top[:, 0].eq(y)
             hit5 = top.eq(y[:, None]).any(dim=1)
             mask = kept[y] if kept is not None else torch.ones_like(hit1)
-            sums += torch.stack([(hit1 & mask).sum(), (hit5 & mask).sum(), mask.sum(),
-                                 hit1.sum(), hit5.sum(), torch.tensor(len(y), device=device)]).double()
+            sums[:5] += torch.stack([(hit1 & mask).sum(), (hit5 & mask).sum(), mask.sum(),
+                                     hit1.sum(), hit5.sum()]).double()
+    sums[5] = seen
     dist.all_reduce_sum(sums)
     s = sums.tolist()
     out = {"val_top1": s[0] / max(s[2], 1), "val_top5": s[1] / max(s[2], 1), "val_images": int(s[2])}
@@ -274,6 +277,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     if val_beton is not None:
         _check_val(val_beton, num_classes)
     check_output_path(output, force=force or resume, inputs=(data, val))
+    check_output_path(log_path, force=force or resume, inputs=(data, val, output))
     data_fp = fingerprint(beton)
     ckpt = _resume_state(output, config, data_fp, num_classes) if resume else None
     world, rank = dist.world_size(), dist.rank()
@@ -337,6 +341,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         loader.set_resolution(res)
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x n, correct, n
+        seen = 0  # counted on the host, as in evaluate()
         t0 = time.perf_counter()
         bar = tqdm(loader, total=iters, desc=f"epoch {epoch + 1}/{config.epochs} @{res}px", unit="batch",
                    disable=not show, leave=False)
@@ -351,10 +356,11 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            sums += torch.stack([loss.detach().double() * len(y), logits.argmax(1).eq(y).sum().double(),
-                                 torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            sums[:2] += torch.stack([loss.detach().double() * len(y), logits.argmax(1).eq(y).sum().double()])
+            seen += len(y)
             if show and i % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        sums[2] = seen
         dist.all_reduce_sum(sums)
         if device.type == "cuda":
             torch.cuda.synchronize()
