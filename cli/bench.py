@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from dptool.atomic import atomic_output, check_output_path
 from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
 
 from ._common import CONTEXT_SETTINGS, emit, json_option, show_progress
@@ -28,9 +29,17 @@ def _with(options):
     return deco
 
 
+def _check_outputs(*paths: Path | None) -> None:
+    """Refuse an output in a missing folder (or a folder) before the measurement; existing files are replaced."""
+    for p in paths:
+        if p is not None:
+            check_output_path(p, force=True)
+
+
 def _save(result: dict, json_out: Path | None) -> None:
     if json_out:
-        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        with atomic_output(json_out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def _pretrain_table(d: dict) -> str:
@@ -90,6 +99,7 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
     \b
     dptool bench pretrain in_train.beton in_train_p60.beton --arch resnet50 --epochs 1 --plot bench.png
     """
+    _check_outputs(json_out, plot)
     result = bench_pretrain(list(files), arch=arch, small_input=small_input, res=res, batch_size=batch_size,
                             workers=workers, epochs=epochs, steps=steps, rounds=rounds, precision=precision,
                             progress=show_progress(as_json)).to_dict()
@@ -116,6 +126,7 @@ def loader(path, res, batch_size, workers, arch, small_input, compare_folder, ma
     \b
     dptool bench loader in_train.beton --res 160 --compare-folder ~/data/imagenet/train --arch resnet18
     """
+    _check_outputs(json_out)
     result = bench_loader(path, res=res, batch_size=batch_size, workers=workers, arch=arch, small_input=small_input,
                           compare_folder=compare_folder, max_batches=max_batches).to_dict()
     _save(result, json_out)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import distributed as dist
+from .atomic import atomic_output
 from .beton import open_beton
 from .errors import InputError
 
@@ -252,26 +253,27 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     from .models import create_model
 
     beton = open_beton(path)
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
-    threads = torch.get_num_threads()
-    warm_page_cache(beton.path)
-    ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers)
-    result = LoaderBench(path=str(beton.path), res=res, batch_size=batch_size, workers=workers,
-                         ffcv_images_per_second=_rate(ffcv_loader, max_batches=max_batches))
+    folder = Path(compare_folder) if compare_folder else None
+    if folder is not None and not folder.is_dir():  # refused before minutes of measuring, like a bad --arch
+        raise InputError(f"--compare-folder {folder} is not a folder.")
     step = None
     if arch:
         model = create_model(arch, beton.num_classes, small_input=small_input)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss()
         step = lambda x, y: _train_step(model, optimizer, criterion, x, y, torch.device("cpu"), "fp32")  # noqa: E731
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    threads = torch.get_num_threads()
+    warm_page_cache(beton.path)
+    ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers)
+    result = LoaderBench(path=str(beton.path), res=res, batch_size=batch_size, workers=workers,
+                         ffcv_images_per_second=_rate(ffcv_loader, max_batches=max_batches))
+    if step:
         result.ffcv_with_model_images_per_second = _rate(ffcv_loader, step, max_batches)
-    if compare_folder:
+    if folder is not None:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
 
-        folder = Path(compare_folder)
-        if not folder.is_dir():
-            raise InputError(f"--compare-folder {folder} is not a folder.")
         tf = T.Compose([T.RandomResizedCrop(res, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         torch.set_num_threads(threads)
@@ -308,6 +310,9 @@ def plot_pretrain(bench: dict, path: str | os.PathLike) -> Path:
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return out

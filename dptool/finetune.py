@@ -128,19 +128,16 @@ def _features(model, loader, device, precision: str):
     """Penultimate features (N, D) float32 and labels (N,) of every batch of `loader`, model in eval mode."""
     import torch
 
+    from .features import feature_hook
     from .models import feature_layer
 
-    feats: list = []
-    hook = feature_layer(model).register_forward_pre_hook(lambda m, inp: feats.append(inp[0].float()))
-    labels = []
+    feats, labels = [], []
     model.eval()
-    try:
-        with torch.no_grad(), autocast(device, precision):
-            for x, y in loader:
-                model(x)
-                labels.append(y)
-    finally:
-        hook.remove()
+    with feature_hook(feature_layer(model)) as slot, torch.no_grad(), autocast(device, precision):
+        for x, y in loader:
+            model(x)
+            feats.append(slot[0].float())
+            labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -186,6 +183,9 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "
                          f"{train_data}; use a smaller batch.")
     model, ckpt = load_checkpoint(checkpoint, device=device)
+    side = ckpt.get("image_size") or 224  # a ViT's position embeddings fix its input size
+    if str(ckpt["arch"]).startswith("vit") and cfg.res != side:
+        raise InputError(f"{checkpoint} is a {ckpt['arch']} for {side} px images; pass --res {side}, got {cfg.res}.")
     torch.manual_seed(cfg.seed)
     head = replace_head(model, num_classes)
     jlog = JsonLog(log_path)

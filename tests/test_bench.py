@@ -66,7 +66,10 @@ def test_bench_pretrain_reports_speedups_against_the_first_file(full_and_pruned,
     assert half_row["speedup"] == pytest.approx(
         full_row["projected_epoch_seconds"] / half_row["projected_epoch_seconds"]
     )
-    assert (tmp_path / "b.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "b.png") as png:  # a real PNG, the chart's size at 110 dpi
+        assert png.format == "PNG" and png.size == (int((1.8 * 2 + 2) * 110), int(3.5 * 110))
 
 
 def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_path):
@@ -98,6 +101,12 @@ def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_pa
     assert data["loader_ratio"] == pytest.approx(data["ffcv_images_per_second"] / data["folder_images_per_second"])
 
 
-def test_bench_refuses_missing_files(tmp_path):
+def test_bench_refuses_missing_files(tmp_path, tiny_beton):
     result = CliRunner().invoke(cli, ["bench", "pretrain", str(tmp_path / "nope.beton")])
     assert result.exit_code == 2 and "does not exist" in result.output
+    # refused before any measurement
+    for args, message in ((["--json-out", str(tmp_path / "missing" / "b.json")], "does not exist"),
+                          (["--compare-folder", str(tmp_path / "nope")], "is not a folder"),
+                          (["--arch", "resnet19"], "resnet19")):
+        result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), *args])
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -102,3 +102,17 @@ def test_bad_input(tmp_path, target, source_ckpt, tiny_beton):
         finetune(source_ckpt, train, tiny_beton, config=FinetuneConfig(epochs=1))
     with pytest.raises(InputError, match="--mode must be lp or ff"):
         FinetuneConfig(mode="xx").resolved()
+
+
+def test_refuses_before_any_work(tmp_path, target, source_ckpt):
+    train, test = target
+    with pytest.raises(InputError, match="same file as input"):  # the log would replace the training data
+        finetune(source_ckpt, train, test, output=tmp_path / "ft.pt", log_path=train, config=FinetuneConfig(epochs=1))
+    with pytest.raises(InputError, match="does not exist"):
+        finetune(source_ckpt, train, test, log_path=tmp_path / "missing" / "log.jsonl", config=FinetuneConfig(epochs=1))
+    assert not (tmp_path / "ft.pt").exists()
+    vit = create_model("vit_b_16", 3, image_size=32)
+    vit_ckpt = save_checkpoint(tmp_path / "vit.pt", arch="vit_b_16", num_classes=3, state_dict=vit.state_dict(),
+                               recipe={}, data_fingerprint=None, epoch=1, image_size=32)
+    with pytest.raises(InputError, match="pass --res 32, got 64"):
+        finetune(vit_ckpt, train, test, config=FinetuneConfig(epochs=1, res=64))

@@ -184,6 +184,8 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
         (["train", str(train), "-o", str(tmp_path / "rn18.pt")], "already exists"),
         (["train", str(train), "--val", str(val), "-o", str(out), "--arch", "resnet19"], "resnet19"),
         (["train", str(train), "--val", str(val), "-o", str(out), "--arch", "vit_b_16"], "one fixed resolution"),
+        (["train", str(train), "-o", str(out), "--log", str(train)], "same file as input"),
+        (["train", str(train), "-o", str(out), "--log", str(tmp_path / "missing" / "log.jsonl")], "does not exist"),
     ]
     for args, message in cases:
         code, text = _run(args)
