@@ -50,7 +50,9 @@ class PruneResult:
     level: str
     files: list[PrunedFile] = field(default_factory=list)
     bytes_written: int = 0
-    bytes_read: int = 0  # source bytes read (kept samples and the small gaps read through)
+    # bytes read from the source (and the validation file): each kept sample's stored bytes once, however many
+    # outputs keep it
+    bytes_read: int = 0
     seconds: float = 0.0
 
     @property
@@ -73,8 +75,17 @@ def output_paths(template: str | os.PathLike, ratios: list[float]) -> list[Path]
     return [Path(text.replace(RATIO_PLACEHOLDER, f"{r:g}")) for r in ratios]
 
 
-def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: Beton) -> None:
-    """Refuse scores computed on another source: class count, sample count or fingerprint differ (says which)."""
+def _source_fingerprint(beton: Beton) -> str:
+    """The sidecar's fingerprint of `beton`, else one computed from the file."""
+    return (beton.sidecar or {}).get("fingerprint") or fingerprint(beton)
+
+
+def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: Beton, *,
+                        source_fingerprint: str | None = None) -> None:
+    """Refuse scores computed on another source: class count, sample count or fingerprint differ (says which).
+
+    `source_fingerprint` is that of `beton` when the caller has it already (else it is looked up or computed).
+    """
     src = scores.source
     if int(src["num_classes"]) != beton.num_classes:
         raise InputError(f"Scores file {scores_path} was computed for {int(src['num_classes'])} classes but "
@@ -82,7 +93,7 @@ def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: B
     if int(src["num_samples"]) != beton.num_samples:
         raise InputError(f"Scores file {scores_path} was computed for {int(src['num_samples'])} samples but "
                          f"{beton.path} has {beton.num_samples}; score this source first.")
-    have = (beton.sidecar or {}).get("fingerprint") or fingerprint(beton)
+    have = source_fingerprint or _source_fingerprint(beton)
     if src["fingerprint"] != have:
         raise InputError(f"Scores file {scores_path} belongs to another source: its source fingerprint "
                          f"{src['fingerprint']} differs from {have} of {beton.path}.")
@@ -116,16 +127,15 @@ def _selections(scores: Scores, ratio, keep, ratios) -> list[tuple[float, np.nda
     return [(float(r), select_groups(scores, ratio=r)) for r in ratios]
 
 
-def _sidecar(beton: Beton, indices: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
-             scores_path: Path, scores_fp: str, tmp: Path) -> dict:
+def _sidecar(beton: Beton, source_fp: str, indices: np.ndarray, counts: np.ndarray, ratio: float,
+             kept: np.ndarray, scores: Scores, scores_path: Path, scores_fp: str, tmp: Path) -> dict:
     side = beton.sidecar or {}
-    counts = np.bincount(beton.labels[indices], minlength=beton.num_classes)
     kept_list = sorted(int(k) for k in kept)
     pruning = {
         "ratio": ratio, "keep": len(kept), "level": scores.level, "kept_groups": len(kept),
         ("kept_classes" if scores.level == "class" else "kept_clusters"): kept_list,
         "scores": str(scores_path.resolve()), "scores_fingerprint": scores_fp, "method": scores.method,
-        "source": str(beton.path.resolve()), "source_fingerprint": side.get("fingerprint") or fingerprint(beton),
+        "source": str(beton.path.resolve()), "source_fingerprint": source_fp,
     }
     return {
         **{k: side[k] for k in ("fields", "writer", "source") if k in side},
@@ -135,22 +145,23 @@ def _sidecar(beton: Beton, indices: np.ndarray, ratio: float, kept: np.ndarray, 
     }
 
 
-def _write(beton: Beton, split: str, jobs: list[tuple[Path, float, np.ndarray, np.ndarray]], scores: Scores,
-           scores_path: Path, force: bool, progress: bool) -> tuple[list[PrunedFile], float, int]:
+def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, float, np.ndarray, np.ndarray]],
+           scores: Scores, scores_path: Path, force: bool, progress: bool) -> tuple[list[PrunedFile], float, int]:
     """Byte-copy one source's subsets in one pass and write their sidecars; returns files, seconds, bytes read."""
     scores_fp = fingerprint_file(scores_path)
-    by_path = {os.path.abspath(p): (r, kept, idx) for p, r, kept, idx in jobs}
+    labels = beton.labels
+    counts = [np.bincount(labels[idx], minlength=beton.num_classes) for _, _, _, idx in jobs]
+    by_path = {os.path.abspath(p): (r, kept, idx, c) for (p, r, kept, idx), c in zip(jobs, counts)}
 
     def finalize(final: Path, tmp: Path) -> None:
-        r, kept, idx = by_path[os.path.abspath(final)]
-        write_sidecar(final, _sidecar(beton, idx, r, kept, scores, scores_path, scores_fp, tmp))
+        r, kept, idx, c = by_path[os.path.abspath(final)]
+        write_sidecar(final, _sidecar(beton, source_fp, idx, c, r, kept, scores, scores_path, scores_fp, tmp))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
                             finalize=finalize)
-    labels = beton.labels
     files = [PrunedFile(output=res.output, split=split, ratio=r, kept_groups=len(kept), num_samples=res.num_samples,
-                        num_classes_kept=int(len(np.unique(labels[idx]))), bytes=res.bytes)
-             for res, (_, r, kept, idx) in zip(results, jobs)]
+                        num_classes_kept=int(np.count_nonzero(c)), bytes=res.bytes)
+             for res, (_, r, kept, _), c in zip(results, jobs, counts)]
     return files, results[0].seconds, results[0].bytes_read
 
 
@@ -189,7 +200,8 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
         check_output_path(p, force=force, inputs=inputs)
 
     beton = open_beton(source)
-    check_scores_source(scores, scores_path, beton)
+    source_fp = _source_fingerprint(beton)
+    check_scores_source(scores, scores_path, beton, source_fingerprint=source_fp)
     groups_of = beton.labels if scores.level == "class" else load_assignment(scores_path, scores)
     jobs = [(p, r, kept, kept_samples(groups_of, kept)) for p, (r, kept) in zip(outs, selections)]
     vbeton, vjobs = None, []
@@ -204,9 +216,10 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
             raise InputError(f"The {len(kept)} kept groups hold no samples of {b.path}, so {p} would be empty.")
 
     result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level)
-    files, seconds, read = _write(beton, "train", jobs, scores, scores_path, force, progress)
+    files, seconds, read = _write(beton, source_fp, "train", jobs, scores, scores_path, force, progress)
     if vjobs:
-        vfiles, vseconds, vread = _write(vbeton, "val", vjobs, scores, scores_path, force, progress)
+        vfiles, vseconds, vread = _write(vbeton, _source_fingerprint(vbeton), "val", vjobs, scores, scores_path,
+                                         force, progress)
         files, seconds, read = files + vfiles, seconds + vseconds, read + vread
     result.files = files
     result.bytes_written = sum(f.bytes for f in files)

@@ -86,8 +86,9 @@ class Scores:
     """Importance of every source class or cluster, with the provenance needed to check it against a source.
 
     `ids`, `scores`, `tiebreak` and `ranks` are (G,) arrays (int64, float64, float64, int64), one entry per
-    group, read-only; `ranks` is computed with `rank_groups` when not given. `assignment` is the file name (beside
-    the scores file) of the per-sample cluster ids, set by `write_scores` for cluster-level scores.
+    group, read-only; `ranks` is not an argument: it is always computed from the scores with `rank_groups`.
+    `assignment` is the file name (beside the scores file) of the per-sample cluster ids, set by `write_scores`
+    for cluster-level scores.
     """
 
     method: str
@@ -98,7 +99,7 @@ class Scores:
     tiebreak: np.ndarray
     source: dict
     tie_break: str
-    ranks: np.ndarray | None = None
+    ranks: np.ndarray = field(init=False)
     params: dict = field(default_factory=dict)
     surrogate: dict | None = None
     target: dict | None = None
@@ -131,10 +132,7 @@ class Scores:
         if self.level == "class" and ids.max() >= int(self.source["num_classes"]):
             raise InputError(f"class id {int(ids.max())} is out of range for a source with "
                              f"{int(self.source['num_classes'])} classes.")
-        computed = rank_groups(scores, tiebreak, ids=ids)
-        ranks = computed if self.ranks is None else np.asarray(self.ranks).reshape(-1).astype(np.int64)
-        if len(ranks) != g or not np.array_equal(np.sort(ranks), np.arange(g)):
-            raise InputError(f"ranks must be a permutation of 0..{g - 1}.")
+        ranks = rank_groups(scores, tiebreak, ids=ids)
         for name, value in (("ids", ids), ("scores", scores), ("tiebreak", tiebreak), ("ranks", ranks)):
             object.__setattr__(self, name, _readonly(value))
         object.__setattr__(self, "names", names)
@@ -242,17 +240,25 @@ def read_scores(path: str | os.PathLike) -> Scores:
         if not isinstance(groups, list):
             raise TypeError("'groups' is not a list")
         cols = {k: [g[k] for g in groups] for k in ("id", "name", "score", "tiebreak", "rank")}
-        return Scores(
+        scores = Scores(
             method=doc["method"], level=doc["level"], ids=np.asarray(cols["id"]), names=tuple(cols["name"]),
             scores=np.asarray(cols["score"], dtype=np.float64), tiebreak=np.asarray(cols["tiebreak"], np.float64),
-            ranks=np.asarray(cols["rank"]), params=doc.get("params") or {}, surrogate=doc.get("surrogate"),
-            source=doc["source"], target=doc.get("target"), tie_break=str(doc["tie_break"]),
-            extra=doc.get("extra") or {}, assignment=doc.get("assignment"), created=doc.get("created"),
+            params=doc.get("params") or {}, surrogate=doc.get("surrogate"), source=doc["source"],
+            target=doc.get("target"), tie_break=str(doc["tie_break"]), extra=doc.get("extra") or {},
+            assignment=doc.get("assignment"), created=doc.get("created"),
         )
+        stored = np.asarray(cols["rank"], dtype=np.float64)
+        g = scores.num_groups
+        if not np.array_equal(np.sort(stored), np.arange(g)):
+            raise InputError(f"ranks must be a permutation of 0..{g - 1}.")
     except InputError as exc:
         raise InputError(f"Scores file {p} is invalid: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"Scores file {p} has malformed groups ({type(exc).__name__}: {exc}).") from exc
+    if not np.array_equal(stored, scores.ranks):
+        raise InputError(f"Scores file {p} has ranks that do not follow from its scores and tie-break values, so "
+                         "prune would keep the wrong groups; score the source again instead of editing the file.")
+    return scores
 
 
 def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarray:

@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output, check_output_path
-from .beton import Beton, open_beton
+from .beton import _ALLOC, Beton, open_beton
 from .errors import DptoolError, InputError
 
 __all__ = ["SubsetResult", "write_subset", "write_subsets", "sample_extents"]
 
 log = logging.getLogger(__name__)
 
-_ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 # FFCV type id -> the part of its metadata row that is a pointer into the data region ("" = the row itself).
 _POINTER_FIELDS = {2: "data_ptr", 3: "ptr", 4: "", 5: "ptr", 6: ""}
 _MIB = 1 << 20
@@ -49,7 +48,7 @@ class SubsetResult:
     num_pages: int
     bytes: int
     data_bytes: int
-    bytes_read: int
+    bytes_read: int  # source bytes read by the whole pass: a sample kept by several outputs counts once
     seconds: float
 
     def to_dict(self) -> dict:
@@ -233,18 +232,15 @@ class _Writer:
             for s, n in zip(self.run_src[a:stop].tolist(), self.run_len[a:stop].tolist()):
                 os.posix_fadvise(self.fd_in, s, n, os.POSIX_FADV_WILLNEED)
 
-    def copy_until(self, src_end: int) -> int:
-        """Copy the runs that start before source offset `src_end`, in output order; returns the bytes copied."""
+    def copy_until(self, src_end: int) -> None:
+        """Copy the runs that start before source offset `src_end`, in output order."""
         stop = int(np.searchsorted(self.run_src, src_end, side="left"))
         a, self.next = self.next, max(stop, self.next)
-        done = 0
         for s, d, n in zip(self.run_src[a:stop].tolist(), self.run_dst[a:stop].tolist(),
                            self.run_len[a:stop].tolist()):
             self._zero_to(d)  # page-end padding
             _copy_run(self, s, d, n)
             self.pos = d + n
-            done += n
-        return done
 
     def finish(self) -> None:
         """Write the last page's padding and the allocation table, then close."""
@@ -264,6 +260,18 @@ class _Writer:
 def _copy_run(writer: _Writer, src: int, dst: int, n: int) -> None:
     """Copy one run (module level so that tests can interrupt a write here)."""
     writer._copy(src, dst, n)
+
+
+def _bytes_read(plans: list[_Plan]) -> int:
+    """Source bytes the outputs copy, each byte once: the size of the union of their source ranges."""
+    src = np.concatenate([p.src for p in plans])
+    if len(src) == 0:
+        return 0
+    order = np.argsort(src, kind="stable")
+    lo = src[order]
+    hi = lo + np.concatenate([p.size for p in plans])[order]
+    reach = np.concatenate([[lo[0]], np.maximum.accumulate(hi)[:-1]])  # end of the ranges before each one
+    return int(np.clip(hi - np.maximum(lo, reach), 0, None).sum())
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -329,7 +337,6 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     step = max(beton.page_size, int(step))
     data_lo, data_hi = beton.data_start, int(beton.header["alloc_table_ptr"])
 
-    bytes_read = 0
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_output(p.dst)) for p in plans]
         fd = os.open(beton.path, os.O_RDONLY)
@@ -347,7 +354,7 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
                     for w in writers:
                         w.prefetch_until(min(hi + step, data_hi))
                     for w in writers:
-                        bytes_read += w.copy_until(hi)
+                        w.copy_until(hi)
                     bar.update(hi - lo)
             for w in writers:
                 w.finish()
@@ -358,6 +365,7 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
             for p, tmp in zip(plans, tmps):
                 finalize(p.dst, tmp)
     seconds = time.perf_counter() - started
+    bytes_read = _bytes_read(plans)
     return [SubsetResult(output=str(p.dst), num_samples=p.num_samples,
                          num_pages=(p.data_end - p.data_start) // beton.page_size,
                          bytes=p.data_end + p.alloc.nbytes, data_bytes=p.data_bytes, bytes_read=bytes_read,

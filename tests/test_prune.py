@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_beton
 
+import dptool.prune as prune_mod
 import dptool.subset as subset_mod
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
 from dptool.cli.main import cli
@@ -134,6 +135,29 @@ def test_several_ratios_in_one_pass_equal_separate_runs(data, tmp_path):
         check_samples(val_out.path, data["val"], np.flatnonzero(np.isin(v.labels, kept)))
         assert read_sidecar(val_out.path)["pruning"]["kept_classes"] == kept
     assert {k: sha256(data[k]) for k in ("train", "val", "scores")} == before  # inputs untouched
+
+
+def test_bytes_read_and_one_source_fingerprint(data, tmp_path, monkeypatch):
+    """Nested ratios read each kept sample once; a source without a sidecar is fingerprinted once per prune."""
+    source = tmp_path / "nosidecar.beton"
+    shutil.copy(data["train"], source)
+    calls = []
+    real = prune_mod.fingerprint
+
+    def counting(beton):
+        calls.append(Path(getattr(beton, "path", beton)).name)
+        return real(beton)
+
+    monkeypatch.setattr(prune_mod, "fingerprint", counting)
+    result = prune(source, data["scores"], tmp_path / "p_{ratio}.beton", ratios=[0.2, 0.5, 0.8])
+    assert calls.count(source.name) == 1
+    src = open_beton(source)
+    size_of = np.zeros(src.num_samples, np.int64)
+    size_of[src.alloc_table["sample_id"].astype(np.int64)] = src.alloc_table["size"].astype(np.int64)
+    widest = np.flatnonzero(np.isin(src.labels, ORDER[:5]))  # ratio 0.2 keeps a superset of the others
+    assert result.bytes_read == int(size_of[widest].sum())
+    assert src.sidecar is None
+    assert {read_sidecar(f.output)["pruning"]["source_fingerprint"] for f in result.files} == {real(source)}
 
 
 def test_fm_cluster_scores_prune_samples_by_assignment(data, tmp_path):

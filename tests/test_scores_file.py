@@ -182,6 +182,28 @@ def test_read_refusals(tmp_path):
         read_scores(tmp_path / "m.json")
 
 
+def test_ranks_that_do_not_follow_from_the_scores_are_refused(tmp_path):
+    """An edited file (scores changed, ranks left as they were) would make prune keep the wrong groups."""
+    path = write_scores(tmp_path / "s.json", class_scores())
+    doc = json.loads(path.read_text())
+    doc["groups"][3]["score"] = 99.0  # class 3 now ranks first, but its stored rank is still the last
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=r"s\.json has ranks that do not follow from its scores and tie-break"):
+        read_scores(path)
+    doc["groups"][3]["score"] = 0.0
+    doc["groups"][1]["tiebreak"] = 0.0  # a tie-break edit that reorders classes 1 and 3
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="do not follow from its scores"):
+        read_scores(path)
+
+
+def test_ranks_are_derived_not_given():
+    with pytest.raises(TypeError):
+        class_scores(ranks=np.arange(5))
+    assert class_scores().ranks.tolist() == rank_groups(np.array([3, 0, 5, 0, 1.0]),
+                                                        np.array([0.1, 0.4, 0.0, 0.2, 0.0])).tolist()
+
+
 def test_construction_refusals():
     with pytest.raises(InputError, match="one entry per group"):
         class_scores(scores=(1, 2), tiebreak=(0, 0, 0))

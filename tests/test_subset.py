@@ -132,6 +132,19 @@ def test_several_outputs_in_one_pass_equal_separate_runs(mixed_beton, tmp_path):
             assert sha256(other) == sha256(path)
 
 
+def test_bytes_read_counts_a_sample_kept_by_several_outputs_once(mixed_beton, tmp_path):
+    src = open_beton(mixed_beton)
+    table = src.alloc_table
+    assert np.bincount(table["sample_id"].astype(np.int64)).max() == 1  # one allocation per sample
+    size_of = np.zeros(src.num_samples, np.int64)
+    size_of[table["sample_id"].astype(np.int64)] = table["size"].astype(np.int64)
+    a, b = np.arange(0, 400), np.arange(300, 650)[::-1]  # samples 300..399 are in both
+    results = write_subsets(mixed_beton, {tmp_path / "a.beton": a, tmp_path / "b.beton": b})
+    distinct = int(size_of[np.union1d(a, b)].sum())
+    assert [r.bytes_read for r in results] == [distinct, distinct]
+    assert distinct < sum(r.data_bytes for r in results) == int(size_of[a].sum() + size_of[b].sum())
+
+
 def test_copy_through_user_memory_where_the_kernel_cannot(mixed_beton, tmp_path, monkeypatch):
     """Another file system (EXDEV) or an old kernel: the pread + pwrite fallback writes the same bytes."""
     idx = np.arange(0, open_beton(mixed_beton).num_samples, 3)
