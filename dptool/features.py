@@ -63,9 +63,9 @@ def rank_world() -> tuple[int, int]:
 
 
 def shard_rows(rows: np.ndarray) -> np.ndarray:
-    """This rank's share of `rows`: every world-th row starting at the rank."""
+    """This rank's share of `rows`: every world-th row starting at the rank (exact: no padding, no duplicates)."""
     rank, world = rank_world()
-    return np.asarray(rows, dtype=np.int64)[rank::world]
+    return np.asarray(rows)[rank::world]  # dtype kept: the loaders validate indices after sharding
 
 
 @contextlib.contextmanager
@@ -146,6 +146,9 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
                         slot[0] = None
                     out = model(images)
                     feats = slot[0] if slot is not None else None
+            except torch.cuda.OutOfMemoryError as exc:  # a RuntimeError too, but not a resolution problem
+                raise InputError(f"A batch of {b} {options.res}x{options.res} images does not fit in the memory of "
+                                 f"{options.device}; lower --batch-size (now {options.batch_size}).") from exc
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise InputError(f"The surrogate cannot take {options.res}x{options.res} images from {path}: "

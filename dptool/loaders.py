@@ -50,14 +50,13 @@ class FfcvLoader:
     `set_resolution` changes the output size from the next epoch on (progressive resizing, no recompilation).
     """
 
-    def __init__(self, loader, decoder, *, device, mean: Sequence[float], std: Sequence[float], num_samples: int,
-                 threads: int, channels_last: bool | None = None):
+    def __init__(self, loader, decoder, *, device, mean: Sequence[float], std: Sequence[float], threads: int,
+                 channels_last: bool | None = None):
         import torch
 
         self.loader = loader
         self.decoder = decoder
         self.device = torch.device(device)
-        self.num_samples = num_samples  # samples this process sees per epoch (before drop_last)
         shape = (1, 3, 1, 1)
         # x_norm = (x - 255 mean) / (255 std) = x * inv_std + bias: one fused pass (addcmul) from uint8 to float32
         self._inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=self.device).view(shape)
@@ -156,9 +155,7 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
         seed=seed, indices=idx, pipelines=pipelines, drop_last=drop_last,
     )
     restore_threads(threads)
-    per_process = len(loader.first_traversal_order)
-    return FfcvLoader(loader, decoder, device=dev, mean=mean, std=std, num_samples=per_process, threads=threads,
-                      channels_last=channels_last)
+    return FfcvLoader(loader, decoder, device=dev, mean=mean, std=std, threads=threads, channels_last=channels_last)
 
 
 def train_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
@@ -183,10 +180,9 @@ def _shard(path, indices, distributed: bool):
     """Under torch.distributed, give each rank every world-th sample (exact: no padding, no duplicates)."""
     if not distributed:
         return indices
-    from .distributed import rank, world_size
+    from .features import shard_rows  # features imports this module
 
-    idx = np.arange(open_beton(path).num_samples) if indices is None else np.asarray(indices)
-    return idx[rank()::world_size()]
+    return shard_rows(np.arange(open_beton(path).num_samples) if indices is None else indices)
 
 
 def eval_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
@@ -206,16 +202,15 @@ def eval_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: 
 
 
 def inference_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
-                     indices: Sequence[int] | None = None, distributed: bool = False,
-                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                     channels_last: bool | None = None) -> FfcvLoader:
+                     indices: Sequence[int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD, channels_last: bool | None = None) -> FfcvLoader:
     """Scoring batches: deterministic centre square crop of the whole short side, resized to `res`; file order.
 
     FFCV's random-resized crop with scale=(1, 1) and ratio=(1, 1) falls back to exactly this crop. Every sample
-    once; under `distributed`, rank r gets samples r, r + world, ...
+    once (no sharding here: `dptool.features.stream` hands each rank its own rows as `indices`).
     """
     rgb = import_ffcv("ffcv.fields.rgb_image")
     decoder = rgb.RandomResizedCropRGBImageDecoder((res, res), scale=(1.0, 1.0), ratio=(1.0, 1.0))
     return _build(path, decoder=decoder, flip=False, batch_size=batch_size, workers=workers, device=device,
-                  order="sequential", distributed=False, seed=0, indices=_shard(path, indices, distributed),
-                  drop_last=False, mean=mean, std=std, channels_last=channels_last)
+                  order="sequential", distributed=False, seed=0, indices=indices, drop_last=False, mean=mean,
+                  std=std, channels_last=channels_last)

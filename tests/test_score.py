@@ -279,4 +279,33 @@ def test_refusals_before_any_work(score_data, tmp_path):
     _one_sentence(_invoke(*base, "--arch", "resnet18", "-o", out), "needs --weights")
     _one_sentence(_invoke(*base, "--method", "fm", "--groups", "labels", "--clusters", 4, "--model",
                           score_data.checkpoint, "-o", out), "--clusters applies to --groups clusters")
+    _one_sentence(_invoke(*base, "--method", "fm", "--clusters", 17, "--source-sample", 2, "--model",
+                          score_data.checkpoint, "-o", out), "--clusters must be between 1 and the 16 sampled")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("clusters", [17, 0])
+def test_fm_refuses_a_bad_cluster_count_before_reading_images(score_data, monkeypatch, clusters):
+    """Checked on every rank before feature extraction (k-means, on rank 0 alone, would leave the others waiting)."""
+    import dptool.scoring.fm as fm
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("images were read before --clusters was checked")
+
+    monkeypatch.setattr(fm, "stream", no_images)
+    opts = ScoreOptions(inference=INFERENCE, clusters=clusters, source_sample=2)  # 2 of each of 8 classes
+    with pytest.raises(InputError, match=f"between 1 and the 16 sampled source images .*, got {clusters}"):
+        score("fm", source=score_data.source, target=score_data.target, surrogate=_surrogate(score_data),
+              options=opts)
+
+
+def test_out_of_memory_is_not_reported_as_a_resolution_problem():
+    from types import SimpleNamespace
+
+    from dptool.scoring.run import _output_width
+
+    def oom(_x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(InputError, match="does not fit in the memory of cpu"):
+        _output_width(SimpleNamespace(model=oom), INFERENCE)

@@ -52,7 +52,7 @@ def el2n(ctx: Context) -> MethodResult:
             probs = torch.softmax(b.logits, dim=1)
             probs[torch.arange(len(probs), device=probs.device), b.labels] -= 1.0
             score = torch.round(torch.linalg.vector_norm(probs.double(), dim=1) * EL2N_SCALE).cpu().numpy()
-            labels = src.labels[b.rows]
+            labels = b.labels.cpu().numpy()  # stream checks these against the file's labels of b.rows
             sums += np.asarray(class_histogram(labels, n_cls, weights=score), dtype=np.float64)
             counts += np.asarray(class_histogram(labels, n_cls), dtype=np.int64)
     sums, counts = all_reduce(sums), all_reduce(counts)

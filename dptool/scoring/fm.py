@@ -171,13 +171,18 @@ def feature_mapping(ctx: Context) -> MethodResult:
     opts = ctx.options
     src = ctx.source
     n_cls = src.num_classes
-    k = opts.clusters or n_cls
+    k = n_cls if opts.clusters is None else opts.clusters
     if opts.groups == "labels" and opts.clusters is not None:
         raise InputError(f"--clusters applies to --groups clusters; with --groups labels the groups are the "
                          f"{n_cls} source classes.")
     if not (ctx.surrogate.scripted and hasattr(ctx.surrogate.model, "forward_features")):
         ctx.surrogate.feature_module()  # an unknown --feature-layer fails here, before any image is read
     sampled = sample_rows(src.labels, n_cls, opts.source_sample, opts.seed)
+    # Checked here, on every rank, before any image is read: k-means runs on rank 0 alone, so a refusal there
+    # would leave the other ranks waiting in its broadcast.
+    if opts.groups == "clusters" and not 1 <= k <= len(sampled):
+        raise InputError(f"--clusters must be between 1 and the {len(sampled)} sampled source images (raise "
+                         f"--source-sample for more), got {k}.")
     with ctx.stage("source features"):
         rows, feats = _sample_features(ctx, sampled)
         width = _feature_width(feats)
@@ -198,8 +203,6 @@ def feature_mapping(ctx: Context) -> MethodResult:
         closest[present] = c
         level, names = "class", tuple(src.class_names)
     else:
-        if opts.clusters is not None and opts.clusters < 1:
-            raise InputError(f"--clusters must be at least 1, got {opts.clusters}.")
         with ctx.stage("k-means"):
             everything = gather_interleaved(feats, len(sampled))
             cent = None

@@ -67,7 +67,7 @@ def _index(d: int, gpus: int):
 
 
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str = "k-means++",
-           gpu: bool | None = None, progress: bool = False) -> np.ndarray:
+           progress: bool = False) -> np.ndarray:
     """Cluster the rows of `x` into `k` groups: k-means++ (or faiss' random) seeds, then faiss Lloyd iterations.
 
     Parameters
@@ -77,7 +77,6 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
     niter : Lloyd iterations.
     seed : seed of the initial centroids and of faiss (splitting of empty clusters).
     init : "k-means++" or "random" (faiss' default: k distinct random rows).
-    gpu : use faiss' GPU index; None = when `faiss.get_num_gpus() > 0`.
 
     Returns
     -------
@@ -97,7 +96,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
         raise InputError(f"k-means init must be k-means++ or random, got {init!r}.")
     if not np.isfinite(x).all():
         raise InputError("The surrogate produced non-finite features; k-means cannot run on them.")
-    gpus = faiss_gpus() if gpu is None else (faiss_gpus() if gpu else 0)
+    gpus = faiss_gpus()
     cp = faiss.ClusteringParameters()
     cp.niter = 1
     cp.seed = int(seed)

@@ -15,7 +15,6 @@ from dataclasses import replace
 from ..atomic import check_output_path
 from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank
-from ..features import InferenceOptions
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..scores import assignment_path
 from .plot import plot_scores
@@ -61,11 +60,9 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         sur = load_surrogate(device=dev, **(surrogate or {})) if spec.needs_surrogate else None
         loaded = time.perf_counter() - start
         recipe = getattr(sur, "recipe", {}) or {}
-        inference = InferenceOptions(
-            res=res or (default_res(sur, open_beton(source)) if sur is not None else 224),
-            batch_size=options.inference.batch_size, workers=options.inference.workers, device=dev,
-            mean=_norm(mean, recipe, "mean", IMAGENET_MEAN), std=_norm(std, recipe, "std", IMAGENET_STD),
-            amp=options.inference.amp)
+        inference = replace(
+            options.inference, res=res or (default_res(sur, open_beton(source)) if sur is not None else 224),
+            device=dev, mean=_norm(mean, recipe, "mean", IMAGENET_MEAN), std=_norm(std, recipe, "std", IMAGENET_STD))
         run = score(method, source=source, target=target, surrogate=sur,
                     options=replace(options, inference=inference, progress=options.progress and is_main()))
         summary = run.summary(top)

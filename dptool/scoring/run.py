@@ -161,6 +161,9 @@ def _output_width(surrogate, options: InferenceOptions) -> int:
     try:
         with torch.inference_mode():
             out = surrogate.model(x)
+    except torch.cuda.OutOfMemoryError as exc:  # a RuntimeError too, but not a resolution problem
+        raise InputError(f"The surrogate does not fit in the memory of {options.device} even for one "
+                         f"{options.res}x{options.res} image; lower --res or free the device.") from exc
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"The surrogate cannot take {options.res}x{options.res} images: {first}") from exc
