@@ -137,8 +137,17 @@ class Beton:
         return dict((self.sidecar or {}).get("writer", {}))
 
 
-def open_beton(path: str | os.PathLike, *, require_label: bool = True) -> Beton:
-    """Open and validate a `.beton`: header, fields, metadata and allocation table must all be in the file."""
+def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -> Beton:
+    """Open and validate a `.beton`: header, fields, metadata and allocation table must all be in the file.
+
+    An already opened `Beton` is returned as it is (after the label check), so that functions taking a file
+    can be handed the one their caller opened instead of parsing its tables again.
+    """
+    if isinstance(path, Beton):
+        if require_label and "label" not in path.field_names:
+            raise InputError(f"{path.path} has no 'label' field (fields: {', '.join(path.field_names)}); "
+                             "dptool needs image and label.")
+        return path
     path = Path(path)
     if not path.exists():
         raise InputError(f"File {path} does not exist.")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .beton import Beton, open_beton
 from .errors import DptoolError, InputError
 from .loaders import IMAGENET_MEAN, IMAGENET_STD
 
@@ -92,7 +93,7 @@ def _progress(total: int, desc: str, show: bool):
                 dynamic_ncols=True, leave=False)
 
 
-def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray, *, options: InferenceOptions,
+def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.ndarray, *, options: InferenceOptions,
            logits: bool = True, features: bool = False, progress: bool = False,
            desc: str = "inference") -> Iterator[Batch]:
     """Run `surrogate` over the given file `rows` of `path` (this rank's share only) in file-row order.
@@ -102,7 +103,6 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
     """
     import torch
 
-    from .beton import open_beton
     from .loaders import inference_loader
 
     mine = shard_rows(np.asarray(rows, dtype=np.int64))
@@ -113,9 +113,10 @@ def stream(surrogate, path: str | os.PathLike, rows: Sequence[int] | np.ndarray,
     forward_features = getattr(model, "forward_features", None) if features and surrogate.scripted else None
     if features and surrogate.scripted and forward_features is None:
         surrogate.feature_module()  # raises the one-sentence InputError
-    file_labels = open_beton(path).labels
+    beton = open_beton(path)  # a Beton the caller opened is used as it is
+    path, file_labels = beton.path, beton.labels
     whole = len(mine) == len(file_labels) and np.array_equal(mine, np.arange(len(file_labels)))
-    loader = inference_loader(path, batch_size=options.batch_size, res=options.res, workers=options.workers,
+    loader = inference_loader(beton, batch_size=options.batch_size, res=options.res, workers=options.workers,
                               device=options.device, indices=None if whole else mine, mean=options.mean,
                               std=options.std)
     device = torch.device(options.device)

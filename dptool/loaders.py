@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ._ffcv import import_ffcv, restore_threads
-from .beton import open_beton
+from .beton import Beton, open_beton
 from .errors import InputError
 
 __all__ = [
@@ -120,6 +120,7 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
     import torch
 
     beton = open_beton(path)
+    path = beton.path  # a Beton opened by the caller, or the file just opened
     if "image" not in beton.field_names:
         raise InputError(f"{path} has no 'image' field (fields: {', '.join(beton.field_names)}).")
     if batch_size < 1:
@@ -158,7 +159,7 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
     return FfcvLoader(loader, decoder, device=dev, mean=mean, std=std, threads=threads, channels_last=channels_last)
 
 
-def train_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
+def train_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
                  distributed: bool = False, seed: int = 0, indices: Sequence[int] | None = None,
                  drop_last: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, scale: tuple[float, float] = (0.08, 1.0),
@@ -176,16 +177,16 @@ def train_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers:
                   mean=mean, std=std, channels_last=channels_last)
 
 
-def _shard(path, indices, distributed: bool):
+def _shard(beton: Beton, indices, distributed: bool):
     """Under torch.distributed, give each rank every world-th sample (exact: no padding, no duplicates)."""
     if not distributed:
         return indices
     from .features import shard_rows  # features imports this module
 
-    return shard_rows(np.arange(open_beton(path).num_samples) if indices is None else indices)
+    return shard_rows(np.arange(beton.num_samples) if indices is None else indices)
 
 
-def eval_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
+def eval_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
                 distributed: bool = False, indices: Sequence[int] | None = None,
                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                 crop_ratio: float = EVAL_CROP_RATIO, channels_last: bool | None = None) -> FfcvLoader:
@@ -196,12 +197,13 @@ def eval_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: 
     """
     rgb = import_ffcv("ffcv.fields.rgb_image")
     decoder = rgb.CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)
-    return _build(path, decoder=decoder, flip=False, batch_size=batch_size, workers=workers, device=device,
-                  order="sequential", distributed=False, seed=0, indices=_shard(path, indices, distributed),
+    beton = open_beton(path)  # once, for the shard and the loader
+    return _build(beton, decoder=decoder, flip=False, batch_size=batch_size, workers=workers, device=device,
+                  order="sequential", distributed=False, seed=0, indices=_shard(beton, indices, distributed),
                   drop_last=False, mean=mean, std=std, channels_last=channels_last)
 
 
-def inference_loader(path: str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
+def inference_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
                      indices: Sequence[int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD, channels_last: bool | None = None) -> FfcvLoader:
     """Scoring batches: deterministic centre square crop of the whole short side, resized to `res`; file order.

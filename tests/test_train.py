@@ -199,3 +199,15 @@ def test_help_texts():
     for name in ("train", "finetune"):
         code, text = _run([name, "-h"])
         assert code == 0 and "Usage:" in text and "--json" in text
+
+
+def test_open_beton_passes_an_opened_file_through(tmp_path, train_val_betons):
+    from dptool.beton import open_beton
+    from dptool.errors import InputError
+
+    opened = open_beton(train_val_betons[0])
+    assert open_beton(opened) is opened  # loaders and scoring reuse their caller's Beton instead of re-parsing
+    unlabelled = open_beton(_no_label_beton(tmp_path / "nolabel.beton"), require_label=False)
+    assert open_beton(unlabelled, require_label=False) is unlabelled
+    with pytest.raises(InputError, match="no 'label' field"):
+        open_beton(unlabelled)

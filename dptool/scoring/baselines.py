@@ -47,7 +47,7 @@ def el2n(ctx: Context) -> MethodResult:
     sums = np.zeros(n_cls, np.float64)
     counts = np.zeros(n_cls, np.int64)
     with ctx.stage("source inference"):
-        for b in stream(ctx.surrogate, src.path, rows, options=opts.inference, progress=opts.progress,
+        for b in stream(ctx.surrogate, src, rows, options=opts.inference, progress=opts.progress,
                         desc="EL2N: source"):
             probs = torch.softmax(b.logits, dim=1)
             probs[torch.arange(len(probs), device=probs.device), b.labels] -= 1.0

@@ -69,7 +69,7 @@ def nearest(x, centroids) -> tuple[np.ndarray, np.ndarray]:
 def _sample_features(ctx: Context, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """This rank's sampled rows and their (n, D) float32 features."""
     got_rows, feats = [], []
-    for b in stream(ctx.surrogate, ctx.source.path, rows, options=ctx.options.inference, logits=False,
+    for b in stream(ctx.surrogate, ctx.source, rows, options=ctx.options.inference, logits=False,
                     features=True, progress=ctx.options.progress, desc="FM: source sample"):
         got_rows.append(b.rows)
         feats.append(b.features.cpu().numpy())
@@ -111,7 +111,7 @@ def _assign_all(ctx: Context, rows: np.ndarray, feats: np.ndarray, centroids: np
     rest = np.setdiff1d(np.arange(n, dtype=np.int64), sampled, assume_unique=True)
     if len(rest):
         cent = _on(centroids, ctx.options.inference.device)
-        for b in stream(ctx.surrogate, ctx.source.path, rest, options=ctx.options.inference, logits=False,
+        for b in stream(ctx.surrogate, ctx.source, rest, options=ctx.options.inference, logits=False,
                         features=True, progress=ctx.options.progress, desc="FM: assign source"):
             assign[b.rows] = nearest(b.features, cent)[0]
     return all_reduce(assign, "max")
@@ -139,7 +139,7 @@ def _target_votes(ctx: Context, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     closest = np.full(g, np.inf, np.float64)
     cent = _on(centroids, ctx.options.inference.device)
     tgt = ctx.target
-    for b in stream(ctx.surrogate, tgt.path, np.arange(tgt.num_samples), options=ctx.options.inference,
+    for b in stream(ctx.surrogate, tgt, np.arange(tgt.num_samples), options=ctx.options.inference,
                     logits=False, features=True, progress=ctx.options.progress, desc="FM: target"):
         idx, _ = nearest(b.features, cent)
         votes += np.asarray(class_histogram(idx, g), dtype=np.int64)

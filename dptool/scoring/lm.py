@@ -39,7 +39,7 @@ def label_mapping(ctx: Context) -> MethodResult:
     prob_sum = torch.zeros(n_src, dtype=torch.int64, device=opts.device)
     start, first = time.perf_counter(), None
     with ctx.stage("target inference"):
-        for batch in stream(ctx.surrogate, ctx.target.path, np.arange(ctx.target.num_samples), options=opts,
+        for batch in stream(ctx.surrogate, ctx.target, np.arange(ctx.target.num_samples), options=opts,
                             progress=ctx.options.progress, desc="LM: target"):
             if first is None:  # loader set-up: FFCV compiles its stages (or loads them from the disk cache)
                 first = time.perf_counter() - start

@@ -60,10 +60,11 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         sur = load_surrogate(device=dev, **(surrogate or {})) if spec.needs_surrogate else None
         loaded = time.perf_counter() - start
         recipe = getattr(sur, "recipe", {}) or {}
+        src = open_beton(source)  # opened once: score() and the loaders take the Beton as it is
         inference = replace(
-            options.inference, res=res or (default_res(sur, open_beton(source)) if sur is not None else 224),
+            options.inference, res=res or (default_res(sur, src) if sur is not None else 224),
             device=dev, mean=_norm(mean, recipe, "mean", IMAGENET_MEAN), std=_norm(std, recipe, "std", IMAGENET_STD))
-        run = score(method, source=source, target=target, surrogate=sur,
+        run = score(method, source=src, target=target, surrogate=sur,
                     options=replace(options, inference=inference, progress=options.progress and is_main()))
         summary = run.summary(top)
         summary["timings"] = {"load surrogate": round(loaded, 3), **summary["timings"]}

@@ -179,7 +179,7 @@ def _file_info(beton: Beton) -> dict:
             "num_samples": int(beton.num_samples), "num_classes": int(beton.num_classes)}
 
 
-def score(method: str, *, source: str | os.PathLike, target: str | os.PathLike | None = None,
+def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str | os.PathLike | None = None,
           surrogate=None, options: ScoreOptions | None = None) -> ScoreRun:
     """Score the classes (or clusters) of `source` for transfer to `target` with registered `method`.
 
