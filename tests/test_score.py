@@ -309,3 +309,17 @@ def test_out_of_memory_is_not_reported_as_a_resolution_problem():
 
     with pytest.raises(InputError, match="does not fit in the memory of cpu"):
         _output_width(SimpleNamespace(model=oom), INFERENCE)
+
+
+def test_warns_when_the_surrogate_was_trained_on_other_data(score_data, caplog):
+    from types import SimpleNamespace
+
+    from dptool.scoring.run import _warn_fingerprint
+
+    src = open_beton(score_data.source)
+    real = fingerprint(src)
+    with caplog.at_level("WARNING", logger="dptool.scoring.run"):
+        _warn_fingerprint(SimpleNamespace(identity={"data_fingerprint": real}), src, real)
+        assert not caplog.records
+        _warn_fingerprint(SimpleNamespace(identity={"data_fingerprint": "blake2b:other"}), src, real)
+    assert len(caplog.records) == 1 and "blake2b:other" in caplog.text and real in caplog.text

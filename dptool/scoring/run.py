@@ -212,7 +212,8 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
             raise InputError(f"The surrogate outputs {width} class scores but source {src.path} has "
                              f"{src.num_classes} classes; --method {method} needs a surrogate trained on this "
                              "source, with one output per source class.")
-    _warn_fingerprint(surrogate, src)
+    src_info = _file_info(src)
+    _warn_fingerprint(surrogate, src, src_info["fingerprint"])
     timings["open and check"] = time.perf_counter() - start
     ctx = Context(source=src, target=tgt, surrogate=surrogate, options=options, timings=timings)
     result = spec.fn(ctx)
@@ -220,16 +221,16 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
               "std": list(options.inference.std), "batch_size": options.inference.batch_size,
               "world_size": rank_world()[1], **result.params}
     scores = Scores(method=method, level=result.level, ids=result.ids, names=result.names, scores=result.scores,
-                    tiebreak=result.tiebreak, source=_file_info(src), tie_break=result.tie_break, params=params,
+                    tiebreak=result.tiebreak, source=src_info, tie_break=result.tie_break, params=params,
                     surrogate=getattr(surrogate, "identity", None),
                     target=_file_info(tgt) if tgt is not None else None, extra=result.extra)
     return ScoreRun(scores=scores, assignment=result.assignment, timings=dict(ctx.timings),
                     centroids=result.centroids)
 
 
-def _warn_fingerprint(surrogate, src: Beton) -> None:
+def _warn_fingerprint(surrogate, src: Beton, src_fp: str) -> None:
+    """Warn when the surrogate's checkpoint records training data other than this source (its real fingerprint)."""
     trained_on = (getattr(surrogate, "identity", None) or {}).get("data_fingerprint")
-    side_fp = (src.sidecar or {}).get("fingerprint")
-    if trained_on and side_fp and trained_on != side_fp:
+    if trained_on and trained_on != src_fp:
         log.warning("the surrogate was trained on data with fingerprint %s, not on source %s (%s)",
-                    trained_on, src.path, side_fp)
+                    trained_on, src.path, src_fp)
