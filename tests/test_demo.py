@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from dptool.beton import open_beton
+from dptool.checkpoint import read_checkpoint
 from dptool.cli.main import cli
 from dptool.demo import DemoConfig, run_demo
 from dptool.scores import read_scores
@@ -37,12 +39,15 @@ def test_tiny_demo_runs_every_stage(tmp_path):
         pruned = open_beton(tmp_path / f"source_{method}_p60.beton")
         assert len(set(pruned.labels.tolist())) == 40 and pruned.num_classes == 100
         assert read_scores(tmp_path / f"scores_{method}.json").method == method
-    assert (tmp_path / "scores_fm.assign.npy").exists()
+    fm_pruned = open_beton(tmp_path / "source_fm_p60.beton")
+    assert fm_pruned.sidecar["pruning"]["level"] == "cluster" and 0 < fm_pruned.num_samples < full.num_samples
+    assert len(np.load(tmp_path / "scores_fm.assign.npy")) == full.num_samples  # a cluster for every source image
     rows = {r.method: r for r in result.rows}
     assert rows["none"].pretrain_images == 600 and rows["lm"].pretrain_images == 240
     for r in result.rows:
         assert 0.0 <= r.target_top1_final <= r.target_top1_best <= 1.0
-        assert (tmp_path / f"pretrain_{r.method}.pt").exists()
+        ckpt = read_checkpoint(tmp_path / f"pretrain_{r.method}.pt")
+        assert ckpt["epoch"] == config.pretrain_epochs and ckpt["num_classes"] == 100
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert json.loads((tmp_path / "demo.json").read_text())["rows"][0]["method"] == "none"
 

@@ -76,6 +76,9 @@ def test_full_finetune_trains_everything(tmp_path, target, source_ckpt, one_thre
     r = finetune(source_ckpt, train, test, config=cfg, output=tmp_path / "ff.pt")
     assert [h["epoch"] for h in r.history] == [0, 1] and r.val_images == 0 and r.best_val_top1 is None
     assert r.final_test_top1 == r.history[-1]["test_top1"]
+    for h in r.history:  # the epoch's time and rate are the training pass's; the test pass is timed apart
+        seen = h["images_per_s"] * h["epoch_time_s"]
+        assert h["test_time_s"] > 0 and seen == pytest.approx(round(seen)) and 0 < round(seen) <= r.train_images
     src, tuned = read_checkpoint(source_ckpt)["state_dict"], read_checkpoint(tmp_path / "ff.pt")["state_dict"]
     assert not torch.equal(src["conv1.weight"], tuned["conv1.weight"])
     assert FinetuneConfig(mode="ff", optimizer="sgd").resolved().lr == 0.1
