@@ -24,7 +24,7 @@ import numpy as np
 
 from ._ffcv import import_ffcv, restore_threads
 from .beton import Beton, open_beton
-from .errors import InputError
+from .errors import DptoolError, InputError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -51,10 +51,11 @@ class FfcvLoader:
     """
 
     def __init__(self, loader, decoder, *, device, mean: Sequence[float], std: Sequence[float], threads: int,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, path: str | os.PathLike | None = None):
         import torch
 
         self.loader = loader
+        self.path = path  # named in errors
         self.decoder = decoder
         self.device = torch.device(device)
         shape = (1, 3, 1, 1)
@@ -87,8 +88,18 @@ class FfcvLoader:
         import torch
 
         threads = self._threads
+        # FFCV allocates the epoch's buffers here, and its thread copies into them (ToDevice) outside any
+        # inference mode: buffers made under the caller's torch.inference_mode() would be inference tensors,
+        # whose in-place update kills that thread (and FFCV then waits forever for its next batch).
+        with torch.inference_mode(False):
+            epoch = iter(self.loader)
         try:
-            for images, labels in self.loader:
+            while True:
+                _wait_for_batch(epoch, self.path)
+                try:
+                    images, labels = next(epoch)
+                except StopIteration:
+                    break
                 restore_threads(threads)
                 # FFCV reuses its output buffers: the float output and the label copy own their memory.
                 u = images.to(self.device, non_blocking=True)
@@ -97,7 +108,55 @@ class FfcvLoader:
                 y = labels.reshape(-1).to(device=self.device, dtype=torch.int64, copy=True)
                 yield x, y
         finally:
+            _stop_epoch(epoch)
             restore_threads(threads)
+
+
+def _wait_for_batch(epoch, path) -> None:
+    """Block until FFCV's epoch thread has queued a batch (or the epoch's end); raise if it died without one.
+
+    FFCV's own `__next__` waits on its queue with no timeout, so an error inside its thread (printed to stderr
+    by Python) would otherwise leave the caller waiting forever.
+    """
+    queue = getattr(epoch, "output_queue", None)
+    if queue is None:
+        return
+    with queue.not_empty:  # the queue's own condition, notified on every put
+        while not len(queue.queue) and epoch.is_alive():
+            queue.not_empty.wait(1.0)
+        if len(queue.queue):
+            return
+    name = f" for {path}" if path is not None else ""
+    raise DptoolError(f"FFCV's loading thread{name} stopped before the end of the epoch; its error is printed "
+                      "above.")
+
+
+def _stop_epoch(epoch, timeout_s: float = 60.0) -> None:
+    """Stop an FFCV epoch iterator left before its end and wait for its prefetch thread to finish.
+
+    FFCV's own `close()` only raises a flag, and frees the epoch's memory while the thread may still be decoding
+    into it. The thread reads the flag only when its queue stays full for 0.5 s, and at the epoch's end it blocks
+    on putting its end marker into a full queue for good. A thread left running inside compiled code when the
+    process exits aborts it ("terminate called without an active exception", seen once on a GPU host at the end
+    of `bench pretrain --steps`). So: flag; wait; if it still runs, take one queued batch (the end marker then
+    fits, or it decodes at most one more batch before it sees the flag); repeat; then release the memory.
+    """
+    import contextlib
+    import queue
+    import time
+
+    if getattr(epoch, "terminate_event", None) is None:
+        return
+    epoch.terminate_event.set()
+    deadline = time.monotonic() + timeout_s
+    while epoch.is_alive() and time.monotonic() < deadline:
+        epoch.join(1.0)
+        if epoch.is_alive():
+            with contextlib.suppress(queue.Empty):
+                epoch.output_queue.get_nowait()
+    if epoch.is_alive():
+        log.warning("FFCV's loading thread did not stop within %.0f s of the epoch being left", timeout_s)
+    epoch.close()
 
 
 def _check_indices(indices, n: int, path) -> np.ndarray | None:
@@ -156,7 +215,8 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
         seed=seed, indices=idx, pipelines=pipelines, drop_last=drop_last,
     )
     restore_threads(threads)
-    return FfcvLoader(loader, decoder, device=dev, mean=mean, std=std, threads=threads, channels_last=channels_last)
+    return FfcvLoader(loader, decoder, device=dev, mean=mean, std=std, threads=threads, channels_last=channels_last,
+                      path=path)
 
 
 def train_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from dptool.convert import WriterParams, convert
-from dptool.errors import InputError
+from dptool.errors import DptoolError, InputError
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD, eval_loader, inference_loader, train_loader
 from dptool.synthetic import write_npz
 
@@ -49,8 +50,15 @@ def test_train_loader_batches(tiny_beton):
     assert np.array_equal(np.bincount(labels, minlength=4), [40, 40, 40, 40])  # each sample once per epoch
     assert torch.get_num_threads() == threads
     loader.set_resolution(16)  # progressive resizing: next epoch at the new size, same compiled code
-    x, _ = next(iter(loader))
+    it = iter(loader)
+    x, _ = next(it)
     assert x.shape == (32, 3, 16, 16)
+    it.close()  # an epoch left early: its prefetch thread is stopped and joined, not left running
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator"]
+    it = iter(loader)
+    next(it), next(it)  # the 3 batches left fill FFCV's queue: its end-of-epoch marker then waits for room
+    it.close()
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator"]
 
 
 def test_inference_loader_is_the_stored_image(tiny_beton, tiny_arrays):
@@ -100,3 +108,66 @@ def test_bad_input(tmp_path, tiny_beton):
         train_loader(tiny_beton, batch_size=161, res=32)
     with pytest.raises(InputError, match=r"must lie in \[0, 160\)"):
         eval_loader(tiny_beton, batch_size=8, res=32, indices=[0, 160])
+
+
+def _ffcv_pipeline_loader(path, extra_image_ops):
+    """dptool's FfcvLoader around an FFCV Loader whose image pipeline ends with `extra_image_ops` (FFCV's public
+    Loader/Operation API), so that what FFCV's epoch thread does can be chosen by a test."""
+    from dptool._ffcv import import_ffcv
+    from dptool.loaders import FfcvLoader
+
+    threads = torch.get_num_threads()
+    loader_mod = import_ffcv("ffcv.loader")
+    transforms = import_ffcv("ffcv.transforms")
+    rgb = import_ffcv("ffcv.fields.rgb_image")
+    ints = import_ffcv("ffcv.fields.decoders")
+    decoder = rgb.CenterCropRGBImageDecoder((16, 16), ratio=1.0)
+    image_ops = [decoder, transforms.ToTensor(), *extra_image_ops, transforms.ToTorchImage(channels_last=True)]
+    loader = loader_mod.Loader(str(path), batch_size=32, num_workers=2, order=loader_mod.OrderOption.SEQUENTIAL,
+                               os_cache=True, pipelines={"image": image_ops, "label": [ints.IntDecoder(),
+                                                                                      transforms.ToTensor()]})
+    return FfcvLoader(loader, decoder, device="cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD, threads=threads,
+                      path=path)
+
+
+def test_loader_under_inference_mode_with_a_device_copy(tiny_beton):
+    """FFCV's ToDevice copies into buffers from its own thread: iterating inside torch.inference_mode() (as scoring
+    does) must not make those buffers inference tensors. On a CUDA host this was a hang: FFCV's thread died on
+    "Inplace update to inference tensor outside InferenceMode" and the loader waited for it forever."""
+    transforms = pytest.importorskip("ffcv.transforms")
+    loader = _ffcv_pipeline_loader(tiny_beton, [transforms.ToDevice(torch.device("cpu"), non_blocking=False)])
+    with torch.inference_mode():
+        labels = torch.cat([y for _, y in loader])
+    assert np.array_equal(np.bincount(labels.numpy(), minlength=4), [40, 40, 40, 40])
+
+
+class _FailOnSecondBatch:
+    """A plain-Python FFCV operation (FFCV's Operation interface) that raises on the epoch's second batch."""
+
+    def __new__(cls):
+        from ffcv.pipeline.operation import Operation
+
+        class Fail(Operation):
+            def generate_code(self):
+                calls = []
+
+                def fail(images, _dst):
+                    calls.append(1)
+                    if len(calls) == 2:
+                        raise ValueError("planted failure in the second batch")
+                    return images
+
+                return fail
+
+            def declare_state_and_memory(self, previous_state):
+                return previous_state, None
+
+        return Fail()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_loader_thread_error_is_an_error_not_a_hang(tiny_beton):
+    loader = _ffcv_pipeline_loader(tiny_beton, [_FailOnSecondBatch()])
+    with pytest.raises(DptoolError, match=r"FFCV's loading thread for .*tiny.*stopped before the end of the epoch"):
+        for _ in loader:
+            pass
