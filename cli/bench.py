@@ -60,7 +60,7 @@ def _loader_table(d: dict) -> str:
             ("FFCV + model step", d["ffcv_with_model_images_per_second"]),
             ("ImageFolder + DataLoader", d["folder_images_per_second"]),
             ("ImageFolder + model step", d["folder_with_model_images_per_second"])]
-    lines = [f"{d['path']} at {d['res']} px, batch {d['batch_size']}, {d['workers']} workers"]
+    lines = [f"{d['path']} at {d['res']} px, batch {d['batch_size']}, {d['workers']} workers, {d['device']}"]
     lines += [f"  {name:<26}{rate:>10.1f} img/s" for name, rate in rows if rate]
     if d.get("loader_ratio"):
         lines.append(f"  FFCV / ImageFolder: {d['loader_ratio']:.2f}x (loader only)")
@@ -119,8 +119,13 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
 @click.option("--compare-folder", type=click.Path(path_type=str), default=None,
               help="The same images as an ImageFolder tree, read by torchvision for comparison.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop each measurement early.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="Where batches are delivered (and the model runs): auto = CUDA when present.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="Model step precision with --arch (auto: bf16 on CUDA, fp32 on the CPU).")
 @_with(_out_options)
-def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, json_out, as_json):
+def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, device, precision,
+           json_out, as_json):
     """Images/s through the training data pipeline (decode, crop, flip, to device).
 
     \b
@@ -128,6 +133,7 @@ def loader(path, res, batch_size, workers, arch, small_input, compare_folder, ma
     """
     _check_outputs(json_out)
     result = bench_loader(path, res=res, batch_size=batch_size, workers=workers, arch=arch, small_input=small_input,
-                          compare_folder=compare_folder, max_batches=max_batches).to_dict()
+                          compare_folder=compare_folder, max_batches=max_batches, device=device,
+                          precision=precision).to_dict()
     _save(result, json_out)
     emit(result, as_json, _loader_table)

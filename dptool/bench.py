@@ -208,6 +208,7 @@ class LoaderBench:
     res: int
     batch_size: int
     workers: int
+    device: str
     ffcv_images_per_second: float
     ffcv_with_model_images_per_second: float | None = None
     folder_images_per_second: float | None = None
@@ -223,53 +224,84 @@ class LoaderBench:
         return d
 
 
-def _rate(batches, step=None, max_batches: int | None = None) -> float:
-    """Images/s over `batches` (after one warm-up batch), applying `step(x, y)` to each when given."""
+def _rate(batches, device, step=None, max_batches: int | None = None) -> float:
+    """Images/s of `batches` delivered on `device` (after one warm-up batch), applying `step(x, y)` to each when
+    given; the clock stops once the device has finished the work."""
     it = iter(batches)
-    x, y = next(it)
-    if step:
-        step(x, y)
-    images, start = 0, time.perf_counter()
-    for n, (x, y) in enumerate(it):
+
+    def on_device(batch):
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    try:
+        x, y = on_device(next(it))
         if step:
             step(x, y)
-        else:
-            float(x[0, 0, 0, 0])  # touch the batch
-        images += len(y)
-        if max_batches and n + 1 >= max_batches:
-            break
+        _sync(device)
+        images, start = 0, time.perf_counter()
+        for n, batch in enumerate(it):
+            x, y = on_device(batch)
+            if step:
+                step(x, y)
+            else:
+                x[0, 0, 0, 0].add_(0)  # touch the batch without a host sync per batch
+            images += len(y)
+            if max_batches and n + 1 >= max_batches:
+                break
+        _sync(device)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # a measurement stopped early leaves no loader thread running
     return images / max(time.perf_counter() - start, 1e-9)
+
+
+def resolve_device(device: str):
+    """`auto` -> CUDA when torch sees a GPU, else the CPU; `cuda` without a GPU is refused in one sentence."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto).")
+    return torch.device(device)
 
 
 def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 256, workers: int = 0,
                  arch: str | None = None, small_input: bool = False, compare_folder: str | os.PathLike | None = None,
-                 max_batches: int | None = None) -> LoaderBench:
-    """Images/s of random-resized-crop + flip batches from `path` (FFCV) and, with `compare_folder`, from the same
-    images through torchvision ImageFolder + DataLoader with the same augmentation and workers; with `arch`, also
-    with a training step of that model on each batch."""
+                 max_batches: int | None = None, device: str = "auto", precision: str = "auto") -> LoaderBench:
+    """Images/s of random-resized-crop + flip batches from `path` (FFCV) delivered on `device` and, with
+    `compare_folder`, of the same images through torchvision ImageFolder + DataLoader with the same augmentation
+    and workers; with `arch`, also with a training step of that model on each batch."""
     import torch
 
     from .loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
     from .models import create_model
+    from .train import resolve_precision
 
     beton = open_beton(path)
     folder = Path(compare_folder) if compare_folder else None
     if folder is not None and not folder.is_dir():  # refused before minutes of measuring, like a bad --arch
         raise InputError(f"--compare-folder {folder} is not a folder.")
+    dev = resolve_device(device)
     step = None
     if arch:
-        model = create_model(arch, beton.num_classes, small_input=small_input)
+        layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+        model = create_model(arch, beton.num_classes, small_input=small_input).to(dev, memory_format=layout)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss()
-        step = lambda x, y: _train_step(model, optimizer, criterion, x, y, torch.device("cpu"), "fp32")  # noqa: E731
+        precision = resolve_precision(dev, precision)
+        step = lambda x, y: _train_step(model, optimizer, criterion, x, y, dev, precision)  # noqa: E731
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     threads = torch.get_num_threads()
     warm_page_cache(beton.path)
-    ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers)
-    result = LoaderBench(path=str(beton.path), res=res, batch_size=batch_size, workers=workers,
-                         ffcv_images_per_second=_rate(ffcv_loader, max_batches=max_batches))
+    ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers, device=dev)
+    result = LoaderBench(path=str(beton.path), res=res, batch_size=batch_size, workers=workers, device=str(dev),
+                         ffcv_images_per_second=_rate(ffcv_loader, dev, max_batches=max_batches))
     if step:
-        result.ffcv_with_model_images_per_second = _rate(ffcv_loader, step, max_batches)
+        result.ffcv_with_model_images_per_second = _rate(ffcv_loader, dev, step, max_batches)
     if folder is not None:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -279,10 +311,11 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
         torch.set_num_threads(threads)
         dl = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=tf), batch_size=batch_size,
                                          shuffle=True, num_workers=workers, drop_last=True,
+                                         pin_memory=dev.type == "cuda",
                                          persistent_workers=bool(arch) and workers > 0)
-        result.folder_images_per_second = _rate(dl, max_batches=max_batches)
+        result.folder_images_per_second = _rate(dl, dev, max_batches=max_batches)
         if step:
-            result.folder_with_model_images_per_second = _rate(dl, step, max_batches)
+            result.folder_with_model_images_per_second = _rate(dl, dev, step, max_batches)
     return result
 
 

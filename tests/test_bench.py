@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dptool.beton import open_beton
@@ -99,6 +100,14 @@ def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_pa
     data = json.loads(result.output)
     assert data["ffcv_images_per_second"] > 0 and data["folder_images_per_second"] > 0
     assert data["loader_ratio"] == pytest.approx(data["ffcv_images_per_second"] / data["folder_images_per_second"])
+    assert data["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_loader_refuses_cuda_without_a_gpu(tiny_beton):
+    result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--device", "cuda"])
+    assert result.exit_code == 2 and "torch sees no CUDA device" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_bench_refuses_missing_files(tmp_path, tiny_beton):
