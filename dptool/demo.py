@@ -120,8 +120,7 @@ def pretrain_and_probe(data: Path, target_train: Path, target_test: Path, out_st
                        force: bool = False) -> tuple[int, float, dict]:
     """Pretrain `config.pretrain_arch` on `data`, then linear-probe it on the target.
 
-    Returns (pretraining images seen, pretraining seconds, the finetune result as a dict)."""
-    from .beton import open_beton
+    Returns (pretraining images trained on, pretraining seconds, the finetune result as a dict)."""
     from .finetune import FinetuneConfig, finetune
     from .train import train
 
@@ -133,8 +132,7 @@ def pretrain_and_probe(data: Path, target_train: Path, target_test: Path, out_st
                      config=FinetuneConfig(mode="lp", epochs=config.probe_epochs, batch_size=config.batch_size,
                                            res=config.size, workers=config.workers, seed=config.seed),
                      force=force)
-    images = open_beton(data).num_samples * config.pretrain_epochs
-    return images, trained.seconds, probe.to_dict()
+    return trained.images_trained, trained.seconds, probe.to_dict()
 
 
 def run_demo(workdir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, force: bool = False,

@@ -192,6 +192,7 @@ class TrainResult:
     best_val_top1: float | None = None
     images_per_second: float = 0.0
     seconds: float = 0.0
+    images_trained: int = 0  # over this run's epochs, all ranks (whole batches only: the last partial one is dropped)
 
     def to_dict(self) -> dict:
         """Plain-JSON form for `--json`."""
@@ -395,7 +396,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         pruned=kept_np is not None, final=final,
         best_val_top1=max((h["val_top1"] for h in history if "val_top1" in h), default=None),
         images_per_second=sum(h["train_images"] for h in done) / max(sum(h["epoch_time_s"] for h in done), 1e-9),
-        seconds=seconds,
+        seconds=seconds, images_trained=sum(int(h["train_images"]) for h in done),
     )
 
 
