@@ -73,6 +73,27 @@ def test_bench_pretrain_reports_speedups_against_the_first_file(full_and_pruned,
         assert png.format == "PNG" and png.size == (int((1.8 * 2 + 2) * 110), int(3.5 * 110))
 
 
+def test_bench_pretrain_whole_epochs_are_measured(full_and_pruned):
+    """--epochs: every file trains whole epochs from fresh iterators (after a warm-up left early) and the speed-up
+    is measured from epoch times; no loader thread is left behind."""
+    import threading
+
+    from dptool.bench import bench_pretrain
+
+    full, half = full_and_pruned
+    # batch 13: the pruned file's 6 batches are 3 of warm-up plus a full queue of 3, so FFCV's thread then waits
+    # to queue its end-of-epoch marker (the case that once kept a GPU run waiting)
+    data = bench_pretrain([full, half], arch="resnet18", small_input=True, res=16, batch_size=13, workers=1,
+                          epochs=2, progress=False).to_dict()
+    full_row, half_row = data["rows"]
+    for row, samples in ((full_row, 160), (half_row, 80)):
+        assert row["images"] == 2 * (samples // 13) * 13  # 2 epochs of whole batches
+        assert len(row["epoch_seconds"]) == 2 and row["measured_epoch_seconds"] > 0
+    assert full_row["speedup_basis"] == "measured"
+    assert half_row["speedup"] == pytest.approx(full_row["measured_epoch_seconds"] / half_row["measured_epoch_seconds"])
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t.is_alive()]
+
+
 def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_path):
     from dptool.synthetic import write_image_folder
 
