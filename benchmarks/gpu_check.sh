@@ -172,6 +172,9 @@ PYEOF
         step 120 "$PY" -m dptool bench pretrain "$WORK/full.beton" "$WORK/p60.beton" --arch "$arch" --res 160 \
             --batch-size 256 --steps 20 --rounds 2 --json-out "$RESULTS/bench_pretrain_gpu_$arch.json"
     done
+    section "data path on CUDA: dptool bench loader, with and without a ResNet-18 step"
+    step 90 "$PY" -m dptool bench loader "$WORK/full.beton" --res 160 --batch-size 256 --arch resnet18 \
+        --device cuda --max-batches 30 --json-out "$RESULTS/bench_loader_gpu.json"
     rm -rf "$WORK"
 
     section "training throughput: FFCV vs torchvision ImageFolder on CUDA (benchmarks/bench_train.py)"
