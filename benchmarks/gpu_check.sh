@@ -25,7 +25,7 @@ STATUS=0
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
 
-section() { printf '\n===== %s =====\n' "$*"; }
+section() { printf '\n===== %s (at %ds) =====\n' "$*" "$SECONDS"; }
 cannot_run() { printf '\ngpu_check: cannot run: %s\n' "$*" >&2; exit 2; }
 skip_cupy() { printf '\ngpu_check: skipping the CuPy kernel checks: %s\n' "$*" >&2; CUPY_OK=0; STATUS=2; }
 CUPY_OK=1
