@@ -11,7 +11,8 @@
 #
 # CUDA libraries come from the nvidia-* wheels that torch installs (or a system CUDA 13 toolkit).
 # On a machine whose python3 already holds torch, numba and CuPy but not dptool (no .venv, no network):
-#   PYTHON=python3 bash benchmarks/gpu_check.sh   # installs this checkout into it with --no-deps first
+#   DPTOOL_WHEELS=wheels PYTHON=python3 bash benchmarks/gpu_check.sh   # installs this checkout into it with
+#   --no-deps first, and FFCV and faiss-cpu from wheels/ (made by benchmarks/gpu_wheels.sh)
 # Environment: PYTHON (default .venv/bin/python, else python3), DPTOOL_WHEELS (default wheels).
 # Exit status: 0 all passed, 1 a check failed, 2 could not run (the reason is printed).
 # Later issues append their sections (e.g. training benchmarks) at the end, each as a `section` block.
@@ -61,11 +62,9 @@ fi
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| torch sees CUDA:', torch.cuda.is_available())"
 
-# FFCV is an sdist that compiles against libturbojpeg and OpenCV, and faiss has no GPU build for every CUDA: a
-# machine without network gets them from wheels in $WHEELS built or downloaded beforehand for its Python, e.g.
-#   python3.12 -m pip wheel ffcv==1.0.2 --no-deps -w build/   (with pkg-config libturbojpeg0-dev libopencv-dev)
-#   auditwheel repair --plat manylinux_2_35_x86_64 -w $WHEELS build/ffcv-*.whl   (bundles OpenCV, libturbojpeg)
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d $WHEELS faiss-cpu
+# FFCV is an sdist that compiles against libturbojpeg and OpenCV, and faiss-cpu is not on every image: a machine
+# without network gets both from wheels in $WHEELS, made beforehand for its Python on a machine with network by
+#   bash benchmarks/gpu_wheels.sh python3.12 wheels   (FFCV with OpenCV and libturbojpeg bundled; faiss-cpu)
 install_from_wheels() {  # MODULE WHEEL_NAME PIP_NAME: install PIP_NAME from $WHEELS if MODULE does not import
     "$PY" -c "import $1" >/dev/null 2>&1 && return 0
     ls "$WHEELS"/"$2"-*.whl >/dev/null 2>&1 || return 0
