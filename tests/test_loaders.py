@@ -141,33 +141,31 @@ def test_loader_under_inference_mode_with_a_device_copy(tiny_beton):
     assert np.array_equal(np.bincount(labels.numpy(), minlength=4), [40, 40, 40, 40])
 
 
-class _FailOnSecondBatch:
-    """A plain-Python FFCV operation (FFCV's Operation interface) that raises on the epoch's second batch."""
+def _fail_on_second_batch():
+    """A plain-Python FFCV operation (FFCV's public Operation interface) that raises on the epoch's second batch."""
+    from ffcv.pipeline.operation import Operation
 
-    def __new__(cls):
-        from ffcv.pipeline.operation import Operation
+    class FailOnSecondBatch(Operation):
+        def generate_code(self):
+            calls = []
 
-        class Fail(Operation):
-            def generate_code(self):
-                calls = []
+            def fail(images, _dst):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise ValueError("planted failure in the second batch")
+                return images
 
-                def fail(images, _dst):
-                    calls.append(1)
-                    if len(calls) == 2:
-                        raise ValueError("planted failure in the second batch")
-                    return images
+            return fail
 
-                return fail
+        def declare_state_and_memory(self, previous_state):
+            return previous_state, None
 
-            def declare_state_and_memory(self, previous_state):
-                return previous_state, None
-
-        return Fail()
+    return FailOnSecondBatch()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_loader_thread_error_is_an_error_not_a_hang(tiny_beton):
-    loader = _ffcv_pipeline_loader(tiny_beton, [_FailOnSecondBatch()])
+    loader = _ffcv_pipeline_loader(tiny_beton, [_fail_on_second_batch()])
     with pytest.raises(DptoolError, match=r"FFCV's loading thread for .*tiny.*stopped before the end of the epoch"):
         for _ in loader:
             pass
