@@ -8,11 +8,13 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup test test-slow demo lint clean-venv
 
-## setup: Debian packages for FFCV (if missing), .venv, torch before ffcv, then the package with [dev]
+## setup: Debian packages for FFCV and python3-venv (if missing), .venv, torch before ffcv, then the package with [dev]
 setup: $(VENV)/.installed
 
 $(VENV)/.debs:
 	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v $(PY) >/dev/null 2>&1 || missing="$$missing python3"; \
+	$(PY) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 	@mkdir -p $(VENV) && touch $@
