@@ -127,8 +127,8 @@ def _selections(scores: Scores, ratio, keep, ratios) -> list[tuple[float, np.nda
     return [(float(r), select_groups(scores, ratio=r)) for r in ratios]
 
 
-def _sidecar(beton: Beton, source_fp: str, indices: np.ndarray, counts: np.ndarray, ratio: float,
-             kept: np.ndarray, scores: Scores, scores_path: Path, scores_fp: str, tmp: Path) -> dict:
+def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
+             scores_path: Path, scores_fp: str, tmp: Path) -> dict:
     side = beton.sidecar or {}
     kept_list = sorted(int(k) for k in kept)
     pruning = {
@@ -139,7 +139,7 @@ def _sidecar(beton: Beton, source_fp: str, indices: np.ndarray, counts: np.ndarr
     }
     return {
         **{k: side[k] for k in ("fields", "writer", "source") if k in side},
-        "num_samples": int(len(indices)), "num_classes": beton.num_classes, "class_names": beton.class_names,
+        "num_samples": int(counts.sum()), "num_classes": beton.num_classes, "class_names": beton.class_names,
         "class_counts": counts.tolist(), "fingerprint": fingerprint(open_beton(tmp, require_label=False)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pruning": pruning,
     }
@@ -151,11 +151,11 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
     scores_fp = fingerprint_file(scores_path)
     labels = beton.labels
     counts = [np.bincount(labels[idx], minlength=beton.num_classes) for _, _, _, idx in jobs]
-    by_path = {os.path.abspath(p): (r, kept, idx, c) for (p, r, kept, idx), c in zip(jobs, counts)}
+    by_path = {os.path.abspath(p): (r, kept, c) for (p, r, kept, _), c in zip(jobs, counts)}
 
     def finalize(final: Path, tmp: Path) -> None:
-        r, kept, idx, c = by_path[os.path.abspath(final)]
-        write_sidecar(final, _sidecar(beton, source_fp, idx, c, r, kept, scores, scores_path, scores_fp, tmp))
+        r, kept, c = by_path[os.path.abspath(final)]
+        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, tmp))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
                             finalize=finalize)

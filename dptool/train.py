@@ -389,14 +389,15 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     seconds = time.perf_counter() - started
     final = history[-1] if history else {}
     done = [h for h in history if h.get("epoch", -1) >= start_epoch]
+    trained = sum(int(h["train_images"]) for h in done)
     return TrainResult(
         checkpoint=str(output), log=str(log_path) if log_path else None, arch=config.arch, num_classes=num_classes,
         num_samples=beton.num_samples, epochs=config.epochs, start_epoch=start_epoch, world_size=world,
         effective_batch_size=eff_batch, effective_lr=peak_lr, device=str(device), precision=precision,
         pruned=kept_np is not None, final=final,
         best_val_top1=max((h["val_top1"] for h in history if "val_top1" in h), default=None),
-        images_per_second=sum(h["train_images"] for h in done) / max(sum(h["epoch_time_s"] for h in done), 1e-9),
-        seconds=seconds, images_trained=sum(int(h["train_images"]) for h in done),
+        images_per_second=trained / max(sum(h["epoch_time_s"] for h in done), 1e-9),
+        seconds=seconds, images_trained=trained,
     )
 
 
