@@ -335,8 +335,12 @@ def plot_pretrain(bench: dict, path: str | os.PathLike) -> Path:
     xs = range(len(rows))
     ax.bar(xs, times, color="tab:blue", label=f"{key.split('_')[0]} epoch time")
     ax.scatter(xs, ideal, color="black", marker="_", s=600, zorder=3, label="ideal (full / kept samples)")
-    for x, r, t in zip(xs, rows, times):
-        ax.text(x, t, f"{r['speedup']:.2f}x", ha="center", va="bottom")
+    top = max(max(times), max(ideal))
+    for x, r, t, i in zip(xs, rows, times, ideal):
+        # above both the bar and the ideal mark, so neither hides the label
+        label = f"{r['speedup']:.2f}x" + (f"\n(ideal {r['ideal_speedup']:.2f}x)" if x else "")
+        ax.text(x, max(t, i) + 0.02 * top, label, ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, top * 1.3)  # room for the labels and the legend
     ax.set_xticks(list(xs), names, rotation=15)
     ax.set_ylabel("seconds per epoch")
     ax.set_title(f"{bench['arch']} at {bench['res']} px, batch {bench['batch_size']}, {bench['device']}")
