@@ -9,6 +9,7 @@ import click
 
 from dptool.atomic import atomic_output, check_output_path
 from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
+from dptool.distributed import launch_rank
 
 from ._common import CONTEXT_SETTINGS, emit, json_option, show_progress
 
@@ -103,6 +104,8 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
     result = bench_pretrain(list(files), arch=arch, small_input=small_input, res=res, batch_size=batch_size,
                             workers=workers, epochs=epochs, steps=steps, rounds=rounds, precision=precision,
                             progress=show_progress(as_json)).to_dict()
+    if launch_rank() != 0:  # under torchrun every rank returns the same summed result; rank 0 writes and prints
+        return
     _save(result, json_out)
     if plot:
         plot_pretrain(result, plot)

@@ -185,10 +185,11 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
             row.seconds += float(counts[1]) / dist.world_size()
             row.wait_seconds += float(counts[2]) / dist.world_size()
             if n_steps is None:
-                row.epoch_seconds.append(elapsed)
+                row.epoch_seconds.append(float(counts[1]) / dist.world_size())  # the ranks' mean
 
         n_rounds = epochs if epochs > 0 else rounds
-        bar = tqdm(total=n_rounds * len(files), desc="bench pretrain", unit="run", disable=not progress)
+        bar = tqdm(total=n_rounds * len(files), desc="bench pretrain", unit="run",
+                   disable=not progress or not dist.is_main())
         for _ in range(n_rounds):
             for i in range(len(files)):
                 run(i, None if epochs > 0 else steps)

@@ -51,3 +51,21 @@ def test_torchrun_two_gloo_processes(tmp_path, train_val_betons):
     ckpt = read_checkpoint(out)
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["state_dict"])
     assert ckpt["extra"]["kept_classes"] == [0, 1, 3]
+
+
+def test_bench_pretrain_under_torchrun_sums_ranks_and_prints_once(tmp_path, tiny_beton):
+    """Two gloo ranks train with DDP: images are summed over ranks, rank 0 alone prints and writes the JSON."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dptool", "bench", "pretrain", str(tiny_beton), str(tiny_beton),
+           "--arch", "resnet18", "--small-input", "--res", "16", "--batch-size", "8", "--steps", "2", "--rounds",
+           "2", "--workers", "1", "--json", "--json-out", str(tmp_path / "bench.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])  # exactly one JSON document: rank 0 alone prints
+    assert result == json.loads((tmp_path / "bench.json").read_text())
+    assert result["world_size"] == 2 and result["batch_size"] == 8
+    for row in result["rows"]:
+        assert row["images"] == 2 * 2 * 2 * 8  # ranks x rounds x steps x batch per rank
+        assert row["samples"] == 160 and row["ideal_speedup"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
