@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ._ffcv import import_ffcv
-from .atomic import atomic_output
+from .atomic import atomic_output, check_output_path
 from .errors import InputError
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "open_beton",
     "read_sidecar",
     "sidecar_path",
+    "check_beton_output",
     "write_sidecar",
     "fingerprint",
     "summarize",
@@ -63,6 +64,23 @@ _FORMAT_VERSION = 2  # ffcv.types.CURRENT_VERSION of FFCV 1.0
 def sidecar_path(beton: str | os.PathLike) -> Path:
     """The sidecar of `beton`: the same path with `.json` appended."""
     return Path(str(beton) + ".json")
+
+
+def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
+    """Refuse a `.beton` output, or the sidecar it brings, that exists (without `force`) or is an input or an
+    input's sidecar; a path ending in `.json` is refused as a sidecar name."""
+    inputs = tuple(p for p in inputs if p is not None)
+    out = check_output_path(path, force=force, inputs=inputs)
+    if str(out).endswith(".json"):
+        raise InputError(f"Output {out} looks like a sidecar; give a .beton path.")
+    side = sidecar_path(out)
+    for src in inputs:  # the sidecar replaces an existing file even with --force: never let it be an input
+        if os.path.abspath(side) in (os.path.abspath(src), os.path.abspath(sidecar_path(src))) or (
+                side.exists() and Path(src).exists() and side.resolve() == Path(src).resolve()):
+            raise InputError(f"Output {out} would write its sidecar over {side}, which is an input or its "
+                             "sidecar; choose another output path.")
+    check_output_path(side, force=force)
+    return out
 
 
 def read_sidecar(beton: str | os.PathLike) -> dict | None:
@@ -186,6 +204,17 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -
     alloc = np.fromfile(path, dtype=_ALLOC, count=(size - alloc_ptr) // _ALLOC.itemsize, offset=alloc_ptr)
     if len(alloc) and int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr:
         raise InputError(f"{path} is truncated or damaged (sample data past the allocation table).")
+    # a file cut at a multiple of the table's row size keeps a well-formed but shorter allocation table: every
+    # sample needs one row per variable-size field (those with a data pointer, e.g. the image)
+    allocated_fields = sum("data_ptr" in (meta_type[f].names or ()) for f in meta_type.names or ())
+    if allocated_fields and n:
+        if len(alloc) and int(alloc["sample_id"].max()) >= n:
+            raise InputError(f"{path} is damaged (allocation table names sample {int(alloc['sample_id'].max())} "
+                             f"of {n}).")
+        missing = np.flatnonzero(np.bincount(alloc["sample_id"].astype(np.int64), minlength=n) < allocated_fields)
+        if len(missing):
+            raise InputError(f"{path} is truncated or damaged ({len(missing)} samples have no allocation, the "
+                             f"first is sample {int(missing[0])}).")
     beton = Beton(
         path=path,
         num_samples=n,

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ._ffcv import import_ffcv
-from .atomic import atomic_output, check_output_path
-from .beton import fingerprint, open_beton, write_sidecar
+from .atomic import atomic_output
+from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
 
@@ -195,9 +195,7 @@ def convert(
         raise InputError(f"--compress-prob must be in [0, 1], got {params.compress_probability}.")
     if params.max_resolution < 8:
         raise InputError(f"--max-res must be at least 8, got {params.max_resolution}.")
-    out = check_output_path(out, force=force, inputs=(src,))
-    if str(out).endswith(".json"):
-        raise InputError(f"Output {out} looks like a sidecar; give a .beton path.")
+    out = check_beton_output(out, force=force, inputs=(src,))
     source = open_source(src, format=format, split=split, max_pixels=max_pixels)
     n = len(source)
     if n == 0:

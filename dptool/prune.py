@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_output_path
-from .beton import Beton, fingerprint, open_beton, write_sidecar
+from .beton import Beton, check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError
 from .scores import Scores, assignment_path, fingerprint_file, load_assignment, read_scores, select_groups
 from .subset import write_subsets
@@ -197,7 +196,7 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
         raise InputError("Two outputs have the same path; give --val-out a different name from -o.")
     inputs = (source, scores_path, val, assignment_path(scores_path) if scores.assignment else None)
     for p in outs + val_outs:
-        check_output_path(p, force=force, inputs=inputs)
+        check_beton_output(p, force=force, inputs=inputs)
 
     beton = open_beton(source)
     source_fp = _source_fingerprint(beton)

@@ -88,7 +88,7 @@ class Scores:
     `ids`, `scores`, `tiebreak` and `ranks` are (G,) arrays (int64, float64, float64, int64), one entry per
     group, read-only; `ranks` is not an argument: it is always computed from the scores with `rank_groups`.
     `assignment` is the file name (beside the scores file) of the per-sample cluster ids, set by `write_scores`
-    for cluster-level scores.
+    for cluster-level scores, and `assignment_sha256` its fingerprint, which `load_assignment` checks.
     """
 
     method: str
@@ -106,6 +106,7 @@ class Scores:
     extra: dict = field(default_factory=dict)
     assignment: str | None = None
     created: str | None = None
+    assignment_sha256: str | None = None
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids).reshape(-1)
@@ -157,6 +158,7 @@ class Scores:
             "params": self.params, "surrogate": self.surrogate, "source": self.source, "target": self.target,
             "tie_break": self.tie_break, "groups": groups, "assignment": self.assignment, "extra": self.extra,
             "created": self.created,
+            **({"assignment_sha256": self.assignment_sha256} if self.assignment_sha256 else {}),
         }
 
 
@@ -199,15 +201,14 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
     if scores.level == "class" and assignment is not None:
         raise InputError("class-level scores take no assignment: samples are kept by their label.")
     doc_scores = dataclasses.replace(scores, created=scores.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    extra_keys: dict = {}
     if assignment is not None:
         a = _check_assignment(assignment, scores, "assignment")
-        apath = assignment_path(out)
+        apath = check_output_path(assignment_path(out), force=force)
         with atomic_output(apath) as tmp, open(tmp, "wb") as f:
             np.save(f, a)
-        doc_scores = dataclasses.replace(doc_scores, assignment=apath.name)
-        extra_keys["assignment_sha256"] = fingerprint_file(apath)
-    doc = {**doc_scores.to_dict(), **extra_keys}
+        doc_scores = dataclasses.replace(doc_scores, assignment=apath.name,
+                                         assignment_sha256=fingerprint_file(apath))
+    doc = doc_scores.to_dict()
     try:
         text = json.dumps(doc, indent=1, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -246,6 +247,7 @@ def read_scores(path: str | os.PathLike) -> Scores:
             params=doc.get("params") or {}, surrogate=doc.get("surrogate"), source=doc["source"],
             target=doc.get("target"), tie_break=str(doc["tie_break"]), extra=doc.get("extra") or {},
             assignment=doc.get("assignment"), created=doc.get("created"),
+            assignment_sha256=doc.get("assignment_sha256"),
         )
         stored = np.asarray(cols["rank"], dtype=np.float64)
         g = scores.num_groups
@@ -268,6 +270,10 @@ def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarra
     apath = Path(scores_path).with_name(scores.assignment)
     if not apath.is_file():
         raise InputError(f"Scores file {scores_path} names assignment {apath.name}, which does not exist.")
+    # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it
+    if scores.assignment_sha256 and fingerprint_file(apath) != scores.assignment_sha256:
+        raise InputError(f"Assignment file {apath} is not the one scores file {scores_path} was written with (its "
+                         "sha256 differs): it was replaced since; score the source again.")
     try:
         a = np.load(apath, allow_pickle=False)
     except (OSError, ValueError) as exc:

@@ -211,6 +211,22 @@ def test_existing_output_needs_force_and_truncated_beton_is_refused(tiny_beton, 
     cut.write_bytes(tiny_beton.read_bytes()[: tiny_beton.stat().st_size // 2])
     result = run("info", cut)
     assert result.exit_code == 2 and "truncated" in result.output
+    # cut by whole allocation-table rows (24 bytes each): the table is well formed but lacks the last samples
+    cut.write_bytes(tiny_beton.read_bytes()[: tiny_beton.stat().st_size - 24 * 3])
+    result = run("info", cut)
+    assert result.exit_code == 2 and "3 samples have no allocation, the first is sample 157" in result.output
+
+
+def test_an_output_whose_sidecar_would_replace_an_input_is_refused(tmp_path):
+    images, labels = separable_images(2, 3, 8)
+    write_npz(tmp_path / "d.npz", images, labels)
+    notes = tmp_path / "notes.json"
+    notes.write_text("mine")
+    result = run("convert", tmp_path / "d.npz", tmp_path / "notes", *RAW)
+    assert result.exit_code == 2 and "notes.json already exists; pass --force" in result.output
+    assert notes.read_text() == "mine" and not (tmp_path / "notes").exists()
+    result = run("convert", tmp_path / "d.npz", tmp_path / "d.npz.x", *RAW)  # fine: a new name
+    assert result.exit_code == 0, result.output
 
 
 def test_info_json_lists_classes(tiny_beton):

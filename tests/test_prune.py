@@ -251,6 +251,23 @@ def test_existing_output_needs_force(data, tmp_path):
     assert result.exit_code == 0 and open_beton(out).num_samples == 75
 
 
+def test_an_output_whose_sidecar_is_an_input_is_refused_even_with_force(data, tmp_path):
+    scores = tmp_path / "lm.json"
+    shutil.copy(data["scores"], scores)
+    before = scores.read_bytes()
+    for extra in ([], ["--force"]):  # -o lm: its sidecar lm.json is the scores file
+        result = run(data["train"], "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "lm", *extra)
+        assert result.exit_code == 2 and one_sentence(result.output)
+        assert "would write its sidecar over" in result.output
+    assert scores.read_bytes() == before and not (tmp_path / "lm").exists()
+    side = f"{data['train']}.json"
+    result = run(data["train"], "--scores", scores, "--ratio", "0.5", "-o", side, "--force")
+    assert result.exit_code == 2 and "looks like a sidecar" in result.output
+    (tmp_path / "out.beton.json").write_text("mine")  # a stray sidecar is an existing output too
+    assert "out.beton.json already exists; pass --force" in _refuse_existing(data, tmp_path / "out.beton")
+    assert (tmp_path / "out.beton.json").read_text() == "mine"
+
+
 def _refuse_existing(data, out) -> str:
     result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out)
     assert result.exit_code == 2 and one_sentence(result.output)

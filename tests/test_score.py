@@ -282,6 +282,12 @@ def test_refusals_before_any_work(score_data, tmp_path):
     _one_sentence(_invoke(*base, "--method", "fm", "--clusters", 17, "--source-sample", 2, "--model",
                           score_data.checkpoint, "-o", out), "--clusters must be between 1 and the 16 sampled")
     assert not out.exists()
+    _one_sentence(_invoke(*base, "--model", score_data.checkpoint, "--std", 0.2, 0, 0.2, "-o", out),
+                  "--std values must all be > 0", "got 0.2 0.0 0.2")
+    (tmp_path / "s.assign.npy").write_bytes(b"keep me")  # FM clusters write s.assign.npy beside s.json
+    _one_sentence(_invoke(*base, "--method", "fm", "--model", score_data.checkpoint, "-o", out),
+                  "s.assign.npy already exists", "--force")
+    assert (tmp_path / "s.assign.npy").read_bytes() == b"keep me" and not out.exists()
 
 
 @pytest.mark.parametrize("clusters", [17, 0])

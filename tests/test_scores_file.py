@@ -104,6 +104,22 @@ def test_assignment_checks(tmp_path):
         load_assignment(path, read_scores(path))
 
 
+def test_a_replaced_assignment_is_refused_and_never_overwritten_without_force(tmp_path):
+    """The scores file records its assignment's sha256: a later run that rewrote <stem>.assign.npy (scores moved
+    away first) would otherwise prune by clusters the scores were not computed for."""
+    s = cluster_scores()
+    first = write_scores(tmp_path / "fm.json", s, assignment=np.array([0, 1, 2, 3] * 3))
+    moved = first.rename(tmp_path / "fm_moved.json")
+    with pytest.raises(InputError, match=r"fm\.assign\.npy already exists; pass --force"):
+        write_scores(tmp_path / "fm.json", s, assignment=np.array([3, 2, 1, 0] * 3))
+    assert load_assignment(moved, read_scores(moved)).tolist() == [0, 1, 2, 3] * 3
+    write_scores(tmp_path / "fm.json", s, assignment=np.array([3, 2, 1, 0] * 3), force=True)
+    with pytest.raises(InputError, match=r"fm\.assign\.npy is not the one scores file .*fm_moved\.json was written "
+                       r"with \(its sha256 differs\)"):
+        load_assignment(moved, read_scores(moved))
+    assert load_assignment(tmp_path / "fm.json", read_scores(tmp_path / "fm.json")).tolist() == [3, 2, 1, 0] * 3
+
+
 def test_existing_output_needs_force(tmp_path):
     path = write_scores(tmp_path / "s.json", class_scores())
     with pytest.raises(InputError, match="--force"):

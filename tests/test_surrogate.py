@@ -42,6 +42,9 @@ def test_checkpoint(net, x, tmp_path):
     assert s.identity["data_fingerprint"] == "blake2b:00" and s.identity["sha256"].startswith("sha256:")
     assert default_resolution(s.recipe) == 64 and default_resolution({}, fallback=32) == 32
     assert s.feature_module() is s.model.fc
+    with pytest.raises(InputError, match=r"keys of another shape \(e\.g\. conv1\.weight: \(64, 3, 3, 3\) in the "
+                       r"file, \(64, 3, 7, 7\) in the model\); .*c\.pt is a dptool checkpoint.*pass it as --model"):
+        load_surrogate(arch="resnet18", weights=path)  # the checkpoint's small-input stem does not fit resnet18
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -72,8 +75,9 @@ def test_arch_and_weights(net, x, tmp_path, layout):
 
 def test_weights_that_do_not_fit(net, tmp_path):
     torch.save(net.state_dict(), tmp_path / "w.pth")
-    with pytest.raises(InputError, match="do not fit the model"):
+    with pytest.raises(InputError, match=r"do not fit the ResNet model: \d+ keys missing \(e\.g\. layer1\.2\.") as err:
         load_surrogate(arch="resnet34", weights=tmp_path / "w.pth")
+    assert "\n" not in str(err.value) and "dptool checkpoint" not in str(err.value)  # one sentence; a bare state dict
     torch.save({"epoch": 1}, tmp_path / "bad.pth")
     with pytest.raises(InputError, match="holds no state dict"):
         read_state_dict(tmp_path / "bad.pth")

@@ -15,6 +15,7 @@ from dataclasses import replace
 from ..atomic import check_output_path
 from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank
+from ..errors import InputError
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..scores import assignment_path
 from .plot import plot_scores
@@ -50,9 +51,13 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
 
     options = options or ScoreOptions()
     spec = get_method(method)
+    if std is not None and not all(v > 0 for v in std):  # also refuses NaN
+        raise InputError(f"--std values must all be > 0 (they divide the pixels), got {' '.join(map(str, std))}.")
     out = check_output_path(output, force=force, inputs=(source, target))
     if plot is not None:
         check_output_path(plot, force=force, inputs=(source, target, output))
+    if method == "fm" and options.groups == "clusters":  # cluster-level: the assignment goes beside the scores
+        check_output_path(assignment_path(out), force=force, inputs=(source, target))
     began = time.perf_counter()
     with distributed_session() as session_device:
         dev = str(session_device) if device == "auto" else device
