@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
 from dptool.atomic import atomic_output, check_output_path
 from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
+from dptool.beton import sidecar_path
 from dptool.distributed import launch_rank
+from dptool.errors import InputError
 
-from ._common import CONTEXT_SETTINGS, emit, json_option, show_progress
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
 
 __all__ = ["command"]
 
 _out_options = [
     click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Also write the result as JSON to this file."),
+    force_option,
     json_option,
 ]
 
@@ -30,11 +34,15 @@ def _with(options):
     return deco
 
 
-def _check_outputs(*paths: Path | None) -> None:
-    """Refuse an output in a missing folder (or a folder) before the measurement; existing files are replaced."""
-    for p in paths:
-        if p is not None:
-            check_output_path(p, force=True)
+def _check_outputs(inputs, force: bool, *paths: Path | None) -> None:
+    """Before the measurement: refuse an output that is an input (or its sidecar), exists (without --force), or
+    sits in a missing folder."""
+    inputs = tuple(inputs) + tuple(sidecar_path(p) for p in inputs)
+    outs = [p for p in paths if p is not None]
+    if len({os.path.abspath(p) for p in outs}) != len(outs):
+        raise InputError("--json-out and --plot are the same file; give each its own path.")
+    for p in outs:
+        check_output_path(p, force=force, inputs=inputs)
 
 
 def _save(result: dict, json_out: Path | None) -> None:
@@ -53,6 +61,9 @@ def _pretrain_table(d: dict) -> str:
                      f"{r['data_wait_share']:>7.0%}")
     lines.append(f"epoch time: {d['rows'][0]['speedup_basis']}; eff. = speed-up / ideal; wait = share of time "
                  "waiting on data")
+    if any((r["efficiency"] or 0) > 1.05 for r in d["rows"]):
+        lines.append("an efficiency above 100% is run-to-run noise, not a gain: measure longer (--epochs, --steps, "
+                     "--rounds)")
     return "\n".join(lines)
 
 
@@ -90,17 +101,18 @@ def command():
 @click.option("--epochs", type=click.IntRange(min=0), default=0, help="Whole epochs per file (0: use --steps).")
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="Steps per file per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved rounds (steps mode).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="Training precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG bar chart.")
 @_with(_out_options)
 def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, rounds, precision, plot, json_out,
-             as_json):
+             force, as_json):
     """Train one recipe on each file, interleaved; report images/s, epoch time and speed-up over the first.
 
     \b
     dptool bench pretrain in_train.beton in_train_p60.beton --arch resnet50 --epochs 1 --plot bench.png
     """
-    _check_outputs(json_out, plot)
+    _check_outputs(files, force, json_out, plot)
     result = bench_pretrain(list(files), arch=arch, small_input=small_input, res=res, batch_size=batch_size,
                             workers=workers, epochs=epochs, steps=steps, rounds=rounds, precision=precision,
                             progress=show_progress(as_json)).to_dict()
@@ -128,13 +140,13 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
               help="Model step precision with --arch (auto: bf16 on CUDA, fp32 on the CPU).")
 @_with(_out_options)
 def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, device, precision,
-           json_out, as_json):
+           json_out, force, as_json):
     """Images/s through the training data pipeline (decode, crop, flip, to device).
 
     \b
     dptool bench loader in_train.beton --res 160 --compare-folder ~/data/imagenet/train --arch resnet18
     """
-    _check_outputs(json_out)
+    _check_outputs([path], force, json_out)
     result = bench_loader(path, res=res, batch_size=batch_size, workers=workers, arch=arch, small_input=small_input,
                           compare_folder=compare_folder, max_batches=max_batches, device=device,
                           precision=precision).to_dict()

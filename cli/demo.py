@@ -15,10 +15,10 @@ __all__ = ["command"]
 
 def _table(result) -> str:
     lines = [f"{'method':<8}{'ratio':>6}{'pretrain images':>17}{'pretrain s':>12}{'target top-1 final':>20}"
-             f"{'best epoch':>12}"]
+             f"{'top-1 best epoch':>18}"]
     for r in result.rows:
-        lines.append(f"{r.method:<8}{r.ratio:>6.1f}{r.pretrain_images:>17}{r.pretrain_seconds:>12.1f}"
-                     f"{r.target_top1_final:>20.3f}{r.target_top1_best:>12.3f}")
+        lines.append(f"{r.method:<8}{r.ratio:>6g}{r.pretrain_images:>17}{r.pretrain_seconds:>12.1f}"
+                     f"{r.target_top1_final:>20.3f}{r.target_top1_best:>18.3f}")
     total = sum(result.stage_seconds.values())
     lines.append(f"stages: {total:.0f} s in all; plot {result.plot}; everything under {result.workdir}")
     return "\n".join(lines)

@@ -58,7 +58,8 @@ class PretrainRow:
         d = asdict(self)
         d["images_per_second"] = self.images_per_second
         d["projected_epoch_seconds"] = self.samples / self.images_per_second if self.images else None
-        d["measured_epoch_seconds"] = min(self.epoch_seconds) if self.epoch_seconds else None
+        # the mean, as images/s is: a per-file minimum would pick each file's luckiest epoch on a noisy machine
+        d["measured_epoch_seconds"] = sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else None
         d["data_wait_share"] = self.wait_seconds / self.seconds if self.seconds else None
         return d
 
@@ -133,7 +134,8 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
         torch.manual_seed(0)
         # channels-last only on CUDA: on the CPU it made ResNet training ~3x slower (as in dptool.train)
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        model = create_model(arch, num_classes, small_input=small_input).to(device, memory_format=layout)
+        model = create_model(arch, num_classes, small_input=small_input, image_size=res).to(device,
+                                                                                            memory_format=layout)
         if dist.world_size() > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
@@ -225,7 +227,7 @@ class LoaderBench:
         return d
 
 
-def _rate(batches, device, step=None, max_batches: int | None = None) -> float:
+def _rate(batches, device, step=None, max_batches: int | None = None, what: str = "The file") -> float:
     """Images/s of `batches` delivered on `device` (after one warm-up batch), applying `step(x, y)` to each when
     given; the clock stops once the device has finished the work."""
     it = iter(batches)
@@ -235,7 +237,10 @@ def _rate(batches, device, step=None, max_batches: int | None = None) -> float:
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     try:
-        x, y = on_device(next(it))
+        first = next(it, None)
+        if first is None:
+            raise InputError(f"{what} holds less than one batch; give a smaller --batch-size.")
+        x, y = on_device(first)
         if step:
             step(x, y)
         _sync(device)
@@ -250,11 +255,15 @@ def _rate(batches, device, step=None, max_batches: int | None = None) -> float:
             if max_batches and n + 1 >= max_batches:
                 break
         _sync(device)
+        elapsed = time.perf_counter() - start  # before close(): shutting a loader down is not delivering batches
     finally:
         close = getattr(it, "close", None)
         if close is not None:
             close()  # a measurement stopped early leaves no loader thread running
-    return images / max(time.perf_counter() - start, 1e-9)
+    if images == 0:
+        raise InputError(f"{what} holds one batch, all of it spent on the warm-up: nothing was measured; give a "
+                         "smaller --batch-size.")
+    return images / max(elapsed, 1e-9)
 
 
 def resolve_device(device: str):
@@ -286,11 +295,15 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     folder = Path(compare_folder) if compare_folder else None
     if folder is not None and not folder.is_dir():  # refused before minutes of measuring, like a bad --arch
         raise InputError(f"--compare-folder {folder} is not a folder.")
+    if folder is not None and not any(p.is_dir() for p in folder.iterdir()):
+        raise InputError(f"--compare-folder {folder} has no class subfolders; give an ImageFolder tree "
+                         "(one folder of images per class).")
     dev = resolve_device(device)
     step = None
     if arch:
         layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-        model = create_model(arch, beton.num_classes, small_input=small_input).to(dev, memory_format=layout)
+        model = create_model(arch, beton.num_classes, small_input=small_input, image_size=res).to(
+            dev, memory_format=layout)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss()
         precision = resolve_precision(dev, precision)
@@ -300,9 +313,9 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     warm_page_cache(beton.path)
     ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers, device=dev)
     result = LoaderBench(path=str(beton.path), res=res, batch_size=batch_size, workers=workers, device=str(dev),
-                         ffcv_images_per_second=_rate(ffcv_loader, dev, max_batches=max_batches))
+                         ffcv_images_per_second=_rate(ffcv_loader, dev, max_batches=max_batches, what=str(path)))
     if step:
-        result.ffcv_with_model_images_per_second = _rate(ffcv_loader, dev, step, max_batches)
+        result.ffcv_with_model_images_per_second = _rate(ffcv_loader, dev, step, max_batches, str(path))
     if folder is not None:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -314,9 +327,9 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
                                          shuffle=True, num_workers=workers, drop_last=True,
                                          pin_memory=dev.type == "cuda",
                                          persistent_workers=bool(arch) and workers > 0)
-        result.folder_images_per_second = _rate(dl, dev, max_batches=max_batches)
+        result.folder_images_per_second = _rate(dl, dev, max_batches=max_batches, what=f"--compare-folder {folder}")
         if step:
-            result.folder_with_model_images_per_second = _rate(dl, dev, step, max_batches)
+            result.folder_with_model_images_per_second = _rate(dl, dev, step, max_batches, f"--compare-folder {folder}")
     return result
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from .atomic import atomic_output
 from .errors import InputError
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_checkpoint", "load_checkpoint",
+           "describe_mismatch"]
 
 CHECKPOINT_FORMAT = "dptool-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -98,9 +99,27 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_cla
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"Checkpoint {path} does not fit a {ckpt['arch']}: {first}") from exc
+        raise InputError(f"Checkpoint {path} does not fit a {ckpt['arch']}: "
+                         f"{describe_mismatch(model, ckpt['state_dict'], exc)}.") from exc
     return model.to(device), ckpt
+
+
+def describe_mismatch(model, state: dict, exc: Exception | None = None) -> str:
+    """Why `state` does not load into `model`, in one clause: keys missing, unexpected, of another shape.
+
+    torch's own message lists every key over many lines; this counts them and names the first of each."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [k for k in want if k in state and tuple(getattr(state[k], "shape", ())) != tuple(want[k].shape)]
+    parts = [f"{len(missing)} keys missing (e.g. {missing[0]})" if missing else "",
+             f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
+             f"{len(shapes)} keys of another shape (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} in the file, "
+             f"{tuple(want[shapes[0]].shape)} in the model)" if shapes else ""]
+    detail = ", ".join(p for p in parts if p)
+    if not detail and exc is not None:
+        detail = str(exc).strip().splitlines()[-1].strip()
+    return detail or "the weights do not load"
 
 
 def _label(arch: str, small: bool) -> str:

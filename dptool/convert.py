@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -129,19 +130,32 @@ def _read_failures(failures_dir: str) -> dict[int, str]:
     return failures
 
 
+def _quiet_indexed_worker(*args):
+    """FFCV's writer worker, ended quietly by Ctrl-C: the parent reports the interruption once, without a
+    traceback from every worker process."""
+    ffcv_writer = import_ffcv("ffcv.writer")
+    original = getattr(ffcv_writer, "_dptool_original_worker", ffcv_writer.worker_job_indexed_dataset)
+    try:
+        original(*args)
+    except KeyboardInterrupt:
+        os._exit(130)
+
+
 @contextlib.contextmanager
-def _writer_progress(show: bool, desc: str):
-    """FFCV's writer always draws a tqdm bar; point it at ours, switched off when asked."""
+def _writer_patches(show: bool, desc: str):
+    """FFCV's writer always draws a tqdm bar: point it at ours, switched off when asked; and quiet its workers."""
     from tqdm import tqdm
 
     ffcv_writer = import_ffcv("ffcv.writer")
 
-    original = ffcv_writer.tqdm
+    original_tqdm, original_worker = ffcv_writer.tqdm, ffcv_writer.worker_job_indexed_dataset
     ffcv_writer.tqdm = lambda total=None, **kw: tqdm(total=total, desc=desc, unit="img", disable=not show, **kw)
+    ffcv_writer._dptool_original_worker = original_worker
+    ffcv_writer.worker_job_indexed_dataset = _quiet_indexed_worker
     try:
         yield
     finally:
-        ffcv_writer.tqdm = original
+        ffcv_writer.tqdm, ffcv_writer.worker_job_indexed_dataset = original_tqdm, original_worker
 
 
 def write_beton(
@@ -168,8 +182,21 @@ def write_beton(
     )
     # Small chunks for small sets: FFCV has failed with fewer samples than workers x chunksize (issue #1).
     chunksize = max(1, min(100, math.ceil(len(indices) / workers)))
-    with _writer_progress(progress, "convert"):
-        writer.from_indexed_dataset(dataset, indices=np.asarray(indices, dtype=np.int64), chunksize=chunksize)
+    before = set(multiprocessing.active_children())
+    try:
+        with _writer_patches(progress, "convert"):
+            writer.from_indexed_dataset(dataset, indices=np.asarray(indices, dtype=np.int64), chunksize=chunksize)
+    except BaseException:
+        # FFCV leaves its workers running and its shared memory behind when the parent stops (Ctrl-C, an error)
+        for child in set(multiprocessing.active_children()) - before:
+            child.terminate()
+            child.join(timeout=5)
+        shm = getattr(writer, "metadata_sm", None)
+        if hasattr(shm, "unlink"):
+            with contextlib.suppress(OSError):
+                shm.close()
+                shm.unlink()
+        raise
 
 
 def convert(

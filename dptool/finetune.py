@@ -22,7 +22,7 @@ import numpy as np
 from .atomic import check_output_path
 from .beton import fingerprint, open_beton
 from .errors import InputError
-from .train import JsonLog, autocast, evaluate, resolve_precision
+from .train import JsonLog, autocast, check_same_classes, evaluate, resolve_precision
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices"]
 
@@ -178,6 +178,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if test_b.num_samples and int(test_b.labels.max()) >= num_classes:
         raise InputError(f"Test file {test_data} has label {int(test_b.labels.max())}, beyond the {num_classes} "
                          f"classes of {train_data}.")
+    check_same_classes(train_b, test_b, "Test file")
     tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
     if cfg.batch_size > len(tr_idx) and cfg.mode == "ff":
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "
@@ -188,7 +189,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         raise InputError(f"{checkpoint} is a {ckpt['arch']} for {side} px images; pass --res {side}, got {cfg.res}.")
     torch.manual_seed(cfg.seed)
     head = replace_head(model, num_classes)
-    jlog = JsonLog(log_path)
+    jlog = JsonLog(log_path, hold=True)  # written with the result: an interrupted run leaves no log to block a rerun
     jlog.write({"event": "config", "config": asdict(cfg), "checkpoint": str(checkpoint), "arch": ckpt["arch"],
                 "source_fingerprint": ckpt.get("data_fingerprint"), "train": str(train_data), "test": str(test_data),
                 "num_classes": num_classes, "device": str(device), "precision": precision})
@@ -277,6 +278,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         result.best_val_top1, result.best_val_epoch, result.test_top1_at_best_val = vals[bv], bv, tests[bv]
     summary = {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
     jlog.write({"event": "summary", **summary})
+    jlog.release()
     if output is not None:
         save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
                         recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},

@@ -157,13 +157,15 @@ class NpzSource(SourceDataset):
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"Source file {path} does not exist.")
+            raise InputError(f"Source file {path} does not exist or is not a file; --format npz takes an .npz file.")
         try:
             data = np.load(path, allow_pickle=False)
+            missing = [k for k in ("images", "labels") if k not in getattr(data, "files", ())]
+            if missing:
+                raise InputError(f"{path} must hold arrays 'images' and 'labels' (missing "
+                                 f"{' and '.join(repr(k) for k in missing)}).")
             images, labels = data["images"], data["labels"]
             names = [str(n) for n in data["class_names"]] if "class_names" in data.files else None
-        except KeyError as exc:
-            raise InputError(f"{path} must hold arrays 'images' and 'labels' (missing {exc}).") from exc
         except (OSError, ValueError) as exc:
             raise InputError(f"{path} is not a readable .npz file ({exc}).") from exc
         if (
@@ -266,8 +268,14 @@ def open_source(
         return TorchvisionSource(format.split(":", 1)[1], src_path, split or "train")
     if not src_path.exists():
         raise InputError(f"Source {src_path} does not exist.")
+    if split is not None:
+        raise InputError(f"--split applies to torchvision datasets (--format torchvision:NAME); {src_path} is "
+                         "converted whole.")
     if format == "auto":
-        format = "npz" if src_path.is_file() and src_path.suffix == ".npz" else "imagefolder"
+        if src_path.is_file() and src_path.suffix != ".npz":
+            raise InputError(f"Source {src_path} is a file but not an .npz; give an .npz file (images, labels) or "
+                             "an ImageFolder tree (one folder of images per class).")
+        format = "npz" if src_path.is_file() else "imagefolder"
     if format == "npz":
         return NpzSource(src_path)
     if format == "imagefolder":

@@ -127,28 +127,19 @@ def _head_width(state: dict) -> int | None:
 
 
 def _load_weights(model, state: dict, where: str) -> None:
+    from .checkpoint import describe_mismatch, read_checkpoint
+
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        # torch's message lists every key over many lines; one sentence with counts and a first example instead
-        want = model.state_dict()
-        missing = [k for k in want if k not in state]
-        unexpected = [k for k in state if k not in want]
-        shapes = [k for k in want if k in state and tuple(getattr(state[k], "shape", ())) != tuple(want[k].shape)]
-        parts = [f"{len(missing)} keys missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
-                 f"{len(shapes)} keys of another shape (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} in the file, "
-                 f"{tuple(want[shapes[0]].shape)} in the model)" if shapes else ""]
-        detail = ", ".join(p for p in parts if p) or str(exc).strip().splitlines()[-1].strip()
         hint = ""
         try:
-            from .checkpoint import read_checkpoint
-
             read_checkpoint(where)
             hint = f"; {where} is a dptool checkpoint, which knows its own architecture: pass it as --model"
         except Exception:  # noqa: BLE001 - not a dptool checkpoint: no hint
             pass
-        raise InputError(f"Weights {where} do not fit the {type(model).__name__} model: {detail}{hint}.") from exc
+        raise InputError(f"Weights {where} do not fit the {type(model).__name__} model: "
+                         f"{describe_mismatch(model, state, exc)}{hint}.") from exc
 
 
 def _from_factory(spec: str):

@@ -26,6 +26,7 @@ from .beton import Beton, fingerprint, open_beton
 from .errors import InputError
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
+           "check_same_classes",
            "autocast", "resolve_precision", "JsonLog"]
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,16 @@ def evaluate(model, loader, device, precision: str, *, kept=None) -> dict:
 
 
 class JsonLog:
-    """A JSON-lines log rewritten atomically after each record (an interrupted run leaves the last complete one)."""
+    """A JSON-lines log rewritten atomically after each record (an interrupted run leaves the last complete one).
 
-    def __init__(self, path: str | os.PathLike | None, records: list[dict] | None = None):
+    With `hold`, records stay in memory until `release()`: a run interrupted before its first checkpoint then
+    leaves no log behind that would block the rerun (and that no --resume could continue).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, records: list[dict] | None = None, *, hold: bool = False):
         self.path = Path(path) if path else None
         self.records: list[dict] = list(records or [])
+        self.hold = hold
 
     @classmethod
     def resume(cls, path: str | os.PathLike | None, before_epoch: int) -> JsonLog:
@@ -166,7 +172,16 @@ class JsonLog:
         if not dist.is_main():
             return
         self.records.append(record)
-        if self.path is not None:
+        self._flush()
+
+    def release(self) -> None:
+        """Stop holding: write the records so far, and every later one as it comes."""
+        if self.hold:
+            self.hold = False
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.path is not None and not self.hold and dist.is_main():
             with atomic_output(self.path) as tmp:
                 tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.records))
 
@@ -210,10 +225,26 @@ def _kept_classes(beton: Beton) -> np.ndarray | None:
     return np.asarray(kept, dtype=np.int64)
 
 
-def _check_val(val: Beton, num_classes: int) -> None:
+def check_same_classes(data: Beton, other: Beton, role: str) -> None:
+    """Refuse `other` (a validation or test file) whose labels name other classes than `data`'s: its accuracy
+    would score, say, target class 0 against source class 0. Compared where both sidecars record class names."""
+    mine = (data.sidecar or {}).get("class_names")
+    theirs = (other.sidecar or {}).get("class_names")
+    if not mine or not theirs or list(mine) == list(theirs):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    got = repr(theirs[first]) if first < len(theirs) else "nothing"
+    want = repr(mine[first]) if first < len(mine) else "nothing"
+    raise InputError(f"{role} {other.path} has other classes than {data.path} (label {first} is {got} there, "
+                     f"{want} here); give the {role.lower()} split of the same dataset.")
+
+
+def _check_val(val: Beton, data: Beton) -> None:
+    num_classes = data.num_classes
     if val.num_samples and int(val.labels.max()) >= num_classes:
         raise InputError(f"Validation file {val.path} has label {int(val.labels.max())}, beyond the "
                          f"{num_classes}-class head of the training data.")
+    check_same_classes(data, val, "Validation file")
 
 
 def _fixed_size(config: TrainConfig, has_val: bool) -> int | None:
@@ -227,7 +258,7 @@ def _fixed_size(config: TrainConfig, has_val: bool) -> int | None:
     return config.max_res
 
 
-def _resume_state(output: Path, config: TrainConfig, data_fp: str, num_classes: int) -> dict:
+def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int) -> dict:
     from .checkpoint import read_checkpoint
     from .models import canonical_name
 
@@ -236,10 +267,20 @@ def _resume_state(output: Path, config: TrainConfig, data_fp: str, num_classes: 
     ckpt = read_checkpoint(output)
     want = canonical_name(config.arch, config.small_input)
     if (ckpt["arch"], bool(ckpt["small_input"])) != want or bool(ckpt.get("blurpool")) != config.blurpool:
-        raise InputError(f"Cannot resume: {output} holds a {ckpt['arch']} (small input {ckpt['small_input']}, "
-                         f"blurpool {ckpt.get('blurpool')}), not the requested {config.arch}.")
+        def onoff(flag) -> str:
+            return "on" if flag else "off"
+
+        raise InputError(f"Cannot resume: {output} holds a {ckpt['arch']} with small input "
+                         f"{onoff(ckpt['small_input'])} and blurpool {onoff(ckpt.get('blurpool'))}, but this run asks "
+                         f"for a {want[0]} with small input {onoff(want[1])} and blurpool {onoff(config.blurpool)}; "
+                         "give the --arch, --small-input and --blurpool it was trained with.")
     if ckpt.get("data_fingerprint") != data_fp or int(ckpt["num_classes"]) != num_classes:
-        raise InputError(f"Cannot resume: {output} was trained on different data ({ckpt.get('data_fingerprint')}).")
+        trained_on = (ckpt.get("extra") or {}).get("data") or "other data"
+        raise InputError(f"Cannot resume: {output} was trained on {trained_on} (fingerprint "
+                         f"{ckpt.get('data_fingerprint')}), not on this {data.name}; resume with the same file.")
+    if ckpt.get("optimizer_state") is None:
+        raise InputError(f"Cannot resume: {output} holds no optimizer state (dptool finetune writes such "
+                         "checkpoints); only a checkpoint of dptool train can be resumed.")
     if int(ckpt["epoch"]) >= config.epochs:
         raise InputError(f"Cannot resume: {output} already holds {ckpt['epoch']} epochs; raise --epochs above that.")
     return ckpt
@@ -276,11 +317,14 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         raise InputError(f"{data} holds no samples or labels beyond its {num_classes} classes.")
     val_beton = open_beton(val) if val else None
     if val_beton is not None:
-        _check_val(val_beton, num_classes)
+        _check_val(val_beton, beton)
     check_output_path(output, force=force or resume, inputs=(data, val))
+    if os.path.abspath(log_path) == os.path.abspath(output):
+        raise InputError(f"The log would be written over the checkpoint {output}; give -o a .pt name or --log "
+                         "another path.")
     check_output_path(log_path, force=force or resume, inputs=(data, val, output))
     data_fp = fingerprint(beton)
-    ckpt = _resume_state(output, config, data_fp, num_classes) if resume else None
+    ckpt = _resume_state(output, config, data, data_fp, num_classes) if resume else None
     world, rank = dist.world_size(), dist.rank()
     per_rank = math.ceil(beton.num_samples / world)
     if config.batch_size > per_rank:
@@ -327,7 +371,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
 
     recipe = {**asdict(config), "effective_batch_size": eff_batch, "effective_lr": peak_lr, "world_size": world,
               "precision": precision, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    jlog = JsonLog.resume(log_path, start_epoch) if resume else JsonLog(log_path)
+    jlog = JsonLog.resume(log_path, start_epoch) if resume else JsonLog(log_path, hold=True)
     jlog.write({"event": "resume" if resume else "config", "config": asdict(config), "data": str(data),
                 "val": str(val) if val else None, "data_fingerprint": data_fp, "num_samples": beton.num_samples,
                 "num_classes": num_classes, "kept_classes": None if kept_np is None else len(kept_np),
@@ -383,7 +427,9 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
                             optimizer_state=optimizer.state_dict(), small_input=config.small_input,
                             blurpool=config.blurpool, image_size=image_size,
                             extra={"history": history, "best_val_top1": best, "scaler_state": scaler.state_dict(),
-                                   "kept_classes": None if kept_np is None else kept_np.tolist()})
+                                   "kept_classes": None if kept_np is None else kept_np.tolist(),
+                                   "data": str(data)})
+            jlog.release()  # from the first checkpoint on, the log is written as it grows
             log.info("epoch %d/%d: %s", epoch + 1, config.epochs, json.dumps(record, default=str))
         dist.barrier()
     seconds = time.perf_counter() - started

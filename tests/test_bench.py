@@ -91,6 +91,8 @@ def test_bench_pretrain_whole_epochs_are_measured(full_and_pruned):
         assert len(row["epoch_seconds"]) == 2 and row["measured_epoch_seconds"] > 0
     assert full_row["speedup_basis"] == "measured"
     assert half_row["speedup"] == pytest.approx(full_row["measured_epoch_seconds"] / half_row["measured_epoch_seconds"])
+    for row in (full_row, half_row):  # the mean epoch, as images/s is an average too
+        assert row["measured_epoch_seconds"] == pytest.approx(sum(row["epoch_seconds"]) / 2)
     assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t.is_alive()]
 
 
@@ -140,3 +142,30 @@ def test_bench_refuses_missing_files(tmp_path, tiny_beton):
                           (["--arch", "resnet19"], "resnet19")):
         result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), *args])
         assert result.exit_code == 2 and message in result.output, result.output
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "a.png").write_bytes(b"")
+    result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--compare-folder", str(tmp_path / "loose")])
+    assert result.exit_code == 2 and "has no class subfolders" in result.output, result.output
+
+
+def test_bench_outputs_never_replace_an_input_or_an_existing_file(tmp_path, tiny_beton):
+    data = tmp_path / "d.beton"
+    data.write_bytes(tiny_beton.read_bytes())
+    before = data.read_bytes()
+    for command in (["pretrain", str(data), "--plot", str(data)], ["pretrain", str(data), "--json-out", str(data)],
+                    ["loader", str(data), "--json-out", str(data), "--force"]):
+        result = CliRunner().invoke(cli, ["bench", *command])
+        assert result.exit_code == 2 and "as input" in result.output, result.output
+    result = CliRunner().invoke(cli, ["bench", "pretrain", str(data), "--json-out", f"{data}.json", "--force"])
+    assert result.exit_code == 2 and "same path as input" in result.output  # the sidecar is an input too
+    (tmp_path / "b.json").write_text("keep me")
+    result = CliRunner().invoke(cli, ["bench", "loader", str(data), "--json-out", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert data.read_bytes() == before and (tmp_path / "b.json").read_text() == "keep me"
+
+
+def test_bench_loader_refuses_a_file_of_one_batch(tiny_beton):
+    """160 samples at batch 100: one batch, spent on the warm-up; reporting 0 img/s would read as a result."""
+    result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--res", "16", "--batch-size", "100",
+                                      "--workers", "1"])
+    assert result.exit_code == 2 and "all of it spent on the warm-up" in result.output, result.output

@@ -186,11 +186,17 @@ def test_torchvision_fashionmnist_from_disk(tmp_path):
         (["convert", "{t}/d.npz", "{t}/nofolder/o.beton"], "does not exist"),
         (["info", "{t}/d.npz"], "not a .beton"),
         (["info", "{t}/missing.beton"], "does not exist"),
+        (["convert", "{t}/notes.txt", "{t}/o.beton"], "is a file but not an .npz"),
+        (["convert", "--format", "npz", "{t}", "{t}/o.beton"], "--format npz takes an .npz file"),
+        (["convert", "{t}/nokeys.npz", "{t}/o.beton"], "must hold arrays 'images' and 'labels' (missing 'labels')"),
+        (["convert", "{t}/d.npz", "{t}/o.beton", "--split", "test"], "--split applies to torchvision datasets"),
     ],
 )
 def test_user_errors_are_one_sentence_with_exit_2(tmp_path, args, phrase):
     images, labels = separable_images(2, 2, 8)
     write_npz(tmp_path / "d.npz", images, labels)
+    (tmp_path / "notes.txt").write_text("not data")
+    np.savez(tmp_path / "nokeys.npz", images=images)
     result = run(*[a.format(t=tmp_path) for a in args])
     assert result.exit_code == 2, result.output
     assert phrase in result.output

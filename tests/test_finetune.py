@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from conftest import make_split_betons
 
+from dptool.beton import read_sidecar, write_sidecar
 from dptool.checkpoint import read_checkpoint, save_checkpoint
 from dptool.cli.main import cli
 from dptool.errors import InputError
@@ -105,6 +107,25 @@ def test_bad_input(tmp_path, target, source_ckpt, tiny_beton):
         finetune(source_ckpt, train, tiny_beton, config=FinetuneConfig(epochs=1))
     with pytest.raises(InputError, match="--mode must be lp or ff"):
         FinetuneConfig(mode="xx").resolved()
+    renamed = tmp_path / "renamed.beton"  # the same 3 labels, named as another dataset's classes
+    shutil.copy(test, renamed)
+    side = {k: v for k, v in read_sidecar(test).items() if k not in ("format", "version")}
+    write_sidecar(renamed, {**side, "class_names": ["cat", "dog", "fox"]})
+    with pytest.raises(InputError, match=r"Test file .*renamed\.beton has other classes than .*label 0 is 'cat'"):
+        finetune(source_ckpt, train, renamed, config=FinetuneConfig(epochs=1))
+
+
+def test_an_interrupted_finetune_leaves_no_log(tmp_path, target, source_ckpt, monkeypatch):
+    """The log is written with the result: a run stopped midway leaves nothing that would block its rerun."""
+    import dptool.finetune
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dptool.finetune, "_top1", stop)  # the linear probe's first evaluation
+    with pytest.raises(KeyboardInterrupt):
+        finetune(source_ckpt, *target, output=tmp_path / "ft.pt", config=FinetuneConfig(epochs=2))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_refuses_before_any_work(tmp_path, target, source_ckpt):

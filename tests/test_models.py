@@ -80,6 +80,12 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         load_checkpoint(path, arch="resnet50")
     with pytest.raises(InputError, match="5-class head, not 10 classes"):
         load_checkpoint(path, num_classes=10)
+    wrong = save_checkpoint(tmp_path / "w.pt", arch="resnet34", num_classes=5, state_dict=model.state_dict(),
+                            recipe={}, data_fingerprint=None, epoch=1)  # tagged resnet34, holding resnet18 weights
+    with pytest.raises(InputError, match=r"w\.pt does not fit a resnet34: \d+ keys missing \(e\.g\. layer1\.2\.[^)]*\)"
+                       r", \d+ unexpected keys .*keys of another shape \(e\.g\. conv1\.weight: \(64, 3, 3, 3\) in the "
+                       r"file, \(64, 3, 7, 7\) in the model\)\.$"):
+        load_checkpoint(wrong)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(InputError, match="not a dptool checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")

@@ -173,14 +173,26 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
         (["train", str(train), "-o", str(out), "--resume"], "does not exist"),
     ]
     fp = fingerprint(train)
+    renamed = tmp_path / "renamed_val.beton"  # the same 4 labels, named as another dataset's classes
+    shutil.copy(val, renamed)
+    side = {k: v for k, v in read_sidecar(val).items() if k not in ("format", "version")}
+    write_sidecar(renamed, {**side, "class_names": ["cat", "dog", "fox", "owl"]})
     model = create_model("resnet18", 4)
     save_checkpoint(tmp_path / "rn18.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(), recipe={},
                     data_fingerprint=fp, epoch=1)
     save_checkpoint(tmp_path / "other.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(),
                     recipe={}, data_fingerprint="blake2b:other", epoch=1)
     cases += [
-        (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume", "--arch", "resnet34"], "not the requested"),
-        (["train", str(train), "-o", str(tmp_path / "other.pt"), "--resume"], "different data"),
+        (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume", "--arch", "resnet34"],
+         "holds a resnet18 with small input off and blurpool off, but this run asks for a resnet34"),
+        (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume", "--small-input"],
+         "asks for a resnet18 with small input on"),
+        (["train", str(train), "-o", str(tmp_path / "other.pt"), "--resume"], "was trained on other data"),
+        # like a finetune checkpoint: right data and arch, no optimizer state to continue from
+        (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume"], "holds no optimizer state"),
+        (["train", str(train), "-o", str(tmp_path / "c.jsonl")], "The log would be written over the checkpoint"),
+        (["train", str(train), "--val", str(renamed), "-o", str(out)],
+         "has other classes than"),
         (["train", str(train), "-o", str(tmp_path / "rn18.pt")], "already exists"),
         (["train", str(train), "--val", str(val), "-o", str(out), "--arch", "resnet19"], "resnet19"),
         (["train", str(train), "--val", str(val), "-o", str(out), "--arch", "vit_b_16"], "one fixed resolution"),
@@ -192,7 +204,27 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
         assert code == 2, (args, text)
         assert message in text, (args, text)
         assert "Traceback" not in text
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "c.jsonl").exists()
+    code, text = _run(["train", str(train), "--val", str(renamed), "-o", str(out)])
+    assert "Validation file" in text and "(label 0 is 'cat' there, 'class_0' here)" in text
+
+
+def test_an_interrupted_first_epoch_leaves_no_log(tmp_path, monkeypatch, train_val_betons, one_thread):
+    """Interrupted before its first checkpoint, a run leaves nothing: no log would block the rerun."""
+    import dptool.loaders
+    from dptool.train import train
+
+    cfg = TrainConfig(arch="resnet18", epochs=2, batch_size=8, min_res=16, max_res=16)
+    monkeypatch.setattr(dptool.loaders, "train_loader", lambda *a, **k: _FakeLoader(stop_at_epoch=0))
+    with pytest.raises(KeyboardInterrupt):
+        train(train_val_betons[0], tmp_path / "m.pt", config=cfg)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(dptool.loaders, "train_loader", lambda *a, **k: _FakeLoader(stop_at_epoch=1))
+    with pytest.raises(KeyboardInterrupt):
+        train(train_val_betons[0], tmp_path / "m.pt", config=cfg)
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["config", "epoch"]  # from the first checkpoint on, it is written
+    assert read_checkpoint(tmp_path / "m.pt")["epoch"] == 1
 
 
 def test_help_texts():
