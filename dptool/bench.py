@@ -22,7 +22,7 @@ from .beton import open_beton
 from .errors import InputError
 
 __all__ = ["PretrainRow", "PretrainBench", "LoaderBench", "bench_pretrain", "bench_loader", "warm_page_cache",
-           "plot_pretrain"]
+           "is_pruned_from", "plot_pretrain"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,12 @@ class PretrainBench:
                 "world_size": self.world_size, "rows": rows}
 
 
+def is_pruned_from(pruned, full) -> bool:
+    """Whether the sidecar of `pruned` (a Beton) records `dptool prune` of the file `full` (by fingerprint)."""
+    full_fp = (full.sidecar or {}).get("fingerprint")
+    return full_fp is not None and ((pruned.sidecar or {}).get("pruning") or {}).get("source_fingerprint") == full_fp
+
+
 def _train_step(model, optimizer, criterion, x, y, device, precision):
     from .train import autocast
 
@@ -129,6 +135,10 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
         raise InputError(f"--epochs must be >= 0 and --steps/--rounds >= 1, got {epochs}/{steps}/{rounds}.")
     betons = [open_beton(f) for f in files]
     num_classes = max(b.num_classes for b in betons)
+    for b in betons[1:]:
+        if not is_pruned_from(b, betons[0]):
+            log.warning("%s is not a pruned copy of %s (by their sidecars): its speed-up compares other data",
+                        b.path, betons[0].path)
     with dist.distributed_session() as device:
         precision = resolve_precision(device, precision)
         torch.manual_seed(0)

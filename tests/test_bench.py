@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_bench_pretrain_reports_speedups_against_the_first_file(full_and_pruned,
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # the warning that half.beton is not a pruned copy goes to stderr
     assert json.loads((tmp_path / "b.json").read_text()) == data
     full_row, half_row = data["rows"]
     assert (full_row["samples"], half_row["samples"]) == (160, 80)
@@ -73,7 +74,7 @@ def test_bench_pretrain_reports_speedups_against_the_first_file(full_and_pruned,
         assert png.format == "PNG" and png.size == (int((1.8 * 2 + 2) * 110), int(3.5 * 110))
 
 
-def test_bench_pretrain_whole_epochs_are_measured(full_and_pruned):
+def test_bench_pretrain_whole_epochs_are_measured(full_and_pruned, caplog):
     """--epochs: every file trains whole epochs from fresh iterators (after a warm-up left early) and the speed-up
     is measured from epoch times; no loader thread is left behind."""
     import threading
@@ -83,8 +84,11 @@ def test_bench_pretrain_whole_epochs_are_measured(full_and_pruned):
     full, half = full_and_pruned
     # batch 13: the pruned file's 6 batches are 3 of warm-up plus a full queue of 3, so FFCV's thread then waits
     # to queue its end-of-epoch marker (the case that once kept a GPU run waiting)
-    data = bench_pretrain([full, half], arch="resnet18", small_input=True, res=16, batch_size=13, workers=1,
-                          epochs=2, progress=False).to_dict()
+    with caplog.at_level(logging.WARNING, logger="dptool.bench"):
+        data = bench_pretrain([full, half], arch="resnet18", small_input=True, res=16, batch_size=13, workers=1,
+                              epochs=2, progress=False).to_dict()
+    # half.beton is a subset written directly, without prune's provenance in its sidecar
+    assert "half.beton is not a pruned copy of" in caplog.text
     full_row, half_row = data["rows"]
     for row, samples in ((full_row, 160), (half_row, 80)):
         assert row["images"] == 2 * (samples // 13) * 13  # 2 epochs of whole batches
@@ -94,6 +98,19 @@ def test_bench_pretrain_whole_epochs_are_measured(full_and_pruned):
     for row in (full_row, half_row):  # the mean epoch, as images/s is an average too
         assert row["measured_epoch_seconds"] == pytest.approx(sum(row["epoch_seconds"]) / 2)
     assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t.is_alive()]
+
+
+def test_is_pruned_from_reads_the_sidecars(full_and_pruned, tmp_path):
+    from dptool.bench import is_pruned_from
+    from dptool.beton import read_sidecar, write_sidecar
+
+    full, half = full_and_pruned
+    assert not is_pruned_from(open_beton(half), open_beton(full))  # written without prune's provenance
+    copy = tmp_path / "p.beton"
+    copy.write_bytes(half.read_bytes())
+    write_sidecar(copy, {"pruning": {"source_fingerprint": read_sidecar(full)["fingerprint"]}})
+    assert is_pruned_from(open_beton(copy), open_beton(full))
+    assert not is_pruned_from(open_beton(copy), open_beton(copy))
 
 
 def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_path):
