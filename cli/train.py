@@ -38,7 +38,7 @@ def _human(r) -> str:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D.lr,
               help="Peak learning rate per 256 images of effective batch.")
 @click.option("--lr-peak-epoch", type=click.FloatRange(min=0), default=D.lr_peak_epoch,
-              help="Epoch of the peak of the linear ramp up and down.")
+              help="Epoch of the peak of the linear ramp up and down (at most half of --epochs).")
 @click.option("--momentum", type=click.FloatRange(0, 1), default=D.momentum, help="SGD momentum.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=D.weight_decay,
               help="Weight decay (all parameters).")

@@ -135,7 +135,7 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
         raise InputError(f"--epochs must be >= 0 and --steps/--rounds >= 1, got {epochs}/{steps}/{rounds}.")
     betons = [open_beton(f) for f in files]
     num_classes = max(b.num_classes for b in betons)
-    for b in betons[1:]:
+    for b in betons[1:] if dist.launch_rank() == 0 else ():
         if not is_pruned_from(b, betons[0]):
             log.warning("%s is not a pruned copy of %s (by their sidecars): its speed-up compares other data",
                         b.path, betons[0].path)
@@ -159,6 +159,9 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
                 warm_page_cache(b.path)
             loader = train_loader(b.path, batch_size=batch_size, res=res, workers=workers, device=device,
                                   distributed=dist.world_size() > 1)
+            if len(loader) == 0:  # under torchrun each rank gets 1/world of the samples
+                raise InputError(f"--batch-size {batch_size} is larger than the samples each of the "
+                                 f"{dist.world_size()} process(es) gets from {b.path}; use a smaller batch.")
             it = iter(loader)
             for _ in range(min(warmup_steps, len(loader))):  # JIT compilation and first batches
                 x, y = next(it)

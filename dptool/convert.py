@@ -8,12 +8,15 @@ written once more without them (messy folders are rare; the clean path decodes e
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,32 +133,58 @@ def _read_failures(failures_dir: str) -> dict[int, str]:
     return failures
 
 
-def _quiet_indexed_worker(*args):
-    """FFCV's writer worker, ended quietly by Ctrl-C: the parent reports the interruption once, without a
-    traceback from every worker process."""
-    ffcv_writer = import_ffcv("ffcv.writer")
-    original = getattr(ffcv_writer, "_dptool_original_worker", ffcv_writer.worker_job_indexed_dataset)
-    try:
-        original(*args)
-    except KeyboardInterrupt:
-        os._exit(130)
+class _WriterWorker(multiprocessing.Process):
+    """An FFCV writer worker that leaves Ctrl-C to the parent (which stops the workers and reports it once) and
+    dies with the parent (Linux), so that no worker is left writing after an interruption."""
+
+    starting = False  # in the parent: inside start(), where fork hooks would swallow a KeyboardInterrupt
+    deferred = False  # in the parent: a Ctrl-C arrived while starting; raised once start() is done
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parent_pid = os.getpid()
+
+    def start(self) -> None:
+        _WriterWorker.starting = True
+        try:
+            super().start()
+        finally:
+            _WriterWorker.starting = False
+        if _WriterWorker.deferred:
+            _WriterWorker.deferred = False
+            raise KeyboardInterrupt
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != self._parent_pid:  # the parent was gone before the line above
+            os._exit(1)
+        super().run()
 
 
 @contextlib.contextmanager
-def _writer_patches(show: bool, desc: str):
-    """FFCV's writer always draws a tqdm bar: point it at ours, switched off when asked; and quiet its workers."""
+def _writer_patches(show: bool, desc: str, queues: list):
+    """FFCV's writer always draws a tqdm bar: point it at ours, switched off when asked; make its workers
+    `_WriterWorker`s; and collect the queues it makes into `queues`, so that an interrupted write can let go of
+    them."""
     from tqdm import tqdm
 
     ffcv_writer = import_ffcv("ffcv.writer")
 
-    original_tqdm, original_worker = ffcv_writer.tqdm, ffcv_writer.worker_job_indexed_dataset
+    def queue(*args, **kwargs):
+        q = multiprocessing.Queue(*args, **kwargs)
+        queues.append(q)
+        return q
+
+    originals = ffcv_writer.tqdm, ffcv_writer.Process, ffcv_writer.Queue
     ffcv_writer.tqdm = lambda total=None, **kw: tqdm(total=total, desc=desc, unit="img", disable=not show, **kw)
-    ffcv_writer._dptool_original_worker = original_worker
-    ffcv_writer.worker_job_indexed_dataset = _quiet_indexed_worker
+    ffcv_writer.Process = _WriterWorker
+    ffcv_writer.Queue = queue
     try:
         yield
     finally:
-        ffcv_writer.tqdm, ffcv_writer.worker_job_indexed_dataset = original_tqdm, original_worker
+        ffcv_writer.tqdm, ffcv_writer.Process, ffcv_writer.Queue = originals
 
 
 def write_beton(
@@ -183,20 +212,39 @@ def write_beton(
     # Small chunks for small sets: FFCV has failed with fewer samples than workers x chunksize (issue #1).
     chunksize = max(1, min(100, math.ceil(len(indices) / workers)))
     before = set(multiprocessing.active_children())
+    queues: list = []
+    parent = os.getpid()
+
+    def on_sigint(signum, frame):
+        if os.getpid() != parent:  # a worker between fork and run(): the parent handles it
+            return
+        if _WriterWorker.starting:
+            _WriterWorker.deferred = True
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        with _writer_patches(progress, "convert"):
+        with _writer_patches(progress, "convert", queues):
             writer.from_indexed_dataset(dataset, indices=np.asarray(indices, dtype=np.int64), chunksize=chunksize)
     except BaseException:
-        # FFCV leaves its workers running and its shared memory behind when the parent stops (Ctrl-C, an error)
+        # FFCV leaves its workers running and its shared memory behind when the parent stops (Ctrl-C, an error),
+        # and its work queue still holding chunks, which Python would wait forever at exit to hand to them
         for child in set(multiprocessing.active_children()) - before:
             child.terminate()
             child.join(timeout=5)
+        for q in queues:
+            q.cancel_join_thread()
         shm = getattr(writer, "metadata_sm", None)
         if hasattr(shm, "unlink"):
             with contextlib.suppress(OSError):
                 shm.close()
                 shm.unlink()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def convert(

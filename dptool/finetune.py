@@ -178,7 +178,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if test_b.num_samples and int(test_b.labels.max()) >= num_classes:
         raise InputError(f"Test file {test_data} has label {int(test_b.labels.max())}, beyond the {num_classes} "
                          f"classes of {train_data}.")
-    check_same_classes(train_b, test_b, "Test file")
+    check_same_classes(train_b, test_b, "Test file", "test")
     tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
     if cfg.batch_size > len(tr_idx) and cfg.mode == "ff":
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "
@@ -278,11 +278,11 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         result.best_val_top1, result.best_val_epoch, result.test_top1_at_best_val = vals[bv], bv, tests[bv]
     summary = {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
     jlog.write({"event": "summary", **summary})
-    jlog.release()
     if output is not None:
         save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
                         recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
                         data_fingerprint=fingerprint(train_b), epoch=cfg.epochs,
                         small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
                         image_size=ckpt.get("image_size"), extra={"history": history, "summary": summary})
+    jlog.release()  # after the checkpoint: a log on disk means the run completed
     return result

@@ -18,7 +18,7 @@ import numpy as np
 
 from .beton import Beton, check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError
-from .scores import Scores, assignment_path, fingerprint_file, load_assignment, read_scores, select_groups
+from .scores import Scores, fingerprint_file, load_assignment, read_scores, select_groups
 from .subset import write_subsets
 
 __all__ = ["PrunedFile", "PruneResult", "prune", "check_scores_source", "kept_samples", "output_paths"]
@@ -194,7 +194,8 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
     val_outs = output_paths(val_output, rs) if val_output is not None else []
     if len({os.path.abspath(p) for p in outs + val_outs}) != len(outs) + len(val_outs):
         raise InputError("Two outputs have the same path; give --val-out a different name from -o.")
-    inputs = (source, scores_path, val, assignment_path(scores_path) if scores.assignment else None)
+    # the assignment by the name the scores file records (it stays put when the scores file is moved)
+    inputs = (source, scores_path, val, scores_path.with_name(scores.assignment) if scores.assignment else None)
     for p in outs + val_outs:
         check_beton_output(p, force=force, inputs=inputs)
 

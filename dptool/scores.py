@@ -201,6 +201,15 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
     if scores.level == "class" and assignment is not None:
         raise InputError("class-level scores take no assignment: samples are kept by their label.")
     doc_scores = dataclasses.replace(scores, created=scores.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def as_json(s: Scores) -> str:
+        try:
+            return json.dumps(s.to_dict(), indent=1, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"scores cannot be written as JSON ({exc}); params, surrogate, target and extra "
+                             "must hold plain JSON values.") from exc
+
+    text = as_json(doc_scores)  # before the assignment is written: a refusal leaves nothing behind
     if assignment is not None:
         a = _check_assignment(assignment, scores, "assignment")
         apath = check_output_path(assignment_path(out), force=force)
@@ -208,12 +217,7 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
             np.save(f, a)
         doc_scores = dataclasses.replace(doc_scores, assignment=apath.name,
                                          assignment_sha256=fingerprint_file(apath))
-    doc = doc_scores.to_dict()
-    try:
-        text = json.dumps(doc, indent=1, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"scores cannot be written as JSON ({exc}); params, surrogate, target and extra "
-                         "must hold plain JSON values.") from exc
+        text = as_json(doc_scores)
     with atomic_output(out) as tmp:
         tmp.write_text(text + "\n")
     return out

@@ -225,7 +225,7 @@ def _kept_classes(beton: Beton) -> np.ndarray | None:
     return np.asarray(kept, dtype=np.int64)
 
 
-def check_same_classes(data: Beton, other: Beton, role: str) -> None:
+def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None:
     """Refuse `other` (a validation or test file) whose labels name other classes than `data`'s: its accuracy
     would score, say, target class 0 against source class 0. Compared where both sidecars record class names."""
     mine = (data.sidecar or {}).get("class_names")
@@ -236,7 +236,7 @@ def check_same_classes(data: Beton, other: Beton, role: str) -> None:
     got = repr(theirs[first]) if first < len(theirs) else "nothing"
     want = repr(mine[first]) if first < len(mine) else "nothing"
     raise InputError(f"{role} {other.path} has other classes than {data.path} (label {first} is {got} there, "
-                     f"{want} here); give the {role.lower()} split of the same dataset.")
+                     f"{want} here); give the {split} split of the same dataset.")
 
 
 def _check_val(val: Beton, data: Beton) -> None:
@@ -244,7 +244,7 @@ def _check_val(val: Beton, data: Beton) -> None:
     if val.num_samples and int(val.labels.max()) >= num_classes:
         raise InputError(f"Validation file {val.path} has label {int(val.labels.max())}, beyond the "
                          f"{num_classes}-class head of the training data.")
-    check_same_classes(data, val, "Validation file")
+    check_same_classes(data, val, "Validation file", "validation")
 
 
 def _fixed_size(config: TrainConfig, has_val: bool) -> int | None:
@@ -275,9 +275,10 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
                          f"for a {want[0]} with small input {onoff(want[1])} and blurpool {onoff(config.blurpool)}; "
                          "give the --arch, --small-input and --blurpool it was trained with.")
     if ckpt.get("data_fingerprint") != data_fp or int(ckpt["num_classes"]) != num_classes:
-        trained_on = (ckpt.get("extra") or {}).get("data") or "other data"
-        raise InputError(f"Cannot resume: {output} was trained on {trained_on} (fingerprint "
-                         f"{ckpt.get('data_fingerprint')}), not on this {data.name}; resume with the same file.")
+        trained_on = (ckpt.get("extra") or {}).get("data") or "another file"
+        raise InputError(f"Cannot resume: {output} was trained on {trained_on} with fingerprint "
+                         f"{ckpt.get('data_fingerprint')} ({ckpt['num_classes']} classes), but {data} has "
+                         f"{data_fp} ({num_classes} classes); resume on the data it was trained on.")
     if ckpt.get("optimizer_state") is None:
         raise InputError(f"Cannot resume: {output} holds no optimizer state (dptool finetune writes such "
                          "checkpoints); only a checkpoint of dptool train can be resumed.")

@@ -220,7 +220,8 @@ def test_existing_output_needs_force_and_truncated_beton_is_refused(tiny_beton, 
     # cut by whole allocation-table rows (24 bytes each): the table is well formed but lacks the last samples
     cut.write_bytes(tiny_beton.read_bytes()[: tiny_beton.stat().st_size - 24 * 3])
     result = run("info", cut)
-    assert result.exit_code == 2 and "3 samples have no allocation, the first is sample 157" in result.output
+    # (which samples: FFCV appends each worker's table rows in the order the workers finish)
+    assert result.exit_code == 2 and "3 samples have no allocation, the first is sample" in result.output
 
 
 def test_an_output_whose_sidecar_would_replace_an_input_is_refused(tmp_path):
@@ -245,34 +246,28 @@ def test_info_json_lists_classes(tiny_beton):
     assert info["writer"]["write_mode"] == "raw"
 
 
-def test_interrupted_convert_leaves_no_file_under_the_final_name(tmp_path):
+def test_interrupted_convert_leaves_nothing_behind(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-write: a prompt exit with one line, no
+    worker tracebacks, no output, temporary file or shared-memory segment left."""
     images, labels = separable_images(10, 300, 64, seed=1)
     write_npz(tmp_path / "big.npz", images, labels)
     out = tmp_path / "big.beton"
+    shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dptool",
-            "convert",
-            str(tmp_path / "big.npz"),
-            str(out),
-            "--write-mode",
-            "jpg",
-            "--workers",
-            "1",
-        ],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "dptool", "convert", str(tmp_path / "big.npz"), str(out), "--write-mode", "jpg",
+         "--workers", "2"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
     while not glob.glob(str(tmp_path / ".big.beton.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "conversion finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists() and not (tmp_path / "big.beton.json").exists()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # FFCV's unsent work queue once kept the process waiting here forever
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz"]
+    if shm:
+        assert not {n for n in set(os.listdir("/dev/shm")) - shm if n.startswith("psm_")}
 
 
 def test_every_command_has_help():

@@ -69,3 +69,8 @@ def test_bench_pretrain_under_torchrun_sums_ranks_and_prints_once(tmp_path, tiny
         assert row["images"] == 2 * 2 * 2 * 8  # ranks x rounds x steps x batch per rank
         assert row["samples"] == 160 and row["ideal_speedup"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+    # a batch larger than one rank's 80 samples gives each rank no batch: refused, not an endless wait
+    big = [*cmd[:cmd.index("--batch-size") + 1], "100", *cmd[cmd.index("--batch-size") + 2:-3]]
+    big[big.index("--master_port") + 1] = str(_free_port())
+    proc = subprocess.run(big, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "--batch-size 100 is larger than the samples each of the 2" in proc.stderr

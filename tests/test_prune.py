@@ -268,6 +268,16 @@ def test_an_output_whose_sidecar_is_an_input_is_refused_even_with_force(data, tm
     assert (tmp_path / "out.beton.json").read_text() == "mine"
 
 
+def test_the_assignment_of_a_moved_scores_file_is_an_input(data, tmp_path):
+    shutil.copy(data["fm"], tmp_path / "moved.json")  # names fm.assign.npy, beside it
+    shutil.copy(data["folder"] / "fm.assign.npy", tmp_path / "fm.assign.npy")
+    before = (tmp_path / "fm.assign.npy").read_bytes()
+    result = run(data["train"], "--scores", tmp_path / "moved.json", "--ratio", "0.5", "-o",
+                 tmp_path / "fm.assign.npy", "--force")
+    assert result.exit_code == 2 and "as input" in result.output and one_sentence(result.output)
+    assert (tmp_path / "fm.assign.npy").read_bytes() == before
+
+
 def _refuse_existing(data, out) -> str:
     result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out)
     assert result.exit_code == 2 and one_sentence(result.output)

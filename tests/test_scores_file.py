@@ -120,6 +120,15 @@ def test_a_replaced_assignment_is_refused_and_never_overwritten_without_force(tm
     assert load_assignment(tmp_path / "fm.json", read_scores(tmp_path / "fm.json")).tolist() == [3, 2, 1, 0] * 3
 
 
+def test_scores_that_cannot_be_written_leave_no_assignment(tmp_path):
+    bad = cluster_scores()
+    bad = Scores(method="fm", level="cluster", ids=bad.ids, names=bad.names, scores=bad.scores,
+                 tiebreak=bad.tiebreak, source=SOURCE, tie_break="cluster id", params={"k": float("nan")})
+    with pytest.raises(InputError, match="cannot be written as JSON"):
+        write_scores(tmp_path / "fm.json", bad, assignment=np.zeros(12, int))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_needs_force(tmp_path):
     path = write_scores(tmp_path / "s.json", class_scores())
     with pytest.raises(InputError, match="--force"):
