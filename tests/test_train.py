@@ -187,7 +187,8 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
          "holds a resnet18 with small input off and blurpool off, but this run asks for a resnet34"),
         (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume", "--small-input"],
          "asks for a resnet18 with small input on"),
-        (["train", str(train), "-o", str(tmp_path / "other.pt"), "--resume"], "was trained on another file with fingerprint blake2b:other (4 classes), but"),
+        (["train", str(train), "-o", str(tmp_path / "other.pt"), "--resume"],
+         "was trained on another file with fingerprint blake2b:other (4 classes), but"),
         # like a finetune checkpoint: right data and arch, no optimizer state to continue from
         (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume"], "holds no optimizer state"),
         (["train", str(train), "-o", str(tmp_path / "c.jsonl")], "The log would be written over the checkpoint"),
