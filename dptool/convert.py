@@ -223,8 +223,8 @@ def write_beton(
             return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
-        else None
+    installed = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+    previous = signal.signal(signal.SIGINT, on_sigint) if installed else None
     try:
         with _writer_patches(progress, "convert", queues):
             writer.from_indexed_dataset(dataset, indices=np.asarray(indices, dtype=np.int64), chunksize=chunksize)
@@ -243,8 +243,8 @@ def write_beton(
                 shm.unlink()
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if installed:  # None: the handler was not set from Python; Python's own is the closest
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def convert(
