@@ -137,22 +137,9 @@ class _WriterWorker(multiprocessing.Process):
     """An FFCV writer worker that leaves Ctrl-C to the parent (which stops the workers and reports it once) and
     dies with the parent (Linux), so that no worker is left writing after an interruption."""
 
-    starting = False  # in the parent: inside start(), where fork hooks would swallow a KeyboardInterrupt
-    deferred = False  # in the parent: a Ctrl-C arrived while starting; raised once start() is done
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._parent_pid = os.getpid()
-
-    def start(self) -> None:
-        _WriterWorker.starting = True
-        try:
-            super().start()
-        finally:
-            _WriterWorker.starting = False
-        if _WriterWorker.deferred:
-            _WriterWorker.deferred = False
-            raise KeyboardInterrupt
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -164,10 +151,10 @@ class _WriterWorker(multiprocessing.Process):
 
 
 @contextlib.contextmanager
-def _writer_patches(show: bool, desc: str, queues: list):
+def _writer_patches(show: bool, desc: str, queues: list, stop: list):
     """FFCV's writer always draws a tqdm bar: point it at ours, switched off when asked; make its workers
-    `_WriterWorker`s; and collect the queues it makes into `queues`, so that an interrupted write can let go of
-    them."""
+    `_WriterWorker`s; collect the queues it makes into `queues`, so that an interrupted write can let go of them;
+    and stop in its progress loop (which sleeps 0.1 s a turn) once `stop` holds anything."""
     from tqdm import tqdm
 
     ffcv_writer = import_ffcv("ffcv.writer")
@@ -177,14 +164,20 @@ def _writer_patches(show: bool, desc: str, queues: list):
         queues.append(q)
         return q
 
-    originals = ffcv_writer.tqdm, ffcv_writer.Process, ffcv_writer.Queue
+    def sleep_or_stop(seconds: float) -> None:
+        if stop:
+            raise KeyboardInterrupt
+        time.sleep(seconds)
+
+    originals = ffcv_writer.tqdm, ffcv_writer.Process, ffcv_writer.Queue, ffcv_writer.sleep
     ffcv_writer.tqdm = lambda total=None, **kw: tqdm(total=total, desc=desc, unit="img", disable=not show, **kw)
     ffcv_writer.Process = _WriterWorker
     ffcv_writer.Queue = queue
+    ffcv_writer.sleep = sleep_or_stop
     try:
         yield
     finally:
-        ffcv_writer.tqdm, ffcv_writer.Process, ffcv_writer.Queue = originals
+        ffcv_writer.tqdm, ffcv_writer.Process, ffcv_writer.Queue, ffcv_writer.sleep = originals
 
 
 def write_beton(
@@ -213,21 +206,23 @@ def write_beton(
     chunksize = max(1, min(100, math.ceil(len(indices) / workers)))
     before = set(multiprocessing.active_children())
     queues: list = []
+    stop: list[bool] = []
     parent = os.getpid()
 
     def on_sigint(signum, frame):
-        if os.getpid() != parent:  # a worker between fork and run(): the parent handles it
-            return
-        if _WriterWorker.starting:
-            _WriterWorker.deferred = True
-            return
-        raise KeyboardInterrupt
+        # Ctrl-C is acted on at a safe point (FFCV's progress loop, or once the writer returns), never raised
+        # inside FFCV: a KeyboardInterrupt between a lock's acquire and its `with` left a queue lock held, and the
+        # process hung at exit. A worker between fork and run() has this handler too: it leaves it to the parent.
+        if os.getpid() == parent:
+            stop.append(True)
 
     installed = threading.current_thread() is threading.main_thread()  # signal.signal works there only
     previous = signal.signal(signal.SIGINT, on_sigint) if installed else None
     try:
-        with _writer_patches(progress, "convert", queues):
+        with _writer_patches(progress, "convert", queues, stop):
             writer.from_indexed_dataset(dataset, indices=np.asarray(indices, dtype=np.int64), chunksize=chunksize)
+        if stop:
+            raise KeyboardInterrupt
     except BaseException:
         # FFCV leaves its workers running and its shared memory behind when the parent stops (Ctrl-C, an error),
         # and its work queue still holding chunks, which Python would wait forever at exit to hand to them
