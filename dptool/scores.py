@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -201,23 +202,23 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
     if scores.level == "class" and assignment is not None:
         raise InputError("class-level scores take no assignment: samples are kept by their label.")
     doc_scores = dataclasses.replace(scores, created=scores.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-
-    def as_json(s: Scores) -> str:
-        try:
-            return json.dumps(s.to_dict(), indent=1, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"scores cannot be written as JSON ({exc}); params, surrogate, target and extra "
-                             "must hold plain JSON values.") from exc
-
-    text = as_json(doc_scores)  # before the assignment is written: a refusal leaves nothing behind
+    npy = None
     if assignment is not None:
         a = _check_assignment(assignment, scores, "assignment")
         apath = check_output_path(assignment_path(out), force=force)
-        with atomic_output(apath) as tmp, open(tmp, "wb") as f:
-            np.save(f, a)
+        buf = io.BytesIO()
+        np.save(buf, a)
+        npy = buf.getvalue()  # fingerprinted here, written below: the file's sha256 is that of these bytes
         doc_scores = dataclasses.replace(doc_scores, assignment=apath.name,
-                                         assignment_sha256=fingerprint_file(apath))
-        text = as_json(doc_scores)
+                                         assignment_sha256="sha256:" + hashlib.sha256(npy).hexdigest())
+    try:  # before anything is written: a refusal leaves nothing behind
+        text = json.dumps(doc_scores.to_dict(), indent=1, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"scores cannot be written as JSON ({exc}); params, surrogate, target and extra "
+                         "must hold plain JSON values.") from exc
+    if npy is not None:
+        with atomic_output(apath) as tmp:
+            tmp.write_bytes(npy)
     with atomic_output(out) as tmp:
         tmp.write_text(text + "\n")
     return out

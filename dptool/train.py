@@ -26,8 +26,7 @@ from .beton import Beton, fingerprint, open_beton
 from .errors import InputError
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
-           "check_same_classes",
-           "autocast", "resolve_precision", "JsonLog"]
+           "check_same_classes", "autocast", "resolve_precision", "JsonLog"]
 
 log = logging.getLogger(__name__)
 
