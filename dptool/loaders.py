@@ -7,8 +7,10 @@ quarter of the bytes of float32) and is normalised there by torch in one fused p
 NCHW on the CPU, where channels-last made ResNet training about 3x slower here (`channels_last` overrides).
 Torch's thread count is put back after FFCV changes it.
 
-* `train_loader`: random-resized crop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip. QUASI_RANDOM order on one
-  process (RANDOM when `indices` are given, avoiding FFCV #208), RANDOM under `distributed` (FFCV #92).
+* `train_loader`: random-resized crop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip, both seeded per image
+  (`dptool.augment`), so one `seed` gives the same batches in every run. QUASI_RANDOM order on one process
+  (RANDOM when `indices` are given, avoiding FFCV #208), RANDOM under `distributed` (FFCV #92); an epoch's
+  order depends on the seed and the epoch alone (FFCV's quasi-random order also drifted with earlier epochs).
 * `eval_loader`: centre crop of 224/256 of the short side resized to `res`, file order.
 * `inference_loader`: centre square crop of the whole short side resized to `res` (FFCV's random-resized crop
   with scale=(1, 1), ratio=(1, 1)), file order; the preprocessing of the paper's LM/FM scoring.
@@ -196,7 +198,7 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
     dev = torch.device(device)
     image_ops = [decoder]
     if flip:
-        image_ops.append(transforms.RandomHorizontalFlip())
+        image_ops.append(import_ffcv("dptool.augment").SeededHorizontalFlip(seed=seed))
     image_ops.append(transforms.ToTensor())
     if dev.type == "cuda":
         image_ops.append(transforms.ToDevice(dev, non_blocking=True))
@@ -215,8 +217,30 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
         seed=seed, indices=idx, pipelines=pipelines, drop_last=drop_last,
     )
     restore_threads(threads)
+    if order_opt == Order.QUASI_RANDOM:
+        _make_order_a_function_of_epoch(loader)
     return FfcvLoader(loader, decoder, device=dev, mean=mean, std=std, threads=threads, channels_last=channels_last,
                       path=path)
+
+
+def _make_order_a_function_of_epoch(loader) -> None:
+    """Make FFCV's quasi-random order depend on (seed, epoch) alone, so a resumed run sees the epochs it would have.
+
+    FFCV 1.0.2 shuffles each page's sample list in place, in the array it keeps: epoch e's order then depends
+    on every epoch drawn before it, and a loader started at epoch 1 (a resume) orders differently from one that
+    ran epoch 0 first. Each epoch here starts from a fresh copy of the unshuffled array.
+    """
+    order = loader.traversal_order
+    if not hasattr(order, "page_to_samples_array"):  # another FFCV release: leave it as it is
+        return
+    pristine = order.page_to_samples_array.copy()
+    draw = order.sample_order
+
+    def sample_order(epoch: int):
+        order.page_to_samples_array = pristine.copy()
+        return draw(epoch)
+
+    order.sample_order = sample_order
 
 
 def train_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, workers: int = 0, device="cpu",
@@ -224,13 +248,13 @@ def train_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, 
                  drop_last: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), channels_last: bool | None = None) -> FfcvLoader:
-    """Training batches: random-resized crop to `res` + flip, shuffled per epoch (seeded by `seed` + epoch).
+    """Training batches: random-resized crop to `res` + flip, shuffled per epoch; all of it repeats for one `seed`.
 
     Yields images float32 (B, 3, res, res) and labels int64 (B,), both on `device`.
     `workers` = decoding threads (0 = all cores). `indices` restricts to a subset of file rows.
     """
-    rgb = import_ffcv("ffcv.fields.rgb_image")
-    decoder = rgb.RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio))
+    augment = import_ffcv("dptool.augment")
+    decoder = augment.SeededRandomResizedCrop((res, res), scale=tuple(scale), ratio=tuple(ratio), seed=seed)
     order = "random" if distributed or indices is not None else "quasi_random"
     return _build(path, decoder=decoder, flip=True, batch_size=batch_size, workers=workers, device=device,
                   order=order, distributed=distributed, seed=seed, indices=indices, drop_last=drop_last,

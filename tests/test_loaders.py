@@ -61,6 +61,46 @@ def test_train_loader_batches(tiny_beton):
     assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator"]
 
 
+def _epochs(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """All images and labels of `n` epochs, one (images, labels) pair per epoch."""
+    out = []
+    for _ in range(n):
+        xs, ys = zip(*loader)
+        out.append((torch.cat(xs), torch.cat(ys)))
+    return out
+
+
+def test_train_augmentation_repeats_for_a_seed(tiny_beton):
+    """Crops, flips and order are a function of the seed and the epoch alone: not of threads, timing, or the
+    epochs drawn before (a resumed run starts its loader at a later epoch)."""
+    one = _epochs(train_loader(tiny_beton, batch_size=32, res=20, workers=1, seed=3), 2)
+    resumed = train_loader(tiny_beton, batch_size=32, res=20, workers=2, seed=3)
+    resumed.loader.next_epoch = 1
+    (x, y), = _epochs(resumed, 1)
+    assert torch.equal(x, one[1][0]) and torch.equal(y, one[1][1])
+    assert not torch.equal(one[0][0], one[1][0])  # each epoch crops anew
+    other = _epochs(train_loader(tiny_beton, batch_size=32, res=20, workers=2, seed=4), 1)
+    assert not torch.equal(other[0][0], one[0][0])
+
+
+def test_train_flip_mirrors_about_half(tiny_beton, tiny_arrays):
+    """With a crop of the whole (square) image, each training image is its stored image or that image mirrored,
+    every sample comes once per epoch, and about half are mirrored."""
+    images = tiny_arrays[0].astype(int)
+    loader = train_loader(tiny_beton, batch_size=32, res=32, workers=2, seed=0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    got = _denormalise(_epochs(loader, 1)[0][0]).astype(int)
+    seen, mirrored = [], 0
+    for image in got:
+        plain = np.abs(images - image).max(axis=(1, 2, 3))
+        flipped = np.abs(images[:, :, ::-1] - image).max(axis=(1, 2, 3))
+        assert min(plain.min(), flipped.min()) <= 1  # float round-trip only
+        is_mirror = flipped.min() < plain.min()
+        mirrored += is_mirror
+        seen.append(int(flipped.argmin() if is_mirror else plain.argmin()))
+    assert sorted(seen) == list(range(len(images)))
+    assert 50 <= mirrored <= 110  # Binomial(160, 0.5): mean 80, sd 6.3
+
+
 def test_inference_loader_is_the_stored_image(tiny_beton, tiny_arrays):
     """At the stored resolution the centre square crop of a square image is the image itself."""
     images, labels = tiny_arrays
