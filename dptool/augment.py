@@ -3,10 +3,12 @@
 FFCV's own `RandomResizedCropRGBImageDecoder` and `RandomHorizontalFlip` draw from Numba's per-thread generators,
 which nothing seeds: two runs of one command crop and flip differently, whatever `--seed` says. These two
 operations draw the same way (FFCV's crop sampler, flip with probability `flip_prob`) from a generator seeded
-for each image by (`seed`, the batch's sample indices, the image's place in the batch). The loader's order is
-seeded per epoch, so every epoch's crops differ, a rerun repeats them, and the result does not depend on how
-many threads decode or in which order they finish. The seeding costs nothing measurable: `dptool bench loader`
-at 64 px on this 2-core machine, 8.2k img/s with these operations and with FFCV's (3 runs each).
+for each image by the batch's sample indices, in order, and the image's place in the batch. The loader's order
+is a function of its seed and the epoch, so every epoch (and every seed) crops differently, a rerun repeats it,
+and the result does not depend on how many threads decode or in which order they finish. The seed is not
+compiled into the stage: one compiled stage (kept in Numba's disk cache) serves every seed. The seeding costs
+nothing measurable: `dptool bench loader` at 64 px on this 2-core machine, 8.2k img/s with these operations and
+with FFCV's (3 runs each).
 
 Import through `dptool._ffcv.import_ffcv("dptool.augment")`: this module subclasses FFCV's classes.
 """
@@ -37,9 +39,9 @@ def _mix64(x):
 
 
 @njit(cache=True, nogil=True)
-def _batch_key(batch_indices, seed, salt):
-    """A uint64 naming this batch: the user's seed, an operation's salt and the sample indices in order."""
-    h = _mix64(np.uint64(seed) * _GOLDEN + np.uint64(salt))
+def _batch_key(batch_indices, salt):
+    """A uint64 naming this batch: an operation's salt and the sample indices, in order."""
+    h = _mix64(np.uint64(salt) * _GOLDEN)
     for k in range(len(batch_indices)):
         h = _mix64(h ^ np.uint64(batch_indices[k]))
     return h
@@ -48,9 +50,8 @@ def _batch_key(batch_indices, seed, salt):
 class SeededRandomResizedCrop(_rgb.RandomResizedCropRGBImageDecoder):
     """FFCV's random-resized-crop decoder with each image's crop drawn from a generator seeded for that image."""
 
-    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed: int = 0):
+    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         super().__init__(output_size, scale=scale, ratio=ratio)
-        self.seed = np.uint64(int(seed) % 2**64)
 
     def generate_code(self) -> Callable:
         """FFCV's `ResizedCropRGBImageDecoder` decode stage, plus the per-image seeding."""
@@ -65,11 +66,10 @@ class SeededRandomResizedCrop(_rgb.RandomResizedCropRGBImageDecoder):
         mix_c = _mix64
         scale = np.array(self.scale, dtype=np.float64)
         ratio = np.array(self.ratio, dtype=np.float64)
-        seed = self.seed
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
-            key = batch_key_c(batch_indices, seed, 1)
+            key = batch_key_c(batch_indices, 1)
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -95,12 +95,11 @@ class SeededRandomResizedCrop(_rgb.RandomResizedCropRGBImageDecoder):
 
 
 class SeededHorizontalFlip(Operation):
-    """Flip each image left-right with probability `flip_prob`, decided by a hash of (seed, batch, place)."""
+    """Flip each image left-right with probability `flip_prob`, decided by a hash of (batch, place in it)."""
 
-    def __init__(self, flip_prob: float = 0.5, seed: int = 0):
+    def __init__(self, flip_prob: float = 0.5):
         super().__init__()
         self.flip_prob = float(flip_prob)
-        self.seed = np.uint64(int(seed) % 2**64)
 
     def generate_code(self) -> Callable:
         """The flip stage; it asks FFCV for the batch's sample indices (`with_indices`)."""
@@ -108,10 +107,9 @@ class SeededHorizontalFlip(Operation):
         batch_key_c = _batch_key
         mix_c = _mix64
         flip_prob = self.flip_prob
-        seed = self.seed
 
         def flip(images, dst, indices):
-            key = batch_key_c(indices, seed, 2)
+            key = batch_key_c(indices, 2)
             for i in my_range(images.shape[0]):
                 # the top 53 bits of the hash as a uniform draw in [0, 1)
                 u = (mix_c(key + np.uint64(i)) >> np.uint64(11)) * (1.0 / 9007199254740992.0)

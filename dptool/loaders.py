@@ -198,7 +198,7 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
     dev = torch.device(device)
     image_ops = [decoder]
     if flip:
-        image_ops.append(import_ffcv("dptool.augment").SeededHorizontalFlip(seed=seed))
+        image_ops.append(import_ffcv("dptool.augment").SeededHorizontalFlip())
     image_ops.append(transforms.ToTensor())
     if dev.type == "cuda":
         image_ops.append(transforms.ToDevice(dev, non_blocking=True))
@@ -254,7 +254,7 @@ def train_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, 
     `workers` = decoding threads (0 = all cores). `indices` restricts to a subset of file rows.
     """
     augment = import_ffcv("dptool.augment")
-    decoder = augment.SeededRandomResizedCrop((res, res), scale=tuple(scale), ratio=tuple(ratio), seed=seed)
+    decoder = augment.SeededRandomResizedCrop((res, res), scale=tuple(scale), ratio=tuple(ratio))
     order = "random" if distributed or indices is not None else "quasi_random"
     return _build(path, decoder=decoder, flip=True, batch_size=batch_size, workers=workers, device=device,
                   order=order, distributed=distributed, seed=seed, indices=indices, drop_last=drop_last,
