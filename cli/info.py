@@ -1,17 +1,17 @@
-"""`dptool info`: what a .beton holds."""
+"""`dptool info`: what a .beton, a scores file or a checkpoint holds."""
 
 from __future__ import annotations
 
 import click
 
-from dptool.beton import summarize
+from dptool.info import describe
 
 from ._common import CONTEXT_SETTINGS, emit, json_option
 
 __all__ = ["command"]
 
 
-def _human(s: dict) -> str:
+def _beton(s: dict) -> str:
     lines = [f"{s['path']}: {s['num_samples']} samples, {s['file_size'] / 1e6:.1f} MB, page size {s['page_size']}"]
     lines.append("fields: " + ", ".join(f"{k} ({v})" for k, v in s["fields"].items()))
     if s.get("writer"):
@@ -21,7 +21,9 @@ def _human(s: dict) -> str:
             f"{w.get('jpeg_quality')}, compress-prob {w.get('compress_probability')}"
         )
     if s.get("source"):
-        lines.append(f"source: {s['source'].get('format')} {s['source'].get('path')} ({s['source'].get('split')})")
+        split = s["source"].get("split")
+        lines.append(f"source: {s['source'].get('format')} {s['source'].get('path')}"
+                     + (f" ({split})" if split else ""))
     if s.get("pruning"):
         p = s["pruning"]
         lines.append(
@@ -41,13 +43,75 @@ def _human(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _file(d: dict | None) -> str:
+    return f"{d['path']} ({d['num_samples']} samples, {d['num_classes']} classes, {d['fingerprint']})" if d else "-"
+
+
+def _scores(s: dict) -> str:
+    noun = "source classes" if s["level"] == "class" else "clusters"
+    sur = s["surrogate"] or {}
+    lines = [f"{s['path']}: {s['method']} scores of {s['groups']} {noun}, written {s['created']}",
+             f"source: {_file(s['source'])}", f"target: {_file(s['target'])}"]
+    if sur:
+        lines.append("surrogate: " + ", ".join(f"{k} {v}" for k, v in sur.items() if k not in ("sha256",)))
+    if s["params"]:
+        lines.append("params: " + ", ".join(f"{k} {v}" for k, v in s["params"].items()))
+    lines += [f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
+    lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
+              for t in s["top"]]
+    lines.append(f"{s['zero_score_groups']} of {s['groups']} {noun} scored zero; ties broken by {s['tie_break']}")
+    if s["assignment"]:
+        lines.append(f"cluster of every source image: {s['assignment']['path']} ({s['assignment']['state']})")
+    return "\n".join(lines)
+
+
+def _metrics(record: dict) -> str:
+    keys = ("train_loss", "train_top1", "val_top1", "val_top1_all", "val_top5", "test_top1")
+    return ", ".join(f"{k} {record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float)))
+
+
+def _checkpoint(s: dict) -> str:
+    stem = " (small-input stem)" if s["small_input"] else ""
+    lines = [f"{s['path']}: {s['arch']}{stem}, {s['num_classes']} classes, {s['parameters'] / 1e6:.2f}M parameters, "
+             f"{s['epochs_done']} epochs of {s['run']}"]
+    if s["resumable"]:
+        planned = s["recipe"].get("epochs")
+        lines[0] += ("; stopped early: `train --resume` continues it" if planned and s["epochs_done"] < planned
+                     else "; optimizer state kept (`train --resume --epochs N` extends it)")
+    if s["data"] or s["data_fingerprint"]:
+        lines.append(f"trained on: {s['data'] or '?'} ({s['data_fingerprint']})")
+    if s["pretrained"]:
+        lines.append(f"finetuned from: {s['pretrained']}")
+    if s["kept_classes"] is not None:
+        lines.append(f"pruned data: {s['kept_classes']} of {s['num_classes']} classes kept")
+    recipe = s["recipe"].get("finetune", s["recipe"])
+    shown = ("epochs", "mode", "batch_size", "effective_batch_size", "lr", "effective_lr", "min_res", "max_res",
+             "res", "label_smoothing", "weight_decay", "seed")
+    lines.append("recipe: " + ", ".join(f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None))
+    if s["last_epoch"]:
+        lines.append(f"last epoch: {_metrics(s['last_epoch'])}")
+    if s["best_val_top1"] is not None:
+        lines.append(f"best val_top1: {s['best_val_top1']:.4g}")
+    if s["finetune_summary"]:
+        f = s["finetune_summary"]
+        lines.append(f"test top-1: final {f.get('final_test_top1', float('nan')):.4g}, "
+                     f"best {f.get('best_test_top1', float('nan')):.4g} (epoch {f.get('best_test_epoch')})")
+    return "\n".join(lines)
+
+
+def _human(s: dict) -> str:
+    return {"beton": _beton, "scores": _scores, "checkpoint": _checkpoint}[s["kind"]](s)
+
+
 @click.command("info", context_settings=CONTEXT_SETTINGS)
 @click.argument("path", type=click.Path(path_type=str))
 @json_option
 def command(path, as_json):
-    """Show samples, classes, fields and writer parameters of a .beton.
+    """Show what a .beton, a scores file or a dptool checkpoint holds.
 
     \b
-    dptool info imagenet_train.beton --json
+    dptool info imagenet_train.beton --json     # samples, classes, fields, writer, provenance
+    dptool info scores.json                     # method, source/target/surrogate, top groups
+    dptool info surrogate.pt                    # architecture, data, recipe, last and best metrics
     """
-    emit(summarize(path), as_json, _human)
+    emit(describe(path), as_json, _human)

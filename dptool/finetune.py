@@ -283,6 +283,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
                         recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
                         data_fingerprint=fingerprint(train_b), epoch=cfg.epochs,
                         small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
-                        image_size=ckpt.get("image_size"), extra={"history": history, "summary": summary})
+                        image_size=ckpt.get("image_size"),
+                        extra={"history": history, "summary": summary, "data": str(train_data)})
     jlog.release()  # after the checkpoint: a log on disk means the run completed
     return result

@@ -39,6 +39,7 @@ __all__ = [
     "select_groups",
     "removed_count",
     "fingerprint_file",
+    "top_groups",
 ]
 
 SCORES_FORMAT = "dptool-scores"
@@ -284,6 +285,13 @@ def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarra
     except (OSError, ValueError) as exc:
         raise InputError(f"Assignment file {apath} is not a NumPy array file ({exc}).") from exc
     return _check_assignment(a, scores, f"Assignment file {apath}")
+
+
+def top_groups(scores: Scores, n: int = 10) -> list[dict]:
+    """The `n` most important groups, best first: rank, id, name, score and tie-break value of each."""
+    order = np.argsort(scores.ranks, kind="stable")[:n]
+    return [{"rank": int(scores.ranks[i]), "id": int(scores.ids[i]), "name": scores.names[i],
+             "score": float(scores.scores[i]), "tiebreak": float(scores.tiebreak[i])} for i in order]
 
 
 def removed_count(ratio: float, n_groups: int) -> int:

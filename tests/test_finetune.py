@@ -71,6 +71,16 @@ def test_linear_probe_backbone_bit_identical(tmp_path, target, source_ckpt, one_
     lines = [json.loads(line) for line in (tmp_path / "lp.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "config" and lines[-1]["event"] == "summary"
 
+    info = CliRunner().invoke(cli, ["info", str(out), "--json"], catch_exceptions=False)
+    assert info.exit_code == 0, info.output
+    d = json.loads(info.output)
+    assert (d["kind"], d["run"], d["num_classes"], d["epochs_done"], d["resumable"]) == ("checkpoint", "finetune",
+                                                                                         3, 8, False)
+    assert d["data"] == str(train) and d["pretrained"] == str(source_ckpt)
+    assert d["finetune_summary"]["best_test_top1"] == r["best_test_top1"]
+    text = CliRunner().invoke(cli, ["info", str(out)], catch_exceptions=False).output
+    assert f"finetuned from: {source_ckpt}" in text and "8 epochs of finetune" in text
+
 
 def test_full_finetune_trains_everything(tmp_path, target, source_ckpt, one_thread):
     train, test = target

@@ -154,6 +154,28 @@ def test_fm_scores_file_carries_the_assignment(fm_clusters, tmp_path):
     assert "closer first" in s.tie_break and s.params["clusters"] == 8
 
 
+def test_info_shows_scores_and_the_state_of_the_assignment(fm_clusters, lm_cli, score_data, tmp_path):
+    _, lm_path, _ = lm_cli
+    info = json.loads(CliRunner().invoke(cli, ["info", str(lm_path), "--json"]).output)
+    assert (info["kind"], info["method"], info["level"], info["groups"]) == ("scores", "lm", "class", 8)
+    assert {t["id"] for t in info["top"][:3]} == set(score_data.subset)
+    assert info["source"]["fingerprint"] == fingerprint(open_beton(score_data.source)) and info["assignment"] is None
+
+    path = fm_clusters.write(tmp_path / "fm.json")
+    assign = tmp_path / "fm.assign.npy"
+
+    def shown():
+        result = CliRunner().invoke(cli, ["info", str(path)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "fm scores of 8 clusters" in shown() and "(present, unchanged)" in shown()
+    np.save(assign, (fm_clusters.assignment + 1) % 8)
+    assert "(replaced since; prune refuses it)" in shown()
+    assign.unlink()
+    assert "(missing)" in shown()
+
+
 def test_nearest_ties_go_to_the_smallest_index(rng):
     x = rng.normal(size=(300, 16)).astype(np.float32)
     cent = rng.normal(size=(20, 16)).astype(np.float32)

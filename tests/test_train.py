@@ -75,6 +75,19 @@ def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
     assert [r["event"] for r in lines] == ["config", "epoch", "epoch", "epoch", "resume", "epoch"]
     assert not list(tmp_path.glob(".*tmp*"))
 
+    code, text = _run(["info", str(out), "--json"])
+    assert code == 0, text
+    info = json.loads(text)
+    assert (info["kind"], info["run"], info["arch"], info["num_classes"], info["epochs_done"]) == (
+        "checkpoint", "train", "resnet18", 4, 4)
+    assert info["resumable"] and info["data"] == str(train) and info["data_fingerprint"] == ckpt["data_fingerprint"]
+    assert info["best_val_top1"] == res["best_val_top1"] and info["last_epoch"]["epoch"] == 3
+    params = sum(v.numel() for k, v in ckpt["state_dict"].items() if not k.endswith(
+        ("running_mean", "running_var", "num_batches_tracked")))
+    assert info["parameters"] == params == sum(p.numel() for p in create_model("resnet18", 4).parameters())
+    code, text = _run(["info", str(out)])
+    assert "resnet18, 4 classes" in text and "4 epochs of train" in text and "best val_top1" in text
+
 
 class _StopAtEpoch:
     """The real training loader, interrupted (as by Ctrl-C) when epoch `stop_at` would start."""

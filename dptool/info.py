@@ -1,0 +1,111 @@
+"""What a file dptool wrote holds: a `.beton`, a scores file or a checkpoint, told apart by their contents.
+
+`describe(path)` returns a plain-JSON dict with a ``kind`` ("beton", "scores" or "checkpoint") and that kind's
+summary; `dptool info` prints it. Nothing is written, and no model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["describe", "summarize_scores", "summarize_checkpoint"]
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Summary of the `.beton`, scores file or dptool checkpoint at `path`, with its ``kind``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_ZIP_MAGIC) and _is_torch_archive(p):
+        return summarize_checkpoint(p)
+    if head.lstrip()[:1] == b"{":
+        return _describe_json(p)
+    from .beton import summarize
+
+    return {"kind": "beton", **summarize(p)}
+
+
+def _is_torch_archive(p: Path) -> bool:
+    """Whether the zip file at `p` is a `torch.save` archive (an `.npz` is a zip too)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _describe_json(p: Path) -> dict:
+    """A scores file; anything else in JSON is named (a sidecar points at its `.beton`)."""
+    from .scores import SCORES_FORMAT
+
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{p} is not valid JSON ({exc}).") from exc
+    if isinstance(doc, dict) and doc.get("format") == SCORES_FORMAT:
+        return summarize_scores(p)
+    beton = Path(str(p)[: -len(".json")]) if p.name.endswith(".json") else None
+    if beton is not None and beton.suffix == ".beton":
+        raise InputError(f"{p} is the sidecar of {beton}; run `dptool info {beton}`.")
+    raise InputError(f"{p} is JSON but not a dptool scores file; info reads .beton files, scores files and "
+                     "dptool checkpoints.")
+
+
+def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:
+    """A scores file: method, level, provenance, the `top` groups, zero-score count, and its assignment's state."""
+    from .scores import fingerprint_file, read_scores, top_groups
+
+    p = Path(path)
+    s = read_scores(p)
+    out = {
+        "kind": "scores", "path": str(p), "method": s.method, "level": s.level, "groups": s.num_groups,
+        "params": s.params, "surrogate": s.surrogate, "source": s.source, "target": s.target,
+        "created": s.created, "tie_break": s.tie_break, "zero_score_groups": int((s.scores == 0).sum()),
+        "top": top_groups(s, top), "assignment": None,
+    }
+    if s.assignment is not None:
+        apath = p.with_name(s.assignment)
+        state = "missing"
+        if apath.is_file():
+            state = ("present" if not s.assignment_sha256
+                     else "present, unchanged" if fingerprint_file(apath) == s.assignment_sha256
+                     else "replaced since; prune refuses it")
+        out["assignment"] = {"path": str(apath), "state": state}
+    return out
+
+
+def summarize_checkpoint(path: str | os.PathLike) -> dict:
+    """A dptool checkpoint: the model, what it was trained on and with what recipe, its last and best metrics."""
+    from .checkpoint import read_checkpoint
+
+    p = Path(path)
+    ckpt = read_checkpoint(p)
+    recipe = ckpt.get("recipe") or {}
+    extra = ckpt.get("extra") or {}
+    history = extra.get("history") or []
+    state = ckpt.get("state_dict") or {}
+    params = sum(int(np.prod(tuple(v.shape))) for k, v in state.items()
+                 if hasattr(v, "shape") and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    out = {
+        "kind": "checkpoint", "path": str(p), "run": "finetune" if "finetune" in recipe else "train",
+        "arch": ckpt["arch"], "small_input": bool(ckpt.get("small_input")), "blurpool": bool(ckpt.get("blurpool")),
+        "image_size": ckpt.get("image_size"), "num_classes": int(ckpt["num_classes"]), "parameters": params,
+        "epochs_done": int(ckpt["epoch"]), "resumable": ckpt.get("optimizer_state") is not None,
+        "data": extra.get("data"), "data_fingerprint": ckpt.get("data_fingerprint"),
+        "pretrained": (extra.get("summary") or {}).get("checkpoint"),
+        "kept_classes": None if extra.get("kept_classes") is None else len(extra["kept_classes"]),
+        "best_val_top1": extra.get("best_val_top1"), "last_epoch": history[-1] if history else None,
+        "finetune_summary": extra.get("summary"), "recipe": recipe,
+    }
+    return out
