@@ -73,7 +73,7 @@ def _metrics(record: dict) -> str:
 def _checkpoint(s: dict) -> str:
     stem = " (small-input stem)" if s["small_input"] else ""
     lines = [f"{s['path']}: {s['arch']}{stem}, {s['num_classes']} classes, {s['parameters'] / 1e6:.2f}M parameters, "
-             f"{s['epochs_done']} epochs of {s['run']}"]
+             f"{s['epochs_done']} epoch{'s' if s['epochs_done'] != 1 else ''} of {s['run']}"]
     if s["resumable"]:
         planned = s["recipe"].get("epochs")
         lines[0] += ("; stopped early: `train --resume` continues it" if planned and s["epochs_done"] < planned

@@ -6,7 +6,9 @@ operations draw the same way (FFCV's crop sampler, flip with probability `flip_p
 for each image by the batch's sample indices, in order, and the image's place in the batch. The loader's order
 is a function of its seed and the epoch, so every epoch (and every seed) crops differently, a rerun repeats it,
 and the result does not depend on how many threads decode or in which order they finish. The seed is not
-compiled into the stage: one compiled stage (kept in Numba's disk cache) serves every seed. The seeding costs
+compiled into the stage: one compiled stage (kept in Numba's disk cache) serves every seed. The price: a batch
+seen twice is augmented the same way twice, which matters only for batches of one image (the same batch every
+epoch), where `dptool.loaders.train_loader` uses FFCV's unseeded operations instead. The seeding costs
 nothing measurable: `dptool bench loader` at 64 px on this 2-core machine, 8.2k img/s with these operations and
 with FFCV's (3 runs each).
 

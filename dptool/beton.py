@@ -31,10 +31,17 @@ __all__ = [
     "fingerprint",
     "summarize",
     "read_image",
+    "NotABetonError",
 ]
 
 SIDECAR_FORMAT = "dptool-beton"
 SIDECAR_VERSION = 1
+
+
+
+class NotABetonError(InputError):
+    """The file is not an FFCV file at all (as opposed to a damaged one)."""
+
 
 # FFCV's on-disk header (ffcv/types.py, format version 1); read with NumPy so that a bad file gives one sentence.
 _HEADER = np.dtype(
@@ -173,7 +180,7 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -
         raise InputError(f"{path} is not a file.")
     size = path.stat().st_size
     if size < _HEADER.itemsize:
-        raise InputError(f"{path} is not a .beton file (too small for an FFCV header).")
+        raise NotABetonError(f"{path} is not a .beton file (too small for an FFCV header).")
     header = np.fromfile(path, dtype=_HEADER, count=1)[0]
     n_fields, n = int(header["num_fields"]), int(header["num_samples"])
     page_size, alloc_ptr = int(header["page_size"]), int(header["alloc_table_ptr"])
@@ -183,7 +190,7 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -
         or page_size <= 0
         or page_size & (page_size - 1)
     ):
-        raise InputError(f"{path} is not a .beton file (bad FFCV header).")
+        raise NotABetonError(f"{path} is not a .beton file (bad FFCV header).")
     desc_end = _HEADER.itemsize + n_fields * _FIELD_DESC.itemsize
     if desc_end > size:
         raise InputError(f"{path} is truncated (field descriptors cut off).")
@@ -192,7 +199,7 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -
     for d in descs:
         type_id = int(d["type_id"])
         if type_id not in _TYPE_NAMES:
-            raise InputError(f"{path} is not a .beton file (unknown field type {type_id}).")
+            raise NotABetonError(f"{path} is not a .beton file (unknown field type {type_id}).")
         names.append(bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace"))
         types.append(_TYPE_NAMES[type_id])
     types_mod = import_ffcv("ffcv.types")  # deferred: importing ffcv costs seconds

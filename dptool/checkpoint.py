@@ -7,6 +7,7 @@ Written atomically (temporary name, then rename). Loadable by `score` (surrogate
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from .atomic import atomic_output
@@ -17,6 +18,7 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_c
 
 CHECKPOINT_FORMAT = "dptool-checkpoint"
 CHECKPOINT_VERSION = 1
+_REQUIRED = ("arch", "small_input", "num_classes", "state_dict", "epoch")
 
 
 def _plain_state(state_dict: dict) -> dict:
@@ -67,7 +69,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise InputError(f"Checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns when the file is a TorchScript archive; the error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
         raise InputError(f"{path} is not a dptool checkpoint ({type(exc).__name__}).") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -75,6 +79,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
         raise InputError(f"{path} has checkpoint version {ckpt['version']}; this dptool reads up to "
                          f"{CHECKPOINT_VERSION}.")
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise InputError(f"Checkpoint {path} is missing {', '.join(repr(k) for k in missing)}.")
     return ckpt
 
 

@@ -18,6 +18,8 @@ from .errors import InputError
 __all__ = ["describe", "summarize_scores", "summarize_checkpoint"]
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+# state-dict entries that are buffers, not parameters, in dptool's models (BatchNorm statistics, BlurPool's filter)
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "blur_filter")
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -31,9 +33,12 @@ def describe(path: str | os.PathLike) -> dict:
         return summarize_checkpoint(p)
     if head.lstrip()[:1] == b"{":
         return _describe_json(p)
-    from .beton import summarize
+    from .beton import NotABetonError, summarize
 
-    return {"kind": "beton", **summarize(p)}
+    try:
+        return {"kind": "beton", **summarize(p)}
+    except NotABetonError as exc:
+        raise InputError(f"{p} is not a .beton, a dptool scores file or a dptool checkpoint.") from exc
 
 
 def _is_torch_archive(p: Path) -> bool:
@@ -78,9 +83,12 @@ def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:
         apath = p.with_name(s.assignment)
         state = "missing"
         if apath.is_file():
-            state = ("present" if not s.assignment_sha256
-                     else "present, unchanged" if fingerprint_file(apath) == s.assignment_sha256
-                     else "replaced since; prune refuses it")
+            try:
+                state = ("present" if not s.assignment_sha256
+                         else "present, unchanged" if fingerprint_file(apath) == s.assignment_sha256
+                         else "replaced since; prune refuses it")
+            except OSError as exc:
+                state = f"unreadable ({exc.strerror or type(exc).__name__})"
         out["assignment"] = {"path": str(apath), "state": state}
     return out
 
@@ -96,7 +104,7 @@ def summarize_checkpoint(path: str | os.PathLike) -> dict:
     history = extra.get("history") or []
     state = ckpt.get("state_dict") or {}
     params = sum(int(np.prod(tuple(v.shape))) for k, v in state.items()
-                 if hasattr(v, "shape") and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+                 if hasattr(v, "shape") and not k.endswith(_BUFFERS))
     out = {
         "kind": "checkpoint", "path": str(p), "run": "finetune" if "finetune" in recipe else "train",
         "arch": ckpt["arch"], "small_input": bool(ckpt.get("small_input")), "blurpool": bool(ckpt.get("blurpool")),

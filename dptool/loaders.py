@@ -174,7 +174,7 @@ def _check_indices(indices, n: int, path) -> np.ndarray | None:
     return idx.astype(np.int64)
 
 
-def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, order: str,
+def _build(path, *, decoder, flip, batch_size: int, workers: int, device, order: str,
            distributed: bool, seed: int, indices, drop_last: bool, mean, std,
            channels_last: bool | None = None) -> FfcvLoader:
     """Assemble the image and label pipelines around `decoder` and wrap the FFCV Loader."""
@@ -197,8 +197,8 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
     fields = import_ffcv("ffcv.fields.decoders")
     dev = torch.device(device)
     image_ops = [decoder]
-    if flip:
-        image_ops.append(import_ffcv("dptool.augment").SeededHorizontalFlip())
+    if flip is not None:
+        image_ops.append(flip)
     image_ops.append(transforms.ToTensor())
     if dev.type == "cuda":
         image_ops.append(transforms.ToDevice(dev, non_blocking=True))
@@ -209,6 +209,10 @@ def _build(path, *, decoder, flip: bool, batch_size: int, workers: int, device, 
 
     Order = loader_mod.OrderOption
     order_opt = {"sequential": Order.SEQUENTIAL, "random": Order.RANDOM, "quasi_random": Order.QUASI_RANDOM}[order]
+    if order_opt == Order.RANDOM:
+        # FFCV's random order (and torch's DistributedSampler) seeds epoch e with seed + e: seed s + 1 would replay
+        # seed s's epochs shifted by one, crops included (they follow the order). A spread seed cannot collide so.
+        seed = (int(seed) * 1_000_003 + 1) % 2**31
     pipelines = {"image": image_ops, "label": label_ops}
     pipelines.update({name: None for name in beton.field_names if name not in ("image", "label")})
     loader = loader_mod.Loader(
@@ -228,7 +232,8 @@ def _make_order_a_function_of_epoch(loader) -> None:
 
     FFCV 1.0.2 shuffles each page's sample list in place, in the array it keeps: epoch e's order then depends
     on every epoch drawn before it, and a loader started at epoch 1 (a resume) orders differently from one that
-    ran epoch 0 first. Each epoch here starts from a fresh copy of the unshuffled array.
+    ran epoch 0 first. Each epoch here starts from the array as it stood when the loader was built (FFCV's
+    constructor has drawn epoch 0 once by then: a fixed function of the seed).
     """
     order = loader.traversal_order
     if not hasattr(order, "page_to_samples_array"):  # another FFCV release: leave it as it is
@@ -237,7 +242,7 @@ def _make_order_a_function_of_epoch(loader) -> None:
     draw = order.sample_order
 
     def sample_order(epoch: int):
-        order.page_to_samples_array = pristine.copy()
+        np.copyto(order.page_to_samples_array, pristine)
         return draw(epoch)
 
     order.sample_order = sample_order
@@ -252,11 +257,20 @@ def train_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, 
 
     Yields images float32 (B, 3, res, res) and labels int64 (B,), both on `device`.
     `workers` = decoding threads (0 = all cores). `indices` restricts to a subset of file rows.
+    At `batch_size` 1 the crops and flips are FFCV's own, unseeded: seeded ones follow the batch, and a batch
+    of one image is the same batch every epoch, so that image would be cropped one way for the whole run.
     """
-    augment = import_ffcv("dptool.augment")
-    decoder = augment.SeededRandomResizedCrop((res, res), scale=tuple(scale), ratio=tuple(ratio))
+    if batch_size == 1:
+        log.warning("batch size 1: crops and flips are drawn unseeded, so a rerun will not repeat them")
+        rgb = import_ffcv("ffcv.fields.rgb_image")
+        decoder = rgb.RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio))
+        flip = import_ffcv("ffcv.transforms").RandomHorizontalFlip()
+    else:
+        augment = import_ffcv("dptool.augment")
+        decoder = augment.SeededRandomResizedCrop((res, res), scale=tuple(scale), ratio=tuple(ratio))
+        flip = augment.SeededHorizontalFlip()
     order = "random" if distributed or indices is not None else "quasi_random"
-    return _build(path, decoder=decoder, flip=True, batch_size=batch_size, workers=workers, device=device,
+    return _build(path, decoder=decoder, flip=flip, batch_size=batch_size, workers=workers, device=device,
                   order=order, distributed=distributed, seed=seed, indices=indices, drop_last=drop_last,
                   mean=mean, std=std, channels_last=channels_last)
 
@@ -282,7 +296,7 @@ def eval_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: int, w
     rgb = import_ffcv("ffcv.fields.rgb_image")
     decoder = rgb.CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)
     beton = open_beton(path)  # once, for the shard and the loader
-    return _build(beton, decoder=decoder, flip=False, batch_size=batch_size, workers=workers, device=device,
+    return _build(beton, decoder=decoder, flip=None, batch_size=batch_size, workers=workers, device=device,
                   order="sequential", distributed=False, seed=0, indices=_shard(beton, indices, distributed),
                   drop_last=False, mean=mean, std=std, channels_last=channels_last)
 
@@ -297,6 +311,6 @@ def inference_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: i
     """
     rgb = import_ffcv("ffcv.fields.rgb_image")
     decoder = rgb.RandomResizedCropRGBImageDecoder((res, res), scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    return _build(path, decoder=decoder, flip=False, batch_size=batch_size, workers=workers, device=device,
+    return _build(path, decoder=decoder, flip=None, batch_size=batch_size, workers=workers, device=device,
                   order="sequential", distributed=False, seed=0, indices=indices, drop_last=False, mean=mean,
                   std=std, channels_last=channels_last)

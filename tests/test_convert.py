@@ -188,6 +188,7 @@ def test_torchvision_fashionmnist_from_disk(tmp_path):
         (["info", "{t}/missing.beton"], "does not exist"),
         (["info", "{t}/d.beton.json"], "d.beton.json is the sidecar of"),
         (["info", "{t}/other.json"], "is JSON but not a dptool scores file"),
+        (["info", "{t}/empty"], "is not a .beton, a dptool scores file or a dptool checkpoint"),
         (["convert", "{t}/notes.txt", "{t}/o.beton"], "is a file but not an .npz"),
         (["convert", "--format", "npz", "{t}", "{t}/o.beton"], "--format npz takes an .npz file"),
         (["convert", "{t}/nokeys.npz", "{t}/o.beton"], "must hold arrays 'images' and 'labels' (missing 'labels')"),
@@ -201,6 +202,7 @@ def test_user_errors_are_one_sentence_with_exit_2(tmp_path, args, phrase):
     np.savez(tmp_path / "nokeys.npz", images=images)
     (tmp_path / "d.beton.json").write_text("{}")
     (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "empty").write_bytes(b"")
     result = run(*[a.format(t=tmp_path) for a in args])
     assert result.exit_code == 2, result.output
     assert phrase in result.output

@@ -83,6 +83,17 @@ def test_train_augmentation_repeats_for_a_seed(tiny_beton):
     assert not torch.equal(other[0][0], one[0][0])
 
 
+def test_seeds_do_not_replay_each_other_and_batches_of_one_vary(tiny_beton):
+    """Random order seeds epoch e with seed + e (FFCV, torch's DistributedSampler): unspread, seed 1's epoch 0
+    would be seed 0's epoch 1, crops included. A batch of one image must still be cropped anew each epoch."""
+    rows = np.arange(150)
+    zero = _epochs(train_loader(tiny_beton, batch_size=30, res=16, workers=2, seed=0, indices=rows), 2)
+    (x, y), = _epochs(train_loader(tiny_beton, batch_size=30, res=16, workers=2, seed=1, indices=rows), 1)
+    assert not torch.equal(y, zero[1][1]) and not torch.equal(x, zero[1][0])
+    single = _epochs(train_loader(tiny_beton, batch_size=1, res=16, workers=1, indices=[5]), 3)
+    assert not (torch.equal(single[0][0], single[1][0]) and torch.equal(single[1][0], single[2][0]))
+
+
 def test_train_flip_mirrors_about_half(tiny_beton, tiny_arrays):
     """With a crop of the whole (square) image, each training image is its stored image or that image mirrored,
     every sample comes once per epoch, and about half are mirrored."""

@@ -238,6 +238,19 @@ def test_an_interrupted_first_epoch_leaves_no_log(tmp_path, monkeypatch, train_v
     assert read_checkpoint(tmp_path / "m.pt")["epoch"] == 1
 
 
+def test_info_counts_parameters_not_buffers_and_names_missing_keys(tmp_path):
+    for blurpool in (False, True):
+        model = create_model("resnet18", 5, blurpool=blurpool)
+        path = save_checkpoint(tmp_path / f"b{blurpool}.pt", arch="resnet18", num_classes=5, blurpool=blurpool,
+                               state_dict=model.state_dict(), recipe={"epochs": 1}, data_fingerprint=None, epoch=1)
+        code, text = _run(["info", str(path), "--json"])
+        assert code == 0, text
+        assert json.loads(text)["parameters"] == sum(p.numel() for p in model.parameters())
+    torch.save({"format": "dptool-checkpoint", "version": 1, "state_dict": {}}, tmp_path / "bare.pt")
+    code, text = _run(["info", str(tmp_path / "bare.pt")])
+    assert code == 2 and "is missing 'arch', 'small_input', 'num_classes', 'epoch'" in text
+
+
 def test_help_texts():
     for name in ("train", "finetune"):
         code, text = _run([name, "-h"])
