@@ -46,7 +46,7 @@ def _human(r) -> str:
               help="Hold out this fraction of each training class for model selection.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D.precision,
               help="Autocast on CUDA (auto: bf16); CPU runs fp32.")
-@click.option("--seed", type=int, default=D.seed, help="Seed of the head, the split and the sample order.")
+@click.option("--seed", type=int, default=D.seed, help="Seed of the head, the split, the sample order and the crops.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write the finetuned checkpoint.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl when -o is given]")

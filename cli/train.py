@@ -56,7 +56,7 @@ def _human(r) -> str:
               help="Validation batch per process.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D.precision,
               help="Autocast on CUDA (auto: bf16); CPU runs fp32.")
-@click.option("--seed", type=int, default=D.seed, help="Seed of initialisation and sample order.")
+@click.option("--seed", type=int, default=D.seed, help="Seed of initialisation, sample order and crops and flips.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl]")
 @click.option("--resume", is_flag=True, help="Continue from the epoch saved in OUTPUT (same data and arch).")
