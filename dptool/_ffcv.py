@@ -1,12 +1,16 @@
 """Import FFCV without its side effects, and start it fast.
 
 `import ffcv` sets torch (and Numba) to one thread: `import_ffcv` puts torch's count back. On FFCV 1.0.2 it also
-applies two start-up patches (``DPTOOL_FFCV_PATCHES=0`` turns both off; decoded pixels are identical either way):
+applies three start-up patches (``DPTOOL_FFCV_PATCHES=0`` turns them off; decoded pixels are identical either way):
 
 * FFCV builds its table of image modes (``{"jpg": 0, "raw": 1}``) as a Numba typed dict at import, which compiles
   Numba's dict code: 3.5 s of every process, on a 2-core CPU. Only Python reads the table, so it is built as a
   plain dict (`numba.typed.Dict` is `dict` while FFCV's modules are first imported, nothing else meanwhile);
-* FFCV's compiled pipeline stages go to Numba's disk cache (`dptool._ffcv_cache`).
+* FFCV's compiled pipeline stages go to Numba's disk cache (`dptool._ffcv_cache`);
+* every FFCV `Loader` builds, over all samples of its file whatever rows it reads, a dict and two dicts of sets
+  (about 600 B a sample: 250 MB and 1.4 s at 400k samples, measured by `benchmarks/bench_scale.py`). Only the
+  quasi-random order and FFCV's process cache read them: they are built on first use
+  (`_lazy_memory_manager_tables`), so a scoring or evaluation loader keeps its two sorted arrays alone.
 """
 
 from __future__ import annotations
@@ -65,6 +69,42 @@ def _first_import_with_plain_image_modes() -> None:
             del numba.typed.Dict
 
 
+def _lazy_memory_manager_tables() -> None:
+    """Make FFCV's `MemoryManager` build its per-sample tables when first read instead of in every constructor."""
+    import numpy as np
+    from ffcv.memory_managers.base import MemoryManager
+
+    if getattr(MemoryManager, "_dptool_lazy_tables", False):
+        return
+
+    def __init__(self, reader) -> None:
+        # FFCV's constructor without the tables: the sorted pointers and sizes the readers search
+        self.reader = reader
+        alloc_table = reader.alloc_table
+        order = np.argsort(alloc_table["ptr"])
+        self.ptrs = alloc_table["ptr"][order]
+        self.sizes = alloc_table["size"][order]
+
+    def tables(self) -> dict:
+        if "_dptool_tables" not in self.__dict__:  # FFCV's code, run once, on first use
+            from collections import defaultdict
+
+            alloc_table = self.reader.alloc_table
+            page_locations = alloc_table["ptr"] >> int(np.log2(self.reader.page_size))
+            sample_to_pages, page_to_samples = defaultdict(set), defaultdict(set)
+            for sid, pid in zip(alloc_table["sample_id"], page_locations):
+                sample_to_pages[sid].add(pid)
+                page_to_samples[pid].add(sid)
+            self._dptool_tables = {"ptr_to_size": dict(zip(self.ptrs, self.sizes)),
+                                   "sample_to_pages": sample_to_pages, "page_to_samples": page_to_samples}
+        return self._dptool_tables
+
+    MemoryManager.__init__ = __init__
+    for name in ("ptr_to_size", "sample_to_pages", "page_to_samples"):
+        setattr(MemoryManager, name, property(lambda self, name=name: tables(self)[name]))
+    MemoryManager._dptool_lazy_tables = True
+
+
 def import_ffcv(module: str = "ffcv") -> ModuleType:
     """Import an FFCV module, keeping torch's thread count as it was before (and patched, see above)."""
     import torch
@@ -77,6 +117,7 @@ def import_ffcv(module: str = "ffcv") -> ModuleType:
         from ._ffcv_cache import enable_compile_cache
 
         enable_compile_cache()
+        _lazy_memory_manager_tables()
     restore_threads(before)
     return mod
 

@@ -181,6 +181,7 @@ def enable_compile_cache() -> bool:
     import ffcv.fields.bytes as ffcv_bytes
     import ffcv.fields.ndarray as ffcv_ndarray
     import ffcv.fields.rgb_image as ffcv_rgb
+    import ffcv.traversal_order.quasi_random as quasi_random
     from ffcv.pipeline.compiler import Compiler
     from numba import njit
     from numba.core.errors import NumbaWarning
@@ -217,5 +218,10 @@ def enable_compile_cache() -> bool:
         for name, func in replacements.items():
             if hasattr(module, name):
                 setattr(module, name, func)
+    # the quasi-random order's sampler is a plain module-level njit function: Numba can cache it as it is
+    try:
+        quasi_random.generate_order_inner.enable_caching()
+    except RuntimeError as exc:  # no writable place for the cache
+        log.debug("quasi-random order sampler compiled without a cache: %s", exc)
     _enabled = True
     return True

@@ -151,8 +151,46 @@ class ImageFolderSource(SourceDataset):
             raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
+def _stored_member_memmap(path: Path, name: str) -> np.ndarray | None:
+    """Member `name` of an uncompressed `.npz` (np.savez) as a read-only memory map, else None.
+
+    `np.load` reads a member whole: N images of ImageNet-64 are 15 GB. An uncompressed member is an `.npy` file
+    lying in the zip as it is, so its data can be mapped where it starts.
+    """
+    import struct
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(name + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: its name and extra field lengths end it
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                return None
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return None
+    if fortran or dtype.hasobject or not shape or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
+
+
 class NpzSource(SourceDataset):
-    """`.npz` with `images` (N, H, W[, C]) uint8, `labels` (N,) int and optional `class_names` (C,) str."""
+    """`.npz` with `images` (N, H, W[, C]) uint8, `labels` (N,) int and optional `class_names` (C,) str.
+
+    Images of an uncompressed file (np.savez) are memory-mapped, so memory does not grow with N; a compressed
+    file's are read whole.
+    """
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -164,7 +202,11 @@ class NpzSource(SourceDataset):
             if missing:
                 raise InputError(f"{path} must hold arrays 'images' and 'labels' (missing "
                                  f"{' and '.join(repr(k) for k in missing)}).")
-            images, labels = data["images"], data["labels"]
+            images = _stored_member_memmap(path, "images")
+            if images is None:  # compressed (np.savez_compressed): only reading it whole is possible
+                log.info("%s is compressed: its images are read into memory whole", path)
+                images = data["images"]
+            labels = data["labels"]
             names = [str(n) for n in data["class_names"]] if "class_names" in data.files else None
         except (OSError, ValueError) as exc:
             raise InputError(f"{path} is not a readable .npz file ({exc}).") from exc

@@ -242,6 +242,19 @@ def test_an_output_whose_sidecar_would_replace_an_input_is_refused(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_uncompressed_npz_images_are_memory_mapped(tmp_path):
+    """np.savez's images are mapped, not read (memory flat in N); a compressed file is read whole; same pixels."""
+    from dptool.readers import NpzSource
+
+    images, labels = separable_images(3, 4, 8)
+    np.savez(tmp_path / "plain.npz", images=images, labels=labels)
+    np.savez_compressed(tmp_path / "packed.npz", images=images, labels=labels)
+    plain, packed = NpzSource(tmp_path / "plain.npz"), NpzSource(tmp_path / "packed.npz")
+    assert isinstance(plain.images, np.memmap) and not isinstance(packed.images, np.memmap)
+    assert np.array_equal(plain.images, images) and np.array_equal(packed.images, images)
+    assert np.array_equal(plain.load(5), packed.load(5))
+
+
 def test_info_json_lists_classes(tiny_beton):
     result = run("info", tiny_beton, "--json")
     assert result.exit_code == 0, result.output

@@ -1,5 +1,5 @@
-"""dptool's start-up patches of FFCV (plain-dict image modes, compile cache): same pixels as plain FFCV, and a
-second process compiles none of FFCV's stages."""
+"""dptool's start-up patches of FFCV (plain-dict image modes, compile cache, per-sample tables built on first use):
+same pixels and training order as plain FFCV, and a second process compiles none of FFCV's stages."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DECODE = textwrap.dedent("""
     from numba.core import event
     from dptool import _ffcv_cache
     from dptool._ffcv import import_ffcv
-    from dptool.loaders import eval_loader, inference_loader
+    from dptool.loaders import eval_loader, inference_loader, train_loader
 
     modes = import_ffcv("ffcv.fields.rgb_image").IMAGE_MODES
 
@@ -36,13 +36,19 @@ DECODE = textwrap.dedent("""
         def on_end(self, ev):
             pass
     event.register("numba:compile", Listener())
-    xs, ys = [], []
+    xs, ys, tables_built = [], [], []
     for make in (inference_loader, eval_loader):  # whole-short-side and 224/256 centre crops
-        for x, y in make(sys.argv[1], batch_size=16, res=24, workers=2):
+        loader = make(sys.argv[1], batch_size=16, res=24, workers=2)
+        for x, y in loader:
             xs.append(x.numpy()); ys.append(y.numpy())
+        tables_built.append("page_to_samples" in vars(loader.loader.memory_manager)
+                            or "_dptool_tables" in vars(loader.loader.memory_manager))
+    # quasi-random order reads FFCV's page table: built on first use when patched, in the constructor when not
+    for x, y in train_loader(sys.argv[1], batch_size=6, res=24, workers=2, seed=1):
+        xs.append(x.numpy()); ys.append(y.numpy())
     np.savez(sys.argv[2], x=np.concatenate(xs), y=np.concatenate(ys))
     print(json.dumps({"enabled": _ffcv_cache.compile_cache_enabled(), "compiled": compiled,
-                      "modes": dict(modes), "modes_type": type(modes).__name__}))
+                      "modes": dict(modes), "modes_type": type(modes).__name__, "tables_built": tables_built}))
 """)
 
 
@@ -60,6 +66,7 @@ def test_cached_stages_decode_the_same_pixels_and_are_not_recompiled(tmp_path):
 
     cold = _decode(beton, tmp_path / "cold.npz", cache, enabled=True)
     assert cold["enabled"] and cold["modes_type"] == "dict"
+    assert cold["tables_built"] == [False, False]  # file-order loaders never read FFCV's per-sample tables
     assert any("decode" in name for name in cold["compiled"])  # the JPEG stage was compiled, then saved
     assert list(cache.rglob("*decode*.nbi")), "no cache index written for the decode stage"
 
@@ -69,10 +76,11 @@ def test_cached_stages_decode_the_same_pixels_and_are_not_recompiled(tmp_path):
 
     plain = _decode(beton, tmp_path / "plain.npz", tmp_path / "unused-cache", enabled=False)
     assert not plain["enabled"] and plain["modes_type"] == "Dict"  # FFCV as released: a Numba typed dict
+    assert plain["tables_built"] == [True, True]
     assert cold["modes"] == plain["modes"] == {"jpg": 0, "raw": 1}
     assert any("decode" in name for name in plain["compiled"])
     ref = np.load(tmp_path / "plain.npz")
-    assert len(ref["y"]) == 2 * 36
+    assert len(ref["y"]) == 3 * 36  # two file-order passes and a training epoch (same order, same crops)
     for run in ("cold", "warm"):
         got = np.load(tmp_path / f"{run}.npz")
         np.testing.assert_array_equal(got["x"], ref["x"])

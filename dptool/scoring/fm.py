@@ -20,7 +20,7 @@ import logging
 import numpy as np
 
 from ..errors import InputError
-from ..features import rank_world, stream
+from ..features import rank_world, shard_rows, stream
 from ._collective import all_reduce, broadcast, gather_interleaved
 from .kmeans import kmeans
 from .registry import register_method
@@ -68,14 +68,19 @@ def nearest(x, centroids) -> tuple[np.ndarray, np.ndarray]:
 
 def _sample_features(ctx: Context, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """This rank's sampled rows and their (n, D) float32 features."""
-    got_rows, feats = [], []
+    n = len(shard_rows(rows))
+    got_rows, feats, pos = np.zeros(n, np.int64), None, 0
     for b in stream(ctx.surrogate, ctx.source, rows, options=ctx.options.inference, logits=False,
                     features=True, progress=ctx.options.progress, desc="FM: source sample"):
-        got_rows.append(b.rows)
-        feats.append(b.features.cpu().numpy())
-    if not feats:
+        f = b.features.cpu().numpy()
+        if feats is None:  # filled in place: a list of batches plus its concatenation held the sample twice
+            feats = np.empty((n, f.shape[1]), np.float32)
+        feats[pos:pos + len(f)] = f
+        got_rows[pos:pos + len(f)] = b.rows
+        pos += len(f)
+    if feats is None:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate(got_rows), np.concatenate(feats)
+    return got_rows, feats
 
 
 def _class_means(ctx: Context, rows: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
