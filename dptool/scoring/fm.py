@@ -10,7 +10,8 @@
 
 Ties between equal vote counts (most groups get no vote on a small target) go to the group whose centroid is
 closest to any target feature, then to the smaller id. Every per-sample step is one batch at a time; what is
-kept is the sampled features, K x D centroids and 4 bytes per source image.
+kept is the sampled features, K x D centroids and a cluster id per source image (the whole command grew by
+160-240 bytes per source sample from 25k to 400k samples in `benchmarks/bench_scale.py`, loader tables included).
 """
 
 from __future__ import annotations
