@@ -38,7 +38,6 @@ SIDECAR_FORMAT = "dptool-beton"
 SIDECAR_VERSION = 1
 
 
-
 class NotABetonError(InputError):
     """The file is not an FFCV file at all (as opposed to a damaged one)."""
 
