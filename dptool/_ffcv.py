@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 from types import ModuleType
 
 __all__ = ["import_ffcv", "patches_enabled", "restore_threads", "silence_loader_gc_noise"]
@@ -69,6 +70,43 @@ def _first_import_with_plain_image_modes() -> None:
             del numba.typed.Dict
 
 
+class _LazyTable:
+    """A `MemoryManager` attribute built with its two siblings on first read, under a lock, then a plain attribute.
+
+    A non-data descriptor: the built value goes in the instance's `__dict__` under the same name, so later reads
+    (and assignments, and managers built before the patch) never come back here.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, manager, owner=None):
+        if manager is None:
+            return self
+        with self._lock:
+            if self.name not in vars(manager):
+                _build_tables(manager)
+        return vars(manager)[self.name]
+
+
+def _build_tables(manager) -> None:
+    """FFCV 1.0.2's own construction of the tables, stored as instance attributes."""
+    from collections import defaultdict
+
+    import numpy as np
+
+    alloc_table = manager.reader.alloc_table
+    page_locations = alloc_table["ptr"] >> int(np.log2(manager.reader.page_size))
+    sample_to_pages, page_to_samples = defaultdict(set), defaultdict(set)
+    for sid, pid in zip(alloc_table["sample_id"], page_locations):
+        sample_to_pages[sid].add(pid)
+        page_to_samples[pid].add(sid)
+    vars(manager).update(ptr_to_size=dict(zip(manager.ptrs, manager.sizes)), sample_to_pages=sample_to_pages,
+                         page_to_samples=page_to_samples)
+
+
 def _lazy_memory_manager_tables() -> None:
     """Make FFCV's `MemoryManager` build its per-sample tables when first read instead of in every constructor."""
     import numpy as np
@@ -84,24 +122,11 @@ def _lazy_memory_manager_tables() -> None:
         order = np.argsort(alloc_table["ptr"])
         self.ptrs = alloc_table["ptr"][order]
         self.sizes = alloc_table["size"][order]
-
-    def tables(self) -> dict:
-        if "_dptool_tables" not in self.__dict__:  # FFCV's code, run once, on first use
-            from collections import defaultdict
-
-            alloc_table = self.reader.alloc_table
-            page_locations = alloc_table["ptr"] >> int(np.log2(self.reader.page_size))
-            sample_to_pages, page_to_samples = defaultdict(set), defaultdict(set)
-            for sid, pid in zip(alloc_table["sample_id"], page_locations):
-                sample_to_pages[sid].add(pid)
-                page_to_samples[pid].add(sid)
-            self._dptool_tables = {"ptr_to_size": dict(zip(self.ptrs, self.sizes)),
-                                   "sample_to_pages": sample_to_pages, "page_to_samples": page_to_samples}
-        return self._dptool_tables
+        super(MemoryManager, self).__init__()
 
     MemoryManager.__init__ = __init__
     for name in ("ptr_to_size", "sample_to_pages", "page_to_samples"):
-        setattr(MemoryManager, name, property(lambda self, name=name: tables(self)[name]))
+        setattr(MemoryManager, name, _LazyTable(name))
     MemoryManager._dptool_lazy_tables = True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,15 +156,17 @@ def _stored_member_memmap(path: Path, name: str) -> np.ndarray | None:
     """Member `name` of an uncompressed `.npz` (np.savez) as a read-only memory map, else None.
 
     `np.load` reads a member whole: N images of ImageNet-64 are 15 GB. An uncompressed member is an `.npy` file
-    lying in the zip as it is, so its data can be mapped where it starts.
+    lying in the zip as it is, so its data can be mapped where it starts. What zipfile would check is checked
+    here too (the local header's name, no encryption, the member's CRC-32, in one streamed pass), and the array
+    must end where the member does; anything else falls back to `np.load`, which reports the damage.
     """
     import struct
-    import zipfile
+    import zlib
 
     try:
         with zipfile.ZipFile(path) as z:
             info = z.getinfo(name + ".npy")
-        if info.compress_type != zipfile.ZIP_STORED:
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed or encrypted
             return None
         with open(path, "rb") as f:
             f.seek(info.header_offset)
@@ -171,16 +174,31 @@ def _stored_member_memmap(path: Path, name: str) -> np.ndarray | None:
             if len(local) != 30 or local[:4] != b"PK\x03\x04":
                 return None
             name_len, extra_len = struct.unpack("<HH", local[26:30])
-            f.seek(info.header_offset + 30 + name_len + extra_len)
+            encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+            if f.read(name_len) != info.orig_filename.encode(encoding):
+                return None
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
             if read_header is None:
                 return None
             shape, fortran, dtype = read_header(f)
             offset = f.tell()
+            if fortran or dtype.hasobject or not shape or 0 in shape:
+                return None
+            if offset + dtype.itemsize * int(np.prod(shape)) != start + info.file_size:
+                return None  # the header's shape does not fill the member exactly
+            f.seek(start)
+            crc, left = 0, info.file_size
+            while left:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    return None
+                crc, left = zlib.crc32(block, crc), left - len(block)
+            if crc != info.CRC:
+                return None
     except (KeyError, OSError, ValueError, zipfile.BadZipFile):
-        return None
-    if fortran or dtype.hasobject or not shape or 0 in shape:
         return None
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
 
@@ -208,7 +226,7 @@ class NpzSource(SourceDataset):
                 images = data["images"]
             labels = data["labels"]
             names = [str(n) for n in data["class_names"]] if "class_names" in data.files else None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:  # RuntimeError: an encrypted member
             raise InputError(f"{path} is not a readable .npz file ({exc}).") from exc
         if (
             images.dtype != np.uint8

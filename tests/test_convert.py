@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from PIL import Image
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
 from dptool.cli.main import cli
 from dptool.convert import WriterParams, convert
+from dptool.errors import InputError
 from dptool.synthetic import separable_images, write_image_folder, write_npz
 
 RAW = ["--write-mode", "raw", "--max-res", "64", "--workers", "2"]
@@ -253,6 +256,29 @@ def test_uncompressed_npz_images_are_memory_mapped(tmp_path):
     assert isinstance(plain.images, np.memmap) and not isinstance(packed.images, np.memmap)
     assert np.array_equal(plain.images, images) and np.array_equal(packed.images, images)
     assert np.array_equal(plain.load(5), packed.load(5))
+
+    # damage zipfile would notice is noticed: a changed pixel (CRC-32), a header promising more images than stored
+    raw = bytearray((tmp_path / "plain.npz").read_bytes())
+    at = bytes(raw).find(images.tobytes())
+    raw[at + 10] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="not a readable .npz file.*CRC"):
+        NpzSource(tmp_path / "flipped.npz")
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (len(images) + 1, *images.shape[1:])})
+    member.write(images.tobytes())
+    with zipfile.ZipFile(tmp_path / "lying.npz", "w") as z:
+        z.writestr("images.npy", member.getvalue())
+        z.writestr("labels.npy", _npy_bytes(np.append(labels, 0)))
+    with pytest.raises(InputError, match="not a readable .npz file"):
+        NpzSource(tmp_path / "lying.npz")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def test_info_json_lists_classes(tiny_beton):

@@ -41,8 +41,7 @@ DECODE = textwrap.dedent("""
         loader = make(sys.argv[1], batch_size=16, res=24, workers=2)
         for x, y in loader:
             xs.append(x.numpy()); ys.append(y.numpy())
-        tables_built.append("page_to_samples" in vars(loader.loader.memory_manager)
-                            or "_dptool_tables" in vars(loader.loader.memory_manager))
+        tables_built.append("page_to_samples" in vars(loader.loader.memory_manager))
     # quasi-random order reads FFCV's page table: built on first use when patched, in the constructor when not
     for x, y in train_loader(sys.argv[1], batch_size=6, res=24, workers=2, seed=1):
         xs.append(x.numpy()); ys.append(y.numpy())
@@ -158,3 +157,30 @@ def test_an_unreadable_entry_counts_as_absent(tmp_path):
     (data,) = tmp_path.glob("*.nbc")
     data.write_bytes(data.read_bytes()[:10])  # truncated
     assert cache.load(("sig", "cpu", ("code", "closure"))) is None
+
+
+def test_lazy_tables_are_ffcvs_built_once_and_assignable(tiny_beton):
+    """Read from two threads at once, the tables are built once; they hold what FFCV's constructor built
+    (each sample on the pages its allocation rows point into); an assignment replaces them as on plain FFCV."""
+    import threading
+
+    from dptool.beton import open_beton
+    from dptool.loaders import eval_loader
+
+    mm = eval_loader(tiny_beton, batch_size=16, res=16, workers=1).loader.memory_manager
+    assert "page_to_samples" not in vars(mm)
+    got = [None, None]
+    readers = [threading.Thread(target=lambda i=i: got.__setitem__(i, mm.page_to_samples)) for i in range(2)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert got[0] is got[1] is mm.page_to_samples
+    beton = open_beton(tiny_beton)
+    alloc = beton.alloc_table
+    pages = alloc["ptr"] >> int(np.log2(beton.page_size))
+    assert {int(p): {int(x) for x in s} for p, s in mm.page_to_samples.items()} == {
+        int(p): {int(x) for x in alloc["sample_id"][pages == p]} for p in np.unique(pages)}
+    assert all(mm.ptr_to_size[p] == z for p, z in zip(alloc["ptr"], alloc["size"]))
+    mm.page_to_samples = {}
+    assert mm.page_to_samples == {}
