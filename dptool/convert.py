@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import multiprocessing
@@ -180,6 +181,27 @@ def _writer_patches(show: bool, desc: str, queues: list, stop: list):
         ffcv_writer.tqdm, ffcv_writer.Process, ffcv_writer.Queue, ffcv_writer.sleep = originals
 
 
+def _finalize(writer, allocations: list) -> None:
+    """FFCV 1.0.2's `DatasetWriter.finalize` with the allocation table built in one call.
+
+    FFCV makes a one-row NumPy array of every (sample, ptr, size) tuple and stacks them: 2.8 s for 400k samples
+    on this machine, single-threaded after the progress bar has ended (about 9 s at ImageNet's 1.28M), against
+    0.08 s for `np.array(allocations, dtype)`, which gives the same bytes. FFCV also turned any failure here
+    into an empty table (a file with no samples' data); here it is an error. The rest (metadata, then the table
+    at the end, then the header) is FFCV's.
+    """
+    alloc_type = import_ffcv("ffcv.types").ALLOC_TABLE_TYPE
+    with open(writer.fname, "r+b") as fp:
+        fp.seek(writer.metadata_start)
+        fp.write(writer.metadata_sm.buf)
+        fp.seek(0, os.SEEK_END)
+        allocation_table_location = fp.tell()
+        fp.write(np.array(allocations, dtype=alloc_type).reshape(-1).tobytes())
+        writer.header["alloc_table_ptr"] = allocation_table_location
+        fp.seek(0)
+        fp.write(writer.header.tobytes())
+
+
 def write_beton(
     dataset, path: str | os.PathLike, indices: np.ndarray, params: WriterParams, *, progress: bool = False
 ) -> None:
@@ -202,6 +224,7 @@ def write_beton(
         num_workers=workers,
         page_size=params.resolved_page_size(),
     )
+    writer.finalize = functools.partial(_finalize, writer)
     # Small chunks for small sets: FFCV has failed with fewer samples than workers x chunksize (issue #1).
     chunksize = max(1, min(100, math.ceil(len(indices) / workers)))
     before = set(multiprocessing.active_children())

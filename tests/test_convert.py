@@ -21,7 +21,7 @@ from PIL import Image
 
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
 from dptool.cli.main import cli
-from dptool.convert import WriterParams, convert
+from dptool.convert import WriterParams, convert, write_beton
 from dptool.errors import InputError
 from dptool.synthetic import separable_images, write_image_folder, write_npz
 
@@ -243,6 +243,25 @@ def test_an_output_whose_sidecar_would_replace_an_input_is_refused(tmp_path):
     assert notes.read_text() == "mine" and not (tmp_path / "notes").exists()
     result = run("convert", tmp_path / "d.npz", tmp_path / "d.npz.x", *RAW)  # fine: a new name
     assert result.exit_code == 0, result.output
+
+
+def test_write_beton_writes_what_ffcvs_writer_writes(tmp_path):
+    """dptool's writer (its own allocation-table step, Ctrl-C handling, progress) gives FFCV's bytes exactly."""
+    from dptool._ffcv import import_ffcv
+
+    images, labels = separable_images(3, 10, 12)
+    data = [(image, int(label)) for image, label in zip(images, labels)]
+    order = np.random.default_rng(0).permutation(len(data))
+    params = WriterParams(max_resolution=12, write_mode="raw", num_workers=1)
+    write_beton(data, tmp_path / "ours.beton", order, params)
+    fields = import_ffcv("ffcv.fields")
+    writer = import_ffcv("ffcv.writer").DatasetWriter(
+        str(tmp_path / "ffcv.beton"),
+        {"image": fields.RGBImageField(write_mode="raw", max_resolution=12), "label": fields.IntField()},
+        num_workers=1, page_size=params.resolved_page_size())
+    writer.from_indexed_dataset(data, indices=order, chunksize=30)
+    ours, theirs = (tmp_path / "ours.beton").read_bytes(), (tmp_path / "ffcv.beton").read_bytes()
+    assert len(ours) == len(theirs) and ours == theirs
 
 
 def test_uncompressed_npz_images_are_memory_mapped(tmp_path):
