@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import click
 
-__all__ = ["emit", "show_progress", "json_option", "force_option", "workers_option", "CONTEXT_SETTINGS"]
+__all__ = ["emit", "show_progress", "score_table", "json_option", "force_option", "workers_option",
+           "CONTEXT_SETTINGS"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -25,6 +26,16 @@ def emit(result, as_json: bool, human: Callable[[object], str] | None = None) ->
         click.echo(json.dumps(data, indent=1, default=str))
     else:
         click.echo(human(result) if human else str(data))
+
+
+def score_table(s: dict) -> list[str]:
+    """Lines of a scores summary (`dptool.scores.score_summary`): the top groups, then the zero-score count."""
+    noun = "source classes" if s["level"] == "class" else "clusters"
+    lines = [f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
+    lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
+              for t in s["top"]]
+    lines.append(f"{s['zero_score_groups']} of {s['groups']} {noun} scored zero; ties broken by {s['tie_break']}")
+    return lines
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")

@@ -6,7 +6,7 @@ import click
 
 from dptool.info import describe
 
-from ._common import CONTEXT_SETTINGS, emit, json_option
+from ._common import CONTEXT_SETTINGS, emit, json_option, score_table
 
 __all__ = ["command"]
 
@@ -56,10 +56,7 @@ def _scores(s: dict) -> str:
         lines.append("surrogate: " + ", ".join(f"{k} {v}" for k, v in sur.items() if k not in ("sha256",)))
     if s["params"]:
         lines.append("params: " + ", ".join(f"{k} {v}" for k, v in s["params"].items()))
-    lines += [f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
-    lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
-              for t in s["top"]]
-    lines.append(f"{s['zero_score_groups']} of {s['groups']} {noun} scored zero; ties broken by {s['tie_break']}")
+    lines += score_table(s)
     if s["assignment"]:
         lines.append(f"cluster of every source image: {s['assignment']['path']} ({s['assignment']['state']})")
     return "\n".join(lines)

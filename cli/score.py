@@ -10,7 +10,7 @@ from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
 from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, score_table, show_progress, workers_option
 
 __all__ = ["command"]
 
@@ -20,11 +20,7 @@ _METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
 
 def _human(s: dict) -> str:
     noun = "source classes" if s["level"] == "class" else "clusters"
-    lines = [f"{s['output']}: {s['method']} scores of {s['groups']} {noun}",
-             f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
-    lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
-              for t in s["top"]]
-    lines.append(f"{s['zero_score_groups']} of {s['groups']} {noun} scored zero; ties broken by {s['tie_break']}")
+    lines = [f"{s['output']}: {s['method']} scores of {s['groups']} {noun}", *score_table(s)]
     lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s["timings"].items())
                  + f"; total {s['seconds']:.2f} s")
     if s.get("assignment"):

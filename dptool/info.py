@@ -69,15 +69,13 @@ def _describe_json(p: Path) -> dict:
 
 def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:
     """A scores file: method, level, provenance, the `top` groups, zero-score count, and its assignment's state."""
-    from .scores import fingerprint_file, read_scores, top_groups
+    from .scores import fingerprint_file, read_scores, score_summary
 
     p = Path(path)
     s = read_scores(p)
     out = {
-        "kind": "scores", "path": str(p), "method": s.method, "level": s.level, "groups": s.num_groups,
-        "params": s.params, "surrogate": s.surrogate, "source": s.source, "target": s.target,
-        "created": s.created, "tie_break": s.tie_break, "zero_score_groups": int((s.scores == 0).sum()),
-        "top": top_groups(s, top), "assignment": None,
+        "kind": "scores", "path": str(p), **score_summary(s, top), "params": s.params, "surrogate": s.surrogate,
+        "source": s.source, "target": s.target, "created": s.created, "assignment": None,
     }
     if s.assignment is not None:
         apath = p.with_name(s.assignment)

@@ -39,7 +39,7 @@ __all__ = [
     "select_groups",
     "removed_count",
     "fingerprint_file",
-    "top_groups",
+    "score_summary",
 ]
 
 SCORES_FORMAT = "dptool-scores"
@@ -287,11 +287,16 @@ def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarra
     return _check_assignment(a, scores, f"Assignment file {apath}")
 
 
-def top_groups(scores: Scores, n: int = 10) -> list[dict]:
-    """The `n` most important groups, best first: rank, id, name, score and tie-break value of each."""
-    order = np.argsort(scores.ranks, kind="stable")[:n]
-    return [{"rank": int(scores.ranks[i]), "id": int(scores.ids[i]), "name": scores.names[i],
-             "score": float(scores.scores[i]), "tiebreak": float(scores.tiebreak[i])} for i in order]
+def score_summary(scores: Scores, top: int = 10) -> dict:
+    """Plain-JSON summary: method, level, group count, zero-score count, tie rule and the `top` groups, best first
+    (rank, id, name, score and tie-break value of each)."""
+    order = np.argsort(scores.ranks, kind="stable")[:top]
+    return {
+        "method": scores.method, "level": scores.level, "groups": scores.num_groups,
+        "zero_score_groups": int((scores.scores == 0).sum()), "tie_break": scores.tie_break,
+        "top": [{"rank": int(scores.ranks[i]), "id": int(scores.ids[i]), "name": scores.names[i],
+                 "score": float(scores.scores[i]), "tiebreak": float(scores.tiebreak[i])} for i in order],
+    }
 
 
 def removed_count(ratio: float, n_groups: int) -> int:

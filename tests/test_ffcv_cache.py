@@ -159,14 +159,25 @@ def test_an_unreadable_entry_counts_as_absent(tmp_path):
     assert cache.load(("sig", "cpu", ("code", "closure"))) is None
 
 
-def test_lazy_tables_are_ffcvs_built_once_and_assignable(tiny_beton):
+def test_lazy_tables_are_ffcvs_built_once_and_assignable(tiny_beton, monkeypatch):
     """Read from two threads at once, the tables are built once; they hold what FFCV's constructor built
     (each sample on the pages its allocation rows point into); an assignment replaces them as on plain FFCV."""
     import threading
+    import time
 
+    import dptool._ffcv
     from dptool.beton import open_beton
     from dptool.loaders import eval_loader
 
+    builds = []
+    build = dptool._ffcv._build_tables
+
+    def slow_build(manager):  # a window in which a second reader would start its own build, were there no lock
+        builds.append(manager)
+        time.sleep(0.2)
+        build(manager)
+
+    monkeypatch.setattr(dptool._ffcv, "_build_tables", slow_build)
     mm = eval_loader(tiny_beton, batch_size=16, res=16, workers=1).loader.memory_manager
     assert "page_to_samples" not in vars(mm)
     got = [None, None]
@@ -175,7 +186,7 @@ def test_lazy_tables_are_ffcvs_built_once_and_assignable(tiny_beton):
         t.start()
     for t in readers:
         t.join()
-    assert got[0] is got[1] is mm.page_to_samples
+    assert len(builds) == 1 and got[0] is got[1] is mm.page_to_samples
     beton = open_beton(tiny_beton)
     alloc = beton.alloc_table
     pages = alloc["ptr"] >> int(np.log2(beton.page_size))

@@ -78,7 +78,7 @@ def test_train_augmentation_repeats_for_a_seed(tiny_beton):
     resumed.loader.next_epoch = 1
     (x, y), = _epochs(resumed, 1)
     assert torch.equal(x, one[1][0]) and torch.equal(y, one[1][1])
-    assert not torch.equal(one[0][0], one[1][0])  # each epoch crops anew
+    assert not torch.equal(one[0][0], one[1][0])  # epochs differ (order, and the crops that follow it)
     other = _epochs(train_loader(tiny_beton, batch_size=32, res=20, workers=2, seed=4), 1)
     assert not torch.equal(other[0][0], one[0][0])
 

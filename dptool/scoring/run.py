@@ -27,7 +27,7 @@ import numpy as np
 from ..beton import Beton, fingerprint, open_beton
 from ..errors import InputError
 from ..features import InferenceOptions, rank_world
-from ..scores import Scores, top_groups, write_scores
+from ..scores import Scores, score_summary, write_scores
 from .registry import get_method
 
 __all__ = ["MAX_UPSCALE", "ScoreOptions", "Context", "MethodResult", "ScoreRun", "score", "stored_resolution",
@@ -113,10 +113,8 @@ class ScoreRun:
 
     def summary(self, top: int = 10) -> dict:
         """Plain-JSON summary for the terminal: top groups with names and scores, zero-score count, timings."""
-        s = self.scores
         return {
-            "method": s.method, "level": s.level, "groups": s.num_groups,
-            "zero_score_groups": int((s.scores == 0).sum()), "tie_break": s.tie_break, "top": top_groups(s, top),
+            **score_summary(self.scores, top),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
