@@ -100,7 +100,7 @@ def make_source(workdir: Path, size_gb: float, n_classes: int, max_res: int, qua
     """Write (or reuse) the source `.beton` with its sidecar, shuffled like `dptool convert` writes it."""
     from dptool.atomic import atomic_output
     from dptool.beton import fingerprint, open_beton, write_sidecar
-    from dptool.convert import WriterParams, write_beton
+    from dptool.writer import WriterParams, write_beton
 
     n = max(n_classes, int(size_gb * 1e9 / jpeg_bytes_estimate(ImageNetLike(12, n_classes), quality)))
     out = workdir / f"source_{n}_{n_classes}_{max_res}_{quality}.beton"
@@ -205,14 +205,17 @@ def time_copy(src: Path, nbytes: int, dst: Path, how: str, cold: bool) -> float:
 
 def time_reencode(source: Path, indices: np.ndarray, out: Path, max_res: int, quality: int, workers: int) -> float:
     """Decode `indices` of `source` and write them again with FFCV's DatasetWriter (JPEG, same settings)."""
-    from dptool.convert import WriterParams, write_beton
+    from ffcv.writer import DatasetWriter
+
+    from dptool.writer import WriterParams
 
     if out.exists():
         out.unlink()
     warm(source)
     params = WriterParams(max_resolution=max_res, jpeg_quality=quality, write_mode="jpg", num_workers=workers)
+    writer = DatasetWriter(str(out), params.fields(), num_workers=workers, page_size=params.resolved_page_size())
     start = time.perf_counter()
-    write_beton(DecodedSubset(source, indices), out, np.arange(len(indices)), params)
+    writer.from_indexed_dataset(DecodedSubset(source, indices), chunksize=100)
     return time.perf_counter() - start
 
 

@@ -21,9 +21,10 @@ from PIL import Image
 
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
 from dptool.cli.main import cli
-from dptool.convert import WriterParams, convert, write_beton
+from dptool.convert import WriterParams, convert
 from dptool.errors import InputError
 from dptool.synthetic import separable_images, write_image_folder, write_npz
+from dptool.writer import SkipSample, write_beton
 
 RAW = ["--write-mode", "raw", "--max-res", "64", "--workers", "2"]
 
@@ -245,23 +246,101 @@ def test_an_output_whose_sidecar_would_replace_an_input_is_refused(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_write_beton_writes_what_ffcvs_writer_writes(tmp_path):
-    """dptool's writer (its own allocation-table step, Ctrl-C handling, progress) gives FFCV's bytes exactly."""
+def _ffcv_single_worker(data, path, order, params: WriterParams) -> bytes:
+    """The file FFCV's own DatasetWriter writes with one worker (its only deterministic layout)."""
     from dptool._ffcv import import_ffcv
 
-    images, labels = separable_images(3, 10, 12)
+    writer = import_ffcv("ffcv.writer").DatasetWriter(str(path), params.fields(), num_workers=1,
+                                                      page_size=params.resolved_page_size())
+    writer.from_indexed_dataset(data, indices=order, chunksize=30)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+def test_write_beton_writes_ffcvs_single_worker_bytes_with_any_worker_count(tmp_path, mode):
+    """dptool's writer with 2 workers gives the bytes of FFCV's writer with 1, over several pages (a sample that
+    does not fit in what is left of a page starts the next one)."""
+    images, labels = separable_images(4, 100, 48)
     data = [(image, int(label)) for image, label in zip(images, labels)]
     order = np.random.default_rng(0).permutation(len(data))
-    params = WriterParams(max_resolution=12, write_mode="raw", num_workers=1)
-    write_beton(data, tmp_path / "ours.beton", order, params)
-    fields = import_ffcv("ffcv.fields")
-    writer = import_ffcv("ffcv.writer").DatasetWriter(
-        str(tmp_path / "ffcv.beton"),
-        {"image": fields.RGBImageField(write_mode="raw", max_resolution=12), "label": fields.IntField()},
-        num_workers=1, page_size=params.resolved_page_size())
-    writer.from_indexed_dataset(data, indices=order, chunksize=30)
-    ours, theirs = (tmp_path / "ours.beton").read_bytes(), (tmp_path / "ffcv.beton").read_bytes()
-    assert len(ours) == len(theirs) and ours == theirs
+    params = WriterParams(max_resolution=48, write_mode=mode, num_workers=2, page_size=1 << 21)
+    skipped = write_beton(data, tmp_path / "ours.beton", order, params)
+    theirs = _ffcv_single_worker(data, tmp_path / "ffcv.beton", order, params)
+    ours = (tmp_path / "ours.beton").read_bytes()
+    assert skipped == {} and len(ours) == len(theirs) and ours == theirs
+    beton = open_beton(tmp_path / "ours.beton")
+    if mode == "raw":  # 400 x 6.9 kB: two pages of 2 MiB
+        assert len(np.unique(beton.alloc_table["ptr"] // beton.page_size)) == 2
+        assert np.array_equal(read_image(beton, 5), images[order[5]])
+    assert np.array_equal(beton.labels, labels[order])
+
+
+def test_proportion_mode_is_drawn_per_sample_not_per_worker(tmp_path):
+    """FFCV draws raw-or-JPEG from each forked worker's copy of one generator; here the draw is the sample's:
+    1 and 3 workers give the same bytes, about `compress_probability` of the samples are JPEG, another seed
+    draws others."""
+    images, labels = separable_images(2, 100, 16)
+    data = [(image, int(label)) for image, label in zip(images, labels)]
+    order = np.arange(len(data))
+    files = {}
+    for workers, seed in ((1, 0), (3, 0), (2, 1)):
+        params = WriterParams(max_resolution=16, write_mode="proportion", compress_probability=0.3,
+                              num_workers=workers, shuffle_seed=seed)
+        write_beton(data, tmp_path / f"{workers}.beton", order, params)
+        files[workers, seed] = open_beton(tmp_path / f"{workers}.beton")
+    assert (tmp_path / "1.beton").read_bytes() == (tmp_path / "3.beton").read_bytes()
+    jpeg = {key: b.metadata["f0"]["mode"] == 0 for key, b in files.items()}  # FFCV's IMAGE_MODES: jpg = 0
+    assert 40 <= jpeg[1, 0].sum() <= 80  # 200 draws at p = 0.3: mean 60, sd 6.5
+    assert not np.array_equal(jpeg[1, 0], jpeg[2, 1])
+
+
+class _Flaky:
+    """Samples 0-39; 7 and 23 are skipped; 30 raises a plain error (a bug in the dataset, not a bad file)."""
+
+    def __init__(self, broken: bool):
+        self.images, _ = separable_images(1, 40, 8)
+        self.broken = broken
+
+    def __getitem__(self, index):
+        if index in (7, 23):
+            raise SkipSample(f"sample {index} is unreadable")
+        if self.broken and index == 30:
+            raise ValueError("dataset bug")
+        return self.images[index], index % 3
+
+
+def test_skipped_samples_are_left_out_in_one_pass_and_errors_reach_the_caller(tmp_path):
+    heard = []
+    order = np.arange(40)[::-1].copy()
+    skipped = write_beton(_Flaky(False), tmp_path / "s.beton", order, WriterParams(write_mode="raw", num_workers=2),
+                          on_skip=lambda i, why: heard.append(i))
+    assert skipped == {23: "sample 23 is unreadable", 7: "sample 7 is unreadable"} and heard == [23, 7]
+    beton = open_beton(tmp_path / "s.beton")
+    kept = [i for i in order if i not in (7, 23)]
+    assert beton.num_samples == 38 and beton.labels.tolist() == [i % 3 for i in kept]
+    assert np.array_equal(read_image(beton, 37), _Flaky(False).images[kept[37]])
+    with pytest.raises(ValueError, match="dataset bug"):  # FFCV's writer waited forever for the dead worker
+        write_beton(_Flaky(True), tmp_path / "b.beton", order, WriterParams(write_mode="raw", num_workers=2))
+
+
+def test_a_sample_larger_than_a_page_is_an_input_error(tmp_path):
+    big = [(np.zeros((1000, 1000, 3), np.uint8), 0)]
+    with pytest.raises(InputError, match="more than a page of 2097152"):
+        write_beton(big, tmp_path / "x.beton", np.arange(1), WriterParams(write_mode="raw", max_resolution=1000,
+                                                                          page_size=1 << 21))
+
+
+def test_two_conversions_with_several_workers_give_the_same_file(tmp_path):
+    """The same folder converted twice with 2 workers: the same bytes and fingerprint (FFCV's writer laid samples
+    out in the order its workers finished, so the fingerprint, and a scores file's match, changed run to run)."""
+    images, labels = separable_images(4, 60, 24, seed=3)
+    write_image_folder(tmp_path / "src", images, labels, ["a", "b", "c", "d"], ext="jpg")
+    for name in ("a", "b"):
+        result = run("convert", tmp_path / "src", tmp_path / f"{name}.beton", "--write-mode", "jpg", "--max-res",
+                     "24", "--workers", "2", "--json")
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "a.beton").read_bytes() == (tmp_path / "b.beton").read_bytes()
+    assert read_sidecar(tmp_path / "a.beton")["fingerprint"] == read_sidecar(tmp_path / "b.beton")["fingerprint"]
 
 
 def test_uncompressed_npz_images_are_memory_mapped(tmp_path):
