@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
-import logging
 import math
 import multiprocessing
 import os
@@ -36,8 +35,6 @@ from ._ffcv import import_ffcv
 from .errors import DptoolError, InputError
 
 __all__ = ["WriterParams", "SkipSample", "write_beton"]
-
-log = logging.getLogger(__name__)
 
 #: Samples per chunk (one task of a worker), and chunks in flight per worker: this bounds the encoded bytes waiting
 #: for the parent (workers x 2 x 32 samples: about 0.5 GB for 16 workers writing 400 px raw images).
@@ -118,7 +115,7 @@ def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(1)
-    for other in inherited:  # the parent's ends of the other workers' pipes
+    for other in inherited:  # the parent's ends of the pipes (this worker's and those made before it)
         other.close()
     _WORKER.update(state)
     while True:
@@ -258,7 +255,7 @@ def _encode_chunk(indices: np.ndarray) -> _Chunk:
 
 class _PageLayout:
     """FFCV's `MemoryAllocator` with one worker, fed encoded bytes: fills pages in order and writes each full
-    page at its place in the file; records (sample, ptr, size) for the allocation table."""
+    page at its place in the file; `table` gathers the allocation table, one array per chunk."""
 
     def __init__(self, fp, data_region_start: int, page_size: int):
         self.fp = fp
@@ -296,7 +293,6 @@ class _PageLayout:
                 self.used += size
                 pos += size
             else:
-                self.table.append(np.array([(sample, p, s) for p, s in zip(ptrs, sizes)], dtype=_alloc_type()))
                 return ptrs
         raise InputError(f"Sample {sample} does not fit in one page of {self.page_size} bytes; use a larger "
                          "--page-size.")
@@ -306,12 +302,15 @@ class _PageLayout:
         """Place a chunk's samples, numbered from `first`, and point their metadata rows at their bytes."""
         data = memoryview(chunk.data)
         pos = 0
+        table = []
         for i, sizes in enumerate(chunk.sizes):
             ptrs = self.place(first + i, sizes, data[pos:])
             pos += sum(sizes)
+            table.extend((first + i, p, s) for p, s in zip(ptrs, sizes))
             for name, member in pointers:
                 column = chunk.rows[name][member]
                 column[i] = ptrs[int(column[i])]
+        self.table.append(np.array(table, dtype=_alloc_type()).reshape(-1))
 
 
 def _alloc_type() -> np.dtype:
@@ -370,8 +369,8 @@ def write_beton(
     skipped: dict[int, str] = {}
     n_workers = max(1, min(params.resolved_workers(), len(indices)))
     size = max(1, min(_CHUNK, math.ceil(len(indices) / n_workers)))
-    chunk_list = np.array_split(indices, range(size, len(indices), size))
-    chunks = iter(chunk_list)
+    num_chunks = -(-len(indices) // size)
+    chunks = (indices[i:i + size] for i in range(0, len(indices), size))
     seed = 0 if params.shuffle_seed is None else int(params.shuffle_seed)
     state = dict(dataset=dataset, fields=fields, metadata_type=metadata_type, page_size=page_size, seed=seed)
     with open(path, "wb") as fp, tqdm(total=len(indices), desc="convert", unit="img", disable=not progress) as bar:
@@ -386,14 +385,14 @@ def write_beton(
                 workers = _Workers(n_workers, state)
                 for k, chunk in enumerate(itertools.islice(chunks, n_workers * _IN_FLIGHT_PER_WORKER)):
                     workers.submit(k, chunk)
-                for k in range(len(chunk_list)):
+                for k in range(num_chunks):
                     interrupted()
                     try:
                         result = workers.result(k)
                     except _SampleTooLarge as exc:
                         raise InputError(f"Sample {exc.index} needs {exc.size} bytes, more than a page of {page_size}; "
                                          "use a larger --page-size or a smaller --max-res.") from None
-                    if k + n_workers * _IN_FLIGHT_PER_WORKER < len(chunk_list):
+                    if k + n_workers * _IN_FLIGHT_PER_WORKER < num_chunks:
                         workers.submit(k + n_workers * _IN_FLIGHT_PER_WORKER, next(chunks))
                     for index, reason in result.skipped:
                         skipped[index] = reason

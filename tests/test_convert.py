@@ -126,6 +126,24 @@ def test_messy_folder_converts_what_it_can_and_lists_the_rest(tmp_path, caplog):
         assert read_image(beton, i).shape == (8, 8, 3)
 
 
+def test_imagefolder_paths_with_odd_names_are_read_and_described(tmp_path):
+    """Paths are held as bytes and offsets: a non-UTF-8 name, a space, a nested folder and a long name all come
+    back as the file they were, in the order of the sorted paths."""
+    from dptool.readers import ImageFolderSource
+
+    names = [b"a b.png", b"\xff\xfe.png", b"deep/er/x.png", b"n" * 200 + b".png"]
+    for k, name in enumerate(names):
+        path = os.path.join(os.fsencode(tmp_path), b"src", b"cls", name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(np.full((4, 4, 3), 40 * k, np.uint8)).save(path, format="PNG")
+    source = ImageFolderSource(tmp_path / "src")
+    expected = sorted(os.path.join(str(tmp_path / "src" / "cls"), os.fsdecode(n)) for n in names)
+    assert [source.describe(i) for i in range(len(source))] == expected
+    for i, path in enumerate(expected):
+        k = names.index(os.fsencode(os.path.relpath(path, tmp_path / "src" / "cls")))
+        assert source.load(i)[0, 0, 0] == 40 * k
+
+
 def test_on_error_fail_names_the_file_and_leaves_nothing(tmp_path):
     _messy_folder(tmp_path / "src")
     result = run("convert", tmp_path / "src", tmp_path / "f.beton", *RAW, "--on-error", "fail")
