@@ -131,7 +131,7 @@ def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kep
     side = beton.sidecar or {}
     kept_list = sorted(int(k) for k in kept)
     pruning = {
-        "ratio": ratio, "keep": len(kept), "level": scores.level, "kept_groups": len(kept),
+        "ratio": ratio, "level": scores.level, "kept_groups": len(kept),
         ("kept_classes" if scores.level == "class" else "kept_clusters"): kept_list,
         "scores": str(scores_path.resolve()), "scores_fingerprint": scores_fp, "method": scores.method,
         "source": str(beton.path.resolve()), "source_fingerprint": source_fp,

@@ -138,13 +138,17 @@ def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
 @contextlib.contextmanager
 def _interrupt_at_safe_points():
     """Hold Ctrl-C back and raise it where the caller checks (the yielded function), so that it is never raised
-    inside a fork hook, which swallows it (the write then went on to the end), or half way through a step."""
+    inside a fork hook, which swallows it (the write then went on to the end), or half way through a step.
+    A second Ctrl-C is raised at once."""
     parent = os.getpid()
     pending: list[bool] = []
 
     def on_sigint(signum, frame):
-        if os.getpid() == parent:  # a worker between fork and its own handler leaves it to the parent
-            pending.append(True)
+        if os.getpid() != parent:  # a worker between fork and its own handler leaves it to the parent
+            return
+        if pending:  # a second Ctrl-C does not wait for a safe point (a worker stuck on a slow disk)
+            raise KeyboardInterrupt
+        pending.append(True)
 
     def interrupted() -> None:
         if pending:
