@@ -7,12 +7,14 @@ the page-aware quasi-random training order. Its "proportion" mode draws raw-or-J
 copy of one NumPy generator, so which samples are compressed depends on the timing too (FFCV issue #142 is the
 file size changing with the worker count).
 
-Here the workers only encode: `field.encode` from FFCV, unchanged, into private buffers, for chunks of samples.
-The parent takes the chunks back in order and places every sample as FFCV's `MemoryAllocator` does with one
-worker, so the file is byte for byte what `DatasetWriter(num_workers=1)` writes, whatever the number of workers
-(tested), and a "proportion" draw is seeded by the sample's index. A sample the dataset cannot give (it raises
-`SkipSample`) is left out in the same pass, and a worker's error reaches the caller as itself, where FFCV's
-writer waited forever for the worker that had died.
+Here the workers run FFCV's `field.encode`, unchanged, into private buffers, a chunk of samples at a time, and
+send the parent only the sizes. The parent takes the chunks in order and places every sample as FFCV's
+`MemoryAllocator` does with one worker; the worker then writes its bytes where they were placed. So the file is
+byte for byte what `DatasetWriter(num_workers=1)` writes, whatever the number of workers (tested), and the
+parent handles no image bytes (it would cap the rate: about 0.3 ms per 196 kB raw image when it copied them). A
+"proportion" draw is seeded by the sample's index. A sample the dataset cannot give (it raises `SkipSample`) is
+left out in the same pass, and a worker's error reaches the caller as itself, where FFCV's writer waited forever
+for the worker that had died.
 """
 
 from __future__ import annotations
@@ -91,13 +93,13 @@ class _SampleTooLarge(Exception):
 
 @dataclass
 class _Chunk:
-    """What a worker gives back for one chunk: the kept samples' metadata rows, with each pointer column holding
-    the number of the sample's allocation it points to; each kept sample's allocation sizes; their bytes, in order."""
+    """What a worker tells the parent of one encoded chunk: the kept samples' metadata rows, with each pointer
+    column holding the number of the sample's allocation it points to, and each kept sample's allocation sizes.
+    The bytes stay in the worker until the parent says where they go."""
 
     kept: int
     rows: np.ndarray
     sizes: list[list[int]]
-    data: bytes
     skipped: list[tuple[int, str]]
 
 
@@ -118,21 +120,45 @@ def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
     for other in inherited:  # the parent's ends of the pipes (this worker's and those made before it)
         other.close()
     _WORKER.update(state)
-    while True:
-        try:
-            indices = conn.recv()
-        except (EOFError, OSError):  # the parent has let go of this worker
-            os._exit(0)
-        if indices is None:
-            return
-        try:
-            conn.send(("ok", _encode_chunk(indices)))
-        except Exception as exc:  # noqa: BLE001 - the parent raises it
-            exc.add_note("in a writer worker:\n" + traceback.format_exc())
+    held: dict[int, list[np.ndarray]] = {}  # chunk number -> its encoded allocations, until they are written
+    fd = None
+    try:
+        while True:
             try:
-                conn.send(("error", exc))
-            except Exception:  # noqa: BLE001 - an exception that does not pickle
-                conn.send(("error", DptoolError(f"{type(exc).__name__}: {exc}")))
+                message = conn.recv()
+            except (EOFError, OSError):  # the parent has let go of this worker
+                os._exit(0)
+            try:
+                if message is None:
+                    conn.send(("done", None))
+                    return
+                if message[0] == "encode":
+                    _, k, indices = message
+                    chunk, held[k] = _encode_chunk(indices)
+                    conn.send(("encoded", chunk))
+                else:  # ("write", k, [(allocation number, file offset), ...])
+                    _, k, writes = message
+                    if fd is None:
+                        fd = os.open(_WORKER["path"], os.O_WRONLY)
+                    buffers = held.pop(k)
+                    for number, offset in writes:
+                        _pwrite_all(fd, memoryview(buffers[number]), offset)
+            except Exception as exc:  # noqa: BLE001 - the parent raises it; this worker is done
+                exc.add_note("in a writer worker:\n" + traceback.format_exc())
+                try:
+                    conn.send(("error", exc))
+                except Exception:  # noqa: BLE001 - an exception that does not pickle
+                    conn.send(("error", DptoolError(f"{type(exc).__name__}: {exc}")))
+                return
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 @contextlib.contextmanager
@@ -190,13 +216,15 @@ class _Workers:
             self.stop()
             raise
 
-    def submit(self, k: int, indices: np.ndarray) -> None:
-        """Send chunk number `k` to its worker."""
-        self.conns[k % len(self.conns)].send(indices)
+    def encode(self, k: int, indices: np.ndarray) -> None:
+        """Send chunk number `k` to its worker to encode."""
+        self.conns[k % len(self.conns)].send(("encode", k, indices))
 
-    def result(self, k: int) -> _Chunk:
-        """Wait for chunk number `k`; a worker's error is raised here."""
-        w = k % len(self.conns)
+    def write(self, k: int, writes: list[tuple[int, int]]) -> None:
+        """Tell chunk `k`'s worker where its allocations go: (allocation number in the chunk, file offset)."""
+        self.conns[k % len(self.conns)].send(("write", k, writes))
+
+    def _receive(self, w: int, expected: str):
         try:
             kind, value = self.conns[w].recv()
         except EOFError:
@@ -204,15 +232,26 @@ class _Workers:
             raise DptoolError(f"A writer worker stopped unexpectedly (exit code {self.procs[w].exitcode}).") from None
         if kind == "error":
             raise value
+        if kind != expected:
+            raise DptoolError(f"A writer worker answered {kind!r} where {expected!r} was due.")
         return value
 
+    def encoded(self, k: int) -> _Chunk:
+        """Wait for chunk number `k`; a worker's error (its encoding, or an earlier write) is raised here."""
+        return self._receive(k % len(self.conns), "encoded")
+
+    def finish(self) -> None:
+        """Wait until every worker has written all it was told to, and let them go."""
+        for conn in self.conns:
+            conn.send(None)
+        for w in range(len(self.conns)):
+            self._receive(w, "done")
+        self.stop(finished=True)
+
     def stop(self, finished: bool = False) -> None:
-        """Let the workers go: ask them to end when all went well, else terminate them."""
-        for conn, proc in zip(self.conns, self.procs):
-            if finished:
-                with contextlib.suppress(OSError):
-                    conn.send(None)
-            else:
+        """Let the workers go: they have finished, or are terminated."""
+        for proc in self.procs:
+            if not finished:
                 proc.terminate()
         for conn, proc in zip(self.conns, self.procs):
             proc.join(timeout=10)
@@ -222,8 +261,9 @@ class _Workers:
             conn.close()
 
 
-def _encode_chunk(indices: np.ndarray) -> _Chunk:
-    """Encode `dataset[i]` for each i with FFCV's field encoders into private buffers."""
+def _encode_chunk(indices: np.ndarray) -> tuple[_Chunk, list[np.ndarray]]:
+    """Encode `dataset[i]` for each i with FFCV's field encoders into private buffers: the chunk's description
+    and its allocations, in order."""
     dataset, fields, page_size = _WORKER["dataset"], _WORKER["fields"], _WORKER["page_size"]
     rows = np.zeros(len(indices), dtype=_WORKER["metadata_type"])
     names = rows.dtype.names  # FFCV's metadata columns are f0, f1, ... in field order
@@ -253,68 +293,63 @@ def _encode_chunk(indices: np.ndarray) -> _Chunk:
         sizes.append([len(b) for b in mine])
         buffers.extend(mine)
         kept += 1
-    data = b"".join(b.tobytes() for b in buffers)
-    return _Chunk(kept=kept, rows=rows[:kept], sizes=sizes, data=data, skipped=skipped)
+    return _Chunk(kept=kept, rows=rows[:kept], sizes=sizes, skipped=skipped), buffers
 
 
 class _PageLayout:
-    """FFCV's `MemoryAllocator` with one worker, fed encoded bytes: fills pages in order and writes each full
-    page at its place in the file; `table` gathers the allocation table, one array per chunk."""
+    """FFCV's `MemoryAllocator` with one worker, fed allocation sizes: fills pages in order and says where each
+    allocation goes; `table` gathers the allocation table, one array per chunk, and `end` is where the data ends
+    (FFCV writes whole pages, the last one too; the unused tail of a page is zeros)."""
 
-    def __init__(self, fp, data_region_start: int, page_size: int):
-        self.fp = fp
+    def __init__(self, data_region_start: int, page_size: int):
         self.offset = -(-data_region_start // page_size) * page_size
         self.page_size = page_size
         self.page = -1
         self.used = 0
-        self.buffer = np.zeros(page_size, dtype="<u1")
         self.table: list[np.ndarray] = []
 
-    def _next_page(self) -> None:
-        self.flush()
-        self.page += 1
-        self.used = 0
-        self.buffer.fill(0)
+    @property
+    def end(self) -> int:
+        """File offset where the data region ends."""
+        return self.offset + (self.page + 1) * self.page_size
 
-    def flush(self) -> None:
-        """Write the current page (FFCV writes every page whole, the last one too)."""
-        if self.page >= 0 and self.used:
-            self.fp.seek(self.offset + self.page * self.page_size)
-            self.fp.write(self.buffer.data)
-
-    def place(self, sample: int, sizes: Sequence[int], data: memoryview) -> list[int]:
-        """File addresses of one sample's allocations; its bytes go into the page buffer."""
+    def place(self, sample: int, sizes: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """File offsets of one sample's allocations, and the (allocation number, offset) of any part FFCV placed
+        and gave up (a later allocation of the sample did not fit in the page; its bytes stay there)."""
+        abandoned: list[tuple[int, int]] = []
         for _attempt in range(2):
             ptrs: list[int] = []
-            pos = 0
             for size in sizes:
                 if size > self.page_size - self.used or self.page < 0:
-                    self._next_page()
-                    if ptrs:  # FFCV gives up the part already placed (its bytes stay in the page) and starts over
+                    self.page += 1
+                    self.used = 0
+                    if ptrs:  # FFCV starts the sample over on the fresh page
+                        abandoned.extend(enumerate(ptrs))
                         break
                 ptrs.append(self.offset + self.page * self.page_size + self.used)
-                self.buffer[self.used:self.used + size] = np.frombuffer(data[pos:pos + size], dtype="<u1")
                 self.used += size
-                pos += size
             else:
-                return ptrs
+                return ptrs, abandoned
         raise InputError(f"Sample {sample} does not fit in one page of {self.page_size} bytes; use a larger "
                          "--page-size.")
 
-
-    def place_chunk(self, chunk: _Chunk, first: int, pointers: list[tuple[str, str]]) -> None:
-        """Place a chunk's samples, numbered from `first`, and point their metadata rows at their bytes."""
-        data = memoryview(chunk.data)
-        pos = 0
+    def place_chunk(self, chunk: _Chunk, first: int, pointers: list[tuple[str, str]]) -> list[tuple[int, int]]:
+        """Place a chunk's samples, numbered from `first`, point their metadata rows at their bytes, and return
+        what the worker must write: (allocation number in the chunk, file offset)."""
+        writes: list[tuple[int, int]] = []
         table = []
+        number = 0  # of the sample's first allocation, counted over the chunk
         for i, sizes in enumerate(chunk.sizes):
-            ptrs = self.place(first + i, sizes, data[pos:])
-            pos += sum(sizes)
-            table.extend((first + i, p, s) for p, s in zip(ptrs, sizes))
+            ptrs, abandoned = self.place(first + i, sizes)
+            writes.extend((number + j, ptr) for j, ptr in abandoned)
+            writes.extend((number + j, ptr) for j, ptr in enumerate(ptrs))
+            table.extend((first + i, ptr, size) for ptr, size in zip(ptrs, sizes))
+            number += len(sizes)
             for name, member in pointers:
                 column = chunk.rows[name][member]
                 column[i] = ptrs[int(column[i])]
         self.table.append(np.array(table, dtype=_alloc_type()).reshape(-1))
+        return writes
 
 
 def _alloc_type() -> np.dtype:
@@ -376,49 +411,53 @@ def write_beton(
     num_chunks = -(-len(indices) // size)
     chunks = (indices[i:i + size] for i in range(0, len(indices), size))
     seed = 0 if params.shuffle_seed is None else int(params.shuffle_seed)
-    state = dict(dataset=dataset, fields=fields, metadata_type=metadata_type, page_size=page_size, seed=seed)
-    with open(path, "wb") as fp, tqdm(total=len(indices), desc="convert", unit="img", disable=not progress) as bar:
+    state = dict(dataset=dataset, fields=fields, metadata_type=metadata_type, page_size=page_size, seed=seed,
+                 path=os.fspath(path))
+    in_flight = n_workers * _IN_FLIGHT_PER_WORKER
+    with open(path, "wb", buffering=0) as fp, \
+            tqdm(total=len(indices), desc="convert", unit="img", disable=not progress) as bar:
         fp.write(header.tobytes())
         fp.write(descriptors)
-        layout = _PageLayout(fp, metadata_start + metadata.nbytes, page_size)
+        layout = _PageLayout(metadata_start + metadata.nbytes, page_size)
         kept = 0
         workers = None
         finished = False
         with _interrupt_at_safe_points() as interrupted:
             try:
                 workers = _Workers(n_workers, state)
-                for k, chunk in enumerate(itertools.islice(chunks, n_workers * _IN_FLIGHT_PER_WORKER)):
-                    workers.submit(k, chunk)
+                for k, chunk in enumerate(itertools.islice(chunks, in_flight)):
+                    workers.encode(k, chunk)
                 for k in range(num_chunks):
                     interrupted()
                     try:
-                        result = workers.result(k)
+                        result = workers.encoded(k)
                     except _SampleTooLarge as exc:
-                        raise InputError(f"Sample {exc.index} needs {exc.size} bytes, more than a page of {page_size}; "
-                                         "use a larger --page-size or a smaller --max-res.") from None
-                    if k + n_workers * _IN_FLIGHT_PER_WORKER < num_chunks:
-                        workers.submit(k + n_workers * _IN_FLIGHT_PER_WORKER, next(chunks))
+                        raise InputError(f"Sample {exc.index} needs {exc.size} bytes, more than a page of "
+                                         f"{page_size}; use a larger --page-size or a smaller --max-res.") from None
                     for index, reason in result.skipped:
                         skipped[index] = reason
                         if on_skip is not None:
                             on_skip(index, reason)
-                    layout.place_chunk(result, kept, pointers)
+                    workers.write(k, layout.place_chunk(result, kept, pointers))
+                    if k + in_flight < num_chunks:
+                        workers.encode(k + in_flight, next(chunks))
                     metadata[kept:kept + result.kept] = result.rows
                     kept += result.kept
                     bar.update(result.kept + len(result.skipped))
+                workers.finish()
                 finished = True
             finally:
-                if workers is not None:
-                    workers.stop(finished)
-        layout.flush()
+                if workers is not None and not finished:
+                    workers.stop()
         if kept == 0:
             return skipped
-        # metadata rows (the kept ones; the rest of the room reserved for skipped samples stays zero), the
-        # allocation table at the end, then the header that points to it
+        # metadata rows (the kept ones; the rest of the room reserved for skipped samples stays zero), the data
+        # region to its last whole page, the allocation table after it, then the header that points to it
         fp.seek(metadata_start)
         fp.write(metadata[:kept].tobytes())
-        fp.seek(0, os.SEEK_END)
-        header["alloc_table_ptr"] = fp.tell()
+        fp.truncate(layout.end)
+        fp.seek(layout.end)
+        header["alloc_table_ptr"] = layout.end
         header["num_samples"] = kept
         table = np.concatenate(layout.table) if layout.table else np.zeros(0, dtype=_alloc_type())
         fp.write(table.tobytes())
