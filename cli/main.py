@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 import click
@@ -26,6 +27,10 @@ COMMANDS = {
     "bench": "bench",
     "demo": "demo",
 }
+
+
+#: True when the process was started as `dptool` (not a library or test calling the Click group)
+_PROCESS_IS_OURS = False
 
 
 class _LazyGroup(click.Group):
@@ -61,6 +66,8 @@ class _LazyGroup(click.Group):
                 raise
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
+            if _PROCESS_IS_OURS:  # a second Ctrl-C during Python's shutdown printed tracebacks of atexit hooks
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             raise click.Abort() from None
         except Exception as exc:  # an internal error: one sentence unless --debug
             if ctx.obj and ctx.obj.get("debug"):
@@ -96,6 +103,8 @@ def cli(ctx, verbose: int, quiet: bool, debug: bool):
 
 def main() -> None:
     """Console-script entry point."""
+    global _PROCESS_IS_OURS
+    _PROCESS_IS_OURS = True
     cli(prog_name="dptool")
 
 

@@ -114,8 +114,6 @@ def convert(
 
     with atomic_output(out) as tmp:
         failures = write_beton(_SourceSamples(source), tmp, order, params, progress=progress, on_skip=on_skip)
-        if len(failures) == n:
-            raise InputError(f"None of the {n} samples in {src} could be read.")
         if failures:
             log.warning("%d unreadable files skipped (listed in the sidecar)", len(failures))
         order = order[~np.isin(order, np.fromiter(failures, dtype=np.int64, count=len(failures)))]

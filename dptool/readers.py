@@ -117,14 +117,14 @@ class ImageFolderSource(SourceDataset):
             raise InputError(f"Source folder {root} has no class sub-folders; an ImageFolder tree has one per class.")
         # The paths are kept as one byte string and offsets, not N Python strings: the writer's forked workers
         # would each copy every string page they touch (reference counts), about 110 bytes a sample per process.
-        prefix = len(str(root)) + len(os.sep)
         names: list[bytes] = []
         counts: list[int] = []
         for label, class_dir in enumerate(class_dirs):
             files = sorted(str(p) for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not files:
                 log.warning("class folder %s is empty; its label %d is kept with no samples", class_dir, label)
-            names.extend(os.fsencode(f[prefix:]) for f in files)
+            inside = len(str(class_dir)) + len(os.sep)  # rglob's paths start with the class folder's, as given
+            names.extend(os.fsencode(os.path.join(class_dir.name, f[inside:])) for f in files)
             counts.append(len(files))
         super().__init__(
             class_names=[d.name for d in class_dirs],

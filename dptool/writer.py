@@ -10,11 +10,11 @@ file size changing with the worker count).
 Here the workers run FFCV's `field.encode`, unchanged, into private buffers, a chunk of samples at a time, and
 send the parent only the sizes. The parent takes the chunks in order and places every sample as FFCV's
 `MemoryAllocator` does with one worker; the worker then writes its bytes where they were placed. So the file is
-byte for byte what `DatasetWriter(num_workers=1)` writes, whatever the number of workers (tested), and the
-parent handles no image bytes (it would cap the rate: about 0.3 ms per 196 kB raw image when it copied them). A
-"proportion" draw is seeded by the sample's index. A sample the dataset cannot give (it raises `SkipSample`) is
-left out in the same pass, and a worker's error reaches the caller as itself, where FFCV's writer waited forever
-for the worker that had died.
+byte for byte what `DatasetWriter(num_workers=1)` writes in the raw, jpg and smart modes, whatever the number of
+workers (tested), and the parent handles no image bytes (it would cap the rate: about 0.3 ms per 196 kB raw image
+when it copied them). A "proportion" draw is seeded by the sample's index (so it differs from any of FFCV's).
+A sample the dataset cannot give (it raises `SkipSample`) is left out in the same pass, and a worker's error
+reaches the caller as itself, where FFCV's writer waited forever for the worker that had died.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import itertools
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import traceback
@@ -61,8 +62,10 @@ class WriterParams:
         return self.num_workers if self.num_workers > 0 else (os.cpu_count() or 1)
 
     def resolved_page_size(self) -> int:
-        """A power of two of at least 2 MiB that holds four raw images at max_resolution."""
+        """A power of two of at least 2 MiB that holds four raw images at max_resolution (or the one given)."""
         if self.page_size:
+            if self.page_size & (self.page_size - 1) or not 1 << 21 <= self.page_size < 1 << 32:
+                raise InputError(f"The page size must be a power of two from 2 MiB up to 2 GiB, got {self.page_size}.")
             return self.page_size
         need = 4 * self.max_resolution * self.max_resolution * 3
         return max(1 << 21, 1 << math.ceil(math.log2(need)))
@@ -144,11 +147,14 @@ def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
                     for number, offset in writes:
                         _pwrite_all(fd, memoryview(buffers[number]), offset)
             except Exception as exc:  # noqa: BLE001 - the parent raises it; this worker is done
-                exc.add_note("in a writer worker:\n" + traceback.format_exc())
+                where = "in a writer worker:\n" + traceback.format_exc()
+                exc.add_note(where)
                 try:
-                    conn.send(("error", exc))
-                except Exception:  # noqa: BLE001 - an exception that does not pickle
-                    conn.send(("error", DptoolError(f"{type(exc).__name__}: {exc}")))
+                    pickle.loads(pickle.dumps(exc))  # some exceptions pickle but cannot be rebuilt
+                except Exception:  # noqa: BLE001
+                    exc = DptoolError(f"{type(exc).__name__}: {exc}")
+                    exc.add_note(where)
+                conn.send(("error", exc))
                 return
     finally:
         if fd is not None:
@@ -211,41 +217,53 @@ class _Workers:
                     self.conns.append(mine)
                     self.procs.append(proc)
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C held back is raised here
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C held back is handled here
         except BaseException:
             self.stop()
             raise
 
     def encode(self, k: int, indices: np.ndarray) -> None:
         """Send chunk number `k` to its worker to encode."""
-        self.conns[k % len(self.conns)].send(("encode", k, indices))
+        self._send(k % len(self.conns), ("encode", k, indices))
 
     def write(self, k: int, writes: list[tuple[int, int]]) -> None:
         """Tell chunk `k`'s worker where its allocations go: (allocation number in the chunk, file offset)."""
-        self.conns[k % len(self.conns)].send(("write", k, writes))
+        self._send(k % len(self.conns), ("write", k, writes))
 
-    def _receive(self, w: int, expected: str):
+    def _send(self, w: int, message) -> None:
         try:
+            self.conns[w].send(message)
+        except OSError:  # the worker is gone: raise the error it sent before it went, if any
+            while True:
+                self._receive(w, None)
+
+    def _receive(self, w: int, expected: str | None, check: Callable[[], None] = lambda: None):
+        try:
+            while not self.conns[w].poll(0.2):
+                check()
             kind, value = self.conns[w].recv()
-        except EOFError:
+        except (EOFError, OSError):  # EOF, or a reset pipe when the worker died with messages unread
             self.procs[w].join(timeout=5)
             raise DptoolError(f"A writer worker stopped unexpectedly (exit code {self.procs[w].exitcode}).") from None
         if kind == "error":
             raise value
+        if expected is None:
+            return value
         if kind != expected:
             raise DptoolError(f"A writer worker answered {kind!r} where {expected!r} was due.")
         return value
 
-    def encoded(self, k: int) -> _Chunk:
-        """Wait for chunk number `k`; a worker's error (its encoding, or an earlier write) is raised here."""
-        return self._receive(k % len(self.conns), "encoded")
+    def encoded(self, k: int, check: Callable[[], None]) -> _Chunk:
+        """Wait for chunk number `k`, calling `check` now and then; a worker's error (its encoding, or an
+        earlier write) is raised here."""
+        return self._receive(k % len(self.conns), "encoded", check)
 
-    def finish(self) -> None:
+    def finish(self, check: Callable[[], None]) -> None:
         """Wait until every worker has written all it was told to, and let them go."""
-        for conn in self.conns:
-            conn.send(None)
         for w in range(len(self.conns)):
-            self._receive(w, "done")
+            self._send(w, None)
+        for w in range(len(self.conns)):
+            self._receive(w, "done", check)
         self.stop(finished=True)
 
     def stop(self, finished: bool = False) -> None:
@@ -330,8 +348,8 @@ class _PageLayout:
                 self.used += size
             else:
                 return ptrs, abandoned
-        raise InputError(f"Sample {sample} does not fit in one page of {self.page_size} bytes; use a larger "
-                         "--page-size.")
+        raise InputError(f"The sample written at position {sample} does not fit in one page of {self.page_size} "
+                         "bytes; use a smaller --max-res or a larger page size.")
 
     def place_chunk(self, chunk: _Chunk, first: int, pointers: list[tuple[str, str]]) -> list[tuple[int, int]]:
         """Place a chunk's samples, numbered from `first`, point their metadata rows at their bytes, and return
@@ -398,6 +416,8 @@ def write_beton(
     from tqdm import tqdm
 
     indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        raise InputError("Nothing to write: no samples were given.")
     fields = params.fields()
     page_size = params.resolved_page_size()
     metadata_type = import_ffcv("ffcv.types").get_metadata_type(list(fields.values()))
@@ -430,10 +450,10 @@ def write_beton(
                 for k in range(num_chunks):
                     interrupted()
                     try:
-                        result = workers.encoded(k)
+                        result = workers.encoded(k, interrupted)
                     except _SampleTooLarge as exc:
                         raise InputError(f"Sample {exc.index} needs {exc.size} bytes, more than a page of "
-                                         f"{page_size}; use a larger --page-size or a smaller --max-res.") from None
+                                         f"{page_size}; use a smaller --max-res or a larger page size.") from None
                     for index, reason in result.skipped:
                         skipped[index] = reason
                         if on_skip is not None:
@@ -444,13 +464,14 @@ def write_beton(
                     metadata[kept:kept + result.kept] = result.rows
                     kept += result.kept
                     bar.update(result.kept + len(result.skipped))
-                workers.finish()
+                workers.finish(interrupted)
                 finished = True
             finally:
                 if workers is not None and not finished:
                     workers.stop()
         if kept == 0:
-            return skipped
+            first = next(iter(skipped.values()), "")
+            raise InputError(f"None of the {len(indices)} samples could be read (the first: {first}).")
         # metadata rows (the kept ones; the rest of the room reserved for skipped samples stays zero), the data
         # region to its last whole page, the allocation table after it, then the header that points to it
         fp.seek(metadata_start)

@@ -22,7 +22,7 @@ from PIL import Image
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
 from dptool.cli.main import cli
 from dptool.convert import WriterParams, convert
-from dptool.errors import InputError
+from dptool.errors import DptoolError, InputError
 from dptool.synthetic import separable_images, write_image_folder, write_npz
 from dptool.writer import SkipSample, write_beton
 
@@ -126,9 +126,9 @@ def test_messy_folder_converts_what_it_can_and_lists_the_rest(tmp_path, caplog):
         assert read_image(beton, i).shape == (8, 8, 3)
 
 
-def test_imagefolder_paths_with_odd_names_are_read_and_described(tmp_path):
+def test_imagefolder_paths_with_odd_names_are_read_and_described(tmp_path, monkeypatch):
     """Paths are held as bytes and offsets: a non-UTF-8 name, a space, a nested folder and a long name all come
-    back as the file they were, in the order of the sorted paths."""
+    back as the file they were, in the order of the sorted paths, also with the source given as `.`."""
     from dptool.readers import ImageFolderSource
 
     names = [b"a b.png", b"\xff\xfe.png", b"deep/er/x.png", b"n" * 200 + b".png"]
@@ -142,6 +142,10 @@ def test_imagefolder_paths_with_odd_names_are_read_and_described(tmp_path):
     for i, path in enumerate(expected):
         k = names.index(os.fsencode(os.path.relpath(path, tmp_path / "src" / "cls")))
         assert source.load(i)[0, 0, 0] == 40 * k
+    monkeypatch.chdir(tmp_path / "src")
+    here = ImageFolderSource(".")
+    assert [os.path.realpath(here.describe(i)) for i in range(len(here))] == expected
+    assert np.array_equal(here.load(3), source.load(3))
 
 
 def test_on_error_fail_names_the_file_and_leaves_nothing(tmp_path):
@@ -385,6 +389,46 @@ def test_skipped_samples_are_left_out_in_one_pass_and_errors_reach_the_caller(tm
     assert np.array_equal(read_image(beton, 37), _Flaky(False).images[kept[37]])
     with pytest.raises(ValueError, match="dataset bug"):  # FFCV's writer waited forever for the dead worker
         write_beton(_Flaky(True), tmp_path / "b.beton", order, WriterParams(write_mode="raw", num_workers=2))
+
+
+class _TwoArgs(Exception):
+    """Pickles, but cannot be rebuilt from its args (its __init__ takes two)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+class _Dies:
+    """Sample 20 kills its worker, raises an exception that cannot be unpickled, or is skipped like all others."""
+
+    def __init__(self, how: str):
+        self.how, self.images = how, separable_images(1, 40, 8)[0]
+
+    def __getitem__(self, index):
+        if self.how == "skip all":
+            raise SkipSample("unreadable")
+        if index == 20:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise _TwoArgs("a", "b")
+        return self.images[index], 0
+
+
+@pytest.mark.parametrize("how, error, message", [
+    ("kill", DptoolError, "A writer worker stopped unexpectedly"),
+    ("raise", DptoolError, "_TwoArgs: a/b"),
+    ("skip all", InputError, r"None of the 40 samples could be read \(the first: unreadable\)"),
+])
+def test_a_dead_worker_or_odd_error_is_reported_as_such(tmp_path, how, error, message):
+    with pytest.raises(error, match=message):
+        write_beton(_Dies(how), tmp_path / "x.beton", np.arange(40), WriterParams(write_mode="raw", num_workers=2))
+
+
+def test_page_size_must_be_one_ffcv_accepts():
+    assert WriterParams(page_size=1 << 22).resolved_page_size() == 1 << 22
+    for bad in (3_000_000, 1 << 20, 1 << 32):
+        with pytest.raises(InputError, match="power of two from 2 MiB up to 2 GiB"):
+            WriterParams(page_size=bad).resolved_page_size()
 
 
 def test_a_sample_larger_than_a_page_is_an_input_error(tmp_path):
