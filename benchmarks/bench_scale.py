@@ -20,7 +20,7 @@ Each of these runs as its own subprocess of the real CLI (``.venv/bin/dptool -q 
 
 Measured per command: wall seconds from start to exit (Python start-up and ``import ffcv`` included, a fixed cost
 of a few seconds) and memory of the whole process tree (the command and every worker process it starts, e.g.
-convert's FFCV writer processes): ``/proc/PID/smaps_rollup`` of every process in the tree is read every
+convert's writer processes): ``/proc/PID/smaps_rollup`` of every process in the tree is read every
 ``--interval`` seconds (0.1) and summed (psutil looks the tree up every 5th sample). Reported:
 
 * ``peak_pss_mb``: peak of the summed PSS (proportional set size: a page shared by k processes counts 1/k in each),

@@ -39,8 +39,8 @@ from .errors import DptoolError, InputError
 
 __all__ = ["WriterParams", "SkipSample", "write_beton"]
 
-#: Samples per chunk (one task of a worker), and chunks in flight per worker: this bounds the encoded bytes waiting
-#: for the parent (workers x 2 x 32 samples: about 0.5 GB for 16 workers writing 400 px raw images).
+#: Samples per chunk (one task of a worker), and chunks in flight per worker: this bounds the encoded bytes a worker
+#: holds until it is told where to write them (2 x 32 samples: 31 MB for 400 px raw images).
 _CHUNK = 32
 _IN_FLIGHT_PER_WORKER = 2
 
@@ -111,7 +111,8 @@ _WORKER: dict = {}
 
 
 def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
-    """A writer worker: encode each chunk that arrives on `conn` and send back the `_Chunk` (or the error)."""
+    """A writer worker: encode the chunks that arrive on `conn` (sending back each `_Chunk`), write their bytes
+    where the parent says, and on an error send it and stop."""
     # Ctrl-C is the parent's to act on (it stops the workers; SIGINT is blocked until this line); a worker dies
     # with its parent (Linux), never writing on
     signal.signal(signal.SIGINT, signal.SIG_IGN)
