@@ -24,9 +24,6 @@ __all__ = ["WriterParams", "PRESETS", "ConvertResult", "convert", "write_beton"]
 
 log = logging.getLogger(__name__)
 
-_PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
-
-
 #: The ffcv-imagenet write settings: rn18 as the paper's files, rn50 as FFCV's ResNet-50 recipe.
 PRESETS = {
     "rn18": {"max_resolution": 400, "compress_probability": 0.10, "jpeg_quality": 90, "write_mode": "proportion"},
