@@ -100,7 +100,6 @@ class _Chunk:
     column holding the number of the sample's allocation it points to, and each kept sample's allocation sizes.
     The bytes stay in the worker until the parent says where they go."""
 
-    kept: int
     rows: np.ndarray
     sizes: list[list[int]]
     skipped: list[tuple[int, str]]
@@ -312,7 +311,7 @@ def _encode_chunk(indices: np.ndarray) -> tuple[_Chunk, list[np.ndarray]]:
         sizes.append([len(b) for b in mine])
         buffers.extend(mine)
         kept += 1
-    return _Chunk(kept=kept, rows=rows[:kept], sizes=sizes, skipped=skipped), buffers
+    return _Chunk(rows=rows[:kept], sizes=sizes, skipped=skipped), buffers
 
 
 class _PageLayout:
@@ -462,9 +461,9 @@ def write_beton(
                     workers.write(k, layout.place_chunk(result, kept, pointers))
                     if k + in_flight < num_chunks:
                         workers.encode(k + in_flight, next(chunks))
-                    metadata[kept:kept + result.kept] = result.rows
-                    kept += result.kept
-                    bar.update(result.kept + len(result.skipped))
+                    metadata[kept:kept + len(result.rows)] = result.rows
+                    kept += len(result.rows)
+                    bar.update(len(result.rows) + len(result.skipped))
                 workers.finish(interrupted)
                 finished = True
             finally:

@@ -331,7 +331,7 @@ def test_page_layout_places_like_ffcvs_allocator(tmp_path):
     ours = bytearray(layout.offset)
     abandoned = 0
     for i, sizes in enumerate(samples):
-        chunk = _Chunk(kept=1, rows=np.zeros(1, dtype=[("f0", [("ptr", "<u8")])]), sizes=[sizes], skipped=[])
+        chunk = _Chunk(rows=np.zeros(1, dtype=[("f0", [("ptr", "<u8")])]), sizes=[sizes], skipped=[])
         writes = layout.place_chunk(chunk, i, [("f0", "ptr")])
         abandoned += len(writes) - len(sizes)
         for number, offset in writes:
