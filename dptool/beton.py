@@ -28,6 +28,7 @@ __all__ = [
     "sidecar_path",
     "check_beton_output",
     "write_sidecar",
+    "check_same_classes",
     "fingerprint",
     "summarize",
     "read_image",
@@ -238,6 +239,20 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -
     if require_label and "label" not in names:
         raise InputError(f"{path} has no 'label' field (fields: {', '.join(names)}); dptool needs image and label.")
     return beton
+
+
+def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None:
+    """Refuse `other` (a validation or test file) whose labels name other classes than `data`'s: its accuracy
+    would score, say, target class 0 against source class 0. Compared where both sidecars record class names."""
+    mine = (data.sidecar or {}).get("class_names")
+    theirs = (other.sidecar or {}).get("class_names")
+    if not mine or not theirs or list(mine) == list(theirs):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    got = repr(theirs[first]) if first < len(theirs) else "nothing"
+    want = repr(mine[first]) if first < len(mine) else "nothing"
+    raise InputError(f"{role} {other.path} has other classes than {data.path} (label {first} is {got} there, "
+                     f"{want} here); give the {split} split of the same dataset.")
 
 
 def fingerprint(beton: Beton | str | os.PathLike) -> str:

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import check_output_path
-from .beton import fingerprint, open_beton
+from .beton import check_same_classes, fingerprint, open_beton
 from .errors import InputError
-from .train import JsonLog, autocast, check_same_classes, evaluate, resolve_precision
+from .train import JsonLog, autocast, evaluate, resolve_precision
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices"]
 
@@ -97,14 +97,15 @@ class FinetuneResult:
 
 
 def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) row indices: `fraction` of each class (at least one sample when the class has two) held out."""
+    """(train, val) row indices: `fraction` of each class held out, at least one sample and never the whole class."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == c))
         k = int(round(fraction * len(rows))) if fraction > 0 else 0
         if fraction > 0 and len(rows) > 1:
-            k = min(max(k, 1), len(rows) - 1)
+            k = max(k, 1)
+        k = min(k, len(rows) - 1)  # a class is never held out whole: training must see it
         val.append(rows[:k])
         train.append(rows[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -12,8 +12,8 @@ Torch's thread count is put back after FFCV changes it.
   (RANDOM when `indices` are given, avoiding FFCV #208), RANDOM under `distributed` (FFCV #92); an epoch's
   order depends on the seed and the epoch alone (FFCV's quasi-random order also drifted with earlier epochs).
 * `eval_loader`: centre crop of 224/256 of the short side resized to `res`, file order.
-* `inference_loader`: centre square crop of the whole short side resized to `res` (FFCV's random-resized crop
-  with scale=(1, 1), ratio=(1, 1)), file order; the preprocessing of the paper's LM/FM scoring.
+* `inference_loader`: centre square crop of the whole short side resized to `res`, file order; the preprocessing
+  of the paper's LM/FM scoring.
 """
 
 from __future__ import annotations
@@ -306,11 +306,12 @@ def inference_loader(path: Beton | str | os.PathLike, *, batch_size: int, res: i
                      std: Sequence[float] = IMAGENET_STD, channels_last: bool | None = None) -> FfcvLoader:
     """Scoring batches: deterministic centre square crop of the whole short side, resized to `res`; file order.
 
-    FFCV's random-resized crop with scale=(1, 1) and ratio=(1, 1) falls back to exactly this crop. Every sample
-    once (no sharding here: `dptool.features.stream` hands each rank its own rows as `indices`).
+    Every sample once (no sharding here: `dptool.features.stream` hands each rank its own rows as `indices`).
+    FFCV's random-resized crop with scale=(1, 1) and ratio=(1, 1) is not this crop: when the sides differ by one
+    pixel a full-area square fits, and it picks the offset from Numba's unseeded generator.
     """
     rgb = import_ffcv("ffcv.fields.rgb_image")
-    decoder = rgb.RandomResizedCropRGBImageDecoder((res, res), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    decoder = rgb.CenterCropRGBImageDecoder((res, res), ratio=1.0)
     return _build(path, decoder=decoder, flip=None, batch_size=batch_size, workers=workers, device=device,
                   order="sequential", distributed=False, seed=0, indices=indices, drop_last=False, mean=mean,
                   std=std, channels_last=channels_last)

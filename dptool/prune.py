@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .beton import Beton, check_beton_output, fingerprint, open_beton, write_sidecar
+from .beton import Beton, check_beton_output, check_same_classes, fingerprint, open_beton, write_sidecar
 from .errors import InputError
 from .scores import Scores, fingerprint_file, load_assignment, read_scores, select_groups
 from .subset import write_subsets
@@ -210,6 +210,7 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
         if vbeton.num_classes != beton.num_classes:
             raise InputError(f"Validation file {vbeton.path} has {vbeton.num_classes} classes but {beton.path} "
                              f"has {beton.num_classes}; give the validation split of the same dataset.")
+        check_same_classes(beton, vbeton, "Validation file", "validation")
         vjobs = [(p, r, kept, kept_samples(vbeton.labels, kept)) for p, (r, kept) in zip(val_outs, selections)]
     for (p, _, kept, idx), b in [(j, beton) for j in jobs] + [(j, vbeton) for j in vjobs]:
         if len(idx) == 0:

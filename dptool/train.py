@@ -22,11 +22,11 @@ import numpy as np
 
 from . import distributed as dist
 from .atomic import atomic_output, check_output_path
-from .beton import Beton, fingerprint, open_beton
+from .beton import Beton, check_same_classes, fingerprint, open_beton
 from .errors import InputError
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
-           "check_same_classes", "autocast", "resolve_precision", "JsonLog"]
+           "autocast", "resolve_precision", "JsonLog"]
 
 log = logging.getLogger(__name__)
 
@@ -222,20 +222,6 @@ def _kept_classes(beton: Beton) -> np.ndarray | None:
     if kept is None:
         kept = np.flatnonzero(beton.class_counts())
     return np.asarray(kept, dtype=np.int64)
-
-
-def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None:
-    """Refuse `other` (a validation or test file) whose labels name other classes than `data`'s: its accuracy
-    would score, say, target class 0 against source class 0. Compared where both sidecars record class names."""
-    mine = (data.sidecar or {}).get("class_names")
-    theirs = (other.sidecar or {}).get("class_names")
-    if not mine or not theirs or list(mine) == list(theirs):
-        return
-    first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-    got = repr(theirs[first]) if first < len(theirs) else "nothing"
-    want = repr(mine[first]) if first < len(mine) else "nothing"
-    raise InputError(f"{role} {other.path} has other classes than {data.path} (label {first} is {got} there, "
-                     f"{want} here); give the {split} split of the same dataset.")
 
 
 def _check_val(val: Beton, data: Beton) -> None:

@@ -103,6 +103,15 @@ def test_split_indices_stratified_and_seeded():
     assert sorted(np.concatenate([tr, va]).tolist()) == list(range(17))
     assert np.array_equal(va, split_indices(labels, 0.2, seed=1)[1])
     assert len(split_indices(labels, 0.0, seed=1)[1]) == 0
+    one = np.array([0, 0, 0, 0, 0, 1])  # a one-sample class stays in training, whatever the fraction
+    tr, va = split_indices(one, 0.6, seed=1)
+    assert labels_of(one, tr) == [0, 0, 1] and labels_of(one, va) == [0, 0, 0]
+    tr, va = split_indices(one, 0.99, seed=1)
+    assert labels_of(one, tr) == [0, 1] and labels_of(one, va) == [0, 0, 0, 0]
+
+
+def labels_of(labels, rows) -> list[int]:
+    return sorted(labels[rows].tolist())
 
 
 def test_bad_input(tmp_path, target, source_ckpt, tiny_beton):

@@ -122,6 +122,20 @@ def test_inference_loader_is_the_stored_image(tiny_beton, tiny_arrays):
     assert np.abs(got.astype(int) - images[order].astype(int)).max() <= 1  # float round-trip only
 
 
+def test_inference_crop_of_sides_one_pixel_apart_is_the_centre_every_time(tmp_path):
+    """A 25x24 image: FFCV's random-resized crop at scale 1 picks row offset 0 or 1 at random; scoring must not."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(32, 25, 24, 3), dtype=np.uint8)
+    npz = write_npz(tmp_path / "tall.npz", images, np.arange(32) % 2, ["a", "b"])
+    out = tmp_path / "tall.beton"
+    convert(npz, out, params=WriterParams(max_resolution=25, write_mode="raw", num_workers=1, shuffle_seed=None))
+    unit = dict(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
+    for _ in range(2):
+        x = torch.cat([x for x, _ in inference_loader(out, batch_size=8, res=24, workers=2, **unit)])
+        got = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(got, images[:, 0:24])  # offset (25 - 24) // 2, as the eval centre crop
+
+
 def test_inference_crop_of_wide_images_and_indices(tmp_path):
     """A 24x40 image yields its centre 24x24 square; `indices` picks exactly those rows, in order."""
     rng = np.random.default_rng(3)

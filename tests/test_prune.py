@@ -17,9 +17,11 @@ import dptool.prune as prune_mod
 import dptool.subset as subset_mod
 from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
 from dptool.cli.main import cli
+from dptool.convert import WriterParams, convert
 from dptool.errors import InputError
 from dptool.prune import kept_samples, output_paths, prune
 from dptool.scores import Scores, fingerprint_file, write_scores
+from dptool.synthetic import separable_images, write_npz
 
 # Class order by rank: 2 and 0 tie at 5 (tie-break .2 > .1), then 5, then 1 and 3 tie at 0 with equal tie-break
 # values (class id decides), then 4.
@@ -231,6 +233,17 @@ def test_scores_of_another_source_are_refused(data, tmp_path):
 def test_val_with_cluster_scores_is_refused(data, tmp_path):
     out = _refuse(data, tmp_path, data["fm"], "--val", data["val"], "--val-out", tmp_path / "v.beton")
     assert "--val needs class-level scores" in out
+    assert not (tmp_path / "v.beton").exists()
+
+
+def test_val_of_other_classes_is_refused(data, tmp_path):
+    """Same number of classes, other names: pruning it by label number would keep the wrong classes."""
+    images, labels = separable_images(6, 4, 32, seed=9)
+    npz = write_npz(tmp_path / "other.npz", images, labels, [f"other_{c}" for c in range(6)])
+    other = tmp_path / "other.beton"
+    convert(npz, other, params=WriterParams(max_resolution=32, write_mode="raw", num_workers=1))
+    out = _refuse(data, tmp_path, data["scores"], "--val", other, "--val-out", tmp_path / "v.beton")
+    assert "label 0 is 'other_0' there, 'class_0' here" in out
     assert not (tmp_path / "v.beton").exists()
 
 
