@@ -10,7 +10,6 @@ import click
 
 from dptool.atomic import atomic_output, check_output_path
 from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
-from dptool.beton import sidecar_path
 from dptool.distributed import launch_rank
 from dptool.errors import InputError
 
@@ -36,8 +35,7 @@ def _with(options):
 
 def _check_outputs(inputs, force: bool, *paths: Path | None) -> None:
     """Before the measurement: refuse an output that is an input (or its sidecar), exists (without --force), or
-    sits in a missing folder."""
-    inputs = tuple(inputs) + tuple(sidecar_path(p) for p in inputs)
+    sits in a missing or read-only folder."""
     outs = [p for p in paths if p is not None]
     if len({os.path.abspath(p) for p in outs}) != len(outs):
         raise InputError("--json-out and --plot are the same file; give each its own path.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,20 +19,35 @@ def temp_path_for(path: Path) -> Path:
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
-    """Refuse an output that exists (without `force`), equals an input, or sits in a missing folder."""
+    """Refuse an output that exists (without `force`), equals an input or an input's sidecar (`INPUT.json`),
+    or sits in a folder that is missing or cannot be written to (found before any work is done)."""
     out = Path(path)
-    for src in inputs:
-        if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise InputError(f"Output {out} is the same file as input {src}; choose another output path.")
-        if src is not None and os.path.abspath(out) == os.path.abspath(src):
-            raise InputError(f"Output {out} is the same path as input {src}; choose another output path.")
+    for src in (p for p in inputs if p is not None):
+        for protected, what in ((Path(src), f"input {src}"), (Path(f"{src}.json"), f"the sidecar of input {src}")):
+            if protected.exists() and out.exists() and out.resolve() == protected.resolve():
+                raise InputError(f"Output {out} is the same file as {what}; choose another output path.")
+            if os.path.abspath(out) == os.path.abspath(protected):
+                raise InputError(f"Output {out} is the same path as {what}; choose another output path.")
     if out.exists() and not force:
         raise InputError(f"Output {out} already exists; pass --force to overwrite it.")
     if not out.parent.exists():
         raise InputError(f"Folder {out.parent} of output {out} does not exist.")
     if out.exists() and out.is_dir():
         raise InputError(f"Output {out} is a folder; give a file path.")
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a file beside `out`: permissions, read-only mounts and immutable folders all show here,
+    not after hours of work when the output is renamed into place."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=out.parent)
+    except OSError as exc:
+        raise InputError(f"Cannot write to folder {out.parent} of output {out} ({exc.strerror}); "
+                         "choose a folder you can write to.") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

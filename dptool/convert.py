@@ -52,10 +52,11 @@ class ConvertResult:
 
 class _SourceSamples:
     """What the writer's workers index: (image, label), or `SkipSample` with the reason for a file that cannot
-    be used (unreadable, or decoded to no RGB image)."""
+    be used (unreadable, decoded to no RGB image, or so elongated that `max_resolution` scales a side to 0 px)."""
 
-    def __init__(self, source: SourceDataset):
+    def __init__(self, source: SourceDataset, max_resolution: int):
         self.source = source
+        self.max_resolution = max_resolution
 
     def __len__(self) -> int:
         return len(self.source)
@@ -67,9 +68,14 @@ class _SourceSamples:
             raise SkipSample(" ".join(str(exc).split())) from None
         except Exception as exc:  # noqa: BLE001 - any decoder error means "skip this file"
             raise SkipSample(" ".join(f"{type(exc).__name__}: {exc}".split())) from None
-        if image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 1:
-            return image, int(self.source.labels[index])
-        raise SkipSample(f"decoded to an unusable shape {image.shape}")
+        if not (image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 1):
+            raise SkipSample(f"decoded to an unusable shape {image.shape}")
+        height, width = image.shape[:2]
+        scale = self.max_resolution / max(height, width)
+        if scale < 1 and min(int(scale * height), int(scale * width)) < 1:  # FFCV's resizer truncates the same way
+            raise SkipSample(f"its {width}x{height} px image would be 0 px on its short side at "
+                             f"--max-res {self.max_resolution}")
+        return image, int(self.source.labels[index])
 
 
 def convert(
@@ -110,7 +116,8 @@ def convert(
         log.info("skipping %s: %s", source.describe(index), reason)
 
     with atomic_output(out) as tmp:
-        failures = write_beton(_SourceSamples(source), tmp, order, params, progress=progress, on_skip=on_skip)
+        samples = _SourceSamples(source, params.max_resolution)
+        failures = write_beton(samples, tmp, order, params, progress=progress, on_skip=on_skip)
         if failures:
             log.warning("%d unreadable files skipped (listed in the sidecar)", len(failures))
         order = order[~np.isin(order, np.fromiter(failures, dtype=np.int64, count=len(failures)))]

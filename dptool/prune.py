@@ -9,6 +9,7 @@ what was kept and where it came from under ``pruning``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from .subset import write_subsets
 __all__ = ["PrunedFile", "PruneResult", "prune", "check_scores_source", "kept_samples", "output_paths"]
 
 RATIO_PLACEHOLDER = "{ratio}"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class PruneResult:
     scores: str
     method: str
     level: str
+    empty_groups: int = 0  # groups without samples in the source: neither kept nor counted in the ratio
     files: list[PrunedFile] = field(default_factory=list)
     bytes_written: int = 0
     # bytes read from the source (and the validation file): each kept sample's stored bytes once, however many
@@ -110,20 +114,22 @@ def kept_samples(groups_of_samples: np.ndarray, kept_groups: np.ndarray) -> np.n
     return np.flatnonzero(keep[g]).astype(np.int64)
 
 
-def _selections(scores: Scores, ratio, keep, ratios) -> list[tuple[float, np.ndarray]]:
-    """[(ratio, kept group ids)] for the options given: exactly one of ratio, keep, ratios."""
+def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """[(ratio, kept group ids)] for the options given: exactly one of ratio, keep, ratios; groups without
+    samples (`sizes` 0) are left out of the count."""
     if sum(x is not None for x in (ratio, keep, ratios)) != 1:
         raise InputError("Give exactly one of --ratio, --keep and --ratios.")
     if keep is not None:
-        kept = select_groups(scores, keep=keep)
-        return [((scores.num_groups - len(kept)) / scores.num_groups, kept)]
+        kept = select_groups(scores, keep=keep, sizes=sizes)
+        populated = int(np.count_nonzero(sizes))
+        return [((populated - len(kept)) / populated, kept)]
     ratios = [ratio] if ratio is not None else list(ratios)
     if not ratios:
         raise InputError("--ratios must list at least one ratio, got none.")
     dup = {r for r in ratios if ratios.count(r) > 1}
     if dup:
         raise InputError(f"--ratios lists {min(dup):g} more than once; give each ratio once.")
-    return [(float(r), select_groups(scores, ratio=r)) for r in ratios]
+    return [(float(r), select_groups(scores, ratio=r, sizes=sizes)) for r in ratios]
 
 
 def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
@@ -188,7 +194,16 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
     if val is not None and scores.level != "class":
         raise InputError(f"--val needs class-level scores, but {scores_path} is {scores.level}-level "
                          "(cluster pruning keeps samples, not classes).")
-    selections = _selections(scores, ratio, keep, ratios)
+    beton = open_beton(source)
+    source_fp = _source_fingerprint(beton)
+    check_scores_source(scores, scores_path, beton, source_fingerprint=source_fp)
+    groups_of = beton.labels if scores.level == "class" else load_assignment(scores_path, scores)
+    sizes = np.bincount(groups_of, minlength=scores.num_groups)
+    selections = _selections(scores, ratio, keep, ratios, sizes)
+    empty = int(np.count_nonzero(sizes == 0))
+    if empty:
+        log.warning("%d of the %d %s have no samples in %s; the ratio counts the other %d", empty, len(sizes),
+                    "classes" if scores.level == "class" else "clusters", beton.path, len(sizes) - empty)
     rs = [r for r, _ in selections]
     outs = output_paths(output, rs)
     val_outs = output_paths(val_output, rs) if val_output is not None else []
@@ -199,10 +214,6 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
     for p in outs + val_outs:
         check_beton_output(p, force=force, inputs=inputs)
 
-    beton = open_beton(source)
-    source_fp = _source_fingerprint(beton)
-    check_scores_source(scores, scores_path, beton, source_fingerprint=source_fp)
-    groups_of = beton.labels if scores.level == "class" else load_assignment(scores_path, scores)
     jobs = [(p, r, kept, kept_samples(groups_of, kept)) for p, (r, kept) in zip(outs, selections)]
     vbeton, vjobs = None, []
     if val is not None:
@@ -216,7 +227,8 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
         if len(idx) == 0:
             raise InputError(f"The {len(kept)} kept groups hold no samples of {b.path}, so {p} would be empty.")
 
-    result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level)
+    result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level,
+                         empty_groups=empty)
     files, seconds, read = _write(beton, source_fp, "train", jobs, scores, scores_path, force, progress)
     if vjobs:
         vfiles, vseconds, vread = _write(vbeton, _source_fingerprint(vbeton), "val", vjobs, scores, scores_path,

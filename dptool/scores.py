@@ -275,7 +275,7 @@ def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarra
         raise InputError(f"Scores file {scores_path} has no cluster assignment (its level is {scores.level!r}).")
     apath = Path(scores_path).with_name(scores.assignment)
     if not apath.is_file():
-        raise InputError(f"Scores file {scores_path} names assignment {apath.name}, which does not exist.")
+        raise InputError(f"Scores file {scores_path} names assignment {apath.name}, but {apath} does not exist.")
     # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it
     if scores.assignment_sha256 and fingerprint_file(apath) != scores.assignment_sha256:
         raise InputError(f"Assignment file {apath} is not the one scores file {scores_path} was written with (its "
@@ -304,13 +304,20 @@ def removed_count(ratio: float, n_groups: int) -> int:
     return int(math.floor(round(ratio * n_groups, 9) + 0.5))
 
 
-def select_groups(scores: Scores, *, ratio: float | None = None, keep: int | None = None) -> np.ndarray:
+def select_groups(scores: Scores, *, ratio: float | None = None, keep: int | None = None,
+                  sizes: np.ndarray | None = None) -> np.ndarray:
     """Ids of the kept groups, most important first: remove the fraction `ratio` of groups, or keep `keep`.
 
     With G groups, ``K = G - round_half_up(ratio * G)`` groups of lowest rank are kept (ratio in [0, 1), as in
-    the paper: ratio 0.6 removes 60% of the classes). Ties are resolved by the ranks. Returns (K,) int64.
+    the paper: ratio 0.6 removes 60% of the classes). Ties are resolved by the ranks. `sizes` (samples per group
+    id) leaves the groups without samples out before counting: an empty class folder, or a class a file was
+    pruned of, is neither kept nor counted in G. Returns (K,) int64.
     """
-    g = scores.num_groups
+    order = scores.order()
+    if sizes is not None:
+        order = order[np.asarray(sizes)[order] > 0]
+    g = len(order)
+    some_empty = g < scores.num_groups
     if (ratio is None) == (keep is None):
         raise InputError("Give exactly one of --ratio and --keep.")
     if ratio is not None:
@@ -318,12 +325,14 @@ def select_groups(scores: Scores, *, ratio: float | None = None, keep: int | Non
             raise InputError(f"--ratio must be in [0, 1), got {ratio}.")
         k = g - removed_count(float(ratio), g)
         if k < 1:
-            raise InputError(f"--ratio {ratio} removes all {g} groups; use a smaller ratio.")
+            raise InputError(f"--ratio {ratio} removes all {g} groups{' with samples' if some_empty else ''}; use a "
+                             "smaller ratio.")
     else:
         if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 1 <= keep <= g:
-            raise InputError(f"--keep must be in [1, {g}], got {keep}.")
+            raise InputError(f"--keep must be in [1, {g}]{' (the groups with samples)' if some_empty else ''}, got "
+                             f"{keep}.")
         k = int(keep)
-    return scores.order()[:k].astype(np.int64)
+    return order[:k].astype(np.int64)
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:

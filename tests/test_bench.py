@@ -174,7 +174,7 @@ def test_bench_outputs_never_replace_an_input_or_an_existing_file(tmp_path, tiny
         result = CliRunner().invoke(cli, ["bench", *command])
         assert result.exit_code == 2 and "as input" in result.output, result.output
     result = CliRunner().invoke(cli, ["bench", "pretrain", str(data), "--json-out", f"{data}.json", "--force"])
-    assert result.exit_code == 2 and "same path as input" in result.output  # the sidecar is an input too
+    assert result.exit_code == 2 and "as the sidecar of input" in result.output
     (tmp_path / "b.json").write_text("keep me")
     result = CliRunner().invoke(cli, ["bench", "loader", str(data), "--json-out", str(tmp_path / "b.json")])
     assert result.exit_code == 2 and "already exists; pass --force" in result.output

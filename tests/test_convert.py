@@ -100,6 +100,7 @@ def _messy_folder(root):
     (bad / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (bad / "full.jpg").unlink()
     Image.new("1", (10_000, 9_000)).save(bad / "bomb.png")  # 90 Mpx, a few KB on disk
+    Image.fromarray(np.zeros((2, 600, 3), np.uint8)).save(bad / "sliver.png")  # 0 px tall at --max-res 256
     Image.fromarray(rgb).save(bad / "fine.png")
 
 
@@ -107,15 +108,16 @@ def test_messy_folder_converts_what_it_can_and_lists_the_rest(tmp_path, caplog):
     _messy_folder(tmp_path / "src")
     result = convert(tmp_path / "src", tmp_path / "m.beton", params=WriterParams(write_mode="raw", num_workers=2))
     reasons = {os.path.basename(s["path"]): s["reason"] for s in result.skipped}
-    assert set(reasons) == {"zero.jpg", "notes.txt", "garbage.jpg", "truncated.jpg", "bomb.png"}
+    assert set(reasons) == {"zero.jpg", "notes.txt", "garbage.jpg", "truncated.jpg", "bomb.png", "sliver.png"}
     assert "zero-byte" in reasons["zero.jpg"] and "bomb" in reasons["bomb.png"]
+    assert reasons["sliver.png"] == "its 600x2 px image would be 0 px on its short side at --max-res 256"
     assert "empty" in caplog.text  # the empty class folder is warned about
 
     beton = open_beton(tmp_path / "m.beton")
     side = read_sidecar(tmp_path / "m.beton")
     assert side["class_names"] == ["bad", "empty", "good"]  # the empty class keeps its label
     assert side["class_counts"] == [1, 0, 6] and beton.num_samples == 7
-    assert len(side["skipped"]) == 5
+    assert len(side["skipped"]) == 6
     pixels = sorted(_digest(read_image(beton, i)) for i in range(beton.num_samples))
     white_red = np.zeros((8, 8, 3), np.uint8)
     white_red[:4] = (255, 0, 0)

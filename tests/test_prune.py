@@ -119,6 +119,24 @@ def test_keep_and_human_summary(data, tmp_path):
     assert pruning["kept_classes"] == [0, 2] and pruning["ratio"] == pytest.approx(4 / 6)
 
 
+def test_classes_without_samples_are_neither_kept_nor_counted(data, tmp_path):
+    """A file pruned to 3 classes, scored again: the 3 empty classes would otherwise fill the ratio's quota."""
+    p3 = tmp_path / "p3.beton"
+    assert run(data["train"], "--scores", data["scores"], "--keep", 3, "-o", p3).exit_code == 0  # classes 2, 0, 5
+    # the empty classes 1 and 3 outrank class 5 here; counted, ratio 0.5 would keep 2, 0 and 1 (2 with samples)
+    scores = class_scores_file(tmp_path / "p3.json", p3, scores=[5, 4, 6, 4, 0, 1])
+    result = run(p3, "--scores", scores, "--ratio", 0.5, "-o", tmp_path / "half.beton", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["empty_groups"] == 3 and doc["files"][0]["kept_groups"] == 1  # round_half_up(1.5) of 3 removed
+    assert read_sidecar(tmp_path / "half.beton")["pruning"]["kept_classes"] == [2]
+    result = run(p3, "--scores", scores, "--keep", 3, "-o", tmp_path / "all.beton")
+    assert result.exit_code == 0 and "3 classes without samples in the source were neither kept" in result.output
+    assert read_sidecar(tmp_path / "all.beton")["class_counts"] == [25, 0, 25, 0, 0, 25]
+    result = run(p3, "--scores", scores, "--keep", 4, "-o", tmp_path / "four.beton")
+    assert result.exit_code == 2 and "--keep must be in [1, 3] (the groups with samples), got 4." in result.output
+
+
 def test_several_ratios_in_one_pass_equal_separate_runs(data, tmp_path):
     before = {k: sha256(data[k]) for k in ("train", "val", "scores")}
     result = run(data["train"], "--scores", data["scores"], "--ratios", "0.2,0.5,0.8",
@@ -252,7 +270,7 @@ def test_broken_scores_files_are_refused(data, tmp_path):
     assert "not valid JSON" in _refuse(data, tmp_path, tmp_path / "bad.json")
     fm = tmp_path / "fm.json"
     shutil.copy(data["fm"], fm)  # its assignment file is not beside the copy
-    assert "fm.assign.npy, which does not exist" in _refuse(data, tmp_path, fm)
+    assert f"fm.assign.npy, but {tmp_path / 'fm.assign.npy'} does not exist" in _refuse(data, tmp_path, fm)
 
 
 def test_existing_output_needs_force(data, tmp_path):
@@ -275,7 +293,7 @@ def test_an_output_whose_sidecar_is_an_input_is_refused_even_with_force(data, tm
     assert scores.read_bytes() == before and not (tmp_path / "lm").exists()
     side = f"{data['train']}.json"
     result = run(data["train"], "--scores", scores, "--ratio", "0.5", "-o", side, "--force")
-    assert result.exit_code == 2 and "looks like a sidecar" in result.output
+    assert result.exit_code == 2 and "same file as the sidecar of input" in result.output
     (tmp_path / "out.beton.json").write_text("mine")  # a stray sidecar is an existing output too
     assert "out.beton.json already exists; pass --force" in _refuse_existing(data, tmp_path / "out.beton")
     assert (tmp_path / "out.beton.json").read_text() == "mine"

@@ -100,7 +100,7 @@ def test_assignment_checks(tmp_path):
     assert not (tmp_path / "a.json").exists()
     path = write_scores(tmp_path / "b.json", s, assignment=np.zeros(12, int))
     (tmp_path / "b.assign.npy").unlink()
-    with pytest.raises(InputError, match="b.assign.npy, which does not exist"):
+    with pytest.raises(InputError, match=r"b.assign.npy, but \S*b.assign.npy does not exist"):
         load_assignment(path, read_scores(path))
 
 
