@@ -336,7 +336,12 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
         tf = T.Compose([T.RandomResizedCrop(res, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         torch.set_num_threads(threads)
-        dl = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=tf), batch_size=batch_size,
+        images = ImageFolder(str(folder), transform=tf, loader=_read_or_blank)
+        stored = beton.num_samples + len((beton.sidecar or {}).get("skipped", []))
+        if len(images) != stored:
+            log.warning("--compare-folder %s holds %d images but %s was converted from %d: the two rates are of "
+                        "different images", folder, len(images), beton.path, stored)
+        dl = torch.utils.data.DataLoader(images, batch_size=batch_size,
                                          shuffle=True, num_workers=workers, drop_last=True,
                                          pin_memory=dev.type == "cuda",
                                          persistent_workers=bool(arch) and workers > 0)
@@ -344,6 +349,18 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
         if step:
             result.folder_with_model_images_per_second = _rate(dl, dev, step, max_batches, f"--compare-folder {folder}")
     return result
+
+
+def _read_or_blank(path: str):
+    """torchvision's image loader, or a black 256 px image for a file it cannot read (`convert` skipped those;
+    torchvision's DataLoader would stop the measurement at the first)."""
+    from PIL import Image
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception:  # noqa: BLE001 - any unreadable file: the throughput of the rest is what is measured
+        return Image.new("RGB", (256, 256))
 
 
 def plot_pretrain(bench: dict, path: str | os.PathLike) -> Path:

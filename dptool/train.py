@@ -243,6 +243,11 @@ def _fixed_size(config: TrainConfig, has_val: bool) -> int | None:
     return config.max_res
 
 
+# what a resumed run must share with the checkpoint's: the rest of its trajectory depends on them
+_RESUME_FIXED = ("batch_size", "lr", "lr_peak_epoch", "momentum", "weight_decay", "label_smoothing", "min_res",
+                 "max_res", "start_ramp", "end_ramp", "res_step", "seed")
+
+
 def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int) -> dict:
     from .checkpoint import read_checkpoint
     from .models import canonical_name
@@ -269,6 +274,15 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
                          "checkpoints); only a checkpoint of dptool train can be resumed.")
     if int(ckpt["epoch"]) >= config.epochs:
         raise InputError(f"Cannot resume: {output} already holds {ckpt['epoch']} epochs; raise --epochs above that.")
+    recipe = ckpt.get("recipe") or {}
+    changed = [name for name in _RESUME_FIXED if name in recipe and recipe[name] != getattr(config, name)]
+    if changed:
+        def flags(values) -> str:
+            return " ".join(f"--{name.replace('_', '-')} {values(name)}" for name in changed)
+
+        raise InputError(f"Cannot resume: {output} was trained with {flags(recipe.get)} but this run gives "
+                         f"{flags(lambda name: getattr(config, name))}; give the options it was trained with (only "
+                         "--epochs, --workers, --val-res, --val-batch-size and --precision may change).")
     return ckpt
 
 

@@ -118,6 +118,7 @@ def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_pa
 
     images, labels = tiny_arrays
     write_image_folder(tmp_path / "folder", images, labels, [f"class_{c}" for c in range(4)])
+    (tmp_path / "folder" / "class_0" / "broken.png").write_bytes(b"not a png")  # convert would have skipped it
     result = CliRunner().invoke(
         cli,
         [
@@ -137,7 +138,8 @@ def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_pa
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
+    assert "holds 161 images but" in result.stderr  # 160 samples, nothing skipped: other images than the file's
     assert data["ffcv_images_per_second"] > 0 and data["folder_images_per_second"] > 0
     assert data["loader_ratio"] == pytest.approx(data["ffcv_images_per_second"] / data["folder_images_per_second"])
     assert data["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto

@@ -310,6 +310,9 @@ def test_refusals_before_any_work(score_data, tmp_path):
     _one_sentence(_invoke(*base, "--method", "fm", "--model", score_data.checkpoint, "-o", out),
                   "s.assign.npy already exists", "--force")
     assert (tmp_path / "s.assign.npy").read_bytes() == b"keep me" and not out.exists()
+    if not torch.cuda.is_available():
+        _one_sentence(_invoke(*base, "--model", score_data.checkpoint, "--device", "cuda", "-o", out),
+                      "--device cuda: torch sees no CUDA device here")
 
 
 @pytest.mark.parametrize("clusters", [17, 0])

@@ -61,6 +61,9 @@ def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
 
     code, text = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "3", "--resume", *FAST])
     assert code == 2 and "already holds 3 epochs" in text
+    code, text = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "4", "--resume", *FAST,
+                       "--seed", "5", "--lr", "0.1"])
+    assert code == 2 and "was trained with --lr 0.32 --seed 0 but this run gives --lr 0.1 --seed 5;" in text
 
     code, text = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "4", "--resume",
                        "--json", *FAST])

@@ -58,6 +58,11 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         check_output_path(plot, force=force, inputs=(source, target, output))
     if method == "fm" and options.groups == "clusters":  # cluster-level: the assignment goes beside the scores
         check_output_path(assignment_path(out), force=force, inputs=(source, target))
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto).")
     began = time.perf_counter()
     with distributed_session() as session_device:
         dev = str(session_device) if device == "auto" else device
