@@ -8,7 +8,7 @@ import click
 
 from dptool.convert import PRESETS, WriterParams, convert
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
 
 __all__ = ["command"]
 
@@ -59,7 +59,7 @@ def _human(r) -> str:
     default="skip",
     help="Unreadable images: skip and list them, or stop.",
 )
-@workers_option
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Encoding worker processes; 0 = all cores.")
 @force_option
 @json_option
 def command(

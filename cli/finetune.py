@@ -14,7 +14,8 @@ D = FinetuneConfig()
 
 
 def _human(r) -> str:
-    lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {r.epochs} epochs, "
+    epochs = f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}"
+    lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {epochs}, "
              f"{r.train_images} train / {r.val_images} val / {r.test_images} test images",
              f"final-epoch test top-1:       {r.final_test_top1:.4f}",
              f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch + 1}; selected on the "

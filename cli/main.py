@@ -29,10 +29,6 @@ COMMANDS = {
 }
 
 
-#: True when the process was started as `dptool` (not a library or test calling the Click group)
-_PROCESS_IS_OURS = False
-
-
 class _LazyGroup(click.Group):
     """Loads each command's module only when that command runs, so `dptool -h` stays fast."""
 
@@ -66,9 +62,8 @@ class _LazyGroup(click.Group):
                 raise
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            if _PROCESS_IS_OURS:  # a second Ctrl-C during Python's shutdown printed tracebacks of atexit hooks
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            raise click.Abort() from None
+            click.echo("Aborted!", err=True)
+            raise click.exceptions.Exit(130) from None  # 128 + SIGINT, as shells report an interrupted command
         except Exception as exc:  # an internal error: one sentence unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -103,9 +98,10 @@ def cli(ctx, verbose: int, quiet: bool, debug: bool):
 
 def main() -> None:
     """Console-script entry point."""
-    global _PROCESS_IS_OURS
-    _PROCESS_IS_OURS = True
-    cli(prog_name="dptool")
+    try:
+        cli(prog_name="dptool")
+    finally:  # done or abandoned: a (second) Ctrl-C now would only print tracebacks of atexit and Numba hooks
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def _human(r) -> str:
     val = f" val top-1 {f['val_top1']:.4f} top-5 {f['val_top5']:.4f}" if "val_top1" in f else ""
     if "val_top1_all" in f:
         val += f" (all classes: top-1 {f['val_top1_all']:.4f})"
-    return (f"{r.checkpoint}: {r.arch}, {r.epochs} epochs on {r.num_samples} images ({r.num_classes}-way head), "
+    epochs = f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}"
+    return (f"{r.checkpoint}: {r.arch}, {epochs} on {r.num_samples} images ({r.num_classes}-way head), "
             f"{r.world_size} process(es), effective batch {r.effective_batch_size}, lr {r.effective_lr:g}, "
             f"{r.images_per_second:.0f} images/s; last epoch loss {f.get('train_loss', float('nan')):.4f}{val}")
 

@@ -180,6 +180,9 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         raise InputError(f"Test file {test_data} has label {int(test_b.labels.max())}, beyond the {num_classes} "
                          f"classes of {train_data}.")
     check_same_classes(train_b, test_b, "Test file", "test")
+    if os.path.samefile(train_b.path, test_b.path) or fingerprint(train_b) == fingerprint(test_b):
+        log.warning("the test file %s holds the training file's samples: its top-1 measures fit, not transfer",
+                    test_data)
     tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
     if cfg.batch_size > len(tr_idx) and cfg.mode == "ff":
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "

@@ -258,6 +258,10 @@ class NpzSource(SourceDataset):
             names = [str(i) for i in range(n_classes)]
         elif len(names) < n_classes:
             raise InputError(f"{path}: {len(names)} class_names given but labels go up to {n_classes - 1}.")
+        unused = len(names) - len(np.unique(labels))
+        if unused:
+            log.warning("%s: %d of its %d classes have no samples; their labels are kept (labels are the class "
+                        "index, 0 to %d)", path, unused, len(names), len(names) - 1)
         super().__init__(class_names=names, labels=labels.astype(np.int64), format="npz", root=str(path))
         self.images = images
 

@@ -96,6 +96,12 @@ def test_full_finetune_trains_everything(tmp_path, target, source_ckpt, one_thre
     assert FinetuneConfig(mode="ff", optimizer="sgd").resolved().lr == 0.1
 
 
+def test_testing_on_the_training_file_is_warned_about(target, source_ckpt, caplog, one_thread):
+    train, _ = target
+    r = finetune(source_ckpt, train, train, config=FinetuneConfig(epochs=1, batch_size=16, res=16, workers=1))
+    assert r.test_images == r.train_images and "holds the training file's samples" in caplog.text
+
+
 def test_split_indices_stratified_and_seeded():
     labels = np.repeat(np.arange(3), [10, 5, 2])
     tr, va = split_indices(labels, 0.2, seed=1)
