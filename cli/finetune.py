@@ -18,10 +18,10 @@ def _human(r) -> str:
     lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {epochs}, "
              f"{r.train_images} train / {r.val_images} val / {r.test_images} test images",
              f"final-epoch test top-1:       {r.final_test_top1:.4f}",
-             f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch + 1}; selected on the "
+             f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch}; selected on the "
              f"test set, as the paper reports)"]
     if r.best_val_top1 is not None:
-        lines.append(f"test top-1 at best val epoch: {r.test_top1_at_best_val:.4f} (epoch {r.best_val_epoch + 1}, "
+        lines.append(f"test top-1 at best val epoch: {r.test_top1_at_best_val:.4f} (epoch {r.best_val_epoch}, "
                      f"val top-1 {r.best_val_top1:.4f})")
     return "\n".join(lines)
 

@@ -150,9 +150,13 @@ def import_ffcv(module: str = "ffcv") -> ModuleType:
 def silence_loader_gc_noise() -> None:
     """Drop the harmless numba `KeyError` printed when an FFCV Loader is garbage-collected (FFCV issue #167).
 
-    Installed by the CLI only; every other unraisable exception still reaches the previous hook.
+    A Ctrl-C that lands in a finalizer (Numba's run as a command's objects are freed) would be printed as
+    "Exception ignored" and lost; it is raised again instead, where it stops the command (or is ignored once the
+    command is over). Installed by the CLI only; every other unraisable exception still reaches the previous hook.
     """
+    import signal
     import sys
+    import threading
 
     previous = sys.unraisablehook
     if getattr(previous, "_dptool_filter", False):
@@ -164,6 +168,12 @@ def silence_loader_gc_noise() -> None:
             tb = tb.tb_next
         where = tb.tb_frame.f_code.co_filename if tb is not None else ""
         if unraisable.exc_type is KeyError and where.endswith("numba/core/dispatcher.py"):
+            return
+        if unraisable.exc_type is KeyboardInterrupt:
+            # delivered a moment later, once this hook has returned: tripped now, it would be raised in here
+            later = threading.Timer(0.05, signal.pthread_kill, args=(threading.main_thread().ident, signal.SIGINT))
+            later.daemon = True
+            later.start()
             return
         previous(unraisable)
 

@@ -63,4 +63,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:  # e.g. an immutable output, or one owned by another user in a sticky folder
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise InputError(f"Cannot replace {final} ({exc.strerror}); remove it or choose another output path.") \
+            from None

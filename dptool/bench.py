@@ -332,12 +332,15 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     if folder is not None:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
         tf = T.Compose([T.RandomResizedCrop(res, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         torch.set_num_threads(threads)
         images = ImageFolder(str(folder), transform=tf, loader=_read_or_blank)
-        stored = beton.num_samples + len((beton.sidecar or {}).get("skipped", []))
+        # ImageFolder lists files with image extensions only; convert tried (and skipped) every file
+        skipped = [s["path"] for s in (beton.sidecar or {}).get("skipped", [])]
+        stored = beton.num_samples + sum(has_file_allowed_extension(p, IMG_EXTENSIONS) for p in skipped)
         if len(images) != stored:
             log.warning("--compare-folder %s holds %d images but %s was converted from %d: the two rates are of "
                         "different images", folder, len(images), beton.path, stored)

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .atomic import check_output_path
 from .errors import InputError
 
 __all__ = ["DemoConfig", "DemoRow", "DemoResult", "run_demo", "prepare_data", "pretrain_and_probe", "plot_demo",
@@ -146,7 +147,14 @@ def run_demo(workdir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, f
     if not 0 <= config.ratio < 1:
         raise InputError(f"--ratio must be in [0, 1), got {config.ratio}.")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} is a file; give a folder.")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"Cannot create --workdir {workdir} ({exc.strerror}); choose a folder you can write to.") \
+            from None
+    check_output_path(workdir / "demo.json", force=True)  # a folder that cannot be written to fails here, at once
     if any(workdir.glob("*.beton")) and not force:
         raise InputError(f"{workdir} already holds demo files; pass --force to run again over them.")
     result = DemoResult(workdir=str(workdir))

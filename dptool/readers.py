@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-from .errors import InputError
+from .errors import DptoolError, InputError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -301,6 +301,9 @@ class TorchvisionSource(SourceDataset):
         kwargs = {} if key is None else {key: splits[split]}
         try:
             ds = getattr(tvd, name)(str(root), download=False, **kwargs)
+        except ImportError as exc:
+            raise DptoolError(f"torchvision's {name} reader needs the module {exc.name}, which is not installed "
+                              f"here; install it (pip install {exc.name}).") from exc
         except (RuntimeError, FileNotFoundError, OSError) as exc:
             raise InputError(
                 f"torchvision {name} ({split}) is not on disk under {root} ({exc}); dptool never downloads."
@@ -315,7 +318,11 @@ class TorchvisionSource(SourceDataset):
                 break
         if labels is None:
             labels = np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
-        names = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+        num_classes = int(labels.max(initial=-1)) + 1
+        names = list(getattr(ds, "classes", [])) or [str(i) for i in range(num_classes)]
+        if len(names) < num_classes:  # OxfordIIITPet lists only the classes its split holds, but keeps the labels
+            raise InputError(f"torchvision {name} ({split}) under {root} names {len(names)} classes but its labels "
+                             f"go up to {num_classes - 1}: the split lacks some classes, so label names are unknown.")
         super().__init__(
             class_names=[str(n) for n in names],
             labels=labels,

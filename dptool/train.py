@@ -281,8 +281,8 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
             return " ".join(f"--{name.replace('_', '-')} {values(name)}" for name in changed)
 
         raise InputError(f"Cannot resume: {output} was trained with {flags(recipe.get)} but this run gives "
-                         f"{flags(lambda name: getattr(config, name))}; give the options it was trained with (only "
-                         "--epochs, --workers, --val-res, --val-batch-size and --precision may change).")
+                         f"{flags(lambda name: getattr(config, name))}; give the options it was trained with "
+                         "(--epochs, --val, --val-res, --val-batch-size, --workers and --precision may change).")
     return ckpt
 
 

@@ -184,6 +184,22 @@ def _write_idx(path, array, magic):
         f.write(array.astype(np.uint8).tobytes())
 
 
+def test_torchvision_split_lacking_a_class_is_refused_not_misnamed(tmp_path):
+    """OxfordIIITPet names only the breeds its split holds but keeps the labels: names would shift by one."""
+    base = tmp_path / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    lines = []
+    for image_id, label in (("Abyssinian_1", 1), ("Birman_1", 3)):  # breed 2 (Bengal) absent from this split
+        Image.fromarray(np.full((8, 8, 3), 10 * label, np.uint8)).save(base / "images" / f"{image_id}.jpg")
+        lines.append(f"{image_id} {label} 1 1")
+    (base / "annotations" / "test.txt").write_text("\n".join(lines) + "\n")
+    result = run("convert", "--format", "torchvision:OxfordIIITPet", tmp_path, tmp_path / "pet.beton", "--split",
+                 "test")
+    assert result.exit_code == 2 and "names 2 classes but its labels go up to 2" in result.output, result.output
+    assert not (tmp_path / "pet.beton").exists()
+
+
 def test_torchvision_fashionmnist_from_disk(tmp_path):
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)

@@ -195,3 +195,32 @@ def test_lazy_tables_are_ffcvs_built_once_and_assignable(tiny_beton, monkeypatch
     assert all(mm.ptr_to_size[p] == z for p, z in zip(alloc["ptr"], alloc["size"]))
     mm.page_to_samples = {}
     assert mm.page_to_samples == {}
+
+
+UNRAISABLE = textwrap.dedent("""
+    import gc, time
+    from dptool._ffcv import silence_loader_gc_noise
+
+    silence_loader_gc_noise()
+
+    class Finalized:
+        def __init__(self, exc):
+            self.exc = exc
+        def __del__(self):
+            raise self.exc
+
+    Finalized(ValueError("shown"))  # any other exception in a finalizer is still printed
+    gc.collect()
+    try:
+        Finalized(KeyboardInterrupt())  # a Ctrl-C landing in a finalizer
+        time.sleep(5)
+        print("interrupt lost")
+    except KeyboardInterrupt:
+        print("interrupt delivered")
+""")
+
+
+def test_a_ctrl_c_in_a_finalizer_stops_the_command_instead_of_printing():
+    done = subprocess.run([sys.executable, "-c", UNRAISABLE], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "interrupt delivered", done.stdout + done.stderr
+    assert "ValueError: shown" in done.stderr and "KeyboardInterrupt" not in done.stderr

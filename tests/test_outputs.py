@@ -22,21 +22,22 @@ def _digest(path) -> str:
 
 
 @contextlib.contextmanager
-def _unwritable(folder):
-    """Make `folder` unwritable for this process (chmod, or as root `chattr +i`), or skip the test."""
-    folder.chmod(0o555)
+def _unwritable(path):
+    """Make a folder (or file) unchangeable for this process (chmod, or as root `chattr +i`), or skip the test."""
+    mode = path.stat().st_mode & 0o777
+    path.chmod(0o555 if path.is_dir() else 0o444)
     flagged = False
     try:
-        if os.access(folder, os.W_OK):  # root ignores modes: an immutable folder stops it too
+        if os.access(path, os.W_OK):  # root ignores modes: an immutable file or folder stops it too
             flagged = shutil.which("chattr") is not None and subprocess.run(
-                ["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+                ["chattr", "+i", str(path)], capture_output=True).returncode == 0
             if not flagged:
-                pytest.skip("cannot make a folder unwritable here (root without chattr)")
-        yield folder
+                pytest.skip("cannot make a path unwritable here (root without chattr)")
+        yield path
     finally:
         if flagged:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        folder.chmod(0o755)
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(mode)
 
 
 @pytest.fixture
@@ -77,3 +78,27 @@ def test_an_unwritable_folder_is_named_before_any_work(data, tiny_beton, tmp_pat
             assert result.exit_code == 2, result.output
             assert f"Cannot write to folder {folder}" in result.output, result.output
         assert list(folder.iterdir()) == []
+
+
+def test_demo_in_an_unwritable_folder_is_refused(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with _unwritable(folder):
+        for workdir, phrase in ((folder / "demo", "Cannot create --workdir"), (folder, "Cannot write to folder")):
+            result = CliRunner().invoke(cli, ["demo", "--quick", "--workdir", str(workdir)])
+            assert result.exit_code == 2 and phrase in result.output, result.output
+        assert list(folder.iterdir()) == []
+
+
+def test_an_output_that_cannot_be_replaced_leaves_no_temporary_file(tiny_beton, tmp_path):
+    npz = tiny_beton.with_suffix(".npz")
+    out = tmp_path / "x.beton"
+    assert CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "raw"]).exit_code == 0
+    before = _digest(out)
+    with _unwritable(out):
+        if os.access(tmp_path, os.W_OK) and not os.access(out, os.W_OK) and os.geteuid() != 0:
+            pytest.skip("a read-only file in a writable folder can be replaced by its owner")
+        result = CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "raw", "--force"])
+        assert result.exit_code == 2 and f"Cannot replace {out}" in result.output, result.output
+        assert _digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]

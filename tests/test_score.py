@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,6 +311,11 @@ def test_refusals_before_any_work(score_data, tmp_path):
     _one_sentence(_invoke(*base, "--method", "fm", "--model", score_data.checkpoint, "-o", out),
                   "s.assign.npy already exists", "--force")
     assert (tmp_path / "s.assign.npy").read_bytes() == b"keep me" and not out.exists()
+    model = tmp_path / "surrogate.pt"  # the surrogate is an input: --force never writes over it
+    shutil.copy(score_data.checkpoint, model)
+    for extra in (["-o", model], ["-o", out, "--plot", model]):
+        _one_sentence(_invoke(*base, "--model", model, *extra, "--force"), "is the same file as input")
+    assert model.read_bytes() == Path(score_data.checkpoint).read_bytes() and not out.exists()
     if not torch.cuda.is_available():
         _one_sentence(_invoke(*base, "--model", score_data.checkpoint, "--device", "cuda", "-o", out),
                       "--device cuda: torch sees no CUDA device here")

@@ -53,12 +53,14 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     spec = get_method(method)
     if std is not None and not all(v > 0 for v in std):  # also refuses NaN
         raise InputError(f"--std values must all be > 0 (they divide the pixels), got {' '.join(map(str, std))}.")
-    out = check_output_path(output, force=force, inputs=(source, target))
+    given = surrogate or {}
+    inputs = (source, target, given.get("model"), given.get("weights"))  # the surrogate's files are inputs too
+    out = check_output_path(output, force=force, inputs=inputs)
     if plot is not None:
-        check_output_path(plot, force=force, inputs=(source, target, output))
+        check_output_path(plot, force=force, inputs=(*inputs, output))
     if method == "fm" and options.groups == "clusters":  # cluster-level: the assignment goes beside the scores
-        check_output_path(assignment_path(out), force=force, inputs=(source, target))
-    if device == "cuda":
+        check_output_path(assignment_path(out), force=force, inputs=inputs)
+    if device == "cuda" and spec.needs_surrogate:
         import torch
 
         if not torch.cuda.is_available():

@@ -144,7 +144,7 @@ def check_resolution(files: dict[str, Beton], res: int, *, allow_upscale: bool =
         others = ", ".join(f"{r} {stored_resolution(b)} px" for r, b in files.items() if r != role)
         raise InputError(
             f"Resolution mismatch: {role} {beton.path} stores {stored} px images but scoring runs at --res {res} "
-            f"({res / stored:.1f}x upscaling, more than {MAX_UPSCALE:g}x){'; ' + others if others else ''}; "
+            f"({res / stored:.3g}x upscaling, more than {MAX_UPSCALE:g}x){'; ' + others if others else ''}; "
             "lower --res, reconvert with a larger --max-res, or pass --allow-upscale.")
 
 
