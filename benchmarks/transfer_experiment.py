@@ -39,7 +39,7 @@ def run_seed(workdir: Path, config, ratios: list[float], methods: list[str]) -> 
                         "pretrain_seconds": seconds, "final": probe["final_test_top1"],
                         "best": probe["best_test_top1"]})
     pruned_ratios = [r for r in ratios if r > 0]
-    for method in methods:
+    for method in methods if pruned_ratios else ():  # ratio 0 alone: the full run above is the whole curve
         scores = workdir / f"scores_{method}.json"
         score_files(scores, method=method, source=paths["source"], target=paths["target_train"],
                     surrogate={"model": surrogate.checkpoint}, options=ScoreOptions(seed=config.seed),

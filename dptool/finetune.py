@@ -21,7 +21,7 @@ import numpy as np
 
 from .atomic import check_output_path
 from .beton import check_same_classes, fingerprint, open_beton
-from .errors import InputError
+from .errors import InputError, check_number
 from .train import JsonLog, autocast, evaluate, resolve_precision
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices"]
@@ -63,8 +63,16 @@ class FinetuneConfig:
             raise InputError(f"--epochs must be at least 1, got {out.epochs}.")
         if not 0.0 <= out.val_fraction < 1.0:
             raise InputError(f"--val-fraction must be in [0, 1), got {out.val_fraction}.")
-        if out.batch_size < 1 or out.lr <= 0:
-            raise InputError(f"--batch-size and --lr must be positive, got {out.batch_size} and {out.lr}.")
+        if out.batch_size < 1 or out.test_batch_size < 1:
+            raise InputError(f"--batch-size must be positive, got {min(out.batch_size, out.test_batch_size)}.")
+        check_number("--lr", out.lr, low=0, low_open=True)
+        check_number("--weight-decay", out.weight_decay, low=0)
+        check_number("--momentum", out.momentum, low=0, high=1)
+        check_number("--label-smoothing", out.label_smoothing, low=0, high=1, high_open=True)
+        if out.res < 8 or out.workers < 0:
+            raise InputError(f"--res must be at least 8 and --workers >= 0, got {out.res} and {out.workers}.")
+        if out.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise InputError(f"--precision must be auto, fp32, bf16 or fp16, got {out.precision!r}.")
         return out
 
 

@@ -207,8 +207,12 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
     rs = [r for r, _ in selections]
     outs = output_paths(output, rs)
     val_outs = output_paths(val_output, rs) if val_output is not None else []
-    if len({os.path.abspath(p) for p in outs + val_outs}) != len(outs) + len(val_outs):
-        raise InputError("Two outputs have the same path; give --val-out a different name from -o.")
+    seen: set[str] = set()
+    for p in outs + val_outs:
+        if os.path.abspath(p) in seen:
+            raise InputError(f"Two outputs would both be {p}: give ratios that differ as {RATIO_PLACEHOLDER} writes "
+                             "them, and --val-out a name other than -o.")
+        seen.add(os.path.abspath(p))
     # the assignment by the name the scores file records (it stays put when the scores file is moved)
     inputs = (source, scores_path, val, scores_path.with_name(scores.assignment) if scores.assignment else None)
     for p in outs + val_outs:

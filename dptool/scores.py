@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -321,8 +322,9 @@ def select_groups(scores: Scores, *, ratio: float | None = None, keep: int | Non
     if (ratio is None) == (keep is None):
         raise InputError("Give exactly one of --ratio and --keep.")
     if ratio is not None:
-        if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-            raise InputError(f"--ratio must be in [0, 1), got {ratio}.")
+        if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0.0 <= float(ratio) < 1.0:
+            raise InputError(f"--ratio must be a number in [0, 1), got {ratio!r}." if isinstance(ratio, str) else
+                             f"--ratio must be in [0, 1), got {ratio}.")
         k = g - removed_count(float(ratio), g)
         if k < 1:
             raise InputError(f"--ratio {ratio} removes all {g} groups{' with samples' if some_empty else ''}; use a "

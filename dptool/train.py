@@ -23,7 +23,7 @@ import numpy as np
 from . import distributed as dist
 from .atomic import atomic_output, check_output_path
 from .beton import Beton, check_same_classes, fingerprint, open_beton
-from .errors import InputError
+from .errors import InputError, check_number
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
            "autocast", "resolve_precision", "JsonLog"]
@@ -70,8 +70,13 @@ class TrainConfig:
             raise InputError(f"--batch-size must be at least 1, got {min(self.batch_size, self.val_batch_size)}.")
         if not 8 <= self.min_res <= self.max_res:
             raise InputError(f"--min-res/--max-res must satisfy 8 <= min <= max, got {self.min_res}/{self.max_res}.")
-        if self.lr <= 0 or self.lr_peak_epoch < 0:
-            raise InputError(f"--lr must be > 0 and --lr-peak-epoch >= 0, got {self.lr} and {self.lr_peak_epoch}.")
+        check_number("--lr", self.lr, low=0, low_open=True)
+        check_number("--lr-peak-epoch", self.lr_peak_epoch, low=0)
+        check_number("--momentum", self.momentum, low=0, high=1)
+        check_number("--weight-decay", self.weight_decay, low=0)
+        if self.res_step < 1 or self.val_res < 8 or self.workers < 0:
+            raise InputError(f"res_step must be >= 1, --val-res >= 8 and --workers >= 0, got {self.res_step}, "
+                             f"{self.val_res} and {self.workers}.")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -19,6 +19,7 @@ __all__ = [
     "as_labels",
     "as_weights",
     "bad_row_error",
+    "check_bins",
     "check_count",
     "label_range_error",
     ]
@@ -32,6 +33,16 @@ def check_count(name: str, value: Any) -> int:
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) or value < 0:
         raise KernelInputError(f"{name} must be a non-negative integer, got {value!r}.")
     return int(value)
+
+
+MAX_BINS = 2**31  # 16 GiB of int64 counts: far beyond any class count, and short of overflowing index math
+
+
+def check_bins(what: str, bins: int) -> None:
+    """Refuse a histogram of more than `MAX_BINS` bins, which would not fit in memory (or overflow)."""
+    if bins > MAX_BINS:
+        raise KernelInputError(f"{what} = {bins} bins is more than the {MAX_BINS} a histogram may have "
+                               f"({bins * 8 / 2**30:.3g} GiB of counts).")
 
 
 def as_labels(xp: Any, labels: Any, name: str) -> Any:

@@ -50,6 +50,7 @@ def class_histogram(labels: Any, n_classes: int, *, weights: Any = None, device:
         ``labels`` and ``weights`` on different devices.
     """
     n_classes = _checks.check_count("n_classes", n_classes)
+    _checks.check_bins("n_classes", n_classes)
     with on_device({"labels": labels, "weights": weights}, device) as (where, arrays):
         xp = _xp(where)
         lab = _checks.as_labels(xp, arrays["labels"], "labels")
@@ -92,6 +93,7 @@ def joint_histogram(a: Any, b: Any, n_a: int, n_b: int, *, device: str = "auto")
     """
     n_a = _checks.check_count("n_a", n_a)
     n_b = _checks.check_count("n_b", n_b)
+    _checks.check_bins("n_a x n_b", n_a * n_b)
     with on_device({"a": a, "b": b}, device) as (where, arrays):
         xp = _xp(where)
         left = _checks.as_labels(xp, arrays["a"], "a")

@@ -567,3 +567,29 @@ def test_every_command_has_help():
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "dptool", "--help"], capture_output=True, text=True, check=True)
     assert "convert" in out.stdout
+
+
+def test_the_fingerprint_reads_the_pixels(tmp_path):
+    """Same labels and sizes, other pixels (raw mode: every byte differs): other fingerprints."""
+    images, labels = separable_images(3, 10, 16, seed=5)
+    prints = []
+    for name, pixels in (("a", images), ("b", 255 - images)):
+        npz = write_npz(tmp_path / f"{name}.npz", pixels, labels)
+        convert(npz, tmp_path / f"{name}.beton", params=WriterParams(max_resolution=16, write_mode="raw"))
+        prints.append(read_sidecar(tmp_path / f"{name}.beton")["fingerprint"])
+    assert prints[0] != prints[1]
+    assert prints[0] == fingerprint(tmp_path / "a.beton")
+
+
+def test_negative_labels_are_refused(tmp_path):
+    from dptool._ffcv import import_ffcv
+
+    fields, writer_mod = import_ffcv("ffcv.fields"), import_ffcv("ffcv.writer")
+    path = tmp_path / "neg.beton"
+    writer = writer_mod.DatasetWriter(str(path), {"image": fields.RGBImageField(write_mode="raw"),
+                                                  "label": fields.IntField()}, num_workers=1)
+    writer.from_indexed_dataset([(np.zeros((4, 4, 3), np.uint8), label) for label in (0, 1, -1, 2)])
+    with pytest.raises(InputError, match=r"negative labels \(the smallest is -1\)"):
+        open_beton(path)
+    result = run("info", path)
+    assert result.exit_code == 2 and "negative labels" in result.output

@@ -102,6 +102,14 @@ def test_testing_on_the_training_file_is_warned_about(target, source_ckpt, caplo
     assert r.test_images == r.train_images and "holds the training file's samples" in caplog.text
 
 
+@pytest.mark.parametrize("change", [{"lr": float("nan")}, {"momentum": -1.0}, {"weight_decay": -1.0},
+                                    {"label_smoothing": 5.0}, {"res": 0}, {"test_batch_size": 0},
+                                    {"precision": "fp8"}])
+def test_config_refuses_bad_values(change):
+    with pytest.raises(InputError, match="must be"):
+        FinetuneConfig(**change).resolved()
+
+
 def test_split_indices_stratified_and_seeded():
     labels = np.repeat(np.arange(3), [10, 5, 2])
     tr, va = split_indices(labels, 0.2, seed=1)

@@ -317,6 +317,9 @@ def test_labels_out_of_range(dtype):
         (lambda: class_histogram(np.zeros(2, np.int64), 2, device="gpu"), "device must be one of"),
         (lambda: joint_histogram(np.zeros(3, np.int64), np.zeros(2, np.int64), 2, 2), "same length, got 3 and 2"),
         (lambda: joint_histogram(np.zeros(3, np.int64), np.zeros(3), 2, 2), "b must have an integer dtype"),
+        (lambda: joint_histogram(np.array([1]), np.array([0]), 2**32, 2**32),  # segfaulted before the check
+         r"n_a x n_b = 18446744073709551616 bins is more than the 2147483648"),
+        (lambda: class_histogram(np.array([1]), 2**63), r"n_classes = 9223372036854775808 bins is more than"),
         (lambda: nearest_centroid(np.zeros(4), np.zeros((2, 4))), r"x must be 2-D .* got shape \(4,\)"),
         (lambda: nearest_centroid(np.zeros((3, 4)), np.zeros((2, 2, 4))), r"centroids must be 2-D"),
         (lambda: nearest_centroid(np.zeros((3, 4)), np.zeros((2, 5))), "same number of columns, got 4 and 5"),

@@ -164,6 +164,8 @@ def test_select_groups_by_keep():
     ({"ratio": 1.5}, r"--ratio must be in \[0, 1\), got 1.5\."),
     ({"ratio": -0.1}, r"--ratio must be in \[0, 1\), got -0.1\."),
     ({"ratio": 1.0}, r"--ratio must be in \[0, 1\), got 1.0\."),
+    ({"ratio": "0.5"}, r"--ratio must be a number in \[0, 1\), got '0.5'\."),
+    ({"ratio": np.float32(1.5)}, r"--ratio must be in \[0, 1\), got 1.5\."),
     ({"ratio": 0.95}, r"--ratio 0.95 removes all 5 groups"),
     ({"keep": 0}, r"--keep must be in \[1, 5\], got 0\."),
     ({"keep": 6}, r"--keep must be in \[1, 5\], got 6\."),
@@ -238,3 +240,8 @@ def test_construction_refusals():
     with pytest.raises(InputError, match="unique"):
         Scores(method="lm", level="class", ids=[1, 1], names=["a", "b"], scores=[1, 2], tiebreak=[0, 0],
                source=SOURCE, tie_break="id")
+
+
+def test_select_groups_takes_numpy_numbers():
+    assert select_groups(class_scores(), ratio=np.float32(0.6)).tolist() == select_groups(class_scores(),
+                                                                                           ratio=0.6).tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from dptool.beton import fingerprint, open_beton, read_sidecar, write_sidecar
 from dptool.checkpoint import read_checkpoint, save_checkpoint
 from dptool.cli.main import cli
+from dptool.errors import InputError
 from dptool.models import create_model
 from dptool.train import TrainConfig, _kept_classes, evaluate, lr_at, resolution_at
 
@@ -270,3 +272,23 @@ def test_open_beton_passes_an_opened_file_through(tmp_path, train_val_betons):
     assert open_beton(unlabelled, require_label=False) is unlabelled
     with pytest.raises(InputError, match="no 'label' field"):
         open_beton(unlabelled)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan."),
+    ({"lr": float("inf")}, "--lr must be a finite number > 0, got inf."),
+    ({"lr_peak_epoch": float("nan")}, "--lr-peak-epoch must be a finite number >= 0"),
+    ({"momentum": -1.0}, "--momentum must be a finite number >= 0 and <= 1, got -1.0."),
+    ({"weight_decay": float("nan")}, "--weight-decay must be a finite number >= 0"),
+    ({"res_step": 0}, "res_step must be >= 1"),
+])
+def test_config_refuses_nan_and_out_of_range_values(change, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        TrainConfig(**change).validate()
+
+
+def test_cli_refuses_a_nan_learning_rate(train_val_betons, tmp_path):
+    train, _ = train_val_betons
+    code, text = _run(["train", str(train), "-o", str(tmp_path / "m.pt"), "--lr", "nan", *FAST[:2]])
+    assert code == 2 and "--lr must be a finite number > 0, got nan." in text
+    assert not (tmp_path / "m.pt").exists()
