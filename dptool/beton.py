@@ -30,6 +30,7 @@ __all__ = [
     "write_sidecar",
     "check_same_classes",
     "fingerprint",
+    "known_fingerprints",
     "summarize",
     "read_image",
     "NotABetonError",
@@ -282,6 +283,14 @@ def fingerprint(beton: Beton | str | os.PathLike) -> str:
                 f.seek(int(row["ptr"]))
                 h.update(f.read(min(int(row["size"]), _FINGERPRINT_BYTES)))
     return "blake2b:" + h.hexdigest()
+
+
+def known_fingerprints(beton: Beton) -> set[str]:
+    """The fingerprints that name `beton`: the one computed now, and the one its sidecar recorded when the file was
+    written, which differs for files written before the fingerprint read sample bytes. Scores files, checkpoints
+    and pruned files made from such a file recorded either, and both still identify it."""
+    recorded = (beton.sidecar or {}).get("fingerprint")
+    return {fingerprint(beton)} | ({recorded} if recorded else set())
 
 
 def summarize(path: str | os.PathLike) -> dict:

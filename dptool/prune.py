@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .beton import Beton, check_beton_output, check_same_classes, fingerprint, open_beton, write_sidecar
+from .beton import (
+    Beton,
+    check_beton_output,
+    check_same_classes,
+    fingerprint,
+    known_fingerprints,
+    open_beton,
+    write_sidecar,
+)
 from .errors import InputError
 from .scores import Scores, fingerprint_file, load_assignment, read_scores, select_groups
 from .subset import write_subsets
@@ -83,12 +91,8 @@ def _source_fingerprint(beton: Beton) -> str:
     return (beton.sidecar or {}).get("fingerprint") or fingerprint(beton)
 
 
-def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: Beton, *,
-                        source_fingerprint: str | None = None) -> None:
-    """Refuse scores computed on another source: class count, sample count or fingerprint differ (says which).
-
-    `source_fingerprint` is that of `beton` when the caller has it already (else it is looked up or computed).
-    """
+def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: Beton) -> None:
+    """Refuse scores computed on another source: class count, sample count or fingerprint differ (says which)."""
     src = scores.source
     if int(src["num_classes"]) != beton.num_classes:
         raise InputError(f"Scores file {scores_path} was computed for {int(src['num_classes'])} classes but "
@@ -96,10 +100,10 @@ def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: B
     if int(src["num_samples"]) != beton.num_samples:
         raise InputError(f"Scores file {scores_path} was computed for {int(src['num_samples'])} samples but "
                          f"{beton.path} has {beton.num_samples}; score this source first.")
-    have = source_fingerprint or _source_fingerprint(beton)
-    if src["fingerprint"] != have:
+    have = known_fingerprints(beton)
+    if src["fingerprint"] not in have:
         raise InputError(f"Scores file {scores_path} belongs to another source: its source fingerprint "
-                         f"{src['fingerprint']} differs from {have} of {beton.path}.")
+                         f"{src['fingerprint']} differs from {' or '.join(sorted(have))} of {beton.path}.")
     if scores.level == "class" and not np.array_equal(np.sort(scores.ids), np.arange(beton.num_classes)):
         raise InputError(f"Scores file {scores_path} scores {scores.num_groups} groups, not each of the "
                          f"{beton.num_classes} classes of {beton.path}.")
@@ -196,7 +200,7 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
                          "(cluster pruning keeps samples, not classes).")
     beton = open_beton(source)
     source_fp = _source_fingerprint(beton)
-    check_scores_source(scores, scores_path, beton, source_fingerprint=source_fp)
+    check_scores_source(scores, scores_path, beton)
     groups_of = beton.labels if scores.level == "class" else load_assignment(scores_path, scores)
     sizes = np.bincount(groups_of, minlength=scores.num_groups)
     selections = _selections(scores, ratio, keep, ratios, sizes)

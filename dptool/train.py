@@ -22,7 +22,7 @@ import numpy as np
 
 from . import distributed as dist
 from .atomic import atomic_output, check_output_path
-from .beton import Beton, check_same_classes, fingerprint, open_beton
+from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, open_beton
 from .errors import InputError, check_number
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
@@ -253,7 +253,9 @@ _RESUME_FIXED = ("batch_size", "lr", "lr_peak_epoch", "momentum", "weight_decay"
                  "max_res", "start_ramp", "end_ramp", "res_step", "seed")
 
 
-def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int) -> dict:
+def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int,
+                  known: set[str]) -> dict:
+    """The checkpoint to resume from, after checking it continues this run (`known`: the data's fingerprints)."""
     from .checkpoint import read_checkpoint
     from .models import canonical_name
 
@@ -269,7 +271,7 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
                          f"{onoff(ckpt['small_input'])} and blurpool {onoff(ckpt.get('blurpool'))}, but this run asks "
                          f"for a {want[0]} with small input {onoff(want[1])} and blurpool {onoff(config.blurpool)}; "
                          "give the --arch, --small-input and --blurpool it was trained with.")
-    if ckpt.get("data_fingerprint") != data_fp or int(ckpt["num_classes"]) != num_classes:
+    if ckpt.get("data_fingerprint") not in known or int(ckpt["num_classes"]) != num_classes:
         trained_on = (ckpt.get("extra") or {}).get("data") or "another file"
         raise InputError(f"Cannot resume: {output} was trained on {trained_on} with fingerprint "
                          f"{ckpt.get('data_fingerprint')} ({ckpt['num_classes']} classes), but {data} has "
@@ -329,7 +331,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
                          "another path.")
     check_output_path(log_path, force=force or resume, inputs=(data, val, output))
     data_fp = fingerprint(beton)
-    ckpt = _resume_state(output, config, data, data_fp, num_classes) if resume else None
+    ckpt = _resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton)) if resume else None
     world, rank = dist.world_size(), dist.rank()
     per_rank = math.ceil(beton.num_samples / world)
     if config.batch_size > per_rank:

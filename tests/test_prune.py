@@ -15,7 +15,7 @@ from conftest import make_beton
 
 import dptool.prune as prune_mod
 import dptool.subset as subset_mod
-from dptool.beton import fingerprint, open_beton, read_image, read_sidecar
+from dptool.beton import fingerprint, open_beton, read_image, read_sidecar, write_sidecar
 from dptool.cli.main import cli
 from dptool.convert import WriterParams, convert
 from dptool.errors import InputError
@@ -247,6 +247,22 @@ def test_scores_of_another_source_are_refused(data, tmp_path):
     assert "computed for 7 classes but" in _refuse(data, tmp_path, seven)
     fewer = class_scores_file(tmp_path / "fewer.json", data["train"], num_samples=10)
     assert "computed for 10 samples but" in _refuse(data, tmp_path, fewer)
+
+
+def test_a_file_whose_sidecar_recorded_an_older_fingerprint_answers_to_both(data, tmp_path):
+    """Files written before the fingerprint read sample bytes: scores made then, or now, both still prune them."""
+    old = tmp_path / "old.beton"
+    shutil.copy(data["train"], old)
+    side = {k: v for k, v in read_sidecar(data["train"]).items() if k not in ("format", "version")}
+    write_sidecar(old, {**side, "fingerprint": "blake2b:older"})
+    now = fingerprint(old)
+    for recorded in ("blake2b:older", now):
+        scores = class_scores_file(tmp_path / "s.json", old, fingerprint=recorded)
+        result = run(old, "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "p.beton", "--force")
+        assert result.exit_code == 0, result.output
+    other = class_scores_file(tmp_path / "s.json", old, fingerprint="blake2b:another")
+    result = run(old, "--scores", other, "--ratio", "0.5", "-o", tmp_path / "q.beton")
+    assert result.exit_code == 2 and f"differs from {' or '.join(sorted({'blake2b:older', now}))}" in result.output
 
 
 def test_val_with_cluster_scores_is_refused(data, tmp_path):
