@@ -53,8 +53,10 @@ def as_labels(xp: Any, labels: Any, name: str) -> Any:
         labels = labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
         raise KernelInputError(f"{name} must have an integer dtype, got {labels.dtype}.")
+    if labels.dtype == np.uint64 and labels.shape[0] and int(labels.max()) > np.iinfo(np.int64).max:
+        raise KernelInputError(f"{name} must be class indices, got {int(labels.max())}.")
     if labels.dtype not in NATIVE_LABEL_DTYPES:
-        labels = labels.astype(np.int64)  # uint64 values above 2**63 wrap negative and are reported
+        labels = labels.astype(np.int64)
     return xp.ascontiguousarray(labels)
 
 

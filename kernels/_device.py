@@ -179,6 +179,8 @@ def on_device(named: dict[str, Any], device: str) -> Iterator[tuple[Placement, d
 def _to_numpy(obj: Any) -> np.ndarray:
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(obj, tensor):
+        if obj.dtype == sys.modules["torch"].bool:  # NumPy has bools: checked as a NumPy bool array would be
+            return obj.detach().cpu().numpy()
         return _plain_tensor(obj).cpu().numpy()
     ndarray = _cupy_ndarray_type()
     if ndarray is not None and isinstance(obj, ndarray):

@@ -282,6 +282,8 @@ def test_torch_cpu_tensors_in_and_out():
     xb, cb = x.to(torch.bfloat16), c.to(torch.bfloat16).requires_grad_()  # model outputs: bf16, with grad
     index, dist = nearest_centroid(xb, cb, metric="cosine")
     check_nearest(xb.float().numpy(), cb.detach().float().numpy(), "cosine", index.numpy(), dist.numpy())
+    with pytest.raises(ValueError, match="labels must have an integer dtype, got bool"):  # as a NumPy bool array
+        class_histogram(torch.tensor([True, False]), 2)
 
 
 def test_errors_are_value_errors_and_input_errors():
@@ -320,6 +322,8 @@ def test_labels_out_of_range(dtype):
         (lambda: joint_histogram(np.array([1]), np.array([0]), 2**32, 2**32),  # segfaulted before the check
          r"n_a x n_b = 18446744073709551616 bins is more than the 2147483648"),
         (lambda: class_histogram(np.array([1]), 2**63), r"n_classes = 9223372036854775808 bins is more than"),
+        (lambda: class_histogram(np.array([0, 2**63 + 5], np.uint64), 4),
+         "labels must be class indices, got 9223372036854775813"),
         (lambda: nearest_centroid(np.zeros(4), np.zeros((2, 4))), r"x must be 2-D .* got shape \(4,\)"),
         (lambda: nearest_centroid(np.zeros((3, 4)), np.zeros((2, 2, 4))), r"centroids must be 2-D"),
         (lambda: nearest_centroid(np.zeros((3, 4)), np.zeros((2, 5))), "same number of columns, got 4 and 5"),
