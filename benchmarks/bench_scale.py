@@ -305,7 +305,10 @@ def analyse(name: str, rows: list[dict]) -> dict:
     linear = bool(marginal[-1] <= 1.5 * max(marginal[0], 0) + 0.05)
     # flat: judged on anonymous memory (PSS of shared libraries moves with whatever else maps them)
     flat = bool(a[-1] - a[0] < 64 + 0.10 * a[0])
-    project = lambda v: float(v[-1] + (v[-1] - v[-2]) / (n[-1] - n[-2]) * (IMAGENET_N - n[-1]))  # noqa: E731
+    # the last interval's growth, never below the last measurement (at small N the noise can make it negative)
+    def project(v) -> float:
+        return max(float(v[-1]), float(v[-1] + (v[-1] - v[-2]) / (n[-1] - n[-2]) * (IMAGENET_N - n[-1])))
+
     return {
         "command": name, "sizes": n.astype(int).tolist(), "seconds": t.tolist(), "cpu_seconds": cpu.tolist(),
         "peak_pss_mb": m.tolist(), "peak_anon_mb": a.tolist(),
@@ -463,9 +466,9 @@ def main() -> None:
                                 seed=99)
         run_checked([dptool, "-q", "convert", str(npz), str(sur_beton), "--max-res", str(args.image_size),
                      "--force"], "surrogate data convert")
-        r = args.res
+        r, batch = args.res, min(256, sur_n)
         run_checked([dptool, "-q", "train", str(sur_beton), "--arch", "resnet_tiny", "--epochs", "1",
-                     "--min-res", str(r), "--max-res", str(r), "--val-res", str(r), "--batch-size", "256",
+                     "--min-res", str(r), "--max-res", str(r), "--val-res", str(r), "--batch-size", str(batch),
                      "-o", str(ckpt), "--force"], "surrogate training")
     # warm-up (untimed): FFCV's compiled inference stages go to Numba's disk cache before any timing
     run_checked([dptool, "-q", "score", "--method", "fm", "--source", str(sur_beton), "--target", str(target),
