@@ -37,9 +37,6 @@ def _human(r) -> str:
         f"{', '.join(str(f.num_classes_kept) for f in train)} classes; {r.bytes_written / 1e6:.1f} MB written "
         f"in {r.seconds:.2f} s ({r.mb_per_second:.0f} MB/s)"
     )
-    if r.empty_groups:
-        lines.append(f"{r.empty_groups} {'clusters' if r.level == 'cluster' else 'classes'} without samples in the "
-                     "source were neither kept nor counted in the ratio")
     return "\n".join(lines)
 
 

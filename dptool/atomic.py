@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,14 +39,19 @@ def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = (
 
 
 def _check_writable(out: Path) -> None:
-    """Create and remove a file beside `out`: permissions, read-only mounts and immutable folders all show here,
-    not after hours of work when the output is renamed into place."""
+    """Create and remove the temporary file `atomic_output` will write: permissions, read-only mounts, immutable
+    folders and a name too long to take the temporary suffix all show here, not after hours of work."""
+    probe = temp_path_for(out)
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=out.parent)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
+        if exc.errno == errno.EEXIST:  # this process is writing it already: never touch it
+            return
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InputError(f"Output name {out.name} is too long: its temporary name {probe.name} is "
+                             f"{len(os.fsencode(probe.name))} bytes; choose a shorter name.") from None
         raise InputError(f"Cannot write to folder {out.parent} of output {out} ({exc.strerror}); "
                          "choose a folder you can write to.") from None
-    os.close(fd)
     os.unlink(probe)
 
 

@@ -337,7 +337,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
         tf = T.Compose([T.RandomResizedCrop(res, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         torch.set_num_threads(threads)
-        images = ImageFolder(str(folder), transform=tf, loader=_read_or_blank)
+        images = ImageFolder(str(folder), transform=tf, loader=_read_or_blank, allow_empty=True)  # as convert
         # ImageFolder lists files with image extensions only; convert tried (and skipped) every file
         skipped = [s["path"] for s in (beton.sidecar or {}).get("skipped", [])]
         stored = beton.num_samples + sum(has_file_allowed_extension(p, IMG_EXTENSIONS) for p in skipped)

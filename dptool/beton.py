@@ -286,11 +286,27 @@ def fingerprint(beton: Beton | str | os.PathLike) -> str:
 
 
 def known_fingerprints(beton: Beton) -> set[str]:
-    """The fingerprints that name `beton`: the one computed now, and the one its sidecar recorded when the file was
-    written, which differs for files written before the fingerprint read sample bytes. Scores files, checkpoints
-    and pruned files made from such a file recorded either, and both still identify it."""
-    recorded = (beton.sidecar or {}).get("fingerprint")
-    return {fingerprint(beton)} | ({recorded} if recorded else set())
+    """The fingerprints that name `beton`, both computed from the file: the current one, and the one dptool
+    computed before the fingerprint read sample bytes, which scores files, checkpoints and pruned files made then
+    recorded. (That older kind could not tell apart two raw-mode files with the same labels and sizes.)"""
+    return {fingerprint(beton), _fingerprint_without_samples(beton)}
+
+
+def _fingerprint_without_samples(b: Beton) -> str:
+    """The fingerprint before 2026-11-29: the tables, and the MiB after the metadata and the MiB before the
+    allocation table, which are mostly page padding rather than sample bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(b.file_size).encode())
+    for part in (b.header, b.field_descriptors, b.metadata, b.alloc_table):
+        h.update(np.ascontiguousarray(part).tobytes())
+    alloc_ptr = int(b.header["alloc_table_ptr"])
+    with open(b.path, "rb") as f:
+        f.seek(b.data_start)
+        h.update(f.read(min(1 << 20, alloc_ptr - b.data_start)))
+        tail = max(b.data_start, alloc_ptr - (1 << 20))
+        f.seek(tail)
+        h.update(f.read(alloc_ptr - tail))
+    return "blake2b:" + h.hexdigest()
 
 
 def summarize(path: str | os.PathLike) -> dict:

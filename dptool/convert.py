@@ -126,25 +126,24 @@ def convert(
         fp = fingerprint(beton)
         skipped = [{"path": source.describe(i), "reason": failures[i]} for i in sorted(failures)]
         counts = np.bincount(source.labels[order], minlength=len(source.class_names))
-        sidecar = write_sidecar(
-            out,
-            {
-                "num_samples": int(len(order)),
-                "num_classes": len(source.class_names),
-                "class_names": source.class_names,
-                "class_counts": counts.tolist(),
-                "fields": {"image": "RGBImageField", "label": "IntField"},
-                "writer": {
-                    **asdict(params),
-                    "num_workers": params.resolved_workers(),
-                    "page_size": params.resolved_page_size(),
-                },
-                "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
-                "skipped": skipped,
-                "fingerprint": fp,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        described = {
+            "num_samples": int(len(order)),
+            "num_classes": len(source.class_names),
+            "class_names": source.class_names,
+            "class_counts": counts.tolist(),
+            "fields": {"image": "RGBImageField", "label": "IntField"},
+            "writer": {
+                **asdict(params),
+                "num_workers": params.resolved_workers(),
+                "page_size": params.resolved_page_size(),
             },
-        )
+            "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
+            "skipped": skipped,
+            "fingerprint": fp,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    # written once the file is in place: a file that could not be replaced keeps the sidecar that describes it
+    sidecar = write_sidecar(out, described)
     return ConvertResult(
         output=str(out),
         sidecar=str(sidecar),

@@ -63,8 +63,10 @@ class FinetuneConfig:
             raise InputError(f"--epochs must be at least 1, got {out.epochs}.")
         if not 0.0 <= out.val_fraction < 1.0:
             raise InputError(f"--val-fraction must be in [0, 1), got {out.val_fraction}.")
-        if out.batch_size < 1 or out.test_batch_size < 1:
-            raise InputError(f"--batch-size must be positive, got {min(out.batch_size, out.test_batch_size)}.")
+        if out.batch_size < 1:
+            raise InputError(f"--batch-size must be positive, got {out.batch_size}.")
+        if out.test_batch_size < 1:
+            raise InputError(f"test_batch_size must be positive, got {out.test_batch_size}.")
         check_number("--lr", out.lr, low=0, low_open=True)
         check_number("--weight-decay", out.weight_decay, low=0)
         check_number("--momentum", out.momentum, low=0, high=1)
@@ -105,7 +107,8 @@ class FinetuneResult:
 
 
 def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) row indices: `fraction` of each class held out, at least one sample and never the whole class."""
+    """(train, val) row indices: `fraction` of each class held out (at least one sample of a class of two or
+    more), never a whole class."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):

@@ -137,7 +137,7 @@ def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[
 
 
 def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
-             scores_path: Path, scores_fp: str, tmp: Path) -> dict:
+             scores_path: Path, scores_fp: str, written: Path) -> dict:
     side = beton.sidecar or {}
     kept_list = sorted(int(k) for k in kept)
     pruning = {
@@ -149,7 +149,7 @@ def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kep
     return {
         **{k: side[k] for k in ("fields", "writer", "source") if k in side},
         "num_samples": int(counts.sum()), "num_classes": beton.num_classes, "class_names": beton.class_names,
-        "class_counts": counts.tolist(), "fingerprint": fingerprint(open_beton(tmp, require_label=False)),
+        "class_counts": counts.tolist(), "fingerprint": fingerprint(open_beton(written, require_label=False)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pruning": pruning,
     }
 
@@ -162,9 +162,9 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
     counts = [np.bincount(labels[idx], minlength=beton.num_classes) for _, _, _, idx in jobs]
     by_path = {os.path.abspath(p): (r, kept, c) for (p, r, kept, _), c in zip(jobs, counts)}
 
-    def finalize(final: Path, tmp: Path) -> None:
+    def finalize(final: Path) -> None:
         r, kept, c = by_path[os.path.abspath(final)]
-        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, tmp))
+        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, final))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
                             finalize=finalize)

@@ -292,7 +292,7 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
 
 def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.PathLike, np.ndarray], *,
                   force: bool = False, progress: bool = False, step: int = 64 * _MIB,
-                  finalize: Callable[[Path, Path], None] | None = None) -> list[SubsetResult]:
+                  finalize: Callable[[Path], None] | None = None) -> list[SubsetResult]:
     """Write several subsets of `src` in one pass over it, by copying stored sample bytes (no decode).
 
     Parameters
@@ -303,8 +303,8 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     progress : draw a progress bar (source bytes) on stderr.
     step : the outputs advance together through the source in steps of this many bytes (at least a page), so
         that a sample kept by several outputs is read from disk once and then from the page cache.
-    finalize : called as ``finalize(final_path, temp_path)`` once an output is complete, before it is renamed
-        into place (to write its sidecar).
+    finalize : called as ``finalize(final_path)`` as soon as an output is renamed into place (to write its
+        sidecar; an output that could not be replaced never gets a new one).
 
     Returns
     -------
@@ -339,7 +339,7 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     data_lo, data_hi = beton.data_start, int(beton.header["alloc_table_ptr"])
 
     with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_output(p.dst)) for p in plans]
+        tmps = [stack.enter_context(_placed_then(p.dst, finalize)) for p in plans]
         fd = os.open(beton.path, os.O_RDONLY)
         stack.callback(os.close, fd)
         with contextlib.suppress(AttributeError, OSError):
@@ -362,9 +362,6 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
         finally:
             for w in writers:
                 w.close()
-        if finalize is not None:
-            for p, tmp in zip(plans, tmps):
-                finalize(p.dst, tmp)
     seconds = time.perf_counter() - started
     bytes_read = _bytes_read(plans)
     return [SubsetResult(output=str(p.dst), num_samples=p.num_samples,
@@ -373,8 +370,17 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
                          seconds=seconds) for p in plans]
 
 
+@contextlib.contextmanager
+def _placed_then(dst: Path, finalize: Callable[[Path], None] | None):
+    """`atomic_output(dst)`, then `finalize(dst)` once the file is in place (never for one that was not)."""
+    with atomic_output(dst) as tmp:
+        yield tmp
+    if finalize is not None:
+        finalize(dst)
+
+
 def write_subset(src: Beton | str | os.PathLike, dst: str | os.PathLike, indices: np.ndarray, *,
                  force: bool = False, progress: bool = False,
-                 finalize: Callable[[Path, Path], None] | None = None) -> SubsetResult:
+                 finalize: Callable[[Path], None] | None = None) -> SubsetResult:
     """Write the samples `indices` (K,) of `src`, in that order, to the `.beton` `dst` by byte copy."""
     return write_subsets(src, {dst: indices}, force=force, progress=progress, finalize=finalize)[0]

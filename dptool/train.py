@@ -253,6 +253,11 @@ _RESUME_FIXED = ("batch_size", "lr", "lr_peak_epoch", "momentum", "weight_decay"
                  "max_res", "start_ramp", "end_ramp", "res_step", "seed")
 
 
+def _flag(name: str) -> str:
+    """The command-line option of a `TrainConfig` field (`res_step` has none)."""
+    return name if name == "res_step" else "--" + name.replace("_", "-")
+
+
 def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int,
                   known: set[str]) -> dict:
     """The checkpoint to resume from, after checking it continues this run (`known`: the data's fingerprints)."""
@@ -282,10 +287,12 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
     if int(ckpt["epoch"]) >= config.epochs:
         raise InputError(f"Cannot resume: {output} already holds {ckpt['epoch']} epochs; raise --epochs above that.")
     recipe = ckpt.get("recipe") or {}
-    changed = [name for name in _RESUME_FIXED if name in recipe and recipe[name] != getattr(config, name)]
+    # a ramp left to its default (None) follows --epochs, which may change
+    changed = [name for name in _RESUME_FIXED
+               if recipe.get(name) is not None and recipe[name] != getattr(config, name)]
     if changed:
         def flags(values) -> str:
-            return " ".join(f"--{name.replace('_', '-')} {values(name)}" for name in changed)
+            return " ".join(f"{_flag(name)} {values(name)}" for name in changed)
 
         raise InputError(f"Cannot resume: {output} was trained with {flags(recipe.get)} but this run gives "
                          f"{flags(lambda name: getattr(config, name))}; give the options it was trained with "

@@ -119,6 +119,7 @@ def test_bench_loader_compares_with_image_folder(tiny_beton, tiny_arrays, tmp_pa
     images, labels = tiny_arrays
     write_image_folder(tmp_path / "folder", images, labels, [f"class_{c}" for c in range(4)])
     (tmp_path / "folder" / "class_0" / "broken.png").write_bytes(b"not a png")  # convert would have skipped it
+    (tmp_path / "folder" / "class_9").mkdir()  # an empty class folder, which convert keeps as a label
     result = CliRunner().invoke(
         cli,
         [

@@ -102,12 +102,15 @@ def test_testing_on_the_training_file_is_warned_about(target, source_ckpt, caplo
     assert r.test_images == r.train_images and "holds the training file's samples" in caplog.text
 
 
-@pytest.mark.parametrize("change", [{"lr": float("nan")}, {"momentum": -1.0}, {"weight_decay": -1.0},
-                                    {"label_smoothing": 5.0}, {"res": 0}, {"test_batch_size": 0},
-                                    {"precision": "fp8"}])
-def test_config_refuses_bad_values(change):
-    with pytest.raises(InputError, match="must be"):
+@pytest.mark.parametrize("change, flag", [({"lr": float("nan")}, "--lr"), ({"momentum": -1.0}, "--momentum"),
+                                          ({"weight_decay": -1.0}, "--weight-decay"),
+                                          ({"label_smoothing": 5.0}, "--label-smoothing"), ({"res": 0}, "--res"),
+                                          ({"test_batch_size": 0}, "test_batch_size"),
+                                          ({"precision": "fp8"}, "--precision")])
+def test_config_refuses_bad_values(change, flag):
+    with pytest.raises(InputError, match=f"^{flag} must be"):
         FinetuneConfig(**change).resolved()
+    assert FinetuneConfig(lr=np.float32(0.5), momentum=np.float64(0.9)).resolved().lr == 0.5  # NumPy numbers
 
 
 def test_split_indices_stratified_and_seeded():

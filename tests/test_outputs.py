@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from dptool.atomic import check_output_path
+from dptool.beton import read_sidecar
 from dptool.cli.main import cli
 from dptool.errors import InputError
 
@@ -78,6 +79,9 @@ def test_an_unwritable_folder_is_named_before_any_work(data, tiny_beton, tmp_pat
             assert result.exit_code == 2, result.output
             assert f"Cannot write to folder {folder}" in result.output, result.output
         assert list(folder.iterdir()) == []
+    long = tmp_path / ("n" * 240 + ".beton")  # fits a file name, not with the temporary suffix
+    with pytest.raises(InputError, match="is too long: its temporary name"):
+        check_output_path(long, force=False)
 
 
 def test_demo_in_an_unwritable_folder_is_refused(tmp_path):
@@ -98,7 +102,7 @@ def test_an_output_that_cannot_be_replaced_leaves_no_temporary_file(tiny_beton, 
     with _unwritable(out):
         if os.access(tmp_path, os.W_OK) and not os.access(out, os.W_OK) and os.geteuid() != 0:
             pytest.skip("a read-only file in a writable folder can be replaced by its owner")
-        result = CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "raw", "--force"])
+        result = CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "jpg", "--force"])
         assert result.exit_code == 2 and f"Cannot replace {out}" in result.output, result.output
-        assert _digest(out) == before
+        assert _digest(out) == before and read_sidecar(out)["writer"]["write_mode"] == "raw"  # both untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]

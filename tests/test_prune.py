@@ -131,7 +131,7 @@ def test_classes_without_samples_are_neither_kept_nor_counted(data, tmp_path):
     assert doc["empty_groups"] == 3 and doc["files"][0]["kept_groups"] == 1  # round_half_up(1.5) of 3 removed
     assert read_sidecar(tmp_path / "half.beton")["pruning"]["kept_classes"] == [2]
     result = run(p3, "--scores", scores, "--keep", 3, "-o", tmp_path / "all.beton")
-    assert result.exit_code == 0 and "3 classes without samples in the source were neither kept" in result.output
+    assert result.exit_code == 0 and "3 of the 6 classes have no samples in" in result.output  # the warning
     assert read_sidecar(tmp_path / "all.beton")["class_counts"] == [25, 0, 25, 0, 0, 25]
     result = run(p3, "--scores", scores, "--keep", 4, "-o", tmp_path / "four.beton")
     assert result.exit_code == 2 and "--keep must be in [1, 3] (the groups with samples), got 4." in result.output
@@ -249,20 +249,23 @@ def test_scores_of_another_source_are_refused(data, tmp_path):
     assert "computed for 10 samples but" in _refuse(data, tmp_path, fewer)
 
 
-def test_a_file_whose_sidecar_recorded_an_older_fingerprint_answers_to_both(data, tmp_path):
-    """Files written before the fingerprint read sample bytes: scores made then, or now, both still prune them."""
-    old = tmp_path / "old.beton"
-    shutil.copy(data["train"], old)
-    side = {k: v for k, v in read_sidecar(data["train"]).items() if k not in ("format", "version")}
-    write_sidecar(old, {**side, "fingerprint": "blake2b:older"})
-    now = fingerprint(old)
-    for recorded in ("blake2b:older", now):
-        scores = class_scores_file(tmp_path / "s.json", old, fingerprint=recorded)
-        result = run(old, "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "p.beton", "--force")
+def test_scores_recording_the_older_kind_of_fingerprint_still_match(data, tmp_path):
+    """Scores made before the fingerprint read sample bytes recorded the older kind: both are computed from the
+    file, so those still prune it, and a sidecar's claim alone never makes another file match."""
+    from dptool.beton import _fingerprint_without_samples
+
+    src = open_beton(data["train"])
+    for recorded in (_fingerprint_without_samples(src), fingerprint(src)):
+        scores = class_scores_file(tmp_path / "s.json", data["train"], fingerprint=recorded)
+        result = run(data["train"], "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "p.beton", "--force")
         assert result.exit_code == 0, result.output
-    other = class_scores_file(tmp_path / "s.json", old, fingerprint="blake2b:another")
-    result = run(old, "--scores", other, "--ratio", "0.5", "-o", tmp_path / "q.beton")
-    assert result.exit_code == 2 and f"differs from {' or '.join(sorted({'blake2b:older', now}))}" in result.output
+    claimed = tmp_path / "claimed.beton"  # another file whose sidecar claims the training file's fingerprint
+    shutil.copy(data["val"], claimed)
+    side = {k: v for k, v in read_sidecar(data["val"]).items() if k not in ("format", "version")}
+    write_sidecar(claimed, {**side, "fingerprint": fingerprint(src), "num_samples": src.num_samples})
+    scores = class_scores_file(tmp_path / "s.json", data["train"], num_samples=open_beton(claimed).num_samples)
+    result = run(claimed, "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "q.beton")
+    assert result.exit_code == 2 and "belongs to another source" in result.output, result.output
 
 
 def test_val_with_cluster_scores_is_refused(data, tmp_path):
