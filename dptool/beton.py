@@ -259,6 +259,15 @@ def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None
                      f"{want} here); give the {split} split of the same dataset.")
 
 
+def _tables_hash(b: Beton):
+    """BLAKE2b (16 bytes) fed with the file's size, header, field descriptors, metadata and allocation table."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(b.file_size).encode())
+    for part in (b.header, b.field_descriptors, b.metadata, b.alloc_table):
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h
+
+
 _FINGERPRINT_SAMPLES = 64  # allocations whose bytes the fingerprint reads, spread over the file
 _FINGERPRINT_BYTES = 1 << 16  # at most this much of each
 
@@ -271,10 +280,7 @@ def fingerprint(beton: Beton | str | os.PathLike) -> str:
     of the sampled allocations do. An edit of one image's pixels that keeps its size can go unseen.
     """
     b = beton if isinstance(beton, Beton) else open_beton(beton, require_label=False)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(b.file_size).encode())
-    for part in (b.header, b.field_descriptors, b.metadata, b.alloc_table):
-        h.update(np.ascontiguousarray(part).tobytes())
+    h = _tables_hash(b)
     table = b.alloc_table
     if len(table):
         picks = np.unique(np.linspace(0, len(table) - 1, num=min(len(table), _FINGERPRINT_SAMPLES)).round())
@@ -295,10 +301,7 @@ def known_fingerprints(beton: Beton) -> set[str]:
 def _fingerprint_without_samples(b: Beton) -> str:
     """The fingerprint before 2026-11-29: the tables, and the MiB after the metadata and the MiB before the
     allocation table, which are mostly page padding rather than sample bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(b.file_size).encode())
-    for part in (b.header, b.field_descriptors, b.metadata, b.alloc_table):
-        h.update(np.ascontiguousarray(part).tobytes())
+    h = _tables_hash(b)
     alloc_ptr = int(b.header["alloc_table_ptr"])
     with open(b.path, "rb") as f:
         f.seek(b.data_start)
