@@ -224,6 +224,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     args = parser.parse_args()
+    # a usage line, not a traceback deep in the run
+    for name in ("labels", "rows", "gpu_rows", "centroids", "dims", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
     rows: list[dict] = []
     if not args.no_cpu:

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -167,6 +168,13 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    # a usage line, not a traceback deep in the run
+    for name in ("images", "classes", "batch_size", "workers", "train_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for shape in args.shapes:
+        if not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", shape):
+            p.error(f"--shapes entries are STORED:TRAINED pixel sizes such as 160:128, got {shape!r}")
     device = torch.device(args.device)
     threads = torch.get_num_threads()
     runs = []
