@@ -191,7 +191,8 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         raise InputError(f"Test file {test_data} has label {int(test_b.labels.max())}, beyond the {num_classes} "
                          f"classes of {train_data}.")
     check_same_classes(train_b, test_b, "Test file", "test")
-    if os.path.samefile(train_b.path, test_b.path) or fingerprint(train_b) == fingerprint(test_b):
+    train_fp = fingerprint(train_b)
+    if os.path.samefile(train_b.path, test_b.path) or train_fp == fingerprint(test_b):
         log.warning("the test file %s holds the training file's samples: its top-1 measures fit, not transfer",
                     test_data)
     tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
@@ -296,7 +297,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if output is not None:
         save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
                         recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
-                        data_fingerprint=fingerprint(train_b), epoch=cfg.epochs,
+                        data_fingerprint=train_fp, epoch=cfg.epochs,
                         small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
                         image_size=ckpt.get("image_size"),
                         extra={"history": history, "summary": summary, "data": str(train_data)})
