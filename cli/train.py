@@ -15,6 +15,14 @@ __all__ = ["command"]
 D = TrainConfig()
 
 
+def _speed(r) -> str:
+    """Training images/s over the run, and the last epoch's when the first one's compilation weighs on the mean."""
+    text = f"{r.images_per_second:.0f} images/s"
+    if r.epochs - r.start_epoch > 1:
+        text += f" (last epoch {r.last_epoch_images_per_second:.0f})"
+    return text
+
+
 def _human(r) -> str:
     f = r.final
     val = f" val top-1 {f['val_top1']:.4f} top-5 {f['val_top5']:.4f}" if "val_top1" in f else ""
@@ -23,7 +31,7 @@ def _human(r) -> str:
     epochs = f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}"
     return (f"{r.checkpoint}: {r.arch}, {epochs} on {r.num_samples} images ({r.num_classes}-way head), "
             f"{r.world_size} process(es), effective batch {r.effective_batch_size}, lr {r.effective_lr:g}, "
-            f"{r.images_per_second:.0f} images/s; last epoch loss {f.get('train_loss', float('nan')):.4f}{val}")
+            f"{_speed(r)}; last epoch loss {f.get('train_loss', float('nan')):.4f}{val}")
 
 
 @click.command("train", context_settings=CONTEXT_SETTINGS)

@@ -291,11 +291,12 @@ def fingerprint(beton: Beton | str | os.PathLike) -> str:
     return "blake2b:" + h.hexdigest()
 
 
-def known_fingerprints(beton: Beton) -> set[str]:
+def known_fingerprints(beton: Beton, current: str | None = None) -> set[str]:
     """The fingerprints that name `beton`, both computed from the file: the current one, and the one dptool
     computed before the fingerprint read sample bytes, which scores files, checkpoints and pruned files made then
-    recorded. (That older kind could not tell apart two raw-mode files with the same labels and sizes.)"""
-    return {fingerprint(beton), _fingerprint_without_samples(beton)}
+    recorded. (That older kind could not tell apart two raw-mode files with the same labels and sizes.)
+    `current`: `fingerprint(beton)` when the caller has it already."""
+    return {current or fingerprint(beton), _fingerprint_without_samples(beton)}
 
 
 def _fingerprint_without_samples(b: Beton) -> str:

@@ -209,7 +209,8 @@ class TrainResult:
     pruned: bool
     final: dict = field(default_factory=dict)
     best_val_top1: float | None = None
-    images_per_second: float = 0.0
+    images_per_second: float = 0.0  # over this run's epochs, the first one's compilation included
+    last_epoch_images_per_second: float = 0.0  # the steady rate, once FFCV's and torch's compilation is done
     seconds: float = 0.0
     images_trained: int = 0  # over this run's epochs, all ranks (whole batches only: the last partial one is dropped)
 
@@ -338,7 +339,8 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
                          "another path.")
     check_output_path(log_path, force=force or resume, inputs=(data, val, output))
     data_fp = fingerprint(beton)
-    ckpt = _resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton)) if resume else None
+    ckpt = (_resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton, data_fp))
+            if resume else None)
     world, rank = dist.world_size(), dist.rank()
     per_rank = math.ceil(beton.num_samples / world)
     if config.batch_size > per_rank:
@@ -457,6 +459,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         pruned=kept_np is not None, final=final,
         best_val_top1=max((h["val_top1"] for h in history if "val_top1" in h), default=None),
         images_per_second=trained / max(sum(h["epoch_time_s"] for h in done), 1e-9),
+        last_epoch_images_per_second=float(done[-1]["images_per_s"]) if done else 0.0,
         seconds=seconds, images_trained=trained,
     )
 

@@ -58,6 +58,9 @@ def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
     assert lines[0]["event"] == "config" and lines[0]["config"]["lr"] == 0.32
     assert [r["epoch"] for r in lines[1:]] == [0, 1, 2]
     assert {"train_loss", "train_top1", "val_top1", "val_top5", "images_per_s", "epoch_time_s"} <= set(lines[1])
+    assert res["last_epoch_images_per_second"] == pytest.approx(lines[3]["images_per_s"])
+    assert res["images_per_second"] == pytest.approx(sum(r["train_images"] for r in lines[1:])
+                                                     / sum(r["epoch_time_s"] for r in lines[1:]))
     first = read_checkpoint(out)
     assert first["epoch"] == 3 and first["optimizer_state"]["state"] and first["recipe"]["effective_lr"] == 0.02
 

@@ -226,6 +226,6 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
 def _warn_fingerprint(surrogate, src: Beton, src_fp: str) -> None:
     """Warn when the surrogate's checkpoint records training data other than this source (its real fingerprint)."""
     trained_on = (getattr(surrogate, "identity", None) or {}).get("data_fingerprint")
-    if trained_on and trained_on != src_fp and trained_on not in known_fingerprints(src):
+    if trained_on and trained_on != src_fp and trained_on not in known_fingerprints(src, src_fp):
         log.warning("the surrogate was trained on data with fingerprint %s, not on source %s (%s)",
                     trained_on, src.path, src_fp)
