@@ -432,7 +432,21 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="PNG (default: --json-out with .png)")
     args = ap.parse_args()
 
-    sizes = sorted(int(float(s)) for s in args.sizes.split(","))
+    try:
+        sizes = sorted(int(float(s)) for s in args.sizes.split(","))
+    except ValueError:
+        ap.error(f"--sizes must be numbers separated by commas, got {args.sizes!r}")
+    # a usage line, not a traceback deep in the run
+    for name in ("classes", "image_size", "res", "target_images", "surrogate_per_class", "source_sample", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if sizes[0] < 1:
+        ap.error(f"every --sizes value must be at least 1, got {sizes[0]}")
+    if args.clusters is not None and args.clusters < 1:
+        ap.error(f"--clusters must be at least 1, got {args.clusters}")
+    if not 0 <= args.ratio < 1 or not args.interval > 0 or args.imagefolder_max < 0:
+        ap.error(f"--ratio must be in [0, 1), --interval > 0 and --imagefolder-max >= 0, got {args.ratio}, "
+                 f"{args.interval} and {args.imagefolder_max}")
     wanted = [c.strip() for c in args.commands.split(",") if c.strip()]
     unknown = set(wanted) - set(COMMANDS)
     if unknown:

@@ -220,6 +220,16 @@ def main() -> None:
     ap.add_argument("--skip-fm", action="store_true")
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "score.json")
     args = ap.parse_args()
+    # a usage line, not a traceback deep in the run
+    for name in ("classes", "target_images", "stored", "res", "batch_size", "workers", "fm_train", "fm_all", "fm_dim",
+                 "fm_k", "fm_iters", "repeats", "fm_repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.fm_k <= args.fm_train <= args.fm_all:
+        ap.error(f"need --fm-k <= --fm-train <= --fm-all (k-means needs a point per centroid and trains on the first "
+                 f"--fm-train points), got {args.fm_k}, {args.fm_train} and {args.fm_all}")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        ap.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     logging.basicConfig(level=logging.WARNING)
 
     result: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
