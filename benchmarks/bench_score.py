@@ -116,8 +116,10 @@ def bench_lm(args, folder: Path) -> dict:
         stages.append(timings)
     best = int(np.argmin(e2es))
     ratios = [e / b for e, b in zip(e2es, bares)]
-    steady = [(e - st[FIRST_BATCH_STAGE]) / (b * (1 - len(batches[0]) / n))
-              for e, b, st in zip(e2es, bares, stages)]
+    # the inference loop after its first batch against the bare passes after theirs: loading the surrogate,
+    # checks, loader set-up and writing are left out of both sides
+    steady = [(st["target inference"] - st[FIRST_BATCH_STAGE]) / (b * (1 - len(batches[0]) / n))
+              for b, st in zip(bares, stages)]
     return {
         "arch": args.arch, "source_classes": args.classes, "target_images": n, "stored_px": args.stored,
         "res": args.res, "batch_size": args.batch_size, "device": args.device, "workers": args.workers,
@@ -125,7 +127,7 @@ def bench_lm(args, folder: Path) -> dict:
         "bare_forward_seconds": min(bares), "end_to_end_seconds": min(e2es),
         "end_to_end_over_bare": float(np.median(ratios)), "target_ratio": 1.2,
         "end_to_end_over_bare_per_repeat": ratios,
-        "end_to_end_without_first_batch_over_bare": float(np.median(steady)),
+        "inference_loop_without_first_batch_over_bare": float(np.median(steady)),
         "end_to_end_stages": stages[best], "decode_to_memory_seconds_first_loader": decode_seconds,
         "bare_images_per_s": n / min(bares), "end_to_end_images_per_s": n / min(e2es),
         "all_bare_seconds": bares, "all_end_to_end_seconds": e2es,
@@ -242,8 +244,8 @@ def main() -> None:
         print(f"  dptool score (LM)     {lm['end_to_end_seconds']:8.2f} s  ({lm['end_to_end_images_per_s']:.0f} img/s)")
         print(f"  end to end / bare     {lm['end_to_end_over_bare']:8.2f} x  (median of per-repeat ratios "
               f"{', '.join(f'{r:.2f}' for r in lm['end_to_end_over_bare_per_repeat'])}; target <= 1.2)")
-        print(f"  same, after the first batch (loader set-up excluded) "
-              f"{lm['end_to_end_without_first_batch_over_bare']:.2f} x")
+        print(f"  inference loop after its first batch / bare passes after theirs "
+              f"{lm['inference_loop_without_first_batch_over_bare']:.2f} x")
         print("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in lm["end_to_end_stages"].items()))
     if not args.skip_fm:
         fm = result["fm"] = bench_fm(args)
