@@ -135,7 +135,7 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="Where batches are delivered (and the model runs): auto = CUDA when present.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="Model step precision with --arch (auto: bf16 on CUDA, fp32 on the CPU).")
+              help="Model step precision with --arch (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU).")
 @_with(_out_options)
 def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, device, precision,
            json_out, force, as_json):

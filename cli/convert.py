@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from dptool.convert import PRESETS, WriterParams, convert
+from dptool.errors import MAX_SEED
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
 
@@ -52,7 +53,8 @@ def _human(r) -> str:
     default=None,
     help="How images are stored  [default: jpg]",
 )
-@click.option("--seed", type=int, default=0, help="Seed of the sample shuffle in the file (class-balanced FFCV order).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+              default=0, help="Seed of the sample shuffle in the file (class-balanced FFCV order).")
 @click.option(
     "--on-error",
     type=click.Choice(["skip", "fail"]),

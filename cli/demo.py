@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dptool.demo import DemoConfig, run_demo, with_overrides
+from dptool.errors import MAX_SEED
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
 
@@ -29,7 +30,8 @@ def _table(result) -> str:
               help="Folder for the generated data, models, scores and pruned files.")
 @click.option("--quick", is_flag=True, help="A smaller, shorter run (about a minute on two cores).")
 @click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="Pruning ratio  [default: 0.6]")
-@click.option("--seed", type=int, default=None, help="Seed of the data, training and baselines  [default: 0]")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+              default=None, help="Seed of the data, training and baselines  [default: 0]")
 @force_option
 @json_option
 def command(workdir, quick, ratio, seed, force, as_json):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from dptool.errors import MAX_SEED
 from dptool.finetune import FinetuneConfig, finetune
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
@@ -46,8 +47,9 @@ def _human(r) -> str:
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=D.val_fraction,
               help="Hold out this fraction of each training class for model selection.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D.precision,
-              help="Autocast on CUDA (auto: bf16); CPU runs fp32.")
-@click.option("--seed", type=int, default=D.seed, help="Seed of the head, the split, the sample order and the crops.")
+              help="Autocast on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+              default=D.seed, help="Seed of the head, the split, the sample order and the crops.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write the finetuned checkpoint.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl when -o is given]")

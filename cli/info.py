@@ -38,8 +38,10 @@ def _beton(s: dict) -> str:
             lines.append(f"  {c['label']:>5}  {c['count']:>8}  {c['name']}")
         if len(s["classes"]) > 50:
             lines.append(f"  ... {len(s['classes']) - 50} more (use --json for all)")
-    if s["fingerprint"]:
-        lines.append(f"fingerprint: {s['fingerprint']}")
+    lines.append(f"fingerprint: {s['fingerprint']}")
+    if s.get("sidecar_matches") is False:
+        lines.append(f"warning: the sidecar {s['sidecar']} was not written for this file (its fingerprint differs); "
+                     "class names, writer and provenance above come from it")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dptool.distributed import launch_rank
+from dptool.errors import MAX_SEED
 from dptool.features import InferenceOptions
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
@@ -50,7 +51,8 @@ def _human(s: dict) -> str:
 @click.option("--source-sample", type=click.IntRange(min=0), default=256,
               help="Source images per class for k-means, class means and EL2N; 0 = all.")
 @click.option("--kmeans-iters", type=click.IntRange(min=1), default=20, help="k-means iterations.")
-@click.option("--seed", type=int, default=0, help="Seed of sampling, k-means and --method random.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+              default=0, help="Seed of sampling, k-means and --method random.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")
 @workers_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where the model runs.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dptool.distributed import launch_rank
+from dptool.errors import MAX_SEED
 from dptool.models import list_models
 from dptool.train import TrainConfig, config_from_options, train
 
@@ -64,8 +65,9 @@ def _human(r) -> str:
 @click.option("--val-batch-size", type=click.IntRange(min=1), default=D.val_batch_size,
               help="Validation batch per process.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D.precision,
-              help="Autocast on CUDA (auto: bf16); CPU runs fp32.")
-@click.option("--seed", type=int, default=D.seed, help="Seed of initialisation, sample order and crops and flips.")
+              help="Autocast on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+              default=D.seed, help="Seed of initialisation, sample order and crops and flips.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl]")
 @click.option("--resume", is_flag=True, help="Continue from the epoch saved in OUTPUT (same data and arch).")

@@ -318,6 +318,9 @@ def summarize(path: str | os.PathLike) -> dict:
     writer parameters, provenance, file size."""
     b = open_beton(path, require_label=False)
     side = b.sidecar or {}
+    # the file's own fingerprint; the sidecar's is trusted for nothing here (a sidecar copied beside another
+    # file, or a file replaced after its sidecar was written, would otherwise show someone else's)
+    recorded = side.get("fingerprint")
     summary = {
         "path": str(b.path),
         "file_size": b.file_size,
@@ -327,7 +330,8 @@ def summarize(path: str | os.PathLike) -> dict:
         "sidecar": str(sidecar_path(b.path)) if b.sidecar else None,
         "writer": side.get("writer"),
         "source": side.get("source"),
-        "fingerprint": side.get("fingerprint"),
+        "fingerprint": fingerprint(b),
+        "sidecar_matches": None if not b.sidecar else bool(recorded) and recorded in known_fingerprints(b),
         "skipped": len(side.get("skipped", [])),
         "pruning": side.get("pruning"),
     }
@@ -341,10 +345,12 @@ def summarize(path: str | os.PathLike) -> dict:
     return summary
 
 
-def read_image(beton: Beton, index: int) -> np.ndarray:
+def read_image(beton: Beton | str | os.PathLike, index: int) -> np.ndarray:
     """Decode the stored image of sample `index` (file order) to (H, W, 3) uint8 without an FFCV Loader.
 
-    A slow reference path for checks and `info`; training and scoring read through `dptool.loaders`."""
+    `beton` is an opened `Beton` or a path. A slow reference path for checks and `info`; training and scoring
+    read through `dptool.loaders`."""
+    beton = open_beton(beton, require_label=False)
     if "image" not in beton.field_names:
         raise InputError(f"{beton.path} has no 'image' field.")
     if not 0 <= index < beton.num_samples:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .atomic import atomic_output
 from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
-from .errors import InputError
+from .errors import InputError, check_seed
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
 from .writer import SkipSample, WriterParams, write_beton
 
@@ -101,6 +101,8 @@ def convert(
         raise InputError(f"--compress-prob must be in [0, 1], got {params.compress_probability}.")
     if params.max_resolution < 8:
         raise InputError(f"--max-res must be at least 8, got {params.max_resolution}.")
+    if params.shuffle_seed is not None:
+        check_seed("--seed", params.shuffle_seed)
     out = check_beton_output(out, force=force, inputs=(src,))
     source = open_source(src, format=format, split=split, max_pixels=max_pixels)
     n = len(source)

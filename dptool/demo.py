@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .atomic import check_output_path
-from .errors import InputError
+from .errors import InputError, check_seed
 
 __all__ = ["DemoConfig", "DemoRow", "DemoResult", "run_demo", "prepare_data", "pretrain_and_probe", "plot_demo",
            "with_overrides"]
@@ -146,6 +146,7 @@ def run_demo(workdir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, f
 
     if not 0 <= config.ratio < 1:
         raise InputError(f"--ratio must be in [0, 1), got {config.ratio}.")
+    check_seed("--seed", config.seed)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"--workdir {workdir} is a file; give a folder.")

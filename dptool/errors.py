@@ -3,7 +3,7 @@
 import math
 import numbers
 
-__all__ = ["DptoolError", "InputError", "check_number"]
+__all__ = ["DptoolError", "InputError", "check_number", "check_seed", "MAX_SEED"]
 
 
 class DptoolError(Exception):
@@ -28,3 +28,15 @@ def check_number(flag: str, value, *, low: float | None = None, high: float | No
         bound = " and ".join(b for b in (left, right) if b)
         got = repr(value) if isinstance(value, str) else value
         raise InputError(f"{flag} must be a finite number{' ' + bound if bound else ''}, got {got}.")
+
+
+#: the largest seed every consumer takes (NumPy's generators, torch.manual_seed after dptool's arithmetic on it)
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(flag: str, value) -> None:
+    """Refuse a seed that is not an integer in [0, MAX_SEED], naming `flag` (NumPy refuses negative seeds, and
+    torch and Numba overflow on very large ones, both deep inside a run)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) <= MAX_SEED:
+        got = repr(value) if isinstance(value, str) else value
+        raise InputError(f"{flag} must be an integer from 0 to {MAX_SEED}, got {got}.")

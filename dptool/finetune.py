@@ -21,7 +21,7 @@ import numpy as np
 
 from .atomic import check_output_path
 from .beton import check_same_classes, fingerprint, open_beton
-from .errors import InputError, check_number
+from .errors import InputError, check_number, check_seed
 from .train import JsonLog, autocast, evaluate, resolve_precision
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices"]
@@ -67,6 +67,7 @@ class FinetuneConfig:
             raise InputError(f"--batch-size must be positive, got {out.batch_size}.")
         if out.test_batch_size < 1:
             raise InputError(f"test_batch_size must be positive, got {out.test_batch_size}.")
+        check_seed("--seed", out.seed)
         check_number("--lr", out.lr, low=0, low_open=True)
         check_number("--weight-decay", out.weight_decay, low=0)
         check_number("--momentum", out.momentum, low=0, high=1)

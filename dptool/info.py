@@ -57,6 +57,9 @@ def _describe_json(p: Path) -> dict:
     try:
         doc = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if _is_run_log(p):
+            raise InputError(f"{p} is the JSON-lines log of a `train` or `finetune` run; run `dptool info` on its "
+                             "checkpoint.") from exc
         raise InputError(f"{p} is not valid JSON ({exc}).") from exc
     if isinstance(doc, dict) and doc.get("format") == SCORES_FORMAT:
         return summarize_scores(p)
@@ -65,6 +68,16 @@ def _describe_json(p: Path) -> dict:
         raise InputError(f"{p} is the sidecar of {beton}; run `dptool info {beton}`.")
     raise InputError(f"{p} is JSON but not a dptool scores file; info reads .beton files, scores files and "
                      "dptool checkpoints.")
+
+
+def _is_run_log(p: Path) -> bool:
+    """Whether `p` starts like dptool's JSON-lines training log (a first line {"event": "config", ...})."""
+    try:
+        with open(p, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("event") == "config"
 
 
 def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:

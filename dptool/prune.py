@@ -127,6 +127,8 @@ def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[
         kept = select_groups(scores, keep=keep, sizes=sizes)
         populated = int(np.count_nonzero(sizes))
         return [((populated - len(kept)) / populated, kept)]
+    if ratio is None and (isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__")):
+        raise InputError(f"--ratios must be a list of numbers such as [0.2, 0.4], got {ratios!r}.")
     ratios = [ratio] if ratio is not None else list(ratios)
     if not ratios:
         raise InputError("--ratios must list at least one ratio, got none.")

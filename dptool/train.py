@@ -23,7 +23,7 @@ import numpy as np
 from . import distributed as dist
 from .atomic import atomic_output, check_output_path
 from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, open_beton
-from .errors import InputError, check_number
+from .errors import InputError, check_number, check_seed
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
            "autocast", "resolve_precision", "JsonLog"]
@@ -53,7 +53,7 @@ class TrainConfig:
     val_res: int = 256
     val_batch_size: int = 256
     workers: int = 0  # FFCV decoding threads; 0 = all cores
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
 
     def ramp(self) -> tuple[int, int]:
@@ -70,6 +70,7 @@ class TrainConfig:
             raise InputError(f"--batch-size must be at least 1, got {min(self.batch_size, self.val_batch_size)}.")
         if not 8 <= self.min_res <= self.max_res:
             raise InputError(f"--min-res/--max-res must satisfy 8 <= min <= max, got {self.min_res}/{self.max_res}.")
+        check_seed("--seed", self.seed)
         check_number("--lr", self.lr, low=0, low_open=True)
         check_number("--lr-peak-epoch", self.lr_peak_epoch, low=0)
         check_number("--momentum", self.momentum, low=0, high=1)

@@ -29,8 +29,8 @@ def random_classes(ctx: Context) -> MethodResult:
     with ctx.stage("random order"):
         scores = np.random.default_rng(ctx.options.seed).permutation(n_cls).astype(np.float64) + 1.0
     return MethodResult(level="class", ids=np.arange(n_cls), names=tuple(ctx.source.class_names), scores=scores,
-                        tiebreak=np.zeros(n_cls), tie_break="none needed: scores are a seeded random permutation "
-                        "(distinct); then class id (lower first)", params={"seed": ctx.options.seed})
+                        tiebreak=np.zeros(n_cls), tie_break="score (a seeded random permutation of 1..C, all distinct: "
+                        "no ties), then class id (lower first)", params={"seed": ctx.options.seed})
 
 
 @register_method("el2n", needs_target=False, needs_logits=True,

@@ -7,6 +7,7 @@ The output path is checked before any work, so an existing file is refused in a 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -51,8 +52,16 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
 
     options = options or ScoreOptions()
     spec = get_method(method)
-    if std is not None and not all(v > 0 for v in std):  # also refuses NaN
-        raise InputError(f"--std values must all be > 0 (they divide the pixels), got {' '.join(map(str, std))}.")
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) != 3:
+            raise InputError(f"{flag} takes 3 values (red, green, blue), got {len(values)}.")
+    if std is not None and not all(v > 0 and math.isfinite(v) for v in std):  # also refuses NaN
+        raise InputError(f"--std values must all be > 0 and finite (they divide the pixels), got "
+                         f"{' '.join(map(str, std))}.")
+    if mean is not None and not all(math.isfinite(v) for v in mean):
+        raise InputError(f"--mean values must all be finite, got {' '.join(map(str, mean))}.")
+    if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 8):
+        raise InputError(f"--res must be an integer of at least 8, got {res!r}.")
     given = surrogate or {}
     inputs = (source, target, given.get("model"), given.get("weights"))  # the surrogate's files are inputs too
     out = check_output_path(output, force=force, inputs=inputs)

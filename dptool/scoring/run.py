@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..beton import Beton, fingerprint, known_fingerprints, open_beton
-from ..errors import InputError
+from ..errors import InputError, check_seed
 from ..features import InferenceOptions, rank_world
 from ..scores import Scores, score_summary, write_scores
 from .registry import get_method
@@ -196,6 +196,7 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     if spec.needs_surrogate and surrogate is None:
         raise InputError(f"--method {method} needs a surrogate model (--model, --arch/--weights or "
                          "--model-factory).")
+    check_seed("--seed", options.seed)
     if options.groups not in ("clusters", "labels"):
         raise InputError(f"--groups must be clusters or labels, got {options.groups!r}.")
     if spec.needs_surrogate:
@@ -212,9 +213,11 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     timings["open and check"] = time.perf_counter() - start
     ctx = Context(source=src, target=tgt, surrogate=surrogate, options=options, timings=timings)
     result = spec.fn(ctx)
-    params = {"res": options.inference.res, "mean": list(options.inference.mean),
-              "std": list(options.inference.std), "batch_size": options.inference.batch_size,
-              "world_size": rank_world()[1], **result.params}
+    # how images reached the surrogate, for the methods that read images (the random baseline reads none)
+    inference = ({"res": options.inference.res, "mean": list(options.inference.mean),
+                  "std": list(options.inference.std), "batch_size": options.inference.batch_size}
+                 if spec.needs_surrogate else {})
+    params = {**inference, "world_size": rank_world()[1], **result.params}
     scores = Scores(method=method, level=result.level, ids=result.ids, names=result.names, scores=result.scores,
                     tiebreak=result.tiebreak, source=src_info, tie_break=result.tie_break, params=params,
                     surrogate=getattr(surrogate, "identity", None),
