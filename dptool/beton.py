@@ -67,6 +67,8 @@ _TYPE_NAMES = {
     6: "TorchTensorField",
 }
 _FORMAT_VERSION = 2  # ffcv.types.CURRENT_VERSION of FFCV 1.0
+#: The most classes a label may index: a stray label of 10**9 would make every per-class table exhaust memory.
+MAX_CLASSES = 1 << 20
 
 
 def sidecar_path(beton: str | os.PathLike) -> Path:
@@ -239,10 +241,38 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -
     )
     if require_label and "label" not in names:
         raise InputError(f"{path} has no 'label' field (fields: {', '.join(names)}); dptool needs image and label.")
+    if "label" in names and types[names.index("label")] != "IntField":
+        if require_label:
+            raise InputError(f"{path}'s 'label' field is a {types[names.index('label')]}; dptool needs an IntField "
+                             "label (class index 0 to C-1).")
+        return beton  # `info` and fingerprints: shown without classes
     if "label" in names and n and int(beton.labels.min()) < 0:
         raise InputError(f"{path} has negative labels (the smallest is {int(beton.labels.min())}); dptool needs "
                          "labels 0 to C-1, one per class.")
+    if "label" in names and n and int(beton.labels.max()) >= MAX_CLASSES:
+        raise InputError(f"{path} has a label {int(beton.labels.max())}; dptool needs labels 0 to C-1 with C at "
+                         f"most {MAX_CLASSES}.")
+    _check_sidecar_matches(beton)
     return beton
+
+
+def _check_sidecar_matches(beton: Beton) -> None:
+    """Refuse a sidecar that does not describe its file (a .beton rewritten by another tool, or copied over, next
+    to an old sidecar): its class names, head width and writer parameters would be taken as the file's. Compared
+    from the tables already read: the sample count, and the per-class counts against the file's labels."""
+    side = beton.sidecar
+    if not side:
+        return
+    side_path = sidecar_path(beton.path)
+    stale = (f"Sidecar {side_path} does not describe {beton.path} (%s); it is left from another file: delete it "
+             "(or re-convert) to use the file without it.")
+    if "num_samples" in side and int(side["num_samples"]) != beton.num_samples:
+        raise InputError(stale % f"it records {side['num_samples']} samples, the file holds {beton.num_samples}")
+    counts = side.get("class_counts")
+    if counts is not None and "label" in beton.field_names and beton.num_samples:
+        mine = np.bincount(beton.labels, minlength=len(counts))
+        if len(mine) != len(counts) or not np.array_equal(mine, np.asarray(counts, dtype=np.int64)):
+            raise InputError(stale % "its per-class counts differ from the file's labels")
 
 
 def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None:
@@ -341,7 +371,7 @@ def summarize(path: str | os.PathLike) -> dict:
         "skipped": len(side.get("skipped", [])),
         "pruning": side.get("pruning"),
     }
-    if "label" in b.field_names:
+    if "label" in b.field_names and b.field_types[b.field_names.index("label")] == "IntField":
         counts = b.class_counts()
         names = b.class_names
         summary["num_classes"] = b.num_classes

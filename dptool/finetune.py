@@ -197,6 +197,9 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         log.warning("the test file %s holds the training file's samples: its top-1 measures fit, not transfer",
                     test_data)
     tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
+    if cfg.val_fraction > 0 and not len(va_idx):
+        raise InputError(f"--val-fraction {cfg.val_fraction} holds out no image of {train_data}: every class has "
+                         "a single training image, and a class is never held out whole; drop --val-fraction.")
     if cfg.batch_size > len(tr_idx) and cfg.mode == "ff":
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "
                          f"{train_data}; use a smaller batch.")

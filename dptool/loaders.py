@@ -53,12 +53,16 @@ class FfcvLoader:
     """
 
     def __init__(self, loader, decoder, *, device, mean: Sequence[float], std: Sequence[float], threads: int,
-                 channels_last: bool | None = None, path: str | os.PathLike | None = None):
+                 channels_last: bool | None = None, path: str | os.PathLike | None = None,
+                 label_first: bool = False):
         import torch
 
         self.loader = loader
         self.path = path  # named in errors
         self.decoder = decoder
+        # FFCV yields its fields in the file's field order: a file written with label before image (FFCV's
+        # DatasetWriter keeps the order of its fields dict) yields (labels, images)
+        self._label_first = bool(label_first)
         self.device = torch.device(device)
         shape = (1, 3, 1, 1)
         # x_norm = (x - 255 mean) / (255 std) = x * inv_std + bias: one fused pass (addcmul) from uint8 to float32
@@ -102,6 +106,8 @@ class FfcvLoader:
                     images, labels = next(epoch)
                 except StopIteration:
                     break
+                if self._label_first:
+                    images, labels = labels, images
                 restore_threads(threads)
                 # FFCV reuses its output buffers: the float output and the label copy own their memory.
                 u = images.to(self.device, non_blocking=True)
@@ -184,6 +190,9 @@ def _build(path, *, decoder, flip, batch_size: int, workers: int, device, order:
     path = beton.path  # a Beton opened by the caller, or the file just opened
     if "image" not in beton.field_names:
         raise InputError(f"{path} has no 'image' field (fields: {', '.join(beton.field_names)}).")
+    if beton.field_types[beton.field_names.index("image")] != "RGBImageField":
+        raise InputError(f"{path}'s 'image' field is a {beton.field_types[beton.field_names.index('image')]}; "
+                         "dptool reads images from an RGBImageField.")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}.")
     idx = _check_indices(indices, beton.num_samples, path)
@@ -223,8 +232,9 @@ def _build(path, *, decoder, flip, batch_size: int, workers: int, device, order:
     restore_threads(threads)
     if order_opt == Order.QUASI_RANDOM:
         _make_order_a_function_of_epoch(loader)
+    label_first = beton.field_names.index("label") < beton.field_names.index("image")
     return FfcvLoader(loader, decoder, device=dev, mean=mean, std=std, threads=threads, channels_last=channels_last,
-                      path=path)
+                      path=path, label_first=label_first)
 
 
 def _make_order_a_function_of_epoch(loader) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
+from .beton import MAX_CLASSES
 from .errors import DptoolError, InputError
 
 __all__ = [
@@ -105,6 +106,27 @@ class SourceDataset:
         return self.load(index), int(self.labels[index])
 
 
+def _class_files(class_dir: Path) -> list[str]:
+    """The sample files under `class_dir`, sorted: every non-hidden file at any depth, symlinked sub-folders
+    followed as torchvision's ImageFolder does (each real folder once, so a link cycle ends), hidden sub-folders
+    (.ipynb_checkpoints, .git) left out like hidden files, and broken symlinks kept: a file that cannot be read
+    is listed as skipped (or stops the run), not dropped unseen."""
+    files: list[str] = []
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            full = os.path.join(top, name)
+            if not name.startswith(".") and (os.path.isfile(full) or not os.path.exists(full)):
+                files.append(full)
+    return sorted(files)
+
+
 class ImageFolderSource(SourceDataset):
     """One sub-folder per class (sorted by name); every regular, non-hidden file in it is a sample."""
 
@@ -120,10 +142,10 @@ class ImageFolderSource(SourceDataset):
         names: list[bytes] = []
         counts: list[int] = []
         for label, class_dir in enumerate(class_dirs):
-            files = sorted(str(p) for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = _class_files(class_dir)
             if not files:
                 log.warning("class folder %s is empty; its label %d is kept with no samples", class_dir, label)
-            inside = len(str(class_dir)) + len(os.sep)  # rglob's paths start with the class folder's, as given
+            inside = len(str(class_dir)) + len(os.sep)  # os.walk's paths start with the class folder's, as given
             names.extend(os.fsencode(os.path.join(class_dir.name, f[inside:])) for f in files)
             counts.append(len(files))
         super().__init__(
@@ -146,6 +168,8 @@ class ImageFolderSource(SourceDataset):
 
     def load(self, index: int) -> np.ndarray:
         path = self.path(index)
+        if not os.path.exists(path):
+            raise UnreadableImage("broken symbolic link" if os.path.islink(path) else "file vanished")
         if os.path.getsize(path) == 0:
             raise UnreadableImage("zero-byte file")
         try:
@@ -212,6 +236,15 @@ def _stored_member_memmap(path: Path, name: str) -> np.ndarray | None:
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
 
 
+def _class_names(path: Path, arr: np.ndarray) -> list[str]:
+    """`class_names` of an `.npz` as strings: 1-D; bytes (numpy 'S', as h5py and Python 2 pickles give) decoded
+    as UTF-8, not written as their repr ("b'cat'")."""
+    if arr.ndim != 1:
+        raise InputError(f"{path}: 'class_names' must be a 1-D array of strings, one per label, got shape "
+                         f"{arr.shape}.")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in arr.tolist()]
+
+
 class NpzSource(SourceDataset):
     """`.npz` with `images` (N, H, W[, C]) uint8, `labels` (N,) int and optional `class_names` (C,) str.
 
@@ -234,7 +267,7 @@ class NpzSource(SourceDataset):
                 log.info("%s is compressed: its images are read into memory whole", path)
                 images = data["images"]
             labels = data["labels"]
-            names = [str(n) for n in data["class_names"]] if "class_names" in data.files else None
+            names = _class_names(path, data["class_names"]) if "class_names" in data.files else None
         except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:  # RuntimeError: an encrypted member
             raise InputError(f"{path} is not a readable .npz file ({exc}).") from exc
         if (
@@ -253,6 +286,9 @@ class NpzSource(SourceDataset):
             )
         if len(labels) and labels.min() < 0:
             raise InputError(f"{path}: labels must be non-negative, got {labels.min()}.")
+        if len(labels) and int(labels.max()) >= MAX_CLASSES:
+            raise InputError(f"{path}: labels are class indices 0 to C-1 with C at most {MAX_CLASSES}, got a label "
+                             f"{int(labels.max())}; map the labels to 0..C-1 first.")
         n_classes = int(labels.max()) + 1 if len(labels) else 0
         if names is None:
             names = [str(i) for i in range(n_classes)]
@@ -352,9 +388,10 @@ def open_source(
         raise InputError(f"--split applies to torchvision datasets (--format torchvision:NAME); {src_path} is "
                          "converted whole.")
     if format == "auto":
-        if src_path.is_file() and src_path.suffix != ".npz":
-            raise InputError(f"Source {src_path} is a file but not an .npz; give an .npz file (images, labels) or "
-                             "an ImageFolder tree (one folder of images per class).")
+        if src_path.is_file() and src_path.suffix.lower() != ".npz":
+            raise InputError(f"Source {src_path} is a file but not an .npz; give an .npz file (images, labels; "
+                             "--format npz for another name) or an ImageFolder tree (one folder of images per "
+                             "class).")
         format = "npz" if src_path.is_file() else "imagefolder"
     if format == "npz":
         return NpzSource(src_path)

@@ -262,7 +262,8 @@ def test_scores_recording_the_older_kind_of_fingerprint_still_match(data, tmp_pa
     claimed = tmp_path / "claimed.beton"  # another file whose sidecar claims the training file's fingerprint
     shutil.copy(data["val"], claimed)
     side = {k: v for k, v in read_sidecar(data["val"]).items() if k not in ("format", "version")}
-    write_sidecar(claimed, {**side, "fingerprint": fingerprint(src), "num_samples": src.num_samples})
+    # (its sample count and class counts stay the file's own: a sidecar that contradicts them is refused on opening)
+    write_sidecar(claimed, {**side, "fingerprint": fingerprint(src)})
     scores = class_scores_file(tmp_path / "s.json", data["train"], num_samples=open_beton(claimed).num_samples)
     result = run(claimed, "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "q.beton")
     assert result.exit_code == 2 and "belongs to another source" in result.output, result.output

@@ -123,6 +123,9 @@ def stored_resolution(beton: Beton) -> int | None:
     """Median short side in pixels of the images stored in `beton` (from metadata; None without images)."""
     if "image" not in beton.field_names or beton.num_samples == 0:
         return None
+    if beton.field_types[beton.field_names.index("image")] != "RGBImageField":
+        raise InputError(f"{beton.path}'s 'image' field is a {beton.field_types[beton.field_names.index('image')]}; "
+                         "dptool reads images from an RGBImageField.")
     meta = beton.metadata[f"f{beton.field_names.index('image')}"]
     return int(np.median(np.minimum(meta["height"], meta["width"])))
 

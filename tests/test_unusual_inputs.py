@@ -1,0 +1,121 @@
+"""Unusual but legitimate inputs: byte-string class names, hidden and symlinked sub-folders, broken links, huge
+labels, FFCV-written files (fields in another order, other field types) and stale sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dptool.beton import open_beton, read_sidecar
+from dptool.cli.main import cli
+from dptool.loaders import eval_loader
+from dptool.readers import ImageFolderSource
+
+RAW = ["--write-mode", "raw", "--max-res", "16", "--workers", "1"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _png(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_npz_byte_string_class_names_are_decoded(tmp_path):
+    images = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.array([0, 1, 0, 1]),
+             class_names=np.array([b"cat", "caf\u00e9".encode()]))
+    assert run("convert", tmp_path / "d.npz", tmp_path / "d.beton", *RAW).exit_code == 0
+    assert read_sidecar(tmp_path / "d.beton")["class_names"] == ["cat", "caf\u00e9"]
+
+
+@pytest.mark.parametrize("names", [np.array("cat"), np.array([["cat", "dog"]])])
+def test_npz_class_names_not_1d_refused(tmp_path, names):
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 8, 8), np.uint8), labels=np.array([0, 1]), class_names=names)
+    result = run("convert", tmp_path / "d.npz", tmp_path / "d.beton", *RAW)
+    assert result.exit_code == 2 and "1-D" in result.output
+    assert not (tmp_path / "d.beton").exists()
+
+
+@pytest.mark.parametrize("label", [10**9, 2**63 + 5])
+def test_npz_huge_label_refused_not_out_of_memory(tmp_path, label):
+    labels = np.array([0, label], dtype=np.uint64)
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 8, 8), np.uint8), labels=labels)
+    result = run("convert", tmp_path / "d.npz", tmp_path / "d.beton", *RAW)
+    assert result.exit_code == 2 and "at most" in result.output
+
+
+def test_imagefolder_hidden_subfolders_skipped_symlinked_subfolders_followed(tmp_path):
+    _png(tmp_path / "src/a/0.png", 0)
+    _png(tmp_path / "src/a/.ipynb_checkpoints/0-checkpoint.png", 0)
+    _png(tmp_path / "elsewhere/1.png", 10)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "src/a/linked")
+    os.symlink(tmp_path / "src/a", tmp_path / "src/a/linked_loop")  # a cycle ends
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "src/a/broken.png")
+    _png(tmp_path / "src/b/0.png", 20)
+    src = ImageFolderSource(tmp_path / "src")
+    rel = sorted(os.path.relpath(src.path(i), tmp_path / "src") for i in range(len(src)))
+    assert rel == ["a/0.png", "a/broken.png", "a/linked/1.png", "b/0.png"]
+    result = run("convert", tmp_path / "src", tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 0, result.output
+    side = read_sidecar(tmp_path / "o.beton")
+    assert side["class_counts"] == [2, 1]
+    assert [s["reason"] for s in side["skipped"]] == ["broken symbolic link"]
+
+
+def _ffcv_write(path, fields, rows):
+    from ffcv.writer import DatasetWriter
+
+    class D:
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(D())
+
+
+def test_ffcv_file_with_label_before_image_yields_images_and_labels(tmp_path):
+    from ffcv.fields import IntField, RGBImageField
+
+    rows = [(i % 2, np.full((8, 8, 3), 20 * i, np.uint8)) for i in range(6)]
+    _ffcv_write(tmp_path / "f.beton", {"label": IntField(), "image": RGBImageField(write_mode="raw")}, rows)
+    (x, y), = list(eval_loader(tmp_path / "f.beton", batch_size=6, res=8, workers=1, mean=(0, 0, 0),
+                               std=(1 / 255,) * 3))
+    assert x.shape == (6, 3, 8, 8)
+    assert y.tolist() == open_beton(tmp_path / "f.beton").labels.tolist()
+    assert x[:, 0, 0, 0].round().tolist() == [20.0 * i for i in range(6)]
+
+
+def test_ffcv_file_with_other_field_types_refused_in_one_sentence(tmp_path):
+    from ffcv.fields import BytesField, FloatField, IntField, RGBImageField
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    _ffcv_write(tmp_path / "fl.beton", {"image": RGBImageField(), "label": FloatField()}, [(img, 0.0), (img, 1.0)])
+    _ffcv_write(tmp_path / "by.beton", {"image": BytesField(), "label": IntField()},
+                [(np.zeros(4, np.uint8), 0), (np.zeros(4, np.uint8), 1)])
+    assert run("info", tmp_path / "fl.beton").exit_code == 0  # shown, without classes
+    result = run("train", tmp_path / "fl.beton", "--arch", "resnet_tiny", "-o", tmp_path / "m.pt")
+    assert result.exit_code == 2 and "FloatField" in result.output
+    result = run("train", tmp_path / "by.beton", "--arch", "resnet_tiny", "--batch-size", "2",
+                 "-o", tmp_path / "m.pt")
+    assert result.exit_code == 2 and "BytesField" in result.output
+
+
+def test_stale_sidecar_refused(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.zeros((6, 8, 8), np.uint8), labels=np.arange(6) % 3)
+    np.savez(tmp_path / "b.npz", images=np.zeros((6, 8, 8), np.uint8), labels=np.arange(6) % 2)
+    assert run("convert", tmp_path / "a.npz", tmp_path / "a.beton", *RAW).exit_code == 0
+    assert run("convert", tmp_path / "b.npz", tmp_path / "b.beton", *RAW).exit_code == 0
+    os.replace(tmp_path / "b.beton", tmp_path / "a.beton")  # a.beton.json now describes another file
+    result = run("info", tmp_path / "a.beton")
+    assert result.exit_code == 2 and "does not describe" in result.output
+    json.loads((tmp_path / "a.beton.json").read_text())  # left as it was
