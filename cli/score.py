@@ -45,7 +45,8 @@ def _human(s: dict) -> str:
 @click.option("--mean", type=float, nargs=3, default=None, help=f"Normalisation mean  [default: {IMAGENET_MEAN}]")
 @click.option("--std", type=float, nargs=3, default=None, help=f"Normalisation std  [default: {IMAGENET_STD}]")
 @click.option("--allow-upscale", is_flag=True, help="Accept a --res more than 2x a file's stored resolution.")
-@click.option("--clusters", type=click.IntRange(min=1), default=None, help="FM k-means K  [default: source classes]")
+@click.option("--clusters", type=click.IntRange(min=1), default=None,
+              help="FM k-means K  [default: source classes with samples]")
 @click.option("--groups", type=click.Choice(["clusters", "labels"]), default="clusters",
               help="FM groups: k-means clusters, or source classes with class-mean centroids.")
 @click.option("--source-sample", type=click.IntRange(min=0), default=256,

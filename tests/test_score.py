@@ -360,3 +360,20 @@ def test_warns_when_the_surrogate_was_trained_on_other_data(score_data, caplog):
         assert not caplog.records
         _warn_fingerprint(SimpleNamespace(identity={"data_fingerprint": "blake2b:other"}), src, real)
     assert len(caplog.records) == 1 and "blake2b:other" in caplog.text and real in caplog.text
+
+
+def test_fm_default_clusters_count_the_classes_with_samples(score_data, tmp_path):
+    """A source whose label range has gaps (a pruned file, a foreign file) gets one cluster per class with samples."""
+    from dptool.convert import WriterParams, convert
+    from dptool.synthetic import write_npz
+
+    arrays = np.load(Path(score_data.source).with_suffix(".npz"))
+    keep = ~np.isin(arrays["labels"], [1, 4])
+    npz = write_npz(tmp_path / "gaps.npz", arrays["images"][keep], arrays["labels"][keep],
+                    [f"c{c}" for c in range(8)])
+    source = tmp_path / "gaps.beton"
+    convert(npz, source, params=WriterParams(max_resolution=16, write_mode="raw", num_workers=1))
+    run = score("fm", source=source, target=score_data.target, surrogate=_surrogate(score_data),
+                options=ScoreOptions(inference=INFERENCE, source_sample=4))
+    assert run.scores.level == "cluster" and run.scores.num_groups == 6
+    assert np.bincount(run.assignment, minlength=6).sum() == keep.sum()

@@ -2,7 +2,8 @@
 
 1. Features (the input of the surrogate's classifier) of at most ``source_sample`` source images per class.
 2. Centroids: faiss k-means on those features (``groups="clusters"``, K = ``clusters``, default the number of
-   source classes), or the per-class mean feature (``groups="labels"``, the supervised variant: class-level).
+   source classes with samples), or the per-class mean feature (``groups="labels"``, the supervised variant:
+   class-level).
 3. k-means only: every source image is assigned to its nearest centroid (sampled images reuse their features,
    the rest are streamed), one int32 per image, saved beside the scores file.
 4. Every target training image votes for its nearest centroid (L2, ties to the smallest index, as the
@@ -177,7 +178,9 @@ def feature_mapping(ctx: Context) -> MethodResult:
     opts = ctx.options
     src = ctx.source
     n_cls = src.num_classes
-    k = n_cls if opts.clusters is None else opts.clusters
+    # by default one cluster per class that has samples (a pruned file keeps its label range, a foreign file
+    # may have gaps in it)
+    k = int(np.count_nonzero(src.class_counts())) if opts.clusters is None else opts.clusters
     if opts.groups == "labels" and opts.clusters is not None:
         raise InputError(f"--clusters applies to --groups clusters; with --groups labels the groups are the "
                          f"{n_cls} source classes.")
@@ -187,8 +190,9 @@ def feature_mapping(ctx: Context) -> MethodResult:
     # Checked here, on every rank, before any image is read: k-means runs on rank 0 alone, so a refusal there
     # would leave the other ranks waiting in its broadcast.
     if opts.groups == "clusters" and not 1 <= k <= len(sampled):
+        given = f"got {k}" if opts.clusters is not None else f"its default is the {k} classes with samples"
         raise InputError(f"--clusters must be between 1 and the {len(sampled)} sampled source images (raise "
-                         f"--source-sample for more), got {k}.")
+                         f"--source-sample for more), {given}.")
     with ctx.stage("source features"):
         rows, feats = _sample_features(ctx, sampled)
         width = _feature_width(feats)

@@ -42,7 +42,7 @@ MAX_UPSCALE = 2.0
 class ScoreOptions:
     """Everything a method may read besides the files and the surrogate (plain data, saved as params).
 
-    `clusters`: FM's K (None = number of source classes). `source_sample`: source images per class used for
+    `clusters`: FM's K (None = number of source classes with samples). `source_sample`: source images per class used for
     k-means training, FM class means and EL2N (0 = all). `groups`: FM's groups, "clusters" (k-means) or
     "labels" (class-mean centroids). `seed`: k-means, sampling and the random baseline.
     """
