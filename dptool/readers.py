@@ -152,7 +152,7 @@ class ImageFolderSource(SourceDataset):
             class_names=[d.name for d in class_dirs],
             labels=np.repeat(np.arange(len(class_dirs), dtype=np.int64), counts),
             format="imagefolder",
-            root=str(root),
+            root=os.path.abspath(root),  # the skipped files in the sidecar are named as absolutely as its source
             max_pixels=max_pixels,
         )
         self._names = np.frombuffer(b"".join(names), dtype=np.uint8)
