@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dptool.atomic import atomic_output, check_output_path
+from dptool.atomic import atomic_output, check_output_path, output_group
 from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
 from dptool.distributed import launch_rank
 from dptool.errors import InputError
@@ -116,9 +116,10 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
                             progress=show_progress(as_json)).to_dict()
     if launch_rank() != 0:  # under torchrun every rank returns the same summed result; rank 0 writes and prints
         return
-    _save(result, json_out)
-    if plot:
-        plot_pretrain(result, plot)
+    with output_group():  # --json-out and --plot renamed into place together, or neither
+        _save(result, json_out)
+        if plot:
+            plot_pretrain(result, plot)
     emit(result, as_json, _pretrain_table)
 
 

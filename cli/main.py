@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import sys
 
 import click
 
 from dptool._ffcv import silence_loader_gc_noise
+from dptool.atomic import _WRITE_ERRNOS
 from dptool.errors import DptoolError, InputError
 
 from ._common import CONTEXT_SETTINGS
@@ -62,8 +64,21 @@ class _LazyGroup(click.Group):
                 raise
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
+            if _TERMINATED:  # SIGTERM, stopped as Ctrl-C stops a command (temporary files deleted)
+                click.echo("Terminated.", err=True)
+                raise click.exceptions.Exit(128 + _TERMINATED[0]) from None
             click.echo("Aborted!", err=True)
             raise click.exceptions.Exit(130) from None  # 128 + SIGINT, as shells report an interrupted command
+        except OSError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            if exc.errno not in _WRITE_ERRNOS:
+                raise click.ClickException(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                                           "traceback)") from exc
+            where = f" {exc.filename}" if exc.filename else ""
+            err = click.ClickException(f"Cannot write{where} ({exc.strerror}); free space or choose another folder.")
+            err.exit_code = 2
+            raise err from exc
         except Exception as exc:  # an internal error: one sentence unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -96,12 +111,41 @@ def cli(ctx, verbose: int, quiet: bool, debug: bool):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+_TERMINATED: list[int] = []  # the signal that stopped this command, when SIGTERM or SIGHUP did
+_MAIN_PID = os.getpid()
+
+
+def _on_terminate(signum, frame) -> None:
+    """SIGTERM / SIGHUP (`kill`, `timeout`, a scheduler's preemption, a closed terminal) stop the command the way
+    Ctrl-C does, so that its temporary files are deleted, and it exits 128 + the signal."""
+    if os.getpid() != _MAIN_PID:  # a forked worker inherits this handler: it dies as the signal would kill it
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if _TERMINATED:  # a second one does not wait for a safe point
+        raise KeyboardInterrupt
+    _TERMINATED.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):  # the writer holds Ctrl-C back to a safe point: the same goes for this
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job of a script): nothing would raise it
+        raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:  # left alone where the parent made it ignored (nohup)
+            signal.signal(sig, _on_terminate)
     try:
         cli(prog_name="dptool")
     finally:  # done or abandoned: a (second) Ctrl-C now would only print tracebacks of atexit and Numba hooks
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) == _on_terminate:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

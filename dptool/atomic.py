@@ -1,21 +1,95 @@
-"""Write outputs under a temporary name in the same folder and rename them into place when complete."""
+"""Write outputs under a temporary name in the same folder and rename them into place when complete.
+
+Outputs that belong together (a `.beton` and its sidecar, a scores file, its assignment and its plot, the files of
+several ratios) are written inside `output_group()`: every one of them is written under its temporary name, and
+only when all are complete are they renamed into place, one after the other, under a lock of their folders, so
+that a failure (a full disk, Ctrl-C, SIGTERM) leaves none of them and two processes writing the same outputs at
+once leave one's complete set, never a mix.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
+import hashlib
+import logging
 import os
+import re
+import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["atomic_output", "check_output_path", "temp_path_for"]
+__all__ = ["atomic_output", "check_output_path", "output_group", "temp_path_for", "write_error"]
+
+log = logging.getLogger(__name__)
+
+# errno values that can only mean "the output could not be written" (never a bad input), named as such (exit 2)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine, boot and PID namespace: a PID means the same process only among
+    temporary names that carry the same tag (containers sharing a volume, two hosts on NFS have other tags)."""
+    parts = [socket.gethostname()]
+    for p in ("/proc/sys/kernel/random/boot_id",):
+        with contextlib.suppress(OSError):
+            parts.append(Path(p).read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=4).hexdigest()
+
+
+_TAG = _host_tag()
+_TEMP_SUFFIX = re.compile(r"(\d+)(?:-([0-9a-f]{8})-[0-9a-f]{8})?")
 
 
 def temp_path_for(path: Path) -> Path:
-    """A hidden temporary name beside `path`, unique to this process."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """A hidden temporary name beside `path`, unique to this call: ``.NAME.tmp-PID-HOST-RANDOM``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_TAG}-{secrets.token_hex(4)}")
+
+
+def write_error(final: Path, exc: OSError) -> InputError | None:
+    """The one-sentence error for an OSError that means `final` could not be written, else None."""
+    if exc.errno in _WRITE_ERRNOS:
+        return InputError(f"Cannot write {final} ({exc.strerror}); nothing was written under that name: free space "
+                          "or choose another folder.")
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove the temporary files of `out` left by interrupted runs (kill -9, power loss) of this machine whose
+    process is gone; name the others (another machine's, or an older dptool's) so their space is not lost unseen."""
+    prefix = f".{out.name}.tmp-"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(out.parent):
+            m = _TEMP_SUFFIX.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+            if m is None:
+                continue
+            pid, tag = int(m.group(1)), m.group(2)
+            if tag == _TAG and not _alive(pid):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    log.warning("removed %s, left by an interrupted run", entry.path)
+            elif tag != _TAG or pid != os.getpid():
+                with contextlib.suppress(OSError):
+                    size = entry.stat(follow_symlinks=False).st_size
+                    log.warning("%s (%d bytes) is the temporary file of another or an interrupted run; delete it "
+                                "if no dptool is writing %s", entry.path, size, out)
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
@@ -35,18 +109,17 @@ def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = (
     if out.exists() and out.is_dir():
         raise InputError(f"Output {out} is a folder; give a file path.")
     _check_writable(out)
+    _sweep_stale(out)
     return out
 
 
 def _check_writable(out: Path) -> None:
-    """Create and remove the temporary file `atomic_output` will write: permissions, read-only mounts, immutable
-    folders and a name too long to take the temporary suffix all show here, not after hours of work."""
+    """Create and remove a temporary file like the one `atomic_output` will write: permissions, read-only mounts,
+    immutable folders and a name too long to take the temporary suffix all show here, not after hours of work."""
     probe = temp_path_for(out)
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
-        if exc.errno == errno.EEXIST:  # this process is writing it already: never touch it
-            return
         if exc.errno == errno.ENAMETOOLONG:
             raise InputError(f"Output name {out.name} is too long: its temporary name {probe.name} is "
                              f"{len(os.fsencode(probe.name))} bytes; choose a shorter name.") from None
@@ -55,23 +128,123 @@ def _check_writable(out: Path) -> None:
     os.unlink(probe)
 
 
+class _Group:
+    """Outputs written and waiting to be renamed into place together: (temporary, final, the final it describes)."""
+
+    def __init__(self):
+        self.staged: list[tuple[Path, Path, Path | None]] = []
+
+    def add(self, tmp: Path, final: Path, companion_of: Path | None) -> None:
+        for i, (t, f, _) in enumerate(self.staged):
+            if os.path.abspath(f) == os.path.abspath(final):  # written again (a log): the newer one counts
+                with contextlib.suppress(FileNotFoundError):
+                    t.unlink()
+                del self.staged[i]
+                break
+        self.staged.append((tmp, final, companion_of))
+
+    def discard(self) -> None:
+        for tmp, _, _ in self.staged:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self.staged.clear()
+
+    def _order(self) -> list[tuple[Path, Path, Path | None]]:
+        """Each output followed at once by its companions (its sidecar), so that a pair is never half replaced."""
+        finals = {os.path.abspath(f) for _, f, _ in self.staged}
+        key = lambda c: os.path.abspath(c) if c is not None and os.path.abspath(c) in finals else None  # noqa: E731
+        order = []
+        for item in self.staged:
+            if key(item[2]) is None:
+                order.append(item)
+                order += [c for c in self.staged if key(c[2]) == os.path.abspath(item[1])]
+        return order
+
+    def commit(self) -> None:
+        self.staged = self._order()
+        with _folder_locks({f.parent for _, f, _ in self.staged}):
+            placed = []
+            while self.staged:
+                tmp, final, companion_of = self.staged[0]
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:  # e.g. an immutable output, or one owned by another user in a sticky folder
+                    if companion_of is not None and os.path.abspath(companion_of) in placed:  # it describes another
+                        with contextlib.suppress(OSError):
+                            os.unlink(final)
+                    self.discard()
+                    done = f" ({', '.join(map(str, placed))} already replaced)" if placed else ""
+                    raise InputError(f"Cannot replace {final} ({exc.strerror}){done}; remove it or choose another "
+                                     "output path.") from None
+                placed.append(os.path.abspath(final))
+                self.staged.pop(0)
+
+
+_GROUP: contextvars.ContextVar[_Group | None] = contextvars.ContextVar("dptool_output_group", default=None)
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it to `path`, on any error delete it."""
+def _folder_locks(folders) -> Iterator[None]:
+    """Exclusive `flock` of each folder (sorted: no deadlock) while outputs are renamed into it, so that two
+    dptool processes renaming the same outputs do it one after the other. Best effort where flock fails."""
+    import fcntl
+
+    fds = []
+    try:
+        for folder in sorted({os.path.abspath(f) for f in folders}):
+            with contextlib.suppress(OSError):
+                fd = os.open(folder, os.O_RDONLY)
+                fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def output_group() -> Iterator[None]:
+    """Every `atomic_output` inside renames into place only when the whole block succeeds, all together."""
+    if _GROUP.get() is not None:  # nested: the outer group commits
+        yield
+        return
+    group = _Group()
+    token = _GROUP.set(group)
+    try:
+        yield
+    except BaseException:
+        group.discard()
+        raise
+    finally:
+        _GROUP.reset(token)
+    try:
+        group.commit()
+    except BaseException:
+        group.discard()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, companion_of: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path` (inside `output_group`, when the
+    group ends), on any error delete it. `companion_of`: the output that `path` describes (a sidecar's .beton):
+    renamed right after it, and removed rather than left stale when it cannot be replaced after that output was."""
     final = Path(path)
     tmp = temp_path_for(final)
-    if tmp.exists():
-        tmp.unlink()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        mapped = write_error(final, exc) if isinstance(exc, OSError) else None
+        if mapped is not None:
+            raise mapped from None
         raise
-    try:
-        os.replace(tmp, final)
-    except OSError as exc:  # e.g. an immutable output, or one owned by another user in a sticky folder
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise InputError(f"Cannot replace {final} ({exc.strerror}); remove it or choose another output path.") \
-            from None
+    companion_of = Path(companion_of) if companion_of is not None else None
+    group = _GROUP.get()
+    if group is not None:
+        group.add(tmp, final, companion_of)
+        return
+    single = _Group()
+    single.add(tmp, final, companion_of)
+    single.commit()

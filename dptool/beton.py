@@ -108,10 +108,10 @@ def read_sidecar(beton: str | os.PathLike) -> dict | None:
 
 
 def write_sidecar(beton: str | os.PathLike, data: dict) -> Path:
-    """Write `data` as the sidecar of `beton`, atomically."""
+    """Write `data` as the sidecar of `beton`, atomically (inside `output_group`, renamed right after `beton`)."""
     path = sidecar_path(beton)
     payload = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, **data}
-    with atomic_output(path) as tmp:
+    with atomic_output(path, companion_of=beton) as tmp:
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 

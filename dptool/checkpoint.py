@@ -57,7 +57,14 @@ def save_checkpoint(path: str | os.PathLike, *, arch: str, num_classes: int, sta
     }
     path = Path(path)
     with atomic_output(path) as tmp:
-        torch.save(ckpt, tmp)
+        try:
+            with open(tmp, "wb") as f:  # a file object: a write error reaches us as the OSError it is
+                torch.save(ckpt, f)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write as "unexpected pos ..."
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, OSError):
+                raise cause from None
+            raise
     return path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import atomic_output, output_group
 from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError, check_seed
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
@@ -117,35 +117,37 @@ def convert(
             raise InputError(f"Cannot read {source.describe(index)}: {reason} (use --on-error skip to skip it).")
         log.info("skipping %s: %s", source.describe(index), reason)
 
-    with atomic_output(out) as tmp:
-        samples = _SourceSamples(source, params.max_resolution)
-        failures = write_beton(samples, tmp, order, params, progress=progress, on_skip=on_skip)
-        if failures:
-            log.warning("%d unreadable files skipped (listed in the sidecar)", len(failures))
-        order = order[~np.isin(order, np.fromiter(failures, dtype=np.int64, count=len(failures)))]
-        seconds = time.perf_counter() - started
-        beton = open_beton(tmp)
-        fp = fingerprint(beton)
-        skipped = [{"path": source.describe(i), "reason": failures[i]} for i in sorted(failures)]
-        counts = np.bincount(source.labels[order], minlength=len(source.class_names))
-        described = {
-            "num_samples": int(len(order)),
-            "num_classes": len(source.class_names),
-            "class_names": source.class_names,
-            "class_counts": counts.tolist(),
-            "fields": {"image": "RGBImageField", "label": "IntField"},
-            "writer": {
-                **asdict(params),
-                "num_workers": params.resolved_workers(),
-                "page_size": params.resolved_page_size(),
-            },
-            "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
-            "skipped": skipped,
-            "fingerprint": fp,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-    # written once the file is in place: a file that could not be replaced keeps the sidecar that describes it
-    sidecar = write_sidecar(out, described)
+    # the .beton and its sidecar are renamed into place together once both are complete: a failure (a full disk,
+    # an output that cannot be replaced) leaves neither, and the old pair untouched
+    with output_group():
+        with atomic_output(out) as tmp:
+            samples = _SourceSamples(source, params.max_resolution)
+            failures = write_beton(samples, tmp, order, params, progress=progress, on_skip=on_skip)
+            if failures:
+                log.warning("%d unreadable files skipped (listed in the sidecar)", len(failures))
+            order = order[~np.isin(order, np.fromiter(failures, dtype=np.int64, count=len(failures)))]
+            seconds = time.perf_counter() - started
+            beton = open_beton(tmp)
+            fp = fingerprint(beton)
+            skipped = [{"path": source.describe(i), "reason": failures[i]} for i in sorted(failures)]
+            counts = np.bincount(source.labels[order], minlength=len(source.class_names))
+            described = {
+                "num_samples": int(len(order)),
+                "num_classes": len(source.class_names),
+                "class_names": source.class_names,
+                "class_counts": counts.tolist(),
+                "fields": {"image": "RGBImageField", "label": "IntField"},
+                "writer": {
+                    **asdict(params),
+                    "num_workers": params.resolved_workers(),
+                    "page_size": params.resolved_page_size(),
+                },
+                "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
+                "skipped": skipped,
+                "fingerprint": fp,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        sidecar = write_sidecar(out, described)
     return ConvertResult(
         output=str(out),
         sidecar=str(sidecar),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_output_path
+from .atomic import check_output_path, output_group
 from .beton import check_same_classes, fingerprint, open_beton
 from .errors import InputError, check_number, check_seed
 from .train import JsonLog, autocast, evaluate, resolve_precision
@@ -298,12 +298,13 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         result.best_val_top1, result.best_val_epoch, result.test_top1_at_best_val = vals[bv], bv, tests[bv]
     summary = {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
     jlog.write({"event": "summary", **summary})
-    if output is not None:
-        save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
-                        recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
-                        data_fingerprint=train_fp, epoch=cfg.epochs,
-                        small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
-                        image_size=ckpt.get("image_size"),
-                        extra={"history": history, "summary": summary, "data": str(train_data)})
-    jlog.release()  # after the checkpoint: a log on disk means the run completed
+    with output_group():  # the checkpoint and the log are placed together: a log on disk means the run completed
+        if output is not None:
+            save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
+                            recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
+                            data_fingerprint=train_fp, epoch=cfg.epochs,
+                            small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
+                            image_size=ckpt.get("image_size"),
+                            extra={"history": history, "summary": summary, "data": str(train_data)})
+        jlog.release()
     return result

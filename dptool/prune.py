@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import output_group
 from .beton import (
     Beton,
     check_beton_output,
@@ -164,9 +165,9 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
     counts = [np.bincount(labels[idx], minlength=beton.num_classes) for _, _, _, idx in jobs]
     by_path = {os.path.abspath(p): (r, kept, c) for (p, r, kept, _), c in zip(jobs, counts)}
 
-    def finalize(final: Path) -> None:
+    def finalize(final: Path, written: Path) -> None:
         r, kept, c = by_path[os.path.abspath(final)]
-        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, final))
+        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, written))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
                             finalize=finalize)
@@ -239,11 +240,12 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
 
     result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level,
                          empty_groups=empty)
-    files, seconds, read = _write(beton, source_fp, "train", jobs, scores, scores_path, force, progress)
-    if vjobs:
-        vfiles, vseconds, vread = _write(vbeton, _source_fingerprint(vbeton), "val", vjobs, scores, scores_path,
-                                         force, progress)
-        files, seconds, read = files + vfiles, seconds + vseconds, read + vread
+    with output_group():  # the training and validation outputs are renamed into place together, or none
+        files, seconds, read = _write(beton, source_fp, "train", jobs, scores, scores_path, force, progress)
+        if vjobs:
+            vfiles, vseconds, vread = _write(vbeton, _source_fingerprint(vbeton), "val", vjobs, scores, scores_path,
+                                             force, progress)
+            files, seconds, read = files + vfiles, seconds + vseconds, read + vread
     result.files = files
     result.bytes_written = sum(f.bytes for f in files)
     result.bytes_read = read

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output, check_output_path
+from .atomic import atomic_output, check_output_path, output_group
 from .errors import InputError
 
 __all__ = [
@@ -218,11 +218,12 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
     except (TypeError, ValueError) as exc:
         raise InputError(f"scores cannot be written as JSON ({exc}); params, surrogate, target and extra "
                          "must hold plain JSON values.") from exc
-    if npy is not None:
-        with atomic_output(apath) as tmp:
-            tmp.write_bytes(npy)
-    with atomic_output(out) as tmp:
-        tmp.write_text(text + "\n")
+    with output_group():  # both or neither: a scores file is never left beside another run's assignment
+        with atomic_output(out) as tmp:
+            tmp.write_text(text + "\n")
+        if npy is not None:
+            with atomic_output(apath, companion_of=out) as tmp:
+                tmp.write_bytes(npy)
     return out
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output, check_output_path
+from .atomic import atomic_output, check_output_path, output_group, write_error
 from .beton import _ALLOC, Beton, open_beton
 from .errors import DptoolError, InputError
 
@@ -178,8 +178,8 @@ class _Writer:
     buffer. The padding at page ends is written as zeros. The source is read only where kept samples are.
     """
 
-    def __init__(self, plan: _Plan, tmp: Path, fd_in: int, page_size: int):
-        self.plan, self.fd_in = plan, fd_in
+    def __init__(self, plan: _Plan, tmp: Path, fd_in: int, page_size: int, src_name="the source file"):
+        self.plan, self.fd_in, self.src_name = plan, fd_in, src_name
         self.zeros = bytes(page_size)
         self.scratch: np.ndarray | None = None  # set when the kernel cannot copy between these files
         self.pos = plan.data_start  # bytes of the output written so far
@@ -211,7 +211,7 @@ class _Writer:
                 while n > 0:
                     k = os.copy_file_range(self.fd_in, self.fd, n, src, dst)
                     if k == 0:
-                        raise DptoolError(f"source file ended early at byte {src} (was it truncated?).")
+                        raise _ended_early(self.src_name, src)
                     src, dst, n = src + k, dst + k, n - k
                 return
             except (AttributeError, OSError) as exc:
@@ -221,7 +221,7 @@ class _Writer:
                 self.scratch = np.empty(len(self.zeros), np.uint8)
         while n > 0:
             k = min(n, len(self.scratch))
-            _pread_into(self.fd_in, self.scratch[:k], src)
+            _pread_into(self.fd_in, self.scratch[:k], src, self.src_name)
             _pwrite_all(self.fd, memoryview(self.scratch[:k]), dst)
             src, dst, n = src + k, dst + k, n - k
 
@@ -275,24 +275,30 @@ def _bytes_read(plans: list[_Plan]) -> int:
     return int(np.clip(hi - np.maximum(lo, reach), 0, None).sum())
 
 
+def _ended_early(name, offset: int) -> InputError:
+    """The source was cut short while it was read (a copy over it, a truncation): name it."""
+    return InputError(f"{name} ended at byte {offset} while it was read: it was truncated or replaced in place "
+                      "during the run; nothing was written.")
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         k = os.pwrite(fd, data, offset)
         data, offset = data[k:], offset + k
 
 
-def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
+def _pread_into(fd: int, buf: np.ndarray, offset: int, name="the source file") -> None:
     view, done = memoryview(buf), 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise DptoolError(f"source file ended early at byte {offset + done} (was it truncated?).")
+            raise _ended_early(name, offset + done)
         done += n
 
 
 def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.PathLike, np.ndarray], *,
                   force: bool = False, progress: bool = False, step: int = 64 * _MIB,
-                  finalize: Callable[[Path], None] | None = None) -> list[SubsetResult]:
+                  finalize: Callable[[Path, Path], None] | None = None) -> list[SubsetResult]:
     """Write several subsets of `src` in one pass over it, by copying stored sample bytes (no decode).
 
     Parameters
@@ -303,8 +309,9 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     progress : draw a progress bar (source bytes) on stderr.
     step : the outputs advance together through the source in steps of this many bytes (at least a page), so
         that a sample kept by several outputs is read from disk once and then from the page cache.
-    finalize : called as ``finalize(final_path)`` as soon as an output is renamed into place (to write its
-        sidecar; an output that could not be replaced never gets a new one).
+    finalize : called as ``finalize(final_path, written_path)`` once every output is written, before any is
+        renamed into place (to write its sidecar, which is renamed right after it; `written_path` is the complete
+        temporary file to read).
 
     Returns
     -------
@@ -338,30 +345,39 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     step = max(beton.page_size, int(step))
     data_lo, data_hi = beton.data_start, int(beton.header["alloc_table_ptr"])
 
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(_placed_then(p.dst, finalize)) for p in plans]
-        fd = os.open(beton.path, os.O_RDONLY)
-        stack.callback(os.close, fd)
-        with contextlib.suppress(AttributeError, OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        writers = []
-        try:
+    with output_group():  # all outputs (and what `finalize` writes) renamed into place together, or none
+        with contextlib.ExitStack() as stack:
+            tmps = [stack.enter_context(atomic_output(p.dst)) for p in plans]
+            fd = os.open(beton.path, os.O_RDONLY)
+            stack.callback(os.close, fd)
+            with contextlib.suppress(AttributeError, OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            writers = []
+            try:
+                for p, tmp in zip(plans, tmps):
+                    with _naming(p.dst):
+                        writers.append(_Writer(p, tmp, fd, beton.page_size, beton.path))
+                log.info("subset of %s: %d outputs, %d reads", beton.path, len(plans),
+                         sum(w.num_runs for w in writers))
+                with tqdm(total=data_hi - data_lo, unit="B", unit_scale=True, desc="prune",
+                          disable=not progress) as bar:
+                    for lo in range(data_lo, data_hi, step):
+                        hi = min(lo + step, data_hi)
+                        for w in writers:
+                            w.prefetch_until(min(hi + step, data_hi))
+                        for w in writers:
+                            with _naming(w.plan.dst):
+                                w.copy_until(hi)
+                        bar.update(hi - lo)
+                for w in writers:
+                    with _naming(w.plan.dst):
+                        w.finish()
+            finally:
+                for w in writers:
+                    w.close()
+        if finalize is not None:
             for p, tmp in zip(plans, tmps):
-                writers.append(_Writer(p, tmp, fd, beton.page_size))
-            log.info("subset of %s: %d outputs, %d reads", beton.path, len(plans), sum(w.num_runs for w in writers))
-            with tqdm(total=data_hi - data_lo, unit="B", unit_scale=True, desc="prune", disable=not progress) as bar:
-                for lo in range(data_lo, data_hi, step):
-                    hi = min(lo + step, data_hi)
-                    for w in writers:
-                        w.prefetch_until(min(hi + step, data_hi))
-                    for w in writers:
-                        w.copy_until(hi)
-                    bar.update(hi - lo)
-            for w in writers:
-                w.finish()
-        finally:
-            for w in writers:
-                w.close()
+                finalize(p.dst, tmp)
     seconds = time.perf_counter() - started
     bytes_read = _bytes_read(plans)
     return [SubsetResult(output=str(p.dst), num_samples=p.num_samples,
@@ -371,16 +387,19 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
 
 
 @contextlib.contextmanager
-def _placed_then(dst: Path, finalize: Callable[[Path], None] | None):
-    """`atomic_output(dst)`, then `finalize(dst)` once the file is in place (never for one that was not)."""
-    with atomic_output(dst) as tmp:
-        yield tmp
-    if finalize is not None:
-        finalize(dst)
+def _naming(dst: Path):
+    """Turn a write error (a full disk, a read-only remount) of the output `dst` into one sentence naming it."""
+    try:
+        yield
+    except OSError as exc:
+        mapped = write_error(dst, exc)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def write_subset(src: Beton | str | os.PathLike, dst: str | os.PathLike, indices: np.ndarray, *,
                  force: bool = False, progress: bool = False,
-                 finalize: Callable[[Path], None] | None = None) -> SubsetResult:
+                 finalize: Callable[[Path, Path], None] | None = None) -> SubsetResult:
     """Write the samples `indices` (K,) of `src`, in that order, to the `.beton` `dst` by byte copy."""
     return write_subsets(src, {dst: indices}, force=force, progress=progress, finalize=finalize)[0]

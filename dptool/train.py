@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed as dist
-from .atomic import atomic_output, check_output_path
+from .atomic import atomic_output, check_output_path, output_group
 from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, open_beton
 from .errors import InputError, check_number, check_seed
 
@@ -436,17 +436,20 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
             record.update(evaluate(model, vloader, device, precision, kept=kept))
             record["val_time_s"] = time.perf_counter() - t1
         history.append(record)
-        jlog.write(record)
+        with output_group():  # this epoch's log and checkpoint are placed together; a failure leaves the last pair
+            jlog.write(record)
+            if dist.is_main():
+                best = max((h["val_top1"] for h in history if "val_top1" in h), default=None)
+                save_checkpoint(output, arch=config.arch, num_classes=num_classes, state_dict=model.state_dict(),
+                                recipe=recipe, data_fingerprint=data_fp, epoch=epoch + 1,
+                                optimizer_state=optimizer.state_dict(), small_input=config.small_input,
+                                blurpool=config.blurpool, image_size=image_size,
+                                extra={"history": history, "best_val_top1": best,
+                                       "scaler_state": scaler.state_dict(),
+                                       "kept_classes": None if kept_np is None else kept_np.tolist(),
+                                       "data": str(data)})
+                jlog.release()  # from the first checkpoint on, the log is written as it grows
         if dist.is_main():
-            best = max((h["val_top1"] for h in history if "val_top1" in h), default=None)
-            save_checkpoint(output, arch=config.arch, num_classes=num_classes, state_dict=model.state_dict(),
-                            recipe=recipe, data_fingerprint=data_fp, epoch=epoch + 1,
-                            optimizer_state=optimizer.state_dict(), small_input=config.small_input,
-                            blurpool=config.blurpool, image_size=image_size,
-                            extra={"history": history, "best_val_top1": best, "scaler_state": scaler.state_dict(),
-                                   "kept_classes": None if kept_np is None else kept_np.tolist(),
-                                   "data": str(data)})
-            jlog.release()  # from the first checkpoint on, the log is written as it grows
             log.info("epoch %d/%d: %s", epoch + 1, config.epochs, json.dumps(record, default=str))
         dist.barrier()
     seconds = time.perf_counter() - started

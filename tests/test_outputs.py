@@ -106,3 +106,125 @@ def test_an_output_that_cannot_be_replaced_leaves_no_temporary_file(tiny_beton, 
         assert result.exit_code == 2 and f"Cannot replace {out}" in result.output, result.output
         assert _digest(out) == before and read_sidecar(out)["writer"]["write_mode"] == "raw"  # both untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
+
+
+# --- full disks, kills, SIGTERM and concurrent writers -----------------------------------------------------------
+
+def _dptool_with_file_size_limit(limit: int, *args, cwd=None) -> subprocess.CompletedProcess:
+    """Run the CLI with RLIMIT_FSIZE: a write past `limit` bytes fails with EFBIG, as a full disk fails with
+    ENOSPC (no root, no mount needed)."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "sys.argv = ['dptool', *sys.argv[1:]]; from dptool.cli.main import main; main()")
+    import sys
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_nothing(tiny_beton, tmp_path):
+    npz = tiny_beton.with_suffix(".npz")
+    out = tmp_path / "x.beton"
+    result = _dptool_with_file_size_limit(1 << 20, "convert", npz, out, "--write-mode", "raw")
+    assert result.returncode == 2, result.stderr
+    assert f"Cannot write {out} (File too large)" in result.stderr and "internal error" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    scores = tmp_path / "s.json"
+    assert CliRunner().invoke(cli, ["score", "--method", "random", "--source", str(tiny_beton), "-o",
+                                    str(scores)]).exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _dptool_with_file_size_limit(1 << 20, "prune", tiny_beton, "--scores", scores, "--ratios", "0.25,0.5",
+                                          "-o", tmp_path / "p_{ratio}.beton")
+    assert result.returncode == 2 and "Cannot write" in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_beton_and_its_sidecar_are_placed_together_or_not_at_all(tiny_beton, tmp_path, monkeypatch):
+    """A sidecar that cannot be written (a full disk after the body) leaves neither file, and with --force the
+    old pair untouched: never a new .beton beside the old sidecar, nor one without a sidecar."""
+    import dptool.beton
+
+    npz = tiny_beton.with_suffix(".npz")
+    out = tmp_path / "x.beton"
+    assert CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "raw"]).exit_code == 0
+    pair = (_digest(out), _digest(f"{out}.json"))
+    real = dptool.beton.Path.write_text
+
+    def full(self, *a, **k):
+        if ".json.tmp-" in self.name:
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(dptool.beton.Path, "write_text", full)
+    result = CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "jpg", "--force"])
+    assert result.exit_code == 2 and f"Cannot write {out}.json (No space left on device)" in result.output, \
+        result.output
+    assert (_digest(out), _digest(f"{out}.json")) == pair
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
+    result = CliRunner().invoke(cli, ["convert", str(npz), str(tmp_path / "y.beton")])
+    assert result.exit_code == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
+
+
+def test_a_group_renames_each_output_with_its_companion(tmp_path):
+    from dptool.atomic import atomic_output, output_group
+
+    a, b = tmp_path / "a.beton", tmp_path / "b.beton"
+    with output_group():
+        for p in (a, b):
+            with atomic_output(p) as tmp:
+                tmp.write_text(p.name)
+        for p in (a, b):
+            with atomic_output(f"{p}.json", companion_of=p) as tmp:
+                tmp.write_text("side " + p.name)
+        assert [p for p in tmp_path.iterdir() if not p.name.startswith(".")] == []  # nothing placed yet
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "a.beton": "a.beton", "a.beton.json": "side a.beton", "b.beton": "b.beton", "b.beton.json": "side b.beton"}
+    with pytest.raises(KeyboardInterrupt), output_group():
+        with atomic_output(a) as tmp:
+            tmp.write_text("new")
+        raise KeyboardInterrupt
+    assert a.read_text() == "a.beton" and len(list(tmp_path.iterdir())) == 4
+
+
+def test_temporary_files_of_killed_runs_are_removed_or_named(tmp_path, caplog):
+    import dptool.atomic as atomic
+
+    out = tmp_path / "x.beton"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mine = tmp_path / f".x.beton.tmp-{dead.pid}-{atomic._TAG}-0123abcd"  # this machine's, its process gone
+    other = tmp_path / ".x.beton.tmp-1-ffffffff-0123abcd"  # another machine's or container's: maybe alive
+    old = tmp_path / f".x.beton.tmp-{dead.pid}"  # an older dptool's
+    unrelated = tmp_path / ".x.beton.tmp-notes"
+    for p in (mine, other, old, unrelated):
+        p.write_bytes(b"partial")
+    with caplog.at_level("WARNING"):
+        check_output_path(out, force=False)
+    assert not mine.exists() and other.exists() and old.exists() and unrelated.exists()
+    assert str(other) in caplog.text and str(old) in caplog.text and "removed" in caplog.text
+    names = {atomic.temp_path_for(out).name for _ in range(3)}
+    assert len(names) == 3  # unique per call: two writers never share a temporary file, whatever their PIDs
+
+
+def test_sigterm_stops_a_write_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) mid-write: exit 143, one line, no output or temporary file left."""
+    import glob
+    import signal
+    import sys
+    import time
+
+    from dptool.synthetic import separable_images, write_npz
+
+    images, labels = separable_images(10, 300, 64, seed=1)
+    write_npz(tmp_path / "big.npz", images, labels)
+    out = tmp_path / "big.beton"
+    proc = subprocess.Popen([sys.executable, "-m", "dptool", "convert", str(tmp_path / "big.npz"), str(out),
+                             "--write-mode", "jpg", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(tmp_path / ".big.beton.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "conversion finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err and err.strip().endswith("Terminated."), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz"]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ..atomic import check_output_path
+from ..atomic import check_output_path, output_group
 from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank
 from ..errors import InputError
@@ -91,10 +91,11 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         summary["timings"] = {"load surrogate": round(loaded, 3), **summary["timings"]}
         if is_main():
             start = time.perf_counter()
-            summary["output"] = str(run.write(out, force=force))
-            summary["assignment"] = str(assignment_path(out)) if run.assignment is not None else None
-            if plot is not None:
-                summary["plot"] = str(plot_scores(run.scores, plot, top=top, force=force))
+            with output_group():  # the scores file, its assignment and the plot are renamed into place together
+                summary["output"] = str(run.write(out, force=force))
+                summary["assignment"] = str(assignment_path(out)) if run.assignment is not None else None
+                if plot is not None:
+                    summary["plot"] = str(plot_scores(run.scores, plot, top=top, force=force))
             summary["timings"]["write"] = round(time.perf_counter() - start, 3)
         barrier()
     summary.update(seconds=round(time.perf_counter() - began, 3), rank=launch_rank(), source=str(source),
