@@ -40,8 +40,10 @@ def _beton(s: dict) -> str:
             lines.append(f"  ... {len(s['classes']) - 50} more (use --json for all)")
     lines.append(f"fingerprint: {s['fingerprint']}")
     if s.get("sidecar_matches") is False:
-        lines.append(f"warning: the sidecar {s['sidecar']} was not written for this file (its fingerprint differs); "
-                     "class names, writer and provenance above come from it")
+        shown = ("the file is shown without it; other commands refuse it until it is deleted"
+                 if s.get("sidecar_ignored") else "class names, writer and provenance above come from it")
+        lines.append(f"warning: the sidecar {s['sidecar']} was not written for this file ({s['sidecar_problem']}); "
+                     f"{shown}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import sys
 import click
 
 from dptool._ffcv import silence_loader_gc_noise
-from dptool.atomic import _WRITE_ERRNOS
+from dptool.atomic import is_write_error
 from dptool.errors import DptoolError, InputError
 
 from ._common import CONTEXT_SETTINGS
@@ -50,6 +50,17 @@ class _LazyGroup(click.Group):
 
     def invoke(self, ctx):
         try:
+            return self._invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            if not _TERMINATED:
+                raise
+            # stopped by SIGTERM/SIGHUP: whatever the stop caused (a worker killed by the same signal sent to the
+            # process group, a pipe it closed) is reported as the stop it is
+            click.echo("Terminated.", err=True)
+            raise click.exceptions.Exit(128 + _TERMINATED[0]) from None
+
+    def _invoke(self, ctx):
+        try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -64,17 +75,17 @@ class _LazyGroup(click.Group):
                 raise
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            if _TERMINATED:  # SIGTERM, stopped as Ctrl-C stops a command (temporary files deleted)
-                click.echo("Terminated.", err=True)
+            if _TERMINATED:  # SIGTERM, stopped as Ctrl-C stops a command (temporary files deleted): reported above
                 raise click.exceptions.Exit(128 + _TERMINATED[0]) from None
             click.echo("Aborted!", err=True)
             raise click.exceptions.Exit(130) from None  # 128 + SIGINT, as shells report an interrupted command
         except OSError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            if exc.errno not in _WRITE_ERRNOS:
+            if not is_write_error(exc):
                 raise click.ClickException(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                                            "traceback)") from exc
+            # a write error that no command named where it happened
             where = f" {exc.filename}" if exc.filename else ""
             err = click.ClickException(f"Cannot write{where} ({exc.strerror}); free space or choose another folder.")
             err.exit_code = 2

@@ -17,13 +17,15 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["atomic_output", "check_output_path", "output_group", "temp_path_for", "write_error"]
+__all__ = ["atomic_output", "check_output_path", "is_write_error", "output_group", "temp_path_for", "write_error"]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +37,16 @@ def _host_tag() -> str:
     """8 hex digits naming this machine, boot and PID namespace: a PID means the same process only among
     temporary names that carry the same tag (containers sharing a volume, two hosts on NFS have other tags)."""
     parts = [socket.gethostname()]
-    for p in ("/proc/sys/kernel/random/boot_id",):
-        with contextlib.suppress(OSError):
-            parts.append(Path(p).read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
     with contextlib.suppress(OSError):
         parts.append(os.readlink("/proc/self/ns/pid"))
     return hashlib.blake2b("\0".join(parts).encode(), digest_size=4).hexdigest()
 
 
 _TAG = _host_tag()
-_TEMP_SUFFIX = re.compile(r"(\d+)(?:-([0-9a-f]{8})-[0-9a-f]{8})?")
+# what follows ".NAME.tmp-": PID-TAG-RANDOM, or the PID alone (the names of dptool before 2026-11-29)
+_TEMP_SUFFIX = re.compile(r"(?P<pid>\d+)(?:-(?P<tag>[0-9a-f]{8})-[0-9a-f]{8})?")
 
 
 def temp_path_for(path: Path) -> Path:
@@ -53,9 +55,15 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_TAG}-{secrets.token_hex(4)}")
 
 
+def is_write_error(exc: BaseException) -> bool:
+    """Whether `exc` can only mean that an output could not be written (a full disk, a quota, a read-only
+    filesystem, a file size limit), never a bad input."""
+    return isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS
+
+
 def write_error(final: Path, exc: OSError) -> InputError | None:
     """The one-sentence error for an OSError that means `final` could not be written, else None."""
-    if exc.errno in _WRITE_ERRNOS:
+    if is_write_error(exc):
         return InputError(f"Cannot write {final} ({exc.strerror}); nothing was written under that name: free space "
                           "or choose another folder.")
     return None
@@ -80,12 +88,12 @@ def _sweep_stale(out: Path) -> None:
             m = _TEMP_SUFFIX.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
             if m is None:
                 continue
-            pid, tag = int(m.group(1)), m.group(2)
+            pid, tag = int(m["pid"]), m["tag"]
             if tag == _TAG and not _alive(pid):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     log.warning("removed %s, left by an interrupted run", entry.path)
-            elif tag != _TAG or pid != os.getpid():
+            elif tag != _TAG or pid != os.getpid():  # not this process's own
                 with contextlib.suppress(OSError):
                     size = entry.stat(follow_symlinks=False).st_size
                     log.warning("%s (%d bytes) is the temporary file of another or an interrupted run; delete it "
@@ -153,16 +161,23 @@ class _Group:
         """Each output followed at once by its companions (its sidecar), so that a pair is never half replaced."""
         finals = {os.path.abspath(f) for _, f, _ in self.staged}
         key = lambda c: os.path.abspath(c) if c is not None and os.path.abspath(c) in finals else None  # noqa: E731
-        order = []
+        order: list[tuple[Path, Path, Path | None]] = []
+
+        def place(item) -> None:  # the item, then its companions, theirs after each (a sidecar's own companion)
+            order.append(item)
+            for c in self.staged:
+                if key(c[2]) == os.path.abspath(item[1]) and c not in order:
+                    place(c)
+
         for item in self.staged:
             if key(item[2]) is None:
-                order.append(item)
-                order += [c for c in self.staged if key(c[2]) == os.path.abspath(item[1])]
+                place(item)
+        order += [item for item in self.staged if item not in order]  # a cycle of companions: in the given order
         return order
 
     def commit(self) -> None:
         self.staged = self._order()
-        with _folder_locks({f.parent for _, f, _ in self.staged}):
+        with _folder_locks({f.parent for _, f, _ in self.staged}), _signals_deferred():
             placed = []
             while self.staged:
                 tmp, final, companion_of = self.staged[0]
@@ -181,6 +196,33 @@ class _Group:
 
 
 _GROUP: contextvars.ContextVar[_Group | None] = contextvars.ContextVar("dptool_output_group", default=None)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP back while outputs are renamed into place, and act on them after: one
+    raised between two renames would leave a new .beton beside its old sidecar. (Python runs signal handlers in
+    the main thread, so swapping the handlers covers a signal delivered to any thread; a mask would not.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(sig)
+        if handler not in (signal.SIG_IGN, None):  # ignored stays ignored; None: not set from Python
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(caught):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # SIG_DFL
+                signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

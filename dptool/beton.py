@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -165,8 +165,9 @@ class Beton:
         return dict((self.sidecar or {}).get("writer", {}))
 
 
-def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -> Beton:
-    """Open and validate a `.beton`: header, fields, metadata and allocation table must all be in the file.
+def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, check_sidecar: bool = True) -> Beton:
+    """Open and validate a `.beton`: header, fields, metadata and allocation table must all be in the file, and
+    a sidecar beside it must describe it (`check_sidecar=False` leaves that to the caller, as `info` does).
 
     An already opened `Beton` is returned as it is (after the label check), so that functions taking a file
     can be handed the one their caller opened instead of parsing its tables again.
@@ -252,27 +253,27 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True) -
     if "label" in names and n and int(beton.labels.max()) >= MAX_CLASSES:
         raise InputError(f"{path} has a label {int(beton.labels.max())}; dptool needs labels 0 to C-1 with C at "
                          f"most {MAX_CLASSES}.")
-    _check_sidecar_matches(beton)
+    if check_sidecar and (mismatch := _sidecar_mismatch(beton)):
+        raise InputError(f"Sidecar {sidecar_path(beton.path)} does not describe {beton.path} ({mismatch}); it is "
+                         "left from another file: delete it (or re-convert) to use the file without it.")
     return beton
 
 
-def _check_sidecar_matches(beton: Beton) -> None:
-    """Refuse a sidecar that does not describe its file (a .beton rewritten by another tool, or copied over, next
-    to an old sidecar): its class names, head width and writer parameters would be taken as the file's. Compared
-    from the tables already read: the sample count, and the per-class counts against the file's labels."""
+def _sidecar_mismatch(beton: Beton) -> str | None:
+    """How the sidecar contradicts its file (a .beton rewritten by another tool, or copied over, next to an old
+    sidecar, whose class names, head width and writer parameters would be taken as the file's), else None.
+    Compared from the tables already read: the sample count, and the per-class counts against the labels."""
     side = beton.sidecar
     if not side:
-        return
-    side_path = sidecar_path(beton.path)
-    stale = (f"Sidecar {side_path} does not describe {beton.path} (%s); it is left from another file: delete it "
-             "(or re-convert) to use the file without it.")
+        return None
     if "num_samples" in side and int(side["num_samples"]) != beton.num_samples:
-        raise InputError(stale % f"it records {side['num_samples']} samples, the file holds {beton.num_samples}")
+        return f"it records {side['num_samples']} samples, the file holds {beton.num_samples}"
     counts = side.get("class_counts")
     if counts is not None and "label" in beton.field_names and beton.num_samples:
         mine = np.bincount(beton.labels, minlength=len(counts))
         if len(mine) != len(counts) or not np.array_equal(mine, np.asarray(counts, dtype=np.int64)):
-            raise InputError(stale % "its per-class counts differ from the file's labels")
+            return "its per-class counts differ from the file's labels"
+    return None
 
 
 def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None:
@@ -352,26 +353,40 @@ def _fingerprint_without_samples(b: Beton, h=None) -> str:
 def summarize(path: str | os.PathLike) -> dict:
     """Everything `dptool info` shows about a `.beton`: samples, classes with names and counts, fields,
     writer parameters, provenance, file size."""
-    b = open_beton(path, require_label=False)
+    b = open_beton(path, require_label=False, check_sidecar=False)
+    # a sidecar that contradicts the file is named, and the file shown without it (other commands refuse it)
+    int_labels = "label" in b.field_names and b.field_types[b.field_names.index("label")] == "IntField"
+    stale = _sidecar_mismatch(b) if int_labels or "label" not in b.field_names else None
+    if stale:
+        b = replace(b, sidecar=None)
     side = b.sidecar or {}
     # the file's own fingerprint; the sidecar's is trusted for nothing here (a sidecar copied beside another
     # file, or a file replaced after its sidecar was written, would otherwise show someone else's)
     recorded, own = side.get("fingerprint"), fingerprint(b)
+    if stale:
+        matches = False
+    elif not b.sidecar:
+        matches = None
+    else:
+        matches = bool(recorded) and recorded in known_fingerprints(b, own)
     summary = {
         "path": str(b.path),
         "file_size": b.file_size,
         "num_samples": b.num_samples,
         "fields": dict(zip(b.field_names, b.field_types)),
         "page_size": b.page_size,
-        "sidecar": str(sidecar_path(b.path)) if b.sidecar else None,
+        "sidecar": str(sidecar_path(b.path)) if b.sidecar or stale else None,
         "writer": side.get("writer"),
         "source": side.get("source"),
         "fingerprint": own,
-        "sidecar_matches": None if not b.sidecar else bool(recorded) and recorded in known_fingerprints(b, own),
+        "sidecar_matches": matches,
+        "sidecar_ignored": bool(stale),
+        "sidecar_problem": stale or (None if matches is not False else
+                                     "it records another fingerprint" if recorded else "it records no fingerprint"),
         "skipped": len(side.get("skipped", [])),
         "pruning": side.get("pruning"),
     }
-    if "label" in b.field_names and b.field_types[b.field_names.index("label")] == "IntField":
+    if int_labels:
         counts = b.class_counts()
         names = b.class_names
         summary["num_classes"] = b.num_classes

@@ -4,10 +4,12 @@ folder that cannot be written to is named at once rather than when the finished 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -207,7 +209,6 @@ def test_temporary_files_of_killed_runs_are_removed_or_named(tmp_path, caplog):
 
 def test_sigterm_stops_a_write_like_ctrl_c(tmp_path):
     """SIGTERM (kill, timeout, a scheduler) mid-write: exit 143, one line, no output or temporary file left."""
-    import glob
     import signal
     import sys
     import time
@@ -221,10 +222,81 @@ def test_sigterm_stops_a_write_like_ctrl_c(tmp_path):
                              "--write-mode", "jpg", "--workers", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not glob.glob(str(tmp_path / ".big.beton.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "conversion finished before it could be stopped"
+    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until both writer workers are encoding
+    assert proc.poll() is None and len(_children(proc.pid)) == 2, "conversion finished before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Traceback" not in err and err.strip().endswith("Terminated."), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz"]
+
+
+def test_a_signal_between_two_renames_waits_until_the_pair_is_placed(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, SIGHUP) arriving while a group is renamed into place acts once every output is placed:
+    never a new .beton beside its old sidecar."""
+    import signal
+
+    import dptool.atomic as atomic
+
+    a = tmp_path / "a.beton"
+    for p in (a, tmp_path / "a.beton.json"):
+        p.write_text("old")
+    real = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # lands between the .beton's rename and its sidecar's
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), atomic.output_group():
+        for p, comp in ((a, None), (tmp_path / "a.beton.json", a)):
+            with atomic.atomic_output(p, companion_of=comp) as tmp:
+                tmp.write_text("new")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.beton": "new", "a.beton.json": "new"}
+
+
+def test_a_companion_of_a_companion_is_placed(tmp_path):
+    from dptool.atomic import atomic_output, output_group
+
+    chain = (("a", None), ("a.json", "a"), ("a.json.sig", "a.json"), ("x", "y"), ("y", "x"))
+    with output_group():
+        for name, comp in chain:
+            with atomic_output(tmp_path / name, companion_of=comp and tmp_path / comp) as tmp:
+                tmp.write_text(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(name for name, _ in chain)
+
+
+def test_sigterm_to_the_process_group_exits_143_not_a_worker_error(tmp_path):
+    """`kill -TERM -PGID` (a closed terminal's SIGHUP, systemd, slurm) also reaches the writer's workers, which
+    die of it: the command still reports the stop, not "a writer worker stopped unexpectedly"."""
+    import signal
+    import sys
+    import time
+
+    from dptool.synthetic import separable_images, write_npz
+
+    images, labels = separable_images(10, 600, 48, seed=1)
+    write_npz(tmp_path / "big.npz", images, labels)
+    out = tmp_path / "big.beton"
+    proc = subprocess.Popen([sys.executable, "-m", "dptool", "convert", str(tmp_path / "big.npz"), str(out),
+                             "--write-mode", "jpg", "--workers", "2"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until both writer workers are encoding
+    assert proc.poll() is None and len(_children(proc.pid)) == 2, "conversion finished before it could be stopped"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().endswith("Terminated.") and "worker" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz"]
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc)."""
+    kids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(stat.split("/")[2]))
+    return kids

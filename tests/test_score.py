@@ -376,4 +376,4 @@ def test_fm_default_clusters_count_the_classes_with_samples(score_data, tmp_path
     run = score("fm", source=source, target=score_data.target, surrogate=_surrogate(score_data),
                 options=ScoreOptions(inference=INFERENCE, source_sample=4))
     assert run.scores.level == "cluster" and run.scores.num_groups == 6
-    assert np.bincount(run.assignment, minlength=6).sum() == keep.sum()
+    assert len(run.assignment) == keep.sum() and set(np.unique(run.assignment)) <= set(range(6))

@@ -117,6 +117,10 @@ def test_stale_sidecar_refused(tmp_path):
     assert run("convert", tmp_path / "a.npz", tmp_path / "a.beton", *RAW).exit_code == 0
     assert run("convert", tmp_path / "b.npz", tmp_path / "b.beton", *RAW).exit_code == 0
     os.replace(tmp_path / "b.beton", tmp_path / "a.beton")  # a.beton.json now describes another file
-    result = run("info", tmp_path / "a.beton")
-    assert result.exit_code == 2 and "does not describe" in result.output
+    result = run("train", tmp_path / "a.beton", "--arch", "resnet_tiny", "-o", tmp_path / "m.pt")
+    assert result.exit_code == 2 and "does not describe" in result.output and not (tmp_path / "m.pt").exists()
+    info = json.loads(run("info", tmp_path / "a.beton", "--json").output)  # info shows the file without it
+    assert info["sidecar_ignored"] and info["sidecar_matches"] is False and info["num_classes"] == 2
+    assert "its per-class counts differ" in info["sidecar_problem"]
+    assert "shown without it" in run("info", tmp_path / "a.beton").output
     json.loads((tmp_path / "a.beton.json").read_text())  # left as it was
