@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -157,6 +158,14 @@ def main() -> None:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(sig) == _on_terminate:
                 signal.signal(sig, signal.SIG_DFL)
+        if _TERMINATED:
+            # stopped, its temporary files already deleted: leave at once, as the default action would, instead
+            # of spending seconds in the interpreter's shutdown (torch, Numba) while a scheduler or torchrun waits
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(128 + _TERMINATED[0])
 
 
 if __name__ == "__main__":

@@ -175,9 +175,12 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
+    from .distributed import launched_by_torchrun
     from .loaders import eval_loader, inference_loader, train_loader
     from .models import replace_head
 
+    if launched_by_torchrun():  # every rank would run the whole job and write the same files
+        raise InputError("finetune runs in one process (target sets are small); run it without torchrun.")
     cfg = config.resolved()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(device, cfg.precision)

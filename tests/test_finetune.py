@@ -164,8 +164,12 @@ def test_an_interrupted_finetune_leaves_no_log(tmp_path, target, source_ckpt, mo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_refuses_before_any_work(tmp_path, target, source_ckpt):
+def test_refuses_before_any_work(tmp_path, target, source_ckpt, monkeypatch):
     train, test = target
+    with monkeypatch.context() as env:  # under torchrun every rank would run the whole job
+        env.setenv("WORLD_SIZE", "2")
+        with pytest.raises(InputError, match="run it without torchrun"):
+            finetune(source_ckpt, train, test, output=tmp_path / "ft.pt", config=FinetuneConfig(epochs=1))
     with pytest.raises(InputError, match="same file as input"):  # the log would replace the training data
         finetune(source_ckpt, train, test, output=tmp_path / "ft.pt", log_path=train, config=FinetuneConfig(epochs=1))
     with pytest.raises(InputError, match="does not exist"):
