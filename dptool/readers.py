@@ -128,7 +128,7 @@ def _class_files(class_dir: Path) -> list[str]:
 
 
 class ImageFolderSource(SourceDataset):
-    """One sub-folder per class (sorted by name); every regular, non-hidden file in it is a sample."""
+    """One sub-folder per class (sorted by name); every non-hidden file under it is a sample (`_class_files`)."""
 
     def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         root = Path(root)
