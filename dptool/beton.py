@@ -28,6 +28,7 @@ __all__ = [
     "sidecar_path",
     "check_beton_output",
     "write_sidecar",
+    "check_image_field",
     "check_same_classes",
     "fingerprint",
     "known_fingerprints",
@@ -274,6 +275,14 @@ def _sidecar_mismatch(beton: Beton) -> str | None:
         if len(mine) != len(counts) or not np.array_equal(mine, np.asarray(counts, dtype=np.int64)):
             return "its per-class counts differ from the file's labels"
     return None
+
+
+def check_image_field(beton: Beton) -> None:
+    """Refuse a file whose 'image' field (when it has one) is not an RGBImageField, the one dptool decodes."""
+    if "image" in beton.field_names:
+        kind = beton.field_types[beton.field_names.index("image")]
+        if kind != "RGBImageField":
+            raise InputError(f"{beton.path}'s 'image' field is a {kind}; dptool reads images from an RGBImageField.")
 
 
 def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None:

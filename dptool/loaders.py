@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ._ffcv import import_ffcv, restore_threads
-from .beton import Beton, open_beton
+from .beton import Beton, check_image_field, open_beton
 from .errors import DptoolError, InputError
 
 __all__ = [
@@ -190,9 +190,7 @@ def _build(path, *, decoder, flip, batch_size: int, workers: int, device, order:
     path = beton.path  # a Beton opened by the caller, or the file just opened
     if "image" not in beton.field_names:
         raise InputError(f"{path} has no 'image' field (fields: {', '.join(beton.field_names)}).")
-    if beton.field_types[beton.field_names.index("image")] != "RGBImageField":
-        raise InputError(f"{path}'s 'image' field is a {beton.field_types[beton.field_names.index('image')]}; "
-                         "dptool reads images from an RGBImageField.")
+    check_image_field(beton)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}.")
     idx = _check_indices(indices, beton.num_samples, path)

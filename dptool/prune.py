@@ -87,13 +87,15 @@ def output_paths(template: str | os.PathLike, ratios: list[float]) -> list[Path]
     return [Path(text.replace(RATIO_PLACEHOLDER, f"{r:g}")) for r in ratios]
 
 
-def _source_fingerprint(beton: Beton) -> str:
-    """The sidecar's fingerprint of `beton`, else one computed from the file."""
-    return (beton.sidecar or {}).get("fingerprint") or fingerprint(beton)
+def _source_fingerprint(beton: Beton, computed: str | None = None) -> str:
+    """The sidecar's fingerprint of `beton`, else one computed from the file (`computed`, when the caller has it)."""
+    return (beton.sidecar or {}).get("fingerprint") or computed or fingerprint(beton)
 
 
-def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: Beton) -> None:
-    """Refuse scores computed on another source: class count, sample count or fingerprint differ (says which)."""
+def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: Beton, *,
+                        current: str | None = None) -> None:
+    """Refuse scores computed on another source: class count, sample count or fingerprint differ (says which).
+    `current`: `fingerprint(beton)` when the caller has it already."""
     src = scores.source
     if int(src["num_classes"]) != beton.num_classes:
         raise InputError(f"Scores file {scores_path} was computed for {int(src['num_classes'])} classes but "
@@ -101,7 +103,7 @@ def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: B
     if int(src["num_samples"]) != beton.num_samples:
         raise InputError(f"Scores file {scores_path} was computed for {int(src['num_samples'])} samples but "
                          f"{beton.path} has {beton.num_samples}; score this source first.")
-    have = known_fingerprints(beton)
+    have = known_fingerprints(beton, current)
     if src["fingerprint"] not in have:
         raise InputError(f"Scores file {scores_path} belongs to another source: its source fingerprint "
                          f"{src['fingerprint']} differs from {' or '.join(sorted(have))} of {beton.path}.")
@@ -202,8 +204,9 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
         raise InputError(f"--val needs class-level scores, but {scores_path} is {scores.level}-level "
                          "(cluster pruning keeps samples, not classes).")
     beton = open_beton(source)
-    source_fp = _source_fingerprint(beton)
-    check_scores_source(scores, scores_path, beton)
+    computed = fingerprint(beton)  # once, for both the check and the provenance
+    source_fp = _source_fingerprint(beton, computed)
+    check_scores_source(scores, scores_path, beton, current=computed)
     groups_of = beton.labels if scores.level == "class" else load_assignment(scores_path, scores)
     sizes = np.bincount(groups_of, minlength=scores.num_groups)
     selections = _selections(scores, ratio, keep, ratios, sizes)

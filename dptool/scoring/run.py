@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..beton import Beton, fingerprint, known_fingerprints, open_beton
+from ..beton import Beton, check_image_field, fingerprint, known_fingerprints, open_beton
 from ..errors import InputError, check_seed
 from ..features import InferenceOptions, rank_world
 from ..scores import Scores, score_summary, write_scores
@@ -123,9 +123,7 @@ def stored_resolution(beton: Beton) -> int | None:
     """Median short side in pixels of the images stored in `beton` (from metadata; None without images)."""
     if "image" not in beton.field_names or beton.num_samples == 0:
         return None
-    if beton.field_types[beton.field_names.index("image")] != "RGBImageField":
-        raise InputError(f"{beton.path}'s 'image' field is a {beton.field_types[beton.field_names.index('image')]}; "
-                         "dptool reads images from an RGBImageField.")
+    check_image_field(beton)
     meta = beton.metadata[f"f{beton.field_names.index('image')}"]
     return int(np.median(np.minimum(meta["height"], meta["width"])))
 
