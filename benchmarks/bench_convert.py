@@ -1,7 +1,8 @@
 """Conversion speed: `dptool convert` vs the plain FFCV recipe (torchvision ImageFolder -> DatasetWriter).
 
 Both write the same generated folder of ImageNet-sized JPEGs with the same field parameters and workers, one
-after the other in one run. Prints a table and writes JSON.
+after the other in one run; dptool's time includes flushing its output to the disk (fsync), which FFCV's writer
+does not do. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/bench_convert.py --images 2000 --json-out benchmarks/results/convert.json
 """

@@ -10,8 +10,9 @@ side by side in one run:
 * plain copy of as many bytes as the prune wrote, read from the start of the same source file: as
   `shutil.copyfileobj` does it (user space, 64 KiB buffers) and as `shutil.copyfile` does it (in-kernel `sendfile`).
 
-Each is timed with the files in the page cache ("warm") and from disk ("cold": source evicted with
-posix_fadvise(DONTNEED) before, output fsync'ed inside the timing). Prints a table, writes JSON.
+Each is timed with the source in the page cache ("warm") and from disk ("cold": source evicted with
+posix_fadvise(DONTNEED) before). In both, every output is fsync'ed inside its timing: dptool flushes each output
+to the disk before renaming it into place, so the copies and the re-encode do too. Prints a table, writes JSON.
 
     .venv/bin/python benchmarks/bench_prune.py --size-gb 1.5 --json-out benchmarks/results/prune.json
 """
@@ -167,7 +168,7 @@ def fsync_path(path: Path) -> None:
 
 
 def time_prune(source: Path, scores: Path, out: Path, ratio: float, cold: bool) -> tuple[float, object]:
-    """dptool prune's library call; cold: source evicted first and the output fsync'ed inside the timing."""
+    """dptool prune's library call (which fsyncs its output); cold: source evicted first."""
     from dptool.prune import prune
 
     if out.exists():
@@ -175,8 +176,6 @@ def time_prune(source: Path, scores: Path, out: Path, ratio: float, cold: bool) 
     (evict if cold else warm)(source)
     start = time.perf_counter()
     result = prune(source, scores, out, ratio=ratio, force=True)
-    if cold:
-        fsync_path(out)
     return time.perf_counter() - start, result
 
 
@@ -198,8 +197,7 @@ def time_copy(src: Path, nbytes: int, dst: Path, how: str, cold: bool) -> float:
         else:
             while done < nbytes:
                 done += os.sendfile(fo.fileno(), fi.fileno(), done, nbytes - done)
-    if cold:
-        fsync_path(dst)
+        os.fsync(fo.fileno())
     return time.perf_counter() - start
 
 
@@ -216,6 +214,7 @@ def time_reencode(source: Path, indices: np.ndarray, out: Path, max_res: int, qu
     writer = DatasetWriter(str(out), params.fields(), num_workers=workers, page_size=params.resolved_page_size())
     start = time.perf_counter()
     writer.from_indexed_dataset(DecodedSubset(source, indices), chunksize=100)
+    fsync_path(out)
     return time.perf_counter() - start
 
 

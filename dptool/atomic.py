@@ -4,7 +4,8 @@ Outputs that belong together (a `.beton` and its sidecar, a scores file, its ass
 several ratios) are written inside `output_group()`: every one of them is written under its temporary name, and
 only when all are complete are they renamed into place, one after the other, under a lock of their folders, so
 that a failure (a full disk, Ctrl-C, SIGTERM) leaves none of them and two processes writing the same outputs at
-once leave one's complete set, never a mix.
+once leave one's complete set, never a mix. Each is flushed to the disk (fsync) before its rename, and the folder
+after, so that a power loss or a kernel crash cannot leave an empty or partial file under a final name either.
 """
 
 from __future__ import annotations
@@ -177,6 +178,12 @@ class _Group:
 
     def commit(self) -> None:
         self.staged = self._order()
+        try:
+            for tmp, final, _ in self.staged:
+                _flush(tmp, final)
+        except BaseException:
+            self.discard()
+            raise
         with _folder_locks({f.parent for _, f, _ in self.staged}), _signals_deferred():
             placed = []
             while self.staged:
@@ -193,6 +200,37 @@ class _Group:
                                      "output path.") from None
                 placed.append(os.path.abspath(final))
                 self.staged.pop(0)
+        for folder in sorted({os.path.dirname(f) for f in placed}):
+            _flush_folder(folder)
+
+
+def _flush(tmp: Path, final: Path) -> None:
+    """Force `tmp`'s bytes to the disk before it is renamed to `final`: after a power loss or a kernel crash the
+    rename can otherwise reach the disk before the data, leaving an empty or partial file under the final name."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:  # never written: the rename names it
+        return
+    except OSError as exc:  # a delayed ENOSPC/EDQUOT (NFS) shows only here
+        mapped = write_error(final, exc)
+        if mapped is not None:
+            raise mapped from None
+        if exc.errno != errno.EINVAL:  # EINVAL: a file system without fsync (the data is written, no guarantee)
+            raise
+
+
+def _flush_folder(folder: str) -> None:
+    """Make the renames into `folder` durable (best effort: some file systems cannot sync a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 _GROUP: contextvars.ContextVar[_Group | None] = contextvars.ContextVar("dptool_output_group", default=None)

@@ -187,6 +187,51 @@ def test_a_group_renames_each_output_with_its_companion(tmp_path):
     assert a.read_text() == "a.beton" and len(list(tmp_path.iterdir())) == 4
 
 
+def test_outputs_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """Each temporary file is fsync'ed before it is renamed, the folder after; a delayed write error that shows
+    only at fsync (NFS, a quota) is one sentence and leaves neither file."""
+    import errno
+
+    from dptool import atomic
+    from dptool.atomic import atomic_output, output_group
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else st.st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    a = tmp_path / "a.beton"
+    with output_group():
+        with atomic_output(a) as tmp:
+            tmp.write_text("body")
+        with atomic_output(f"{a}.json", companion_of=a) as tmp:
+            tmp.write_text("side")
+    inodes = [a.stat().st_ino, Path(f"{a}.json").stat().st_ino]
+    assert events == [("fsync", inodes[0]), ("fsync", inodes[1]), ("replace", inodes[0]), ("replace", inodes[1]),
+                      ("fsync", "dir")]
+
+    def delayed_enospc(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", delayed_enospc)
+    b = tmp_path / "b.beton"
+    with pytest.raises(InputError, match=r"Cannot write .*b\.beton \(No space left on device\)"), output_group():
+        with atomic_output(b) as tmp:
+            tmp.write_text("body")
+        with atomic_output(f"{b}.json", companion_of=b) as tmp:
+            tmp.write_text("side")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.beton", "a.beton.json"]
+
+
 def test_temporary_files_of_killed_runs_are_removed_or_named(tmp_path, caplog):
     import dptool.atomic as atomic
 
