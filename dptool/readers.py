@@ -164,9 +164,11 @@ class ImageFolderSource(SourceDataset):
         return os.path.join(self.root, os.fsdecode(self._names[start:self._ends[index]].tobytes()))
 
     def describe(self, index: int) -> str:
+        """The file of sample `index`: what skip lists and error messages name."""
         return self.path(index)
 
     def load(self, index: int) -> np.ndarray:
+        """Decode the file of sample `index` to (H, W, 3) uint8, opening it once; UnreadableImage says why not."""
         path = self.path(index)
         if not os.path.exists(path):
             raise UnreadableImage("broken symbolic link" if os.path.islink(path) else "file vanished")
@@ -302,6 +304,7 @@ class NpzSource(SourceDataset):
         self.images = images
 
     def load(self, index: int) -> np.ndarray:
+        """Image `index` as (H, W, 3) uint8 (gray and RGBA stored arrays converted); reads only that image."""
         return _array_to_rgb(self.images[index])
 
 
@@ -369,6 +372,7 @@ class TorchvisionSource(SourceDataset):
         self.dataset = ds
 
     def load(self, index: int) -> np.ndarray:
+        """Image `index` of the torchvision dataset as (H, W, 3) uint8, whatever PIL mode or array it returns."""
         img = self.dataset[index][0]
         if isinstance(img, Image.Image):
             return to_rgb_array(img)
