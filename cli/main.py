@@ -36,18 +36,12 @@ class _LazyGroup(click.Group):
     """Loads each command's module only when that command runs, so `dptool -h` stays fast."""
 
     def list_commands(self, ctx):
-        return [name for name in COMMANDS if self.get_command(ctx, name) is not None]
+        return list(COMMANDS)  # the workflow's order, not Click's alphabetical one
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        try:
-            module = importlib.import_module(f"dptool.cli.{COMMANDS[name]}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"dptool.cli.{COMMANDS[name]}":
-                return None  # not built yet
-            raise
-        return module.command
+        return importlib.import_module(f"dptool.cli.{COMMANDS[name]}").command
 
     def invoke(self, ctx):
         try:

@@ -155,8 +155,6 @@ def silence_loader_gc_noise() -> None:
     command is over). Installed by the CLI only; every other unraisable exception still reaches the previous hook.
     """
     import signal
-    import sys
-    import threading
 
     previous = sys.unraisablehook
     if getattr(previous, "_dptool_filter", False):

@@ -161,10 +161,6 @@ class Beton:
         """(num_classes,) int64 samples per class."""
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
 
-    def image_field_args(self) -> dict:
-        """The writer parameters of the image field as stored in the sidecar (empty if unknown)."""
-        return dict((self.sidecar or {}).get("writer", {}))
-
 
 def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, check_sidecar: bool = True) -> Beton:
     """Open and validate a `.beton`: header, fields, metadata and allocation table must all be in the file, and

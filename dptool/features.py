@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .beton import Beton, open_beton
+from .distributed import is_main, shard_rows
 from .errors import DptoolError, InputError
 from .loaders import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["InferenceOptions", "Batch", "rank_world", "shard_rows", "stream", "feature_hook"]
+__all__ = ["InferenceOptions", "Batch", "stream", "feature_hook"]
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,6 @@ class Batch:
     features: object | None = None
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process under torch.distributed, else (0, 1)."""
-    from .distributed import rank, world_size
-
-    return rank(), world_size()
-
-
-def shard_rows(rows: np.ndarray) -> np.ndarray:
-    """This rank's share of `rows`: every world-th row starting at the rank (exact: no padding, no duplicates)."""
-    rank, world = rank_world()
-    return np.asarray(rows)[rank::world]  # dtype kept: the loaders validate indices after sharding
-
-
 @contextlib.contextmanager
 def feature_hook(module) -> Iterator[list]:
     """Capture the input of `module` on every forward: yields a one-slot list holding the last (B, D) input."""
@@ -88,8 +76,7 @@ def feature_hook(module) -> Iterator[list]:
 def _progress(total: int, desc: str, show: bool):
     from tqdm import tqdm
 
-    rank, _ = rank_world()
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not show or rank != 0,
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not show or not is_main(),
                 dynamic_ncols=True, leave=False)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ._ffcv import import_ffcv, restore_threads
 from .beton import Beton, check_image_field, open_beton
+from .distributed import shard_rows
 from .errors import DptoolError, InputError
 
 __all__ = [
@@ -287,8 +288,6 @@ def _shard(beton: Beton, indices, distributed: bool):
     """Under torch.distributed, give each rank every world-th sample (exact: no padding, no duplicates)."""
     if not distributed:
         return indices
-    from .features import shard_rows  # features imports this module
-
     return shard_rows(np.arange(beton.num_samples) if indices is None else indices)
 
 

@@ -82,7 +82,7 @@ def as_features(xp: Any, x: Any, name: str) -> Any:
         return xp.ascontiguousarray(x, dtype=np.float32)
 
 
-def label_range_error(xp: Any, labels: Any, n: int, name: str, count_name: str) -> KernelInputError:
+def label_range_error(labels: Any, n: int, name: str, count_name: str) -> KernelInputError:
     """Build the error for labels outside ``[0, n)``, naming the offending value."""
     low, high = int(labels.min()), int(labels.max())
     bad = low if low < 0 else high

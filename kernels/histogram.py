@@ -62,7 +62,7 @@ def class_histogram(labels: Any, n_classes: int, *, weights: Any = None, device:
         else:
             counts, bad = _histogram_cpu(lab, None, w, n_classes, 1)
         if bad:
-            raise _checks.label_range_error(xp, lab, n_classes, "labels", "n_classes")
+            raise _checks.label_range_error(lab, n_classes, "labels", "n_classes")
         return where.give_back(counts)
 
 
@@ -112,8 +112,8 @@ def joint_histogram(a: Any, b: Any, n_a: int, n_b: int, *, device: str = "auto")
             counts, bad = _histogram_cpu(left, right, None, n_a, n_b)
         if bad:
             if left.shape[0] and (int(left.min()) < 0 or int(left.max()) >= n_a):
-                raise _checks.label_range_error(xp, left, n_a, "a", "n_a")
-            raise _checks.label_range_error(xp, right, n_b, "b", "n_b")
+                raise _checks.label_range_error(left, n_a, "a", "n_a")
+            raise _checks.label_range_error(right, n_b, "b", "n_b")
         return where.give_back(counts.reshape(n_a, n_b))
 
 

@@ -21,8 +21,9 @@ import logging
 
 import numpy as np
 
+from ..distributed import is_main, shard_rows
 from ..errors import InputError
-from ..features import rank_world, shard_rows, stream
+from ..features import stream
 from ._collective import all_reduce, broadcast, gather_interleaved
 from .kmeans import kmeans
 from .registry import register_method
@@ -216,7 +217,7 @@ def feature_mapping(ctx: Context) -> MethodResult:
         with ctx.stage("k-means"):
             everything = gather_interleaved(feats, len(sampled))
             cent = None
-            if rank_world()[0] == 0:
+            if is_main():
                 cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress)
             del everything
             centroids = broadcast(cent)

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..beton import Beton, check_image_field, fingerprint, known_fingerprints, open_beton
+from ..distributed import world_size
 from ..errors import InputError, check_seed
-from ..features import InferenceOptions, rank_world
+from ..features import InferenceOptions
 from ..scores import Scores, score_summary, write_scores
 from .registry import get_method
 
@@ -218,7 +219,7 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     inference = ({"res": options.inference.res, "mean": list(options.inference.mean),
                   "std": list(options.inference.std), "batch_size": options.inference.batch_size}
                  if spec.needs_surrogate else {})
-    params = {**inference, "world_size": rank_world()[1], **result.params}
+    params = {**inference, "world_size": world_size(), **result.params}
     scores = Scores(method=method, level=result.level, ids=result.ids, names=result.names, scores=result.scores,
                     tiebreak=result.tiebreak, source=src_info, tie_break=result.tie_break, params=params,
                     surrogate=getattr(surrogate, "identity", None),
