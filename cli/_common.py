@@ -1,4 +1,6 @@
-"""What every command shares: output (`emit`), progress policy, shared options and error conversion."""
+"""What every command shares: output (`emit`), progress policy, the scores table and shared options.
+
+Library errors become exit codes in one place, `dptool.cli.main`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Callable
 
 import click
 
-__all__ = ["emit", "show_progress", "score_table", "json_option", "force_option", "workers_option",
+__all__ = ["emit", "show_progress", "group_noun", "score_table", "json_option", "force_option", "workers_option",
            "CONTEXT_SETTINGS"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -28,9 +30,14 @@ def emit(result, as_json: bool, human: Callable[[object], str] | None = None) ->
         click.echo(human(result) if human else str(data))
 
 
+def group_noun(level: str) -> str:
+    """What the groups of a scores file are, in words: "source classes" (level "class") or "clusters"."""
+    return "source classes" if level == "class" else "clusters"
+
+
 def score_table(s: dict) -> list[str]:
     """Lines of a scores summary (`dptool.scores.score_summary`): the top groups, then the zero-score count."""
-    noun = "source classes" if s["level"] == "class" else "clusters"
+    noun = group_noun(s["level"])
     lines = [f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
     lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
               for t in s["top"]]

@@ -13,7 +13,7 @@ from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
 from dptool.distributed import launch_rank
 from dptool.errors import InputError
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
 
 __all__ = ["command"]
 
@@ -95,7 +95,7 @@ def command():
 @click.option("--small-input", is_flag=True, help="Small-image ResNet stem (32-64 px data).")
 @click.option("--res", type=click.IntRange(min=8), default=160, help="Training resolution, px.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Batch per process.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="FFCV decoding threads; 0 = all cores.")
+@workers_option
 @click.option("--epochs", type=click.IntRange(min=0), default=0, help="Whole epochs per file (0: use --steps).")
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="Steps per file per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved rounds (steps mode).")

@@ -6,7 +6,7 @@ import click
 
 from dptool.info import describe
 
-from ._common import CONTEXT_SETTINGS, emit, json_option, score_table
+from ._common import CONTEXT_SETTINGS, emit, group_noun, json_option, score_table
 
 __all__ = ["command"]
 
@@ -52,9 +52,8 @@ def _file(d: dict | None) -> str:
 
 
 def _scores(s: dict) -> str:
-    noun = "source classes" if s["level"] == "class" else "clusters"
     sur = s["surrogate"] or {}
-    lines = [f"{s['path']}: {s['method']} scores of {s['groups']} {noun}, written {s['created']}",
+    lines = [f"{s['path']}: {s['method']} scores of {s['groups']} {group_noun(s['level'])}, written {s['created']}",
              f"source: {_file(s['source'])}", f"target: {_file(s['target'])}"]
     if sur:
         lines.append("surrogate: " + ", ".join(f"{k} {v}" for k, v in sur.items() if k not in ("sha256",)))

@@ -11,7 +11,16 @@ from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
 from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, score_table, show_progress, workers_option
+from ._common import (
+    CONTEXT_SETTINGS,
+    emit,
+    force_option,
+    group_noun,
+    json_option,
+    score_table,
+    show_progress,
+    workers_option,
+)
 
 __all__ = ["command"]
 
@@ -20,8 +29,7 @@ _METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
 
 
 def _human(s: dict) -> str:
-    noun = "source classes" if s["level"] == "class" else "clusters"
-    lines = [f"{s['output']}: {s['method']} scores of {s['groups']} {noun}", *score_table(s)]
+    lines = [f"{s['output']}: {s['method']} scores of {s['groups']} {group_noun(s['level'])}", *score_table(s)]
     lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s["timings"].items())
                  + f"; total {s['seconds']:.2f} s")
     if s.get("assignment"):

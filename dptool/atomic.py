@@ -26,7 +26,8 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["atomic_output", "check_output_path", "is_write_error", "output_group", "temp_path_for", "write_error"]
+__all__ = ["atomic_output", "check_output_path", "is_write_error", "output_group", "pwrite_all", "temp_path_for",
+           "write_error"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,13 @@ def write_error(final: Path, exc: OSError) -> InputError | None:
         return InputError(f"Cannot write {final} ({exc.strerror}); nothing was written under that name: free space "
                           "or choose another folder.")
     return None
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` of `fd` (one `os.pwrite` may write fewer bytes than it is given)."""
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def _alive(pid: int) -> bool:

@@ -279,19 +279,6 @@ def _rate(batches, device, step=None, max_batches: int | None = None, what: str 
     return images / max(elapsed, 1e-9)
 
 
-def resolve_device(device: str):
-    """`auto` -> CUDA when torch sees a GPU, else the CPU; `cuda` without a GPU is refused in one sentence."""
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto).")
-    return torch.device(device)
-
-
 def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 256, workers: int = 0,
                  arch: str | None = None, small_input: bool = False, compare_folder: str | os.PathLike | None = None,
                  max_batches: int | None = None, device: str = "auto", precision: str = "auto") -> LoaderBench:
@@ -311,7 +298,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     if folder is not None and not any(p.is_dir() for p in folder.iterdir()):
         raise InputError(f"--compare-folder {folder} has no class subfolders; give an ImageFolder tree "
                          "(one folder of images per class).")
-    dev = resolve_device(device)
+    dev = dist.resolve_device(device)
     step = None
     if arch:
         layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format

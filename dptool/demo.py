@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and recipes of the demo; `quick()` is the two-minute version."""
+    """Sizes and recipes of the demo; `quick()` is the shorter version (about a minute on two cores)."""
 
     per_class: int = 60  # source images per class (100 classes)
     target_train_per_class: int = 40

@@ -1,4 +1,5 @@
-"""torch.distributed helpers: start from torchrun's environment, rank/world, all-reduce, rank-0-only output.
+"""torch.distributed helpers: start from torchrun's environment, rank/world, all-reduce, rank-0-only output,
+and the device a process runs on.
 
 NCCL on CUDA, gloo on the CPU. Outside torchrun (no `WORLD_SIZE` in the environment) every helper behaves as a
 single process of rank 0, so library code calls them unconditionally.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+
+from .errors import InputError
 
 __all__ = [
     "launched_by_torchrun",
@@ -25,6 +28,7 @@ __all__ = [
     "cleanup",
     "distributed_session",
     "shard_rows",
+    "resolve_device",
 ]
 
 
@@ -122,6 +126,19 @@ def cleanup() -> None:
 
     if is_initialized():
         dist.destroy_process_group()
+
+
+def resolve_device(device: str):
+    """`auto` -> CUDA when torch sees a GPU, else the CPU; `cuda` without a GPU is refused in one sentence."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto).")
+    return torch.device(device)
 
 
 def shard_rows(rows):

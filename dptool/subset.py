@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output, check_output_path, output_group, write_error
+from .atomic import atomic_output, check_output_path, output_group, pwrite_all, write_error
 from .beton import _ALLOC, Beton, open_beton
 from .errors import DptoolError, InputError
 
@@ -192,7 +192,7 @@ class _Writer:
         self.run_src, self.run_dst = src[first], dst[first]
         self.run_len = dst[last] + size[last] - dst[first]
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(self.fd, memoryview(plan.head), 0)
+        pwrite_all(self.fd, memoryview(plan.head), 0)
 
     @property
     def num_runs(self) -> int:
@@ -202,7 +202,7 @@ class _Writer:
     def _zero_to(self, end: int) -> None:
         while self.pos < end:
             n = min(len(self.zeros), end - self.pos)
-            _pwrite_all(self.fd, memoryview(self.zeros)[:n], self.pos)
+            pwrite_all(self.fd, memoryview(self.zeros)[:n], self.pos)
             self.pos += n
 
     def _copy(self, src: int, dst: int, n: int) -> None:
@@ -222,7 +222,7 @@ class _Writer:
         while n > 0:
             k = min(n, len(self.scratch))
             _pread_into(self.fd_in, self.scratch[:k], src, self.src_name)
-            _pwrite_all(self.fd, memoryview(self.scratch[:k]), dst)
+            pwrite_all(self.fd, memoryview(self.scratch[:k]), dst)
             src, dst, n = src + k, dst + k, n - k
 
     def prefetch_until(self, src_end: int) -> None:
@@ -246,7 +246,7 @@ class _Writer:
     def finish(self) -> None:
         """Write the last page's padding and the allocation table, then close."""
         self._zero_to(self.plan.data_end)
-        _pwrite_all(self.fd, memoryview(self.plan.alloc.tobytes()), self.plan.data_end)
+        pwrite_all(self.fd, memoryview(self.plan.alloc.tobytes()), self.plan.data_end)
         if os.fstat(self.fd).st_size != self.plan.data_end + self.plan.alloc.nbytes:
             raise DptoolError(f"internal error: {self.plan.dst} has the wrong size.")
         self.close()
@@ -279,12 +279,6 @@ def _ended_early(name, offset: int) -> InputError:
     """The source was cut short while it was read (a copy over it, a truncation): name it."""
     return InputError(f"{name} ended at byte {offset} while it was read: it was truncated or replaced in place "
                       "during the run; nothing was written.")
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        k = os.pwrite(fd, data, offset)
-        data, offset = data[k:], offset + k
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, name="the source file") -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._ffcv import import_ffcv
+from .atomic import pwrite_all
 from .errors import DptoolError, InputError
 
 __all__ = ["WriterParams", "SkipSample", "write_beton"]
@@ -145,7 +146,7 @@ def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
                         fd = os.open(_WORKER["path"], os.O_WRONLY)
                     buffers = held.pop(k)
                     for number, offset in writes:
-                        _pwrite_all(fd, memoryview(buffers[number]), offset)
+                        pwrite_all(fd, memoryview(buffers[number]), offset)
             except Exception as exc:  # noqa: BLE001 - the parent raises it; this worker is done
                 where = "in a writer worker:\n" + traceback.format_exc()
                 exc.add_note(where)
@@ -159,12 +160,6 @@ def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
     finally:
         if fd is not None:
             os.close(fd)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from ..atomic import check_output_path, output_group
 from ..beton import open_beton
-from ..distributed import barrier, distributed_session, is_main, launch_rank
+from ..distributed import barrier, distributed_session, is_main, launch_rank, resolve_device
 from ..errors import InputError
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..scores import assignment_path
@@ -70,10 +70,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     if method == "fm" and options.groups == "clusters":  # cluster-level: the assignment goes beside the scores
         check_output_path(assignment_path(out), force=force, inputs=inputs)
     if device == "cuda" and spec.needs_surrogate:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto).")
+        resolve_device(device)  # refuses it at once where torch sees no GPU
     began = time.perf_counter()
     with distributed_session() as session_device:
         dev = str(session_device) if device == "auto" else device
