@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
-from dptool.convert import PRESETS, WriterParams, convert
+from dptool.convert import PRESETS, convert, writer_params
 from dptool.errors import MAX_SEED
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
@@ -86,14 +84,8 @@ def command(
     dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18
     dptool convert --format torchvision:Flowers102 ~/data flowers_train.beton --split train
     """
-    explicit = {
-        "max_resolution": max_res,
-        "jpeg_quality": jpeg_quality,
-        "compress_probability": compress_prob,
-        "write_mode": write_mode,
-    }
-    chosen = {**PRESETS.get(preset, {}), **{k: v for k, v in explicit.items() if v is not None}}
-    params = dataclasses.replace(WriterParams(), shuffle_seed=seed, num_workers=workers, **chosen)
+    params = writer_params(preset=preset, shuffle_seed=seed, num_workers=workers, max_resolution=max_res,
+                           jpeg_quality=jpeg_quality, compress_probability=compress_prob, write_mode=write_mode)
     result = convert(
         src,
         out,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from .errors import InputError, check_seed
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
 from .writer import SkipSample, WriterParams, write_beton
 
-__all__ = ["WriterParams", "PRESETS", "ConvertResult", "convert", "write_beton"]
+__all__ = ["WriterParams", "PRESETS", "writer_params", "ConvertResult", "convert", "write_beton"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,16 @@ PRESETS = {
     "rn18": {"max_resolution": 400, "compress_probability": 0.10, "jpeg_quality": 90, "write_mode": "proportion"},
     "rn50": {"max_resolution": 500, "compress_probability": 0.50, "jpeg_quality": 90, "write_mode": "proportion"},
 }
+
+
+def writer_params(*, preset: str | None = None, shuffle_seed: int | None = 0, num_workers: int = 0,
+                  **settings) -> WriterParams:
+    """`WriterParams` of a named `PRESETS` entry (or the defaults) with the `settings` that are not None on top:
+    what `dptool convert` builds from --preset and the options given with it."""
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"Unknown preset {preset!r}; accepted: {', '.join(sorted(PRESETS))}.")
+    chosen = {**PRESETS.get(preset, {}), **{k: v for k, v in settings.items() if v is not None}}
+    return replace(WriterParams(), shuffle_seed=shuffle_seed, num_workers=num_workers, **chosen)
 
 
 @dataclass
