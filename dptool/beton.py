@@ -139,8 +139,7 @@ class Beton:
         """(N,) int64 labels in file order, from the metadata table (no image decoding)."""
         if "label" not in self.field_names:
             raise InputError(f"{self.path} has no 'label' field (fields: {', '.join(self.field_names)}).")
-        col = self.metadata[f"f{self.field_names.index('label')}"]
-        return np.asarray(col, dtype=np.int64)
+        return np.asarray(self.field_metadata("label"), dtype=np.int64)
 
     @property
     def num_classes(self) -> int:
@@ -157,6 +156,10 @@ class Beton:
             return list(self.sidecar["class_names"])
         return [str(i) for i in range(self.num_classes)]
 
+    def field_metadata(self, name: str) -> np.ndarray:
+        """(N,) metadata rows of field `name` in file order (FFCV names the columns f0, f1, ... by field order)."""
+        return self.metadata[f"f{self.field_names.index(name)}"]
+
     def class_counts(self) -> np.ndarray:
         """(num_classes,) int64 samples per class."""
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
@@ -171,14 +174,30 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
     """
     if isinstance(path, Beton):
         if require_label and "label" not in path.field_names:
-            raise InputError(f"{path.path} has no 'label' field (fields: {', '.join(path.field_names)}); "
-                             "dptool needs image and label.")
+            raise _no_label_field(path.path, path.field_names)
         return path
     path = Path(path)
     if not path.exists():
         raise InputError(f"File {path} does not exist.")
     if not path.is_file():
         raise InputError(f"{path} is not a file.")
+    beton = Beton(path=path, **_read_tables(path), sidecar=read_sidecar(path))
+    if not _check_labels(beton, require_label):
+        return beton  # `info` and fingerprints: shown without classes
+    if check_sidecar and (mismatch := _sidecar_mismatch(beton)):
+        raise InputError(f"Sidecar {sidecar_path(beton.path)} does not describe {beton.path} ({mismatch}); it is "
+                         "left from another file: delete it (or re-convert) to use the file without it.")
+    return beton
+
+
+def _no_label_field(path: Path, names) -> InputError:
+    return InputError(f"{path} has no 'label' field (fields: {', '.join(names)}); dptool needs image and label.")
+
+
+def _read_tables(path: Path) -> dict:
+    """Read and check FFCV's header, field descriptors, metadata and allocation table of the file at `path`:
+    the `Beton` fields other than `path` and `sidecar`. NotABetonError for what is no FFCV file at all,
+    InputError for a truncated or damaged one."""
     size = path.stat().st_size
     if size < _HEADER.itemsize:
         raise NotABetonError(f"{path} is not a .beton file (too small for an FFCV header).")
@@ -223,37 +242,30 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
         if len(missing):
             raise InputError(f"{path} is truncated or damaged ({len(missing)} samples have no allocation, the "
                              f"first is sample {int(missing[0])}).")
-    beton = Beton(
-        path=path,
-        num_samples=n,
-        page_size=page_size,
-        field_names=tuple(names),
-        field_types=tuple(types),
-        file_size=size,
-        header=header,
-        field_descriptors=descs,
-        metadata=metadata,
-        alloc_table=alloc,
-        data_start=data_start,
-        sidecar=read_sidecar(path),
-    )
+    return dict(num_samples=n, page_size=page_size, field_names=tuple(names), field_types=tuple(types),
+                file_size=size, header=header, field_descriptors=descs, metadata=metadata, alloc_table=alloc,
+                data_start=data_start)
+
+
+def _check_labels(beton: Beton, require_label: bool) -> bool:
+    """Refuse labels dptool cannot use: no 'label' field (when required), one that is not an IntField (when
+    required), negative labels or labels past MAX_CLASSES. False when the file has a non-integer label field
+    that is not required, so it has no classes to check further."""
+    path, names, types = beton.path, beton.field_names, beton.field_types
     if require_label and "label" not in names:
-        raise InputError(f"{path} has no 'label' field (fields: {', '.join(names)}); dptool needs image and label.")
+        raise _no_label_field(path, names)
     if "label" in names and types[names.index("label")] != "IntField":
         if require_label:
             raise InputError(f"{path}'s 'label' field is a {types[names.index('label')]}; dptool needs an IntField "
                              "label (class index 0 to C-1).")
-        return beton  # `info` and fingerprints: shown without classes
-    if "label" in names and n and int(beton.labels.min()) < 0:
+        return False
+    if "label" in names and beton.num_samples and int(beton.labels.min()) < 0:
         raise InputError(f"{path} has negative labels (the smallest is {int(beton.labels.min())}); dptool needs "
                          "labels 0 to C-1, one per class.")
-    if "label" in names and n and int(beton.labels.max()) >= MAX_CLASSES:
+    if "label" in names and beton.num_samples and int(beton.labels.max()) >= MAX_CLASSES:
         raise InputError(f"{path} has a label {int(beton.labels.max())}; dptool needs labels 0 to C-1 with C at "
                          f"most {MAX_CLASSES}.")
-    if check_sidecar and (mismatch := _sidecar_mismatch(beton)):
-        raise InputError(f"Sidecar {sidecar_path(beton.path)} does not describe {beton.path} ({mismatch}); it is "
-                         "left from another file: delete it (or re-convert) to use the file without it.")
-    return beton
+    return True
 
 
 def _sidecar_mismatch(beton: Beton) -> str | None:
@@ -411,7 +423,7 @@ def read_image(beton: Beton | str | os.PathLike, index: int) -> np.ndarray:
         raise InputError(f"{beton.path} has no 'image' field.")
     if not 0 <= index < beton.num_samples:
         raise InputError(f"Sample {index} is out of range for {beton.path} ({beton.num_samples} samples).")
-    meta = beton.metadata[f"f{beton.field_names.index('image')}"][index]
+    meta = beton.field_metadata("image")[index]
     ptr = int(meta["data_ptr"])
     sizes = beton.alloc_table["size"][beton.alloc_table["ptr"] == ptr]
     if len(sizes) != 1:

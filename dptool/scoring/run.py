@@ -125,7 +125,7 @@ def stored_resolution(beton: Beton) -> int | None:
     if "image" not in beton.field_names or beton.num_samples == 0:
         return None
     check_image_field(beton)
-    meta = beton.metadata[f"f{beton.field_names.index('image')}"]
+    meta = beton.field_metadata("image")
     return int(np.median(np.minimum(meta["height"], meta["width"])))
 
 
