@@ -311,8 +311,6 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     -------
     One `SubsetResult` per output, in the order of `outputs`.
     """
-    from tqdm import tqdm
-
     beton = src if isinstance(src, Beton) else open_beton(src, require_label=False)
     if not outputs:
         raise InputError("No outputs to write.")
@@ -322,53 +320,14 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     started = time.perf_counter()
     extents = sample_extents(beton)
     order_by_sample = np.argsort(beton.alloc_table["sample_id"], kind="stable")
-    plans = []
-    for dst, idx in zip(dsts, outputs.values()):
-        idx = np.asarray(idx)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise InputError(f"Indices for {dst} must be a 1-D array of integers, got {idx.dtype} {idx.shape}.")
-        idx = idx.astype(np.int64)
-        if len(idx) == 0:
-            raise InputError(f"The subset for {dst} holds no samples; nothing to write.")
-        if idx.min() < 0 or idx.max() >= beton.num_samples:
-            raise InputError(f"Indices for {dst} must be in [0, {beton.num_samples}), "
-                             f"got {int(idx.min())}..{int(idx.max())}.")
-        if len(np.unique(idx)) != len(idx):
-            raise InputError(f"Indices for {dst} repeat a sample; each sample can be kept once.")
-        plans.append(_plan(beton, dst, idx, extents, order_by_sample))
+    plans = [_plan(beton, dst, _checked_indices(idx, dst, beton.num_samples), extents, order_by_sample)
+             for dst, idx in zip(dsts, outputs.values())]
     step = max(beton.page_size, int(step))
-    data_lo, data_hi = beton.data_start, int(beton.header["alloc_table_ptr"])
 
     with output_group():  # all outputs (and what `finalize` writes) renamed into place together, or none
         with contextlib.ExitStack() as stack:
             tmps = [stack.enter_context(atomic_output(p.dst)) for p in plans]
-            fd = os.open(beton.path, os.O_RDONLY)
-            stack.callback(os.close, fd)
-            with contextlib.suppress(AttributeError, OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            writers = []
-            try:
-                for p, tmp in zip(plans, tmps):
-                    with _naming(p.dst):
-                        writers.append(_Writer(p, tmp, fd, beton.page_size, beton.path))
-                log.info("subset of %s: %d outputs, %d reads", beton.path, len(plans),
-                         sum(w.num_runs for w in writers))
-                with tqdm(total=data_hi - data_lo, unit="B", unit_scale=True, desc="prune",
-                          disable=not progress) as bar:
-                    for lo in range(data_lo, data_hi, step):
-                        hi = min(lo + step, data_hi)
-                        for w in writers:
-                            w.prefetch_until(min(hi + step, data_hi))
-                        for w in writers:
-                            with _naming(w.plan.dst):
-                                w.copy_until(hi)
-                        bar.update(hi - lo)
-                for w in writers:
-                    with _naming(w.plan.dst):
-                        w.finish()
-            finally:
-                for w in writers:
-                    w.close()
+            _copy_pass(beton, plans, tmps, step, progress)
         if finalize is not None:
             for p, tmp in zip(plans, tmps):
                 finalize(p.dst, tmp)
@@ -378,6 +337,55 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
                          num_pages=(p.data_end - p.data_start) // beton.page_size,
                          bytes=p.data_end + p.alloc.nbytes, data_bytes=p.data_bytes, bytes_read=bytes_read,
                          seconds=seconds) for p in plans]
+
+
+def _checked_indices(idx, dst: Path, num_samples: int) -> np.ndarray:
+    """`idx` as (K,) int64 sample indices for the output `dst`: 1-D integers, not empty, in range, unique."""
+    idx = np.asarray(idx)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise InputError(f"Indices for {dst} must be a 1-D array of integers, got {idx.dtype} {idx.shape}.")
+    idx = idx.astype(np.int64)
+    if len(idx) == 0:
+        raise InputError(f"The subset for {dst} holds no samples; nothing to write.")
+    if idx.min() < 0 or idx.max() >= num_samples:
+        raise InputError(f"Indices for {dst} must be in [0, {num_samples}), got {int(idx.min())}..{int(idx.max())}.")
+    if len(np.unique(idx)) != len(idx):
+        raise InputError(f"Indices for {dst} repeat a sample; each sample can be kept once.")
+    return idx
+
+
+def _copy_pass(beton: Beton, plans: list[_Plan], tmps: list[Path], step: int, progress: bool) -> None:
+    """Write every plan to its temporary file in one pass over the source's data region, `step` bytes at a time:
+    each writer prefetches the next step and copies the current one, so a sample kept by several outputs is read
+    from disk once and then from the page cache."""
+    from tqdm import tqdm
+
+    data_lo, data_hi = beton.data_start, int(beton.header["alloc_table_ptr"])
+    fd = os.open(beton.path, os.O_RDONLY)
+    writers = []
+    try:
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for p, tmp in zip(plans, tmps):
+            with _naming(p.dst):
+                writers.append(_Writer(p, tmp, fd, beton.page_size, beton.path))
+        log.info("subset of %s: %d outputs, %d reads", beton.path, len(plans), sum(w.num_runs for w in writers))
+        with tqdm(total=data_hi - data_lo, unit="B", unit_scale=True, desc="prune", disable=not progress) as bar:
+            for lo in range(data_lo, data_hi, step):
+                hi = min(lo + step, data_hi)
+                for w in writers:
+                    w.prefetch_until(min(hi + step, data_hi))
+                for w in writers:
+                    with _naming(w.plan.dst):
+                        w.copy_until(hi)
+                bar.update(hi - lo)
+        for w in writers:
+            with _naming(w.plan.dst):
+                w.finish()
+    finally:
+        for w in writers:
+            w.close()
+        os.close(fd)
 
 
 @contextlib.contextmanager
