@@ -163,6 +163,102 @@ def _top1(head, feats, labels, batch: int) -> float:
     return hits / max(len(labels), 1)
 
 
+def _check_test_file(train_b, test_b, train_data, test_data) -> str:
+    """Refuse a test file with labels or class names the training file lacks; warn when it holds the training
+    samples themselves. Returns the training file's fingerprint (computed here for that comparison)."""
+    num_classes = train_b.num_classes
+    if test_b.num_samples and int(test_b.labels.max()) >= num_classes:
+        raise InputError(f"Test file {test_data} has label {int(test_b.labels.max())}, beyond the {num_classes} "
+                         f"classes of {train_data}.")
+    check_same_classes(train_b, test_b, "Test file", "test")
+    train_fp = fingerprint(train_b)
+    if os.path.samefile(train_b.path, test_b.path) or train_fp == fingerprint(test_b):
+        log.warning("the test file %s holds the training file's samples: its top-1 measures fit, not transfer",
+                    test_data)
+    return train_fp
+
+
+def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: FinetuneConfig, device, precision: str,
+                  jlog: JsonLog, progress: bool) -> list[dict]:
+    """Train `head` alone on the frozen backbone's features, extracted once (`train_rows` in deterministic
+    preprocessing, the test and validation loaders); one logged record per epoch, returned in order."""
+    import torch
+    from tqdm import tqdm
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    ftr, ytr = _features(model, train_rows, device, precision)
+    fte, yte = _features(model, test_loader, device, precision)
+    fva, yva = _features(model, val_loader, device, precision) if val_loader else (None, None)
+    optimizer = _optimizer(head.parameters(), cfg)
+    steps = -(-len(ytr) // cfg.batch_size)
+    sched = _schedule(optimizer, cfg.epochs * steps)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    history: list[dict] = []
+    for epoch in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch", disable=not progress):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(ytr), generator=gen).to(device)
+        total = 0.0
+        for i in range(steps):
+            rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            loss = criterion(head(ftr[rows]), ytr[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+            total += float(loss.detach()) * len(rows)
+        rec = {"event": "epoch", "epoch": epoch, "train_loss": total / len(ytr),
+               "test_top1": _top1(head, fte, yte, cfg.test_batch_size), "epoch_time_s": time.perf_counter() - t0}
+        if fva is not None:
+            rec["val_top1"] = _top1(head, fva, yva, cfg.test_batch_size)
+        history.append(rec)
+        jlog.write(rec)
+    return history
+
+
+def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, device, precision: str,
+                   jlog: JsonLog, progress: bool) -> list[dict]:
+    """Train every weight on `loader` (random-resized crop + flip), evaluating on the test and validation loaders
+    after each epoch; one logged record per epoch, returned in order."""
+    import torch
+    from tqdm import tqdm
+
+    optimizer = _optimizer(model.parameters(), cfg)
+    sched = _schedule(optimizer, cfg.epochs * len(loader))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    history: list[dict] = []
+    for epoch in tqdm(range(cfg.epochs), desc="finetune", unit="epoch", disable=not progress):
+        t0 = time.perf_counter()
+        model.train()
+        total, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
+        for x, y in loader:
+            with autocast(device, precision):
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sched.step()
+            total += loss.detach().double() * len(y)
+            n += len(y)
+        train_loss = float(total) / max(n, 1)  # waits for the last step, so the time below is the epoch's
+        train_s = time.perf_counter() - t0
+        rec = {"event": "epoch", "epoch": epoch, "train_loss": train_loss, "epoch_time_s": train_s,
+               "images_per_s": n / max(train_s, 1e-9)}
+        t1 = time.perf_counter()
+        rec["test_top1"] = evaluate(model, test_loader, device, precision)["val_top1"]
+        rec["test_time_s"] = time.perf_counter() - t1
+        if val_loader is not None:
+            rec["val_top1"] = evaluate(model, val_loader, device, precision)["val_top1"]
+        history.append(rec)
+        jlog.write(rec)
+    return history
+
+
 def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_data: str | os.PathLike, *,
              config: FinetuneConfig = FinetuneConfig(), output: str | os.PathLike | None = None,
              log_path: str | os.PathLike | None = None, force: bool = False, progress: bool = False,
@@ -172,7 +268,6 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     `output` (optional) receives the finetuned checkpoint; `log_path` (default: beside `output`) a JSON-lines log.
     """
     import torch
-    from tqdm import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .distributed import launched_by_torchrun
@@ -191,14 +286,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         log_path = check_output_path(log_path, force=force, inputs=(checkpoint, train_data, test_data, output))
     train_b, test_b = open_beton(train_data), open_beton(test_data)
     num_classes = train_b.num_classes
-    if test_b.num_samples and int(test_b.labels.max()) >= num_classes:
-        raise InputError(f"Test file {test_data} has label {int(test_b.labels.max())}, beyond the {num_classes} "
-                         f"classes of {train_data}.")
-    check_same_classes(train_b, test_b, "Test file", "test")
-    train_fp = fingerprint(train_b)
-    if os.path.samefile(train_b.path, test_b.path) or train_fp == fingerprint(test_b):
-        log.warning("the test file %s holds the training file's samples: its top-1 measures fit, not transfer",
-                    test_data)
+    train_fp = _check_test_file(train_b, test_b, train_data, test_data)
     tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
     if cfg.val_fraction > 0 and not len(va_idx):
         raise InputError(f"--val-fraction {cfg.val_fraction} holds out no image of {train_data}: every class has "
@@ -219,72 +307,15 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     kw = {"batch_size": cfg.test_batch_size, "res": cfg.res, "workers": cfg.workers, "device": device}
     test_loader = eval_loader(test_data, **kw)
     val_loader = eval_loader(train_data, indices=va_idx, **kw) if len(va_idx) else None
-    history: list[dict] = []
     started = time.perf_counter()
-
     if cfg.mode == "lp":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in head.parameters():
-            p.requires_grad_(True)
-        ftr, ytr = _features(model, inference_loader(train_data, indices=tr_idx, **kw), device, precision)
-        fte, yte = _features(model, test_loader, device, precision)
-        fva, yva = _features(model, val_loader, device, precision) if val_loader else (None, None)
-        optimizer = _optimizer(head.parameters(), cfg)
-        steps = -(-len(ytr) // cfg.batch_size)
-        sched = _schedule(optimizer, cfg.epochs * steps)
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        for epoch in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch", disable=not progress):
-            t0 = time.perf_counter()
-            order = torch.randperm(len(ytr), generator=gen).to(device)
-            total = 0.0
-            for i in range(steps):
-                rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                loss = criterion(head(ftr[rows]), ytr[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                sched.step()
-                total += float(loss.detach()) * len(rows)
-            rec = {"event": "epoch", "epoch": epoch, "train_loss": total / len(ytr),
-                   "test_top1": _top1(head, fte, yte, cfg.test_batch_size), "epoch_time_s": time.perf_counter() - t0}
-            if fva is not None:
-                rec["val_top1"] = _top1(head, fva, yva, cfg.test_batch_size)
-            history.append(rec)
-            jlog.write(rec)
+        train_rows = inference_loader(train_data, indices=tr_idx, **kw)
+        history = _linear_probe(model, head, train_rows, test_loader, val_loader, cfg, device, precision, jlog,
+                                progress)
     else:
         loader = train_loader(train_data, batch_size=cfg.batch_size, res=cfg.res, workers=cfg.workers, device=device,
                               seed=cfg.seed, indices=tr_idx if len(va_idx) else None)
-        optimizer = _optimizer(model.parameters(), cfg)
-        sched = _schedule(optimizer, cfg.epochs * len(loader))
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        for epoch in tqdm(range(cfg.epochs), desc="finetune", unit="epoch", disable=not progress):
-            t0 = time.perf_counter()
-            model.train()
-            total, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
-            for x, y in loader:
-                with autocast(device, precision):
-                    loss = criterion(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                sched.step()
-                total += loss.detach().double() * len(y)
-                n += len(y)
-            train_loss = float(total) / max(n, 1)  # waits for the last step, so the time below is the epoch's
-            train_s = time.perf_counter() - t0
-            rec = {"event": "epoch", "epoch": epoch, "train_loss": train_loss, "epoch_time_s": train_s,
-                   "images_per_s": n / max(train_s, 1e-9)}
-            t1 = time.perf_counter()
-            rec["test_top1"] = evaluate(model, test_loader, device, precision)["val_top1"]
-            rec["test_time_s"] = time.perf_counter() - t1
-            if val_loader is not None:
-                rec["val_top1"] = evaluate(model, val_loader, device, precision)["val_top1"]
-            history.append(rec)
-            jlog.write(rec)
+        history = _full_finetune(model, loader, test_loader, val_loader, cfg, device, precision, jlog, progress)
 
     tests = [h["test_top1"] for h in history]
     best = int(np.argmax(tests))
