@@ -317,16 +317,10 @@ def train(data: str | os.PathLike, output: str | os.PathLike, *, config: TrainCo
                       device)
 
 
-def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_path: Path, resume: bool,
-           force: bool, progress: bool, device) -> TrainResult:
-    import torch
-    from tqdm import tqdm
-
-    from .checkpoint import save_checkpoint
-    from .loaders import IMAGENET_MEAN, IMAGENET_STD, eval_loader, train_loader
-    from .models import create_model
-
-    image_size = _fixed_size(config, val is not None)
+def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None, log_path: Path, resume: bool,
+                 force: bool) -> tuple[Beton, str, dict | None]:
+    """Open and check the training file (and the validation file, the outputs, the batch size per process):
+    the opened file, its fingerprint, and the checkpoint state to resume from (None without `resume`)."""
     beton = open_beton(data)
     num_classes = beton.num_classes
     if beton.num_samples == 0 or int(beton.labels.max()) >= num_classes:
@@ -342,17 +336,22 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     data_fp = fingerprint(beton)
     ckpt = (_resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton, data_fp))
             if resume else None)
-    world, rank = dist.world_size(), dist.rank()
+    world = dist.world_size()
     per_rank = math.ceil(beton.num_samples / world)
     if config.batch_size > per_rank:
         raise InputError(f"--batch-size {config.batch_size} is larger than the {per_rank} samples each of the "
                          f"{world} process(es) gets from {data}; use a smaller batch.")
-    start_epoch = int(ckpt["epoch"]) if ckpt else 0
+    return beton, data_fp, ckpt
 
-    torch.manual_seed(config.seed + rank)
-    precision = resolve_precision(device, config.precision)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+
+def _model_and_optimizer(config: TrainConfig, num_classes: int, image_size: int | None, ckpt: dict | None, device,
+                         precision: str, world: int, peak_lr: float):
+    """The model (DDP-wrapped under torchrun), its SGD optimizer and the fp16 grad scaler, on `device`; with
+    `ckpt` (a resume) all three continue from the checkpoint's state."""
+    import torch
+
+    from .models import create_model
+
     model = create_model(config.arch, num_classes, small_input=config.small_input, blurpool=config.blurpool,
                          image_size=image_size)
     if ckpt:
@@ -362,8 +361,6 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                                           else None)
-    eff_batch = config.batch_size * world
-    peak_lr = config.lr * eff_batch / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -371,6 +368,74 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if ckpt["extra"].get("scaler_state"):
             scaler.load_state_dict(ckpt["extra"]["scaler_state"])
+    return model, optimizer, scaler
+
+
+def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfig, epoch: int, peak_lr: float,
+                 device, precision: str, rank: int, show: bool) -> dict:
+    """Train one epoch at its resolution, the learning rate set every step; its log record, with loss, top-1 and
+    images summed over the ranks."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed * 1000 + epoch * 10 + rank)
+    res = resolution_at(config, epoch)
+    loader.set_resolution(res)
+    model.train()
+    iters = len(loader)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x n, correct, n
+    seen = 0  # counted on the host, as in evaluate()
+    t0 = time.perf_counter()
+    bar = tqdm(loader, total=iters, desc=f"epoch {epoch + 1}/{config.epochs} @{res}px", unit="batch",
+               disable=not show, leave=False)
+    for i, (x, y) in enumerate(bar):
+        lr = lr_at(config, epoch + (i + 1) / iters, peak_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, precision):
+            logits = model(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sums[:2] += torch.stack([loss.detach().double() * len(y), logits.argmax(1).eq(y).sum().double()])
+        seen += len(y)
+        if show and i % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    sums[2] = seen
+    dist.all_reduce_sum(sums)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    epoch_time = time.perf_counter() - t0
+    loss_sum, correct, n = sums.tolist()
+    return {"event": "epoch", "epoch": epoch, "res": res, "lr": lr, "train_loss": loss_sum / max(n, 1),
+            "train_top1": correct / max(n, 1), "train_images": int(n), "epoch_time_s": epoch_time,
+            "images_per_s": n / max(epoch_time, 1e-9)}
+
+
+def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_path: Path, resume: bool,
+           force: bool, progress: bool, device) -> TrainResult:
+    """`train` inside the process group: checks, model, then per epoch train, evaluate, log and checkpoint."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .loaders import IMAGENET_MEAN, IMAGENET_STD, eval_loader, train_loader
+
+    image_size = _fixed_size(config, val is not None)
+    beton, data_fp, ckpt = _open_inputs(data, output, config, val, log_path, resume, force)
+    num_classes = beton.num_classes
+    world, rank = dist.world_size(), dist.rank()
+    start_epoch = int(ckpt["epoch"]) if ckpt else 0
+
+    torch.manual_seed(config.seed + rank)
+    precision = resolve_precision(device, config.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    eff_batch = config.batch_size * world
+    peak_lr = config.lr * eff_batch / 256
+    model, optimizer, scaler = _model_and_optimizer(config, num_classes, image_size, ckpt, device, precision, world,
+                                                    peak_lr)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     kept_np = _kept_classes(beton)
@@ -384,7 +449,6 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
                            device=device, distributed=world > 1) if val else None)
     # FFCV's epoch counter drives its shuffle seed: continue it where the checkpoint stopped.
     loader.loader.next_epoch = start_epoch
-    iters = len(loader)
 
     recipe = {**asdict(config), "effective_batch_size": eff_batch, "effective_lr": peak_lr, "world_size": world,
               "precision": precision, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -398,39 +462,8 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     show = progress and dist.is_main()
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed * 1000 + epoch * 10 + rank)
-        res = resolution_at(config, epoch)
-        loader.set_resolution(res)
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x n, correct, n
-        seen = 0  # counted on the host, as in evaluate()
-        t0 = time.perf_counter()
-        bar = tqdm(loader, total=iters, desc=f"epoch {epoch + 1}/{config.epochs} @{res}px", unit="batch",
-                   disable=not show, leave=False)
-        for i, (x, y) in enumerate(bar):
-            lr = lr_at(config, epoch + (i + 1) / iters, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, precision):
-                logits = model(x)
-                loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            sums[:2] += torch.stack([loss.detach().double() * len(y), logits.argmax(1).eq(y).sum().double()])
-            seen += len(y)
-            if show and i % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-        sums[2] = seen
-        dist.all_reduce_sum(sums)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
-        loss_sum, correct, n = sums.tolist()
-        record = {"event": "epoch", "epoch": epoch, "res": res, "lr": lr, "train_loss": loss_sum / max(n, 1),
-                  "train_top1": correct / max(n, 1), "train_images": int(n), "epoch_time_s": epoch_time,
-                  "images_per_s": n / max(epoch_time, 1e-9)}
+        record = _train_epoch(model, loader, optimizer, scaler, criterion, config, epoch, peak_lr, device, precision,
+                              rank, show)
         if vloader is not None:
             t1 = time.perf_counter()
             record.update(evaluate(model, vloader, device, precision, kept=kept))
