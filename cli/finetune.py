@@ -11,7 +11,7 @@ from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_pro
 
 __all__ = ["command"]
 
-D = FinetuneConfig()
+DEFAULTS = FinetuneConfig()  # the library's defaults, shown in --help
 
 
 def _human(r) -> str:
@@ -31,25 +31,27 @@ def _human(r) -> str:
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("train_data", metavar="TRAIN.beton", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("test_data", metavar="TEST.beton", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--mode", type=click.Choice(["lp", "ff"]), default=D.mode, help="lp: frozen backbone; ff: all weights.")
+@click.option("--mode", type=click.Choice(["lp", "ff"]), default=DEFAULTS.mode,
+              help="lp: frozen backbone; ff: all weights.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs  [default: lp 50, ff 200]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, help="Training batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, help="Training batch.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Optimizer  [default: adam]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Learning rate (cosine decay)  [default: lp 0.01; ff adam 1e-4, sgd 0.1]")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
               help="Weight decay  [default: adam 0, sgd 5e-4]")
-@click.option("--momentum", type=click.FloatRange(0, 1), default=D.momentum, help="SGD momentum.")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D.label_smoothing,
+@click.option("--momentum", type=click.FloatRange(0, 1), default=DEFAULTS.momentum, help="SGD momentum.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.label_smoothing,
               help="Label smoothing.")
-@click.option("--res", type=click.IntRange(min=8), default=D.res, help="Train and test resolution, px.")
-@click.option("--test-batch-size", type=click.IntRange(min=1), default=D.test_batch_size, help="Evaluation batch.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=D.val_fraction,
+@click.option("--res", type=click.IntRange(min=8), default=DEFAULTS.res, help="Train and test resolution, px.")
+@click.option("--test-batch-size", type=click.IntRange(min=1), default=DEFAULTS.test_batch_size,
+              help="Evaluation batch.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_fraction,
               help="Hold out this fraction of each training class for model selection.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D.precision,
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=DEFAULTS.precision,
               help="Autocast on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
-              default=D.seed, help="Seed of the head, the split, the sample order and the crops.")
+              default=DEFAULTS.seed, help="Seed of the head, the split, the sample order and the crops.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write the finetuned checkpoint.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl when -o is given]")

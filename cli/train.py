@@ -13,7 +13,7 @@ from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_pro
 
 __all__ = ["command"]
 
-D = TrainConfig()
+DEFAULTS = TrainConfig()  # the library's defaults, shown in --help
 
 
 def _speed(r) -> str:
@@ -40,34 +40,36 @@ def _human(r) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Checkpoint, rewritten after every epoch.")
 @click.option("--val", type=click.Path(dir_okay=False, path_type=str), help="Validation .beton, evaluated every epoch.")
-@click.option("--arch", type=click.Choice(list_models()), default=D.arch, help="Architecture (*_small: 32-64 px stem).")
+@click.option("--arch", type=click.Choice(list_models()), default=DEFAULTS.arch,
+              help="Architecture (*_small: 32-64 px stem).")
 @click.option("--small-input", is_flag=True, help="3x3 stride-1 stem without max-pool (32-64 px images).")
 @click.option("--blurpool", is_flag=True, help="Blur before strided convolutions (ffcv-imagenet's option).")
-@click.option("--epochs", type=click.IntRange(min=1), default=D.epochs, help="Training epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, help="Images per step per process.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D.lr,
+@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, help="Training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size,
+              help="Images per step per process.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr,
               help="Peak learning rate per 256 images of effective batch.")
-@click.option("--lr-peak-epoch", type=click.FloatRange(min=0), default=D.lr_peak_epoch,
+@click.option("--lr-peak-epoch", type=click.FloatRange(min=0), default=DEFAULTS.lr_peak_epoch,
               help="Epoch of the peak of the linear ramp up and down (at most half of --epochs).")
-@click.option("--momentum", type=click.FloatRange(0, 1), default=D.momentum, help="SGD momentum.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=D.weight_decay,
+@click.option("--momentum", type=click.FloatRange(0, 1), default=DEFAULTS.momentum, help="SGD momentum.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=DEFAULTS.weight_decay,
               help="Weight decay (all parameters).")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D.label_smoothing,
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.label_smoothing,
               help="Label smoothing.")
-@click.option("--min-res", type=click.IntRange(min=8), default=D.min_res, help="First training resolution, px.")
-@click.option("--max-res", type=click.IntRange(min=8), default=D.max_res, help="Last training resolution, px.")
+@click.option("--min-res", type=click.IntRange(min=8), default=DEFAULTS.min_res, help="First training resolution, px.")
+@click.option("--max-res", type=click.IntRange(min=8), default=DEFAULTS.max_res, help="Last training resolution, px.")
 @click.option("--start-ramp", type=click.IntRange(min=0), default=None,
               help="Epoch where resizing starts  [default: epochs*11/16]")
 @click.option("--end-ramp", type=click.IntRange(min=0), default=None,
               help="Epoch where --max-res is reached  [default: epochs*13/16]")
-@click.option("--val-res", type=click.IntRange(min=8), default=D.val_res,
+@click.option("--val-res", type=click.IntRange(min=8), default=DEFAULTS.val_res,
               help="Validation resolution (224/256 centre crop).")
-@click.option("--val-batch-size", type=click.IntRange(min=1), default=D.val_batch_size,
+@click.option("--val-batch-size", type=click.IntRange(min=1), default=DEFAULTS.val_batch_size,
               help="Validation batch per process.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=D.precision,
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=DEFAULTS.precision,
               help="Autocast on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
-              default=D.seed, help="Seed of initialisation, sample order and crops and flips.")
+              default=DEFAULTS.seed, help="Seed of initialisation, sample order and crops and flips.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl]")
 @click.option("--resume", is_flag=True, help="Continue from the epoch saved in OUTPUT (same data and arch).")
