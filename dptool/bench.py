@@ -112,6 +112,40 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _measure(row: PretrainRow, it, n_steps: int | None, step, device, restart=None):
+    """Train `n_steps` steps from the batch iterator `it` (None: until it ends, one whole epoch) and add the
+    images, seconds and data-wait seconds, over all ranks, to `row`. An iterator that ends before `n_steps` is
+    replaced by ``iter(restart)``; returns the iterator the next measurement continues from."""
+    import torch
+
+    done, wait, images = 0, 0.0, 0
+    _sync(device)
+    start = time.perf_counter()
+    while n_steps is None or done < n_steps:
+        t0 = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            if n_steps is None:
+                break
+            it = iter(restart)
+            continue
+        wait += time.perf_counter() - t0
+        step(x, y)
+        images += len(y)
+        done += 1
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    counts = torch.tensor([images, elapsed, wait], dtype=torch.float64, device=device)
+    dist.all_reduce_sum(counts)
+    row.images += int(counts[0])
+    row.seconds += float(counts[1]) / dist.world_size()
+    row.wait_seconds += float(counts[2]) / dist.world_size()
+    if n_steps is None:
+        row.epoch_seconds.append(float(counts[1]) / dist.world_size())  # the ranks' mean
+    return it
+
+
 def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", res: int = 160, batch_size: int = 256,
                    workers: int = 0, epochs: int = 0, steps: int = 50, rounds: int = 3, warmup_steps: int = 3,
                    small_input: bool = False, precision: str = "auto", warm_cache: bool = True,
@@ -151,6 +185,7 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
         model.train()
+        step = lambda x, y: _train_step(model, optimizer, criterion, x, y, device, precision)  # noqa: E731
 
         rows, loaders, iters = [], [], []
         for b in betons:
@@ -164,8 +199,7 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
                                  f"{dist.world_size()} process(es) gets from {b.path}; use a smaller batch.")
             it = iter(loader)
             for _ in range(min(warmup_steps, len(loader))):  # JIT compilation and first batches
-                x, y = next(it)
-                _train_step(model, optimizer, criterion, x, y, device, precision)
+                step(*next(it))
             _sync(device)
             if epochs > 0:
                 it.close()  # whole epochs start from fresh iterators; stop this one's prefetch threads
@@ -173,41 +207,15 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
             loaders.append(loader)
             iters.append(it)
 
-        def run(i: int, n_steps: int | None) -> None:
-            """Train file i for n_steps (None: one whole epoch from a fresh iterator)."""
-            row, done, wait, images = rows[i], 0, 0.0, 0
-            it = iter(loaders[i]) if n_steps is None else iters[i]
-            _sync(device)
-            start = time.perf_counter()
-            while n_steps is None or done < n_steps:
-                t0 = time.perf_counter()
-                try:
-                    x, y = next(it)
-                except StopIteration:
-                    if n_steps is None:
-                        break
-                    it = iters[i] = iter(loaders[i])
-                    continue
-                wait += time.perf_counter() - t0
-                _train_step(model, optimizer, criterion, x, y, device, precision)
-                images += len(y)
-                done += 1
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            counts = torch.tensor([images, elapsed, wait], dtype=torch.float64, device=device)
-            dist.all_reduce_sum(counts)
-            row.images += int(counts[0])
-            row.seconds += float(counts[1]) / dist.world_size()
-            row.wait_seconds += float(counts[2]) / dist.world_size()
-            if n_steps is None:
-                row.epoch_seconds.append(float(counts[1]) / dist.world_size())  # the ranks' mean
-
         n_rounds = epochs if epochs > 0 else rounds
         bar = tqdm(total=n_rounds * len(files), desc="bench pretrain", unit="run",
                    disable=not progress or not dist.is_main())
         for _ in range(n_rounds):
             for i in range(len(files)):
-                run(i, None if epochs > 0 else steps)
+                if epochs > 0:
+                    _measure(rows[i], iter(loaders[i]), None, step, device)
+                else:
+                    iters[i] = _measure(rows[i], iters[i], steps, step, device, restart=loaders[i])
                 bar.update()
         bar.close()
         for it in iters:
