@@ -579,6 +579,16 @@ def test_the_fingerprint_reads_the_pixels(tmp_path):
         prints.append(read_sidecar(tmp_path / f"{name}.beton")["fingerprint"])
     assert prints[0] != prints[1]
     assert prints[0] == fingerprint(tmp_path / "a.beton")
+    # a file of at most 64 samples has every sample's bytes read: one edited image in the middle shows
+    edited = tmp_path / "edited.beton"
+    edited.write_bytes((tmp_path / "a.beton").read_bytes())
+    row = open_beton(edited).alloc_table[15]
+    with open(edited, "r+b") as f:
+        f.seek(int(row["ptr"]))
+        first = f.read(1)
+        f.seek(int(row["ptr"]))
+        f.write(bytes([first[0] ^ 0xFF]))
+    assert fingerprint(edited) != prints[0]
 
 
 def test_negative_labels_are_refused(tmp_path):

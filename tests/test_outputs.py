@@ -166,9 +166,14 @@ def test_a_beton_and_its_sidecar_are_placed_together_or_not_at_all(tiny_beton, t
     assert result.exit_code == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
 
 
-def test_a_group_renames_each_output_with_its_companion(tmp_path):
+def test_a_group_renames_each_output_with_its_companion(tmp_path, monkeypatch):
+    """Each output is renamed right before its sidecar (never two .betons first): a failure between two renames
+    leaves no new .beton beside its old sidecar."""
+    import dptool.atomic as atomic
     from dptool.atomic import atomic_output, output_group
 
+    placed, real = [], os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (placed.append(Path(dst).name), real(src, dst)))
     a, b = tmp_path / "a.beton", tmp_path / "b.beton"
     with output_group():
         for p in (a, b):
@@ -180,6 +185,7 @@ def test_a_group_renames_each_output_with_its_companion(tmp_path):
         assert [p for p in tmp_path.iterdir() if not p.name.startswith(".")] == []  # nothing placed yet
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
         "a.beton": "a.beton", "a.beton.json": "side a.beton", "b.beton": "b.beton", "b.beton.json": "side b.beton"}
+    assert placed == ["a.beton", "a.beton.json", "b.beton", "b.beton.json"]
     with pytest.raises(KeyboardInterrupt), output_group():
         with atomic_output(a) as tmp:
             tmp.write_text("new")

@@ -133,6 +133,7 @@ def test_classes_without_samples_are_neither_kept_nor_counted(data, tmp_path):
     result = run(p3, "--scores", scores, "--keep", 3, "-o", tmp_path / "all.beton")
     assert result.exit_code == 0 and "3 of the 6 classes have no samples in" in result.output  # the warning
     assert read_sidecar(tmp_path / "all.beton")["class_counts"] == [25, 0, 25, 0, 0, 25]
+    assert read_sidecar(tmp_path / "all.beton")["pruning"]["ratio"] == 0.0  # all 3 classes with samples kept
     result = run(p3, "--scores", scores, "--keep", 4, "-o", tmp_path / "four.beton")
     assert result.exit_code == 2 and "--keep must be in [1, 3] (the groups with samples), got 4." in result.output
 

@@ -51,6 +51,12 @@ def _brute_nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return d.argmin(axis=1)
 
 
+def _brute_closest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(K,) float64 squared L2 distance from each centroid to its nearest row of `x`."""
+    d = ((np.asarray(x, np.float64)[:, None, :] - np.asarray(centroids, np.float64)[None]) ** 2).sum(axis=2)
+    return d.min(axis=0)
+
+
 @pytest.fixture(scope="module")
 def lm_cli(score_data):
     out, png = score_data.folder / "lm.json", score_data.folder / "lm.png"
@@ -144,6 +150,12 @@ def test_fm_clusters_votes_and_assignment_equal_brute_force(fm_clusters, source_
     assert set(s.order()[: len(voted)].tolist()) == set(voted.tolist())
     in_voted = np.isin(fm_clusters.assignment, voted)
     assert np.isin(source_ref[2][in_voted], score_data.subset).mean() >= 0.9
+    # ties (here the clusters without a vote) go to the cluster whose centroid is closest to a target feature:
+    # tiebreak = minus that squared L2 distance, so the unvoted clusters rank in order of proximity
+    closest = _brute_closest(target_ref[1], cent)
+    np.testing.assert_allclose(s.tiebreak, -closest, rtol=1e-4, atol=1e-3)  # float32 distance expansion
+    unvoted = s.order()[len(voted):]
+    assert len(unvoted) >= 2 and np.all(np.diff(closest[unvoted]) > 0)
 
 
 def test_fm_scores_file_carries_the_assignment(fm_clusters, tmp_path):
@@ -188,13 +200,16 @@ def test_nearest_ties_go_to_the_smallest_index(rng):
 
 
 def test_el2n_matches_plain_torch(score_data, source_ref):
+    """The class score is the mean EL2N over the --source-sample images of the class (20 of 24 here)."""
     run = score("el2n", source=score_data.source, surrogate=_surrogate(score_data),
-                options=ScoreOptions(inference=INFERENCE, source_sample=0))
+                options=ScoreOptions(inference=INFERENCE, source_sample=20, seed=2))
     logits, _, labels = source_ref
     err = torch.softmax(logits, dim=1) - torch.nn.functional.one_hot(torch.from_numpy(labels), 8)
     per = torch.linalg.vector_norm(err.double(), dim=1).numpy()
-    expect = np.array([per[labels == c].mean() for c in range(8)])
+    rows = sample_rows(labels, 8, 20, seed=2)
+    expect = np.array([per[rows][labels[rows] == c].mean() for c in range(8)])
     np.testing.assert_allclose(run.scores.scores, expect, atol=1e-5)
+    assert run.scores.params["sampled_images"] == 160 and run.scores.extra["images_per_class"] == [20] * 8
     assert run.scores.target is None
 
 
@@ -214,6 +229,7 @@ def test_sample_rows_caps_each_class():
     rows = sample_rows(labels, 5, 4, seed=0)
     assert np.array_equal(np.bincount(labels[rows], minlength=5), [3, 4, 0, 4, 1])
     assert np.array_equal(rows, np.sort(rows)) and np.array_equal(rows, sample_rows(labels, 5, 4, seed=0))
+    assert not np.array_equal(rows, sample_rows(labels, 5, 4, seed=1))  # --seed picks another sample
     assert np.array_equal(sample_rows(labels, 5, 0, seed=0), np.arange(len(labels)))
 
 

@@ -3,6 +3,7 @@ pages are packed like FFCV's, several outputs in one pass equal separate runs, f
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -157,6 +158,22 @@ def test_copy_through_user_memory_where_the_kernel_cannot(mixed_beton, tmp_path,
     user = write_subset(mixed_beton, tmp_path / "user.beton", idx)
     assert sha256(tmp_path / "user.beton") == sha256(tmp_path / "kernel.beton")
     assert user.bytes == kernel.bytes
+
+
+def test_pages_are_packed_with_whole_samples_at_every_boundary(tiny_beton, tmp_path):
+    """The page packing planned with pages of 8 KiB (the 3 KiB samples of `tiny_beton` fill 2 of each page), so
+    that every one of its ~50 page ends is tested: no sample crosses one, none overlap, pages are filled."""
+    b = open_beton(tiny_beton)
+    ps = 8192
+    small = dataclasses.replace(b, page_size=ps)
+    kept = np.random.default_rng(1).permutation(b.num_samples)[:101]
+    order_by_sample = np.argsort(b.alloc_table["sample_id"], kind="stable")
+    plan = subset_mod._plan(small, tmp_path / "x.beton", kept, sample_extents(b), order_by_sample)
+    ptr = plan.alloc["ptr"].astype(np.int64)
+    end = ptr + plan.alloc["size"].astype(np.int64)
+    assert len(ptr) == 101 and plan.data_start % ps == 0 and ptr.min() >= plan.data_start
+    assert np.all(ptr // ps == (end - 1) // ps) and np.all(ptr[1:] >= end[:-1]) and end.max() <= plan.data_end
+    assert np.bincount((ptr - plan.data_start) // ps).tolist() == [2] * 50 + [1]
 
 
 def test_keeping_everything_reproduces_every_sample(tiny_beton, tmp_path):

@@ -44,6 +44,8 @@ def test_schedules_match_ffcv_imagenet():
     assert lr_at(cfg, 0.0, peak) == 0.0 and lr_at(cfg, 2.0, peak) == pytest.approx(peak)
     assert lr_at(cfg, 9.0, peak) == pytest.approx(peak / 2) and lr_at(cfg, 16.0, peak) == 0.0
     assert resolution_at(TrainConfig(epochs=4, min_res=48, max_res=48), 0) == 48  # never leaves [min, max]
+    short = TrainConfig(epochs=2)  # the peak moves to half of --epochs when that is earlier than --lr-peak-epoch 2
+    assert [lr_at(short, p, peak) for p in (0.5, 1.0, 1.5, 2.0)] == pytest.approx([peak / 2, peak, peak / 2, 0.0])
 
 
 def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
@@ -57,6 +59,8 @@ def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
     lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "config" and lines[0]["config"]["lr"] == 0.32
     assert [r["epoch"] for r in lines[1:]] == [0, 1, 2]
+    # the lr of each epoch's last step: peak (0.02) at --lr-peak-epoch 1, down to 0 at the end of the last epoch
+    assert [r["lr"] for r in lines[1:]] == pytest.approx([0.02, 0.01, 0.0])
     assert {"train_loss", "train_top1", "val_top1", "val_top5", "images_per_s", "epoch_time_s"} <= set(lines[1])
     assert res["last_epoch_images_per_second"] == pytest.approx(lines[3]["images_per_s"])
     assert res["images_per_second"] == pytest.approx(sum(r["train_images"] for r in lines[1:])
@@ -81,6 +85,7 @@ def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
     assert res["best_val_top1"] >= 0.6  # 4 classes: chance is 0.25
     lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["event"] for r in lines] == ["config", "epoch", "epoch", "epoch", "resume", "epoch"]
+    assert lines[-1]["lr"] == 0.0  # raising --epochs moves the end of the decay to the new last epoch
     assert not list(tmp_path.glob(".*tmp*"))
 
     code, text = _run(["info", str(out), "--json"])

@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from dptool.beton import open_beton, read_sidecar
+from dptool.beton import open_beton, read_sidecar, write_sidecar
 from dptool.cli.main import cli
+from dptool.errors import InputError
 from dptool.loaders import eval_loader
 from dptool.readers import ImageFolderSource
 
@@ -124,3 +125,8 @@ def test_stale_sidecar_refused(tmp_path):
     assert "its per-class counts differ" in info["sidecar_problem"]
     assert "shown without it" in run("info", tmp_path / "a.beton").output
     json.loads((tmp_path / "a.beton.json").read_text())  # left as it was
+    # a sidecar without per-class counts is still checked against the file's sample count
+    side = {k: v for k, v in read_sidecar(tmp_path / "a.beton").items() if k != "class_counts"}
+    write_sidecar(tmp_path / "a.beton", {**side, "num_samples": 7})
+    with pytest.raises(InputError, match="it records 7 samples, the file holds 6"):
+        open_beton(tmp_path / "a.beton")
