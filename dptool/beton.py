@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ._ffcv import import_ffcv
 from .atomic import atomic_output, check_output_path
 from .errors import InputError
 
@@ -68,6 +67,18 @@ _TYPE_NAMES = {
     6: "TorchTensorField",
 }
 _FORMAT_VERSION = 2  # ffcv.types.CURRENT_VERSION of FFCV 1.0
+# Each field type's metadata row (the `metadata_type` of FFCV 1.0's field classes, which takes no arguments),
+# so that opening a file needs neither FFCV nor torch (seconds and 600 MB of imports for `info` and `prune`).
+_PTR_SIZE = np.dtype([("ptr", "<u8"), ("size", "<u8")])
+_METADATA_TYPES = {
+    0: np.dtype("<f8"),  # FloatField
+    1: np.dtype("<i8"),  # IntField
+    2: np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")]),  # RGBImageField
+    3: _PTR_SIZE,  # BytesField
+    4: np.dtype("<u8"),  # NDArrayField
+    5: _PTR_SIZE,  # JSONField
+    6: np.dtype("<u8"),  # TorchTensorField
+}
 #: The most classes a label may index: a stray label of 10**9 would make every per-class table exhaust memory.
 MAX_CLASSES = 1 << 20
 
@@ -222,8 +233,7 @@ def _read_tables(path: Path) -> dict:
             raise NotABetonError(f"{path} is not a .beton file (unknown field type {type_id}).")
         names.append(bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace"))
         types.append(_TYPE_NAMES[type_id])
-    types_mod = import_ffcv("ffcv.types")  # deferred: importing ffcv costs seconds
-    meta_type = types_mod.get_metadata_type(types_mod.get_handlers(descs))
+    meta_type = _metadata_type(descs)
     data_start = desc_end + n * meta_type.itemsize
     if alloc_ptr < data_start or alloc_ptr > size or (size - alloc_ptr) % _ALLOC.itemsize:
         raise InputError(f"{path} is truncated or damaged (allocation table at {alloc_ptr}, file size {size}).")
@@ -245,6 +255,12 @@ def _read_tables(path: Path) -> dict:
     return dict(num_samples=n, page_size=page_size, field_names=tuple(names), field_types=tuple(types),
                 file_size=size, header=header, field_descriptors=descs, metadata=metadata, alloc_table=alloc,
                 data_start=data_start)
+
+
+def _metadata_type(descs: np.ndarray) -> np.dtype:
+    """The dtype of one metadata row (columns f0, f1, ... in field order), as `ffcv.types.get_metadata_type`
+    builds it from the field descriptors."""
+    return np.dtype([("", _METADATA_TYPES[int(d["type_id"])]) for d in descs], align=True)
 
 
 def _check_labels(beton: Beton, require_label: bool) -> bool:
