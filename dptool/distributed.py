@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 from .errors import InputError
@@ -44,6 +45,8 @@ def launch_rank() -> int:
 
 def is_initialized() -> bool:
     """True when a default process group exists."""
+    if "torch" not in sys.modules:  # no group without torch; a command that never needs torch never imports it
+        return False
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -70,9 +73,11 @@ def init_from_env(backend: str | None = None):
 
 def rank() -> int:
     """This process's global rank (0 without a process group)."""
+    if not is_initialized():
+        return 0
     import torch.distributed as dist
 
-    return dist.get_rank() if is_initialized() else 0
+    return dist.get_rank()
 
 
 def local_rank() -> int:
@@ -82,9 +87,11 @@ def local_rank() -> int:
 
 def world_size() -> int:
     """Number of processes (1 without a process group)."""
+    if not is_initialized():
+        return 1
     import torch.distributed as dist
 
-    return dist.get_world_size() if is_initialized() else 1
+    return dist.get_world_size()
 
 
 def is_main() -> bool:
@@ -94,27 +101,27 @@ def is_main() -> bool:
 
 def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
-    import torch.distributed as dist
-
     if is_initialized():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def all_reduce_sum(tensor):
     """Sum `tensor` over ranks in place and return it (unchanged on one process)."""
-    import torch.distributed as dist
-
     if is_initialized():
+        import torch.distributed as dist
+
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` on every rank (picklable objects; identity on one process)."""
-    import torch.distributed as dist
-
     if not is_initialized():
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -122,9 +129,9 @@ def broadcast_object(obj, src: int = 0):
 
 def cleanup() -> None:
     """Leave the process group if one exists."""
-    import torch.distributed as dist
-
     if is_initialized():
+        import torch.distributed as dist
+
         dist.destroy_process_group()
 
 

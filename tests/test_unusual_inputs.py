@@ -116,8 +116,7 @@ def test_metadata_of_every_ffcv_field_type_read_as_ffcv_reads_it(tmp_path):
     """open_beton lays out the metadata rows itself (importing FFCV costs seconds): for a file holding all seven
     FFCV field types, its table equals FFCV's own Reader's, column for column."""
     import torch
-    from ffcv.fields import (BytesField, FloatField, IntField, JSONField, NDArrayField, RGBImageField,
-                             TorchTensorField)
+    from ffcv.fields import BytesField, FloatField, IntField, JSONField, NDArrayField, RGBImageField, TorchTensorField
     from ffcv.reader import Reader
 
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField(), "weight": FloatField(),

@@ -6,6 +6,7 @@ The output path is checked before any work, so an existing file is refused in a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ from dataclasses import replace
 
 from ..atomic import check_output_path, output_group
 from ..beton import open_beton
-from ..distributed import barrier, distributed_session, is_main, launch_rank, resolve_device
+from ..distributed import barrier, distributed_session, is_main, launch_rank, launched_by_torchrun, resolve_device
 from ..errors import InputError
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..scores import assignment_path
@@ -72,7 +73,10 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     if device == "cuda" and spec.needs_surrogate:
         resolve_device(device)  # refuses it at once where torch sees no GPU
     began = time.perf_counter()
-    with distributed_session() as session_device:
+    # a method without a surrogate, outside torchrun, needs neither torch nor a device (seconds of imports)
+    session = (distributed_session() if spec.needs_surrogate or launched_by_torchrun()
+               else contextlib.nullcontext("cpu"))
+    with session as session_device:
         dev = str(session_device) if device == "auto" else device
         start = time.perf_counter()
         sur = load_surrogate(device=dev, **(surrogate or {})) if spec.needs_surrogate else None
