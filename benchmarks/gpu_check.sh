@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks for dptool in one command: GPU tests, then GPU benchmarks, printing the numbers.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root or anywhere; about 2-4 minutes
+#   bash benchmarks/gpu_check.sh            # from the repository root or anywhere; about 5-8 minutes
+#
+# Each step has its own time limit, and no step runs past GPU_CHECK_BUDGET_S seconds from the start (default
+# 540: the whole check, summary included, fits a 10-minute slot on a lent machine); a step the budget leaves
+# no time for is skipped and named. Outputs in benchmarks/results are overwritten (they are kept in git).
 #
 # Needs an NVIDIA GPU with its driver, dptool set up (make setup: .venv with torch, numba, ...), and CuPy.
 # The machine may have no network: if `import cupy` fails, CuPy is installed from wheels in ./wheels
@@ -13,7 +17,8 @@
 # On a machine whose python3 already holds torch, numba and CuPy but not dptool (no .venv, no network):
 #   DPTOOL_WHEELS=wheels PYTHON=python3 bash benchmarks/gpu_check.sh   # installs this checkout into it with
 #   --no-deps first, and FFCV and faiss-cpu from wheels/ (made by benchmarks/gpu_wheels.sh)
-# Environment: PYTHON (default .venv/bin/python, else python3), DPTOOL_WHEELS (default wheels).
+# Environment: PYTHON (default .venv/bin/python, else python3), DPTOOL_WHEELS (default wheels),
+# GPU_CHECK_BUDGET_S (default 540; 0 = no overall limit).
 # Exit status: 0 all passed, 1 a check failed, 2 could not run (the reason is printed).
 # Later issues append their sections (e.g. training benchmarks) at the end, each as a `section` block.
 
@@ -22,6 +27,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 WHEELS="${DPTOOL_WHEELS:-wheels}"
+BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 STATUS=0
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
@@ -32,6 +38,15 @@ skip_cupy() { printf '\ngpu_check: skipping the CuPy kernel checks: %s\n' "$*" >
 CUPY_OK=1
 step() {  # step TIMEOUT_S COMMAND...: run, report failure or timeout, carry on with the next step
     local limit="$1"; shift
+    if [ "$BUDGET" -gt 0 ]; then  # never past the overall budget: the summary at the end always prints
+        local left=$((BUDGET - SECONDS))
+        if [ "$left" -lt 20 ]; then
+            echo "gpu_check: SKIPPED, the ${BUDGET}s budget is spent (raise GPU_CHECK_BUDGET_S): $*" >&2
+            [ "$STATUS" -eq 1 ] || STATUS=2
+            return 124
+        fi
+        [ "$limit" -le "$left" ] || limit=$left
+    fi
     timeout --kill-after=10 "$limit" "$@"
     local rc=$?
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -148,7 +163,7 @@ if [ "$FFCV_OK" -eq 1 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cu
 fi
 if [ "$FFCV_OK" -eq 1 ]; then
     section "scoring on CUDA: LM and FM against the CPU references (tests/test_score_gpu.py)"
-    step 90 "$PY" -m pytest tests/test_score_gpu.py -q -rs -p no:cacheprovider -o faulthandler_timeout=60
+    step 150 "$PY" -m pytest tests/test_score_gpu.py -q -rs -p no:cacheprovider -o faulthandler_timeout=60
 
     section "pruned pretraining: dptool bench pretrain, full vs 60%-pruned, ResNet-18 and ResNet-50 at 160 px"
     WORK=$(mktemp -d)
@@ -169,11 +184,11 @@ print("generated 4000 images at 192 px and a 60%-pruned copy")
 PYEOF
     for arch in resnet18 resnet50; do
         step 120 "$PY" -m dptool bench pretrain "$WORK/full.beton" "$WORK/p60.beton" --arch "$arch" --res 160 \
-            --batch-size 256 --steps 20 --rounds 2 --json-out "$RESULTS/bench_pretrain_gpu_$arch.json"
+            --batch-size 256 --steps 20 --rounds 2 --json-out "$RESULTS/bench_pretrain_gpu_$arch.json" --force
     done
     section "data path on CUDA: dptool bench loader, with and without a ResNet-18 step"
     step 90 "$PY" -m dptool bench loader "$WORK/full.beton" --res 160 --batch-size 256 --arch resnet18 \
-        --device cuda --max-batches 30 --json-out "$RESULTS/bench_loader_gpu.json"
+        --device cuda --max-batches 30 --json-out "$RESULTS/bench_loader_gpu.json" --force
     rm -rf "$WORK"
 
     section "training throughput: FFCV vs torchvision ImageFolder on CUDA (benchmarks/bench_train.py)"
