@@ -75,3 +75,18 @@ def test_library_never_imports_the_cli(path):
     package = "dptool" if path.parent.name == "dptool" else f"dptool.{path.parent.name}"
     imported = _imported_modules(ast.parse(path.read_text()), package)
     assert not {m for m in imported if m == "dptool.cli" or m.startswith("dptool.cli.")}, path.name
+
+
+def test_every_package_folder_is_installed():
+    """A non-editable install (`pip install .`, a wheel) holds only the packages pyproject.toml lists: a sub-package
+    left out (dptool.scoring was) imports from a checkout but not once installed."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: ROOT / path for name, path in setup["package-dir"].items()}
+    found = set()
+    for name, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                rel = init.parent.relative_to(folder).parts
+                found.add(".".join((name, *rel)))
+    assert found == set(setup["packages"]), f"pyproject.toml packages should be {sorted(found)}"
