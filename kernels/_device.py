@@ -195,10 +195,11 @@ def _to_cupy(obj: Any) -> Any:
     cupy = import_cupy()
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(obj, tensor):
-        obj = _plain_tensor(obj)
-        if obj.device.type == "cpu":
-            return cupy.asarray(obj.numpy())
-        return cupy.from_dlpack(obj)  # zero-copy, ordered after torch's work on this stream
+        is_bool = obj.dtype == sys.modules["torch"].bool
+        obj = _plain_tensor(obj)  # a bool tensor crosses as uint8, and is a bool array again below
+        # a CUDA tensor crosses zero-copy, ordered after torch's work on this stream
+        arr = cupy.asarray(obj.numpy()) if obj.device.type == "cpu" else cupy.from_dlpack(obj)
+        return arr.view(np.bool_) if is_bool else arr  # checked as a bool array, as on the CPU path
     if isinstance(obj, cupy.ndarray):
         return obj
     return cupy.asarray(obj)

@@ -180,6 +180,16 @@ def test_torch_cuda_tensors_zero_copy_and_back_as_tensors():
     assert joint.is_cuda and int(joint.sum()) == labels.numel()
 
 
+def test_torch_bool_tensors_refused_on_the_gpu_as_on_the_cpu():
+    torch = _torch_cuda()
+    flags = torch.tensor([True, False, True])
+    for where in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="labels must have an integer dtype, got bool"):
+            class_histogram(flags.to(where), 2, device="cuda")
+        with pytest.raises(ValueError, match="weights must have a real numeric dtype, got bool"):
+            class_histogram(torch.tensor([0, 1, 1], device=where), 2, weights=flags.to(where), device="cuda")
+
+
 def test_device_override_and_mixed_devices():
     labels = np.array([0, 1, 1, 3])
     assert isinstance(class_histogram(labels, 4, device="cuda"), np.ndarray)  # NumPy in, NumPy out
