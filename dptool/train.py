@@ -109,13 +109,17 @@ def autocast(device, precision: str):
 
 
 def resolve_precision(device, precision: str) -> str:
-    """`auto` -> bf16 on a CUDA device that supports it (else fp16), fp32 on the CPU."""
+    """`auto` -> bf16 on a CUDA device that computes it natively (Ampere, compute capability 8, or later; else
+    fp16), fp32 on the CPU."""
     import torch
 
     if torch.device(device).type != "cuda":
         return "fp32"
     if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # not torch.cuda.is_bf16_supported(): recent torch also says yes where bf16 is only emulated (V100, T4),
+        # where bf16 autocast is many times slower than fp16
+        native = bool(torch.version.hip) or torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+        return "bf16" if native else "fp16"
     return precision
 
 

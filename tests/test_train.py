@@ -17,7 +17,7 @@ from dptool.checkpoint import read_checkpoint, save_checkpoint
 from dptool.cli.main import cli
 from dptool.errors import InputError
 from dptool.models import create_model
-from dptool.train import TrainConfig, _kept_classes, evaluate, lr_at, resolution_at
+from dptool.train import TrainConfig, _kept_classes, evaluate, lr_at, resolution_at, resolve_precision
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
 
@@ -142,6 +142,17 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, train_val_be
     assert a["epoch"] == b["epoch"] == 3
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
     assert [h["train_loss"] for h in a["extra"]["history"]] == [h["train_loss"] for h in b["extra"]["history"]]
+
+
+@pytest.mark.parametrize(("major", "auto"), [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_it(monkeypatch, major, auto):
+    # torch.cuda.is_bf16_supported() says yes on a V100 or T4 too, where bf16 is emulated; the capability decides
+    seen = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: seen.append(device) or (major, 0))
+    assert resolve_precision("cuda:1", "auto") == auto and seen == [torch.device("cuda:1")]
+    assert resolve_precision(torch.device("cuda"), "fp16") == "fp16"
+    assert resolve_precision("cpu", "auto") == resolve_precision("cpu", "bf16") == "fp32"
 
 
 def test_pruned_evaluation_counts_kept_and_all():
