@@ -100,7 +100,7 @@ def command():
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="Steps per file per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved rounds (steps mode).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="Training precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU).")
+              help="Training precision (auto: bf16 on Ampere or newer GPUs, else fp16; fp32 on the CPU).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG bar chart.")
 @_with(_out_options)
 def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, rounds, precision, plot, json_out,
@@ -136,7 +136,7 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="Where batches are delivered (and the model runs): auto = CUDA when present.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="Model step precision with --arch (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU).")
+              help="Model step precision with --arch (auto: bf16 on Ampere or newer GPUs, else fp16; fp32 on the CPU).")
 @_with(_out_options)
 def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, device, precision,
            json_out, force, as_json):

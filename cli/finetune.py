@@ -49,7 +49,7 @@ def _human(r) -> str:
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_fraction,
               help="Hold out this fraction of each training class for model selection.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=DEFAULTS.precision,
-              help="Autocast on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
+              help="Autocast on CUDA (auto: bf16 on Ampere or newer GPUs, else fp16); CPU runs fp32.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=DEFAULTS.seed, help="Seed of the head, the split, the sample order and the crops.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write the finetuned checkpoint.")

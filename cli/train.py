@@ -67,7 +67,7 @@ def _human(r) -> str:
 @click.option("--val-batch-size", type=click.IntRange(min=1), default=DEFAULTS.val_batch_size,
               help="Validation batch per process.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=DEFAULTS.precision,
-              help="Autocast on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
+              help="Autocast on CUDA (auto: bf16 on Ampere or newer GPUs, else fp16); CPU runs fp32.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=DEFAULTS.seed, help="Seed of initialisation, sample order and crops and flips.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
