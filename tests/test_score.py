@@ -246,6 +246,21 @@ def test_kmeans_equals_faiss_kmeans(rng, spread):
         kmeans(x[:5], 10)
 
 
+def test_kmeans_falls_back_to_the_cpu_where_faiss_cannot_use_a_gpu(rng, monkeypatch, caplog):
+    """faiss-gpu installed where no GPU works reports GPUs and fails on first use: here faiss-cpu told it has one
+    fails in `index_cpu_to_all_gpus` for real; k-means warns and gives the CPU's centroids."""
+    import importlib
+
+    kmeans_mod = importlib.import_module("dptool.scoring.kmeans")  # the package's `kmeans` is the function
+    x = rng.normal(size=(500, 8)).astype(np.float32)
+    expected = kmeans(x, 6, niter=5, seed=3)
+    monkeypatch.setattr(kmeans_mod, "faiss_gpus", lambda: 1)
+    with caplog.at_level("WARNING", logger="dptool.scoring.kmeans"):
+        got = kmeans(x, 6, niter=5, seed=3)
+    assert np.array_equal(got, expected)
+    assert "k-means runs on the CPU" in caplog.text
+
+
 def test_registry():
     assert {"lm", "fm", "random", "el2n"} <= set(list_methods())
     with pytest.raises(ValueError, match="already registered"):

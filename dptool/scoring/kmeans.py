@@ -60,10 +60,44 @@ def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
 
 
 def _index(d: int, gpus: int):
+    """A flat L2 index on all GPUs faiss sees, else (or where the GPU index cannot be made) on the CPU; and
+    whether it is on the GPU."""
     import faiss
 
     index = faiss.IndexFlatL2(d)
-    return faiss.index_cpu_to_all_gpus(index) if gpus > 0 else index
+    if gpus > 0:
+        try:
+            return faiss.index_cpu_to_all_gpus(index), True
+        except Exception as exc:  # noqa: BLE001 - faiss-gpu without a usable GPU: whatever it raises, use the CPU
+            log.warning("faiss could not place the k-means index on the GPU (%s: %s); k-means runs on the CPU",
+                        type(exc).__name__, exc)
+    return index, False
+
+
+def _lloyd(x: np.ndarray, k: int, cp, seeds: np.ndarray | None, index, niter: int, progress: bool) -> np.ndarray:
+    """`niter` Lloyd iterations (fewer once the objective stops changing) from `seeds` (None: faiss' random pick)
+    with `index` for the assignments; (k, D) float32 centroids."""
+    import faiss
+    from tqdm import tqdm
+
+    d = x.shape[1]
+    clus = faiss.Clustering(d, k, cp)
+    if seeds is not None:
+        faiss.copy_array_to_vector(seeds.ravel(), clus.centroids)
+    previous = None
+    with tqdm(total=niter, desc="k-means", unit="it", file=sys.stderr, disable=not progress, leave=False) as bar:
+        for it in range(niter):
+            clus.train(x, index)
+            stats = clus.iteration_stats
+            obj = stats.at(stats.size() - 1).obj if stats.size() else float("nan")
+            log.debug("k-means iteration %d: objective %.6g", it, obj)
+            bar.set_postfix(obj=f"{obj:.4g}")
+            bar.update(1)
+            if obj == previous:  # converged: faiss stops here too (early_stop_threshold 0)
+                log.info("k-means converged after %d iterations", it + 1)
+                break
+            previous = obj
+    return faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32)
 
 
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str = "k-means++",
@@ -83,7 +117,6 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
     (k, D) float32 centroids.
     """
     import faiss
-    from tqdm import tqdm
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -103,23 +136,14 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
     cp.verbose = False
     cp.min_points_per_centroid = 1
     cp.max_points_per_centroid = max(256, -(-n // k) + 1)  # never subsample: the caller sampled already
-    clus = faiss.Clustering(d, k, cp)
-    if init == "k-means++":
-        faiss.copy_array_to_vector(kmeans_plusplus(x, k, seed=seed).ravel(), clus.centroids)
-    index = _index(d, gpus)
+    seeds = kmeans_plusplus(x, k, seed=seed) if init == "k-means++" else None
+    index, on_gpu = _index(d, gpus)
     log.info("k-means: %d x %d into %d clusters, %s init, %d iterations, %s", n, d, k, init, niter,
-             f"{gpus} GPU(s)" if gpus else "CPU")
-    previous = None
-    with tqdm(total=niter, desc="k-means", unit="it", file=sys.stderr, disable=not progress, leave=False) as bar:
-        for it in range(niter):
-            clus.train(x, index)
-            stats = clus.iteration_stats
-            obj = stats.at(stats.size() - 1).obj if stats.size() else float("nan")
-            log.debug("k-means iteration %d: objective %.6g", it, obj)
-            bar.set_postfix(obj=f"{obj:.4g}")
-            bar.update(1)
-            if obj == previous:  # converged: faiss stops here too (early_stop_threshold 0)
-                log.info("k-means converged after %d iterations", it + 1)
-                break
-            previous = obj
-    return faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32)
+             f"{gpus} GPU(s)" if on_gpu else "CPU")
+    try:
+        return _lloyd(x, k, cp, seeds, index, niter, progress)
+    except RuntimeError as exc:  # a GPU error (out of memory, a CUDA error) part way: start again on the CPU
+        if not on_gpu:
+            raise
+        log.warning("k-means on the GPU failed (%s); running it again on the CPU", exc)
+        return _lloyd(x, k, cp, seeds, faiss.IndexFlatL2(d), niter, progress)
