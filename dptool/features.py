@@ -114,8 +114,9 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
         slot = stack.enter_context(hook) if hook is not None else None
         bar = stack.enter_context(_progress(len(mine), desc, progress))
         stack.enter_context(torch.inference_mode())
-        if amp:
-            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        # fp16 around the forward pass only: entered for the whole loop, it would also hold in the caller's loop
+        # body while this generator waits at its yield
+        half = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
         for images, labels in loader:
             b = int(labels.shape[0])
             batch_rows = mine[pos:pos + b]
@@ -125,15 +126,16 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
             expected = torch.from_numpy(file_labels[batch_rows]).to(labels.device, non_blocking=True)
             mismatches += (labels.reshape(-1) != expected).sum()
             try:
-                if forward_features is not None:
-                    out, feats = None, forward_features(images)
-                    if logits:
+                with half():
+                    if forward_features is not None:
+                        out, feats = None, forward_features(images)
+                        if logits:
+                            out = model(images)
+                    else:
+                        if slot is not None:
+                            slot[0] = None
                         out = model(images)
-                else:
-                    if slot is not None:
-                        slot[0] = None
-                    out = model(images)
-                    feats = slot[0] if slot is not None else None
+                        feats = slot[0] if slot is not None else None
             except torch.cuda.OutOfMemoryError as exc:  # a RuntimeError too, but not a resolution problem
                 raise InputError(f"A batch of {b} {options.res}x{options.res} images does not fit in the memory of "
                                  f"{options.device}; lower --batch-size (now {options.batch_size}).") from exc
