@@ -110,7 +110,8 @@ def _class_files(class_dir: Path) -> list[str]:
     """The sample files under `class_dir`, sorted: every non-hidden file at any depth, symlinked sub-folders
     followed as torchvision's ImageFolder does (each real folder once, so a link cycle ends), hidden sub-folders
     (.ipynb_checkpoints, .git) left out like hidden files, and broken symlinks kept: a file that cannot be read
-    is listed as skipped (or stops the run), not dropped unseen."""
+    is listed as skipped (or stops the run), not dropped unseen. Sub-folders are walked in sorted order, not in
+    the order the file system lists them, so a folder reached twice is read under the same name on every disk."""
     files: list[str] = []
     seen: set[str] = set()
     for top, dirs, names in os.walk(class_dir, followlinks=True):
@@ -119,7 +120,7 @@ def _class_files(class_dir: Path) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # os.walk descends in this list's order
         for name in names:
             full = os.path.join(top, name)
             if not name.startswith(".") and (os.path.isfile(full) or not os.path.exists(full)):

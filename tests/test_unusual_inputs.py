@@ -149,3 +149,36 @@ def test_stale_sidecar_refused(tmp_path):
     write_sidecar(tmp_path / "a.beton", {**side, "num_samples": 7})
     with pytest.raises(InputError, match="it records 7 samples, the file holds 6"):
         open_beton(tmp_path / "a.beton")
+
+
+def test_imagefolder_order_does_not_follow_the_directory_listing_order(tmp_path, monkeypatch):
+    """A folder reached twice (a sub-folder and a link to it) is read under the name sorted first, whatever order
+    the file system lists sub-folders in (ext4 lists by a per-file-system hash, tmpfs newest first): the sample
+    order, the .beton's bytes and its fingerprint are those of the tree, not of the disk it was copied to."""
+    from dptool.beton import fingerprint
+
+    for i in range(3):
+        _png(tmp_path / f"src/a/sub/{i}.png", 10 * i)
+    os.symlink("sub", tmp_path / "src/a/alias")
+    _png(tmp_path / "src/a/b.png", 100)
+    _png(tmp_path / "src/c/0.png", 200)
+    real_walk = os.walk
+
+    def walk(order):
+        def listed(top, **kwargs):
+            for here, dirs, names in real_walk(top, **kwargs):
+                dirs.sort(reverse=order == "reversed")  # in place: os.walk descends in the list's order
+                yield here, dirs, names
+        return listed
+
+    paths, files = {}, {}
+    for order in ("sorted", "reversed"):
+        monkeypatch.setattr(os, "walk", walk(order))
+        src = ImageFolderSource(tmp_path / "src")
+        paths[order] = [os.path.relpath(src.path(i), tmp_path / "src") for i in range(len(src))]
+        files[order] = tmp_path / f"{order}.beton"
+        assert run("convert", tmp_path / "src", files[order], *RAW).exit_code == 0
+    assert paths["sorted"] == paths["reversed"] == ["a/alias/0.png", "a/alias/1.png", "a/alias/2.png", "a/b.png",
+                                                    "c/0.png"]
+    assert files["sorted"].read_bytes() == files["reversed"].read_bytes()
+    assert fingerprint(files["sorted"]) == fingerprint(files["reversed"])
