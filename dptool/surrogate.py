@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["Surrogate", "load_surrogate", "read_state_dict", "default_resolution"]
+__all__ = ["Surrogate", "load_surrogate", "read_state_dict", "default_resolution", "weights_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class Surrogate:
     """A loaded surrogate: the module (eval mode, on `device`), where it came from, and its training recipe.
 
     `identity` is the plain-JSON description written into the scores file (kind, path, arch, file hash,
-    data fingerprint of a dptool checkpoint). `feature_name` is the module whose input is the feature.
+    data fingerprint of a dptool checkpoint, and `weights`, the `weights_fingerprint` of the loaded module).
+    `feature_name` is the module whose input is the feature.
     """
 
     model: object
@@ -173,6 +174,28 @@ def _parameters(fn) -> list:
         return []
 
 
+def weights_fingerprint(module) -> str:
+    """``blake2b:<hex>`` of a module's state dict: every entry's name, dtype, shape and bytes, in name order.
+
+    Two training runs that end with the same weights write checkpoints whose bytes (and so `sha256`) differ,
+    since a checkpoint also records each epoch's duration; this fingerprint is the same for both.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(module.state_dict().items()):
+        h.update(f"{name}\0".encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(value.shape)}\0".encode())
+            h.update(t.view(torch.uint8).numpy())  # the bytes, read in place
+        else:  # extra state a module chose to keep in its state dict
+            h.update(repr(value).encode())
+    return "blake2b:" + h.hexdigest()
+
+
 def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None = None,
                    weights: str | os.PathLike | None = None, factory: str | None = None,
                    feature_layer: str | None = None, device="cpu") -> Surrogate:
@@ -236,6 +259,7 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
         if weights is not None:
             _load_weights(net, read_state_dict(weights), str(weights))
             identity.update(path=str(Path(weights).resolve()), sha256=fingerprint_file(weights))
+    identity["weights"] = weights_fingerprint(net)
     net = net.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)

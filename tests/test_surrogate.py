@@ -13,7 +13,7 @@ from dptool.checkpoint import save_checkpoint
 from dptool.errors import InputError
 from dptool.features import feature_hook
 from dptool.models import create_model
-from dptool.surrogate import default_resolution, load_surrogate, read_state_dict
+from dptool.surrogate import default_resolution, load_surrogate, read_state_dict, weights_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,27 @@ def test_checkpoint(net, x, tmp_path):
     with pytest.raises(InputError, match=r"keys of another shape \(e\.g\. conv1\.weight: \(64, 3, 3, 3\) in the "
                        r"file, \(64, 3, 7, 7\) in the model\); .*c\.pt is a dptool checkpoint.*pass it as --model"):
         load_surrogate(arch="resnet18", weights=path)  # the checkpoint's small-input stem does not fit resnet18
+
+
+def test_equal_weights_have_one_fingerprint_whatever_else_the_checkpoint_holds(net, tmp_path):
+    """Two training runs that end with equal weights write checkpoints that differ in bytes (each records its
+    epochs' durations): the scores file's `sha256` of the file differs, its `weights` fingerprint does not."""
+    paths = []
+    for run, seconds in enumerate((1.25, 2.5)):
+        paths.append(save_checkpoint(tmp_path / f"run{run}.pt", arch="resnet18_small", num_classes=6,
+                                     state_dict=net.state_dict(), recipe={"workers": run + 1},
+                                     data_fingerprint="blake2b:00", epoch=1,
+                                     extra={"history": [{"epoch": 0, "epoch_time_s": seconds}]}))
+    a, b = (load_surrogate(model=p).identity for p in paths)
+    assert a["sha256"] != b["sha256"]
+    assert a["weights"] == b["weights"] == weights_fingerprint(net)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["fc.bias"][0] += 1e-6  # one weight changed in its last bits: another fingerprint
+    other = save_checkpoint(tmp_path / "other.pt", arch="resnet18_small", num_classes=6, state_dict=state,
+                            recipe={}, data_fingerprint="blake2b:00", epoch=1)
+    assert load_surrogate(model=other).identity["weights"] != a["weights"]
+    torch.save(net.state_dict(), tmp_path / "w.pth")  # the same weights given as --arch/--weights
+    assert load_surrogate(arch="resnet18_small", weights=tmp_path / "w.pth").identity["weights"] == a["weights"]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -108,7 +129,8 @@ def factory_module(monkeypatch):
 
 def test_model_factory(factory_module, x, tmp_path):
     s = load_surrogate(factory="tiny_factory:make", feature_layer="head")
-    assert s.identity == {"kind": "factory", "factory": "tiny_factory:make", "arch": "_Tiny", "feature_layer": "head"}
+    assert s.identity == {"kind": "factory", "factory": "tiny_factory:make", "arch": "_Tiny",
+                          "weights": weights_fingerprint(s.model), "feature_layer": "head"}
     with feature_hook(s.feature_module()) as slot, torch.no_grad():
         s.model(x)
     assert slot[0].shape == (2, 4)
