@@ -216,7 +216,9 @@ def _flush(tmp: Path, final: Path) -> None:
     """Force `tmp`'s bytes to the disk before it is renamed to `final`: after a power loss or a kernel crash the
     rename can otherwise reach the disk before the data, leaving an empty or partial file under the final name."""
     try:
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = _open_to_sync(tmp)
+        if fd is None:  # neither readable nor writable by this process: placed unflushed (as before fsync)
+            return
         try:
             os.fsync(fd)
         finally:
@@ -229,6 +231,17 @@ def _flush(tmp: Path, final: Path) -> None:
             raise mapped from None
         if exc.errno != errno.EINVAL:  # EINVAL: a file system without fsync (the data is written, no guarantee)
             raise
+
+
+def _open_to_sync(tmp: Path) -> int | None:
+    """A descriptor of `tmp` to fsync: read-only, else write-only where the file cannot be read back (a umask or an
+    ACL that leaves out the owner's read right); None where it can be opened neither way."""
+    for flags in (os.O_RDONLY, os.O_WRONLY):
+        try:
+            return os.open(tmp, flags)
+        except PermissionError:
+            continue
+    return None
 
 
 def _flush_folder(folder: str) -> None:

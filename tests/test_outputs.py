@@ -238,6 +238,39 @@ def test_outputs_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.beton", "a.beton.json"]
 
 
+def test_an_output_that_cannot_be_opened_for_reading_is_still_placed(tmp_path, monkeypatch):
+    """A temporary file its writer may not read back (a umask of 0o277, an insert-only AFS ACL) is fsync'ed through a
+    write descriptor; one that cannot be opened at all is placed unflushed, as before fsync was added, not lost."""
+    import errno
+
+    from dptool import atomic
+    from dptool.atomic import atomic_output
+
+    real_open, real_fsync, synced = os.open, os.fsync, []
+    denied = {os.O_RDONLY}
+
+    def open_(path, flags, *args):
+        if ".tmp-" in os.fspath(path) and flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args)
+
+    def fsync(fd):
+        synced.append(os.path.isdir(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "open", open_)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with atomic_output(tmp_path / "a.json") as tmp:
+        tmp.write_text("a")
+    assert (tmp_path / "a.json").read_text() == "a" and synced == [False, True]  # the file, then the folder
+    denied.add(os.O_WRONLY)
+    synced.clear()
+    with atomic_output(tmp_path / "b.json") as tmp:
+        tmp.write_text("b")
+    assert (tmp_path / "b.json").read_text() == "b" and synced == [True]  # the folder only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
 def test_temporary_files_of_killed_runs_are_removed_or_named(tmp_path, caplog):
     import dptool.atomic as atomic
 
