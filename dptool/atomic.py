@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError
+from .errors import DptoolError, InputError
 
 __all__ = ["atomic_output", "check_output_path", "is_write_error", "output_group", "pwrite_all", "temp_path_for",
            "write_error"]
@@ -229,8 +229,10 @@ def _flush(tmp: Path, final: Path) -> None:
         mapped = write_error(final, exc)
         if mapped is not None:
             raise mapped from None
-        if exc.errno != errno.EINVAL:  # EINVAL: a file system without fsync (the data is written, no guarantee)
-            raise
+        if exc.errno == errno.EINVAL:  # a file system without fsync: the data is written, without the guarantee
+            return
+        # EIO and the like: here it can only be the output's disk (exit 1: not a user error, but no traceback)
+        raise DptoolError(f"Cannot write {final} ({exc.strerror}); nothing was written under that name.") from exc
 
 
 def _open_to_sync(tmp: Path) -> int | None:

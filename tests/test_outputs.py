@@ -193,9 +193,9 @@ def test_a_group_renames_each_output_with_its_companion(tmp_path, monkeypatch):
     assert a.read_text() == "a.beton" and len(list(tmp_path.iterdir())) == 4
 
 
-def test_outputs_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+def test_outputs_reach_the_disk_before_their_rename(tiny_beton, tmp_path, monkeypatch):
     """Each temporary file is fsync'ed before it is renamed, the folder after; a delayed write error that shows
-    only at fsync (NFS, a quota) is one sentence and leaves neither file."""
+    only at fsync (NFS, a quota) is one sentence and leaves neither file, and so is a failing disk (EIO)."""
     import errno
 
     from dptool import atomic
@@ -235,6 +235,17 @@ def test_outputs_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
             tmp.write_text("body")
         with atomic_output(f"{b}.json", companion_of=b) as tmp:
             tmp.write_text("side")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.beton", "a.beton.json"]
+
+    def failing_disk(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(atomic.os, "fsync", failing_disk)
+    result = CliRunner().invoke(cli, ["score", "--method", "random", "--source", str(tiny_beton),
+                                      "-o", str(tmp_path / "s.json")])
+    assert result.exit_code == 1 and "Cannot write" in result.output and "Input/output error" in result.output, \
+        result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.beton", "a.beton.json"]
 
 
