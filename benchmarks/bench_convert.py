@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _args import require_positive  # benchmarks/_args.py, beside this script
 from PIL import Image
 
 
@@ -76,10 +77,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "convert.json")
     args = ap.parse_args()
-    # a usage line, not a traceback deep in the run
-    for name in ("images", "classes", "max_res", "workers", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(ap, args, ("images", "classes", "max_res", "workers", "repeats"))
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _args import require_positive  # benchmarks/_args.py, beside this script
 
 from dptool.kernels import class_histogram, joint_histogram, nearest_centroid
 
@@ -224,10 +225,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     args = parser.parse_args()
-    # a usage line, not a traceback deep in the run
-    for name in ("labels", "rows", "gpu_rows", "centroids", "dims", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(parser, args, ("labels", "rows", "gpu_rows", "centroids", "dims", "repeats"))
 
     rows: list[dict] = []
     if not args.no_cpu:

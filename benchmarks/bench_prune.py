@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _args import require_positive  # benchmarks/_args.py, beside this script
 
 _SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 400), (281, 500)]
 
@@ -232,10 +233,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dptool-bench-prune"), help="source kept for reruns")
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "prune.json")
     args = ap.parse_args()
-    # a usage line, not a traceback deep in the run
-    for name in ("classes", "max_res", "workers", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(ap, args, ("classes", "max_res", "workers", "repeats"))
     if not 0 <= args.ratio < 1 or not args.size_gb > 0 or not 1 <= args.quality <= 100:
         ap.error(f"--ratio must be in [0, 1), --size-gb > 0 and --quality in [1, 100], got {args.ratio}, "
                  f"{args.size_gb} and {args.quality}")

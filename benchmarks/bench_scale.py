@@ -68,6 +68,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from _args import require_positive  # benchmarks/_args.py, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGENET_N = 1_281_167
@@ -436,10 +437,8 @@ def main() -> None:
         sizes = sorted(int(float(s)) for s in args.sizes.split(","))
     except ValueError:
         ap.error(f"--sizes must be numbers separated by commas, got {args.sizes!r}")
-    # a usage line, not a traceback deep in the run
-    for name in ("classes", "image_size", "res", "target_images", "surrogate_per_class", "source_sample", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(ap, args, ("classes", "image_size", "res", "target_images", "surrogate_per_class",
+                                "source_sample", "repeats"))
     if sizes[0] < 1:
         ap.error(f"every --sizes value must be at least 1, got {sizes[0]}")
     if args.clusters is not None and args.clusters < 1:

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _args import require_positive  # benchmarks/_args.py, beside this script
 
 
 def make_data(folder: Path, classes: int, target_images: int, stored: int) -> tuple[Path, Path]:
@@ -222,11 +223,8 @@ def main() -> None:
     ap.add_argument("--skip-fm", action="store_true")
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "score.json")
     args = ap.parse_args()
-    # a usage line, not a traceback deep in the run
-    for name in ("classes", "target_images", "stored", "res", "batch_size", "workers", "fm_train", "fm_all", "fm_dim",
-                 "fm_k", "fm_iters", "repeats", "fm_repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(ap, args, ("classes", "target_images", "stored", "res", "batch_size", "workers", "fm_train",
+                                "fm_all", "fm_dim", "fm_k", "fm_iters", "repeats", "fm_repeats"))
     if not args.fm_k <= args.fm_train <= args.fm_all:
         ap.error(f"need --fm-k <= --fm-train <= --fm-all (k-means needs a point per centroid and trains on the first "
                  f"--fm-train points), got {args.fm_k}, {args.fm_train} and {args.fm_all}")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _args import require_positive  # benchmarks/_args.py, beside this script
 
 from dptool.convert import WriterParams, convert
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
@@ -168,10 +169,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    # a usage line, not a traceback deep in the run
-    for name in ("images", "classes", "batch_size", "workers", "train_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(p, args, ("images", "classes", "batch_size", "workers", "train_steps"))
     for shape in args.shapes:
         if not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", shape):
             p.error(f"--shapes entries are STORED:TRAINED pixel sizes such as 160:128, got {shape!r}")
