@@ -95,29 +95,6 @@ def is_pruned_from(pruned, full) -> bool:
     return full_fp is not None and ((pruned.sidecar or {}).get("pruning") or {}).get("source_fingerprint") == full_fp
 
 
-def _train_step(model, optimizer, criterion, x, y, device, precision, scaler=None):
-    """One SGD step as `dptool train` takes it: autocast at `precision`, and with fp16 the grad scaler."""
-    from .train import autocast
-
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, precision):
-        loss = criterion(model(x), y)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-
-def _scaler(precision: str):
-    """fp16's grad scaler (None otherwise), as `dptool train` uses it."""
-    import torch
-
-    return torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-
 def _sync(device) -> None:
     import torch
 
@@ -174,7 +151,7 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
 
     from .loaders import train_loader
     from .models import create_model
-    from .train import resolve_precision
+    from .train import grad_scaler, resolve_precision, train_step
 
     if len(files) < 1:
         raise InputError("bench pretrain needs at least one .beton file.")
@@ -198,8 +175,8 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
         model.train()
-        scaler = _scaler(precision)
-        step = lambda x, y: _train_step(model, optimizer, criterion, x, y, device, precision, scaler)  # noqa: E731
+        scaler = grad_scaler(precision)
+        step = lambda x, y: train_step(model, optimizer, scaler, criterion, x, y, device, precision)  # noqa: E731
 
         rows, loaders, iters = [], [], []
         for b in betons:
@@ -311,7 +288,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
 
     from .loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
     from .models import create_model
-    from .train import resolve_precision
+    from .train import grad_scaler, resolve_precision, train_step
 
     beton = open_beton(path)
     folder = Path(compare_folder) if compare_folder else None
@@ -329,8 +306,8 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss()
         precision = resolve_precision(dev, precision)
-        scaler = _scaler(precision)
-        step = lambda x, y: _train_step(model, optimizer, criterion, x, y, dev, precision, scaler)  # noqa: E731
+        scaler = grad_scaler(precision)
+        step = lambda x, y: train_step(model, optimizer, scaler, criterion, x, y, dev, precision)  # noqa: E731
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     threads = torch.get_num_threads()
     warm_page_cache(beton.path)

@@ -22,7 +22,7 @@ import numpy as np
 from .atomic import check_output_path, output_group
 from .beton import check_same_classes, fingerprint, open_beton
 from .errors import InputError, check_number, check_seed
-from .train import JsonLog, autocast, evaluate, resolve_precision
+from .train import JsonLog, autocast, evaluate, grad_scaler, resolve_precision, train_step
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices"]
 
@@ -229,19 +229,14 @@ def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, 
     optimizer = _optimizer(model.parameters(), cfg)
     sched = _schedule(optimizer, cfg.epochs * len(loader))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    scaler = grad_scaler(precision)
     history: list[dict] = []
     for epoch in tqdm(range(cfg.epochs), desc="finetune", unit="epoch", disable=not progress):
         t0 = time.perf_counter()
         model.train()
         total, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
         for x, y in loader:
-            with autocast(device, precision):
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            _, loss = train_step(model, optimizer, scaler, criterion, x, y, device, precision)
             sched.step()
             total += loss.detach().double() * len(y)
             n += len(y)

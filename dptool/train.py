@@ -26,7 +26,7 @@ from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, o
 from .errors import InputError, check_number, check_seed
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
-           "autocast", "resolve_precision", "JsonLog"]
+           "autocast", "grad_scaler", "train_step", "resolve_precision", "JsonLog"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,27 @@ def autocast(device, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def grad_scaler(precision: str):
+    """The grad scaler of a training loop: active for fp16 (whose small gradients underflow), a pass-through
+    otherwise."""
+    import torch
+
+    return torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+
+def train_step(model, optimizer, scaler, criterion, x, y, device, precision: str):
+    """One optimizer step on the batch (`x`, `y`): forward under autocast at `precision`, backward through
+    `scaler` (`grad_scaler`); returns the logits and the loss. `train`, `finetune` and `bench` all step this way."""
+    with autocast(device, precision):
+        logits = model(x)
+        loss = criterion(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss
 
 
 def resolve_precision(device, precision: str) -> str:
@@ -367,7 +388,7 @@ def _model_and_optimizer(config: TrainConfig, num_classes: int, image_size: int 
                                                           else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    scaler = grad_scaler(precision)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if ckpt["extra"].get("scaler_state"):
@@ -396,13 +417,7 @@ def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfi
         lr = lr_at(config, epoch + (i + 1) / iters, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device, precision):
-            logits = model(x)
-            loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        logits, loss = train_step(model, optimizer, scaler, criterion, x, y, device, precision)
         sums[:2] += torch.stack([loss.detach().double() * len(y), logits.argmax(1).eq(y).sum().double()])
         seen += len(y)
         if show and i % 10 == 0:
