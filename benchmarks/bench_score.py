@@ -13,6 +13,11 @@ followed by assigning every sample with ``dptool.kernels.nearest_centroid``, vs 
 per-iteration loop's own overhead), the k-means objective of each, and how many assignments differ from faiss
 search on the same centroids.
 
+FM reuse. ``dptool.scoring.score_files`` with ``--method fm`` on a generated JPEG source (``--reuse-per-class``
+images per class) and the LM target, from scratch (source features, k-means, every source image assigned, target
+votes) against ``centroids_from`` the first run's scores file (only the target is read); both must give the same
+scores.
+
 Runs are interleaved (each repeat runs every contender once, back to back). On a shared machine the load
 changes between repeats, so the ratio reported is the median of the per-repeat ratios (each computed from two
 runs made seconds apart); the best time of each contender is reported too.
@@ -135,6 +140,51 @@ def bench_lm(args, folder: Path) -> dict:
     }
 
 
+def bench_fm_reuse(args, folder: Path) -> dict:
+    """Time FM from scratch against FM reusing the groups of an earlier run (`centroids_from`), interleaved."""
+    from dptool.convert import WriterParams, convert
+    from dptool.features import InferenceOptions
+    from dptool.scores import read_scores
+    from dptool.scoring import ScoreOptions, score_files
+    from dptool.synthetic import separable_images, write_npz
+
+    _, target = make_data(folder, args.classes, args.target_images, args.stored)
+    images, labels = separable_images(args.classes, args.reuse_per_class, args.stored, seed=2)
+    source = folder / "fm_source.beton"
+    convert(write_npz(folder / "fm_source.npz", images, labels), source,
+            params=WriterParams(max_resolution=args.stored, write_mode="jpg", jpeg_quality=90))
+    ckpt = make_checkpoint(folder, args.arch, args.classes)
+    inference = InferenceOptions(batch_size=args.batch_size, workers=args.workers)
+    common = {"method": "fm", "source": source, "target": target, "surrogate": {"model": ckpt}, "res": args.res,
+              "device": args.device, "force": True}
+    first = folder / "first.json"
+    score_files(first, options=ScoreOptions(inference=inference), **common)  # the groups that are reused
+
+    def run(name: str, options) -> tuple[float, dict]:
+        start = time.perf_counter()
+        summary = score_files(folder / f"{name}.json", options=options, **common)
+        return time.perf_counter() - start, summary["timings"]
+
+    runs: dict[str, list] = {"fresh": [], "reused": []}
+    contenders = {"fresh": ScoreOptions(inference=inference),
+                  "reused": ScoreOptions(inference=inference, centroids_from=str(first))}
+    for i in range(args.reuse_repeats):
+        for name in (("fresh", "reused") if i % 2 == 0 else ("reused", "fresh")):
+            runs[name].append(run(name, contenders[name]))
+    fresh, reused = read_scores(folder / "fresh.json"), read_scores(folder / "reused.json")
+    same = bool(np.array_equal(fresh.scores, reused.scores) and np.array_equal(fresh.ranks, reused.ranks))
+    best = {name: min(r, key=lambda t: t[0]) for name, r in runs.items()}
+    return {
+        "arch": args.arch, "source_images": len(labels), "source_classes": args.classes,
+        "target_images": int(read_scores(first).target["num_samples"]), "res": args.res, "device": args.device,
+        "fresh_seconds": best["fresh"][0], "reused_seconds": best["reused"][0],
+        "fresh_over_reused": best["fresh"][0] / best["reused"][0],
+        "fresh_stages": best["fresh"][1], "reused_stages": best["reused"][1],
+        "same_scores_and_ranks": same,
+        "all_seconds": {name: [t for t, _ in r] for name, r in runs.items()},
+    }
+
+
 def blobs(n: int, d: int, k: int, seed: int) -> np.ndarray:
     """(n, d) float32 features around k random centres (unit spread, centres ~ N(0, 3^2))."""
     rng = np.random.default_rng(seed)
@@ -202,7 +252,7 @@ def bench_fm(args) -> dict:
 
 
 def main() -> None:
-    """Run both benchmarks, print a table, write JSON."""
+    """Run the benchmarks, print a table, write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--classes", type=int, default=100, help="source classes = surrogate head width")
@@ -221,10 +271,14 @@ def main() -> None:
     ap.add_argument("--fm-repeats", type=int, default=5)
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--skip-fm", action="store_true")
+    ap.add_argument("--reuse-per-class", type=int, default=20, help="FM reuse: source images per class")
+    ap.add_argument("--reuse-repeats", type=int, default=2, help="interleaved repeats of the FM reuse runs")
+    ap.add_argument("--skip-fm-reuse", action="store_true")
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "score.json")
     args = ap.parse_args()
     require_positive(ap, args, ("classes", "target_images", "stored", "res", "batch_size", "workers", "fm_train",
-                                "fm_all", "fm_dim", "fm_k", "fm_iters", "repeats", "fm_repeats"))
+                                "fm_all", "fm_dim", "fm_k", "fm_iters", "repeats", "fm_repeats",
+                                "reuse_per_class", "reuse_repeats"))
     if not args.fm_k <= args.fm_train <= args.fm_all:
         ap.error(f"need --fm-k <= --fm-train <= --fm-all (k-means needs a point per centroid and trains on the first "
                  f"--fm-train points), got {args.fm_k}, {args.fm_train} and {args.fm_all}")
@@ -258,6 +312,17 @@ def main() -> None:
                   f"{r['over_faiss']:>9.2f}{r['objective']:>11.2f}")
         print(f"  assignments equal to faiss search on the same centroids: "
               f"{fm['assignments_equal_to_faiss_search_on_same_centroids']}")
+    if not args.skip_fm_reuse:
+        with tempfile.TemporaryDirectory() as tmp:
+            fr = result["fm_reuse"] = bench_fm_reuse(args, Path(tmp))
+        print(f"FM end to end, {fr['source_images']} source and {fr['target_images']} target images, {fr['arch']} at "
+              f"{fr['res']} px on {fr['device']} (best of {args.reuse_repeats}):")
+        print(f"  from scratch            {fr['fresh_seconds']:8.2f} s  ("
+              + ", ".join(f"{k} {v:.2f} s" for k, v in fr["fresh_stages"].items()) + ")")
+        print(f"  --centroids-from        {fr['reused_seconds']:8.2f} s  ("
+              + ", ".join(f"{k} {v:.2f} s" for k, v in fr["reused_stages"].items()) + ")")
+        print(f"  from scratch / reused   {fr['fresh_over_reused']:8.2f} x; same scores and ranks: "
+              f"{fr['same_scores_and_ranks']}")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json_out}")

@@ -62,6 +62,8 @@ def _scores(s: dict) -> str:
     lines += score_table(s)
     if s["assignment"]:
         lines.append(f"cluster of every source image: {s['assignment']['path']} ({s['assignment']['state']})")
+    if s.get("centroids"):
+        lines.append(f"centroids: {s['centroids']['path']} ({s['centroids']['state']})")
     return "\n".join(lines)
 
 

@@ -34,6 +34,8 @@ def _human(s: dict) -> str:
                  + f"; total {s['seconds']:.2f} s")
     if s.get("assignment"):
         lines.append(f"cluster of every source image: {s['assignment']}")
+    if s.get("centroids"):
+        lines.append(f"centroids: {s['centroids']}")
     if s.get("plot"):
         lines.append(f"plot: {s['plot']}")
     return "\n".join(lines)
@@ -60,6 +62,9 @@ def _human(s: dict) -> str:
 @click.option("--source-sample", type=click.IntRange(min=0), default=256,
               help="Source images per class for k-means, class means and EL2N; 0 = all.")
 @click.option("--kmeans-iters", type=click.IntRange(min=1), default=20, help="k-means iterations.")
+@click.option("--centroids-from", type=_PATH, default=None,
+              help="FM: reuse the groups of this earlier FM scores file (same source and surrogate) and read only "
+                   "the target; --res, --mean, --std default to its.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=0, help="Seed of sampling, k-means and --method random.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")
@@ -70,21 +75,23 @@ def _human(s: dict) -> str:
 @force_option
 @json_option
 def command(method, source, target, model, arch, weights, model_factory, feature_layer, res, mean, std,
-            allow_upscale, clusters, groups, source_sample, kmeans_iters, seed, batch_size, workers, device, output,
-            plot, force, as_json):
+            allow_upscale, clusters, groups, source_sample, kmeans_iters, centroids_from, seed, batch_size, workers,
+            device, output, plot, force, as_json):
     """Score every source class (or FM cluster) by its usefulness for the target task; write a scores file.
 
     \b
     dptool score --method lm --source in_train.beton --target flowers.beton --model rn18.pt -o scores.json
     dptool score --method fm --source in_train.beton --target flowers.beton --arch resnet50 --weights rn50.pth \\
         --clusters 1000 -o fm.json --plot fm.png
+    dptool score --method fm --source in_train.beton --target pets.beton --arch resnet50 --weights rn50.pth \
+        --centroids-from fm.json -o fm_pets.json     # the same 1000 clusters: reads only the target
     torchrun --nproc-per-node 8 -m dptool score --method lm ...    # each rank scores a shard
     """
     surrogate = {"model": model, "arch": arch, "weights": weights, "factory": model_factory,
                  "feature_layer": feature_layer}
     options = ScoreOptions(inference=InferenceOptions(batch_size=batch_size, workers=workers), clusters=clusters,
                            source_sample=source_sample, groups=groups, seed=seed, kmeans_iters=kmeans_iters,
-                           allow_upscale=allow_upscale, progress=show_progress(as_json))
+                           allow_upscale=allow_upscale, progress=show_progress(as_json), centroids_from=centroids_from)
     summary = score_files(output, method=method, source=source, target=target, surrogate=surrogate, options=options,
                           res=res, mean=mean, std=std, device=device, plot=plot, force=force)
     if launch_rank() == 0:  # under torchrun every rank returns the summary; rank 0 alone wrote and prints

@@ -7,6 +7,7 @@ single process of rank 0, so library code calls them unconditionally.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -159,10 +160,11 @@ def shard_rows(rows):
 
 @contextlib.contextmanager
 def distributed_session(backend: str | None = None) -> Iterator:
-    """`with distributed_session() as device:` joins torchrun's group (if any) and always leaves it."""
+    """`with distributed_session() as device:` joins torchrun's group (if any), which then stays until the process
+    exits: torch cannot join a second group in one torchrun job (the second `init_process_group` reads the first
+    group's addresses from torchrun's store, and hangs or fails), so several dptool calls in one script share it."""
     started = launched_by_torchrun() and not is_initialized()
-    try:
-        yield init_from_env(backend)
-    finally:
-        if started:
-            cleanup()
+    device = init_from_env(backend)
+    if started:
+        atexit.register(cleanup)
+    yield device

@@ -81,27 +81,35 @@ def _is_run_log(p: Path) -> bool:
 
 
 def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:
-    """A scores file: method, level, provenance, the `top` groups, zero-score count, and its assignment's state."""
-    from .scores import fingerprint_file, read_scores, score_summary
+    """A scores file: method, level, provenance, the `top` groups, zero-score count, and the state of the assignment
+    and centroids files beside it."""
+    from .scores import read_scores, score_summary
 
     p = Path(path)
     s = read_scores(p)
-    out = {
+    return {
         "kind": "scores", "path": str(p), **score_summary(s, top), "params": s.params, "surrogate": s.surrogate,
-        "source": s.source, "target": s.target, "created": s.created, "assignment": None,
+        "source": s.source, "target": s.target, "created": s.created,
+        "assignment": _companion_state(p, s.assignment, s.assignment_sha256, "prune refuses it"),
+        "centroids": _companion_state(p, s.centroids, s.centroids_sha256, "--centroids-from refuses it"),
     }
-    if s.assignment is not None:
-        apath = p.with_name(s.assignment)
-        state = "missing"
-        if apath.is_file():
-            try:
-                state = ("present" if not s.assignment_sha256
-                         else "present, unchanged" if fingerprint_file(apath) == s.assignment_sha256
-                         else "replaced since; prune refuses it")
-            except OSError as exc:
-                state = f"unreadable ({exc.strerror or type(exc).__name__})"
-        out["assignment"] = {"path": str(apath), "state": state}
-    return out
+
+
+def _companion_state(scores_path: Path, name: str | None, sha256: str | None, refused: str) -> dict | None:
+    """Path and state (present, unchanged, replaced, missing, unreadable) of a file a scores file names beside it."""
+    from .scores import fingerprint_file
+
+    if name is None:
+        return None
+    path = scores_path.with_name(name)
+    state = "missing"
+    if path.is_file():
+        try:
+            state = ("present" if not sha256 else "present, unchanged" if fingerprint_file(path) == sha256
+                     else f"replaced since; {refused}")
+        except OSError as exc:
+            state = f"unreadable ({exc.strerror or type(exc).__name__})"
+    return {"path": str(path), "state": state}
 
 
 def summarize_checkpoint(path: str | os.PathLike) -> dict:

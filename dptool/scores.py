@@ -4,6 +4,9 @@ A scores file is JSON (format ``dptool-scores``, version 1) with the method, its
 identity, the source and target fingerprints, one row per group (id, name, score, tie-break value, rank; rank 0
 is the most important) and the tie-break rule in words. Cluster-level scores (FM) also name a NumPy file beside
 the JSON, ``<stem>.assign.npy``, holding the (N_source,) int32 cluster id of every source sample in file order.
+FM scores also name ``<stem>.centroids.npy``, the (G, D) float32 centroid of every group in the surrogate's feature
+space, so that `score --centroids-from` can score another target against the same groups without reading the
+source again.
 
 Ranks order groups by score (descending), then the tie-break value (descending), then id (ascending), so that
 the kept set for any ratio is deterministic even when most scores tie (LM on a small target).
@@ -37,6 +40,8 @@ __all__ = [
     "read_scores",
     "load_assignment",
     "assignment_path",
+    "load_centroids",
+    "centroids_path",
     "select_groups",
     "removed_count",
     "fingerprint_file",
@@ -91,7 +96,8 @@ class Scores:
     `ids`, `scores`, `tiebreak` and `ranks` are (G,) arrays (int64, float64, float64, int64), one entry per
     group, read-only; `ranks` is not an argument: it is always computed from the scores with `rank_groups`.
     `assignment` is the file name (beside the scores file) of the per-sample cluster ids, set by `write_scores`
-    for cluster-level scores, and `assignment_sha256` its fingerprint, which `load_assignment` checks.
+    for cluster-level scores, and `assignment_sha256` its fingerprint, which `load_assignment` checks;
+    `centroids` and `centroids_sha256` likewise name the (G, D) centroids of FM's groups (`load_centroids`).
     """
 
     method: str
@@ -110,6 +116,8 @@ class Scores:
     assignment: str | None = None
     created: str | None = None
     assignment_sha256: str | None = None
+    centroids: str | None = None
+    centroids_sha256: str | None = None
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids).reshape(-1)
@@ -162,6 +170,7 @@ class Scores:
             "tie_break": self.tie_break, "groups": groups, "assignment": self.assignment, "extra": self.extra,
             "created": self.created,
             **({"assignment_sha256": self.assignment_sha256} if self.assignment_sha256 else {}),
+            **({"centroids": self.centroids, "centroids_sha256": self.centroids_sha256} if self.centroids else {}),
         }
 
 
@@ -169,6 +178,12 @@ def assignment_path(scores_path: str | os.PathLike) -> Path:
     """Where the cluster assignment of `scores_path` goes: ``<stem>.assign.npy`` beside it."""
     p = Path(scores_path)
     return p.with_name(f"{p.stem}.assign.npy")
+
+
+def centroids_path(scores_path: str | os.PathLike) -> Path:
+    """Where the group centroids of `scores_path` go: ``<stem>.centroids.npy`` beside it."""
+    p = Path(scores_path)
+    return p.with_name(f"{p.stem}.centroids.npy")
 
 
 def _check_assignment(assignment: np.ndarray, scores: Scores, where: str) -> np.ndarray:
@@ -186,9 +201,29 @@ def _check_assignment(assignment: np.ndarray, scores: Scores, where: str) -> np.
     return a
 
 
+def _check_centroids(centroids: np.ndarray, scores: Scores, where: str) -> np.ndarray:
+    c = np.asarray(centroids)
+    g = scores.num_groups
+    if c.ndim != 2 or len(c) != g or c.shape[1] < 1:
+        raise InputError(f"{where} must hold one centroid row per group ({g}, D), got shape {c.shape}.")
+    if not np.array_equal(scores.ids, np.arange(g)):
+        raise InputError(f"{where}: centroid rows are indexed by group id, so the ids must be 0..{g - 1}.")
+    if not np.issubdtype(c.dtype, np.floating) or not np.isfinite(c).all():
+        raise InputError(f"{where} must hold finite floating-point centroids, got dtype {c.dtype}.")
+    return c.astype(np.float32, copy=False)
+
+
+def _npy(a: np.ndarray) -> tuple[bytes, str]:
+    """The .npy bytes of `a` and their ``sha256:<hex>``: fingerprinted before writing, so the file's hash is this."""
+    buf = io.BytesIO()
+    np.save(buf, a)
+    data = buf.getvalue()
+    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndarray | None = None,
-                 force: bool = False) -> Path:
-    """Write `scores` to `path` (JSON) and, for cluster-level scores, `assignment` beside it; both atomically.
+                 centroids: np.ndarray | None = None, force: bool = False) -> Path:
+    """Write `scores` to `path` (JSON), and `assignment` and `centroids` beside it when given; all atomically.
 
     Parameters
     ----------
@@ -196,6 +231,7 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
     scores : the scores to write; its `created` time is filled in when empty.
     assignment : (N_source,) int cluster id of every source sample in source-file order; required for
         cluster-level scores, refused for class-level ones.
+    centroids : optional (G, D) float centroid of every group, row = group id (FM), to ``<stem>.centroids.npy``.
     force : overwrite an existing scores file.
     """
     out = check_output_path(path, force=force)
@@ -204,25 +240,27 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
     if scores.level == "class" and assignment is not None:
         raise InputError("class-level scores take no assignment: samples are kept by their label.")
     doc_scores = dataclasses.replace(scores, created=scores.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    npy = None
+    companions = []  # (path, .npy bytes), placed together with the scores file
     if assignment is not None:
-        a = _check_assignment(assignment, scores, "assignment")
         apath = check_output_path(assignment_path(out), force=force)
-        buf = io.BytesIO()
-        np.save(buf, a)
-        npy = buf.getvalue()  # fingerprinted here, written below: the file's sha256 is that of these bytes
-        doc_scores = dataclasses.replace(doc_scores, assignment=apath.name,
-                                         assignment_sha256="sha256:" + hashlib.sha256(npy).hexdigest())
+        npy, sha = _npy(_check_assignment(assignment, scores, "assignment"))
+        companions.append((apath, npy))
+        doc_scores = dataclasses.replace(doc_scores, assignment=apath.name, assignment_sha256=sha)
+    if centroids is not None:
+        cpath = check_output_path(centroids_path(out), force=force)
+        npy, sha = _npy(_check_centroids(centroids, scores, "centroids"))
+        companions.append((cpath, npy))
+        doc_scores = dataclasses.replace(doc_scores, centroids=cpath.name, centroids_sha256=sha)
     try:  # before anything is written: a refusal leaves nothing behind
         text = json.dumps(doc_scores.to_dict(), indent=1, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InputError(f"scores cannot be written as JSON ({exc}); params, surrogate, target and extra "
                          "must hold plain JSON values.") from exc
-    with output_group():  # both or neither: a scores file is never left beside another run's assignment
+    with output_group():  # all or none: a scores file is never left beside another run's assignment
         with atomic_output(out) as tmp:
             tmp.write_text(text + "\n")
-        if npy is not None:
-            with atomic_output(apath, companion_of=out) as tmp:
+        for cpath, npy in companions:
+            with atomic_output(cpath, companion_of=out) as tmp:
                 tmp.write_bytes(npy)
     return out
 
@@ -255,7 +293,8 @@ def read_scores(path: str | os.PathLike) -> Scores:
             params=doc.get("params") or {}, surrogate=doc.get("surrogate"), source=doc["source"],
             target=doc.get("target"), tie_break=str(doc["tie_break"]), extra=doc.get("extra") or {},
             assignment=doc.get("assignment"), created=doc.get("created"),
-            assignment_sha256=doc.get("assignment_sha256"),
+            assignment_sha256=doc.get("assignment_sha256"), centroids=doc.get("centroids"),
+            centroids_sha256=doc.get("centroids_sha256"),
         )
         stored = np.asarray(cols["rank"], dtype=np.float64)
         g = scores.num_groups
@@ -271,22 +310,36 @@ def read_scores(path: str | os.PathLike) -> Scores:
     return scores
 
 
+def _load_companion(scores_path: str | os.PathLike, name: str, sha256: str | None, what: str) -> np.ndarray:
+    """The array of the file `name` beside `scores_path`, checked against the `sha256` the scores file records."""
+    path = Path(scores_path).with_name(name)
+    if not path.is_file():
+        raise InputError(f"Scores file {scores_path} names {what} {path.name}, but {path} does not exist.")
+    # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it
+    if sha256 and fingerprint_file(path) != sha256:
+        raise InputError(f"{what.capitalize()} file {path} is not the one scores file {scores_path} was written with "
+                         "(its sha256 differs): it was replaced since; score the source again.")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what.capitalize()} file {path} is not a NumPy array file ({exc}).") from exc
+
+
 def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarray:
     """(N_source,) int32 cluster id of every source sample, from the file beside `scores_path`."""
     if scores.assignment is None:
         raise InputError(f"Scores file {scores_path} has no cluster assignment (its level is {scores.level!r}).")
-    apath = Path(scores_path).with_name(scores.assignment)
-    if not apath.is_file():
-        raise InputError(f"Scores file {scores_path} names assignment {apath.name}, but {apath} does not exist.")
-    # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it
-    if scores.assignment_sha256 and fingerprint_file(apath) != scores.assignment_sha256:
-        raise InputError(f"Assignment file {apath} is not the one scores file {scores_path} was written with (its "
-                         "sha256 differs): it was replaced since; score the source again.")
-    try:
-        a = np.load(apath, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"Assignment file {apath} is not a NumPy array file ({exc}).") from exc
-    return _check_assignment(a, scores, f"Assignment file {apath}")
+    a = _load_companion(scores_path, scores.assignment, scores.assignment_sha256, "assignment")
+    return _check_assignment(a, scores, f"Assignment file {Path(scores_path).with_name(scores.assignment)}")
+
+
+def load_centroids(scores_path: str | os.PathLike, scores: Scores) -> np.ndarray:
+    """(G, D) float32 centroid of every group (row = group id), from the file beside `scores_path` (FM)."""
+    if scores.centroids is None:
+        raise InputError(f"Scores file {scores_path} names no centroids file (only FM scores have one, and only "
+                         "those written by a dptool that has `score --centroids-from`).")
+    c = _load_companion(scores_path, scores.centroids, scores.centroids_sha256, "centroids")
+    return _check_centroids(c, scores, f"Centroids file {Path(scores_path).with_name(scores.centroids)}")
 
 
 def score_summary(scores: Scores, top: int = 10) -> dict:

@@ -342,6 +342,10 @@ def test_refusals_before_any_work(score_data, tmp_path):
     _one_sentence(_invoke(*base, "--method", "fm", "--model", score_data.checkpoint, "-o", out),
                   "s.assign.npy already exists", "--force")
     assert (tmp_path / "s.assign.npy").read_bytes() == b"keep me" and not out.exists()
+    (tmp_path / "s.centroids.npy").write_bytes(b"keep me")  # and FM, clusters or labels, s.centroids.npy
+    _one_sentence(_invoke(*base, "--method", "fm", "--groups", "labels", "--model", score_data.checkpoint, "-o", out),
+                  "s.centroids.npy already exists", "--force")
+    assert (tmp_path / "s.centroids.npy").read_bytes() == b"keep me" and not out.exists()
     model = tmp_path / "surrogate.pt"  # the surrogate is an input: --force never writes over it
     shutil.copy(score_data.checkpoint, model)
     for extra in (["-o", model], ["-o", out, "--plot", model]):

@@ -6,6 +6,9 @@ centroids and the streamed assignment of the unsampled rows all run). Shards are
 The expected values are the plain torch / NumPy references that tests/test_score.py shows a one-process run
 equals (LM counts and joint histogram, k-means centroids from the same sampled features, brute-force
 assignment and votes), computed here without FFCV so the test does not pay for a third set of loaders.
+The driver makes seven dptool calls in a row without an enclosing session, as a user's script would: the group
+the first joins must stay for the others, and a rank still finishing one call must not find the next call's output
+already written by rank 0 (the random baseline has no collective step to hold rank 0 back).
 """
 
 from __future__ import annotations
@@ -31,25 +34,35 @@ OPTIONS = {"batch_size": 8, "workers": 1, "clusters": 8, "source_sample": 16, "s
 
 DRIVER = """
 import sys
-from dptool.distributed import distributed_session, world_size
+from dptool.distributed import world_size
 from test_score_ddp import options
 from dptool.scoring import score_files
 
 out, source, target, model = sys.argv[1:5]
-with distributed_session():
+# No enclosing distributed_session: each call joins torchrun's group, and the group stays for the next call (torch
+# cannot join a second time in one torchrun job: it reads the first group's addresses and hangs or fails).
+for method in ("lm", "fm"):
+    score_files(f"{out}/{method}.json", method=method, source=source, target=target,
+                surrogate={"model": model}, options=options(), device="cpu")
     assert world_size() == 2
-    for method in ("lm", "fm"):
-        score_files(f"{out}/{method}.json", method=method, source=source, target=target,
-                    surrogate={"model": model}, options=options(), device="cpu")
+for i in range(4):
+    score_files(f"{out}/../random{i}.json", method="random", source=source, options=options(), device="cpu")
+# the groups of fm.json reused: every rank reads its file, only the target is sharded and read
+score_files(f"{out}/fm_again.json", method="fm", source=source, target=target, surrogate={"model": model},
+            options=options(reuse=f"{out}/fm.json"), device="cpu")
 """
 
 
-def options() -> ScoreOptions:
-    """The options of both runs: small batches (several per rank), k-means on 16 of 24 images per class."""
+def options(reuse: str | None = None) -> ScoreOptions:
+    """The options of the runs: small batches (several per rank), k-means on 16 of 24 images per class; with
+    `reuse`, the groups of that FM scores file instead."""
     from dptool.features import InferenceOptions
 
     o = dict(OPTIONS)
-    return ScoreOptions(inference=InferenceOptions(batch_size=o.pop("batch_size"), workers=o.pop("workers")), **o)
+    inference = InferenceOptions(batch_size=o.pop("batch_size"), workers=o.pop("workers"))
+    if reuse is not None:
+        return ScoreOptions(inference=inference, centroids_from=reuse)
+    return ScoreOptions(inference=inference, **o)
 
 
 def _free_port() -> int:
@@ -83,7 +96,9 @@ def test_two_gloo_processes_equal_one(score_data, tmp_path):
     centroids = kmeans(src_feats[sampled], o.clusters, niter=o.kmeans_iters, seed=o.seed)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["fm.assign.npy", "fm.json", "lm.json"]  # rank 0 alone wrote
+    written = ["fm.assign.npy", "fm.centroids.npy", "fm.json", "fm_again.assign.npy", "fm_again.centroids.npy",
+               "fm_again.json", "lm.json"]
+    assert sorted(p.name for p in out.iterdir()) == written  # rank 0 alone wrote
 
     lm = read_scores(out / "lm.json")
     pred = logits.argmax(dim=1).numpy()
@@ -100,3 +115,7 @@ def test_two_gloo_processes_equal_one(score_data, tmp_path):
     assert np.array_equal(fm.scores, np.bincount(_brute_nearest(tgt_feats, centroids), minlength=8))
     assert int(fm.scores.sum()) == 45 and fm.params["sampled_images"] == 128 and fm.params["world_size"] == 2
     assert fm.extra["cluster_sizes"] == np.bincount(assignment, minlength=8).tolist()
+    again = read_scores(out / "fm_again.json")
+    _same(again, fm)
+    assert np.array_equal(load_assignment(out / "fm_again.json", again), assignment)
+    assert again.params["centroids_from"]["path"] == str(out / "fm.json") and again.params["world_size"] == 2

@@ -9,6 +9,9 @@
 4. Every target training image votes for its nearest centroid (L2, ties to the smallest index, as the
    `dptool.kernels.nearest_centroid` kernel and a brute-force NumPy reference agree).
 
+Steps 1-3 depend on the source and the surrogate only, not on the target: ``centroids_from`` (``--centroids-from``)
+takes their result, the centroids and assignment beside an earlier FM scores file, and runs step 4 alone.
+
 Ties between equal vote counts (most groups get no vote on a small target) go to the group whose centroid is
 closest to any target feature, then to the smaller id. Every per-sample step is one batch at a time; what is
 kept is the sampled features, K x D centroids and a cluster id per source image (the whole command grew by
@@ -18,6 +21,7 @@ kept is the sampled features, K x D centroids and a cluster id per source image 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -172,10 +176,9 @@ def _cluster_names(ctx: Context, assign: np.ndarray, k: int) -> tuple[tuple[str,
     return out, sizes.tolist(), major.tolist()
 
 
-@register_method("fm", help="feature mapping: k-means clusters (or class means) of source features, "
-                            "scored by target votes for the nearest centroid")
-def feature_mapping(ctx: Context) -> MethodResult:
-    """FM scores per cluster (or per class with groups="labels"), the proximity tie-break and the assignment."""
+def _fitted_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Centroids from the source: k-means of the sampled features (and every source image's nearest centroid),
+    or the per-class mean features (no assignment). Returns (centroids, assignment or None, params)."""
     opts = ctx.options
     src = ctx.source
     n_cls = src.num_classes
@@ -200,12 +203,78 @@ def feature_mapping(ctx: Context) -> MethodResult:
         feats = feats.reshape(len(rows), width)
     params = {"groups": opts.groups, "source_sample": opts.source_sample, "sampled_images": int(len(sampled)),
               "seed": opts.seed, "metric": "l2"}
-    extra: dict = {}
-    assignment = None
     if opts.groups == "labels":
         with ctx.stage("class means"):
-            centroids, counts = _class_means(ctx, rows, feats)
-        present = np.nonzero(counts)[0]
+            centroids, _ = _class_means(ctx, rows, feats)
+        return centroids, None, params
+    with ctx.stage("k-means"):
+        everything = gather_interleaved(feats, len(sampled))
+        cent = None
+        if is_main():
+            cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress)
+        del everything
+        centroids = broadcast(cent)
+    with ctx.stage("source assignment"):
+        assignment = _assign_all(ctx, rows, feats, centroids, sampled)
+    params.update(clusters=k, kmeans_iters=opts.kmeans_iters, kmeans="faiss")
+    return centroids, assignment, params
+
+
+# What `--centroids-from` takes from its file; an option given another value than its default is refused.
+_CLUSTERING_OPTIONS = {"groups": "--groups", "clusters": "--clusters", "source_sample": "--source-sample",
+                       "seed": "--seed", "kmeans_iters": "--kmeans-iters"}
+_CLUSTERING_PARAMS = ("groups", "source_sample", "sampled_images", "seed", "metric", "clusters", "kmeans_iters",
+                      "kmeans")
+
+
+def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """The centroids (and assignment) of an earlier FM scores file (`centroids_from`), checked to be points in this
+    surrogate's feature space of this source, at this resolution and normalisation. Same return as `_fitted_groups`."""
+    from ..beton import known_fingerprints
+    from ..scores import fingerprint_file, load_assignment, load_centroids, read_scores
+
+    opts, src, path = ctx.options, ctx.source, ctx.options.centroids_from
+    defaults = type(opts)()
+    for name, flag in _CLUSTERING_OPTIONS.items():
+        if getattr(opts, name) != getattr(defaults, name):
+            raise InputError(f"{flag} cannot be combined with --centroids-from: the groups, and how they were made, "
+                             f"come from {path}; leave {flag} out.")
+    old = read_scores(path)
+    if old.method != "fm":
+        raise InputError(f"--centroids-from takes an FM scores file; {path} holds {old.method} scores.")
+    with ctx.stage("load centroids"):
+        centroids = load_centroids(path, old)
+        assignment = load_assignment(path, old) if old.level == "cluster" else None
+    if old.source["fingerprint"] not in known_fingerprints(src) or int(old.source["num_samples"]) != src.num_samples:
+        raise InputError(f"Scores file {path} was made from source {old.source['path']} "
+                         f"({old.source['fingerprint']}), not from {src.path}; its groups are not this source's.")
+    theirs, ours = old.surrogate or {}, ctx.surrogate.identity
+    for key, what in (("weights", "weights fingerprint"), ("feature_layer", "--feature-layer")):
+        if theirs.get(key) != ours.get(key):
+            raise InputError(f"Scores file {path} was made with another surrogate ({what} {theirs.get(key)}, "
+                             f"this one has {ours.get(key)}); its centroids are points in that model's feature space.")
+    inference = ctx.options.inference
+    for key, flag, ours_value in (("res", "--res", inference.res), ("mean", "--mean", list(inference.mean)),
+                                  ("std", "--std", list(inference.std))):
+        if old.params.get(key) != ours_value:
+            raise InputError(f"Scores file {path} was made with {flag} {old.params.get(key)}, this run has "
+                             f"{ours_value}; give the same (or leave {flag} out to take its value).")
+    params = {k: old.params[k] for k in _CLUSTERING_PARAMS if k in old.params}
+    params["centroids_from"] = {"path": str(Path(path).resolve()), "sha256": fingerprint_file(path)}
+    return centroids, assignment, params
+
+
+@register_method("fm", help="feature mapping: k-means clusters (or class means) of source features, "
+                            "scored by target votes for the nearest centroid")
+def feature_mapping(ctx: Context) -> MethodResult:
+    """FM scores per cluster (or per class with groups="labels"), the proximity tie-break and the assignment."""
+    src = ctx.source
+    reused = ctx.options.centroids_from is not None
+    centroids, assignment, params = _reused_groups(ctx) if reused else _fitted_groups(ctx)
+    extra: dict = {}
+    if assignment is None:  # class means: the classes without samples have no centroid and get no vote
+        n_cls = src.num_classes
+        present = np.nonzero(src.class_counts())[0]
         with ctx.stage("target votes"):
             v, c = _target_votes(ctx, centroids[present])
         votes = np.zeros(n_cls, np.int64)
@@ -214,22 +283,11 @@ def feature_mapping(ctx: Context) -> MethodResult:
         closest[present] = c
         level, names = "class", tuple(src.class_names)
     else:
-        with ctx.stage("k-means"):
-            everything = gather_interleaved(feats, len(sampled))
-            cent = None
-            if is_main():
-                cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress)
-            del everything
-            centroids = broadcast(cent)
-        with ctx.stage("source assignment"):
-            assignment = _assign_all(ctx, rows, feats, centroids, sampled)
-        del feats
         with ctx.stage("target votes"):
             votes, closest = _target_votes(ctx, centroids)
-        names, sizes, major = _cluster_names(ctx, assignment, k)
+        names, sizes, major = _cluster_names(ctx, assignment, len(centroids))
         extra.update(cluster_sizes=sizes, majority_class=major)
         level = "cluster"
-        params.update(clusters=k, kmeans_iters=opts.kmeans_iters, kmeans="faiss")
     tiebreak = -np.where(np.isfinite(closest), closest, np.nan)
     floor = np.nanmin(tiebreak) - 1.0 if np.isfinite(tiebreak).any() else 0.0
     tiebreak = np.where(np.isnan(tiebreak), floor, tiebreak)  # groups without a centroid go last among ties

@@ -13,13 +13,14 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from ..atomic import check_output_path, output_group
 from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank, launched_by_torchrun, resolve_device
 from ..errors import InputError
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
-from ..scores import assignment_path
+from ..scores import assignment_path, centroids_path, read_scores
 from .plot import plot_scores
 from .registry import get_method
 from .run import ScoreOptions, default_res, score
@@ -46,13 +47,18 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
 
     `surrogate` holds the keyword arguments of `dptool.surrogate.load_surrogate` (model / arch + weights /
     factory, feature_layer). `res`, `mean`, `std` default to what the checkpoint's recipe records, else
-    min(224, the source's stored resolution) and ImageNet statistics. `device` "auto" is the process's CUDA
-    device under torchrun, else CUDA when present, else the CPU.
+    min(224, the source's stored resolution) and ImageNet statistics; with `options.centroids_from`, to that
+    scores file's. `device` "auto" is the process's CUDA device under torchrun, else CUDA when present, else the CPU.
     """
     from ..surrogate import load_surrogate
 
     options = options or ScoreOptions()
     spec = get_method(method)
+    reused = read_scores(options.centroids_from) if options.centroids_from is not None and method == "fm" else None
+    if reused is not None:  # its groups live at its resolution and normalisation: the defaults here (checked below)
+        res = res or reused.params.get("res")
+        mean = mean or reused.params.get("mean")
+        std = std or reused.params.get("std")
     for flag, values in (("--mean", mean), ("--std", std)):
         if values is not None and len(values) != 3:
             raise InputError(f"{flag} takes 3 values (red, green, blue), got {len(values)}.")
@@ -64,12 +70,17 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 8):
         raise InputError(f"--res must be an integer of at least 8, got {res!r}.")
     given = surrogate or {}
-    inputs = (source, target, given.get("model"), given.get("weights"))  # the surrogate's files are inputs too
+    # the surrogate's files, and a scores file whose centroids are reused, are inputs too
+    inputs = (source, target, given.get("model"), given.get("weights"), options.centroids_from)
+    if reused is not None:
+        inputs += tuple(Path(options.centroids_from).with_name(n) for n in (reused.assignment, reused.centroids) if n)
     out = check_output_path(output, force=force, inputs=inputs)
     if plot is not None:
         check_output_path(plot, force=force, inputs=(*inputs, output))
-    if method == "fm" and options.groups == "clusters":  # cluster-level: the assignment goes beside the scores
-        check_output_path(assignment_path(out), force=force, inputs=inputs)
+    if method == "fm":  # the centroids, and for clusters the assignment, go beside the scores
+        check_output_path(centroids_path(out), force=force, inputs=inputs)
+        if (reused.level == "cluster") if reused is not None else options.groups == "clusters":
+            check_output_path(assignment_path(out), force=force, inputs=inputs)
     if device == "cuda" and spec.needs_surrogate:
         resolve_device(device)  # refuses it at once where torch sees no GPU
     began = time.perf_counter()
@@ -77,6 +88,9 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     session = (distributed_session() if spec.needs_surrogate or launched_by_torchrun()
                else contextlib.nullcontext("cpu"))
     with session as session_device:
+        # every rank has checked the outputs before rank 0 may write one: the random baseline has no collective
+        # step, so a rank still finishing the previous call would find this call's output written and refuse it
+        barrier()
         dev = str(session_device) if device == "auto" else device
         start = time.perf_counter()
         sur = load_surrogate(device=dev, **(surrogate or {})) if spec.needs_surrogate else None
@@ -95,6 +109,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
             with output_group():  # the scores file, its assignment and the plot are renamed into place together
                 summary["output"] = str(run.write(out, force=force))
                 summary["assignment"] = str(assignment_path(out)) if run.assignment is not None else None
+                summary["centroids"] = str(centroids_path(out)) if run.centroids is not None else None
                 if plot is not None:
                     summary["plot"] = str(plot_scores(run.scores, plot, top=top, force=force))
             summary["timings"]["write"] = round(time.perf_counter() - start, 3)

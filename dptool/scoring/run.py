@@ -45,7 +45,9 @@ class ScoreOptions:
 
     `clusters`: FM's K (None = number of source classes with samples). `source_sample`: source images per class used for
     k-means training, FM class means and EL2N (0 = all). `groups`: FM's groups, "clusters" (k-means) or
-    "labels" (class-mean centroids). `seed`: k-means, sampling and the random baseline.
+    "labels" (class-mean centroids). `seed`: k-means, sampling and the random baseline. `centroids_from`: an
+    earlier FM scores file of the same source and surrogate whose groups FM reuses (its centroids and assignment,
+    beside it): only the target is read, and the clustering options must stay at their defaults.
     """
 
     inference: InferenceOptions = field(default_factory=InferenceOptions)
@@ -56,6 +58,7 @@ class ScoreOptions:
     kmeans_iters: int = 20
     allow_upscale: bool = False
     progress: bool = False
+    centroids_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,24 @@ class Context:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the block and add it to `timings[name]` (seconds)."""
+        """Time the block and add it to `timings[name]` (seconds), waiting for a GPU's queued work at both ends."""
+        _synchronize(self.options.inference.device)
         start = time.perf_counter()
         try:
             yield
         finally:
+            _synchronize(self.options.inference.device)
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
             log.info("%s: %.2f s", name, self.timings[name])
+
+
+def _synchronize(device) -> None:
+    """Wait for the kernels queued on a CUDA `device` (they run asynchronously: a stage's time would miss them)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -109,8 +123,9 @@ class ScoreRun:
     centroids: np.ndarray | None = None
 
     def write(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write the scores file (and the assignment beside it) atomically; refuses to overwrite without force."""
-        return write_scores(path, self.scores, assignment=self.assignment, force=force)
+        """Write the scores file (and the assignment and centroids beside it) atomically; refuses to overwrite without
+        force."""
+        return write_scores(path, self.scores, assignment=self.assignment, centroids=self.centroids, force=force)
 
     def summary(self, top: int = 10) -> dict:
         """Plain-JSON summary for the terminal: top groups with names and scores, zero-score count, timings."""
@@ -199,6 +214,8 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
         raise InputError(f"--method {method} needs a surrogate model (--model, --arch/--weights or "
                          "--model-factory).")
     check_seed("--seed", options.seed)
+    if options.centroids_from is not None and method != "fm":
+        raise InputError(f"--centroids-from applies to --method fm, not to --method {method}.")
     if options.groups not in ("clusters", "labels"):
         raise InputError(f"--groups must be clusters or labels, got {options.groups!r}.")
     if spec.needs_surrogate:
