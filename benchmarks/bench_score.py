@@ -271,7 +271,7 @@ def main() -> None:
     ap.add_argument("--fm-repeats", type=int, default=5)
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--skip-fm", action="store_true")
-    ap.add_argument("--reuse-per-class", type=int, default=20, help="FM reuse: source images per class")
+    ap.add_argument("--reuse-per-class", type=int, default=50, help="FM reuse: source images per class")
     ap.add_argument("--reuse-repeats", type=int, default=2, help="interleaved repeats of the FM reuse runs")
     ap.add_argument("--skip-fm-reuse", action="store_true")
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "score.json")
