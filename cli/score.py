@@ -83,7 +83,7 @@ def command(method, source, target, model, arch, weights, model_factory, feature
     dptool score --method lm --source in_train.beton --target flowers.beton --model rn18.pt -o scores.json
     dptool score --method fm --source in_train.beton --target flowers.beton --arch resnet50 --weights rn50.pth \\
         --clusters 1000 -o fm.json --plot fm.png
-    dptool score --method fm --source in_train.beton --target pets.beton --arch resnet50 --weights rn50.pth \
+    dptool score --method fm --source in_train.beton --target pets.beton --arch resnet50 --weights rn50.pth \\
         --centroids-from fm.json -o fm_pets.json     # the same 1000 clusters: reads only the target
     torchrun --nproc-per-node 8 -m dptool score --method lm ...    # each rank scores a shard
     """

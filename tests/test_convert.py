@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -603,3 +604,12 @@ def test_negative_labels_are_refused(tmp_path):
         open_beton(path)
     result = run("info", path)
     assert result.exit_code == 2 and "negative labels" in result.output
+
+
+def test_help_examples_keep_their_line_breaks():
+    """An example's `\\` continuation must reach the help text: a bare backslash-newline in a docstring joins the
+    two lines with the indentation between them (`... rn50.pth         --centroids-from ...`)."""
+    for name in ("convert", "info", "score", "prune", "train", "finetune", "bench", "demo"):
+        text = run(name, "-h").output.split("Options:")[0]
+        joined = [line for line in text.splitlines() if re.search(r"\S {6,}--", line)]
+        assert not joined, f"{name}: {joined}"
