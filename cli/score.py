@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from dptool.distributed import launch_rank
 from dptool.errors import MAX_SEED
@@ -10,6 +11,7 @@ from dptool.features import InferenceOptions
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
 from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
+from dptool.scoring.fm import CLUSTERING_OPTIONS, refuse_clustering_options
 
 from ._common import (
     CONTEXT_SETTINGS,
@@ -87,6 +89,10 @@ def command(method, source, target, model, arch, weights, model_factory, feature
         --centroids-from fm.json -o fm_pets.json     # the same 1000 clusters: reads only the target
     torchrun --nproc-per-node 8 -m dptool score --method lm ...    # each rank scores a shard
     """
+    if centroids_from is not None and method == "fm":  # given at all, even at its default value: refused
+        ctx = click.get_current_context()
+        refuse_clustering_options([n for n in CLUSTERING_OPTIONS if ctx.get_parameter_source(n) not in
+                                   (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)], centroids_from)
     surrogate = {"model": model, "arch": arch, "weights": weights, "factory": model_factory,
                  "feature_layer": feature_layer}
     options = ScoreOptions(inference=InferenceOptions(batch_size=batch_size, workers=workers), clusters=clusters,

@@ -204,3 +204,16 @@ def test_write_scores_checks_the_centroids(first_runs, tmp_path):
         write_scores(tmp_path / "s.json", s, assignment=np.zeros(s.source["num_samples"], np.int32),
                      centroids=np.full((s.num_groups, 4), np.nan, np.float32))
     assert not list(tmp_path.iterdir())
+
+
+def test_clustering_options_given_at_their_default_are_refused_too(score_data, second_target, first_runs, tmp_path):
+    """`--groups clusters` against class-mean groups, `--seed 0` against groups made with seed 1: the default value,
+    but given; the run would not do what it says (class-level scores, seed 1), so it is refused as any value is."""
+    base = ["score", "--method", "fm", "--source", score_data.source, "--target", second_target, "--model",
+            score_data.checkpoint, "-o", tmp_path / "out.json", *LOADER]
+    _one_sentence(_invoke(*base, "--centroids-from", first_runs["labels"], "--groups", "clusters"),
+                  "--groups cannot be combined with --centroids-from")
+    _one_sentence(_invoke(*base, "--centroids-from", first_runs["clusters"], "--seed", 0), "--seed cannot")
+    _one_sentence(_invoke(*base, "--centroids-from", first_runs["clusters"], "--source-sample", 256),
+                  "--source-sample cannot")
+    assert not list(tmp_path.iterdir())

@@ -33,7 +33,7 @@ from .kmeans import kmeans
 from .registry import register_method
 from .run import Context, MethodResult
 
-__all__ = ["feature_mapping", "sample_rows", "nearest", "TIE_BREAK"]
+__all__ = ["feature_mapping", "sample_rows", "nearest", "TIE_BREAK", "CLUSTERING_OPTIONS", "refuse_clustering_options"]
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +221,20 @@ def _fitted_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
 
 
 # What `--centroids-from` takes from its file; an option given another value than its default is refused.
-_CLUSTERING_OPTIONS = {"groups": "--groups", "clusters": "--clusters", "source_sample": "--source-sample",
-                       "seed": "--seed", "kmeans_iters": "--kmeans-iters"}
+CLUSTERING_OPTIONS = {"groups": "--groups", "clusters": "--clusters", "source_sample": "--source-sample",
+                      "seed": "--seed", "kmeans_iters": "--kmeans-iters"}
 _CLUSTERING_PARAMS = ("groups", "source_sample", "sampled_images", "seed", "metric", "clusters", "kmeans_iters",
                       "kmeans")
+
+
+def refuse_clustering_options(given, path) -> None:
+    """Refuse the first of `given` (`ScoreOptions` names of `CLUSTERING_OPTIONS`) that is one: with `centroids_from`
+    `path`, the groups and how they were made come from that file."""
+    for name in given:
+        if name in CLUSTERING_OPTIONS:
+            flag = CLUSTERING_OPTIONS[name]
+            raise InputError(f"{flag} cannot be combined with --centroids-from: the groups, and how they were made, "
+                             f"come from {path}; leave {flag} out.")
 
 
 def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
@@ -235,10 +245,7 @@ def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
 
     opts, src, path = ctx.options, ctx.source, ctx.options.centroids_from
     defaults = type(opts)()
-    for name, flag in _CLUSTERING_OPTIONS.items():
-        if getattr(opts, name) != getattr(defaults, name):
-            raise InputError(f"{flag} cannot be combined with --centroids-from: the groups, and how they were made, "
-                             f"come from {path}; leave {flag} out.")
+    refuse_clustering_options([n for n in CLUSTERING_OPTIONS if getattr(opts, n) != getattr(defaults, n)], path)
     old = read_scores(path)
     if old.method != "fm":
         raise InputError(f"--centroids-from takes an FM scores file; {path} holds {old.method} scores.")
