@@ -217,3 +217,15 @@ def test_clustering_options_given_at_their_default_are_refused_too(score_data, s
     _one_sentence(_invoke(*base, "--centroids-from", first_runs["clusters"], "--source-sample", 256),
                   "--source-sample cannot")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_scores_file_of_another_method_is_refused_as_such(score_data, second_target, tmp_path):
+    """LM scores at 40 px (upscaled): their --res must not become this run's default and be refused as an upscale."""
+    lm = tmp_path / "lm.json"
+    made = _invoke("score", "--method", "lm", "--source", score_data.source, "--target", score_data.target,
+                   "--model", score_data.checkpoint, "--res", 40, "--allow-upscale", "-o", lm, *LOADER)
+    assert made.exit_code == 0, made.output
+    _one_sentence(_invoke("score", "--method", "fm", "--source", score_data.source, "--target", second_target,
+                          "--model", score_data.checkpoint, "--centroids-from", lm, "-o", tmp_path / "out.json",
+                          *LOADER), "takes an FM scores file", "holds lm scores")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.json"]

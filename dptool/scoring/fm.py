@@ -33,7 +33,8 @@ from .kmeans import kmeans
 from .registry import register_method
 from .run import Context, MethodResult
 
-__all__ = ["feature_mapping", "sample_rows", "nearest", "TIE_BREAK", "CLUSTERING_OPTIONS", "refuse_clustering_options"]
+__all__ = ["feature_mapping", "sample_rows", "nearest", "TIE_BREAK", "CLUSTERING_OPTIONS", "refuse_clustering_options",
+           "read_groups_file"]
 
 log = logging.getLogger(__name__)
 
@@ -237,18 +238,26 @@ def refuse_clustering_options(given, path) -> None:
                              f"come from {path}; leave {flag} out.")
 
 
+def read_groups_file(path):
+    """The scores file `path` that `centroids_from` names, refused unless it holds FM scores."""
+    from ..scores import read_scores
+
+    old = read_scores(path)
+    if old.method != "fm":
+        raise InputError(f"--centroids-from takes an FM scores file; {path} holds {old.method} scores.")
+    return old
+
+
 def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """The centroids (and assignment) of an earlier FM scores file (`centroids_from`), checked to be points in this
     surrogate's feature space of this source, at this resolution and normalisation. Same return as `_fitted_groups`."""
     from ..beton import known_fingerprints
-    from ..scores import fingerprint_file, load_assignment, load_centroids, read_scores
+    from ..scores import fingerprint_file, load_assignment, load_centroids
 
     opts, src, path = ctx.options, ctx.source, ctx.options.centroids_from
     defaults = type(opts)()
     refuse_clustering_options([n for n in CLUSTERING_OPTIONS if getattr(opts, n) != getattr(defaults, n)], path)
-    old = read_scores(path)
-    if old.method != "fm":
-        raise InputError(f"--centroids-from takes an FM scores file; {path} holds {old.method} scores.")
+    old = read_groups_file(path)
     with ctx.stage("load centroids"):
         centroids = load_centroids(path, old)
         assignment = load_assignment(path, old) if old.level == "cluster" else None

@@ -20,7 +20,8 @@ from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank, launched_by_torchrun, resolve_device
 from ..errors import InputError
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
-from ..scores import assignment_path, centroids_path, read_scores
+from ..scores import assignment_path, centroids_path
+from .fm import read_groups_file
 from .plot import plot_scores
 from .registry import get_method
 from .run import ScoreOptions, default_res, score
@@ -54,7 +55,8 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
 
     options = options or ScoreOptions()
     spec = get_method(method)
-    reused = read_scores(options.centroids_from) if options.centroids_from is not None and method == "fm" else None
+    # refused here if not FM: its res, mean and std would become this run's defaults, and be refused instead
+    reused = read_groups_file(options.centroids_from) if options.centroids_from is not None and method == "fm" else None
     if reused is not None:  # its groups live at its resolution and normalisation: the defaults here (checked below)
         res = res or reused.params.get("res")
         mean = mean or reused.params.get("mean")
