@@ -412,3 +412,14 @@ def test_fm_default_clusters_count_the_classes_with_samples(score_data, tmp_path
                 options=ScoreOptions(inference=INFERENCE, source_sample=4))
     assert run.scores.level == "cluster" and run.scores.num_groups == 6
     assert len(run.assignment) == keep.sum() and set(np.unique(run.assignment)) <= set(range(6))
+
+
+def test_the_plot_cannot_take_the_place_of_a_file_written_beside_the_scores(score_data, tmp_path):
+    """`--plot s.centroids.npy` (or s.assign.npy) with `-o s.json`: the PNG was renamed over the centroids just
+    written, and the run reported success with a scores file whose centroids were gone."""
+    out = tmp_path / "s.json"
+    base = ["--method", "fm", "--source", score_data.source, "--target", score_data.target, "--model",
+            score_data.checkpoint, "--batch-size", 16, "--workers", 1, "-o", out]
+    for name in ("s.centroids.npy", "s.assign.npy"):
+        _one_sentence(_invoke(*base, "--plot", tmp_path / name), f"{name} is the same path as")
+    assert not list(tmp_path.iterdir())

@@ -77,12 +77,15 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     if reused is not None:
         inputs += tuple(Path(options.centroids_from).with_name(n) for n in (reused.assignment, reused.centroids) if n)
     out = check_output_path(output, force=force, inputs=inputs)
-    if plot is not None:
-        check_output_path(plot, force=force, inputs=(*inputs, output))
-    if method == "fm":  # the centroids, and for clusters the assignment, go beside the scores
-        check_output_path(centroids_path(out), force=force, inputs=inputs)
+    companions = []  # FM: the centroids, and for clusters the assignment, go beside the scores
+    if method == "fm":
+        companions.append(centroids_path(out))
         if (reused.level == "cluster") if reused is not None else options.groups == "clusters":
-            check_output_path(assignment_path(out), force=force, inputs=inputs)
+            companions.append(assignment_path(out))
+    for path in companions:
+        check_output_path(path, force=force, inputs=inputs)
+    if plot is not None:  # nor over the files written beside it: the plot, renamed last, would replace one
+        check_output_path(plot, force=force, inputs=(*inputs, output, *companions))
     if device == "cuda" and spec.needs_surrogate:
         resolve_device(device)  # refuses it at once where torch sees no GPU
     began = time.perf_counter()
