@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_score import _one_sentence
 
 from dptool.checkpoint import load_checkpoint, save_checkpoint
 from dptool.cli.main import cli
@@ -99,14 +100,6 @@ def test_reused_groups_give_what_a_fresh_run_gives(score_data, second_target, fi
 
 def _invoke(*args):
     return CliRunner().invoke(cli, [*map(str, args)])
-
-
-def _one_sentence(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_takes_resolution_from_the_file_and_prune_and_info_read_the_result(score_data, second_target, tmp_path):
