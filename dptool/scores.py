@@ -208,8 +208,11 @@ def _check_centroids(centroids: np.ndarray, scores: Scores, where: str) -> np.nd
         raise InputError(f"{where} must hold one centroid row per group ({g}, D), got shape {c.shape}.")
     if not np.array_equal(scores.ids, np.arange(g)):
         raise InputError(f"{where}: centroid rows are indexed by group id, so the ids must be 0..{g - 1}.")
-    if not np.issubdtype(c.dtype, np.floating) or not np.isfinite(c).all():
-        raise InputError(f"{where} must hold finite floating-point centroids, got dtype {c.dtype}.")
+    if not np.issubdtype(c.dtype, np.floating):
+        raise InputError(f"{where} must hold floating-point centroids, got dtype {c.dtype}.")
+    if not np.isfinite(c).all():
+        raise InputError(f"{where}: NaN or infinite values (from features that were not finite numbers); "
+                         "check the surrogate's output on the source.")
     return c.astype(np.float32, copy=False)
 
 

@@ -193,7 +193,7 @@ def test_write_scores_checks_the_centroids(first_runs, tmp_path):
     with pytest.raises(InputError, match="one centroid row per group"):
         write_scores(tmp_path / "s.json", s, assignment=np.zeros(s.source["num_samples"], np.int32),
                      centroids=np.zeros((s.num_groups - 1, 4), np.float32))
-    with pytest.raises(InputError, match="finite"):
+    with pytest.raises(InputError, match="NaN or infinite values"):
         write_scores(tmp_path / "s.json", s, assignment=np.zeros(s.source["num_samples"], np.int32),
                      centroids=np.full((s.num_groups, 4), np.nan, np.float32))
     assert not list(tmp_path.iterdir())
