@@ -21,6 +21,7 @@ kept is the sampled features, K x D centroids and a cluster id per source image 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from ..distributed import is_main, shard_rows
 from ..errors import InputError
 from ..features import stream
+from ..scores import Scores
 from ._collective import all_reduce, broadcast, gather_interleaved
 from .kmeans import kmeans
 from .registry import register_method
@@ -221,14 +223,14 @@ def _fitted_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
     return centroids, assignment, params
 
 
-# What `--centroids-from` takes from its file; an option given another value than its default is refused.
+# What `--centroids-from` takes from its file: refused when given (the CLI), or when not at its default (library).
 CLUSTERING_OPTIONS = {"groups": "--groups", "clusters": "--clusters", "source_sample": "--source-sample",
                       "seed": "--seed", "kmeans_iters": "--kmeans-iters"}
 _CLUSTERING_PARAMS = ("groups", "source_sample", "sampled_images", "seed", "metric", "clusters", "kmeans_iters",
                       "kmeans")
 
 
-def refuse_clustering_options(given, path) -> None:
+def refuse_clustering_options(given: Iterable[str], path) -> None:
     """Refuse the first of `given` (`ScoreOptions` names of `CLUSTERING_OPTIONS`) that is one: with `centroids_from`
     `path`, the groups and how they were made come from that file."""
     for name in given:
@@ -238,7 +240,7 @@ def refuse_clustering_options(given, path) -> None:
                              f"come from {path}; leave {flag} out.")
 
 
-def read_groups_file(path):
+def read_groups_file(path) -> Scores:
     """The scores file `path` that `centroids_from` names, refused unless it holds FM scores."""
     from ..scores import read_scores
 
