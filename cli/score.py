@@ -66,7 +66,7 @@ def _human(s: dict) -> str:
 @click.option("--kmeans-iters", type=click.IntRange(min=1), default=20, help="k-means iterations.")
 @click.option("--centroids-from", type=_PATH, default=None,
               help="FM: reuse the groups of this earlier FM scores file (same source and surrogate) and read only "
-                   "the target; --res, --mean, --std default to its.")
+                   "the target; --res, --mean, --std, --feature-layer default to its.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=0, help="Seed of sampling, k-means and --method random.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")

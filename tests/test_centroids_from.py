@@ -133,6 +133,16 @@ def test_the_same_weights_loaded_another_way_are_accepted(score_data, second_tar
     assert result.exit_code == 0, result.output
 
 
+def test_the_feature_layer_defaults_to_the_file_s(score_data, second_target, tmp_path):
+    base = ["score", "--method", "fm", "--source", score_data.source, "--model", score_data.checkpoint, *LOADER]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    made = _invoke(*base, "--target", score_data.target, "--feature-layer", "fc", "-o", first)
+    assert made.exit_code == 0, made.output
+    result = _invoke(*base, "--target", second_target, "--centroids-from", first, "-o", second)
+    assert result.exit_code == 0, result.output
+    assert read_scores(second).surrogate["feature_layer"] == "fc"
+
+
 def _copy_scores(src, folder, name, edit=None):
     """A copy of scores file `src` (and the files beside it) in `folder` as `name`, its JSON changed by `edit`."""
     doc = json.loads(src.read_text())

@@ -48,8 +48,9 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
 
     `surrogate` holds the keyword arguments of `dptool.surrogate.load_surrogate` (model / arch + weights /
     factory, feature_layer). `res`, `mean`, `std` default to what the checkpoint's recipe records, else
-    min(224, the source's stored resolution) and ImageNet statistics; with `options.centroids_from`, to that
-    scores file's. `device` "auto" is the process's CUDA device under torchrun, else CUDA when present, else the CPU.
+    min(224, the source's stored resolution) and ImageNet statistics; with `options.centroids_from`, they and the
+    feature layer default to that scores file's. `device` "auto" is the process's CUDA device under torchrun, else
+    CUDA when present, else the CPU.
     """
     from ..surrogate import load_surrogate
 
@@ -57,10 +58,12 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     spec = get_method(method)
     # refused here if not FM: its res, mean and std would become this run's defaults, and be refused instead
     reused = read_groups_file(options.centroids_from) if options.centroids_from is not None and method == "fm" else None
-    if reused is not None:  # its groups live at its resolution and normalisation: the defaults here (checked below)
+    surrogate = dict(surrogate or {})
+    if reused is not None:  # its groups live at its resolution, normalisation and feature layer: the defaults here
         res = res or reused.params.get("res")
         mean = mean or reused.params.get("mean")
         std = std or reused.params.get("std")
+        surrogate["feature_layer"] = surrogate.get("feature_layer") or (reused.surrogate or {}).get("feature_layer")
     for flag, values in (("--mean", mean), ("--std", std)):
         if values is not None and len(values) != 3:
             raise InputError(f"{flag} takes 3 values (red, green, blue), got {len(values)}.")
@@ -71,9 +74,8 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         raise InputError(f"--mean values must all be finite, got {' '.join(map(str, mean))}.")
     if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 8):
         raise InputError(f"--res must be an integer of at least 8, got {res!r}.")
-    given = surrogate or {}
     # the surrogate's files, and a scores file whose centroids are reused, are inputs too
-    inputs = (source, target, given.get("model"), given.get("weights"), options.centroids_from)
+    inputs = (source, target, surrogate.get("model"), surrogate.get("weights"), options.centroids_from)
     if reused is not None:
         inputs += tuple(Path(options.centroids_from).with_name(n) for n in (reused.assignment, reused.centroids) if n)
     out = check_output_path(output, force=force, inputs=inputs)
@@ -98,7 +100,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         barrier()
         dev = str(session_device) if device == "auto" else device
         start = time.perf_counter()
-        sur = load_surrogate(device=dev, **(surrogate or {})) if spec.needs_surrogate else None
+        sur = load_surrogate(device=dev, **surrogate) if spec.needs_surrogate else None
         loaded = time.perf_counter() - start
         recipe = getattr(sur, "recipe", {}) or {}
         src = open_beton(source)  # opened once: score() and the loaders take the Beton as it is
