@@ -95,13 +95,6 @@ def is_pruned_from(pruned, full) -> bool:
     return full_fp is not None and ((pruned.sidecar or {}).get("pruning") or {}).get("source_fingerprint") == full_fp
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _measure(row: PretrainRow, it, n_steps: int | None, step, device, restart=None):
     """Train `n_steps` steps from the batch iterator `it` (None: until it ends, one whole epoch) and add the
     images, seconds and data-wait seconds, over all ranks, to `row`. An iterator that ends before `n_steps` is
@@ -109,7 +102,7 @@ def _measure(row: PretrainRow, it, n_steps: int | None, step, device, restart=No
     import torch
 
     done, wait, images = 0, 0.0, 0
-    _sync(device)
+    dist.synchronize(device)
     start = time.perf_counter()
     while n_steps is None or done < n_steps:
         t0 = time.perf_counter()
@@ -124,7 +117,7 @@ def _measure(row: PretrainRow, it, n_steps: int | None, step, device, restart=No
         step(x, y)
         images += len(y)
         done += 1
-    _sync(device)
+    dist.synchronize(device)
     elapsed = time.perf_counter() - start
     counts = torch.tensor([images, elapsed, wait], dtype=torch.float64, device=device)
     dist.all_reduce_sum(counts)
@@ -191,7 +184,7 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
             it = iter(loader)
             for _ in range(min(warmup_steps, len(loader))):  # JIT compilation and first batches
                 step(*next(it))
-            _sync(device)
+            dist.synchronize(device)
             if epochs > 0:
                 it.close()  # whole epochs start from fresh iterators; stop this one's prefetch threads
             rows.append(PretrainRow(path=str(b.path), samples=b.num_samples, cold_seconds=time.perf_counter() - start))
@@ -255,7 +248,7 @@ def _rate(batches, device, step=None, max_batches: int | None = None, what: str 
         x, y = on_device(first)
         if step:
             step(x, y)
-        _sync(device)
+        dist.synchronize(device)
         images, start = 0, time.perf_counter()
         for n, batch in enumerate(it):
             x, y = on_device(batch)
@@ -266,7 +259,7 @@ def _rate(batches, device, step=None, max_batches: int | None = None, what: str 
             images += len(y)
             if max_batches and n + 1 >= max_batches:
                 break
-        _sync(device)
+        dist.synchronize(device)
         elapsed = time.perf_counter() - start  # before close(): shutting a loader down is not delivering batches
     finally:
         close = getattr(it, "close", None)

@@ -31,6 +31,7 @@ __all__ = [
     "distributed_session",
     "shard_rows",
     "resolve_device",
+    "synchronize",
 ]
 
 
@@ -147,6 +148,16 @@ def resolve_device(device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto).")
     return torch.device(device)
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on a CUDA `device` (a no-op elsewhere): kernels run asynchronously, so a timer read
+    without it misses them."""
+    if str(device).startswith("cuda") and "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(device)
 
 
 def shard_rows(rows):

@@ -424,8 +424,7 @@ def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfi
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
     sums[2] = seen
     dist.all_reduce_sum(sums)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    dist.synchronize(device)
     epoch_time = time.perf_counter() - t0
     loss_sum, correct, n = sums.tolist()
     return {"event": "epoch", "epoch": epoch, "res": res, "lr": lr, "train_loss": loss_sum / max(n, 1),

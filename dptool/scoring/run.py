@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..beton import Beton, check_image_field, fingerprint, known_fingerprints, open_beton
-from ..distributed import world_size
+from ..distributed import synchronize, world_size
 from ..errors import InputError, check_seed
 from ..features import InferenceOptions
 from ..scores import Scores, score_summary, write_scores
@@ -94,23 +94,14 @@ class Context:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the block and add it to `timings[name]` (seconds), waiting for a GPU's queued work at both ends."""
-        _synchronize(self.options.inference.device)
+        synchronize(self.options.inference.device)
         start = time.perf_counter()
         try:
             yield
         finally:
-            _synchronize(self.options.inference.device)
+            synchronize(self.options.inference.device)
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
             log.info("%s: %.2f s", name, self.timings[name])
-
-
-def _synchronize(device) -> None:
-    """Wait for the kernels queued on a CUDA `device` (they run asynchronously: a stage's time would miss them)."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
