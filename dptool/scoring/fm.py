@@ -263,7 +263,9 @@ def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
     with ctx.stage("load centroids"):
         centroids = load_centroids(path, old)
         assignment = load_assignment(path, old) if old.level == "cluster" else None
-    if old.source["fingerprint"] not in known_fingerprints(src) or int(old.source["num_samples"]) != src.num_samples:
+    same_source = (old.source["fingerprint"] in known_fingerprints(src, ctx.source_fingerprint)
+                   and int(old.source["num_samples"]) == src.num_samples)
+    if not same_source:
         raise InputError(f"Scores file {path} was made from source {old.source['path']} "
                          f"({old.source['fingerprint']}), not from {src.path}; its groups are not this source's.")
     theirs, ours = old.surrogate or {}, ctx.surrogate.identity

@@ -83,13 +83,15 @@ class MethodResult:
 
 @dataclass
 class Context:
-    """What a method gets: the opened files, the surrogate, the options, and a stage timer."""
+    """What a method gets: the opened files (and the source's fingerprint, computed once), the surrogate, the
+    options, and a stage timer."""
 
     source: Beton
     target: Beton | None
     surrogate: object | None
     options: ScoreOptions
     timings: dict[str, float] = field(default_factory=dict)
+    source_fingerprint: str | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -221,7 +223,8 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     src_info = _file_info(src)
     _warn_fingerprint(surrogate, src, src_info["fingerprint"])
     timings["open and check"] = time.perf_counter() - start
-    ctx = Context(source=src, target=tgt, surrogate=surrogate, options=options, timings=timings)
+    ctx = Context(source=src, target=tgt, surrogate=surrogate, options=options, timings=timings,
+                  source_fingerprint=src_info["fingerprint"])
     result = spec.fn(ctx)
     # how images reached the surrogate, for the methods that read images (the random baseline reads none)
     inference = ({"res": options.inference.res, "mean": list(options.inference.mean),
