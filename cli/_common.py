@@ -11,7 +11,7 @@ from collections.abc import Callable
 import click
 
 __all__ = ["emit", "show_progress", "group_noun", "score_table", "json_option", "force_option", "workers_option",
-           "CONTEXT_SETTINGS"]
+           "precision_option", "CONTEXT_SETTINGS"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -50,3 +50,9 @@ force_option = click.option("--force", is_flag=True, help="Overwrite an existing
 workers_option = click.option(
     "--workers", type=click.IntRange(min=0), default=0, help="FFCV decoding threads; 0 = all cores."
 )
+
+
+def precision_option(what: str = "Autocast on CUDA"):
+    """The --precision option of a command that steps a model; `what` opens its help line."""
+    return click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                        help=f"{what} (auto: bf16 on Ampere or newer GPUs, else fp16; fp32 on the CPU).")

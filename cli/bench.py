@@ -13,7 +13,15 @@ from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
 from dptool.distributed import launch_rank
 from dptool.errors import InputError
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
+from ._common import (
+    CONTEXT_SETTINGS,
+    emit,
+    force_option,
+    json_option,
+    precision_option,
+    show_progress,
+    workers_option,
+)
 
 __all__ = ["command"]
 
@@ -99,8 +107,7 @@ def command():
 @click.option("--epochs", type=click.IntRange(min=0), default=0, help="Whole epochs per file (0: use --steps).")
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="Steps per file per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved rounds (steps mode).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="Training precision (auto: bf16 on Ampere or newer GPUs, else fp16; fp32 on the CPU).")
+@precision_option("Training precision")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG bar chart.")
 @_with(_out_options)
 def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, rounds, precision, plot, json_out,
@@ -135,8 +142,7 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop each measurement early.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="Where batches are delivered (and the model runs): auto = CUDA when present.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="Model step precision with --arch (auto: bf16 on Ampere or newer GPUs, else fp16; fp32 on the CPU).")
+@precision_option("Model step precision with --arch")
 @_with(_out_options)
 def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, device, precision,
            json_out, force, as_json):

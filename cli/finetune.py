@@ -7,7 +7,7 @@ import click
 from dptool.errors import MAX_SEED
 from dptool.finetune import FinetuneConfig, finetune
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
 
 __all__ = ["command"]
 
@@ -48,8 +48,7 @@ def _human(r) -> str:
               help="Evaluation batch.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_fraction,
               help="Hold out this fraction of each training class for model selection.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=DEFAULTS.precision,
-              help="Autocast on CUDA (auto: bf16 on Ampere or newer GPUs, else fp16); CPU runs fp32.")
+@precision_option()
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=DEFAULTS.seed, help="Seed of the head, the split, the sample order and the crops.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write the finetuned checkpoint.")

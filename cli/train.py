@@ -9,7 +9,7 @@ from dptool.errors import MAX_SEED
 from dptool.models import list_models
 from dptool.train import TrainConfig, config_from_options, train
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress, workers_option
+from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
 
 __all__ = ["command"]
 
@@ -66,8 +66,7 @@ def _human(r) -> str:
               help="Validation resolution (224/256 centre crop).")
 @click.option("--val-batch-size", type=click.IntRange(min=1), default=DEFAULTS.val_batch_size,
               help="Validation batch per process.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=DEFAULTS.precision,
-              help="Autocast on CUDA (auto: bf16 on Ampere or newer GPUs, else fp16); CPU runs fp32.")
+@precision_option()
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=DEFAULTS.seed, help="Seed of initialisation, sample order and crops and flips.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),

@@ -53,7 +53,7 @@ class TrainConfig:
     val_res: int = 256
     val_batch_size: int = 256
     workers: int = 0  # FFCV decoding threads; 0 = all cores
-    precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on Ampere or newer GPUs, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
 
     def ramp(self) -> tuple[int, int]:
