@@ -48,6 +48,18 @@ class Surrogate:
     recipe: dict = field(default_factory=dict)
     feature_name: str | None = None
 
+    def default_feature_name(self) -> str | None:
+        """The name of the module FM hooks when no `feature_name` is given (None when there is none to find)."""
+        if self.scripted:
+            return None
+        from .models import feature_layer
+
+        try:
+            default = feature_layer(self.model)
+        except InputError:
+            return None
+        return next((name for name, module in self.model.named_modules() if module is default), None)
+
     def feature_module(self):
         """The module whose input is the penultimate feature; InputError when there is none to hook."""
         if self.scripted:

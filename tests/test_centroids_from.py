@@ -143,6 +143,18 @@ def test_the_feature_layer_defaults_to_the_file_s(score_data, second_target, tmp
     assert read_scores(second).surrogate["feature_layer"] == "fc"
 
 
+def test_the_default_feature_layer_is_the_one_named(score_data, second_target, first_runs, tmp_path):
+    """A file made without --feature-layer used the classifier `fc`: naming it is the same layer, another is not."""
+    base = ["score", "--method", "fm", "--source", score_data.source, "--model", score_data.checkpoint,
+            "--target", second_target, "--centroids-from", first_runs["clusters"], *LOADER]
+    assert "feature_layer" not in read_scores(first_runs["clusters"]).surrogate
+    named = _invoke(*base, "--feature-layer", "fc", "-o", tmp_path / "named.json")
+    assert named.exit_code == 0, named.output
+    _one_sentence(_invoke(*base, "--feature-layer", "avgpool", "-o", tmp_path / "other.json"),
+                  "another surrogate (--feature-layer fc, this one has avgpool)")
+    assert not (tmp_path / "other.json").exists()
+
+
 def _copy_scores(src, folder, name, edit=None):
     """A copy of scores file `src` (and the files beside it) in `folder` as `name`, its JSON changed by `edit`."""
     doc = json.loads(src.read_text())

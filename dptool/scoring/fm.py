@@ -268,11 +268,16 @@ def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if not same_source:
         raise InputError(f"Scores file {path} was made from source {old.source['path']} "
                          f"({old.source['fingerprint']}), not from {src.path}; its groups are not this source's.")
-    theirs, ours = old.surrogate or {}, ctx.surrogate.identity
-    for key, what in (("weights", "weights fingerprint"), ("feature_layer", "--feature-layer")):
-        if theirs.get(key) != ours.get(key):
-            raise InputError(f"Scores file {path} was made with another surrogate ({what} {theirs.get(key)}, "
-                             f"this one has {ours.get(key)}); its centroids are points in that model's feature space.")
+    theirs, sur = old.surrogate or {}, ctx.surrogate
+    # equal weights mean equal modules: a file that names no layer used the one this surrogate defaults to,
+    # so `--feature-layer fc` and no --feature-layer are the same layer of a ResNet
+    default = sur.default_feature_name()
+    for what, recorded, mine in (("weights fingerprint", theirs.get("weights"), sur.identity.get("weights")),
+                                 ("--feature-layer", theirs.get("feature_layer") or default,
+                                  sur.feature_name or default)):
+        if recorded != mine:
+            raise InputError(f"Scores file {path} was made with another surrogate ({what} {recorded}, "
+                             f"this one has {mine}); its centroids are points in that model's feature space.")
     inference = ctx.options.inference
     for key, flag, ours_value in (("res", "--res", inference.res), ("mean", "--mean", list(inference.mean)),
                                   ("std", "--std", list(inference.std))):
