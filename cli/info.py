@@ -56,7 +56,10 @@ def _scores(s: dict) -> str:
     lines = [f"{s['path']}: {s['method']} scores of {s['groups']} {group_noun(s['level'])}, written {s['created']}",
              f"source: {_file(s['source'])}", f"target: {_file(s['target'])}"]
     if sur:
-        lines.append("surrogate: " + ", ".join(f"{k} {v}" for k, v in sur.items() if k not in ("sha256",)))
+        shown = dict(sur)
+        if shown.get("kind") == "state_dict" and shown.get("num_classes") is None:
+            shown["num_classes"] = "none (a backbone without a classifier)"
+        lines.append("surrogate: " + ", ".join(f"{k} {v}" for k, v in shown.items() if k not in ("sha256",)))
     if s["params"]:
         lines.append("params: " + ", ".join(f"{k} {v}" for k, v in s["params"].items()))
     lines += score_table(s)

@@ -49,7 +49,12 @@ def _human(s: dict) -> str:
 @click.option("--target", type=_PATH, default=None, help="Target task's training .beton (LM, FM).")
 @click.option("--model", type=_PATH, default=None, help="Surrogate: a dptool checkpoint or a TorchScript file.")
 @click.option("--arch", type=click.Choice(list_models()), default=None, help="Surrogate architecture (with --weights).")
-@click.option("--weights", type=_PATH, default=None, help="State-dict file for --arch or --model-factory.")
+@click.option("--weights", type=_PATH, default=None,
+              help="State-dict file for --arch or --model-factory; for --arch also a self-supervised checkpoint "
+                   "(MoCo, DINO, SwAV: the backbone is found in it).")
+@click.option("--weights-prefix", default=None,
+              help="With --arch: the prefix of the backbone's entries in --weights, when it holds several copies "
+                   "(e.g. encoder_k.)  [default: found]")
 @click.option("--model-factory", default=None, help="package.module:function returning a torch.nn.Module.")
 @click.option("--feature-layer", default=None, help="Module whose input is the FM feature  [default: the classifier]")
 @click.option("--res", type=click.IntRange(min=8), default=None,
@@ -76,25 +81,25 @@ def _human(s: dict) -> str:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, help="PNG of the score curve.")
 @force_option
 @json_option
-def command(method, source, target, model, arch, weights, model_factory, feature_layer, res, mean, std,
-            allow_upscale, clusters, groups, source_sample, kmeans_iters, centroids_from, seed, batch_size, workers,
-            device, output, plot, force, as_json):
+def command(method, source, target, model, arch, weights, weights_prefix, model_factory, feature_layer, res, mean,
+            std, allow_upscale, clusters, groups, source_sample, kmeans_iters, centroids_from, seed, batch_size,
+            workers, device, output, plot, force, as_json):
     """Score every source class (or FM cluster) by its usefulness for the target task; write a scores file.
 
     \b
     dptool score --method lm --source in_train.beton --target flowers.beton --model rn18.pt -o scores.json
-    dptool score --method fm --source in_train.beton --target flowers.beton --arch resnet50 --weights rn50.pth \\
-        --clusters 1000 -o fm.json --plot fm.png
-    dptool score --method fm --source in_train.beton --target pets.beton --arch resnet50 --weights rn50.pth \\
-        --centroids-from fm.json -o fm_pets.json     # the same 1000 clusters: reads only the target
+    dptool score --method fm --source in_train.beton --target flowers.beton --arch resnet50 \\
+        --weights moco_v2_800ep_pretrain.pth.tar --clusters 1000 -o fm.json --plot fm.png
+    dptool score --method fm --source in_train.beton --target pets.beton --arch resnet50 \\
+        --weights moco_v2_800ep_pretrain.pth.tar --centroids-from fm.json -o fm_pets.json   # reads only the target
     torchrun --nproc-per-node 8 -m dptool score --method lm ...    # each rank scores a shard
     """
     if centroids_from is not None and method == "fm":  # given at all, even at its default value: refused
         ctx = click.get_current_context()
         refuse_clustering_options([n for n in CLUSTERING_OPTIONS if ctx.get_parameter_source(n) not in
                                    (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)], centroids_from)
-    surrogate = {"model": model, "arch": arch, "weights": weights, "factory": model_factory,
-                 "feature_layer": feature_layer}
+    surrogate = {"model": model, "arch": arch, "weights": weights, "weights_prefix": weights_prefix,
+                 "factory": model_factory, "feature_layer": feature_layer}
     options = ScoreOptions(inference=InferenceOptions(batch_size=batch_size, workers=workers), clusters=clusters,
                            source_sample=source_sample, groups=groups, seed=seed, kmeans_iters=kmeans_iters,
                            allow_upscale=allow_upscale, progress=show_progress(as_json), centroids_from=centroids_from)

@@ -23,6 +23,7 @@ __all__ = [
     "feature_layer",
     "feature_dim",
     "replace_head",
+    "drop_head",
     "apply_blurpool",
 ]
 
@@ -138,22 +139,41 @@ def _resnet_tiny(num_classes: int, *, small_input: bool = True, image_size: int 
 def feature_layer(model):
     """The final classifier (an `nn.Linear`): its input is the penultimate feature (ResNet `fc`, ViT `heads.head`).
 
-    Register a forward pre-hook on it to read features of shape (B, feature_dim).
+    Register a forward pre-hook on it to read features of shape (B, feature_dim). A backbone whose classifier was
+    dropped (`drop_head`) has an `nn.Identity` there, whose input is the same feature.
     """
     import torch.nn as nn
 
     inner = getattr(model, "module", model)  # DistributedDataParallel
-    if isinstance(getattr(inner, "fc", None), nn.Linear):
+    if isinstance(getattr(inner, "fc", None), (nn.Linear, nn.Identity)):
         return inner.fc
     heads = getattr(inner, "heads", None)
-    if heads is not None and isinstance(getattr(heads, "head", None), nn.Linear):
+    if heads is not None and isinstance(getattr(heads, "head", None), (nn.Linear, nn.Identity)):
         return heads.head
     raise InputError(f"Cannot find the classifier of a {type(inner).__name__}; expected a ResNet or a ViT.")
 
 
 def feature_dim(model) -> int:
     """Width of the penultimate feature (512 for ResNet-18/34, 2048 for ResNet-50+, 768 for ViT-B/16)."""
-    return int(feature_layer(model).in_features)
+    head = feature_layer(model)
+    if not hasattr(head, "in_features"):
+        raise InputError(f"The {type(getattr(model, 'module', model)).__name__} has no classifier to read the "
+                         "feature width from (its head was dropped).")
+    return int(head.in_features)
+
+
+def drop_head(model) -> None:
+    """Replace the final classifier by `nn.Identity`: the model then returns the penultimate feature.
+
+    For a backbone whose weights come without a classifier (self-supervised checkpoints: MoCo, DINO, SwAV).
+    """
+    import torch.nn as nn
+
+    inner = getattr(model, "module", model)
+    if feature_layer(inner) is getattr(inner, "fc", None):
+        inner.fc = nn.Identity()
+    else:
+        inner.heads.head = nn.Identity()
 
 
 def replace_head(model, num_classes: int):

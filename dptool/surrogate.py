@@ -3,7 +3,9 @@
 * a dptool checkpoint (``--model rn18.pt``): architecture, head width and weights from the file;
 * a TorchScript file (``--model rn18.ts``), told apart from a checkpoint by the ``code/`` folder of its archive;
 * a registered architecture plus a state-dict file (``--arch resnet18 --weights rn18.pth``); the head width is
-  read from the state dict, and the authors' ``{"state_dicts": {"network": ...}}`` layout is accepted too;
+  read from the state dict, and the authors' ``{"state_dicts": {"network": ...}}`` layout is accepted too, as
+  are self-supervised checkpoints: the backbone is found under its prefix (MoCo's ``encoder_q.``, ...), and
+  weights without a classifier give a backbone-only surrogate, which serves FM but not LM or EL2N;
 * any ``torch.nn.Module`` from a factory (``--model-factory package.module:function``), called with no
   arguments (timm models or a user's own), optionally followed by ``--weights``.
 
@@ -18,6 +20,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -25,11 +28,16 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["Surrogate", "load_surrogate", "read_state_dict", "default_resolution", "weights_fingerprint"]
+__all__ = ["Surrogate", "load_surrogate", "read_state_dict", "select_backbone", "default_resolution",
+           "weights_fingerprint"]
 
 log = logging.getLogger(__name__)
 
-_STATE_KEYS = ("state_dict", "model", "model_state", "network")
+_STATE_KEYS = ("state_dict", "model", "model_state", "network", "teacher")  # DINO evaluates its teacher
+# where one checkpoint holds two copies of the backbone, the one its authors evaluate: MoCo v1/v2's query encoder
+# (beside the momentum `encoder_k`), MoCo v3's `base_encoder` (beside `momentum_encoder`)
+_EVALUATED_ENCODERS = ("encoder_q", "base_encoder")
+_HEAD_MODULES = ("fc", "heads")
 _RES_KEYS = ("eval_res", "val_res", "res", "end_res", "final_res", "max_res")
 
 
@@ -39,7 +47,8 @@ class Surrogate:
 
     `identity` is the plain-JSON description written into the scores file (kind, path, arch, file hash,
     data fingerprint of a dptool checkpoint, and `weights`, the `weights_fingerprint` of the loaded module).
-    `feature_name` is the module whose input is the feature.
+    `feature_name` is the module whose input is the feature. `has_classifier` is False for a backbone loaded from
+    weights without a classifier (its output is the feature, not class scores).
     """
 
     model: object
@@ -47,6 +56,7 @@ class Surrogate:
     scripted: bool = False
     recipe: dict = field(default_factory=dict)
     feature_name: str | None = None
+    has_classifier: bool = True
 
     def default_feature_name(self) -> str | None:
         """The name of the module FM hooks when no `feature_name` is given (None when there is none to find)."""
@@ -108,15 +118,27 @@ def _strip_prefix(state: dict) -> dict:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """A plain state dict from `path`: a bare state dict, or one nested under state_dict/model/network keys."""
+    """A plain state dict from `path`: a bare state dict, or one nested under state_dict/model/network/teacher keys.
+
+    Loaded with torch's weights-only unpickler (a weights file cannot run code), which also admits the
+    `argparse.Namespace` of training arguments that DINO's and other scripts save beside the weights.
+    """
+    import argparse
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Weights file {path} does not exist.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a state dict"
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if unsafe:
+            raise InputError(f"Weights file {path} holds a {unsafe.group(1)} object, which dptool does not unpickle "
+                             "(it loads tensors and plain data only, so that a file cannot run code); save the "
+                             "state dict alone with torch.save.") from exc
         raise InputError(f"Weights file {path} is not a torch state dict ({type(exc).__name__}).") from exc
     for _ in range(3):  # {"state_dicts": {"network": {...}}} is the authors' layout
         if not isinstance(obj, dict) or all(hasattr(v, "shape") for v in obj.values()):
@@ -137,6 +159,43 @@ def _head_width(state: dict) -> int | None:
         if key in state and len(state[key].shape) == 2:
             return int(state[key].shape[0])
     return None
+
+
+def select_backbone(state: dict, model, where: str, prefix: str | None = None) -> tuple[dict, str]:
+    """The entries of `state` that belong to `model`, with the prefix they sit under removed; and that prefix.
+
+    Self-supervised checkpoints keep the backbone under a prefix (MoCo v1/v2 `encoder_q.`, MoCo v3
+    `base_encoder.`, `backbone.`), beside a momentum copy, projection heads, prototypes or a queue. Without
+    `prefix` it is the one under which every entry of `model` outside its head is found: none when the file is
+    a plain state dict, else the only such prefix, else the evaluated encoder of MoCo's pair. Entries under
+    it whose first name is no module of `model` (SwAV's `prototypes`, `projection_head`) are left out; any
+    other mismatch is left for `load_state_dict` to report.
+    """
+    names = list(model.state_dict())
+    backbone = [k for k in names if k.split(".")[0] not in _HEAD_MODULES]
+    if prefix is not None:
+        prefix = prefix if prefix.endswith(".") or not prefix else prefix + "."
+        if not any(k.startswith(prefix) for k in state):
+            tops = sorted({k.split(".")[0] + "." for k in state})
+            raise InputError(f"--weights-prefix {prefix} matches no entry of weights {where}; its entries start "
+                             f"with {', '.join(tops[:8])}{' ...' if len(tops) > 8 else ''}.")
+    elif backbone and not all(k in state for k in backbone):
+        anchor = backbone[0]
+        found = sorted({k[:-len(anchor)] for k in state if k.endswith("." + anchor)})
+        full = [p for p in found if all(p + k in state for k in backbone)]
+        evaluated = [p for p in full if p.rstrip(".").split(".")[-1] in _EVALUATED_ENCODERS]
+        if len(full) == 1 or len(evaluated) == 1:
+            prefix = full[0] if len(full) == 1 else evaluated[0]
+        elif len(full) > 1:
+            raise InputError(f"Weights {where} hold {len(full)} copies of the {type(model).__name__} backbone, "
+                             f"under {', '.join(full)}; choose one with --weights-prefix.")
+    prefix = prefix or ""
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    modules = {name for name, _ in model.named_children()}
+    foreign = sorted({k.split(".")[0] for k in state if k not in names and k.split(".")[0] not in modules})
+    if foreign:
+        log.info("weights %s: left out %s (no module of %s)", where, ", ".join(foreign), type(model).__name__)
+    return {k: v for k, v in state.items() if k.split(".")[0] not in foreign}, prefix
 
 
 def _load_weights(model, state: dict, where: str) -> None:
@@ -210,11 +269,12 @@ def weights_fingerprint(module) -> str:
 
 def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None = None,
                    weights: str | os.PathLike | None = None, factory: str | None = None,
-                   feature_layer: str | None = None, device="cpu") -> Surrogate:
+                   feature_layer: str | None = None, weights_prefix: str | None = None, device="cpu") -> Surrogate:
     """Load the surrogate from exactly one of `model` (checkpoint or TorchScript), `arch`, `factory`.
 
-    `weights` is a state-dict file for `arch` (required) or `factory` (optional). The module is moved to
-    `device`, put in eval mode and its gradients switched off. Every problem is one InputError sentence.
+    `weights` is a state-dict file for `arch` (required) or `factory` (optional); for `arch`, `weights_prefix`
+    names the part of it that holds the backbone when the file holds several (see `select_backbone`). The module
+    is moved to `device`, put in eval mode and its gradients switched off. Every problem is one InputError sentence.
     """
     import torch
 
@@ -226,8 +286,11 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
                          f"--model-factory, got {' and '.join(given) if given else 'none'}.")
     if weights is not None and model is not None:
         raise InputError("--weights goes with --arch or --model-factory; a --model file has its own weights.")
+    if weights_prefix is not None and arch is None:
+        raise InputError("--weights-prefix goes with --arch and --weights.")
     recipe: dict = {}
     scripted = False
+    has_classifier = True
     if model is not None:
         path = Path(model)
         if not path.is_file():
@@ -253,18 +316,23 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
     elif arch is not None:
         if weights is None:
             raise InputError(f"--arch {arch} needs --weights, a state-dict file of that architecture.")
-        from .models import canonical_name, create_model
+        from .models import canonical_name, create_model, drop_head
 
-        state = read_state_dict(weights)
+        net = create_model(arch, 1)  # its entry names find the backbone; the head is sized once that is known
+        state, prefix = select_backbone(read_state_dict(weights), net, str(weights), weights_prefix)
         width = _head_width(state)
-        if width is None:
-            raise InputError(f"Weights {weights} have no classifier weight (fc.weight or heads.head.weight), "
-                             f"so the head width of {arch} is unknown.")
-        base, small = canonical_name(arch)
-        net = create_model(arch, width)
+        if width is None:  # a self-supervised backbone: its projection head (if any) is no classifier
+            has_classifier = False
+            state = {k: v for k, v in state.items() if k.split(".")[0] not in _HEAD_MODULES}
+            drop_head(net)
+        else:
+            net = create_model(arch, width)
         _load_weights(net, state, str(weights))
+        base, small = canonical_name(arch)
         identity = {"kind": "state_dict", "path": str(Path(weights).resolve()), "arch": base,
                     "small_input": small, "num_classes": width, "sha256": fingerprint_file(weights)}
+        if prefix:
+            identity["weights_prefix"] = prefix
     else:
         net = _from_factory(str(factory))
         identity = {"kind": "factory", "factory": str(factory), "arch": type(net).__name__}
@@ -278,4 +346,5 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
     if feature_layer is not None:
         identity["feature_layer"] = feature_layer
     log.info("surrogate: %s", identity)
-    return Surrogate(model=net, identity=identity, scripted=scripted, recipe=recipe, feature_name=feature_layer)
+    return Surrogate(model=net, identity=identity, scripted=scripted, recipe=recipe, feature_name=feature_layer,
+                     has_classifier=has_classifier)

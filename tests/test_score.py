@@ -423,3 +423,31 @@ def test_the_plot_cannot_take_the_place_of_a_file_written_beside_the_scores(scor
     for name in ("s.centroids.npy", "s.assign.npy"):
         _one_sentence(_invoke(*base, "--plot", tmp_path / name), f"{name} is the same path as")
     assert not list(tmp_path.iterdir())
+
+
+def test_fm_with_a_self_supervised_checkpoint(score_data, tmp_path):
+    """FM from a MoCo v2 file of the checkpoint's backbone equals FM from the checkpoint (features are the classifier's
+    input); LM and EL2N, which need class scores, refuse a backbone without a classifier."""
+    from test_surrogate import _self_supervised_files
+
+    from dptool.checkpoint import load_checkpoint
+
+    net, _ = load_checkpoint(score_data.checkpoint)
+    moco = _self_supervised_files(net, tmp_path)["moco_v2"]
+    common = ["--source", score_data.source, "--target", score_data.target, "--res", 16, *LOADER,
+              "--method", "fm", "--clusters", 8, "--source-sample", 16, "--seed", 1]
+    for name, surrogate in (("ckpt", ["--model", score_data.checkpoint]),
+                            ("moco", ["--arch", "resnet18_small", "--weights", moco])):
+        result = _invoke(*common, *surrogate, "-o", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.output
+    ours, theirs = read_scores(tmp_path / "moco.json"), read_scores(tmp_path / "ckpt.json")
+    np.testing.assert_array_equal(ours.scores, theirs.scores)
+    np.testing.assert_array_equal(ours.tiebreak, theirs.tiebreak)
+    assert (tmp_path / "moco.assign.npy").read_bytes() == (tmp_path / "ckpt.assign.npy").read_bytes()
+    assert ours.surrogate["weights_prefix"] == "encoder_q." and ours.surrogate["num_classes"] is None
+    for method in ("lm", "el2n"):
+        result = _invoke("--method", method, "--source", score_data.source, "--target", score_data.target,
+                         "--arch", "resnet18_small", "--weights", moco, "-o", tmp_path / f"{method}.json")
+        _one_sentence(result, f"--method {method} needs the surrogate's class scores", "moco_v2.pth.tar",
+                      "without a classifier")
+        assert not (tmp_path / f"{method}.json").exists()

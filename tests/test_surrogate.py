@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import types
 
@@ -102,9 +103,16 @@ def test_weights_that_do_not_fit(net, tmp_path):
     torch.save({"epoch": 1}, tmp_path / "bad.pth")
     with pytest.raises(InputError, match="holds no state dict"):
         read_state_dict(tmp_path / "bad.pth")
+    torch.save({"state_dict": net.state_dict(), "config": _Config()}, tmp_path / "config.pth")
+    with pytest.raises(InputError, match=r"holds a test_surrogate\._Config object, which dptool does not unpickle"):
+        read_state_dict(tmp_path / "config.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(InputError, match="is not a torch state dict"):
         read_state_dict(tmp_path / "junk.pth")
+
+
+class _Config:
+    """A training script's own object saved beside the weights: the weights-only unpickler refuses it."""
 
 
 class _Tiny(nn.Module):
@@ -175,3 +183,97 @@ def test_exactly_one_source(net, tmp_path):
         load_surrogate(model=tmp_path / "missing.pt")
     with pytest.raises(InputError, match="not a dptool checkpoint"):
         load_surrogate(model=tmp_path / "w.pth")  # a bare state dict is not a checkpoint
+
+
+def _under(prefix: str, entries: dict) -> dict:
+    return {prefix + k: v for k, v in entries.items()}
+
+
+def _self_supervised_files(net, folder) -> dict:
+    """`net`'s backbone saved in the layouts self-supervised checkpoints are released in (none has a classifier)."""
+    backbone = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    width = net.fc.in_features
+    torch.manual_seed(1)
+    projector = {"fc.0.weight": torch.randn(width, width), "fc.0.bias": torch.zeros(width),
+                 "fc.2.weight": torch.randn(128, width), "fc.2.bias": torch.zeros(128)}
+    proto = torch.randn(30, width)
+    momentum = {k: v + 0.5 if v.is_floating_point() else v for k, v in backbone.items()}  # another network's weights
+    layouts = {
+        # facebookresearch/moco: the query and momentum encoders under DDP's `module.`, an MLP projector, a queue
+        "moco_v2": {"epoch": 200, "arch": "resnet18", "optimizer": {"state": {}, "param_groups": []},
+                    "state_dict": {**_under("module.encoder_q.", {**backbone, **projector}),
+                                   **_under("module.encoder_k.", {**momentum, **projector}),
+                                   "module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1).long()}},
+        # facebookresearch/moco-v3: base and momentum encoders, and a predictor
+        "moco_v3": {"state_dict": {**_under("module.base_encoder.", {**backbone, **projector}),
+                                   **_under("module.momentum_encoder.", {**momentum, **projector}),
+                                   "module.predictor.0.weight": torch.randn(128, 128)}},
+        "backbone_only": backbone,  # DINO's and Barlow Twins' released ResNet-50s: torchvision names, no fc
+        # a DINO training checkpoint: student and teacher (the one evaluated), each a backbone and a head, and args
+        "dino_full": {"student": {**_under("module.backbone.", momentum), "module.head.last_layer.weight": proto},
+                      "teacher": {**_under("module.backbone.", backbone), "module.head.last_layer.weight": proto},
+                      "args": argparse.Namespace(arch="resnet18", out_dim=30), "epoch": 100},
+        # SwAV: DDP's `module.`, a projection head and prototypes beside the backbone
+        "swav": {**_under("module.", backbone), "module.projection_head.0.weight": torch.randn(16, width),
+                 "module.prototypes.weight": torch.randn(30, 16)},
+    }
+    paths = {}
+    for name, obj in layouts.items():
+        paths[name] = folder / f"{name}.pth.tar"
+        torch.save(obj, paths[name])
+    return paths
+
+
+def _features(model, feature_module, x):
+    with feature_hook(feature_module) as slot, torch.no_grad():
+        model(x)
+    return slot[0]
+
+
+def test_self_supervised_checkpoints_give_their_backbone(net, x, tmp_path):
+    """MoCo v2/v3, DINO and SwAV layouts: the evaluated encoder's backbone, its features those of the network the
+    file was made from, no classifier; all are one surrogate by `weights`."""
+    expected = _features(net, net.fc, x)
+    fingerprints = set()
+    for name, path in _self_supervised_files(net, tmp_path).items():
+        s = load_surrogate(arch="resnet18_small", weights=path)
+        assert not s.has_classifier and s.identity["num_classes"] is None, name
+        assert s.identity.get("weights_prefix") == {"moco_v2": "encoder_q.", "moco_v3": "base_encoder.",
+                                                     "dino_full": "backbone."}.get(name)
+        torch.testing.assert_close(_features(s.model, s.feature_module(), x), expected, msg=name)
+        with torch.no_grad():
+            torch.testing.assert_close(s.model(x), expected)  # the head is gone: the output is the feature
+        fingerprints.add(s.identity["weights"])
+    assert len(fingerprints) == 1
+    assert load_surrogate(model=save_checkpoint(tmp_path / "c.pt", arch="resnet18_small", num_classes=6,
+                                                state_dict=net.state_dict(), recipe={}, data_fingerprint=None,
+                                                epoch=1)).has_classifier
+
+
+def test_a_file_with_two_unknown_backbones_asks_for_the_prefix(net, x, tmp_path):
+    backbone = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    other = {k: v * 2 if v.is_floating_point() else v for k, v in backbone.items()}
+    torch.save({**_under("online.", backbone), **_under("target.", other)}, tmp_path / "two.pth")
+    with pytest.raises(InputError, match=r"hold 2 copies of the ResNet backbone, under online\., target\.; "
+                                         r"choose one with --weights-prefix") as err:
+        load_surrogate(arch="resnet18_small", weights=tmp_path / "two.pth")
+    assert "\n" not in str(err.value)
+    chosen = load_surrogate(arch="resnet18_small", weights=tmp_path / "two.pth", weights_prefix="target")
+    reference = create_model("resnet18_small", 6).eval()
+    reference.load_state_dict({**other, "fc.weight": net.fc.weight, "fc.bias": net.fc.bias})
+    torch.testing.assert_close(_features(chosen.model, chosen.feature_module(), x),
+                               _features(reference, reference.fc, x))
+    assert chosen.identity["weights_prefix"] == "target."
+    with pytest.raises(InputError, match=r"--weights-prefix online_encoder\. matches no entry of weights .*two\.pth; "
+                                         r"its entries start with online\., target\."):
+        load_surrogate(arch="resnet18_small", weights=tmp_path / "two.pth", weights_prefix="online_encoder.")
+    with pytest.raises(InputError, match="--weights-prefix goes with --arch"):
+        load_surrogate(model=tmp_path / "two.pth", weights_prefix="online.")
+
+
+def test_entries_of_a_deeper_network_are_not_left_out(tmp_path):
+    """Only entries under names the model lacks are left out (a projector, prototypes): a ResNet-34's extra blocks
+    under layer1..4 are the ResNet-18's modules, so its weights still do not fit a ResNet-18."""
+    torch.save(create_model("resnet34_small", 6).state_dict(), tmp_path / "rn34.pth")
+    with pytest.raises(InputError, match=r"do not fit the ResNet model: \d+ unexpected keys \(e\.g\. layer1\.2\."):
+        load_surrogate(arch="resnet18_small", weights=tmp_path / "rn34.pth")

@@ -214,6 +214,10 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     if spec.needs_surrogate:
         files = {"source": src, **({"target": tgt} if tgt is not None else {})}
         check_resolution(files, options.inference.res, allow_upscale=options.allow_upscale)
+    if spec.needs_logits and not getattr(surrogate, "has_classifier", True):
+        raise InputError(f"--method {method} needs the surrogate's class scores, but weights "
+                         f"{surrogate.identity.get('path')} hold a backbone without a classifier; score with "
+                         "--method fm, which reads features, or give weights that include the classifier.")
     if spec.needs_logits:
         width = _output_width(surrogate, options.inference)
         if width != src.num_classes:
