@@ -39,6 +39,9 @@ def _beton(s: dict) -> str:
         if len(s["classes"]) > 50:
             lines.append(f"  ... {len(s['classes']) - 50} more (use --json for all)")
     lines.append(f"fingerprint: {s['fingerprint']}")
+    if s.get("digests"):
+        lines.append(f"digests of every sample: {s['digests']['path']} ({s['digests']['state']}; "
+                     "`dptool verify` checks them)")
     if s.get("sidecar_matches") is False:
         shown = ("the file is shown without it; other commands refuse it until it is deleted"
                  if s.get("sidecar_ignored") else "class names, writer and provenance above come from it")

@@ -27,6 +27,7 @@ COMMANDS = {
     "finetune": "finetune",
     "score": "score",
     "prune": "prune",
+    "verify": "verify",
     "bench": "bench",
     "demo": "demo",
 }

@@ -25,6 +25,7 @@ __all__ = [
     "open_beton",
     "read_sidecar",
     "sidecar_path",
+    "digests_path",
     "check_beton_output",
     "write_sidecar",
     "check_image_field",
@@ -88,9 +89,14 @@ def sidecar_path(beton: str | os.PathLike) -> Path:
     return Path(str(beton) + ".json")
 
 
+def digests_path(beton: str | os.PathLike) -> Path:
+    """The per-sample digests file of `beton` (`dptool.integrity`): the same path with `.digests.npy` appended."""
+    return Path(str(beton) + ".digests.npy")
+
+
 def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
-    """Refuse a `.beton` output, or the sidecar it brings, that exists (without `force`) or is an input or an
-    input's sidecar; a path ending in `.json` is refused as a sidecar name."""
+    """Refuse a `.beton` output, or the sidecar and digests file it brings, that exists (without `force`) or is an
+    input or an input's sidecar; a path ending in `.json` is refused as a sidecar name."""
     inputs = tuple(p for p in inputs if p is not None)
     out = check_output_path(path, force=force, inputs=inputs)
     if str(out).endswith(".json"):
@@ -102,6 +108,7 @@ def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = 
             raise InputError(f"Output {out} would write its sidecar over {side}, which is an input or its "
                              "sidecar; choose another output path.")
     check_output_path(side, force=force)
+    check_output_path(digests_path(out), force=force, inputs=inputs)
     return out
 
 
@@ -418,6 +425,7 @@ def summarize(path: str | os.PathLike) -> dict:
                                      "it records another fingerprint" if recorded else "it records no fingerprint"),
         "skipped": len(side.get("skipped", [])),
         "pruning": side.get("pruning"),
+        "digests": side.get("digests"),
     }
     if int_labels:
         counts = b.class_counts()

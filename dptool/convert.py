@@ -17,6 +17,7 @@ import numpy as np
 from .atomic import atomic_output, output_group
 from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError, check_seed
+from .integrity import record_digests, sample_digests
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
 from .writer import SkipSample, WriterParams, write_beton
 
@@ -139,6 +140,8 @@ def convert(
             seconds = time.perf_counter() - started
             beton = open_beton(tmp)
             fp = fingerprint(beton)
+            # read back: the digests are of the bytes as they reached the file
+            digests = record_digests(out, sample_digests(beton, progress=progress))
             skipped = [{"path": source.describe(i), "reason": failures[i]} for i in sorted(failures)]
             counts = np.bincount(source.labels[order], minlength=len(source.class_names))
             described = {
@@ -155,6 +158,7 @@ def convert(
                 "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
                 "skipped": skipped,
                 "fingerprint": fp,
+                "digests": digests,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
         sidecar = write_sidecar(out, described)

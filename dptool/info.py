@@ -33,12 +33,16 @@ def describe(path: str | os.PathLike) -> dict:
         return summarize_checkpoint(p)
     if head.lstrip()[:1] == b"{":
         return _describe_json(p)
-    from .beton import NotABetonError, summarize
+    from .beton import NotABetonError, digests_path, summarize
 
     try:
-        return {"kind": "beton", **summarize(p)}
+        summary = {"kind": "beton", **summarize(p)}
     except NotABetonError as exc:
         raise InputError(f"{p} is not a .beton, a dptool scores file or a dptool checkpoint.") from exc
+    record = summary["digests"]  # the sidecar's record; shown as the state of the file it describes
+    if isinstance(record, dict):
+        summary["digests"] = _companion_state(p, digests_path(p).name, record.get("sha256"), "verify refuses it")
+    return summary
 
 
 def _is_torch_archive(p: Path) -> bool:

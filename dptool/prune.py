@@ -28,6 +28,7 @@ from .beton import (
     write_sidecar,
 )
 from .errors import InputError
+from .integrity import record_digests, recorded_digests, sample_digests
 from .scores import Scores, fingerprint_file, load_assignment, read_scores, select_groups
 from .subset import write_subsets
 
@@ -142,7 +143,7 @@ def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[
 
 
 def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
-             scores_path: Path, scores_fp: str, written: Path) -> dict:
+             scores_path: Path, scores_fp: str, written: Path, digests: dict) -> dict:
     side = beton.sidecar or {}
     kept_list = sorted(int(k) for k in kept)
     pruning = {
@@ -155,7 +156,7 @@ def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kep
         **{k: side[k] for k in ("fields", "writer", "source") if k in side},
         "num_samples": int(counts.sum()), "num_classes": beton.num_classes, "class_names": beton.class_names,
         "class_counts": counts.tolist(), "fingerprint": fingerprint(open_beton(written, require_label=False)),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pruning": pruning,
+        "digests": digests, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pruning": pruning,
     }
 
 
@@ -165,11 +166,20 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
     scores_fp = fingerprint_file(scores_path)
     labels = beton.labels
     counts = [np.bincount(labels[idx], minlength=beton.num_classes) for _, _, _, idx in jobs]
-    by_path = {os.path.abspath(p): (r, kept, c) for (p, r, kept, _), c in zip(jobs, counts)}
+    by_path = {os.path.abspath(p): (r, kept, c, idx) for (p, r, kept, idx), c in zip(jobs, counts)}
+    try:  # checked before any byte is copied
+        source_digests = recorded_digests(beton)
+    except InputError as exc:  # the source's record is lost, not its data: the outputs' digests are read back
+        log.warning("%s The pruned files' digests are read from them instead.", exc)
+        source_digests = None
 
     def finalize(final: Path, written: Path) -> None:
-        r, kept, c = by_path[os.path.abspath(final)]
-        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, written))
+        r, kept, c, idx = by_path[os.path.abspath(final)]
+        # the kept samples' bytes are copies of the source's, so are their digests; without the source's, read back
+        digests = (source_digests[idx] if source_digests is not None
+                   else sample_digests(open_beton(written, require_label=False)))
+        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, written,
+                                      record_digests(final, digests)))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
                             finalize=finalize)

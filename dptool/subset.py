@@ -221,7 +221,7 @@ class _Writer:
                 self.scratch = np.empty(len(self.zeros), np.uint8)
         while n > 0:
             k = min(n, len(self.scratch))
-            _pread_into(self.fd_in, self.scratch[:k], src, self.src_name)
+            pread_into(self.fd_in, self.scratch[:k], src, self.src_name)
             pwrite_all(self.fd, memoryview(self.scratch[:k]), dst)
             src, dst, n = src + k, dst + k, n - k
 
@@ -281,7 +281,8 @@ def _ended_early(name, offset: int) -> InputError:
                       "during the run; nothing was written.")
 
 
-def _pread_into(fd: int, buf: np.ndarray, offset: int, name="the source file") -> None:
+def pread_into(fd: int, buf: np.ndarray, offset: int, name="the source file") -> None:
+    """Fill `buf` with the bytes of `fd` from `offset` on; an InputError naming `name` if the file ends first."""
     view, done = memoryview(buf), 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)

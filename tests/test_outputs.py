@@ -100,14 +100,15 @@ def test_an_output_that_cannot_be_replaced_leaves_no_temporary_file(tiny_beton, 
     npz = tiny_beton.with_suffix(".npz")
     out = tmp_path / "x.beton"
     assert CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "raw"]).exit_code == 0
-    before = _digest(out)
+    before = (_digest(out), _digest(f"{out}.digests.npy"))
     with _unwritable(out):
         if os.access(tmp_path, os.W_OK) and not os.access(out, os.W_OK) and os.geteuid() != 0:
             pytest.skip("a read-only file in a writable folder can be replaced by its owner")
         result = CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "jpg", "--force"])
         assert result.exit_code == 2 and f"Cannot replace {out}" in result.output, result.output
-        assert _digest(out) == before and read_sidecar(out)["writer"]["write_mode"] == "raw"  # both untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
+        assert (_digest(out), _digest(f"{out}.digests.npy")) == before  # all three untouched
+        assert read_sidecar(out)["writer"]["write_mode"] == "raw"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.digests.npy", "x.beton.json"]
 
 
 # --- full disks, kills, SIGTERM and concurrent writers -----------------------------------------------------------
@@ -148,7 +149,7 @@ def test_a_beton_and_its_sidecar_are_placed_together_or_not_at_all(tiny_beton, t
     npz = tiny_beton.with_suffix(".npz")
     out = tmp_path / "x.beton"
     assert CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "raw"]).exit_code == 0
-    pair = (_digest(out), _digest(f"{out}.json"))
+    trio = (_digest(out), _digest(f"{out}.json"), _digest(f"{out}.digests.npy"))
     real = dptool.beton.Path.write_text
 
     def full(self, *a, **k):
@@ -160,10 +161,11 @@ def test_a_beton_and_its_sidecar_are_placed_together_or_not_at_all(tiny_beton, t
     result = CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "jpg", "--force"])
     assert result.exit_code == 2 and f"Cannot write {out}.json (No space left on device)" in result.output, \
         result.output
-    assert (_digest(out), _digest(f"{out}.json")) == pair
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
+    assert (_digest(out), _digest(f"{out}.json"), _digest(f"{out}.digests.npy")) == trio
+    placed = ["x.beton", "x.beton.digests.npy", "x.beton.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == placed
     result = CliRunner().invoke(cli, ["convert", str(npz), str(tmp_path / "y.beton")])
-    assert result.exit_code == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
+    assert result.exit_code == 2 and sorted(p.name for p in tmp_path.iterdir()) == placed
 
 
 def test_a_group_renames_each_output_with_its_companion(tmp_path, monkeypatch):

@@ -1,0 +1,47 @@
+"""`dptool verify`: read every sample of a .beton again and compare it with the digests recorded when it was written."""
+
+from __future__ import annotations
+
+import click
+
+from dptool.integrity import verify
+
+from ._common import CONTEXT_SETTINGS, emit, json_option, show_progress
+
+__all__ = ["command"]
+
+
+def _human(r: dict) -> str:
+    if r["intact"]:
+        return (f"{r['path']}: all {r['num_samples']} samples match the {r['algorithm']} digests recorded when it "
+                f"was written, and so does its fingerprint ({r['seconds']:.2f} s).")
+    lines = []
+    if r["num_damaged"]:
+        listed = ", ".join(map(str, r["damaged"]))
+        more = r["num_damaged"] - len(r["damaged"])
+        lines.append(f"{r['path']}: {r['num_damaged']} of {r['num_samples']} samples differ from when it was "
+                     f"written: {listed}{f' and {more} more' if more else ''}.")
+    if not r["fingerprint_matches"]:
+        lines.append(f"{r['path']}: its fingerprint differs from the one its sidecar recorded (its tables or "
+                     "sampled bytes changed).")
+    return "\n".join(lines)
+
+
+@click.command("verify", context_settings=CONTEXT_SETTINGS)
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--max-listed", type=click.IntRange(min=0), default=1000,
+              help="Damaged sample indices listed at most (all are counted).")
+@json_option
+def command(path, max_listed, as_json):
+    """Check every sample of a .beton against the digests recorded when dptool wrote it.
+
+    Exits 0 when the file is as written, 1 when samples (or its tables) changed since.
+
+    \b
+    dptool verify imagenet_train_p60.beton       # after copying it to another machine
+    dptool verify imagenet_train.beton --json
+    """
+    result = verify(path, progress=show_progress(as_json), max_listed=max_listed)
+    emit(result, as_json, _human)
+    if not result["intact"]:
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,120 @@
+"""Per-sample digests of a `.beton`: recorded when dptool writes one, checked by `dptool verify`.
+
+A `.beton`'s fingerprint hashes its tables and 64 samples, so a file copied or stored badly can pass it with
+damaged images. `convert` and `prune` also record the CRC-32 of every sample's stored bytes in
+`X.beton.digests.npy` ((N,) uint32, sample order), named in the sidecar with its sha256. `verify` reads every
+sample again and names the ones whose bytes differ from when the file was written. A pruned file's digests are
+the source's of the kept samples (the bytes are copies), checked against the source's record first; a source
+without one (written by FFCV, or by an earlier dptool) has the written file read back instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_output
+from .beton import Beton, digests_path, fingerprint, open_beton
+from .errors import InputError
+
+__all__ = ["DIGEST_ALGORITHM", "digests_path", "sample_digests", "recorded_digests", "record_digests", "verify"]
+
+DIGEST_ALGORITHM = "crc32"
+_STEP = 64 << 20  # bytes read at a time
+
+
+def sample_digests(beton: Beton, *, progress: bool = False) -> np.ndarray:
+    """CRC-32 of every sample's stored bytes, (N,) uint32 (0 for a sample without data), read in file order."""
+    from tqdm import tqdm
+
+    from .subset import pread_into, sample_extents
+
+    start, stop, _ = sample_extents(beton)
+    out = np.zeros(beton.num_samples, dtype=np.uint32)
+    order = np.argsort(start, kind="stable")
+    order = order[stop[order] > start[order]]
+    starts = start[order]
+    fd = os.open(beton.path, os.O_RDONLY)
+    try:
+        with tqdm(total=int((stop - start).sum()), unit="B", unit_scale=True, desc="digests",
+                  disable=not progress) as bar:
+            i = 0
+            while i < len(order):
+                lo = int(starts[i])
+                j = max(i + 1, int(np.searchsorted(starts, lo + _STEP, side="left")))
+                block = order[i:j]
+                buf = np.empty(int(stop[block].max()) - lo, dtype=np.uint8)
+                pread_into(fd, buf, lo, str(beton.path))
+                view = memoryview(buf)
+                for s, a, b in zip(block.tolist(), (start[block] - lo).tolist(), (stop[block] - lo).tolist()):
+                    out[s] = zlib.crc32(view[a:b])
+                bar.update(int((stop[block] - start[block]).sum()))
+                i = j
+    finally:
+        os.close(fd)
+    return out
+
+
+def recorded_digests(beton: Beton) -> np.ndarray | None:
+    """The digests recorded for `beton` (checked: its digests file unchanged since, one per sample), else None when
+    its sidecar records none. A record whose file is missing or replaced is an InputError."""
+    from .scores import fingerprint_file
+
+    record = (beton.sidecar or {}).get("digests")
+    if not record:
+        return None
+    path = digests_path(beton.path)  # found beside the file as its sidecar is, so that a renamed trio still pairs
+    if not path.is_file():
+        raise InputError(f"Digests file {path}, which the sidecar of {beton.path} names, is missing; copy it with "
+                         "the .beton and its sidecar.")
+    if fingerprint_file(path) != record.get("sha256"):
+        raise InputError(f"Digests file {path} was replaced since {beton.path} was written (its sha256 differs "
+                         "from the sidecar's).")
+    digests = np.load(path, allow_pickle=False)
+    if digests.dtype != np.uint32 or digests.shape != (beton.num_samples,):
+        raise InputError(f"Digests file {path} holds {digests.dtype} {digests.shape}, not one uint32 per sample "
+                         f"of {beton.path} ({beton.num_samples}).")
+    return digests
+
+
+def record_digests(final: Path, digests: np.ndarray) -> dict:
+    """Write `digests` as the digests file of the `.beton` `final` (inside `output_group`, renamed with it); return
+    the sidecar's record of it."""
+    from .scores import fingerprint_file
+
+    path = digests_path(final)
+    with atomic_output(path, companion_of=final) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(digests, dtype=np.uint32), allow_pickle=False)
+        sha = fingerprint_file(tmp)
+    return {"file": path.name, "algorithm": DIGEST_ALGORITHM, "sha256": sha}
+
+
+def verify(path: str | os.PathLike, *, progress: bool = False, max_listed: int = 1000) -> dict:
+    """Read every sample of the `.beton` at `path` and compare it with the digests recorded when it was written.
+
+    Returns a summary: `intact` (every sample and the fingerprint as written), `damaged` (the sample indices
+    whose bytes differ, at most `max_listed`), `num_damaged`, `fingerprint_matches` (the sidecar's fingerprint,
+    which also covers the tables: labels, metadata, where each sample is).
+    A file without recorded digests is an InputError.
+    """
+    started = time.perf_counter()
+    beton = open_beton(path, require_label=False)
+    expected = recorded_digests(beton)
+    if expected is None:
+        raise InputError(f"{beton.path} has no recorded digests (it was written by FFCV's own writer, or by a "
+                         "dptool before they were recorded), so there is nothing to verify it against.")
+    recorded_fp = (beton.sidecar or {}).get("fingerprint")
+    fingerprint_matches = recorded_fp is None or fingerprint(beton) == recorded_fp
+    found = sample_digests(beton, progress=progress)
+    damaged = np.flatnonzero(found != expected)
+    return {
+        "path": str(beton.path), "num_samples": int(beton.num_samples), "algorithm": DIGEST_ALGORITHM,
+        "intact": bool(fingerprint_matches and len(damaged) == 0), "fingerprint_matches": bool(fingerprint_matches),
+        "num_damaged": int(len(damaged)), "damaged": damaged[:max_listed].tolist(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

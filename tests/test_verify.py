@@ -1,0 +1,134 @@
+"""Per-sample digests: recorded by `convert` and `prune`, checked by `dptool verify`, shown by `info`.
+
+The reference digests are computed here from the allocation table and the file's bytes, not through
+`dptool.integrity`; damage is made by writing into a copy's sample bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_beton
+from test_prune import class_scores_file
+
+from dptool.beton import digests_path, open_beton, sidecar_path
+from dptool.cli.main import cli
+from dptool.scores import fingerprint_file
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [*map(str, args)])
+
+
+def _reference_digests(path) -> np.ndarray:
+    """CRC-32 of each sample's stored bytes, from the allocation table (one allocation per sample here)."""
+    b = open_beton(path, require_label=False)
+    data = path.read_bytes()
+    table = b.alloc_table
+    assert len(np.unique(table["sample_id"])) == len(table) == b.num_samples
+    out = np.zeros(b.num_samples, np.uint32)
+    for sid, ptr, size in zip(table["sample_id"].tolist(), table["ptr"].tolist(), table["size"].tolist()):
+        out[sid] = zlib.crc32(data[ptr:ptr + size])
+    return out
+
+
+def _copy(src, folder, name):
+    """A copy of `src` with its sidecar and digests file, as a user copies a dataset to another machine."""
+    out = folder / name
+    for a, b in ((src, out), (sidecar_path(src), sidecar_path(out)), (digests_path(src), digests_path(out))):
+        shutil.copy(a, b)
+    return out
+
+
+def _sample_offset(path, sample: int) -> int:
+    table = open_beton(path, require_label=False).alloc_table
+    row = np.flatnonzero(table["sample_id"] == sample)[0]
+    return int(table["ptr"][row]) + int(table["size"][row]) // 2
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("verify")
+    return make_beton(folder, "src", n_classes=4, per_class=20, size=16, write_mode="jpg")
+
+
+def test_convert_records_the_digest_of_every_sample(written):
+    record = json.loads(sidecar_path(written).read_text())["digests"]
+    assert record == {"file": digests_path(written).name, "algorithm": "crc32",
+                      "sha256": fingerprint_file(digests_path(written))}
+    np.testing.assert_array_equal(np.load(digests_path(written)), _reference_digests(written))
+
+
+def test_verify_passes_an_intact_file_and_names_each_damaged_sample(written, tmp_path):
+    result = _invoke("verify", written)
+    assert result.exit_code == 0, result.output
+    assert "all 80 samples match the crc32 digests" in result.output
+    damaged = _copy(written, tmp_path, "damaged.beton")
+    with open(damaged, "r+b") as f:
+        for sample, patch in ((3, b"\x00" * 8), (41, b"\xff")):  # zeroed in place, and one byte changed
+            f.seek(_sample_offset(damaged, sample))
+            f.write(patch)
+    result = _invoke("verify", damaged)
+    assert result.exit_code == 1, result.output
+    assert "2 of 80 samples differ from when it was written: 3, 41." in result.output
+    as_json = _invoke("verify", damaged, "--json", "--max-listed", 1)
+    assert as_json.exit_code == 1
+    doc = json.loads(as_json.output)
+    assert doc["intact"] is False and doc["num_damaged"] == 2 and doc["damaged"] == [3]
+    assert "1 more" in _invoke("verify", damaged, "--max-listed", 1).output
+
+
+def test_verify_refuses_what_it_cannot_check(written, tmp_path):
+    bare = tmp_path / "bare.beton"
+    shutil.copy(written, bare)  # no sidecar: as FFCV's own writer leaves a file
+    result = _invoke("verify", bare)
+    assert result.exit_code == 2 and "has no recorded digests" in result.output
+    missing = _copy(written, tmp_path, "missing.beton")
+    digests_path(missing).unlink()
+    result = _invoke("verify", missing)
+    assert result.exit_code == 2 and "is missing; copy it with the .beton and its sidecar" in result.output
+    replaced = _copy(written, tmp_path, "replaced.beton")
+    np.save(digests_path(replaced), np.zeros(80, np.uint32))
+    result = _invoke("verify", replaced)
+    assert result.exit_code == 2 and "was replaced since" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_prune_carries_the_source_digests_over(written, tmp_path):
+    scores = class_scores_file(tmp_path / "lm.json", written, scores=[3, 0, 2, 1], tiebreak=[0, 0, 0, 0])
+    source = _reference_digests(written)
+    out = tmp_path / "p.beton"
+    result = _invoke("prune", written, "--scores", scores, "--ratio", 0.5, "-o", out)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(digests_path(out)), _reference_digests(out))
+    kept = np.isin(open_beton(written).labels, [0, 2])
+    assert sorted(np.load(digests_path(out)).tolist()) == sorted(source[kept].tolist())
+    assert _invoke("verify", out).exit_code == 0
+    info = _invoke("info", out, "--json")
+    assert json.loads(info.output)["digests"] == {"path": str(digests_path(out)), "state": "present, unchanged"}
+
+    # a source whose digests file was lost: pruning goes on, and the outputs' digests are read back from them
+    lost = _copy(written, tmp_path, "lost.beton")
+    digests_path(lost).unlink()
+    again = tmp_path / "again.beton"
+    result = CliRunner().invoke(cli, ["prune", str(lost), "--scores", str(scores), "--ratio", "0.5", "-o",
+                                      str(again)])
+    assert result.exit_code == 0, result.output
+    assert "The pruned files' digests are read from them instead" in result.output
+    assert digests_path(again).read_bytes() == digests_path(out).read_bytes()
+
+
+def test_an_existing_digests_file_needs_force(written, tmp_path):
+    npz = written.with_name("src.npz")
+    out = tmp_path / "c.beton"
+    np.save(digests_path(out), np.zeros(1, np.uint32))
+    result = _invoke("convert", npz, out)
+    assert result.exit_code == 2 and "c.beton.digests.npy already exists; pass --force" in result.output
+    assert not out.exists() and not sidecar_path(out).exists()
+    assert _invoke("convert", npz, out, "--force").exit_code == 0
+    assert _invoke("verify", out).exit_code == 0
