@@ -172,7 +172,8 @@ def select_backbone(state: dict, model, where: str, prefix: str | None = None) -
     other mismatch is left for `load_state_dict` to report.
     """
     names = list(model.state_dict())
-    backbone = [k for k in names if k.split(".")[0] not in _HEAD_MODULES]
+    # BatchNorm's `num_batches_tracked` is left out of the search: files saved without it load all the same
+    backbone = [k for k in names if k.split(".")[0] not in _HEAD_MODULES and not k.endswith(".num_batches_tracked")]
     if prefix is not None:
         prefix = prefix if prefix.endswith(".") or not prefix else prefix + "."
         if not any(k.startswith(prefix) for k in state):

@@ -277,3 +277,16 @@ def test_entries_of_a_deeper_network_are_not_left_out(tmp_path):
     torch.save(create_model("resnet34_small", 6).state_dict(), tmp_path / "rn34.pth")
     with pytest.raises(InputError, match=r"do not fit the ResNet model: \d+ unexpected keys \(e\.g\. layer1\.2\."):
         load_surrogate(arch="resnet18_small", weights=tmp_path / "rn34.pth")
+
+
+def test_a_prefixed_backbone_without_batch_counters_is_found(net, x, tmp_path):
+    """Checkpoints saved without BatchNorm's `num_batches_tracked` (converted or trimmed files) load as a plain state
+    dict without them does: the backbone under `encoder_q.` is still found, and gives the network's features."""
+    backbone = {k: v for k, v in net.state_dict().items()
+                if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    other = {k: v + 0.5 for k, v in backbone.items()}
+    torch.save({"state_dict": {**_under("module.encoder_q.", backbone), **_under("module.encoder_k.", other)}},
+               tmp_path / "moco.pth")
+    s = load_surrogate(arch="resnet18_small", weights=tmp_path / "moco.pth")
+    assert s.identity["weights_prefix"] == "encoder_q." and not s.has_classifier
+    torch.testing.assert_close(_features(s.model, s.feature_module(), x), _features(net, net.fc, x))
