@@ -176,10 +176,14 @@ def select_backbone(state: dict, model, where: str, prefix: str | None = None) -
     backbone = [k for k in names if k.split(".")[0] not in _HEAD_MODULES and not k.endswith(".num_batches_tracked")]
     if prefix is not None:
         prefix = prefix if prefix.endswith(".") or not prefix else prefix + "."
+        as_read = next(iter(_strip_prefix({prefix: None})))  # the entries were read without DDP's `module.`
+        if not any(k.startswith(prefix) for k in state) and any(k.startswith(as_read) for k in state):
+            prefix = as_read
         if not any(k.startswith(prefix) for k in state):
-            tops = sorted({k.split(".")[0] + "." for k in state})
+            tops = sorted({k.split(".")[0] + ("." if "." in k else "") for k in state})
+            listed = f"{', '.join(tops[:8])}{' ...' if len(tops) > 8 else ''}"
             raise InputError(f"--weights-prefix {prefix} matches no entry of weights {where}; its entries start "
-                             f"with {', '.join(tops[:8])}{' ...' if len(tops) > 8 else ''}.")
+                             f"with {listed}{'' if listed.endswith('.') else '.'}")
     elif backbone and not all(k in state for k in backbone):
         anchor = backbone[0]
         found = sorted({k[:-len(anchor)] for k in state if k.endswith("." + anchor)})

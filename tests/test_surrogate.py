@@ -290,3 +290,15 @@ def test_a_prefixed_backbone_without_batch_counters_is_found(net, x, tmp_path):
     s = load_surrogate(arch="resnet18_small", weights=tmp_path / "moco.pth")
     assert s.identity["weights_prefix"] == "encoder_q." and not s.has_classifier
     torch.testing.assert_close(_features(s.model, s.feature_module(), x), _features(net, net.fc, x))
+
+
+def test_the_prefix_can_be_given_as_the_file_writes_it(net, x, tmp_path):
+    """MoCo's files name the momentum encoder `module.encoder_k.` (as the README does); the entries are read without
+    DDP's `module.`, and --weights-prefix takes either spelling."""
+    paths = _self_supervised_files(net, tmp_path)
+    chosen = [load_surrogate(arch="resnet18_small", weights=paths["moco_v2"], weights_prefix=p)
+              for p in ("module.encoder_k.", "encoder_k", "module.encoder_k")]
+    assert {s.identity["weights_prefix"] for s in chosen} == {"encoder_k."}
+    assert len({s.identity["weights"] for s in chosen}) == 1
+    with pytest.raises(InputError, match=r"its entries start with encoder_k\., encoder_q\., queue, queue_ptr\.$"):
+        load_surrogate(arch="resnet18_small", weights=paths["moco_v2"], weights_prefix="module.momentum.")
