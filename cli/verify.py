@@ -19,8 +19,9 @@ def _human(r: dict) -> str:
     if r["num_damaged"]:
         listed = ", ".join(map(str, r["damaged"]))
         more = r["num_damaged"] - len(r["damaged"])
+        named = f": {listed}{f' and {more} more' if more else ''}" if listed else ""  # --max-listed 0: counted only
         lines.append(f"{r['path']}: {r['num_damaged']} of {r['num_samples']} samples differ from when it was "
-                     f"written: {listed}{f' and {more} more' if more else ''}.")
+                     f"written{named}.")
     if not r["fingerprint_matches"]:
         lines.append(f"{r['path']}: its fingerprint differs from the one its sidecar recorded (its tables or "
                      "sampled bytes changed).")

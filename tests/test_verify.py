@@ -132,3 +132,14 @@ def test_an_existing_digests_file_needs_force(written, tmp_path):
     assert not out.exists() and not sidecar_path(out).exists()
     assert _invoke("convert", npz, out, "--force").exit_code == 0
     assert _invoke("verify", out).exit_code == 0
+
+
+def test_verify_max_listed_zero_counts_without_a_list(written, tmp_path):
+    damaged = _copy(written, tmp_path, "damaged.beton")
+    with open(damaged, "r+b") as f:
+        for sample in (5, 7):
+            f.seek(_sample_offset(damaged, sample))
+            f.write(b"\x00" * 8)
+    result = _invoke("verify", damaged, "--max-listed", 0)
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[0] == f"{damaged}: 2 of 80 samples differ from when it was written."
