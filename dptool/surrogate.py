@@ -16,6 +16,7 @@ serve LM and EL2N, and FM only if they export a ``forward_features`` method.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -131,7 +132,8 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise InputError(f"Weights file {path} does not exist.")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before, a Namespace is refused
+        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a state dict"
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))

@@ -302,3 +302,14 @@ def test_the_prefix_can_be_given_as_the_file_writes_it(net, x, tmp_path):
     assert len({s.identity["weights"] for s in chosen}) == 1
     with pytest.raises(InputError, match=r"its entries start with encoder_k\., encoder_q\., queue, queue_ptr\.$"):
         load_surrogate(arch="resnet18_small", weights=paths["moco_v2"], weights_prefix="module.momentum.")
+
+
+def test_weights_load_with_a_torch_that_has_no_safe_globals(net, tmp_path, monkeypatch):
+    """pyproject admits torch>=2.1, and `torch.serialization.safe_globals` came in 2.5: on an older torch a plain state
+    dict still loads, and a file with an argparse.Namespace is refused by name, as any other object is."""
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    assert load_surrogate(arch="resnet18_small", weights=tmp_path / "w.pth").has_classifier
+    torch.save({"state_dict": net.state_dict(), "args": argparse.Namespace(arch="resnet18")}, tmp_path / "a.pth")
+    with pytest.raises(InputError, match=r"holds a argparse\.Namespace object, which dptool does not unpickle"):
+        read_state_dict(tmp_path / "a.pth")
