@@ -40,8 +40,9 @@ def _beton(s: dict) -> str:
             lines.append(f"  ... {len(s['classes']) - 50} more (use --json for all)")
     lines.append(f"fingerprint: {s['fingerprint']}")
     if s.get("digests"):
-        lines.append(f"digests of every sample: {s['digests']['path']} ({s['digests']['state']}; "
-                     "`dptool verify` checks them)")
+        state = s["digests"]["state"]
+        lines.append(f"digests of every sample: {s['digests']['path']} ({state}"
+                     + ("; `dptool verify` checks them)" if state == "present, unchanged" else ")"))
     if s.get("sidecar_matches") is False:
         shown = ("the file is shown without it; other commands refuse it until it is deleted"
                  if s.get("sidecar_ignored") else "class names, writer and provenance above come from it")

@@ -110,11 +110,13 @@ def _sweep_stale(out: Path) -> None:
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
-    """Refuse an output that exists (without `force`), equals an input or an input's sidecar (`INPUT.json`),
-    or sits in a folder that is missing or cannot be written to (found before any work is done)."""
+    """Refuse an output that exists (without `force`), equals an input, an input's sidecar (`INPUT.json`) or
+    digests file (`INPUT.digests.npy`), or sits in a folder that is missing or cannot be written to (found before
+    any work is done)."""
     out = Path(path)
     for src in (p for p in inputs if p is not None):
-        for protected, what in ((Path(src), f"input {src}"), (Path(f"{src}.json"), f"the sidecar of input {src}")):
+        for protected, what in ((Path(src), f"input {src}"), (Path(f"{src}.json"), f"the sidecar of input {src}"),
+                                (Path(f"{src}.digests.npy"), f"the digests file of input {src}")):
             if protected.exists() and out.exists() and out.resolve() == protected.resolve():
                 raise InputError(f"Output {out} is the same file as {what}; choose another output path.")
             if os.path.abspath(out) == os.path.abspath(protected):

@@ -138,9 +138,9 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a state dict"
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if unsafe:
-            raise InputError(f"Weights file {path} holds a {unsafe.group(1)} object, which dptool does not unpickle "
-                             "(it loads tensors and plain data only, so that a file cannot run code); save the "
-                             "state dict alone with torch.save.") from exc
+            raise InputError(f"Weights file {path} holds an object of type {unsafe.group(1)}, which dptool does not "
+                             "unpickle (it loads tensors and plain data only, so that a file cannot run code); save "
+                             "the state dict alone with torch.save.") from exc
         raise InputError(f"Weights file {path} is not a torch state dict ({type(exc).__name__}).") from exc
     for _ in range(3):  # {"state_dicts": {"network": {...}}} is the authors' layout
         if not isinstance(obj, dict) or all(hasattr(v, "shape") for v in obj.values()):

@@ -104,7 +104,7 @@ def test_weights_that_do_not_fit(net, tmp_path):
     with pytest.raises(InputError, match="holds no state dict"):
         read_state_dict(tmp_path / "bad.pth")
     torch.save({"state_dict": net.state_dict(), "config": _Config()}, tmp_path / "config.pth")
-    with pytest.raises(InputError, match=r"holds a test_surrogate\._Config object, which dptool does not unpickle"):
+    with pytest.raises(InputError, match=r"holds an object of type test_surrogate\._Config, which dptool does not"):
         read_state_dict(tmp_path / "config.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(InputError, match="is not a torch state dict"):
@@ -311,5 +311,5 @@ def test_weights_load_with_a_torch_that_has_no_safe_globals(net, tmp_path, monke
     torch.save(net.state_dict(), tmp_path / "w.pth")
     assert load_surrogate(arch="resnet18_small", weights=tmp_path / "w.pth").has_classifier
     torch.save({"state_dict": net.state_dict(), "args": argparse.Namespace(arch="resnet18")}, tmp_path / "a.pth")
-    with pytest.raises(InputError, match=r"holds a argparse\.Namespace object, which dptool does not unpickle"):
+    with pytest.raises(InputError, match=r"holds an object of type argparse\.Namespace, which dptool does not"):
         read_state_dict(tmp_path / "a.pth")

@@ -143,3 +143,16 @@ def test_verify_max_listed_zero_counts_without_a_list(written, tmp_path):
     result = _invoke("verify", damaged, "--max-listed", 0)
     assert result.exit_code == 1, result.output
     assert result.output.splitlines()[0] == f"{damaged}: 2 of 80 samples differ from when it was written."
+
+
+def test_an_input_s_digests_file_is_never_an_output(written, tmp_path):
+    source = _copy(written, tmp_path, "source.beton")
+    before = digests_path(source).read_bytes()
+    scores = class_scores_file(tmp_path / "lm.json", source, scores=[3, 0, 2, 1], tiebreak=[0, 0, 0, 0])
+    result = _invoke("prune", source, "--scores", scores, "--ratio", 0.5, "-o", digests_path(source), "--force")
+    assert result.exit_code == 2 and "is the same file as the digests file of input" in result.output, result.output
+    assert digests_path(source).read_bytes() == before
+    info = _invoke("info", source)
+    assert "(present, unchanged; `dptool verify` checks them)" in info.output
+    digests_path(source).unlink()
+    assert "source.beton.digests.npy (missing)" in _invoke("info", source).output
