@@ -24,13 +24,13 @@ from .errors import InputError
 __all__ = ["DIGEST_ALGORITHM", "digests_path", "sample_digests", "recorded_digests", "record_digests", "verify"]
 
 DIGEST_ALGORITHM = "crc32"
-_STEP = 32 << 20  # bytes a thread reads at a time
+_STEP = 8 << 20  # bytes a thread reads at a time (its buffer: threads x this much memory)
 
 
 def sample_digests(beton: Beton, *, progress: bool = False, threads: int | None = None) -> np.ndarray:
     """CRC-32 of every sample's stored bytes, (N,) uint32 (0 for a sample without data).
 
-    The data region is read in blocks of about 32 MiB in file order, by `threads` threads (default: the cores, at
+    The data region is read in blocks of about 8 MiB in file order, by `threads` threads (default: the cores, at
     most 8; zlib releases the GIL on large buffers, so reads and checksums of several blocks overlap).
     """
     from concurrent.futures import ThreadPoolExecutor
