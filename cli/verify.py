@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import click
 
-from dptool.integrity import verify
+from dptool.integrity import verify_files
 
 from ._common import CONTEXT_SETTINGS, emit, json_option, show_progress
 
 __all__ = ["command"]
 
 
-def _human(r: dict) -> str:
+def _file_lines(r: dict) -> list[str]:
     if r["intact"]:
-        return (f"{r['path']}: all {r['num_samples']} samples match the {r['algorithm']} digests recorded when it "
-                f"was written, and so does its fingerprint ({r['seconds']:.2f} s).")
+        return [f"{r['path']}: all {r['num_samples']} samples match the {r['algorithm']} digests recorded when it "
+                f"was written, and so does its fingerprint ({r['seconds']:.2f} s)."]
     lines = []
     if r["num_damaged"]:
         listed = ", ".join(map(str, r["damaged"]))
@@ -25,24 +25,29 @@ def _human(r: dict) -> str:
     if not r["fingerprint_matches"]:
         lines.append(f"{r['path']}: its fingerprint differs from the one its sidecar recorded (its tables or "
                      "sampled bytes changed).")
-    return "\n".join(lines)
+    return lines
+
+
+def _human(result: dict) -> str:
+    return "\n".join(line for r in result["files"] for line in _file_lines(r))
 
 
 @click.command("verify", context_settings=CONTEXT_SETTINGS)
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--max-listed", type=click.IntRange(min=0), default=1000,
-              help="Damaged sample indices listed at most (all are counted).")
+              help="Damaged sample indices listed at most, per file (all are counted).")
 @json_option
-def command(path, max_listed, as_json):
-    """Check every sample of a .beton against the digests recorded when dptool wrote it.
+def command(paths, max_listed, as_json):
+    """Check every sample of each .beton against the digests recorded when dptool wrote it.
 
-    Exits 0 when the file is as written, 1 when samples (or its tables) changed since.
+    Exits 0 when every file is as written, 1 when samples (or tables) of any changed since. Every file must have
+    recorded digests; that is checked before any sample is read.
 
     \b
-    dptool verify imagenet_train_p60.beton       # after copying it to another machine
+    dptool verify imagenet_train_p60.beton imagenet_val_p60.beton   # after copying them to another machine
     dptool verify imagenet_train.beton --json
     """
-    result = verify(path, progress=show_progress(as_json), max_listed=max_listed)
+    result = verify_files(paths, progress=show_progress(as_json), max_listed=max_listed)
     emit(result, as_json, _human)
     if not result["intact"]:
         raise click.exceptions.Exit(1)

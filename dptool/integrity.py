@@ -21,7 +21,8 @@ from .atomic import atomic_output
 from .beton import Beton, digests_path, fingerprint, known_fingerprints, open_beton
 from .errors import InputError
 
-__all__ = ["DIGEST_ALGORITHM", "digests_path", "sample_digests", "recorded_digests", "record_digests", "verify"]
+__all__ = ["DIGEST_ALGORITHM", "digests_path", "sample_digests", "recorded_digests", "record_digests", "verify",
+           "verify_files"]
 
 DIGEST_ALGORITHM = "crc32"
 _STEP = 8 << 20  # bytes a thread reads at a time (its buffer: threads x this much memory)
@@ -115,12 +116,31 @@ def verify(path: str | os.PathLike, *, progress: bool = False, max_listed: int =
     which also covers the tables: labels, metadata, where each sample is).
     A file without recorded digests is an InputError.
     """
-    started = time.perf_counter()
+    return _verify(*_recorded(path), progress=progress, max_listed=max_listed)
+
+
+def verify_files(paths, *, progress: bool = False, max_listed: int = 1000) -> dict:
+    """`verify` each of `paths`, after checking that every one has recorded digests (before reading any sample).
+
+    Returns ``{"intact": all intact, "files": [one `verify` summary per path]}``.
+    """
+    recorded = [_recorded(p) for p in paths]
+    files = [_verify(beton, expected, progress=progress, max_listed=max_listed) for beton, expected in recorded]
+    return {"intact": all(f["intact"] for f in files), "files": files}
+
+
+def _recorded(path: str | os.PathLike) -> tuple[Beton, np.ndarray]:
+    """The opened `.beton` at `path` and its recorded digests; an InputError when it has none."""
     beton = open_beton(path, require_label=False)
     expected = recorded_digests(beton)
     if expected is None:
         raise InputError(f"{beton.path} has no recorded digests (it was written by FFCV's own writer, or by a "
                          "dptool before they were recorded), so there is nothing to verify it against.")
+    return beton, expected
+
+
+def _verify(beton: Beton, expected: np.ndarray, *, progress: bool, max_listed: int) -> dict:
+    started = time.perf_counter()
     recorded_fp = (beton.sidecar or {}).get("fingerprint")
     fingerprint_matches = recorded_fp is None or recorded_fp in known_fingerprints(beton, fingerprint(beton))
     found = sample_digests(beton, progress=progress)

@@ -79,7 +79,8 @@ def test_verify_passes_an_intact_file_and_names_each_damaged_sample(written, tmp
     as_json = _invoke("verify", damaged, "--json", "--max-listed", 1)
     assert as_json.exit_code == 1
     doc = json.loads(as_json.output)
-    assert doc["intact"] is False and doc["num_damaged"] == 2 and doc["damaged"] == [3]
+    assert doc["intact"] is False and len(doc["files"]) == 1
+    assert doc["files"][0]["num_damaged"] == 2 and doc["files"][0]["damaged"] == [3]
     assert "1 more" in _invoke("verify", damaged, "--max-listed", 1).output
 
 
@@ -156,3 +157,26 @@ def test_an_input_s_digests_file_is_never_an_output(written, tmp_path):
     assert "(present, unchanged; `dptool verify` checks them)" in info.output
     digests_path(source).unlink()
     assert "source.beton.digests.npy (missing)" in _invoke("info", source).output
+
+
+def test_several_files_are_checked_together(written, tmp_path):
+    """One intact and one damaged file: both reported, exit 1; a file without digests among them is refused before
+    any sample is read (exit 2, nothing else printed)."""
+    intact = _copy(written, tmp_path, "intact.beton")
+    damaged = _copy(written, tmp_path, "damaged.beton")
+    with open(damaged, "r+b") as f:
+        f.seek(_sample_offset(damaged, 10))
+        f.write(b"\x00" * 4)
+    result = _invoke("verify", intact, damaged)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith(f"{intact}: all 80 samples match") and lines[1] == (
+        f"{damaged}: 1 of 80 samples differ from when it was written: 10.")
+    doc = json.loads(_invoke("verify", intact, "--json").output)
+    assert doc["intact"] is True and [f["path"] for f in doc["files"]] == [str(intact)]
+    bare = tmp_path / "bare.beton"
+    shutil.copy(written, bare)
+    refused = _invoke("verify", intact, bare)
+    assert refused.exit_code == 2 and refused.output.strip().splitlines() == [
+        f"Error: {bare} has no recorded digests (it was written by FFCV's own writer, or by a dptool before they "
+        "were recorded), so there is nothing to verify it against."]
