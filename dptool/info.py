@@ -33,6 +33,9 @@ def describe(path: str | os.PathLike) -> dict:
         return summarize_checkpoint(p)
     if head.lstrip()[:1] == b"{":
         return _describe_json(p)
+    if head.startswith(b"\x93NUMPY") and p.name.endswith(".beton.digests.npy"):
+        beton = p.with_name(p.name[: -len(".digests.npy")])
+        raise InputError(f"{p} is the digests file of {beton}; run `dptool info {beton}` or `dptool verify {beton}`.")
     from .beton import NotABetonError, digests_path, summarize
 
     try:

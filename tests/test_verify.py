@@ -155,6 +155,8 @@ def test_an_input_s_digests_file_is_never_an_output(written, tmp_path):
     assert digests_path(source).read_bytes() == before
     info = _invoke("info", source)
     assert "(present, unchanged; `dptool verify` checks them)" in info.output
+    named = _invoke("info", digests_path(source))
+    assert named.exit_code == 2 and f"is the digests file of {source}; run `dptool info {source}`" in named.output
     digests_path(source).unlink()
     assert "source.beton.digests.npy (missing)" in _invoke("info", source).output
 
