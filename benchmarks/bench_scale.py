@@ -1,4 +1,4 @@
-"""Scale: wall time and peak memory of `convert`, `info`, `score` and `prune` against the number of source samples N.
+"""Scale: wall time and peak memory of `convert`, `info`, `verify`, `score`, `prune` against the number of samples N.
 
 The design promises ImageNet scale on the CPU path: per-sample state of a few bytes, peak memory of convert, score
 and prune under 4 GB whatever N is, time linear in N. This measures it. For each N (default 25k, 100k, 400k) a
@@ -11,7 +11,8 @@ an ImageFolder tree of JPEG files (the real ImageNet case). A 10-class target (`
 Each of these runs as its own subprocess of the real CLI (``.venv/bin/dptool -q ... --json``):
 
 * ``convert_npz`` (npz -> beton, JPEG), ``convert_imagefolder`` (folder -> beton, JPEG; only N <= --imagefolder-max)
-* ``info``; ``score_random``; ``score_lm`` (reads only the target's images); ``score_fm`` (penultimate features of
+* ``info``; ``verify`` (every sample's CRC-32 against the digests ``convert`` recorded);
+  ``score_random``; ``score_lm`` (reads only the target's images); ``score_fm`` (penultimate features of
   *all* N source images: k-means on ``--source-sample`` (16) images per class into ``--clusters`` centroids, the
   same sample at every N >= 16 x classes, then every source image streamed and assigned: the real scale test);
   ``score_fm_s256``: the same with the CLI's default ``--source-sample 256`` (k-means on min(N, 256 x classes)
@@ -73,8 +74,8 @@ from _args import require_positive  # benchmarks/_args.py, beside this script
 REPO = Path(__file__).resolve().parent.parent
 IMAGENET_N = 1_281_167
 BUDGET_MB = 4096
-COMMANDS = ["convert_npz", "convert_imagefolder", "info", "score_random", "score_lm", "score_fm", "score_fm_s256",
-            "prune_lm", "prune_fm"]
+COMMANDS = ["convert_npz", "convert_imagefolder", "info", "verify", "score_random", "score_lm", "score_fm",
+            "score_fm_s256", "prune_lm", "prune_fm"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,6 +527,8 @@ def main() -> None:
             (outs / f"source_{n}_folder.beton").unlink(missing_ok=True)
         if "info" in wanted:
             record("info", n, [dptool, "-q", "info", str(src), "--json"])
+        if "verify" in wanted:
+            record("verify", n, [dptool, "-q", "verify", str(src), "--json"])
         score = [dptool, "-q", "score", "--source", str(src), "--target", str(target), "--force", "--json"]
         if "score_random" in wanted:
             record("score_random", n, score + ["--method", "random", "-o", str(outs / f"random_{n}.json")])
