@@ -6,6 +6,7 @@ import click
 
 from dptool.errors import MAX_SEED
 from dptool.finetune import FinetuneConfig, finetune
+from dptool.models import list_models
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
 
@@ -33,6 +34,11 @@ def _human(r) -> str:
 @click.argument("test_data", metavar="TEST.beton", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--mode", type=click.Choice(["lp", "ff"]), default=DEFAULTS.mode,
               help="lp: frozen backbone; ff: all weights.")
+@click.option("--arch", type=click.Choice(list_models()), default=None,
+              help="Read CHECKPOINT as weights of this architecture: a state dict or a self-supervised checkpoint "
+                   "(MoCo, DINO, SwAV)  [default: CHECKPOINT is a dptool checkpoint]")
+@click.option("--weights-prefix", default=None,
+              help="With --arch: the prefix of the backbone's entries, when the file holds several copies.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs  [default: lp 50, ff 200]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, help="Training batch.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Optimizer  [default: adam]")
@@ -57,14 +63,15 @@ def _human(r) -> str:
 @workers_option
 @force_option
 @json_option
-def command(checkpoint, train_data, test_data, output, log_path, force, as_json, **options):
+def command(checkpoint, train_data, test_data, arch, weights_prefix, output, log_path, force, as_json, **options):
     """Transfer a checkpoint to a target task: linear probe (lp) or full finetune (ff).
 
     \b
     dptool finetune rn101_p60.pt flowers_train.beton flowers_test.beton --mode lp
     dptool finetune rn18.pt pets_train.beton pets_test.beton --mode ff --optimizer sgd --val-fraction 0.1
+    dptool finetune moco_v2_800ep_pretrain.pth.tar flowers_train.beton flowers_test.beton --arch resnet50
     """
     config = FinetuneConfig(**options)
     result = finetune(checkpoint, train_data, test_data, config=config, output=output, log_path=log_path,
-                      force=force, progress=show_progress(as_json))
+                      force=force, progress=show_progress(as_json), arch=arch, weights_prefix=weights_prefix)
     emit(result, as_json, _human)

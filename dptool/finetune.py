@@ -129,6 +129,30 @@ def _schedule(optimizer, total_steps: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
 
 
+def _pretrained(path, arch: str | None, weights_prefix: str | None, device):
+    """The model to transfer and a checkpoint-like dict of what is known of it (arch, small_input, recipe, ...)."""
+    from .checkpoint import load_checkpoint
+    from .models import canonical_name
+    from .surrogate import model_from_weights
+
+    if arch is None:
+        if weights_prefix is not None:
+            raise InputError("--weights-prefix goes with --arch, which reads CHECKPOINT as a weights file.")
+        try:
+            return load_checkpoint(path, device=device)
+        except InputError as exc:
+            if "is not a dptool checkpoint" not in str(exc):
+                raise
+            raise InputError(f"{str(exc).rstrip('.')}; to finetune a state dict or a self-supervised checkpoint "
+                             "(MoCo, DINO, SwAV), name its architecture with --arch.") from exc
+    if not Path(path).is_file():
+        raise InputError(f"Weights file {path} does not exist.")
+    model, _, prefix = model_from_weights(arch, path, weights_prefix=weights_prefix)
+    base, small = canonical_name(arch)
+    return model.to(device), {"arch": base, "small_input": small, "blurpool": False, "image_size": None,
+                              "recipe": {"weights": str(path), "weights_prefix": prefix}, "data_fingerprint": None}
+
+
 def _optimizer(params, cfg: FinetuneConfig):
     import torch
 
@@ -257,14 +281,16 @@ def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, 
 def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_data: str | os.PathLike, *,
              config: FinetuneConfig = FinetuneConfig(), output: str | os.PathLike | None = None,
              log_path: str | os.PathLike | None = None, force: bool = False, progress: bool = False,
-             device=None) -> FinetuneResult:
+             device=None, arch: str | None = None, weights_prefix: str | None = None) -> FinetuneResult:
     """Transfer `checkpoint` to the target (`train_data`, `test_data`) by LP or FF; one process.
 
+    `checkpoint` is a dptool checkpoint, or with `arch` a weights file of that architecture: a state dict or a
+    self-supervised checkpoint (MoCo, DINO, SwAV: see `dptool.surrogate.select_backbone`, `weights_prefix`).
     `output` (optional) receives the finetuned checkpoint; `log_path` (default: beside `output`) a JSON-lines log.
     """
     import torch
 
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .distributed import launched_by_torchrun
     from .loaders import eval_loader, inference_loader, train_loader
     from .models import replace_head
@@ -289,7 +315,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if cfg.batch_size > len(tr_idx) and cfg.mode == "ff":
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "
                          f"{train_data}; use a smaller batch.")
-    model, ckpt = load_checkpoint(checkpoint, device=device)
+    model, ckpt = _pretrained(checkpoint, arch, weights_prefix, device)
     side = ckpt.get("image_size") or 224  # a ViT's position embeddings fix its input size
     if str(ckpt["arch"]).startswith("vit") and cfg.res != side:
         raise InputError(f"{checkpoint} is a {ckpt['arch']} for {side} px images; pass --res {side}, got {cfg.res}.")

@@ -158,22 +158,26 @@ def feature_dim(model) -> int:
     head = feature_layer(model)
     if not hasattr(head, "in_features"):
         raise InputError(f"The {type(getattr(model, 'module', model)).__name__} has no classifier to read the "
-                         "feature width from (its head was dropped).")
+                         "feature width from.")
     return int(head.in_features)
 
 
 def drop_head(model) -> None:
     """Replace the final classifier by `nn.Identity`: the model then returns the penultimate feature.
 
-    For a backbone whose weights come without a classifier (self-supervised checkpoints: MoCo, DINO, SwAV).
+    For a backbone whose weights come without a classifier (self-supervised checkpoints: MoCo, DINO, SwAV). The
+    Identity keeps the classifier's `in_features`, so that `feature_dim` and `replace_head` still know the width.
     """
     import torch.nn as nn
 
     inner = getattr(model, "module", model)
-    if feature_layer(inner) is getattr(inner, "fc", None):
-        inner.fc = nn.Identity()
+    old = feature_layer(inner)
+    new = nn.Identity()
+    new.in_features = old.in_features
+    if old is getattr(inner, "fc", None):
+        inner.fc = new
     else:
-        inner.heads.head = nn.Identity()
+        inner.heads.head = new
 
 
 def replace_head(model, num_classes: int):
@@ -182,7 +186,8 @@ def replace_head(model, num_classes: int):
 
     inner = getattr(model, "module", model)
     old = feature_layer(inner)
-    new = nn.Linear(old.in_features, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
+    like = next(inner.parameters())  # a dropped head (nn.Identity) has no weight to take the device and dtype of
+    new = nn.Linear(feature_dim(inner), num_classes).to(device=like.device, dtype=like.dtype)
     if old is getattr(inner, "fc", None):
         inner.fc = new
     else:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["Surrogate", "load_surrogate", "read_state_dict", "select_backbone", "default_resolution",
-           "weights_fingerprint"]
+__all__ = ["Surrogate", "load_surrogate", "read_state_dict", "select_backbone", "model_from_weights",
+           "default_resolution", "weights_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,24 @@ def select_backbone(state: dict, model, where: str, prefix: str | None = None) -
     return {k: v for k, v in state.items() if k.split(".")[0] not in foreign}, prefix
 
 
+def model_from_weights(arch: str, weights: str | os.PathLike, *, weights_prefix: str | None = None):
+    """Registered architecture `arch` with the weights of the file `weights`: a state dict, or a self-supervised
+    checkpoint whose backbone `select_backbone` finds. Returns (model, classifier width, prefix); a file without a
+    classifier gives width None and a model whose classifier is an `nn.Identity` (it returns the feature)."""
+    from .models import create_model, drop_head
+
+    net = create_model(arch, 1)  # its entry names find the backbone; the head is sized once that is known
+    state, prefix = select_backbone(read_state_dict(weights), net, str(weights), weights_prefix)
+    width = _head_width(state)
+    if width is None:  # a self-supervised backbone: its projection head (if any) is no classifier
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in _HEAD_MODULES}
+        drop_head(net)
+    else:
+        net = create_model(arch, width)
+    _load_weights(net, state, str(weights))
+    return net, width, prefix
+
+
 def _load_weights(model, state: dict, where: str) -> None:
     from .checkpoint import describe_mismatch, read_checkpoint
 
@@ -323,18 +341,10 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
     elif arch is not None:
         if weights is None:
             raise InputError(f"--arch {arch} needs --weights, a state-dict file of that architecture.")
-        from .models import canonical_name, create_model, drop_head
+        from .models import canonical_name
 
-        net = create_model(arch, 1)  # its entry names find the backbone; the head is sized once that is known
-        state, prefix = select_backbone(read_state_dict(weights), net, str(weights), weights_prefix)
-        width = _head_width(state)
-        if width is None:  # a self-supervised backbone: its projection head (if any) is no classifier
-            has_classifier = False
-            state = {k: v for k, v in state.items() if k.split(".")[0] not in _HEAD_MODULES}
-            drop_head(net)
-        else:
-            net = create_model(arch, width)
-        _load_weights(net, state, str(weights))
+        net, width, prefix = model_from_weights(arch, weights, weights_prefix=weights_prefix)
+        has_classifier = width is not None
         base, small = canonical_name(arch)
         identity = {"kind": "state_dict", "path": str(Path(weights).resolve()), "arch": base,
                     "small_input": small, "num_classes": width, "sha256": fingerprint_file(weights)}

@@ -180,3 +180,32 @@ def test_refuses_before_any_work(tmp_path, target, source_ckpt, monkeypatch):
                                recipe={}, data_fingerprint=None, epoch=1, image_size=32)
     with pytest.raises(InputError, match="pass --res 32, got 64"):
         finetune(vit_ckpt, train, test, config=FinetuneConfig(epochs=1, res=64))
+
+
+def test_a_self_supervised_checkpoint_is_transferred_as_its_backbone(tmp_path, target, source_ckpt, one_thread):
+    """LP of a MoCo v2 file holding the checkpoint's backbone (`--arch resnet18`) is the LP of the checkpoint: the
+    same features and seeded head give the same loss and test top-1 every epoch. FF trains its backbone. Without
+    --arch, such a file is refused with the hint."""
+    from test_surrogate import _self_supervised_files
+
+    train, test = target
+    net = create_model("resnet18", 4)
+    net.load_state_dict(read_checkpoint(source_ckpt)["state_dict"])
+    moco = _self_supervised_files(net, tmp_path)["moco_v2"]
+    cfg = FinetuneConfig(mode="lp", epochs=3, batch_size=16, res=16, workers=1)
+    theirs = finetune(source_ckpt, train, test, config=cfg)
+    ours = finetune(moco, train, test, config=cfg, arch="resnet18", output=tmp_path / "lp.pt")
+    assert [(h["train_loss"], h["test_top1"]) for h in ours.history] == [
+        (h["train_loss"], h["test_top1"]) for h in theirs.history]
+    saved = read_checkpoint(tmp_path / "lp.pt")
+    assert saved["arch"] == "resnet18" and saved["num_classes"] == 3
+    assert all(torch.equal(v, saved["state_dict"][k]) for k, v in net.state_dict().items() if not k.startswith("fc."))
+
+    ff = finetune(moco, train, test, config=FinetuneConfig(mode="ff", epochs=1, batch_size=16, res=16, lr=1e-3,
+                                                           workers=1), arch="resnet18", output=tmp_path / "ff.pt")
+    assert ff.epochs == 1
+    assert not torch.equal(read_checkpoint(tmp_path / "ff.pt")["state_dict"]["conv1.weight"], net.conv1.weight)
+
+    result = CliRunner().invoke(cli, ["finetune", str(moco), str(train), str(test), "--epochs", "1"])
+    assert result.exit_code == 2 and "is not a dptool checkpoint" in result.output
+    assert "name its architecture with --arch." in result.output and len(result.output.strip().splitlines()) == 1
