@@ -147,7 +147,8 @@ def _pretrained(path, arch: str | None, weights_prefix: str | None, device):
                              "(MoCo, DINO, SwAV), name its architecture with --arch.") from exc
     if not Path(path).is_file():
         raise InputError(f"Weights file {path} does not exist.")
-    model, _, prefix = model_from_weights(arch, path, weights_prefix=weights_prefix)
+    model, _, prefix = model_from_weights(arch, path, weights_prefix=weights_prefix,
+                                          checkpoint_hint="drop --arch")
     base, small = canonical_name(arch)
     return model.to(device), {"arch": base, "small_input": small, "blurpool": False, "image_size": None,
                               "recipe": {"weights": str(path), "weights_prefix": prefix}, "data_fingerprint": None}

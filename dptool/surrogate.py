@@ -205,10 +205,12 @@ def select_backbone(state: dict, model, where: str, prefix: str | None = None) -
     return {k: v for k, v in state.items() if k.split(".")[0] not in foreign}, prefix
 
 
-def model_from_weights(arch: str, weights: str | os.PathLike, *, weights_prefix: str | None = None):
+def model_from_weights(arch: str, weights: str | os.PathLike, *, weights_prefix: str | None = None,
+                       checkpoint_hint: str = "pass it as --model"):
     """Registered architecture `arch` with the weights of the file `weights`: a state dict, or a self-supervised
     checkpoint whose backbone `select_backbone` finds. Returns (model, classifier width, prefix); a file without a
-    classifier gives width None and a model whose classifier is an `nn.Identity` (it returns the feature)."""
+    classifier gives width None and a model whose classifier is an `nn.Identity` (it returns the feature).
+    `checkpoint_hint` ends the refusal of a dptool checkpoint that does not fit `arch` (how the command reads it)."""
     from .models import create_model, drop_head
 
     net = create_model(arch, 1)  # its entry names find the backbone; the head is sized once that is known
@@ -219,11 +221,11 @@ def model_from_weights(arch: str, weights: str | os.PathLike, *, weights_prefix:
         drop_head(net)
     else:
         net = create_model(arch, width)
-    _load_weights(net, state, str(weights))
+    _load_weights(net, state, str(weights), checkpoint_hint)
     return net, width, prefix
 
 
-def _load_weights(model, state: dict, where: str) -> None:
+def _load_weights(model, state: dict, where: str, checkpoint_hint: str = "pass it as --model") -> None:
     from .checkpoint import describe_mismatch, read_checkpoint
 
     try:
@@ -232,7 +234,7 @@ def _load_weights(model, state: dict, where: str) -> None:
         hint = ""
         try:
             read_checkpoint(where)
-            hint = f"; {where} is a dptool checkpoint, which knows its own architecture: pass it as --model"
+            hint = f"; {where} is a dptool checkpoint, which knows its own architecture: {checkpoint_hint}"
         except Exception:  # noqa: BLE001 - not a dptool checkpoint: no hint
             pass
         raise InputError(f"Weights {where} do not fit the {type(model).__name__} model: "

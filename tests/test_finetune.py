@@ -209,3 +209,14 @@ def test_a_self_supervised_checkpoint_is_transferred_as_its_backbone(tmp_path, t
     result = CliRunner().invoke(cli, ["finetune", str(moco), str(train), str(test), "--epochs", "1"])
     assert result.exit_code == 2 and "is not a dptool checkpoint" in result.output
     assert "name its architecture with --arch." in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_dptool_checkpoint_given_another_arch_is_told_to_drop_it(tmp_path, target, source_ckpt):
+    """finetune has no --model: a dptool checkpoint that does not fit --arch is told to drop --arch."""
+    train, test = target
+    result = CliRunner().invoke(cli, ["finetune", str(source_ckpt), str(train), str(test), "--arch", "resnet18_small",
+                                      "--epochs", "1", "--res", "16"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().endswith(f"{source_ckpt} is a dptool checkpoint, which knows its own architecture: "
+                                          "drop --arch.")
+    assert "--model" not in result.output and len(result.output.strip().splitlines()) == 1
