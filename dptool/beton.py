@@ -96,11 +96,14 @@ def digests_path(beton: str | os.PathLike) -> Path:
 
 def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
     """Refuse a `.beton` output, or the sidecar and digests file it brings, that exists (without `force`) or is an
-    input or an input's sidecar; a path ending in `.json` is refused as a sidecar name."""
+    input or an input's sidecar; a path ending in `.json` is refused as a sidecar name, one ending in `.digests.npy`
+    as a digests file's."""
     inputs = tuple(p for p in inputs if p is not None)
     out = check_output_path(path, force=force, inputs=inputs)
     if str(out).endswith(".json"):
         raise InputError(f"Output {out} looks like a sidecar; give a .beton path.")
+    if str(out).endswith(".digests.npy"):  # another output's digests file (prune's -o and --val-out)
+        raise InputError(f"Output {out} looks like a digests file; give a .beton path.")
     side = sidecar_path(out)
     for src in inputs:  # the sidecar replaces an existing file even with --force: never let it be an input
         if os.path.abspath(side) in (os.path.abspath(src), os.path.abspath(sidecar_path(src))) or (

@@ -161,6 +161,19 @@ def test_an_input_s_digests_file_is_never_an_output(written, tmp_path):
     assert "source.beton.digests.npy (missing)" in _invoke("info", source).output
 
 
+def test_an_output_is_never_another_output_s_digests_file(written, tmp_path):
+    """prune's --val-out named as -o's digests file would overwrite them (verify then refuses -o): refused first."""
+    source = _copy(written, tmp_path, "source.beton")
+    val = _copy(written, tmp_path, "val.beton")
+    scores = class_scores_file(tmp_path / "lm.json", source, scores=[3, 0, 2, 1], tiebreak=[0, 0, 0, 0])
+    out = tmp_path / "p.beton"
+    result = _invoke("prune", source, "--scores", scores, "--ratio", 0.5, "-o", out, "--val", val,
+                     "--val-out", digests_path(out))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"Error: Output {digests_path(out)} looks like a digests file; give a .beton path."
+    assert not out.exists() and not digests_path(out).exists()
+
+
 def test_several_files_are_checked_together(written, tmp_path):
     """One intact and one damaged file: both reported, exit 1; a file without digests among them is refused before
     any sample is read (exit 2, nothing else printed)."""
