@@ -131,6 +131,10 @@ def verify_files(paths, *, progress: bool = False, max_listed: int = 1000) -> di
 
 def _recorded(path: str | os.PathLike) -> tuple[Beton, np.ndarray]:
     """The opened `.beton` at `path` and its recorded digests; an InputError when it has none."""
+    for companion, what in ((".beton.json", "sidecar"), (".beton.digests.npy", "digests file")):
+        if str(path).endswith(companion):  # a shell's `*` brings them along with the .beton files
+            raise InputError(f"{path} is the {what} of {str(path)[: -len(companion)]}.beton; give the .beton files "
+                             "(dptool verify DIR/*.beton).")
     beton = open_beton(path, require_label=False)
     expected = recorded_digests(beton)
     if expected is None:

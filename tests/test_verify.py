@@ -189,6 +189,10 @@ def test_several_files_are_checked_together(written, tmp_path):
         f"{damaged}: 1 of 80 samples differ from when it was written: 10.")
     doc = json.loads(_invoke("verify", intact, "--json").output)
     assert doc["intact"] is True and [f["path"] for f in doc["files"]] == [str(intact)]
+    for companion in (sidecar_path(intact), digests_path(intact)):
+        named = _invoke("verify", intact, companion)
+        assert named.exit_code == 2 and f"of {intact}; give the .beton files (dptool verify DIR/*.beton)." in \
+            named.output, named.output
     bare = tmp_path / "bare.beton"
     shutil.copy(written, bare)
     refused = _invoke("verify", intact, bare)
