@@ -13,8 +13,8 @@ from pathlib import Path
 from .atomic import atomic_output
 from .errors import InputError
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-           "describe_mismatch"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "NotACheckpointError", "save_checkpoint", "read_checkpoint",
+           "load_checkpoint", "describe_mismatch"]
 
 CHECKPOINT_FORMAT = "dptool-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -68,6 +68,10 @@ def save_checkpoint(path: str | os.PathLike, *, arch: str, num_classes: int, sta
     return path
 
 
+class NotACheckpointError(InputError):
+    """The file is not a dptool checkpoint at all (as opposed to a damaged or newer one)."""
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint dict at `path` (tensors on the CPU), validated; no model is built."""
     import torch
@@ -80,9 +84,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise InputError(f"{path} is not a dptool checkpoint ({type(exc).__name__}).") from exc
+        raise NotACheckpointError(f"{path} is not a dptool checkpoint ({type(exc).__name__}).") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not a dptool checkpoint (no {CHECKPOINT_FORMAT!r} format tag).")
+        raise NotACheckpointError(f"{path} is not a dptool checkpoint (no {CHECKPOINT_FORMAT!r} format tag).")
     if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
         raise InputError(f"{path} has checkpoint version {ckpt['version']}; this dptool reads up to "
                          f"{CHECKPOINT_VERSION}.")

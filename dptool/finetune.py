@@ -131,7 +131,7 @@ def _schedule(optimizer, total_steps: int):
 
 def _pretrained(path, arch: str | None, weights_prefix: str | None, device):
     """The model to transfer and a checkpoint-like dict of what is known of it (arch, small_input, recipe, ...)."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import NotACheckpointError, load_checkpoint
     from .models import canonical_name
     from .surrogate import model_from_weights
 
@@ -140,9 +140,7 @@ def _pretrained(path, arch: str | None, weights_prefix: str | None, device):
             raise InputError("--weights-prefix goes with --arch, which reads CHECKPOINT as a weights file.")
         try:
             return load_checkpoint(path, device=device)
-        except InputError as exc:
-            if "is not a dptool checkpoint" not in str(exc):
-                raise
+        except NotACheckpointError as exc:
             raise InputError(f"{str(exc).rstrip('.')}; to finetune a state dict or a self-supervised checkpoint "
                              "(MoCo, DINO, SwAV), name its architecture with --arch.") from exc
     if not Path(path).is_file():

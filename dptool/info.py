@@ -102,13 +102,14 @@ def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:
     }
 
 
-def _companion_state(scores_path: Path, name: str | None, sha256: str | None, refused: str) -> dict | None:
-    """Path and state (present, unchanged, replaced, missing, unreadable) of a file a scores file names beside it."""
+def _companion_state(owner: Path, name: str | None, sha256: str | None, refused: str) -> dict | None:
+    """Path and state (present, unchanged, replaced, missing, unreadable) of the file `name` beside `owner` (a scores
+    file's assignment or centroids, a .beton's digests), against the `sha256` recorded for it."""
     from .scores import fingerprint_file
 
     if name is None:
         return None
-    path = scores_path.with_name(name)
+    path = owner.with_name(name)
     state = "missing"
     if path.is_file():
         try:

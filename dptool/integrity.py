@@ -98,13 +98,12 @@ def recorded_digests(beton: Beton) -> np.ndarray | None:
 def record_digests(final: Path, digests: np.ndarray) -> dict:
     """Write `digests` as the digests file of the `.beton` `final` (inside `output_group`, renamed with it); return
     the sidecar's record of it."""
-    from .scores import fingerprint_file
+    from .scores import npy_bytes
 
     path = digests_path(final)
+    npy, sha = npy_bytes(np.ascontiguousarray(digests, dtype=np.uint32))
     with atomic_output(path, companion_of=final) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(digests, dtype=np.uint32), allow_pickle=False)
-        sha = fingerprint_file(tmp)
+        tmp.write_bytes(npy)
     return {"file": path.name, "algorithm": DIGEST_ALGORITHM, "sha256": sha}
 
 

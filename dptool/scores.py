@@ -42,6 +42,7 @@ __all__ = [
     "assignment_path",
     "load_centroids",
     "centroids_path",
+    "npy_bytes",
     "select_groups",
     "removed_count",
     "fingerprint_file",
@@ -216,7 +217,7 @@ def _check_centroids(centroids: np.ndarray, scores: Scores, where: str) -> np.nd
     return c.astype(np.float32, copy=False)
 
 
-def _npy(a: np.ndarray) -> tuple[bytes, str]:
+def npy_bytes(a: np.ndarray) -> tuple[bytes, str]:
     """The .npy bytes of `a` and their ``sha256:<hex>``: fingerprinted before writing, so the file's hash is this."""
     buf = io.BytesIO()
     np.save(buf, a)
@@ -246,12 +247,12 @@ def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndar
     companions = []  # (path, .npy bytes), placed together with the scores file
     if assignment is not None:
         apath = check_output_path(assignment_path(out), force=force)
-        npy, sha = _npy(_check_assignment(assignment, scores, "assignment"))
+        npy, sha = npy_bytes(_check_assignment(assignment, scores, "assignment"))
         companions.append((apath, npy))
         doc_scores = dataclasses.replace(doc_scores, assignment=apath.name, assignment_sha256=sha)
     if centroids is not None:
         cpath = check_output_path(centroids_path(out), force=force)
-        npy, sha = _npy(_check_centroids(centroids, scores, "centroids"))
+        npy, sha = npy_bytes(_check_centroids(centroids, scores, "centroids"))
         companions.append((cpath, npy))
         doc_scores = dataclasses.replace(doc_scores, centroids=cpath.name, centroids_sha256=sha)
     try:  # before anything is written: a refusal leaves nothing behind
