@@ -121,9 +121,13 @@ def verify(path: str | os.PathLike, *, progress: bool = False, max_listed: int =
 def verify_files(paths, *, progress: bool = False, max_listed: int = 1000) -> dict:
     """`verify` each of `paths`, after checking that every one has recorded digests (before reading any sample).
 
-    Returns ``{"intact": all intact, "files": [one `verify` summary per path]}``.
+    Returns ``{"intact": all intact, "files": [one `verify` summary per path]}``; a file named twice (by
+    another spelling or a link) is read once.
     """
-    recorded = [_recorded(p) for p in paths]
+    unique = {}
+    for p in paths:
+        unique.setdefault(os.path.realpath(p), p)
+    recorded = [_recorded(p) for p in unique.values()]
     files = [_verify(beton, expected, progress=progress, max_listed=max_listed) for beton, expected in recorded]
     return {"intact": all(f["intact"] for f in files), "files": files}
 
