@@ -50,10 +50,10 @@ def _human(s: dict) -> str:
 @click.option("--model", type=_PATH, default=None, help="Surrogate: a dptool checkpoint or a TorchScript file.")
 @click.option("--arch", type=click.Choice(list_models()), default=None, help="Surrogate architecture (with --weights).")
 @click.option("--weights", type=_PATH, default=None,
-              help="State-dict file for --arch or --model-factory; for --arch also a self-supervised checkpoint "
-                   "(MoCo, DINO, SwAV: the backbone is found in it).")
+              help="State-dict file for --arch or --model-factory, or a self-supervised checkpoint (MoCo, DINO, "
+                   "SwAV: the backbone is found in it).")
 @click.option("--weights-prefix", default=None,
-              help="With --arch: the prefix of the backbone's entries in --weights, when it holds several copies "
+              help="The prefix of the backbone's entries in --weights, when it holds several copies "
                    "(e.g. encoder_k.)  [default: found]")
 @click.option("--model-factory", default=None, help="package.module:function returning a torch.nn.Module.")
 @click.option("--feature-layer", default=None, help="Module whose input is the FM feature  [default: the classifier]")

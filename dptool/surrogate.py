@@ -299,8 +299,8 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
                    feature_layer: str | None = None, weights_prefix: str | None = None, device="cpu") -> Surrogate:
     """Load the surrogate from exactly one of `model` (checkpoint or TorchScript), `arch`, `factory`.
 
-    `weights` is a state-dict file for `arch` (required) or `factory` (optional); for `arch`, `weights_prefix`
-    names the part of it that holds the backbone when the file holds several (see `select_backbone`). The module
+    `weights` is a state-dict file for `arch` (required) or `factory` (optional); `weights_prefix` names the part
+    of it that holds the backbone when the file holds several (see `select_backbone`). The module
     is moved to `device`, put in eval mode and its gradients switched off. Every problem is one InputError sentence.
     """
     import torch
@@ -313,8 +313,8 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
                          f"--model-factory, got {' and '.join(given) if given else 'none'}.")
     if weights is not None and model is not None:
         raise InputError("--weights goes with --arch or --model-factory; a --model file has its own weights.")
-    if weights_prefix is not None and arch is None:
-        raise InputError("--weights-prefix goes with --arch and --weights.")
+    if weights_prefix is not None and weights is None:
+        raise InputError("--weights-prefix goes with --weights (for --arch or --model-factory).")
     recipe: dict = {}
     scripted = False
     has_classifier = True
@@ -355,9 +355,12 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
     else:
         net = _from_factory(str(factory))
         identity = {"kind": "factory", "factory": str(factory), "arch": type(net).__name__}
-        if weights is not None:
-            _load_weights(net, read_state_dict(weights), str(weights))
+        if weights is not None:  # a self-supervised checkpoint's backbone is found as for --arch
+            state, prefix = select_backbone(read_state_dict(weights), net, str(weights), weights_prefix)
+            _load_weights(net, state, str(weights))
             identity.update(path=str(Path(weights).resolve()), sha256=fingerprint_file(weights))
+            if prefix:
+                identity["weights_prefix"] = prefix
     identity["weights"] = weights_fingerprint(net)
     net = net.to(device).eval()
     for p in net.parameters():

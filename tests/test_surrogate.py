@@ -152,6 +152,24 @@ def test_model_factory(factory_module, x, tmp_path):
         missing.feature_module()
 
 
+def test_model_factory_weights_from_a_self_supervised_checkpoint(factory_module, x, tmp_path):
+    """--model-factory --weights finds the backbone in a MoCo-style file as --arch does; --weights-prefix picks the
+    other copy."""
+    query, key = _Tiny(), _Tiny()
+    layout = {f"module.encoder_q.{k}": v for k, v in query.state_dict().items()}
+    layout.update({f"module.encoder_k.{k}": v for k, v in key.state_dict().items()})
+    layout["queue"] = torch.zeros(4, 16)
+    torch.save({"epoch": 200, "state_dict": layout}, tmp_path / "moco.pth.tar")
+    s = load_surrogate(factory="tiny_factory:make", weights=tmp_path / "moco.pth.tar")
+    _same_outputs(s.model, query, x)
+    assert s.identity["weights_prefix"] == "encoder_q." and s.identity["weights"] == weights_fingerprint(query)
+    k = load_surrogate(factory="tiny_factory:make", weights=tmp_path / "moco.pth.tar",
+                       weights_prefix="module.encoder_k.")
+    _same_outputs(k.model, key, x)
+    with pytest.raises(InputError, match=r"--weights-prefix goes with --weights \(for --arch or --model-factory\)"):
+        load_surrogate(factory="tiny_factory:make", weights_prefix="encoder_k.")
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("tiny_factory", "must look like package.module:function"),
     ("no_such_pkg_xyz:make", "cannot import"),
@@ -267,7 +285,7 @@ def test_a_file_with_two_unknown_backbones_asks_for_the_prefix(net, x, tmp_path)
     with pytest.raises(InputError, match=r"--weights-prefix online_encoder\. matches no entry of weights .*two\.pth; "
                                          r"its entries start with online\., target\."):
         load_surrogate(arch="resnet18_small", weights=tmp_path / "two.pth", weights_prefix="online_encoder.")
-    with pytest.raises(InputError, match="--weights-prefix goes with --arch"):
+    with pytest.raises(InputError, match=r"--weights-prefix goes with --weights \(for --arch or --model-factory\)"):
         load_surrogate(model=tmp_path / "two.pth", weights_prefix="online.")
 
 
