@@ -9,7 +9,6 @@ does not do. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _args import require_positive  # benchmarks/_args.py, beside this script
+from _args import parser, require_positive  # benchmarks/_args.py, beside this script
 from PIL import Image
 
 
@@ -67,17 +66,20 @@ def dptool_convert(src: Path, out: Path, max_res: int, workers: int, mode: str, 
 
 def main() -> None:
     """Run both writers on one generated folder and report images/s and the ratio."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--max-res", type=int, default=256)
-    ap.add_argument("--write-mode", default="jpg")
+    ap.add_argument("--write-mode", default="jpg", choices=["raw", "jpg", "smart", "proportion"])
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="folder for the run's temporary folder (created if missing; default: the system's)")
     ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "convert.json")
     args = ap.parse_args()
     require_positive(ap, args, ("images", "classes", "max_res", "workers", "repeats"))
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _args import require_positive  # benchmarks/_args.py, beside this script
+from _args import parser, require_positive  # benchmarks/_args.py, beside this script
 
 from dptool.kernels import class_histogram, joint_histogram, nearest_centroid
 
@@ -214,18 +214,25 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="also run the GPU benchmarks (needs CuPy and torch)")
-    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU benchmarks")
-    parser.add_argument("--labels", type=int, default=10_000_000, help="labels per histogram")
-    parser.add_argument("--rows", type=int, default=100_000, help="N for nearest-centroid")
-    parser.add_argument("--gpu-rows", type=int, default=1_000_000, help="a larger N for the GPU nearest-centroid")
-    parser.add_argument("--centroids", type=int, default=1000, help="K")
-    parser.add_argument("--dims", type=int, default=512, help="D")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
-    args = parser.parse_args()
-    require_positive(parser, args, ("labels", "rows", "gpu_rows", "centroids", "dims", "repeats"))
+    ap = parser(__doc__)
+    ap.add_argument("--gpu", action="store_true", help="also run the GPU benchmarks (needs CuPy and torch)")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU benchmarks")
+    ap.add_argument("--labels", type=int, default=10_000_000, help="labels per histogram")
+    ap.add_argument("--rows", type=int, default=100_000, help="N for nearest-centroid")
+    ap.add_argument("--gpu-rows", type=int, default=1_000_000, help="a larger N for the GPU nearest-centroid")
+    ap.add_argument("--centroids", type=int, default=1000, help="K")
+    ap.add_argument("--dims", type=int, default=512, help="D")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json-out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    args = ap.parse_args()
+    require_positive(ap, args, ("labels", "rows", "gpu_rows", "centroids", "dims", "repeats"))
+    if args.gpu:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("cupy") is None or not torch.cuda.is_available():
+            ap.error("--gpu needs CuPy (pip install -e '.[gpu]') and a CUDA device torch can see")
 
     rows: list[dict] = []
     if not args.no_cpu:

@@ -22,7 +22,6 @@ to the disk before renaming it into place, so the copies and the re-encode do to
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _args import require_positive  # benchmarks/_args.py, beside this script
+from _args import parser, require_positive  # benchmarks/_args.py, beside this script
 
 _SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 400), (281, 500)]
 
@@ -246,7 +245,7 @@ def time_reencode(source: Path, indices: np.ndarray, out: Path, max_res: int, qu
 
 def main() -> None:
     """Generate the source, time the three ways of writing the pruned subset, print a table, write JSON."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--size-gb", type=float, default=1.5, help="size of the generated source file")
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--ratio", type=float, default=0.6)

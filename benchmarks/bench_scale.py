@@ -57,7 +57,6 @@ The commit measured and any uncommitted changes under dptool/ and cli/ are recor
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -69,7 +68,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from _args import require_positive  # benchmarks/_args.py, beside this script
+from _args import parser, require_positive  # benchmarks/_args.py, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGENET_N = 1_281_167
@@ -408,8 +407,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     """Make the data, run every command at every size, print the table, write JSON and the plot."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--sizes", default="25000,100000,400000", help="source sizes N, comma-separated")
     ap.add_argument("--classes", type=int, default=1000, help="source classes")
     ap.add_argument("--image-size", type=int, default=20, help="side of the generated source images, px")
@@ -451,6 +449,9 @@ def main() -> None:
     unknown = set(wanted) - set(COMMANDS)
     if unknown:
         ap.error(f"unknown commands {sorted(unknown)}; known: {', '.join(COMMANDS)}")
+    for prune_cmd, score_cmd in (("prune_lm", "score_lm"), ("prune_fm", "score_fm")):
+        if prune_cmd in wanted and score_cmd not in wanted:
+            ap.error(f"--commands {prune_cmd} prunes with the scores {score_cmd} writes; add {score_cmd}")
     clusters = args.clusters or args.classes
     dptool = str(REPO / ".venv" / "bin" / "dptool")
     work = args.workdir

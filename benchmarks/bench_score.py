@@ -28,7 +28,6 @@ runs made seconds apart); the best time of each contender is reported too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _args import require_positive  # benchmarks/_args.py, beside this script
+from _args import parser, require_archs, require_device, require_positive  # benchmarks/_args.py, beside this script
 
 
 def make_data(folder: Path, classes: int, target_images: int, stored: int) -> tuple[Path, Path]:
@@ -253,7 +252,7 @@ def bench_fm(args) -> dict:
 
 def main() -> None:
     """Run the benchmarks, print a table, write JSON."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--classes", type=int, default=100, help="source classes = surrogate head width")
     ap.add_argument("--target-images", type=int, default=2000)
@@ -282,8 +281,8 @@ def main() -> None:
     if not args.fm_k <= args.fm_train <= args.fm_all:
         ap.error(f"need --fm-k <= --fm-train <= --fm-all (k-means needs a point per centroid and trains on the first "
                  f"--fm-train points), got {args.fm_k}, {args.fm_train} and {args.fm_all}")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        ap.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    require_device(ap, args.device)
+    require_archs(ap, [args.arch])
     logging.basicConfig(level=logging.WARNING)
 
     result: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -15,7 +15,6 @@ DataLoader: worker processes), same model. Reported for each path:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _args import require_positive  # benchmarks/_args.py, beside this script
+from _args import parser, require_archs, require_device, require_positive  # benchmarks/_args.py, beside this script
 
 from dptool.convert import WriterParams, convert
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
@@ -157,7 +156,7 @@ def print_shape(run: dict, args, device) -> None:
 
 def main(argv=None) -> dict:
     """Run the comparison for every --shapes entry, print tables, write JSON."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--shapes", nargs="+", default=["160:128", "64:56"],
                    help="STORED:CROP pairs in px, e.g. 256:224 (ImageNet-like) or 64:56")
@@ -173,6 +172,10 @@ def main(argv=None) -> dict:
     for shape in args.shapes:
         if not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", shape):
             p.error(f"--shapes entries are STORED:TRAINED pixel sizes such as 160:128, got {shape!r}")
+    if args.images < args.classes:
+        p.error(f"--images ({args.images}) must be at least --classes ({args.classes}): an image per class")
+    require_archs(p, args.arch)
+    require_device(p, args.device)
     device = torch.device(args.device)
     threads = torch.get_num_threads()
     runs = []

@@ -10,13 +10,13 @@ time. The data generator's design was fixed before any result was seen; nothing 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from _args import parser  # benchmarks/_args.py, beside this script
 
 
 def run_seed(workdir: Path, config, ratios: list[float], methods: list[str]) -> list[dict]:
@@ -105,14 +105,16 @@ def main() -> None:
     """Run every seed, then summarise and plot."""
     from dptool.demo import DemoConfig
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8])
-    ap.add_argument("--methods", nargs="+", default=["lm", "fm", "random"])
+    ap.add_argument("--methods", nargs="+", default=["lm", "fm", "random"], choices=["lm", "fm", "random", "el2n"])
     ap.add_argument("--quick", action="store_true", help="The demo's quick sizes (a smoke run, not a result).")
     ap.add_argument("--workdir", type=Path, default=Path("transfer-work"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transfer")
     args = ap.parse_args()
+    if not all(0 <= r < 1 for r in args.ratios):
+        ap.error(f"--ratios must each be in [0, 1), got {' '.join(f'{r:g}' for r in args.ratios)}")
 
     base = DemoConfig.quick() if args.quick else DemoConfig()
     records, start = [], time.perf_counter()
