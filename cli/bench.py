@@ -154,6 +154,6 @@ def loader(path, res, batch_size, workers, arch, small_input, compare_folder, ma
     _check_outputs([path], force, json_out)
     result = bench_loader(path, res=res, batch_size=batch_size, workers=workers, arch=arch, small_input=small_input,
                           compare_folder=compare_folder, max_batches=max_batches, device=device,
-                          precision=precision).to_dict()
+                          precision=precision, progress=show_progress(as_json)).to_dict()
     _save(result, json_out)
     emit(result, as_json, _loader_table)

@@ -232,10 +232,17 @@ class LoaderBench:
         return d
 
 
-def _rate(batches, device, step=None, max_batches: int | None = None, what: str = "The file") -> float:
+def _rate(batches, device, step=None, max_batches: int | None = None, what: str = "The file",
+          progress: bool = False, desc: str = "") -> float:
     """Images/s of `batches` delivered on `device` (after one warm-up batch), applying `step(x, y)` to each when
-    given; the clock stops once the device has finished the work."""
+    given; the clock stops once the device has finished the work. `progress`: a bar of batches on stderr."""
+    from tqdm import tqdm
+
     it = iter(batches)
+    total = max(len(batches) - 1, 0) if hasattr(batches, "__len__") else None
+    if max_batches and total is not None:
+        total = min(total, max_batches)
+    bar = tqdm(total=total, desc=desc or what, unit="batch", disable=not progress)
 
     def on_device(batch):
         x, y = batch
@@ -257,11 +264,13 @@ def _rate(batches, device, step=None, max_batches: int | None = None, what: str 
             else:
                 x[0, 0, 0, 0].add_(0)  # touch the batch without a host sync per batch
             images += len(y)
+            bar.update()
             if max_batches and n + 1 >= max_batches:
                 break
         dist.synchronize(device)
         elapsed = time.perf_counter() - start  # before close(): shutting a loader down is not delivering batches
     finally:
+        bar.close()
         close = getattr(it, "close", None)
         if close is not None:
             close()  # a measurement stopped early leaves no loader thread running
@@ -273,10 +282,12 @@ def _rate(batches, device, step=None, max_batches: int | None = None, what: str 
 
 def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 256, workers: int = 0,
                  arch: str | None = None, small_input: bool = False, compare_folder: str | os.PathLike | None = None,
-                 max_batches: int | None = None, device: str = "auto", precision: str = "auto") -> LoaderBench:
+                 max_batches: int | None = None, device: str = "auto", precision: str = "auto",
+                 progress: bool = False) -> LoaderBench:
     """Images/s of random-resized-crop + flip batches from `path` (FFCV) delivered on `device` and, with
     `compare_folder`, of the same images through torchvision ImageFolder + DataLoader with the same augmentation
-    and workers; with `arch`, also with a training step of that model on each batch."""
+    and workers; with `arch`, also with a training step of that model on each batch. `progress`: a bar of
+    batches on stderr for each measurement (each reads a whole epoch unless `max_batches`)."""
     import torch
 
     from .loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
@@ -306,9 +317,11 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     warm_page_cache(beton.path)
     ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers, device=dev)
     result = LoaderBench(path=str(beton.path), res=res, batch_size=batch_size, workers=workers, device=str(dev),
-                         ffcv_images_per_second=_rate(ffcv_loader, dev, max_batches=max_batches, what=str(path)))
+                         ffcv_images_per_second=_rate(ffcv_loader, dev, max_batches=max_batches, what=str(path),
+                                                             progress=progress, desc="FFCV"))
     if step:
-        result.ffcv_with_model_images_per_second = _rate(ffcv_loader, dev, step, max_batches, str(path))
+        result.ffcv_with_model_images_per_second = _rate(ffcv_loader, dev, step, max_batches, str(path),
+                                                         progress, f"FFCV + {arch}")
     if folder is not None:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -328,9 +341,11 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
                                          shuffle=True, num_workers=workers, drop_last=True,
                                          pin_memory=dev.type == "cuda",
                                          persistent_workers=bool(arch) and workers > 0)
-        result.folder_images_per_second = _rate(dl, dev, max_batches=max_batches, what=f"--compare-folder {folder}")
+        result.folder_images_per_second = _rate(dl, dev, max_batches=max_batches, what=f"--compare-folder {folder}",
+                                                progress=progress, desc="ImageFolder")
         if step:
-            result.folder_with_model_images_per_second = _rate(dl, dev, step, max_batches, f"--compare-folder {folder}")
+            result.folder_with_model_images_per_second = _rate(dl, dev, step, max_batches, f"--compare-folder {folder}",
+                                                               progress, f"ImageFolder + {arch}")
     return result
 
 

@@ -189,3 +189,15 @@ def test_bench_loader_refuses_a_file_of_one_batch(tiny_beton):
     result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--res", "16", "--batch-size", "100",
                                       "--workers", "1"])
     assert result.exit_code == 2 and "all of it spent on the warm-up" in result.output, result.output
+
+
+def test_bench_loader_shows_a_progress_bar_per_measurement(tiny_beton, capsys):
+    """Each measurement reads a whole epoch (of ImageNet: minutes, with --arch on a CPU hours): a bar shows where."""
+    from dptool.bench import bench_loader
+
+    bench_loader(tiny_beton, res=16, batch_size=16, workers=1, arch="resnet_tiny", small_input=True, max_batches=2,
+                 progress=True)
+    err = capsys.readouterr().err
+    assert "FFCV: 100%" in err and "2/2" in err and "FFCV + resnet_tiny: 100%" in err
+    bench_loader(tiny_beton, res=16, batch_size=16, workers=1, max_batches=2)  # the default: no bar
+    assert capsys.readouterr().err == ""
