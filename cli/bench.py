@@ -12,6 +12,7 @@ from dptool.atomic import atomic_output, check_output_path, output_group
 from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
 from dptool.distributed import launch_rank
 from dptool.errors import InputError
+from dptool.models import list_models
 
 from ._common import (
     CONTEXT_SETTINGS,
@@ -99,7 +100,7 @@ def command():
 
 @command.command("pretrain", context_settings=CONTEXT_SETTINGS)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--arch", default="resnet50", help="Architecture (see dptool train --help).")
+@click.option("--arch", type=click.Choice(list_models()), default="resnet50", help="Architecture.")
 @click.option("--small-input", is_flag=True, help="Small-image ResNet stem (32-64 px data).")
 @click.option("--res", type=click.IntRange(min=8), default=160, help="Training resolution, px.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Batch per process.")
@@ -135,7 +136,8 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
 @click.option("--res", type=click.IntRange(min=8), default=160, help="Crop resolution, px.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Batch size.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Workers for both paths; 0 = all cores.")
-@click.option("--arch", default=None, help="Also measure with a training step of this model.")
+@click.option("--arch", type=click.Choice(list_models()), default=None,
+              help="Also measure with a training step of this model.")
 @click.option("--small-input", is_flag=True, help="Small-image ResNet stem for --arch.")
 @click.option("--compare-folder", type=click.Path(path_type=str), default=None,
               help="The same images as an ImageFolder tree, read by torchvision for comparison.")

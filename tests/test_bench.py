@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -201,3 +202,18 @@ def test_bench_loader_shows_a_progress_bar_per_measurement(tiny_beton, capsys):
     assert "FFCV: 100%" in err and "2/2" in err and "FFCV + resnet_tiny: 100%" in err
     bench_loader(tiny_beton, res=16, batch_size=16, workers=1, max_batches=2)  # the default: no bar
     assert capsys.readouterr().err == ""
+
+
+def test_bench_arch_lists_the_architectures_as_train_does():
+    """--arch is one option across commands: the same choices in `--help` and the same usage error."""
+    from dptool.cli.main import cli as group
+
+    def arch(*path):
+        cmd = group
+        for name in path:
+            with click.Context(cmd) as ctx:
+                cmd = cmd.get_command(ctx, name)
+        return next(p for p in cmd.params if p.name == "arch").type
+
+    for path in (("bench", "pretrain"), ("bench", "loader")):
+        assert list(getattr(arch(*path), "choices", [])) == list(arch("train").choices)
