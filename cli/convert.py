@@ -30,7 +30,8 @@ def _human(r) -> str:
     "--format", "fmt", default="auto", help="auto, imagefolder, npz or torchvision:NAME (e.g. torchvision:Flowers102)."
 )
 @click.option("--split", default=None,
-              help="Split of a torchvision dataset: train, test (val where it has one)  [default: train].")
+              help="Split of a torchvision dataset: train, test (val where it has one; all for SUN397, which has "
+                   "no official split)  [default: train]")
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
