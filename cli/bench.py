@@ -118,6 +118,12 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
     \b
     dptool bench pretrain in_train.beton in_train_p60.beton --arch resnet50 --epochs 1 --plot bench.png
     """
+    ctx = click.get_current_context()
+    given = [f"--{n}" for n in ("steps", "rounds")
+             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if epochs > 0 and given:
+        raise click.UsageError(f"--epochs {epochs} measures whole epochs, so {' and '.join(given)} would be ignored; "
+                               "give --epochs, or --steps and --rounds, not both.")
     _check_outputs(files, force, json_out, plot)
     result = bench_pretrain(list(files), arch=arch, small_input=small_input, res=res, batch_size=batch_size,
                             workers=workers, epochs=epochs, steps=steps, rounds=rounds, precision=precision,

@@ -217,3 +217,10 @@ def test_bench_arch_lists_the_architectures_as_train_does():
 
     for path in (("bench", "pretrain"), ("bench", "loader")):
         assert list(getattr(arch(*path), "choices", [])) == list(arch("train").choices)
+
+
+def test_bench_pretrain_refuses_steps_with_epochs(tiny_beton):
+    """--epochs N measures whole epochs: a --steps or --rounds given with it was silently ignored."""
+    for extra in (["--steps", "5"], ["--rounds", "2"]):
+        result = CliRunner().invoke(cli, ["bench", "pretrain", str(tiny_beton), "--epochs", "1", *extra])
+        assert result.exit_code == 2 and f"so {extra[0]} would be ignored" in result.output, result.output
