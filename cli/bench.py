@@ -147,7 +147,8 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
 @click.option("--small-input", is_flag=True, help="Small-image ResNet stem for --arch.")
 @click.option("--compare-folder", type=click.Path(path_type=str), default=None,
               help="The same images as an ImageFolder tree, read by torchvision for comparison.")
-@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop each measurement early.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None,
+              help="Batches per measurement (after one warm-up batch)  [default: a whole epoch]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="Where batches are delivered (and the model runs): auto = CUDA when present.")
 @precision_option("Model step precision with --arch")

@@ -219,6 +219,11 @@ def test_bench_arch_lists_the_architectures_as_train_does():
         assert list(getattr(arch(*path), "choices", [])) == list(arch("train").choices)
 
 
+def test_bench_loader_help_says_a_measurement_reads_a_whole_epoch():
+    result = CliRunner().invoke(cli, ["bench", "loader", "-h"])
+    assert "[default: a whole epoch]" in " ".join(result.output.split())
+
+
 def test_bench_pretrain_refuses_steps_with_epochs(tiny_beton):
     """--epochs N measures whole epochs: a --steps or --rounds given with it was silently ignored."""
     for extra in (["--steps", "5"], ["--rounds", "2"]):
