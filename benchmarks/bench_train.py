@@ -166,7 +166,8 @@ def main(argv=None) -> dict:
     p.add_argument("--arch", nargs="+", default=["resnet18"])
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--json-out", "--out", dest="out", type=Path, default=RESULTS,
+                   help="JSON result (--out: its former name)")
     args = p.parse_args(argv)
     require_positive(p, args, ("images", "classes", "batch_size", "workers", "train_steps"))
     for shape in args.shapes:

@@ -193,7 +193,7 @@ PYEOF
 
     section "training throughput: FFCV vs torchvision ImageFolder on CUDA (benchmarks/bench_train.py)"
     step 150 "$PY" benchmarks/bench_train.py --device cuda --images 4000 --shapes 160:128 --batch-size 256 \
-        --train-steps 10 --arch resnet18 resnet50 --out "$RESULTS/train_gpu.json"
+        --train-steps 10 --arch resnet18 resnet50 --json-out "$RESULTS/train_gpu.json"
 fi
 
 # ------------------------------------------------------------------------------- later sections go here

@@ -80,3 +80,9 @@ def test_convert_workdir_is_created(tmp_path):
                "--max-res", "16", "--workdir", str(work), "--json-out", str(tmp_path / "convert.json"))
     assert run.returncode == 0, run.stderr[-2000:]
     assert work.is_dir() and (tmp_path / "convert.json").is_file()
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "transfer_experiment.py"])  # its --out is a stem
+def test_json_output_is_named_json_out(script):
+    """One name for the same thing: every script that writes one JSON file takes it as --json-out."""
+    assert "--json-out" in _run(script, "--help").stdout
