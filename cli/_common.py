@@ -11,9 +11,25 @@ from collections.abc import Callable
 import click
 
 __all__ = ["emit", "show_progress", "group_noun", "score_table", "json_option", "force_option", "workers_option",
-           "precision_option", "CONTEXT_SETTINGS"]
+           "precision_option", "CONTEXT_SETTINGS", "Group"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+class Group(click.Group):
+    """A group whose command list gives each command's whole first sentence, wrapped, where Click cuts it to the
+    terminal's width ("Convert an image dataset on disk to an FFCV .beton with a...")."""
+
+    def format_commands(self, ctx, formatter):
+        """The "Commands:" section: each command's `short_help`, else the first paragraph of its help, whole."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.short_help or " ".join((cmd.help or "").strip().split("\n\n")[0].split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def show_progress(as_json: bool) -> bool:

@@ -16,6 +16,7 @@ from dptool.models import list_models
 
 from ._common import (
     CONTEXT_SETTINGS,
+    Group,
     emit,
     force_option,
     json_option,
@@ -88,7 +89,7 @@ def _loader_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-@click.group("bench", context_settings=CONTEXT_SETTINGS)
+@click.group("bench", cls=Group, context_settings=CONTEXT_SETTINGS)
 def command():
     """Measure throughput: pruned vs full pretraining, and the data path.
 

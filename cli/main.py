@@ -15,7 +15,7 @@ from dptool._ffcv import silence_loader_gc_noise
 from dptool.atomic import is_write_error
 from dptool.errors import DptoolError, InputError
 
-from ._common import CONTEXT_SETTINGS
+from ._common import CONTEXT_SETTINGS, Group
 
 __all__ = ["cli", "main", "COMMANDS"]
 
@@ -33,7 +33,7 @@ COMMANDS = {
 }
 
 
-class _LazyGroup(click.Group):
+class _LazyGroup(Group):
     """Loads each command's module only when that command runs, so `dptool -h` stays fast."""
 
     def list_commands(self, ctx):

@@ -557,7 +557,8 @@ def _cmdline_has(pid: str, text: str) -> bool:
 def test_every_command_has_help():
     result = run("--help")
     assert result.exit_code == 0
-    commands = [line.split()[0] for line in result.output.split("Commands:")[1].strip().splitlines()]
+    listing = result.output.split("Commands:")[1].splitlines()
+    commands = [line.split()[0] for line in listing if re.match(r"  \S", line)]  # not a wrapped line's rest
     assert "convert" in commands and "info" in commands
     for name in commands:
         sub = run(name, "-h")
@@ -624,3 +625,11 @@ def test_split_help_names_every_split_accepted():
     for splits in (s for _, s, _ in TORCHVISION_FORMATS.values()):
         for split in splits:
             assert re.search(rf"\b{split}\b", text), f"--split help does not name {split!r}: {text}"
+
+
+def test_command_lists_give_whole_sentences():
+    """Click cut each command's line in `dptool -h` to the width ("... to an FFCV .beton with a...")."""
+    for args in (["-h"], ["bench", "-h"]):
+        listing = " ".join(run(*args).output.split("Commands:")[1].split())
+        assert "..." not in listing, listing
+        assert "JSON sidecar." in listing or "speed-up over the first." in listing
