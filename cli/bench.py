@@ -60,7 +60,8 @@ def _save(result: dict, json_out: Path | None) -> None:
 
 
 def _pretrain_table(d: dict) -> str:
-    lines = [f"{d['arch']} at {d['res']} px, batch {d['batch_size']} x {d['world_size']}, {d['device']}",
+    lines = [f"{d['arch']} at {d['res']} px, batch {d['batch_size']} x {d['world_size']}, {d['device']}, "
+             f"{d['precision']}",
              f"{'file':<34}{'samples':>9}{'img/s':>9}{'epoch s':>9}{'speed-up':>10}{'ideal':>7}{'eff.':>7}{'wait':>7}"]
     for r in d["rows"]:
         epoch = r["measured_epoch_seconds"] or r["projected_epoch_seconds"]
@@ -80,7 +81,8 @@ def _loader_table(d: dict) -> str:
             ("FFCV + model step", d["ffcv_with_model_images_per_second"]),
             ("ImageFolder + DataLoader", d["folder_images_per_second"]),
             ("ImageFolder + model step", d["folder_with_model_images_per_second"])]
-    lines = [f"{d['path']} at {d['res']} px, batch {d['batch_size']}, {d['workers']} workers, {d['device']}"]
+    lines = [f"{d['path']} at {d['res']} px, batch {d['batch_size']}, {d['workers']} workers, {d['device']}"
+             + (f", model step in {d['precision']}" if d.get("precision") else "")]
     lines += [f"  {name:<26}{rate:>10.1f} img/s" for name, rate in rows if rate]
     if d.get("loader_ratio"):
         lines.append(f"  FFCV / ImageFolder: {d['loader_ratio']:.2f}x (loader only)")

@@ -74,6 +74,7 @@ class PretrainBench:
     device: str
     world_size: int
     rows: list[PretrainRow]
+    precision: str = "fp32"  # as trained: `auto` resolved, fp32 on the CPU whatever was asked
 
     def to_dict(self) -> dict:
         """Plain-JSON form: rows, and for each file after the first its measured and ideal speed-up."""
@@ -86,7 +87,7 @@ class PretrainBench:
             r["speedup_basis"] = key.split("_")[0]
             r["efficiency"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] else None
         return {"arch": self.arch, "res": self.res, "batch_size": self.batch_size, "device": self.device,
-                "world_size": self.world_size, "rows": rows}
+                "precision": self.precision, "world_size": self.world_size, "rows": rows}
 
 
 def is_pruned_from(pruned, full) -> bool:
@@ -205,7 +206,7 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
         for it in iters:
             it.close()
         return PretrainBench(arch=arch, res=res, batch_size=batch_size, device=str(device),
-                             world_size=dist.world_size(), rows=rows)
+                             world_size=dist.world_size(), rows=rows, precision=precision)
 
 
 @dataclass
@@ -221,6 +222,7 @@ class LoaderBench:
     ffcv_with_model_images_per_second: float | None = None
     folder_images_per_second: float | None = None
     folder_with_model_images_per_second: float | None = None
+    precision: str | None = None  # of the model step (`auto` resolved), with `arch`
 
     def to_dict(self) -> dict:
         """Plain-JSON form with the FFCV / ImageFolder ratios."""
@@ -320,6 +322,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
                          ffcv_images_per_second=_rate(ffcv_loader, dev, max_batches=max_batches, what=str(path),
                                                              progress=progress, desc="FFCV"))
     if step:
+        result.precision = precision
         result.ffcv_with_model_images_per_second = _rate(ffcv_loader, dev, step, max_batches, str(path),
                                                          progress, f"FFCV + {arch}")
     if folder is not None:

@@ -59,6 +59,7 @@ def test_bench_pretrain_reports_speedups_against_the_first_file(full_and_pruned,
     data = json.loads(result.stdout)  # the warning that half.beton is not a pruned copy goes to stderr
     assert json.loads((tmp_path / "b.json").read_text()) == data
     full_row, half_row = data["rows"]
+    assert data["precision"] == ("fp32" if data["device"] == "cpu" else data["precision"])  # the one trained in
     assert (full_row["samples"], half_row["samples"]) == (160, 80)
     assert half_row["ideal_speedup"] == pytest.approx(2.0)
     for row in data["rows"]:
@@ -196,8 +197,10 @@ def test_bench_loader_shows_a_progress_bar_per_measurement(tiny_beton, capsys):
     """Each measurement reads a whole epoch (of ImageNet: minutes, with --arch on a CPU hours): a bar shows where."""
     from dptool.bench import bench_loader
 
-    bench_loader(tiny_beton, res=16, batch_size=16, workers=1, arch="resnet_tiny", small_input=True, max_batches=2,
-                 progress=True)
+    result = bench_loader(tiny_beton, res=16, batch_size=16, workers=1, arch="resnet_tiny", small_input=True,
+                          max_batches=2, progress=True, precision="fp16")
+    if not torch.cuda.is_available():
+        assert result.to_dict()["precision"] == "fp32"  # fp16 autocast is CUDA's: the model step ran in fp32
     err = capsys.readouterr().err
     assert "FFCV: 100%" in err and "2/2" in err and "FFCV + resnet_tiny: 100%" in err
     bench_loader(tiny_beton, res=16, batch_size=16, workers=1, max_batches=2)  # the default: no bar
