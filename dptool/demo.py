@@ -118,8 +118,8 @@ def _train_config(config: DemoConfig, arch: str, epochs: int):
 
 
 def pretrain_and_probe(data: Path, target_train: Path, target_test: Path, out_stem: Path, config: DemoConfig, *,
-                       force: bool = False) -> tuple[int, float, dict]:
-    """Pretrain `config.pretrain_arch` on `data`, then linear-probe it on the target.
+                       force: bool = False, progress: bool = False) -> tuple[int, float, dict]:
+    """Pretrain `config.pretrain_arch` on `data`, then linear-probe it on the target (`progress`: their bars).
 
     Returns (pretraining images trained on, pretraining seconds, the finetune result as a dict)."""
     from .finetune import FinetuneConfig, finetune
@@ -128,11 +128,11 @@ def pretrain_and_probe(data: Path, target_train: Path, target_test: Path, out_st
     # not with_suffix: a stem such as "pretrain_lm_0.2" would lose its ".2"
     checkpoint = out_stem.parent / f"{out_stem.name}.pt"
     recipe = _train_config(config, config.pretrain_arch, config.pretrain_epochs)
-    trained = train(data, checkpoint, config=recipe, force=force)
+    trained = train(data, checkpoint, config=recipe, force=force, progress=progress)
     probe = finetune(trained.checkpoint, target_train, target_test,
                      config=FinetuneConfig(mode="lp", epochs=config.probe_epochs, batch_size=config.batch_size,
                                            res=config.size, workers=config.workers, seed=config.seed),
-                     force=force)
+                     force=force, progress=progress)
     return trained.images_trained, trained.seconds, probe.to_dict()
 
 
@@ -187,7 +187,8 @@ def run_demo(workdir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, f
     for method, ratio, data in runs:
         with stage(f"pretrain + probe ({method})"):
             images, seconds, probe = pretrain_and_probe(data, paths["target_train"], paths["target_test"],
-                                                        workdir / f"pretrain_{method}", config, force=True)
+                                                        workdir / f"pretrain_{method}", config, force=True,
+                                                        progress=progress)
         result.rows.append(DemoRow(method=method, ratio=ratio, pretrain_images=images, pretrain_seconds=seconds,
                                    target_top1_final=probe["final_test_top1"],
                                    target_top1_best=probe["best_test_top1"]))

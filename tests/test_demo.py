@@ -64,3 +64,13 @@ def test_quick_demo_cli(tmp_path):
     data = json.loads(result.output)
     assert [r["method"] for r in data["rows"]] == ["none", "lm", "fm", "random"]
     assert set(data["stage_seconds"]) >= {"generate + convert", "train surrogate", "score lm", "prune lm"}
+
+
+def test_pretraining_and_probe_show_progress(tiny_beton, tmp_path, capsys):
+    """The demo's longest stages (four pretrainings and probes) ran without a bar while the others had one."""
+    from dptool.demo import pretrain_and_probe
+
+    config = replace(DemoConfig.quick(), pretrain_epochs=1, probe_epochs=1, batch_size=32, workers=1)
+    pretrain_and_probe(tiny_beton, tiny_beton, tiny_beton, tmp_path / "p", config, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "linear probe" in err
