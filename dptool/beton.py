@@ -121,8 +121,13 @@ def read_sidecar(beton: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        text = path.read_text()
+    except OSError as exc:  # unreadable (permissions, a failing disk) is not the same as damaged
+        raise InputError(f"Sidecar {path} cannot be read ({exc.strerror or exc}); make it readable, or delete it "
+                         "to use the .beton without it.") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
         raise InputError(f"Sidecar {path} is not valid JSON ({exc}); delete it or re-create the .beton.") from exc
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise InputError(f"Sidecar {path} is not a dptool sidecar (missing format {SIDECAR_FORMAT!r}).")

@@ -85,10 +85,15 @@ def recorded_digests(beton: Beton) -> np.ndarray | None:
     if not path.is_file():
         raise InputError(f"Digests file {path}, which the sidecar of {beton.path} names, is missing; copy it with "
                          "the .beton and its sidecar.")
-    if fingerprint_file(path) != record.get("sha256"):
+    try:
+        sha = fingerprint_file(path)
+        digests = np.load(path, allow_pickle=False) if sha == record.get("sha256") else None
+    except OSError as exc:  # unreadable (permissions, a failing disk): the record is there but cannot be used
+        raise InputError(f"Digests file {path} of {beton.path} cannot be read ({exc.strerror or exc}); make it "
+                         "readable, or copy it again with the .beton and its sidecar.") from exc
+    if digests is None:
         raise InputError(f"Digests file {path} was replaced since {beton.path} was written (its sha256 differs "
                          "from the sidecar's).")
-    digests = np.load(path, allow_pickle=False)
     if digests.dtype != np.uint32 or digests.shape != (beton.num_samples,):
         raise InputError(f"Digests file {path} holds {digests.dtype} {digests.shape}, not one uint32 per sample "
                          f"of {beton.path} ({beton.num_samples}).")

@@ -7,6 +7,7 @@ The reference digests are computed here from the allocation table and the file's
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zlib
 
@@ -98,6 +99,44 @@ def test_verify_refuses_what_it_cannot_check(written, tmp_path):
     result = _invoke("verify", replaced)
     assert result.exit_code == 2 and "was replaced since" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def _unreadable(path):
+    """Replace `path` by a file that exists but cannot be read, even by root (chmod 000 stops only other users):
+    /proc/self/mem is a regular file whose first page is unmapped, so reading it fails with EIO, as a bad disk."""
+    path.unlink(missing_ok=True)
+    path.symlink_to("/proc/self/mem")
+    with pytest.raises(OSError):
+        path.read_bytes()
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/mem"), reason="needs Linux's /proc/self/mem")
+def test_an_unreadable_sidecar_or_digests_file_is_named_as_unreadable(written, tmp_path):
+    """verify and prune stopped with 'internal error: PermissionError' (exit 1) on a digests file that could not be
+    read, and every command called an unreadable sidecar 'not valid JSON' and said to delete it."""
+    scores = class_scores_file(tmp_path / "lm.json", written, scores=[3, 0, 2, 1], tiebreak=[0, 0, 0, 0])
+    digests = _copy(written, tmp_path, "digests.beton")
+    _unreadable(digests_path(digests))
+    result = _invoke("verify", digests)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"Error: Digests file {digests_path(digests)} of {digests} cannot be read "
+                                     "(Input/output error); make it readable, or copy it again with the .beton and "
+                                     "its sidecar.")
+    # prune goes on as with a lost digests file: the outputs' digests are read back from them
+    out = tmp_path / "p.beton"
+    result = _invoke("prune", digests, "--scores", scores, "--ratio", 0.5, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "cannot be read (Input/output error)" in result.output
+    np.testing.assert_array_equal(np.load(digests_path(out)), _reference_digests(out))
+
+    side = _copy(written, tmp_path, "side.beton")
+    _unreadable(sidecar_path(side))
+    for args in (("verify", side), ("info", side), ("prune", side, "--scores", scores, "--ratio", 0.5, "-o",
+                                                      tmp_path / "q.beton")):
+        result = _invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == (f"Error: Sidecar {sidecar_path(side)} cannot be read (Input/output "
+                                         "error); make it readable, or delete it to use the .beton without it.")
 
 
 def test_prune_carries_the_source_digests_over(written, tmp_path):
