@@ -320,7 +320,12 @@ def _load_companion(scores_path: str | os.PathLike, name: str, sha256: str | Non
     if not path.is_file():
         raise InputError(f"Scores file {scores_path} names {what} {path.name}, but {path} does not exist.")
     # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it
-    if sha256 and fingerprint_file(path) != sha256:
+    try:
+        found = fingerprint_file(path) if sha256 else None
+    except OSError as exc:  # unreadable (permissions, a failing disk), not replaced
+        raise InputError(f"{what.capitalize()} file {path} of scores file {scores_path} cannot be read "
+                         f"({exc.strerror or exc}); make it readable.") from exc
+    if sha256 and found != sha256:
         raise InputError(f"{what.capitalize()} file {path} is not the one scores file {scores_path} was written with "
                          "(its sha256 differs): it was replaced since; score the source again.")
     try:

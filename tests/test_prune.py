@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -293,6 +294,19 @@ def test_broken_scores_files_are_refused(data, tmp_path):
     fm = tmp_path / "fm.json"
     shutil.copy(data["fm"], fm)  # its assignment file is not beside the copy
     assert f"fm.assign.npy, but {tmp_path / 'fm.assign.npy'} does not exist" in _refuse(data, tmp_path, fm)
+
+
+def test_an_unreadable_assignment_file_is_one_sentence(data, tmp_path):
+    """It stopped prune with 'internal error: PermissionError' (exit 1). /proc/self/mem stands for a file that
+    cannot be read even by root (its first page is unmapped: EIO, as from a failing disk)."""
+    if not os.path.isfile("/proc/self/mem"):
+        pytest.skip("needs Linux's /proc/self/mem")
+    fm = tmp_path / "fm.json"
+    shutil.copy(data["fm"], fm)
+    (tmp_path / "fm.assign.npy").symlink_to("/proc/self/mem")
+    out = _refuse(data, tmp_path, fm)
+    assert out.strip() == (f"Error: Assignment file {tmp_path / 'fm.assign.npy'} of scores file {fm} cannot be read "
+                           "(Input/output error); make it readable.")
 
 
 def test_existing_output_needs_force(data, tmp_path):
