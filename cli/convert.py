@@ -6,6 +6,7 @@ import click
 
 from dptool.convert import PRESETS, convert, writer_params
 from dptool.errors import MAX_SEED
+from dptool.writer import MAX_RESOLUTION
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
 
@@ -38,7 +39,8 @@ def _human(r) -> str:
     default=None,
     help="FFCV ImageNet write settings (rn18: 400 px, 10% JPEG, q90; rn50: 500 px, 50% JPEG, q90).",
 )
-@click.option("--max-res", type=click.IntRange(min=8), default=None, help="Longest side stored, px  [default: 256]")
+@click.option("--max-res", type=click.IntRange(8, MAX_RESOLUTION), default=None,
+              help="Longest side stored, px  [default: 256]")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None, help="JPEG quality  [default: 90]")
 @click.option(
     "--compress-prob",

@@ -19,7 +19,7 @@ from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError, check_seed
 from .integrity import record_digests, sample_digests
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
-from .writer import SkipSample, WriterParams, write_beton
+from .writer import MAX_RESOLUTION, SkipSample, WriterParams, write_beton
 
 __all__ = ["WriterParams", "PRESETS", "writer_params", "ConvertResult", "convert", "write_beton"]
 
@@ -110,8 +110,9 @@ def convert(
         raise InputError(f"--jpeg-quality must be in [1, 100], got {params.jpeg_quality}.")
     if not 0.0 <= params.compress_probability <= 1.0:
         raise InputError(f"--compress-prob must be in [0, 1], got {params.compress_probability}.")
-    if params.max_resolution < 8:
-        raise InputError(f"--max-res must be at least 8, got {params.max_resolution}.")
+    if not 8 <= params.max_resolution <= MAX_RESOLUTION:
+        raise InputError(f"--max-res must be from 8 to {MAX_RESOLUTION} (FFCV's pages, at most 2 GiB, hold four raw "
+                         f"images), got {params.max_resolution}.")
     if params.shuffle_seed is not None:
         check_seed("--seed", params.shuffle_seed)
     out = check_beton_output(out, force=force, inputs=(src,))

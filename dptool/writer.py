@@ -38,7 +38,11 @@ from ._ffcv import import_ffcv
 from .atomic import pwrite_all
 from .errors import DptoolError, InputError
 
-__all__ = ["WriterParams", "SkipSample", "write_beton"]
+__all__ = ["WriterParams", "SkipSample", "write_beton", "MAX_RESOLUTION"]
+
+#: The largest max_resolution whose page (four raw images, a power of two) fits FFCV's header: pages are at most
+#: 2 GiB there (a uint32), so 4 x 3 x r^2 <= 2^31.
+MAX_RESOLUTION = math.isqrt((1 << 31) // 12)
 
 #: Samples per chunk (one task of a worker), and chunks in flight per worker: this bounds the encoded bytes a worker
 #: holds until it is told where to write them (2 x 32 samples: 31 MB for 400 px raw images).

@@ -262,6 +262,20 @@ def test_user_errors_are_one_sentence_with_exit_2(tmp_path, args, phrase):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
 
 
+def test_a_max_res_beyond_ffcv_s_largest_page_is_refused(tmp_path):
+    """--max-res 20000 asked for 8 GiB pages, which FFCV's header cannot hold: 'internal error: OverflowError'."""
+    images, labels = separable_images(2, 2, 8)
+    npz = write_npz(tmp_path / "d.npz", images, labels)
+    with pytest.raises(InputError, match=r"^--max-res must be from 8 to 13377 \(FFCV's pages, at most 2 GiB, hold "
+                                         r"four raw images\), got 20000\.$"):
+        convert(npz, tmp_path / "o.beton", params=WriterParams(max_resolution=20000, num_workers=1))
+    result = run("convert", npz, tmp_path / "o.beton", "--max-res", "20000")
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("Error: Invalid value for '--max-res': 20000 is not in the range "
+                                          "8<=x<=13377.")
+    assert not list(tmp_path.glob("o.beton*"))
+
+
 def test_existing_output_needs_force_and_truncated_beton_is_refused(tiny_beton, tmp_path):
     images, labels = separable_images(2, 3, 8)
     write_npz(tmp_path / "d.npz", images, labels)
