@@ -191,9 +191,12 @@ class Beton:
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
 
 
-def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, check_sidecar: bool = True) -> Beton:
+def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, check_sidecar: bool = True,
+               check_labels: bool = True) -> Beton:
     """Open and validate a `.beton`: header, fields, metadata and allocation table must all be in the file, and
     a sidecar beside it must describe it (`check_sidecar=False` leaves that to the caller, as `info` does).
+    `check_labels=False` (with both checks off) opens a file whatever its labels, as `verify` reads one whose
+    tables may be damaged.
 
     An already opened `Beton` is returned as it is (after the label check), so that functions taking a file
     can be handed the one their caller opened instead of parsing its tables again.
@@ -208,6 +211,8 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
     if not path.is_file():
         raise InputError(f"{path} is not a file.")
     beton = Beton(path=path, **_read_tables(path), sidecar=read_sidecar(path))
+    if not check_labels and not require_label and not check_sidecar:
+        return beton
     if not _check_labels(beton, require_label):
         return beton  # `info` and fingerprints: shown without classes
     if check_sidecar and (mismatch := _sidecar_mismatch(beton)):

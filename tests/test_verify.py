@@ -101,6 +101,25 @@ def test_verify_refuses_what_it_cannot_check(written, tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("new_label", [1, -(1 << 62)], ids=["another-class", "negative"])
+def test_verify_reports_a_damaged_label_table_instead_of_blaming_the_sidecar(written, tmp_path, new_label):
+    """A label changed in place made verify refuse the file (exit 2) as having a sidecar 'left from another file:
+    delete it', or 'negative labels', instead of reporting that the file is not as written (exit 1)."""
+    damaged = _copy(written, tmp_path, "labels.beton")
+    b = open_beton(damaged)
+    meta = b.metadata.dtype
+    sample = int(np.flatnonzero(b.labels != new_label)[0])
+    label_field = meta.names[b.field_names.index("label")]  # FFCV names the metadata columns f0, f1, ...
+    label_at = b.data_start - (b.num_samples - sample) * meta.itemsize + meta.fields[label_field][1]
+    with open(damaged, "r+b") as f:
+        f.seek(label_at)
+        f.write(np.array([new_label], "<i8").tobytes())
+    result = _invoke("verify", damaged)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"{damaged}: its fingerprint differs from the one its sidecar recorded (its "
+                                     "tables or sampled bytes changed).")
+
+
 def _unreadable(path):
     """Replace `path` by a file that exists but cannot be read, even by root (chmod 000 stops only other users):
     /proc/self/mem is a regular file whose first page is unmapped, so reading it fails with EIO, as a bad disk."""
