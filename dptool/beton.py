@@ -26,6 +26,7 @@ __all__ = [
     "read_sidecar",
     "sidecar_path",
     "digests_path",
+    "companions_of",
     "check_beton_output",
     "write_sidecar",
     "check_image_field",
@@ -94,6 +95,17 @@ def digests_path(beton: str | os.PathLike) -> Path:
     return Path(str(beton) + ".digests.npy")
 
 
+def companions_of(beton: str | os.PathLike) -> Path:
+    """The path whose sidecar and digests file are `beton`'s: `beton` itself, or, for a symbolic link with no sidecar
+    beside it, the file it points to when that has one (a dataset linked into a project folder keeps them there)."""
+    p = Path(beton)
+    if p.is_symlink() and not os.path.lexists(sidecar_path(p)):
+        target = Path(os.path.realpath(p))
+        if sidecar_path(target).exists():
+            return target
+    return p
+
+
 def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
     """Refuse a `.beton` output, or the sidecar and digests file it brings, that exists (without `force`) or is an
     input or an input's sidecar; a path ending in `.json` is refused as a sidecar name, one ending in `.digests.npy`
@@ -116,8 +128,9 @@ def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = 
 
 
 def read_sidecar(beton: str | os.PathLike) -> dict | None:
-    """The sidecar dict of `beton`, or None when there is none (a .beton written by another tool)."""
-    path = sidecar_path(beton)
+    """The sidecar dict of `beton` (found as `companions_of` says), or None when there is none (a .beton written by
+    another tool)."""
+    path = sidecar_path(companions_of(beton))
     if not path.exists():
         return None
     try:
@@ -216,8 +229,9 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
     if not _check_labels(beton, require_label):
         return beton  # `info` and fingerprints: shown without classes
     if check_sidecar and (mismatch := _sidecar_mismatch(beton)):
-        raise InputError(f"Sidecar {sidecar_path(beton.path)} does not describe {beton.path} ({mismatch}); it is "
-                         "left from another file: delete it (or re-convert) to use the file without it.")
+        raise InputError(f"Sidecar {sidecar_path(companions_of(beton.path))} does not describe {beton.path} "
+                         f"({mismatch}); it is left from another file: delete it (or re-convert) to use the file "
+                         "without it.")
     return beton
 
 
@@ -428,7 +442,7 @@ def summarize(path: str | os.PathLike) -> dict:
         "num_samples": b.num_samples,
         "fields": dict(zip(b.field_names, b.field_types)),
         "page_size": b.page_size,
-        "sidecar": str(sidecar_path(b.path)) if b.sidecar or stale else None,
+        "sidecar": str(sidecar_path(companions_of(b.path))) if b.sidecar or stale else None,
         "writer": side.get("writer"),
         "source": side.get("source"),
         "fingerprint": own,

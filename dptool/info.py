@@ -36,7 +36,7 @@ def describe(path: str | os.PathLike) -> dict:
     if head.startswith(b"\x93NUMPY") and p.name.endswith(".beton.digests.npy"):
         beton = p.with_name(p.name[: -len(".digests.npy")])
         raise InputError(f"{p} is the digests file of {beton}; run `dptool info {beton}` or `dptool verify {beton}`.")
-    from .beton import NotABetonError, digests_path, summarize
+    from .beton import NotABetonError, companions_of, digests_path, summarize
 
     try:
         summary = {"kind": "beton", **summarize(p)}
@@ -44,7 +44,9 @@ def describe(path: str | os.PathLike) -> dict:
         raise InputError(f"{p} is not a .beton, a dptool scores file or a dptool checkpoint.") from exc
     record = summary["digests"]  # the sidecar's record; shown as the state of the file it describes
     if isinstance(record, dict):
-        summary["digests"] = _companion_state(p, digests_path(p).name, record.get("sha256"), "verify refuses it")
+        owner = companions_of(p)
+        summary["digests"] = _companion_state(owner, digests_path(owner).name, record.get("sha256"),
+                                              "verify refuses it")
     return summary
 
 

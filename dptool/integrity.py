@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output
-from .beton import Beton, digests_path, fingerprint, known_fingerprints, open_beton
+from .beton import Beton, companions_of, digests_path, fingerprint, known_fingerprints, open_beton
 from .errors import InputError
 
 __all__ = ["DIGEST_ALGORITHM", "digests_path", "sample_digests", "recorded_digests", "record_digests", "verify",
@@ -81,7 +81,7 @@ def recorded_digests(beton: Beton) -> np.ndarray | None:
     record = (beton.sidecar or {}).get("digests")
     if not record:
         return None
-    path = digests_path(beton.path)  # found beside the file as its sidecar is, so that a renamed trio still pairs
+    path = digests_path(companions_of(beton.path))  # found as its sidecar is, so that a renamed trio still pairs
     if not path.is_file():
         raise InputError(f"Digests file {path}, which the sidecar of {beton.path} names, is missing; copy it with "
                          "the .beton and its sidecar.")

@@ -120,6 +120,34 @@ def test_verify_reports_a_damaged_label_table_instead_of_blaming_the_sidecar(wri
                                      "tables or sampled bytes changed).")
 
 
+def test_a_symlinked_beton_keeps_its_sidecar_and_digests(written, tmp_path):
+    """A .beton linked into another folder (ln -s /data/train.beton .) was read as if FFCV's own writer had written
+    it: verify refused it ('no recorded digests'), info showed no class names, and prune wrote classes named 0..C-1
+    into the pruned file's sidecar. The sidecar and digests file are now found beside the file the link points to."""
+    scores = class_scores_file(tmp_path / "lm.json", written, scores=[3, 0, 2, 1], tiebreak=[0, 0, 0, 0])
+    (tmp_path / "project").mkdir()
+    link = tmp_path / "project" / "linked.beton"
+    link.symlink_to(written)
+    result = _invoke("verify", link)
+    assert result.exit_code == 0, result.output
+    assert "all 80 samples match the crc32 digests" in result.output
+    info = json.loads(_invoke("info", link, "--json").output)
+    assert [c["name"] for c in info["classes"]] == [f"class_{c}" for c in range(4)]
+    assert info["sidecar"] == str(sidecar_path(written)) and info["sidecar_matches"] is True
+    assert info["digests"] == {"path": str(digests_path(written)), "state": "present, unchanged"}
+    out = tmp_path / "project" / "p.beton"
+    result = _invoke("prune", link, "--scores", scores, "--ratio", 0.5, "-o", out)
+    assert result.exit_code == 0 and "digests are read from them" not in result.output, result.output
+    assert json.loads(sidecar_path(out).read_text())["class_names"] == [f"class_{c}" for c in range(4)]
+    # a sidecar beside the link is the link's own, as for any file
+    shutil.copy(sidecar_path(written), sidecar_path(link))
+    digests_path(written).rename(tmp_path / "elsewhere.npy")
+    try:
+        assert "linked.beton.digests.npy, which the sidecar of" in _invoke("verify", link).output
+    finally:
+        (tmp_path / "elsewhere.npy").rename(digests_path(written))
+
+
 def _unreadable(path):
     """Replace `path` by a file that exists but cannot be read, even by root (chmod 000 stops only other users):
     /proc/self/mem is a regular file whose first page is unmapped, so reading it fails with EIO, as a bad disk."""
