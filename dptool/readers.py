@@ -114,7 +114,12 @@ def _class_files(class_dir: Path) -> list[str]:
     the order the file system lists them, so a folder reached twice is read under the same name on every disk."""
     files: list[str] = []
     seen: set[str] = set()
-    for top, dirs, names in os.walk(class_dir, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: a class losing images unseen
+        raise InputError(f"Cannot read folder {exc.filename} ({exc.strerror}); its images would be left out: make it "
+                         "readable, or move it out of the source.") from exc
+
+    for top, dirs, names in os.walk(class_dir, followlinks=True, onerror=unreadable):
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []

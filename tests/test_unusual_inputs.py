@@ -85,6 +85,38 @@ def _ffcv_write(path, fields, rows):
     DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(D())
 
 
+def _deep_folder(top, levels: int = 20) -> str:
+    """A folder under `top` whose path is longer than PATH_MAX (4096): listing it fails (ENAMETOOLONG) even for
+    root, as listing a folder without read permission fails for other users; made through folder descriptors."""
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d" * 250, dir_fd=fd)
+            fd, old = os.open("d" * 250, os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+    finally:
+        os.close(fd)
+    return os.path.join(str(top), *["d" * 250] * levels)
+
+
+def test_a_class_sub_folder_that_cannot_be_read_is_refused_not_dropped(tmp_path):
+    """os.walk skipped a folder it could not list without a word: its images were left out unlisted (a whole class
+    became 'empty' when it was the class folder itself, unreadable to the user)."""
+    _png(tmp_path / "src" / "a" / "0.png", 10)
+    _png(tmp_path / "src" / "b" / "0.png", 20)
+    deep = _deep_folder(tmp_path / "src" / "b")
+    with pytest.raises(InputError) as err:
+        ImageFolderSource(tmp_path / "src")
+    message = str(err.value)  # the first folder down there whose path is too long
+    assert message.startswith(f"Cannot read folder {tmp_path / 'src' / 'b' / 'ddd'}")
+    assert deep.startswith(message[len("Cannot read folder "):message.index(" (")])
+    assert message.endswith(" (File name too long); its images would be left out: make it readable, or move it out "
+                            "of the source.")
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "src"), str(tmp_path / "o.beton"), *RAW])
+    assert result.exit_code == 2 and "Cannot read folder" in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("*o.beton*"))
+
+
 def test_ffcv_file_with_label_before_image_yields_images_and_labels(tmp_path):
     from ffcv.fields import IntField, RGBImageField
 
