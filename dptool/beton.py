@@ -144,7 +144,26 @@ def read_sidecar(beton: str | os.PathLike) -> dict | None:
         raise InputError(f"Sidecar {path} is not valid JSON ({exc}); delete it or re-create the .beton.") from exc
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise InputError(f"Sidecar {path} is not a dptool sidecar (missing format {SIDECAR_FORMAT!r}).")
+    for key, (kind, item) in _SIDECAR_TYPES.items():  # a damaged or hand-edited entry, named before it is used
+        value = data.get(key)
+        ok = _is_json(value, kind) and (item is None or all(_is_json(v, item) for v in value))
+        if value is not None and not ok:
+            want = f"a list of {_JSON_NAMES[item]}s" if item else f"{'a' if kind is str else 'an'} {_JSON_NAMES[kind]}"
+            raise InputError(f"Sidecar {path} is damaged: its {key!r} is not {want}; delete it or re-create the "
+                             ".beton.")
     return data
+
+
+#: The type of each sidecar entry that commands read (and of its items), as `write_sidecar`'s callers write them.
+_SIDECAR_TYPES = {"num_samples": (int, None), "num_classes": (int, None), "class_names": (list, str),
+                  "class_counts": (list, int), "fingerprint": (str, None), "digests": (dict, None),
+                  "fields": (dict, None), "writer": (dict, None), "source": (dict, None), "pruning": (dict, None),
+                  "skipped": (list, dict)}
+_JSON_NAMES = {int: "integer", str: "string", dict: "object"}
+
+
+def _is_json(value, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def write_sidecar(beton: str | os.PathLike, data: dict) -> Path:

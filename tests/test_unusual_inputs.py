@@ -183,6 +183,23 @@ def test_stale_sidecar_refused(tmp_path):
         open_beton(tmp_path / "a.beton")
 
 
+@pytest.mark.parametrize("key, value, want", [("digests", "x", "an object"), ("class_counts", ["2", 2, 2],
+                                                                                    "a list of integers"),
+                                               ("num_classes", True, "an integer")])
+def test_a_damaged_sidecar_entry_is_named_not_an_internal_error(tmp_path, key, value, want):
+    """A hand-edited or damaged sidecar ('digests': "x") stopped verify and info with 'internal error:
+    AttributeError' (exit 1); each entry commands read is now checked for its type when the sidecar is read."""
+    np.savez(tmp_path / "a.npz", images=np.zeros((6, 8, 8), np.uint8), labels=np.arange(6) % 3)
+    assert run("convert", tmp_path / "a.npz", tmp_path / "a.beton", *RAW).exit_code == 0
+    side = json.loads((tmp_path / "a.beton.json").read_text())
+    (tmp_path / "a.beton.json").write_text(json.dumps({**side, key: value}))
+    sentence = (f"Error: Sidecar {tmp_path / 'a.beton.json'} is damaged: its {key!r} is not {want}; delete it or "
+                "re-create the .beton.")
+    for command in ("info", "verify"):
+        result = CliRunner().invoke(cli, [command, str(tmp_path / "a.beton")])
+        assert result.exit_code == 2 and result.output.strip() == sentence, result.output
+
+
 def test_imagefolder_order_does_not_follow_the_directory_listing_order(tmp_path, monkeypatch):
     """A folder reached twice (a sub-folder and a link to it) is read under the name sorted first, whatever order
     the file system lists sub-folders in (ext4 lists by a per-file-system hash, tmpfs newest first): the sample
