@@ -182,6 +182,19 @@ def test_refuses_before_any_work(tmp_path, target, source_ckpt, monkeypatch):
         finetune(vit_ckpt, train, test, config=FinetuneConfig(epochs=1, res=64))
 
 
+def test_a_log_over_the_checkpoint_is_named_as_such(tmp_path, target, source_ckpt):
+    """`-o ft.jsonl` (whose default log is itself) or `--log` = `-o`: the checkpoint is an output of this run, and
+    the refusal called it an input ('is the same path as input ft.jsonl'); train names it as the checkpoint."""
+    train, test = target
+    for out, log in ((tmp_path / "ft.jsonl", None), (tmp_path / "ft.pt", tmp_path / "ft.pt")):
+        args = ["finetune", str(source_ckpt), str(train), str(test), "--epochs", "1", "-o", str(out)]
+        r = CliRunner().invoke(cli, args + (["--log", str(log)] if log else []))
+        assert r.exit_code == 2, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and "written over the checkpoint" in lines[0] and "input" not in lines[0], r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_self_supervised_checkpoint_is_transferred_as_its_backbone(tmp_path, target, source_ckpt, one_thread):
     """LP of a MoCo v2 file holding the checkpoint's backbone (`--arch resnet18`) is the LP of the checkpoint: the
     same features and seeded head give the same loss and test top-1 every epoch. FF trains its backbone. Without

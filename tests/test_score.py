@@ -421,7 +421,12 @@ def test_the_plot_cannot_take_the_place_of_a_file_written_beside_the_scores(scor
     base = ["--method", "fm", "--source", score_data.source, "--target", score_data.target, "--model",
             score_data.checkpoint, "--batch-size", 16, "--workers", 1, "-o", out]
     for name in ("s.centroids.npy", "s.assign.npy"):
-        _one_sentence(_invoke(*base, "--plot", tmp_path / name), f"{name} is the same path as")
+        _one_sentence(_invoke(*base, "--plot", tmp_path / name), f"{name} is the same path as",
+                      "written beside the scores file")
+    # `--plot` = `-o`: the scores file is this run's output, not an input (the refusal said 'as input s.json')
+    result = _invoke(*base, "--plot", out)
+    _one_sentence(result, "is the same path as the scores file")
+    assert "input" not in result.output
     assert not list(tmp_path.iterdir())
 
 

@@ -87,7 +87,11 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     for path in companions:
         check_output_path(path, force=force, inputs=inputs)
     if plot is not None:  # nor over the files written beside it: the plot, renamed last, would replace one
-        check_output_path(plot, force=force, inputs=(*inputs, output, *companions))
+        beside = ((c, "a file written beside the scores file") for c in companions)
+        for path, what in ((out, "the scores file"), *beside):
+            if os.path.abspath(plot) == os.path.abspath(path):
+                raise InputError(f"--plot {plot} is the same path as {what}, {path}; give --plot another path.")
+        check_output_path(plot, force=force, inputs=inputs)
     if device == "cuda" and spec.needs_surrogate:
         resolve_device(device)  # refuses it at once where torch sees no GPU
     began = time.perf_counter()
