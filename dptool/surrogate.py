@@ -249,6 +249,9 @@ def _from_factory(spec: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(f"--model-factory: cannot import {module_name!r} ({exc}).") from exc
+    except Exception as exc:  # the user's module failed as it ran: its error, not an internal one of dptool's
+        raise InputError(f"--model-factory: cannot import {module_name!r} ({type(exc).__name__}: {exc}; rerun "
+                         "with --debug for its traceback).") from exc
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -257,7 +260,11 @@ def _from_factory(spec: str):
     if any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
            for p in _parameters(fn)):
         raise InputError(f"--model-factory {spec} needs arguments; give a function that takes none.")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as exc:  # the user's function failed: its error, not an internal one of dptool's
+        raise InputError(f"--model-factory {spec} raised {type(exc).__name__}: {exc} (rerun with --debug for its "
+                         "traceback).") from exc
     import torch.nn as nn
 
     if not isinstance(model, nn.Module):

@@ -131,6 +131,11 @@ def factory_module(monkeypatch):
     mod.make = lambda: _Tiny()
     mod.needs_args = lambda depth: _Tiny()
     mod.not_a_model = lambda: "hello"
+
+    def fails():
+        raise RuntimeError("no such layer size")
+
+    mod.fails = fails
     monkeypatch.setitem(sys.modules, "tiny_factory", mod)
     return mod
 
@@ -176,8 +181,13 @@ def test_model_factory_weights_from_a_self_supervised_checkpoint(factory_module,
     ("tiny_factory:nothing", "has no callable"),
     ("tiny_factory:needs_args", "needs arguments"),
     ("tiny_factory:not_a_model", "not a torch.nn.Module"),
+    # the user's own code failing was reported as a dptool 'internal error' (exit 1)
+    ("tiny_factory:fails", r"--model-factory tiny_factory:fails raised RuntimeError: no such layer size"),
+    ("broken_factory_xyz:make", r"cannot import 'broken_factory_xyz' \(ZeroDivisionError: division by zero;"),
 ])
-def test_model_factory_refusals(factory_module, spec, message):
+def test_model_factory_refusals(factory_module, spec, message, tmp_path, monkeypatch):
+    (tmp_path / "broken_factory_xyz.py").write_text("1 / 0\n")  # a module that fails as it is imported
+    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(InputError, match=message):
         load_surrogate(factory=spec)
 
