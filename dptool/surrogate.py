@@ -196,6 +196,12 @@ def select_backbone(state: dict, model, where: str, prefix: str | None = None) -
         elif len(full) > 1:
             raise InputError(f"Weights {where} hold {len(full)} copies of the {type(model).__name__} backbone, "
                              f"under {', '.join(full)}; choose one with --weights-prefix.")
+        elif found:  # no copy is whole (another depth): the closest one, so that its real mismatch is told
+            cover = {p: sum(p + k in state for k in backbone) for p in found}
+            top = [p for p in found if cover[p] == max(cover.values())]
+            evaluated = [p for p in top if p.rstrip(".").split(".")[-1] in _EVALUATED_ENCODERS]
+            if cover[top[0]] > sum(k in state for k in backbone) and (len(top) == 1 or len(evaluated) == 1):
+                prefix = top[0] if len(top) == 1 else evaluated[0]
     prefix = prefix or ""
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     modules = {name for name, _ in model.named_children()}

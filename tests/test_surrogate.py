@@ -307,6 +307,17 @@ def test_entries_of_a_deeper_network_are_not_left_out(tmp_path):
         load_surrogate(arch="resnet18_small", weights=tmp_path / "rn34.pth")
 
 
+def test_a_self_supervised_file_of_another_depth_is_told_by_what_differs(net, tmp_path):
+    """A MoCo ResNet-18 given to --arch resnet34 (or 50) was refused as '... keys missing (e.g. conv1.weight)',
+    although conv1.weight is in the file, under encoder_q.: the closest copy's mismatch is told instead."""
+    paths = _self_supervised_files(net, tmp_path)
+    for name in ("moco_v2", "moco_v3", "dino_full", "swav"):
+        with pytest.raises(InputError, match=r"do not fit the ResNet model: \d+ keys missing \(e\.g\. layer1\.2\."
+                           ) as err:
+            load_surrogate(arch="resnet34_small", weights=paths[name])
+        assert "\n" not in str(err.value), name
+
+
 def test_a_prefixed_backbone_without_batch_counters_is_found(net, x, tmp_path):
     """Checkpoints saved without BatchNorm's `num_batches_tracked` (converted or trimmed files) load as a plain state
     dict without them does: the backbone under `encoder_q.` is still found, and gives the network's features."""
