@@ -324,6 +324,12 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
         raise InputError(f"Cannot resume: {output} was trained with {flags(recipe.get)} but this run gives "
                          f"{flags(lambda name: getattr(config, name))}; give the options it was trained with "
                          "(--epochs, --val, --val-res, --val-batch-size, --workers and --precision may change).")
+    was, world = recipe.get("world_size"), dist.world_size()
+    if was is not None and int(was) != world:  # the effective batch, and the peak learning rate scaled by it
+        how = f"torchrun --nproc_per_node {was}" if int(was) > 1 else "one process, without torchrun"
+        raise InputError(f"Cannot resume: {output} was trained by {was} process{'es' if int(was) > 1 else ''} "
+                         f"(effective batch {recipe.get('effective_batch_size')}), but this run has {world} "
+                         f"(effective batch {config.batch_size * world}); resume it as it ran ({how}).")
     return ckpt
 
 

@@ -215,6 +215,11 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
                     data_fingerprint=fp, epoch=1)
     save_checkpoint(tmp_path / "other.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(),
                     recipe={}, data_fingerprint="blake2b:other", epoch=1)
+    # as `torchrun --nproc_per_node 2 ... train --batch-size 16` writes it: resumed by one process, the effective
+    # batch (32 -> 16) and with it the peak learning rate halved without a word
+    two = {**TrainConfig(batch_size=16).__dict__, "world_size": 2, "effective_batch_size": 32, "effective_lr": 0.0625}
+    save_checkpoint(tmp_path / "ddp.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(), recipe=two,
+                    data_fingerprint=fp, epoch=1, optimizer_state={"state": {}, "param_groups": []})
     cases += [
         (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume", "--arch", "resnet34"],
          "holds a resnet18 with small input off and blurpool off, but this run asks for a resnet34"),
@@ -225,6 +230,8 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
         # like a finetune checkpoint: right data and arch, no optimizer state to continue from
         (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume"], "holds no optimizer state"),
         (["train", str(train), "-o", str(tmp_path / "c.jsonl")], "The log would be written over the checkpoint"),
+        (["train", str(train), "-o", str(tmp_path / "ddp.pt"), "--resume", "--batch-size", "16"],
+         "was trained by 2 processes (effective batch 32), but this run has 1 (effective batch 16)"),
         (["train", str(train), "--val", str(renamed), "-o", str(out)],
          "has other classes than"),
         (["train", str(train), "-o", str(tmp_path / "rn18.pt")], "already exists"),
