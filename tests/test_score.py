@@ -414,6 +414,20 @@ def test_fm_default_clusters_count_the_classes_with_samples(score_data, tmp_path
     assert len(run.assignment) == keep.sum() and set(np.unique(run.assignment)) <= set(range(6))
 
 
+def test_fm_options_given_to_another_method_are_refused(score_data, tmp_path):
+    """`--method lm --clusters 100` ran LM and ignored --clusters without a word (as --groups, --kmeans-iters and
+    --feature-layer); --centroids-from, FM's too, was already refused so."""
+    base = ["--source", score_data.source, "--target", score_data.target, "-o", tmp_path / "s.json"]
+    model = ["--model", score_data.checkpoint]
+    for method, extra, flag in (("lm", [*model, "--clusters", 3], "--clusters"),
+                                ("el2n", [*model, "--groups", "labels"], "--groups"),
+                                ("random", ["--kmeans-iters", 5], "--kmeans-iters"),
+                                ("lm", [*model, "--feature-layer", "fc"], "--feature-layer")):
+        _one_sentence(_invoke("--method", method, *base, *extra), f"{flag} applies to --method fm, not to "
+                                                                   f"--method {method}")
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_plot_cannot_take_the_place_of_a_file_written_beside_the_scores(score_data, tmp_path):
     """`--plot s.centroids.npy` (or s.assign.npy) with `-o s.json`: the PNG was renamed over the centroids just
     written, and the run reported success with a scores file whose centroids were gone."""
