@@ -6,12 +6,12 @@ import click
 from click.core import ParameterSource
 
 from dptool.distributed import launch_rank
-from dptool.errors import MAX_SEED
+from dptool.errors import MAX_SEED, InputError
 from dptool.features import InferenceOptions
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
 from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
-from dptool.scoring.fm import CLUSTERING_OPTIONS, refuse_clustering_options
+from dptool.scoring.fm import refuse_clustering_options
 
 from ._common import (
     CONTEXT_SETTINGS,
@@ -27,6 +27,8 @@ from ._common import (
 __all__ = ["command"]
 
 _PATH = click.Path(exists=True, dir_okay=False, path_type=str)
+_FM_ONLY = {"clusters": "--clusters", "groups": "--groups", "kmeans_iters": "--kmeans-iters",
+            "feature_layer": "--feature-layer"}  # (--centroids-from, FM's too, is refused by the library)
 _METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
 
 
@@ -94,10 +96,13 @@ def command(method, source, target, model, arch, weights, weights_prefix, model_
         --weights moco_v2_800ep_pretrain.pth.tar --centroids-from fm.json -o fm_pets.json   # reads only the target
     torchrun --nproc-per-node 8 -m dptool score --method lm ...    # each rank scores a shard
     """
+    ctx = click.get_current_context()
+    given = [n for n in ctx.params if ctx.get_parameter_source(n) not in
+             (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
     if centroids_from is not None and method == "fm":  # given at all, even at its default value: refused
-        ctx = click.get_current_context()
-        refuse_clustering_options([n for n in CLUSTERING_OPTIONS if ctx.get_parameter_source(n) not in
-                                   (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)], centroids_from)
+        refuse_clustering_options(given, centroids_from)
+    for name in (n for n in _FM_ONLY if n in given and method != "fm"):  # else ignored without a word
+        raise InputError(f"{_FM_ONLY[name]} applies to --method fm, not to --method {method}.")
     surrogate = {"model": model, "arch": arch, "weights": weights, "weights_prefix": weights_prefix,
                  "factory": model_factory, "feature_layer": feature_layer}
     options = ScoreOptions(inference=InferenceOptions(batch_size=batch_size, workers=workers), clusters=clusters,

@@ -59,8 +59,6 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     # refused here if not FM: its res, mean and std would become this run's defaults, and be refused instead
     reused = read_groups_file(options.centroids_from) if options.centroids_from is not None and method == "fm" else None
     surrogate = dict(surrogate or {})
-    if surrogate.get("feature_layer") and method != "fm":  # only FM reads features: another method would ignore it
-        raise InputError(f"--feature-layer applies to --method fm, not to --method {method}.")
     if reused is not None:  # its groups live at its resolution, normalisation and feature layer: the defaults here
         res = res or reused.params.get("res")
         mean = mean or reused.params.get("mean")

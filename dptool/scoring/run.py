@@ -209,13 +209,6 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     check_seed("--seed", options.seed)
     if options.centroids_from is not None and method != "fm":
         raise InputError(f"--centroids-from applies to --method fm, not to --method {method}.")
-    if method != "fm":  # FM's own options, which another method would ignore without a word
-        defaults = ScoreOptions()
-        given = [flag for name, flag in (("clusters", "--clusters"), ("groups", "--groups"),
-                                         ("kmeans_iters", "--kmeans-iters"))
-                 if getattr(options, name) != getattr(defaults, name)]
-        if given:
-            raise InputError(f"{given[0]} applies to --method fm, not to --method {method}.")
     if options.groups not in ("clusters", "labels"):
         raise InputError(f"--groups must be clusters or labels, got {options.groups!r}.")
     if spec.needs_surrogate:
