@@ -139,7 +139,8 @@ def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[
     dup = {r for r in ratios if ratios.count(r) > 1}
     if dup:
         raise InputError(f"--ratios lists {min(dup):g} more than once; give each ratio once.")
-    return [(float(r), select_groups(scores, ratio=r, sizes=sizes)) for r in ratios]
+    flag = "--ratio" if ratio is not None else "--ratios value"
+    return [(float(r), select_groups(scores, ratio=r, sizes=sizes, ratio_flag=flag)) for r in ratios]
 
 
 def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,

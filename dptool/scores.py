@@ -369,13 +369,14 @@ def removed_count(ratio: float, n_groups: int) -> int:
 
 
 def select_groups(scores: Scores, *, ratio: float | None = None, keep: int | None = None,
-                  sizes: np.ndarray | None = None) -> np.ndarray:
+                  sizes: np.ndarray | None = None, ratio_flag: str = "--ratio") -> np.ndarray:
     """Ids of the kept groups, most important first: remove the fraction `ratio` of groups, or keep `keep`.
 
     With G groups, ``K = G - round_half_up(ratio * G)`` groups of lowest rank are kept (ratio in [0, 1), as in
     the paper: ratio 0.6 removes 60% of the classes). Ties are resolved by the ranks. `sizes` (samples per group
     id) leaves the groups without samples out before counting: an empty class folder, or a class a file was
-    pruned of, is neither kept nor counted in G. Returns (K,) int64.
+    pruned of, is neither kept nor counted in G. `ratio_flag` names the ratio in a refusal (a value of --ratios).
+    Returns (K,) int64.
     """
     order = scores.order()
     if sizes is not None:
@@ -386,12 +387,12 @@ def select_groups(scores: Scores, *, ratio: float | None = None, keep: int | Non
         raise InputError("Give exactly one of --ratio and --keep.")
     if ratio is not None:
         if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0.0 <= float(ratio) < 1.0:
-            raise InputError(f"--ratio must be a number in [0, 1), got {ratio!r}." if isinstance(ratio, str) else
-                             f"--ratio must be in [0, 1), got {ratio}.")
+            raise InputError(f"{ratio_flag} must be a number in [0, 1), got {ratio!r}." if isinstance(ratio, str)
+                             else f"{ratio_flag} must be in [0, 1), got {ratio}.")
         k = g - removed_count(float(ratio), g)
         if k < 1:
-            raise InputError(f"--ratio {ratio} removes all {g} groups{' with samples' if some_empty else ''}; use a "
-                             "smaller ratio.")
+            raise InputError(f"{ratio_flag} {ratio} removes all {g} groups{' with samples' if some_empty else ''}; "
+                             "use a smaller ratio.")
     else:
         if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 1 <= keep <= g:
             raise InputError(f"--keep must be in [1, {g}]{' (the groups with samples)' if some_empty else ''}, got "

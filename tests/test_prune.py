@@ -210,6 +210,9 @@ REFUSALS = [
     ([], "exactly one"),
     (["--ratios", "0.2,0.2", "-o", "{t}/r_{{ratio}}.beton"], "more than once"),
     (["--ratios", "0.2,x"], "comma-separated numbers"),
+    # a value of --ratios was refused as "--ratio ...", an option the command line did not hold
+    (["--ratios", "0.2,1", "-o", "{t}/r_{{ratio}}.beton"], r"--ratios value must be in [0, 1), got 1.0."),
+    (["--ratios", "0.2,0.95", "-o", "{t}/r_{{ratio}}.beton"], "--ratios value 0.95 removes all 6 groups"),
     (["--ratios", "0.2,0.4"], "must contain {ratio}"),
     (["--ratio", "0.5", "--val", "{val}"], "--val and --val-out go together"),
     (["--ratio", "0.5", "--val", "{val}", "--val-out", "{t}/out.beton"], "would both be"),
