@@ -44,7 +44,9 @@ def _human(r) -> str:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Scores file written by `dptool score`.")
-@click.option("--ratio", type=float, default=None, help="Fraction of classes (or clusters) removed, in [0, 1).")
+@click.option("--ratio", type=float, default=None,
+              help="Fraction of classes (or clusters) removed, in [0, 1): ratio x groups with samples, rounded half "
+                   "up (0.5 of 3 removes 2).")
 @click.option("--keep", type=int, default=None, help="Number of classes (or clusters) kept, instead of --ratio.")
 @click.option("--ratios", type=_FloatList(), default=None, help="Several ratios in one pass; -o must hold {ratio}.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),

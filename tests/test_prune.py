@@ -392,3 +392,9 @@ print(sorted(m for m in ("torch", "ffcv", "numba", "cv2") if m in sys.modules))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
     assert open_beton(tmp_path / "p.beton").num_samples == 80
+
+
+def test_help_states_how_a_ratio_is_rounded():
+    """A ratio giving a fractional group count (0.5 of 3): the README said rounded half up, --help did not."""
+    text = " ".join(run("--help").output.split())
+    assert "rounded half up" in text and "[0, 1)" in text
