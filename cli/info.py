@@ -84,9 +84,10 @@ def _checkpoint(s: dict) -> str:
     lines = [f"{s['path']}: {s['arch']}{stem}, {s['num_classes']} classes, {s['parameters'] / 1e6:.2f}M parameters, "
              f"{s['epochs_done']} epoch{'s' if s['epochs_done'] != 1 else ''} of {s['run']}"]
     if s["resumable"]:
-        planned = s["recipe"].get("epochs")
-        lines[0] += ("; stopped early: `train --resume` continues it" if planned and s["epochs_done"] < planned
-                     else "; optimizer state kept (`train --resume --epochs N` extends it)")
+        planned, world = s["recipe"].get("epochs"), s["recipe"].get("world_size")
+        how = f"torchrun --nproc_per_node {world} ... " if isinstance(world, int) and world > 1 else ""
+        lines[0] += (f"; stopped early: `{how}train --resume` continues it" if planned and s["epochs_done"] < planned
+                     else f"; optimizer state kept (`{how}train --resume --epochs N` extends it)")
     if s["data"] or s["data_fingerprint"]:
         lines.append(f"trained on: {s['data'] or '?'} ({s['data_fingerprint']})")
     if s["pretrained"]:

@@ -282,6 +282,18 @@ def test_info_counts_parameters_not_buffers_and_names_missing_keys(tmp_path):
     assert code == 2 and "is missing 'arch', 'small_input', 'num_classes', 'epoch'" in text
 
 
+def test_info_tells_a_torchrun_checkpoint_to_resume_under_torchrun(tmp_path):
+    """`--resume` refuses another number of processes, so info's hint names the torchrun the run had."""
+    model = create_model("resnet18", 4)
+    for world, epochs, hint in ((2, 3, "`torchrun --nproc_per_node 2 ... train --resume` continues it"),
+                                (1, 1, "; optimizer state kept (`train --resume --epochs N` extends it)")):
+        path = save_checkpoint(tmp_path / f"w{world}.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(),
+                               recipe={"epochs": epochs, "world_size": world}, data_fingerprint=None, epoch=1,
+                               optimizer_state={"state": {}, "param_groups": []})
+        code, text = _run(["info", str(path)])
+        assert code == 0 and hint in text, text
+
+
 def test_help_texts():
     for name in ("train", "finetune"):
         code, text = _run([name, "-h"])
