@@ -89,6 +89,20 @@ class _SourceSamples:
         return image, int(self.source.labels[index])
 
 
+def _refuse_output_in_class_folder(out: Path, src: str | os.PathLike, format: str) -> None:
+    """An ImageFolder source's class folders are read whole: an output inside one would be read as its images
+    (the old output, its sidecar, the temporary file), so it is refused before the tree is listed."""
+    if format not in ("auto", "imagefolder") or not os.path.isdir(src):
+        return
+    root, folder = os.path.realpath(src), os.path.realpath(out.parent)
+    if folder != root and folder.startswith(root.rstrip(os.sep) + os.sep):
+        class_folder = Path(os.path.relpath(folder, root)).parts[0]
+        if class_folder.startswith("."):  # hidden folders are no classes: not read
+            return
+        raise InputError(f"Output {out} is inside the class folder {class_folder!r} of the source {src}, where it "
+                         "would be read as one of its images; write it outside the source's class folders.")
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -116,6 +130,7 @@ def convert(
     if params.shuffle_seed is not None:
         check_seed("--seed", params.shuffle_seed)
     out = check_beton_output(out, force=force, inputs=(src,))
+    _refuse_output_in_class_folder(out, src, format)
     source = open_source(src, format=format, split=split, max_pixels=max_pixels)
     n = len(source)
     if n == 0:

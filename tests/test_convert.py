@@ -309,6 +309,21 @@ def test_an_output_whose_sidecar_would_replace_an_input_is_refused(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_an_output_inside_a_class_folder_of_the_source_is_refused(tmp_path):
+    """It would be read back as that class's images on the next run (--force); beside the class folders, or in a
+    hidden folder (no class), it is not read."""
+    images, labels = separable_images(2, 3, 8)
+    write_image_folder(tmp_path / "src", images, labels, ["cat", "dog"])
+    inside = tmp_path / "src" / "cat" / "out.beton"
+    result = run("convert", tmp_path / "src", inside, *RAW)
+    assert result.exit_code == 2 and "is inside the class folder 'cat' of the source" in result.output
+    assert not list((tmp_path / "src" / "cat").glob("*out.beton*"))
+    for fine in (tmp_path / "src" / "out.beton", tmp_path / "src" / ".cache" / "out.beton"):
+        fine.parent.mkdir(exist_ok=True)
+        result = run("convert", tmp_path / "src", fine, *RAW)
+        assert result.exit_code == 0 and open_beton(fine).num_samples == 6, result.output
+
+
 def _ffcv_single_worker(data, path, order, params: WriterParams) -> bytes:
     """The file FFCV's own DatasetWriter writes with one worker (its only deterministic layout)."""
     from dptool._ffcv import import_ffcv
