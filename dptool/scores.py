@@ -315,8 +315,11 @@ def read_scores(path: str | os.PathLike) -> Scores:
 
 
 def _load_companion(scores_path: str | os.PathLike, name: str, sha256: str | None, what: str) -> np.ndarray:
-    """The array of the file `name` beside `scores_path`, checked against the `sha256` the scores file records."""
+    """The array of the file `name` beside `scores_path` (or, for a symbolic link without it beside it, beside the
+    file it points to), checked against the `sha256` the scores file records."""
     path = Path(scores_path).with_name(name)
+    if Path(scores_path).is_symlink() and not os.path.lexists(path):
+        path = Path(os.path.realpath(scores_path)).with_name(name)
     if not path.is_file():
         raise InputError(f"Scores file {scores_path} names {what} {path.name}, but {path} does not exist.")
     # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it

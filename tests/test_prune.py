@@ -297,6 +297,11 @@ def test_broken_scores_files_are_refused(data, tmp_path):
     fm = tmp_path / "fm.json"
     shutil.copy(data["fm"], fm)  # its assignment file is not beside the copy
     assert f"fm.assign.npy, but {tmp_path / 'fm.assign.npy'} does not exist" in _refuse(data, tmp_path, fm)
+    linked = tmp_path / "linked.json"  # a link finds it beside the file it points to, as a linked .beton does
+    linked.symlink_to(data["fm"])
+    result = run(data["train"], "--scores", linked, "--ratio", "0.5", "-o", tmp_path / "linked.beton")
+    assert result.exit_code == 0, result.output
+    check_samples(tmp_path / "linked.beton", data["train"], np.flatnonzero(np.isin(data["assign"], [0, 3])))
 
 
 def test_an_unreadable_assignment_file_is_one_sentence(data, tmp_path):
