@@ -27,6 +27,7 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "broadcast_object",
+    "broadcast_buffers",
     "cleanup",
     "distributed_session",
     "shard_rows",
@@ -127,6 +128,19 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module, src: int = 0) -> None:
+    """Give every rank `src`'s buffers of `module` (BatchNorm running statistics), in place; no-op on one process.
+
+    DistributedDataParallel sends rank 0's buffers to the other ranks at the start of each forward pass, so after
+    the last training step every rank holds its own batch's update of them: a model evaluated as it stands on
+    each rank is then another model on each, and not the one rank 0 checkpoints."""
+    if is_initialized():
+        import torch.distributed as dist
+
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
 
 
 def cleanup() -> None:

@@ -145,11 +145,13 @@ def resolve_precision(device, precision: str) -> str:
 
 
 def evaluate(model, loader, device, precision: str, *, kept=None) -> dict:
-    """Top-1/top-5 of `model` over `loader`, summed over ranks. With `kept` (bool (C,) tensor), `val_*` counts
-    only images whose label is a kept class and `val_*_all` every image."""
+    """Top-1/top-5 of `model` over `loader`, summed over ranks, every rank with rank 0's buffers (the model rank 0
+    checkpoints). With `kept` (bool (C,) tensor), `val_*` counts only images whose label is a kept class and
+    `val_*_all` every image."""
     import torch
 
     model = getattr(model, "module", model)  # evaluate the plain module under DDP: no buffer sync per batch
+    dist.broadcast_buffers(model)  # ...but rank 0's BatchNorm statistics on every rank: the model it checkpoints
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # top1, top5, n (kept), top1, top5, n (all)
     seen = 0  # counted on the host: a tensor made from a Python number per batch would be a blocking copy

@@ -74,3 +74,54 @@ def test_bench_pretrain_under_torchrun_sums_ranks_and_prints_once(tmp_path, tiny
     big[big.index("--master_port") + 1] = str(_free_port())
     proc = subprocess.run(big, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode != 0 and "--batch-size 100 is larger than the samples each of the 2" in proc.stderr
+
+
+_EVAL_SCRIPT = """
+import json, sys
+import torch
+from dptool import distributed as dist
+from dptool.loaders import eval_loader
+from dptool.models import create_model
+from dptool.train import evaluate
+
+with dist.distributed_session() as device:
+    torch.manual_seed(0)
+    model = create_model("resnet_tiny", 4)
+    model.train()
+    with torch.no_grad():  # one training-mode pass per rank on its own batch, as DDP's last step leaves them:
+        model(torch.randn(8, 3, 16, 16) * (1 + 4 * dist.rank()))  # each rank's BatchNorm statistics differ
+    rank0 = {k: v.clone() for k, v in model.state_dict().items()} if dist.rank() == 0 else None
+    val = sys.argv[1]
+    metrics = evaluate(model, eval_loader(val, batch_size=16, res=16, workers=1, distributed=True), device, "fp32")
+    same = all(torch.equal(model.state_dict()[k], rank0[k]) for k in rank0) if rank0 else None
+    # what each rank evaluated with: its buffers' sum, gathered (equal on both ranks when rank 0's were used)
+    mine = torch.tensor([float(sum(b.double().sum() for b in model.buffers()))], dtype=torch.float64)
+    sums = [torch.zeros_like(mine) for _ in range(2)]
+    torch.distributed.all_gather(sums, mine)
+    if dist.rank() == 0:  # rank 0's model alone, over the whole file, without the process group
+        model.eval()
+        hits = n = 0
+        with torch.no_grad():
+            for x, y in eval_loader(val, batch_size=16, res=16, workers=1):
+                hits += int(model(x).argmax(1).eq(y).sum())
+                n += len(y)
+        print(json.dumps({"metrics": metrics, "reference": hits / n, "rank0_unchanged": same,
+                          "buffer_sums": [float(t) for t in sums]}))
+    dist.barrier()
+"""
+
+
+def test_validation_under_torchrun_is_of_rank_0s_model(tmp_path, train_val_betons):
+    """After a DDP step every rank holds its own BatchNorm statistics; evaluation must use rank 0's (the model
+    rank 0 checkpoints) on every rank, so that the summed top-1 is that model's top-1 over the whole file."""
+    script = tmp_path / "eval_ddp.py"
+    script.write_text(_EVAL_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(train_val_betons[1])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["rank0_unchanged"] and out["metrics"]["val_images"] == 40
+    assert out["buffer_sums"][0] == out["buffer_sums"][1]
+    assert out["metrics"]["val_top1"] == out["reference"]
