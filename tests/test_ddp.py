@@ -40,7 +40,7 @@ def test_torchrun_two_gloo_processes(tmp_path, train_val_betons):
     start = proc.stdout.index("{")
     result = json.loads(proc.stdout[start:])  # exactly one JSON document: rank 0 alone prints
     assert result["world_size"] == 2 and result["effective_batch_size"] == 16 and result["pruned"]
-    assert result["effective_lr"] == pytest.approx(0.5 * 16 / 256)
+    assert result["effective_lr"] == pytest.approx(0.125 * 16 / 256)  # --lr per 256 images
     final = result["final"]
     assert final["train_images"] == 160  # 80 per rank, summed
     assert final["val_images"] == 30 and final["val_images_all"] == 40  # exact shards: no padding duplicates

@@ -44,6 +44,9 @@ def test_schedules_match_ffcv_imagenet():
     assert lr_at(cfg, 0.0, peak) == 0.0 and lr_at(cfg, 2.0, peak) == pytest.approx(peak)
     assert lr_at(cfg, 9.0, peak) == pytest.approx(peak / 2) and lr_at(cfg, 16.0, peak) == 0.0
     assert resolution_at(TrainConfig(epochs=4, min_res=48, max_res=48), 0) == 48  # never leaves [min, max]
+    # the default --lr is per 256 images: at ffcv-imagenet's (and DP4TL's) ResNet-18 batch of 1024 it gives their
+    # peak of 0.5, not four times it
+    assert cfg.lr * 1024 / 256 == 0.5
     short = TrainConfig(epochs=2)  # the peak moves to half of --epochs when that is earlier than --lr-peak-epoch 2
     assert [lr_at(short, p, peak) for p in (0.5, 1.0, 1.5, 2.0)] == pytest.approx([peak / 2, peak, peak / 2, 0.0])
 
