@@ -58,6 +58,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on Ampere or newer GPUs, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
 
+    def peak_epoch(self) -> float:
+        """The epoch of the learning rate's peak: `lr_peak_epoch`, at most half of `epochs`."""
+        return min(self.lr_peak_epoch, self.epochs / 2)
+
     def ramp(self) -> tuple[int, int]:
         """(start_ramp, end_ramp) with the defaults filled in."""
         start = self.start_ramp if self.start_ramp is not None else round(self.epochs * 11 / 16)
@@ -96,7 +100,7 @@ def resolution_at(config: TrainConfig, epoch: int) -> int:
 
 def lr_at(config: TrainConfig, progress: float, peak_lr: float) -> float:
     """Learning rate at `progress` epochs (fractional): 0 -> peak at lr_peak_epoch -> 0 at the last epoch."""
-    peak_epoch = min(config.lr_peak_epoch, config.epochs / 2)
+    peak_epoch = config.peak_epoch()
     return float(np.interp(progress, [0.0, peak_epoch, float(config.epochs)], [0.0, peak_lr, 0.0]))
 
 
@@ -478,13 +482,16 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     # FFCV's epoch counter drives its shuffle seed: continue it where the checkpoint stopped.
     loader.loader.next_epoch = start_epoch
 
-    recipe = {**asdict(config), "effective_batch_size": eff_batch, "effective_lr": peak_lr, "world_size": world,
-              "precision": precision, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    # what the run follows where the config leaves it to --epochs: the peak epoch (at most half of them) and the ramp
+    used = {"effective_lr_peak_epoch": config.peak_epoch(),
+            "effective_ramp": list(config.ramp())}
+    recipe = {**asdict(config), "effective_batch_size": eff_batch, "effective_lr": peak_lr, **used,
+              "world_size": world, "precision": precision, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     jlog = JsonLog.resume(log_path, start_epoch) if resume else JsonLog(log_path, hold=True)
     jlog.write({"event": "resume" if resume else "config", "config": asdict(config), "data": str(data),
                 "val": str(val) if val else None, "data_fingerprint": data_fp, "num_samples": beton.num_samples,
                 "num_classes": num_classes, "kept_classes": None if kept_np is None else len(kept_np),
-                "world_size": world, "effective_batch_size": eff_batch, "effective_lr": peak_lr,
+                "world_size": world, "effective_batch_size": eff_batch, "effective_lr": peak_lr, **used,
                 "device": str(device), "precision": precision, "start_epoch": start_epoch})
     history = list(ckpt["extra"].get("history", [])) if ckpt else []
     show = progress and dist.is_main()

@@ -269,7 +269,13 @@ def test_an_interrupted_first_epoch_leaves_no_log(tmp_path, monkeypatch, train_v
         train(train_val_betons[0], tmp_path / "m.pt", config=cfg)
     lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["event"] for r in lines] == ["config", "epoch"]  # from the first checkpoint on, it is written
-    assert read_checkpoint(tmp_path / "m.pt")["epoch"] == 1
+    ckpt = read_checkpoint(tmp_path / "m.pt")
+    assert ckpt["epoch"] == 1
+    # the log and the checkpoint say what the run followed: --lr-peak-epoch 2 capped at half of 2 epochs, and the
+    # ramp the default fractions of --epochs give (11/16 and 13/16 of 2, rounded)
+    for record in (lines[0], ckpt["recipe"]):
+        assert record["effective_lr_peak_epoch"] == 1.0 and record["effective_ramp"] == [1, 2]
+    assert ckpt["recipe"]["lr_peak_epoch"] == 2.0 and ckpt["recipe"]["start_ramp"] is None  # as given
 
 
 def test_info_counts_parameters_not_buffers_and_names_missing_keys(tmp_path):
