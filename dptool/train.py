@@ -365,8 +365,12 @@ def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None
     if beton.num_samples == 0 or int(beton.labels.max()) >= num_classes:
         raise InputError(f"{data} holds no samples or labels beyond its {num_classes} classes.")
     val_beton = open_beton(val) if val else None
+    world = dist.world_size()
     if val_beton is not None:
         _check_val(val_beton, beton)
+        if val_beton.num_samples < world:  # each process validates a share of the file: none may be empty
+            raise InputError(f"Validation file {val} holds {val_beton.num_samples} image(s), fewer than the {world} "
+                             "processes that share it; give a larger validation file or fewer processes.")
     check_output_path(output, force=force or resume, inputs=(data, val))
     if os.path.abspath(log_path) == os.path.abspath(output):
         raise InputError(f"The log would be written over the checkpoint {output}; give -o a .pt name or --log "
@@ -375,7 +379,6 @@ def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None
     data_fp = fingerprint(beton)
     ckpt = (_resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton, data_fp))
             if resume else None)
-    world = dist.world_size()
     per_rank = math.ceil(beton.num_samples / world)
     if config.batch_size > per_rank:
         raise InputError(f"--batch-size {config.batch_size} is larger than the {per_rank} samples each of the "

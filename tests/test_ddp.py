@@ -125,3 +125,27 @@ def test_validation_under_torchrun_is_of_rank_0s_model(tmp_path, train_val_beton
     assert out["rank0_unchanged"] and out["metrics"]["val_images"] == 40
     assert out["buffer_sums"][0] == out["buffer_sums"][1]
     assert out["metrics"]["val_top1"] == out["reference"]
+
+
+def test_a_validation_file_smaller_than_the_process_count_is_refused(tmp_path, train_val_betons):
+    """Each rank validates every world-th image: a 1-image file leaves rank 1 none. One sentence, exit 2 (it was
+    'indices ... select no samples', from rank 1 alone, though no indices were given)."""
+    import numpy as np
+
+    from dptool.convert import WriterParams, convert
+    from dptool.synthetic import write_npz
+
+    npz = write_npz(tmp_path / "one.npz", np.zeros((1, 16, 16, 3), np.uint8), np.array([0]),
+                    [f"class_{c}" for c in range(4)])
+    one = tmp_path / "one.beton"
+    convert(npz, one, params=WriterParams(max_resolution=16, write_mode="raw", num_workers=1))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dptool", "train", str(train_val_betons[0]), "--val", str(one),
+           "-o", str(tmp_path / "m.pt"), "--arch", "resnet_tiny", "--epochs", "1", "--batch-size", "8",
+           "--min-res", "16", "--max-res", "16", "--val-res", "16", "--workers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "select no samples" not in proc.stderr, proc.stderr[-3000:]
+    # every rank refuses at once (torchrun may stop the other before it prints)
+    assert f"Error: Validation file {one} holds 1 image(s), fewer than the 2 processes" in proc.stderr
+    assert not (tmp_path / "m.pt").exists()
