@@ -63,9 +63,12 @@ class TrainConfig:
         return min(self.lr_peak_epoch, self.epochs / 2)
 
     def ramp(self) -> tuple[int, int]:
-        """(start_ramp, end_ramp) with the defaults filled in."""
+        """(start_ramp, end_ramp) with the defaults filled in; a default never overrides the other end given (an
+        --end-ramp before the default start starts the ramp there too, and the reverse)."""
         start = self.start_ramp if self.start_ramp is not None else round(self.epochs * 11 / 16)
         end = self.end_ramp if self.end_ramp is not None else round(self.epochs * 13 / 16)
+        if self.start_ramp is None:
+            return min(start, end), end
         return start, max(start, end)
 
     def validate(self) -> None:
@@ -74,6 +77,9 @@ class TrainConfig:
             raise InputError(f"--epochs must be at least 1, got {self.epochs}.")
         if self.batch_size < 1 or self.val_batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {min(self.batch_size, self.val_batch_size)}.")
+        if self.start_ramp is not None and self.end_ramp is not None and self.end_ramp < self.start_ramp:
+            raise InputError(f"--end-ramp {self.end_ramp} is before --start-ramp {self.start_ramp}; the resizing ramp "
+                             "must end at or after its start.")
         if not 8 <= self.min_res <= self.max_res:
             raise InputError(f"--min-res/--max-res must satisfy 8 <= min <= max, got {self.min_res}/{self.max_res}.")
         check_seed("--seed", self.seed)

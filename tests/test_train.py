@@ -47,6 +47,10 @@ def test_schedules_match_ffcv_imagenet():
     # the default --lr is per 256 images: at ffcv-imagenet's (and DP4TL's) ResNet-18 batch of 1024 it gives their
     # peak of 0.5, not four times it
     assert cfg.lr * 1024 / 256 == 0.5
+    # an --end-ramp given alone is where --max-res is reached, even before the default start (11/16 of --epochs)
+    early = TrainConfig(epochs=16, end_ramp=5)
+    assert early.ramp() == (5, 5) and [resolution_at(early, e) for e in (4, 5)] == [160, 192]
+    assert TrainConfig(epochs=16, start_ramp=14).ramp() == (14, 14)  # a --start-ramp after the default end
     short = TrainConfig(epochs=2)  # the peak moves to half of --epochs when that is earlier than --lr-peak-epoch 2
     assert [lr_at(short, p, peak) for p in (0.5, 1.0, 1.5, 2.0)] == pytest.approx([peak / 2, peak, peak / 2, 0.0])
 
@@ -328,6 +332,7 @@ def test_open_beton_passes_an_opened_file_through(tmp_path, train_val_betons):
     ({"momentum": -1.0}, "--momentum must be a finite number >= 0 and <= 1, got -1.0."),
     ({"weight_decay": float("nan")}, "--weight-decay must be a finite number >= 0"),
     ({"res_step": 0}, "res_step must be >= 1"),
+    ({"start_ramp": 5, "end_ramp": 2}, "--end-ramp 2 is before --start-ramp 5; the resizing ramp must end at or"),
 ])
 def test_config_refuses_nan_and_out_of_range_values(change, message):
     with pytest.raises(InputError, match=re.escape(message)):
