@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,14 +96,18 @@ def digests_path(beton: str | os.PathLike) -> Path:
     return Path(str(beton) + ".digests.npy")
 
 
-def companions_of(beton: str | os.PathLike) -> Path:
-    """The path whose sidecar and digests file are `beton`'s: `beton` itself, or, for a symbolic link with no sidecar
-    beside it, the file it points to when that has one (a dataset linked into a project folder keeps them there)."""
-    p = Path(beton)
-    if p.is_symlink() and not os.path.lexists(sidecar_path(p)):
-        target = Path(os.path.realpath(p))
-        if sidecar_path(target).exists():
-            return target
+def companions_of(path: str | os.PathLike, companion: Callable[[Path], Path] = sidecar_path) -> Path:
+    """The path whose companion files are `path`'s (by default its sidecar, and with it its digests file): `path`
+    itself, or, for a symbolic link with none beside it, the first link or file along its chain of links that has
+    one (a dataset linked into a project folder keeps them beside the original, itself perhaps a link)."""
+    p = hop = Path(path)
+    for _ in range(40):  # the kernel's limit on links followed: a loop of links ends here
+        if os.path.lexists(companion(hop)):
+            return hop
+        if not hop.is_symlink():
+            break
+        target = Path(os.path.realpath(hop.parent)) / os.readlink(hop)  # relative to the folder the link is in
+        hop = Path(os.path.realpath(target.parent)) / target.name  # its folder named plainly, its name kept
     return p
 
 

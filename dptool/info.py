@@ -92,15 +92,18 @@ def _is_run_log(p: Path) -> bool:
 def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:
     """A scores file: method, level, provenance, the `top` groups, zero-score count, and the state of the assignment
     and centroids files beside it."""
-    from .scores import read_scores, score_summary
+    from .scores import companion_path, read_scores, score_summary
 
     p = Path(path)
     s = read_scores(p)
+    owner = {n: companion_path(p, n) for n in (s.assignment, s.centroids) if n}  # as prune and score find them
     return {
         "kind": "scores", "path": str(p), **score_summary(s, top), "params": s.params, "surrogate": s.surrogate,
         "source": s.source, "target": s.target, "created": s.created,
-        "assignment": _companion_state(p, s.assignment, s.assignment_sha256, "prune refuses it"),
-        "centroids": _companion_state(p, s.centroids, s.centroids_sha256, "--centroids-from refuses it"),
+        "assignment": _companion_state(owner.get(s.assignment, p), s.assignment, s.assignment_sha256,
+                                       "prune refuses it"),
+        "centroids": _companion_state(owner.get(s.centroids, p), s.centroids, s.centroids_sha256,
+                                      "--centroids-from refuses it"),
     }
 
 

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output, check_output_path, output_group
+from .beton import companions_of
 from .errors import InputError
 
 __all__ = [
+    "companion_path",
     "SCORES_FORMAT",
     "SCORES_VERSION",
     "LEVELS",
@@ -314,12 +316,16 @@ def read_scores(path: str | os.PathLike) -> Scores:
     return scores
 
 
+def companion_path(scores_path: str | os.PathLike, name: str) -> Path:
+    """The path of the file `name` written beside `scores_path` (its assignment or centroids), found as
+    `companions_of` finds a .beton's sidecar: beside a symbolic link, else beside the file the link points to."""
+    return companions_of(scores_path, lambda p: p.with_name(name)).with_name(name)
+
+
 def _load_companion(scores_path: str | os.PathLike, name: str, sha256: str | None, what: str) -> np.ndarray:
-    """The array of the file `name` beside `scores_path` (or, for a symbolic link without it beside it, beside the
-    file it points to), checked against the `sha256` the scores file records."""
-    path = Path(scores_path).with_name(name)
-    if Path(scores_path).is_symlink() and not os.path.lexists(path):
-        path = Path(os.path.realpath(scores_path)).with_name(name)
+    """The array of the file `name` beside `scores_path` (found as `companions_of` says: for a symbolic link, beside
+    the file it points to), checked against the `sha256` the scores file records."""
+    path = companion_path(scores_path, name)
     if not path.is_file():
         raise InputError(f"Scores file {scores_path} names {what} {path.name}, but {path} does not exist.")
     # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it
@@ -342,7 +348,7 @@ def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarra
     if scores.assignment is None:
         raise InputError(f"Scores file {scores_path} has no cluster assignment (its level is {scores.level!r}).")
     a = _load_companion(scores_path, scores.assignment, scores.assignment_sha256, "assignment")
-    return _check_assignment(a, scores, f"Assignment file {Path(scores_path).with_name(scores.assignment)}")
+    return _check_assignment(a, scores, f"Assignment file {companion_path(scores_path, scores.assignment)}")
 
 
 def load_centroids(scores_path: str | os.PathLike, scores: Scores) -> np.ndarray:
@@ -351,7 +357,7 @@ def load_centroids(scores_path: str | os.PathLike, scores: Scores) -> np.ndarray
         raise InputError(f"Scores file {scores_path} names no centroids file (only FM scores have one, and only "
                          "those written by a dptool that has `score --centroids-from`).")
     c = _load_companion(scores_path, scores.centroids, scores.centroids_sha256, "centroids")
-    return _check_centroids(c, scores, f"Centroids file {Path(scores_path).with_name(scores.centroids)}")
+    return _check_centroids(c, scores, f"Centroids file {companion_path(scores_path, scores.centroids)}")
 
 
 def score_summary(scores: Scores, top: int = 10) -> dict:

@@ -304,6 +304,23 @@ def test_broken_scores_files_are_refused(data, tmp_path):
     check_samples(tmp_path / "linked.beton", data["train"], np.flatnonzero(np.isin(data["assign"], [0, 3])))
 
 
+def test_a_scores_file_reached_through_a_chain_of_links_finds_its_assignment(data, tmp_path):
+    """A link to a link to the scores file lost the assignment beside the middle one (only the end of the chain was
+    looked beside), and `info` looked beside the link only, calling the file prune reads 'missing'."""
+    (tmp_path / "runs").mkdir()
+    middle = tmp_path / "runs" / "fm.json"
+    shutil.copy(data["fm"], tmp_path / "fm_moved.json")
+    shutil.copy(Path(data["fm"]).with_name("fm.assign.npy"), tmp_path / "runs" / "fm.assign.npy")
+    middle.symlink_to("../fm_moved.json")
+    link = tmp_path / "fm.json"
+    link.symlink_to("runs/fm.json")
+    result = run(data["train"], "--scores", link, "--ratio", "0.5", "-o", tmp_path / "linked.beton")
+    assert result.exit_code == 0, result.output
+    check_samples(tmp_path / "linked.beton", data["train"], np.flatnonzero(np.isin(data["assign"], [0, 3])))
+    info = json.loads(CliRunner().invoke(cli, ["info", str(link), "--json"]).output)
+    assert info["assignment"] == {"path": str(tmp_path / "runs" / "fm.assign.npy"), "state": "present, unchanged"}
+
+
 def test_an_unreadable_assignment_file_is_one_sentence(data, tmp_path):
     """It stopped prune with 'internal error: PermissionError' (exit 1). /proc/self/mem stands for a file that
     cannot be read even by root (its first page is unmapped: EIO, as from a failing disk)."""

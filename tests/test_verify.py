@@ -148,6 +148,23 @@ def test_a_symlinked_beton_keeps_its_sidecar_and_digests(written, tmp_path):
         (tmp_path / "elsewhere.npy").rename(digests_path(written))
 
 
+def test_a_beton_reached_through_a_chain_of_relative_links_keeps_its_sidecar(written, tmp_path):
+    """A link to a link (project/train.beton -> ../data/train.beton, itself a link to the file moved to another
+    disk, its sidecar and digests file left beside it) lost them: only the end of the chain was looked beside."""
+    for folder in ("data", "disk", "project"):
+        (tmp_path / folder).mkdir()
+    data = _copy(written, tmp_path / "data", "train.beton")
+    data.rename(tmp_path / "disk" / "train.beton")
+    data.symlink_to("../disk/train.beton")
+    link = tmp_path / "project" / "train.beton"
+    link.symlink_to("../data/train.beton")
+    result = _invoke("verify", link)
+    assert result.exit_code == 0 and "all 80 samples match the crc32 digests" in result.output, result.output
+    info = json.loads(_invoke("info", link, "--json").output)
+    assert info["sidecar"] == str(sidecar_path(data)) and info["sidecar_matches"] is True
+    assert info["digests"] == {"path": str(digests_path(data)), "state": "present, unchanged"}
+
+
 def _unreadable(path):
     """Replace `path` by a file that exists but cannot be read, even by root (chmod 000 stops only other users):
     /proc/self/mem is a regular file whose first page is unmapped, so reading it fails with EIO, as a bad disk."""

@@ -13,14 +13,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 from ..atomic import check_output_path, output_group
 from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank, launched_by_torchrun, resolve_device
 from ..errors import InputError
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
-from ..scores import assignment_path, centroids_path
+from ..scores import assignment_path, centroids_path, companion_path
 from .fm import read_groups_file
 from .plot import plot_scores
 from .registry import get_method
@@ -77,7 +76,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     # the surrogate's files, and a scores file whose centroids are reused, are inputs too
     inputs = (source, target, surrogate.get("model"), surrogate.get("weights"), options.centroids_from)
     if reused is not None:
-        inputs += tuple(Path(options.centroids_from).with_name(n) for n in (reused.assignment, reused.centroids) if n)
+        inputs += tuple(companion_path(options.centroids_from, n) for n in (reused.assignment, reused.centroids) if n)
     out = check_output_path(output, force=force, inputs=inputs)
     companions = []  # FM: the centroids, and for clusters the assignment, go beside the scores
     if method == "fm":
