@@ -428,6 +428,18 @@ def test_fm_options_given_to_another_method_are_refused(score_data, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_the_plot_through_a_linked_folder_cannot_replace_the_scores_file(score_data, tmp_path):
+    """`--plot here/s.json -o s.json --force`, `here` a link to the folder: the plot was compared with the scores
+    file by its spelling only, and the PNG renamed last replaced the scores file just written (exit 0)."""
+    out = tmp_path / "s.json"
+    base = ["--method", "random", "--source", score_data.source, "-o", out]
+    assert _invoke(*base).exit_code == 0
+    (tmp_path / "here").symlink_to(tmp_path)
+    _one_sentence(_invoke(*base, "--force", "--plot", tmp_path / "here" / "s.json"),
+                  "is the same path as the scores file")
+    assert read_scores(out).method == "random"
+
+
 def test_the_plot_cannot_take_the_place_of_a_file_written_beside_the_scores(score_data, tmp_path):
     """`--plot s.centroids.npy` (or s.assign.npy) with `-o s.json`: the PNG was renamed over the centroids just
     written, and the run reported success with a scores file whose centroids were gone."""

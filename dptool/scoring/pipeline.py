@@ -88,7 +88,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     if plot is not None:  # nor over the files written beside it: the plot, renamed last, would replace one
         beside = ((c, "a file written beside the scores file") for c in companions)
         for path, what in ((out, "the scores file"), *beside):
-            if os.path.abspath(plot) == os.path.abspath(path):
+            if os.path.realpath(plot) == os.path.realpath(path):  # also through a linked folder, or a link
                 raise InputError(f"--plot {plot} is the same path as {what}, {path}; give --plot another path.")
         check_output_path(plot, force=force, inputs=inputs)
     if device == "cuda" and spec.needs_surrogate:
