@@ -296,7 +296,7 @@ def _folder_locks(folders) -> Iterator[None]:
 
     fds = []
     try:
-        for folder in sorted({os.path.abspath(f) for f in folders}):
+        for folder in sorted({os.path.realpath(f) for f in folders}):  # one lock per folder, however named
             with contextlib.suppress(OSError):
                 fd = os.open(folder, os.O_RDONLY)
                 fds.append(fd)

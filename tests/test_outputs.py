@@ -397,3 +397,20 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid and fields[0] != "Z":
                 kids.append(int(stat.split("/")[2]))
     return kids
+
+
+def test_outputs_in_one_folder_reached_by_two_paths_do_not_wait_for_each_other(tmp_path):
+    """`-o s.json --plot here/s.png`, `here` a link to the same folder: the folder was locked once per spelling, and
+    the second flock waited for the first, held by the same process, for ever."""
+    import sys
+
+    (tmp_path / "here").symlink_to(tmp_path)
+    script = ("import sys; from pathlib import Path; from dptool.atomic import atomic_output, output_group\n"
+              "with output_group():\n"
+              "    for p in sys.argv[1:]:\n"
+              "        with atomic_output(p) as tmp:\n"
+              "            Path(tmp).write_text(p)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s.json"), str(tmp_path / "here" / "s.png")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "s.json", "s.png"]
