@@ -96,9 +96,10 @@ def _refuse_output_in_class_folder(out: Path, src: str | os.PathLike, format: st
         return
     root, folder = os.path.realpath(src), os.path.realpath(out.parent)
     if folder != root and folder.startswith(root.rstrip(os.sep) + os.sep):
-        class_folder = Path(os.path.relpath(folder, root)).parts[0]
-        if class_folder.startswith("."):  # hidden folders are no classes: not read
+        parts = Path(os.path.relpath(folder, root)).parts
+        if any(part.startswith(".") for part in parts):  # hidden folders, at any depth, are not read
             return
+        class_folder = parts[0]
         raise InputError(f"Output {out} is inside the class folder {class_folder!r} of the source {src}, where it "
                          "would be read as one of its images; write it outside the source's class folders.")
 

@@ -318,7 +318,9 @@ def test_an_output_inside_a_class_folder_of_the_source_is_refused(tmp_path):
     result = run("convert", tmp_path / "src", inside, *RAW)
     assert result.exit_code == 2 and "is inside the class folder 'cat' of the source" in result.output
     assert not list((tmp_path / "src" / "cat").glob("*out.beton*"))
-    for fine in (tmp_path / "src" / "out.beton", tmp_path / "src" / ".cache" / "out.beton"):
+    # nor in a hidden folder inside a class folder, which ImageFolder leaves out as well (it was refused)
+    for fine in (tmp_path / "src" / "out.beton", tmp_path / "src" / ".cache" / "out.beton",
+                 tmp_path / "src" / "cat" / ".cache" / "out.beton"):
         fine.parent.mkdir(exist_ok=True)
         result = run("convert", tmp_path / "src", fine, *RAW)
         assert result.exit_code == 0 and open_beton(fine).num_samples == 6, result.output
