@@ -303,7 +303,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         output = check_output_path(output, force=force, inputs=(checkpoint, train_data, test_data))
         log_path = log_path or Path(output).with_suffix(".jsonl")
     if log_path is not None:
-        if output is not None and os.path.abspath(log_path) == os.path.abspath(output):
+        if output is not None and os.path.realpath(log_path) == os.path.realpath(output):  # linked folders too
             raise InputError(f"The log would be written over the checkpoint {output}; give -o a .pt name or --log "
                              "another path.")
         log_path = check_output_path(log_path, force=force, inputs=(checkpoint, train_data, test_data, output))

@@ -378,7 +378,7 @@ def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None
             raise InputError(f"Validation file {val} holds {val_beton.num_samples} image(s), fewer than the {world} "
                              "processes that share it; give a larger validation file or fewer processes.")
     check_output_path(output, force=force or resume, inputs=(data, val))
-    if os.path.abspath(log_path) == os.path.abspath(output):
+    if os.path.realpath(log_path) == os.path.realpath(output):  # also through a linked folder
         raise InputError(f"The log would be written over the checkpoint {output}; give -o a .pt name or --log "
                          "another path.")
     check_output_path(log_path, force=force or resume, inputs=(data, val, output))

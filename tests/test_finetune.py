@@ -186,13 +186,15 @@ def test_a_log_over_the_checkpoint_is_named_as_such(tmp_path, target, source_ckp
     """`-o ft.jsonl` (whose default log is itself) or `--log` = `-o`: the checkpoint is an output of this run, and
     the refusal called it an input ('is the same path as input ft.jsonl'); train names it as the checkpoint."""
     train, test = target
-    for out, log in ((tmp_path / "ft.jsonl", None), (tmp_path / "ft.pt", tmp_path / "ft.pt")):
+    (tmp_path / "here").symlink_to(tmp_path)  # the same folder by another name: the log was written over it
+    for out, log in ((tmp_path / "ft.jsonl", None), (tmp_path / "ft.pt", tmp_path / "ft.pt"),
+                     (tmp_path / "ft.pt", tmp_path / "here" / "ft.pt")):
         args = ["finetune", str(source_ckpt), str(train), str(test), "--epochs", "1", "-o", str(out)]
         r = CliRunner().invoke(cli, args + (["--log", str(log)] if log else []))
         assert r.exit_code == 2, r.output
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and "written over the checkpoint" in lines[0] and "input" not in lines[0], r.output
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
 
 
 def test_a_self_supervised_checkpoint_is_transferred_as_its_backbone(tmp_path, target, source_ckpt, one_thread):

@@ -213,6 +213,7 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
         (["train", str(train), "-o", str(out), "--resume"], "does not exist"),
     ]
     fp = fingerprint(train)
+    (tmp_path / "here").symlink_to(tmp_path)
     renamed = tmp_path / "renamed_val.beton"  # the same 4 labels, named as another dataset's classes
     shutil.copy(val, renamed)
     side = {k: v for k, v in read_sidecar(val).items() if k not in ("format", "version")}
@@ -237,6 +238,9 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
         # like a finetune checkpoint: right data and arch, no optimizer state to continue from
         (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume"], "holds no optimizer state"),
         (["train", str(train), "-o", str(tmp_path / "c.jsonl")], "The log would be written over the checkpoint"),
+        # the same path through a link to its folder
+        (["train", str(train), "-o", str(out), "--log", str(tmp_path / "here" / "m.pt")],
+         "The log would be written over the checkpoint"),
         (["train", str(train), "-o", str(tmp_path / "ddp.pt"), "--resume", "--batch-size", "16"],
          "was trained by 2 processes (effective batch 32), but this run has 1 (effective batch 16)"),
         (["train", str(train), "--val", str(renamed), "-o", str(out)],
