@@ -169,9 +169,10 @@ def select_backbone(state: dict, model, where: str, prefix: str | None = None) -
     Self-supervised checkpoints keep the backbone under a prefix (MoCo v1/v2 `encoder_q.`, MoCo v3
     `base_encoder.`, `backbone.`), beside a momentum copy, projection heads, prototypes or a queue. Without
     `prefix` it is the one under which every entry of `model` outside its head is found: none when the file is
-    a plain state dict, else the only such prefix, else the evaluated encoder of MoCo's pair. Entries under
-    it whose first name is no module of `model` (SwAV's `prototypes`, `projection_head`) are left out; any
-    other mismatch is left for `load_state_dict` to report.
+    a plain state dict, else the only such prefix, else the evaluated encoder of MoCo's pair; where no prefix
+    holds them all (a backbone of another depth), the one holding most, so that the refusal names what differs.
+    Entries under it whose first name is no module of `model` (SwAV's `prototypes`, `projection_head`) are left
+    out; any other mismatch is left for `load_state_dict` to report.
     """
     names = list(model.state_dict())
     # BatchNorm's `num_batches_tracked` is left out of the search: files saved without it load all the same
