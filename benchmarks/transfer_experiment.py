@@ -82,7 +82,7 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for method, colour in zip(("lm", "fm", "random"), ("tab:blue", "tab:orange", "tab:gray")):
+    for method, colour in zip(("lm", "fm", "random", "el2n"), ("tab:blue", "tab:orange", "tab:gray", "tab:green")):
         rows = [r for r in summary if r["method"] == method]
         if not rows:
             continue
