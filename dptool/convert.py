@@ -94,14 +94,19 @@ def _refuse_output_in_class_folder(out: Path, src: str | os.PathLike, format: st
     (the old output, its sidecar, the temporary file), so it is refused before the tree is listed."""
     if format not in ("auto", "imagefolder") or not os.path.isdir(src):
         return
-    root, folder = os.path.realpath(src), os.path.realpath(out.parent)
-    if folder != root and folder.startswith(root.rstrip(os.sep) + os.sep):
-        parts = Path(os.path.relpath(folder, root)).parts
-        if any(part.startswith(".") for part in parts):  # hidden folders, at any depth, are not read
-            return
-        class_folder = parts[0]
-        raise InputError(f"Output {out} is inside the class folder {class_folder!r} of the source {src}, where it "
-                         "would be read as one of its images; write it outside the source's class folders.")
+    folder = os.path.realpath(out.parent)
+    try:
+        class_dirs = sorted(d for d in Path(src).iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
+        return  # the source cannot be listed: refused as it is read
+    for class_dir in class_dirs:  # resolved one by one: a class folder may be a link to a folder elsewhere
+        real = os.path.realpath(class_dir)
+        if folder != real and not folder.startswith(real.rstrip(os.sep) + os.sep):
+            continue
+        if any(part.startswith(".") for part in Path(os.path.relpath(folder, real)).parts):
+            return  # hidden folders, at any depth, are not read
+        raise InputError(f"Output {out} is inside the class folder {class_dir.name!r} of the source {src}, where "
+                         "it would be read as one of its images; write it outside the source's class folders.")
 
 
 def convert(

@@ -318,6 +318,15 @@ def test_an_output_inside_a_class_folder_of_the_source_is_refused(tmp_path):
     result = run("convert", tmp_path / "src", inside, *RAW)
     assert result.exit_code == 2 and "is inside the class folder 'cat' of the source" in result.output
     assert not list((tmp_path / "src" / "cat").glob("*out.beton*"))
+    # a class folder that is a link to a folder elsewhere is read all the same (it was not refused)
+    (tmp_path / "dogs").mkdir()
+    for f in (tmp_path / "src" / "dog").iterdir():
+        f.rename(tmp_path / "dogs" / f.name)
+    (tmp_path / "src" / "dog").rmdir()
+    (tmp_path / "src" / "dog").symlink_to(tmp_path / "dogs")
+    result = run("convert", tmp_path / "src", tmp_path / "dogs" / "out.beton", *RAW)
+    assert result.exit_code == 2 and "is inside the class folder 'dog' of the source" in result.output, result.output
+    assert not list((tmp_path / "dogs").glob("*out.beton*"))
     # nor in a hidden folder inside a class folder, which ImageFolder leaves out as well (it was refused)
     for fine in (tmp_path / "src" / "out.beton", tmp_path / "src" / ".cache" / "out.beton",
                  tmp_path / "src" / "cat" / ".cache" / "out.beton"):
