@@ -4,6 +4,7 @@ line, before any work."""
 from __future__ import annotations
 
 import argparse
+import re
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,7 +48,7 @@ def require_device(parser: argparse.ArgumentParser, device: str) -> None:
     """`parser.error` for a --device other than cpu or cuda[:N], or cuda where torch sees no GPU."""
     import torch
 
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+    if device != "cpu" and not re.fullmatch(r"cuda(:[0-9]+)?", device):
         parser.error(f"--device must be cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}: torch sees no CUDA device here; use --device cpu")

@@ -48,6 +48,7 @@ def test_help_shows_every_default(script):
     ("bench_train.py", ["--arch", "foo"], "--arch 'foo'"),
     ("bench_train.py", ["--images", "8", "--classes", "10"], "--images (8) must be at least --classes"),
     ("bench_score.py", ["--arch", "foo"], "--arch 'foo'"),
+    ("bench_score.py", ["--device", "cuda:x"], "--device must be cpu or cuda[:N]"),  # GPU: a traceback
     ("transfer_experiment.py", ["--methods", "foo", "--workdir", "{tmp}"], "--methods"),
     ("transfer_experiment.py", ["--ratios", "0", "1.5", "--workdir", "{tmp}"], "--ratios must each be in [0, 1)"),
     ("bench_scale.py", ["--commands", "convert_npz,prune_lm", "--workdir", "{tmp}"], "add score_lm"),
