@@ -116,8 +116,8 @@ def _class_files(class_dir: Path) -> list[str]:
     seen: set[str] = set()
 
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: a class losing images unseen
-        raise InputError(f"Cannot read folder {exc.filename} ({exc.strerror}); its images would be left out: make it "
-                         "readable, or move it out of the source.") from exc
+        raise InputError(f"Folder {exc.filename} cannot be read ({exc.strerror}); its images would be left out: make "
+                         "it readable, or move it out of the source.") from exc
 
     for top, dirs, names in os.walk(class_dir, followlinks=True, onerror=unreadable):
         real = os.path.realpath(top)
