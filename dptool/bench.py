@@ -296,6 +296,9 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     from .models import create_model
     from .train import grad_scaler, resolve_precision, train_step
 
+    if dist.launched_by_torchrun():  # every rank would measure the whole file on one device and write the same JSON
+        raise InputError("bench loader measures one process's data pipeline; run it without torchrun (bench "
+                         "pretrain runs under torchrun).")
     beton = open_beton(path)
     folder = Path(compare_folder) if compare_folder else None
     if folder is not None and not folder.is_dir():  # refused before minutes of measuring, like a bad --arch

@@ -139,11 +139,15 @@ def pretrain_and_probe(data: Path, target_train: Path, target_test: Path, out_st
 def run_demo(workdir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, force: bool = False,
              progress: bool = False) -> DemoResult:
     """Run every stage of the method on built-in data in `workdir`; return the table and where things are."""
+    from .distributed import launched_by_torchrun
     from .prune import prune
     from .scoring.pipeline import score_files
     from .scoring.run import ScoreOptions
     from .train import train
 
+    if launched_by_torchrun():  # every rank would convert, score and prune into one folder, then fail at finetune
+        raise InputError("demo runs in one process (its linear probe cannot run under torchrun); run it without "
+                         "torchrun.")
     if not 0 <= config.ratio < 1:
         raise InputError(f"--ratio must be in [0, 1), got {config.ratio}.")
     check_seed("--seed", config.seed)

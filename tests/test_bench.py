@@ -157,6 +157,16 @@ def test_bench_loader_refuses_cuda_without_a_gpu(tiny_beton):
     assert "Traceback" not in result.output
 
 
+def test_bench_loader_refuses_torchrun_before_any_work(tiny_beton, tmp_path, monkeypatch):
+    """Under torchrun every rank measured the whole file (contending for the cores and device 0), printed its own
+    table and wrote the same --json-out: refused as finetune is."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--res", "16", "--batch-size", "8",
+                                      "--json-out", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "run it without torchrun" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_refuses_missing_files(tmp_path, tiny_beton):
     result = CliRunner().invoke(cli, ["bench", "pretrain", str(tmp_path / "nope.beton")])
     assert result.exit_code == 2 and "does not exist" in result.output

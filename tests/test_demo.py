@@ -74,3 +74,12 @@ def test_pretraining_and_probe_show_progress(tiny_beton, tmp_path, capsys):
     pretrain_and_probe(tiny_beton, tiny_beton, tiny_beton, tmp_path / "p", config, progress=True)
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "linear probe" in err
+
+
+def test_demo_refuses_torchrun_before_any_work(tmp_path, monkeypatch):
+    """Under torchrun every rank converted, scored and pruned into one folder (warning about each other's temporary
+    files) and the run failed only at the linear probe, which refuses torchrun: refused at once, nothing written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "run it without torchrun" in result.output
+    assert list(tmp_path.iterdir()) == []
