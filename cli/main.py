@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -13,6 +14,7 @@ import click
 
 from dptool._ffcv import silence_loader_gc_noise
 from dptool.atomic import is_write_error
+from dptool.distributed import launch_rank, launched_by_torchrun
 from dptool.errors import DptoolError, InputError
 
 from ._common import CONTEXT_SETTINGS, Group
@@ -89,9 +91,31 @@ class _LazyGroup(Group):
         except Exception as exc:  # an internal error: one sentence unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            lost = _lost_peer(exc)
+            if lost is not None:
+                raise click.ClickException(lost) from exc
             raise click.ClickException(
                 f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
             ) from exc
+
+
+def _lost_peer(exc: BaseException) -> str | None:
+    """Under torchrun, the sentence for a collective that failed because another process of the job ended (gloo
+    names the closed connection and "a remote worker"; NCCL raises torch's DistError): that process prints why it
+    stopped, so this one says it stopped with it, naming its rank, instead of an "internal error" on every other
+    rank. None for any other exception."""
+    if not launched_by_torchrun():
+        return None
+    text = str(exc)
+    dist_mod = sys.modules.get("torch.distributed")
+    dist_error = getattr(dist_mod, "DistError", None) if dist_mod is not None else None
+    gloo_peer = isinstance(exc, RuntimeError) and "gloo" in text and "remote worker" in text
+    if not (gloo_peer or (dist_error is not None and isinstance(exc, dist_error))):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0].rstrip(".")  # gloo's [file:line]
+    return (f"rank {launch_rank()}: stopped because its connection to another process of this torchrun job failed "
+            f"({reason}); that process, or torchrun's summary, says why it ended.")
 
 
 @click.group(cls=_LazyGroup, context_settings=CONTEXT_SETTINGS)

@@ -149,3 +149,36 @@ def test_a_validation_file_smaller_than_the_process_count_is_refused(tmp_path, t
     # every rank refuses at once (torchrun may stop the other before it prints)
     assert f"Error: Validation file {one} holds 1 image(s), fewer than the 2 processes" in proc.stderr
     assert not (tmp_path / "m.pt").exists()
+
+
+GLOO_PEER_GONE = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                  "[127.0.0.1]:23438. This is typically caused by a remote worker crashing. Check the logs of the "
+                  "remote worker before reporting an error.")
+
+
+def test_a_rank_whose_peer_ended_names_itself_not_an_internal_error(tiny_beton, tmp_path, monkeypatch):
+    """When one rank failed (a full disk at rank 0's checkpoint, a k-means error), every other rank's collective
+    failed with gloo's 'Connection closed by peer' and printed 'internal error: RuntimeError: [.../pair.cc:561] ...
+    (rerun with --debug for the traceback)', burying the one real message among world - 1 of these. Each now says
+    in one sentence, naming its rank, that it stopped with the process that ended; outside torchrun nothing changes."""
+    import dptool.cli.train
+
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError(GLOO_PEER_GONE)
+
+    monkeypatch.setattr(dptool.cli.train, "train", peer_gone)
+    args = ["train", str(tiny_beton), "-o", str(tmp_path / "a.pt"), "--arch", "resnet_tiny"]
+    from click.testing import CliRunner
+
+    from dptool.cli.main import cli
+
+    with monkeypatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")
+        env.setenv("RANK", "1")
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "internal error" not in result.output and "pair.cc" not in result.output
+    assert result.output.startswith("Error: rank 1: stopped because its connection to another process of this "
+                                    "torchrun job failed (Connection closed by peer [127.0.0.1]:23438)")
+    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(cli, args)  # one process: a gloo error there is dptool's own
+    assert result.exit_code == 1 and "internal error: RuntimeError" in result.output
