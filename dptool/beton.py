@@ -196,6 +196,14 @@ class Beton:
     alloc_table: np.ndarray  # structured (M,), sample_id / ptr / size
     data_start: int
     sidecar: dict | None
+    identity: tuple = ()  # (device, inode, size, mtime) of the file when its tables were read
+
+    def check_unchanged(self) -> None:
+        """Refuse (InputError) a file that was replaced or rewritten since it was opened: a loader built now opens
+        the path again, and would read other samples than the tables, labels and fingerprint this run holds."""
+        if self.identity and _identity(self.path) != self.identity:
+            raise InputError(f"{self.path} was replaced or modified while this run was reading it (it is read again "
+                             "for a later pass); rerun once nothing writes it.")
 
     @property
     def labels(self) -> np.ndarray:
@@ -247,7 +255,8 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
         raise InputError(f"File {path} does not exist.")
     if not path.is_file():
         raise InputError(f"{path} is not a file.")
-    beton = Beton(path=path, **_read_tables(path), sidecar=read_sidecar(path))
+    identity = _identity(path)  # before the tables: a file replaced while they are read fails the later check
+    beton = Beton(path=path, **_read_tables(path), sidecar=read_sidecar(path), identity=identity)
     if not check_labels and not require_label and not check_sidecar:
         return beton
     if not _check_labels(beton, require_label):
@@ -257,6 +266,15 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
                          f"({mismatch}); it is left from another file: delete it (or re-convert) to use the file "
                          "without it.")
     return beton
+
+
+def _identity(path: Path) -> tuple:
+    """What tells one file at `path` from a file renamed over it or rewritten in place; () if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _no_label_field(path: Path, names) -> InputError:

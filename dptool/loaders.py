@@ -229,6 +229,7 @@ def _build(path, *, decoder, flip, batch_size: int, workers: int, device, order:
         seed=seed, indices=idx, pipelines=pipelines, drop_last=drop_last,
     )
     restore_threads(threads)
+    beton.check_unchanged()  # FFCV opened the path again: the file of the tables above, not one renamed over it
     if order_opt == Order.QUASI_RANDOM:
         _make_order_a_function_of_epoch(loader)
     label_first = beton.field_names.index("label") < beton.field_names.index("image")

@@ -234,3 +234,28 @@ def test_loader_thread_error_is_an_error_not_a_hang(tiny_beton):
     with pytest.raises(DptoolError, match=r"FFCV's loading thread for .*tiny.*stopped before the end of the epoch"):
         for _ in loader:
             pass
+
+
+def test_a_file_replaced_after_it_was_opened_is_refused(tiny_beton, tmp_path):
+    """FM reads its source twice, each pass through a new FFCV loader that opens the path again: a file renamed over
+    it between the passes (a `convert --force` of the same output) was read with the first file's labels and
+    fingerprint; with the same labels in the same order, its images were scored silently. Refused instead."""
+    import os
+    import shutil
+
+    from dptool.beton import open_beton
+
+    path = tmp_path / "a.beton"
+    shutil.copy(tiny_beton, path)
+    beton = open_beton(path)
+    assert len(inference_loader(beton, batch_size=8, res=16, workers=1)) == 20  # unchanged: read as opened
+    shutil.copy(tiny_beton, tmp_path / ".new")  # the same labels: only the file's identity tells them apart
+    os.replace(tmp_path / ".new", path)
+    with pytest.raises(InputError, match="replaced or modified while this run was reading it"):
+        inference_loader(beton, batch_size=8, res=16, workers=1)
+    beton = open_beton(path)
+    with open(path, "r+b") as f:  # rewritten in place
+        f.seek(0, 2)
+        f.write(b"\0")
+    with pytest.raises(InputError, match="replaced or modified"):
+        train_loader(beton, batch_size=8, res=16, workers=1)
