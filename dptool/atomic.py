@@ -68,6 +68,9 @@ def write_error(final: Path, exc: OSError) -> InputError | None:
     if is_write_error(exc):
         return InputError(f"Cannot write {final} ({exc.strerror}); nothing was written under that name: free space "
                           "or choose another folder.")
+    if exc.errno == errno.ENOENT and not Path(final).parent.is_dir():  # checked at the start: removed since
+        return InputError(f"Cannot write {final}: its folder {Path(final).parent} was removed during the run; "
+                          "nothing was written under that name: recreate it or choose another folder.")
     return None
 
 

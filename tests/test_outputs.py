@@ -414,3 +414,27 @@ def test_outputs_in_one_folder_reached_by_two_paths_do_not_wait_for_each_other(t
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "s.json", "s.png"]
+
+
+def test_an_output_folder_removed_during_the_run_is_one_sentence(tiny_beton, tmp_path, monkeypatch):
+    """The folder is checked before any work; one removed during the run (hours of training under torchrun, a
+    cleanup script) stopped train at its first checkpoint with 'internal error: FileNotFoundError: ...
+    .a.jsonl.tmp-PID-HOST-RANDOM' (exit 1), naming the temporary file instead of the folder."""
+    import dptool.train
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real = dptool.train._train_epoch
+
+    def epoch_then_remove_the_folder(*args, **kwargs):
+        record = real(*args, **kwargs)
+        shutil.rmtree(folder)
+        return record
+
+    monkeypatch.setattr(dptool.train, "_train_epoch", epoch_then_remove_the_folder)
+    out = folder / "a.pt"
+    result = CliRunner().invoke(cli, ["train", str(tiny_beton), "-o", str(out), "--arch", "resnet_tiny", "--epochs",
+                                      "1", "--batch-size", "32", "--min-res", "16", "--max-res", "16", "--workers",
+                                      "1"])
+    assert result.exit_code == 2 and "internal error" not in result.output and ".tmp-" not in result.output
+    assert "its folder " + str(folder) + " was removed during the run" in result.output
