@@ -158,6 +158,11 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
             log.warning("%s is not a pruned copy of %s (by their sidecars): its speed-up compares other data",
                         b.path, betons[0].path)
     with dist.distributed_session() as device:
+        world = dist.world_size()
+        for b in betons:  # before any file's page cache is warmed and loader compiled: found in a second, not later
+            if -(-b.num_samples // world) < batch_size:  # each rank's share, as FFCV's distributed order pads it
+                raise InputError(f"--batch-size {batch_size} is larger than the samples each of the {world} "
+                                 f"process(es) gets from {b.path}; use a smaller batch.")
         precision = resolve_precision(device, precision)
         torch.manual_seed(0)
         # channels-last only on CUDA: on the CPU it made ResNet training ~3x slower (as in dptool.train)

@@ -167,6 +167,25 @@ def test_bench_loader_refuses_torchrun_before_any_work(tiny_beton, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_pretrain_refuses_a_batch_too_large_for_a_later_file_before_any_work(full_and_pruned, monkeypatch):
+    """A batch larger than a later (pruned) file was refused only once the files before it had their page cache
+    warmed, loader built and model stepped: the whole of a full ImageNet file read first, on every rank."""
+    import dptool.bench
+    import dptool.loaders
+
+    full, half = full_and_pruned  # 160 and 80 samples
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a file was read before the batch size was checked")
+
+    monkeypatch.setattr(dptool.bench, "warm_page_cache", no_work)
+    monkeypatch.setattr(dptool.loaders, "train_loader", no_work)
+    result = CliRunner().invoke(cli, ["bench", "pretrain", str(full), str(half), "--arch", "resnet_tiny", "--res",
+                                      "16", "--batch-size", "100", "--steps", "1", "--rounds", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"--batch-size 100 is larger than the samples each of the 1 process(es) gets from {half}" in result.output
+
+
 def test_bench_refuses_missing_files(tmp_path, tiny_beton):
     result = CliRunner().invoke(cli, ["bench", "pretrain", str(tmp_path / "nope.beton")])
     assert result.exit_code == 2 and "does not exist" in result.output
