@@ -137,6 +137,8 @@ def cli(ctx, verbose: int, quiet: bool, debug: bool):
     if not debug:
         silence_loader_gc_noise()
     level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    if launch_rank() != 0 and not verbose:  # under torchrun every rank would print rank 0's warnings again; -v: all
+        level = logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     for noisy in ("numba", "PIL", "matplotlib", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

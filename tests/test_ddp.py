@@ -182,3 +182,30 @@ def test_a_rank_whose_peer_ended_names_itself_not_an_internal_error(tiny_beton, 
     assert len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(cli, args)  # one process: a gloo error there is dptool's own
     assert result.exit_code == 1 and "internal error: RuntimeError" in result.output
+
+
+def test_warnings_are_printed_by_rank_0_alone(tiny_beton, tmp_path, monkeypatch):
+    """Every rank runs the same checks, so every rank printed the same warnings (a surrogate trained on other data,
+    another run's temporary file beside the output): world copies of each under torchrun. Ranks other than 0 now
+    print errors only, unless -v asks for their logs."""
+    from click.testing import CliRunner
+
+    from dptool.cli.main import cli
+
+    scores = tmp_path / "s.json"
+    assert CliRunner().invoke(cli, ["score", "--method", "random", "--source", str(tiny_beton), "-o",
+                                    str(scores)]).exit_code == 0
+    out = tmp_path / "p.beton"
+    (tmp_path / ".p.beton.tmp-1-00000000-00000000").write_bytes(b"")  # another machine's: named in a warning
+
+    def prune(rank: int, *verbose: str):
+        with monkeypatch.context() as env:
+            env.setenv("WORLD_SIZE", "2")
+            env.setenv("RANK", str(rank))
+            return CliRunner().invoke(cli, [*verbose, "prune", str(tiny_beton), "--scores", str(scores), "--ratio",
+                                            "0.5", "-o", str(out), "--force"])
+
+    assert "is the temporary file of another" in prune(0).output
+    result = prune(1)
+    assert result.exit_code == 0 and "WARNING" not in result.output
+    assert "is the temporary file of another" in prune(1, "-v").output
