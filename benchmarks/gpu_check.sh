@@ -5,7 +5,10 @@
 #
 # Each step has its own time limit, and no step runs past GPU_CHECK_BUDGET_S seconds from the start (default
 # 540: the whole check, summary included, fits a 10-minute slot on a lent machine); a step the budget leaves
-# no time for is skipped and named. Outputs in benchmarks/results are overwritten (they are kept in git).
+# no time for is skipped and named. Outputs in benchmarks/results (or GPU_CHECK_RESULTS) are overwritten (they are
+# kept in git). On a lent machine whose files come back only from one folder (e.g. $OUT), point GPU_CHECK_RESULTS
+# there: results written into the checkout are lost with the machine, and a command killed at its limit never
+# reaches a `cp` after it.
 #
 # Needs an NVIDIA GPU with its driver, dptool set up (make setup: .venv with torch, numba, ...), and CuPy.
 # The machine may have no network: if `import cupy` fails, CuPy is installed from wheels in ./wheels
@@ -18,7 +21,7 @@
 #   DPTOOL_WHEELS=wheels PYTHON=python3 bash benchmarks/gpu_check.sh   # installs this checkout into it with
 #   --no-deps first, and FFCV and faiss-cpu from wheels/ (made by benchmarks/gpu_wheels.sh)
 # Environment: PYTHON (default .venv/bin/python, else python3), DPTOOL_WHEELS (default wheels),
-# GPU_CHECK_BUDGET_S (default 540; 0 = no overall limit).
+# GPU_CHECK_BUDGET_S (default 540; 0 = no overall limit), GPU_CHECK_RESULTS (default benchmarks/results).
 # Exit status: 0 all passed, 1 a check failed, 2 could not run (the reason is printed).
 # Later issues append their sections (e.g. training benchmarks) at the end, each as a `section` block.
 
@@ -29,7 +32,7 @@ PY="${PYTHON:-.venv/bin/python}"
 WHEELS="${DPTOOL_WHEELS:-wheels}"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 STATUS=0
-RESULTS=benchmarks/results
+RESULTS="${GPU_CHECK_RESULTS:-benchmarks/results}"
 mkdir -p "$RESULTS"
 
 section() { printf '\n===== %s (at %ds) =====\n' "$*" "$SECONDS"; }

@@ -109,3 +109,13 @@ def test_inline_python_calls_fit_the_library():
                     inspect.signature(fn).bind(*[None] * len(node.args), **kwargs)
                 except TypeError as exc:
                     pytest.fail(f"gpu_check.sh calls {node.func.id}({', '.join(kwargs)}): {exc}")
+
+
+def test_every_result_goes_to_the_results_folder_which_can_be_moved():
+    """A lent machine returns only the files of one folder (its $OUT): every output the script writes must follow
+    GPU_CHECK_RESULTS, or it is lost with the machine."""
+    assert re.search(r'^RESULTS="\$\{GPU_CHECK_RESULTS:-benchmarks/results\}"$', TEXT, flags=re.M)
+    outputs = [tokens[tokens.index(opt) + 1] for line in LINES for tokens in [shlex.split(line, comments=True)]
+               for opt in ("--json-out", "--plot", "--output") if opt in tokens]
+    assert len(outputs) >= 4, outputs
+    assert all(out.startswith("$RESULTS/") for out in outputs), outputs
