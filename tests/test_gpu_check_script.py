@@ -119,3 +119,16 @@ def test_every_result_goes_to_the_results_folder_which_can_be_moved():
                for opt in ("--json-out", "--plot", "--output") if opt in tokens]
     assert len(outputs) >= 4, outputs
     assert all(out.startswith("$RESULTS/") for out in outputs), outputs
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_a_step_skipped_for_time_is_not_reported_as_a_failure():
+    """A step the budget leaves no time for returns $SKIPPED: the FFCV-patch step must not then say the patches
+    failed (and turn them off) for a test that never ran."""
+    step = re.search(r"^SKIPPED=\d+.*?^}\n", TEXT, flags=re.S | re.M).group(0)
+    block = re.search(r"^    step 240 .*?^    fi\n", TEXT, flags=re.S | re.M).group(0)
+    harness = (f"set -u -o pipefail\nBUDGET=25\nSTATUS=0\nPY=false\n{step}SECONDS=10\n{block}"
+               'echo "patches=${DPTOOL_FFCV_PATCHES:-on} status=$STATUS"\n')
+    run = subprocess.run(["bash", "-c", harness], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert "SKIPPED" in run.stderr and "patches failed" not in run.stderr, run.stderr
+    assert run.stdout.strip() == "patches=on status=2", run.stdout
