@@ -68,6 +68,10 @@ def init_from_env(backend: str | None = None):
     if not launched_by_torchrun():
         return torch.device("cuda" if cuda else "cpu")
     if cuda:
+        gpus = torch.cuda.device_count()
+        if local_rank() >= gpus:  # torch.cuda.set_device would fail with CUDA's bare 'invalid device ordinal'
+            raise InputError(f"torchrun started local rank {local_rank()} but this machine has {gpus} GPU(s) "
+                             f"visible; start at most {gpus} process(es) per machine (--nproc_per_node).")
         torch.cuda.set_device(local_rank())
     if not is_initialized():
         dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")

@@ -209,3 +209,20 @@ def test_warnings_are_printed_by_rank_0_alone(tiny_beton, tmp_path, monkeypatch)
     result = prune(1)
     assert result.exit_code == 0 and "WARNING" not in result.output
     assert "is the temporary file of another" in prune(1, "-v").output
+
+
+def test_more_processes_than_gpus_is_refused_in_one_sentence(monkeypatch):
+    """Under torchrun each process takes the GPU of its LOCAL_RANK: a rank beyond the GPUs would stop in
+    torch.cuda.set_device with CUDA's bare 'invalid device ordinal'."""
+    import torch
+
+    from dptool import distributed
+    from dptool.errors import InputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _: pytest.fail("set_device was called"))
+    with pytest.raises(InputError, match=r"local rank 1 but this machine has 1 GPU\(s\).*--nproc_per_node"):
+        distributed.init_from_env()
