@@ -7,6 +7,8 @@ closer than the difference between the devices' float32 arithmetic.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,18 @@ def test_fm_clusters_on_cuda_vote_like_brute_force(score_data, surrogate, target
     voted = np.nonzero(run.scores.scores)[0]
     major = np.asarray(run.scores.extra["majority_class"])
     assert set(major[voted].tolist()) <= set(score_data.subset)
+
+
+def test_lm_and_fm_on_cuda_at_the_default_float16(score_data, surrogate):
+    """`dptool score --device cuda` always runs the forward pass under float16 autocast (InferenceOptions.amp, with
+    no CLI switch), while the two tests above turn it off: this is the path users get. Values may move by fp16
+    rounding, so only what rounding cannot change is checked: every target image is counted once, every source row
+    is assigned a cluster."""
+    half = replace(CUDA, amp=True)
+    lm = score("lm", source=score_data.source, target=score_data.target, surrogate=surrogate,
+               options=ScoreOptions(inference=half))
+    assert lm.scores.scores.shape == (8,) and int(lm.scores.scores.sum()) == 45
+    fm = score("fm", source=score_data.source, target=score_data.target, surrogate=surrogate,
+               options=ScoreOptions(inference=half, clusters=8, source_sample=16, seed=1))
+    assert int(np.asarray(fm.scores.scores).sum()) == 45 and np.isfinite(np.asarray(fm.centroids)).all()
+    assert (np.asarray(fm.assignment) >= 0).all() and (np.asarray(fm.assignment) < 8).all()
