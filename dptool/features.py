@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .distributed import is_main, shard_rows
 from .errors import DptoolError, InputError
 from .loaders import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["InferenceOptions", "Batch", "stream", "feature_hook"]
+__all__ = ["InferenceOptions", "Batch", "stream", "feature_hook", "forward_error"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,22 @@ class InferenceOptions:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     amp: bool = True
+
+
+#: What CUDA and its libraries say when the device itself failed (a device-side assert, an illegal address)
+_DEVICE_FAULT = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error")
+
+
+def forward_error(exc: RuntimeError, options: InferenceOptions, where: str = "") -> DptoolError:
+    """The error to raise for a surrogate forward pass that raised `exc`: a fault of the device or its libraries is
+    not the images' (an internal DptoolError, exit 1); anything else is a model that cannot take images of the
+    scoring resolution (an InputError naming it). Out-of-memory is caught before, by the caller."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if _DEVICE_FAULT.search(first):
+        return DptoolError(f"The surrogate's forward pass failed on {options.device}, a fault of the device or its "
+                           f"libraries rather than of the images: {first} (CUDA_LAUNCH_BLOCKING=1 with --debug "
+                           "locates it).")
+    return InputError(f"The surrogate cannot take {options.res}x{options.res} images{where}: {first}")
 
 
 @dataclass(frozen=True)
@@ -140,9 +157,7 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
                 raise InputError(f"A batch of {b} {options.res}x{options.res} images does not fit in the memory of "
                                  f"{options.device}; lower --batch-size (now {options.batch_size}).") from exc
             except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise InputError(f"The surrogate cannot take {options.res}x{options.res} images from {path}: "
-                                 f"{first}") from exc
+                raise forward_error(exc, options, f" from {path}") from exc
             yield Batch(rows=batch_rows, labels=labels,
                         logits=_as_float(out) if logits else None,
                         features=_as_float(feats) if features else None)

@@ -383,6 +383,28 @@ def test_out_of_memory_is_not_reported_as_a_resolution_problem():
         _output_width(SimpleNamespace(model=oom), INFERENCE)
 
 
+def test_a_device_fault_is_not_reported_as_a_resolution_problem():
+    """A CUDA fault (raised as a RuntimeError) is the device's, exit 1; a model that cannot take the images' size
+    is the user's, exit 2. Both raise RuntimeError, told apart by what CUDA and its libraries say."""
+    from types import SimpleNamespace
+
+    from dptool.errors import DptoolError
+    from dptool.scoring.run import _output_width
+
+    def raising(message):
+        def forward(_x):
+            raise RuntimeError(message)
+        return SimpleNamespace(model=forward)
+
+    fault = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously reported"
+    with pytest.raises(DptoolError, match="failed on cpu, a fault of the device .*: CUDA error: an illegal memory "
+                                          r"access was encountered \(CUDA_LAUNCH") as err:
+        _output_width(raising(fault), INFERENCE)
+    assert not isinstance(err.value, InputError) and "\n" not in str(err.value)
+    with pytest.raises(InputError, match=f"cannot take {INFERENCE.res}x{INFERENCE.res} images: mat1 and mat2 shapes"):
+        _output_width(raising("mat1 and mat2 shapes cannot be multiplied (1x8 and 4x2)"), INFERENCE)
+
+
 def test_warns_when_the_surrogate_was_trained_on_other_data(score_data, caplog):
     from types import SimpleNamespace
 

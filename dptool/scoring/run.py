@@ -27,7 +27,7 @@ import numpy as np
 from ..beton import Beton, check_image_field, fingerprint, known_fingerprints, open_beton
 from ..distributed import synchronize, world_size
 from ..errors import InputError, check_seed
-from ..features import InferenceOptions
+from ..features import InferenceOptions, forward_error
 from ..scores import Scores, score_summary, write_scores
 from .registry import get_method
 
@@ -170,8 +170,7 @@ def _output_width(surrogate, options: InferenceOptions) -> int:
         raise InputError(f"The surrogate does not fit in the memory of {options.device} even for one "
                          f"{options.res}x{options.res} image; lower --res or free the device.") from exc
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"The surrogate cannot take {options.res}x{options.res} images: {first}") from exc
+        raise forward_error(exc, options) from exc
     if isinstance(out, (tuple, list)):
         out = out[0]
     if out.ndim != 2:
