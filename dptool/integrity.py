@@ -76,7 +76,7 @@ def sample_digests(beton: Beton, *, progress: bool = False, threads: int | None 
 def recorded_digests(beton: Beton) -> np.ndarray | None:
     """The digests recorded for `beton` (checked: its digests file unchanged since, one per sample), else None when
     its sidecar records none. A record whose file is missing or replaced is an InputError."""
-    from .scores import fingerprint_file
+    from .scores import read_recorded_npy
 
     record = (beton.sidecar or {}).get("digests")
     if not record:
@@ -85,9 +85,8 @@ def recorded_digests(beton: Beton) -> np.ndarray | None:
     if not path.is_file():
         raise InputError(f"Digests file {path}, which the sidecar of {beton.path} names, is missing; copy it with "
                          "the .beton and its sidecar.")
-    try:
-        sha = fingerprint_file(path)
-        digests = np.load(path, allow_pickle=False) if sha == record.get("sha256") else None
+    try:  # a record without a sha256 matches no file: str() makes it one that cannot match
+        digests = read_recorded_npy(path, str(record.get("sha256")))
     except OSError as exc:  # unreadable (permissions, a failing disk): the record is there but cannot be used
         raise InputError(f"Digests file {path} of {beton.path} cannot be read ({exc.strerror or exc}); make it "
                          "readable, or copy it again with the .beton and its sidecar.") from exc

@@ -45,6 +45,7 @@ __all__ = [
     "load_centroids",
     "centroids_path",
     "npy_bytes",
+    "read_recorded_npy",
     "select_groups",
     "removed_count",
     "fingerprint_file",
@@ -227,6 +228,19 @@ def npy_bytes(a: np.ndarray) -> tuple[bytes, str]:
     return data, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def read_recorded_npy(path: str | os.PathLike, sha256: str | None) -> np.ndarray | None:
+    """The array of the `.npy` file `path`, read once and checked against the ``sha256:<hex>`` recorded when it was
+    written (`npy_bytes`); None when its bytes' differs (the file was replaced), unchecked when `sha256` is None.
+    OSError when the file cannot be read, ValueError when it is no `.npy` file."""
+    data = Path(path).read_bytes()
+    if sha256 is not None and "sha256:" + hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except EOFError as exc:  # an empty or cut-off file
+        raise ValueError(f"the file ends early ({exc})") from exc
+
+
 def write_scores(path: str | os.PathLike, scores: Scores, *, assignment: np.ndarray | None = None,
                  centroids: np.ndarray | None = None, force: bool = False) -> Path:
     """Write `scores` to `path` (JSON), and `assignment` and `centroids` beside it when given; all atomically.
@@ -330,17 +344,16 @@ def _load_companion(scores_path: str | os.PathLike, name: str, sha256: str | Non
         raise InputError(f"Scores file {scores_path} names {what} {path.name}, but {path} does not exist.")
     # the name alone does not tie the file to these scores: a later `dptool score -o` with the same stem rewrites it
     try:
-        found = fingerprint_file(path) if sha256 else None
+        array = read_recorded_npy(path, sha256 or None)
     except OSError as exc:  # unreadable (permissions, a failing disk), not replaced
         raise InputError(f"{what.capitalize()} file {path} of scores file {scores_path} cannot be read "
                          f"({exc.strerror or exc}); make it readable.") from exc
-    if sha256 and found != sha256:
+    except ValueError as exc:
+        raise InputError(f"{what.capitalize()} file {path} is not a NumPy array file ({exc}).") from exc
+    if array is None:
         raise InputError(f"{what.capitalize()} file {path} is not the one scores file {scores_path} was written with "
                          "(its sha256 differs): it was replaced since; score the source again.")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{what.capitalize()} file {path} is not a NumPy array file ({exc}).") from exc
+    return array
 
 
 def load_assignment(scores_path: str | os.PathLike, scores: Scores) -> np.ndarray:
