@@ -144,7 +144,7 @@ def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[
 
 
 def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
-             scores_path: Path, scores_fp: str, written: Path, digests: dict) -> dict:
+             scores_path: Path, scores_fp: str, written: Beton, digests: dict) -> dict:
     side = beton.sidecar or {}
     kept_list = sorted(int(k) for k in kept)
     pruning = {
@@ -156,7 +156,7 @@ def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kep
     return {
         **{k: side[k] for k in ("fields", "writer", "source") if k in side},
         "num_samples": int(counts.sum()), "num_classes": beton.num_classes, "class_names": beton.class_names,
-        "class_counts": counts.tolist(), "fingerprint": fingerprint(open_beton(written, require_label=False)),
+        "class_counts": counts.tolist(), "fingerprint": fingerprint(written),
         "digests": digests, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pruning": pruning,
     }
 
@@ -176,10 +176,10 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
 
     def finalize(final: Path, written: Path) -> None:
         r, kept, c, idx = by_path[os.path.abspath(final)]
+        out = open_beton(written, require_label=False)  # its tables, for the fingerprint (and a read-back)
         # the kept samples' bytes are copies of the source's, so are their digests; without the source's, read back
-        digests = (source_digests[idx] if source_digests is not None
-                   else sample_digests(open_beton(written, require_label=False)))
-        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, written,
+        digests = source_digests[idx] if source_digests is not None else sample_digests(out)
+        write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, out,
                                       record_digests(final, digests)))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
