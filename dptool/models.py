@@ -174,6 +174,11 @@ def drop_head(model) -> None:
     old = feature_layer(inner)
     new = nn.Identity()
     new.in_features = old.in_features
+    _set_head(inner, old, new)
+
+
+def _set_head(inner, old, new) -> None:
+    """Put `new` in the place of the classifier `old` (`feature_layer`'s: ResNet `fc` or ViT `heads.head`)."""
     if old is getattr(inner, "fc", None):
         inner.fc = new
     else:
@@ -188,10 +193,7 @@ def replace_head(model, num_classes: int):
     old = feature_layer(inner)
     like = next(inner.parameters())  # a dropped head (nn.Identity) has no weight to take the device and dtype of
     new = nn.Linear(feature_dim(inner), num_classes).to(device=like.device, dtype=like.dtype)
-    if old is getattr(inner, "fc", None):
-        inner.fc = new
-    else:
-        inner.heads.head = new
+    _set_head(inner, old, new)
     return new
 
 
