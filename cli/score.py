@@ -11,7 +11,7 @@ from dptool.features import InferenceOptions
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
 from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
-from dptool.scoring.fm import refuse_clustering_options
+from dptool.scoring.fm import CLUSTERING_OPTIONS, refuse_clustering_options
 
 from ._common import (
     CONTEXT_SETTINGS,
@@ -27,8 +27,10 @@ from ._common import (
 __all__ = ["command"]
 
 _PATH = click.Path(exists=True, dir_okay=False, path_type=str)
-_FM_ONLY = {"clusters": "--clusters", "groups": "--groups", "kmeans_iters": "--kmeans-iters",
-            "feature_layer": "--feature-layer"}  # (--centroids-from, FM's too, is refused by the library)
+# FM's clustering options but those other methods take too (--seed, --source-sample), and its feature layer;
+# (--centroids-from, FM's too, is refused by the library)
+_FM_ONLY = {**{n: flag for n, flag in CLUSTERING_OPTIONS.items() if n not in ("seed", "source_sample")},
+            "feature_layer": "--feature-layer"}
 _METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
 
 
