@@ -30,6 +30,7 @@ __all__ = [
     "TorchvisionSource",
     "open_source",
     "to_rgb_array",
+    "decode_image_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class SourceDataset:
     split: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     skipped: list[dict] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)  # what the sidecar's source records besides path/format/split
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -178,19 +180,25 @@ class ImageFolderSource(SourceDataset):
         path = self.path(index)
         if not os.path.exists(path):
             raise UnreadableImage("broken symbolic link" if os.path.islink(path) else "file vanished")
-        if os.path.getsize(path) == 0:
-            raise UnreadableImage("zero-byte file")
-        try:
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > self.max_pixels:
-                    raise UnreadableImage(f"decompression bomb ({width}x{height} > {self.max_pixels} pixels)")
-                img.load()
-                return to_rgb_array(img)
-        except Image.DecompressionBombError as exc:
-            raise UnreadableImage("decompression bomb (too many pixels)") from exc
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        return decode_image_file(path, self.max_pixels)
+
+
+def decode_image_file(path: str, max_pixels: int) -> np.ndarray:
+    """Decode the existing file `path` to (H, W, 3) uint8, opening it once; UnreadableImage says why not (zero
+    bytes, more than `max_pixels` pixels, not an image, corrupt or truncated)."""
+    if os.path.getsize(path) == 0:
+        raise UnreadableImage("zero-byte file")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise UnreadableImage(f"decompression bomb ({width}x{height} > {max_pixels} pixels)")
+            img.load()
+            return to_rgb_array(img)
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage("decompression bomb (too many pixels)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 def _stored_member_memmap(path: Path, name: str) -> np.ndarray | None:
