@@ -1,4 +1,4 @@
-"""`dptool convert`: ImageFolder / .npz / torchvision dataset on disk -> FFCV .beton + sidecar."""
+"""`dptool convert`: ImageFolder / .npz / torchvision dataset on disk / CoOp split -> FFCV .beton + sidecar."""
 
 from __future__ import annotations
 
@@ -28,11 +28,14 @@ def _human(r) -> str:
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
 @click.option(
-    "--format", "fmt", default="auto", help="auto, imagefolder, npz or torchvision:NAME (e.g. torchvision:Flowers102)."
+    "--format", "fmt", default="auto",
+    help="auto, imagefolder, npz, torchvision:NAME (e.g. torchvision:Flowers102) or coop:SPLIT.json (a CoOp split "
+         "file; SRC is then the dataset's image folder).",
 )
 @click.option("--split", default=None,
               help="Split of a torchvision dataset: train, test (val where it has one; all for SUN397, which has "
-                   "no official split)  [default: train]")
+                   "no official split); of a CoOp split file: train, val, test or trainval (train then val)  "
+                   "[default: train]")
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
@@ -86,6 +89,7 @@ def command(
     \b
     dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18
     dptool convert --format torchvision:Flowers102 ~/data flowers_train.beton --split train
+    dptool convert --format coop:split_zhou_OxfordPets.json oxford_pets/images pets_train.beton --split train
     """
     params = writer_params(preset=preset, shuffle_seed=seed, num_workers=workers, max_resolution=max_res,
                            jpeg_quality=jpeg_quality, compress_probability=compress_prob, write_mode=write_mode)

@@ -1,4 +1,4 @@
-"""Convert an ImageFolder tree, an `.npz` or a torchvision dataset on disk into an FFCV `.beton` + sidecar.
+"""Convert an ImageFolder tree, an `.npz`, a torchvision dataset on disk or a CoOp split into an FFCV `.beton`.
 
 The samples are written in a seeded shuffled order (`--seed`) by `dptool.writer`, whose output does not depend
 on the number of workers. A file that cannot be read is left out and listed in the sidecar, or stops the run.
@@ -18,7 +18,7 @@ from .atomic import atomic_output, output_group
 from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError, check_seed
 from .integrity import record_digests, sample_digests
-from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source
+from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source, source_inputs
 from .writer import MAX_RESOLUTION, SkipSample, WriterParams, write_beton
 
 __all__ = ["WriterParams", "PRESETS", "writer_params", "ConvertResult", "convert", "write_beton"]
@@ -135,7 +135,7 @@ def convert(
                          f"images), got {params.max_resolution}.")
     if params.shuffle_seed is not None:
         check_seed("--seed", params.shuffle_seed)
-    out = check_beton_output(out, force=force, inputs=(src,))
+    out = check_beton_output(out, force=force, inputs=source_inputs(src, format))
     _refuse_output_in_class_folder(out, src, format)
     source = open_source(src, format=format, split=split, max_pixels=max_pixels)
     n = len(source)
@@ -177,7 +177,8 @@ def convert(
                     "num_workers": params.resolved_workers(),
                     "page_size": params.resolved_page_size(),
                 },
-                "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split},
+                "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split,
+                           **source.provenance},
                 "skipped": skipped,
                 "fingerprint": fp,
                 "digests": digests,

@@ -31,6 +31,7 @@ __all__ = [
     "open_source",
     "to_rgb_array",
     "decode_image_file",
+    "source_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -396,16 +397,24 @@ class TorchvisionSource(SourceDataset):
 def open_source(
     src: str | os.PathLike, *, format: str = "auto", split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> SourceDataset:
-    """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz' or 'torchvision:NAME'."""
+    """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz', 'torchvision:NAME' or 'coop:SPLIT.json'
+    (`src` is then the dataset's image folder)."""
     src_path = Path(src)
     if format.startswith("torchvision:"):
         return TorchvisionSource(format.split(":", 1)[1], src_path, split or "train")
+    if format.startswith("coop:"):
+        from .coop import CoOpSource
+
+        return CoOpSource(_coop_file(format), src_path, split or "train", max_pixels=max_pixels)
     if not src_path.exists():
         raise InputError(f"Source {src_path} does not exist.")
     if split is not None:
-        raise InputError(f"--split applies to torchvision datasets (--format torchvision:NAME); {src_path} is "
-                         "converted whole.")
+        raise InputError(f"--split applies to torchvision datasets (--format torchvision:NAME) and CoOp split files "
+                         f"(--format coop:SPLIT.json); {src_path} is converted whole.")
     if format == "auto":
+        if src_path.is_file() and src_path.suffix.lower() == ".json":
+            raise InputError(f"Source {src_path} is a JSON file; a CoOp split file is given as --format "
+                             f"coop:{src_path} with the dataset's image folder as the source.")
         if src_path.is_file() and src_path.suffix.lower() != ".npz":
             raise InputError(f"Source {src_path} is a file but not an .npz; give an .npz file (images, labels; "
                              "--format npz for another name) or an ImageFolder tree (one folder of images per "
@@ -415,4 +424,22 @@ def open_source(
         return NpzSource(src_path)
     if format == "imagefolder":
         return ImageFolderSource(src_path, max_pixels=max_pixels)
-    raise InputError(f"Unknown format {format!r}; accepted: auto, imagefolder, npz, torchvision:NAME.")
+    raise InputError(f"Unknown format {format!r}; accepted: auto, imagefolder, npz, torchvision:NAME, "
+                     "coop:SPLIT.json.")
+
+
+def _coop_file(format: str) -> str:
+    """The split file named by `--format coop:FILE`, with `~` expanded (a shell leaves it after the colon)."""
+    name = format.split(":", 1)[1]
+    if not name:
+        raise InputError("--format coop: needs the split file after the colon, e.g. "
+                         "coop:split_zhou_OxfordPets.json.")
+    return os.path.expanduser(name)
+
+
+def source_inputs(src: str | os.PathLike, format: str) -> tuple:
+    """The files a conversion with `format` reads (the source, and a CoOp split file), for the output checks: no
+    output or sidecar may be written over one of them."""
+    if format.startswith("coop:") and format != "coop:":
+        return (src, _coop_file(format))
+    return (src,)

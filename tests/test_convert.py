@@ -657,12 +657,13 @@ def test_help_examples_keep_their_line_breaks():
 
 
 def test_split_help_names_every_split_accepted():
-    """SUN397 takes only --split all; --help named train, test and val."""
+    """SUN397 takes only --split all; --help named train, test and val. CoOp files also take trainval."""
+    from dptool.coop import SPLITS
     from dptool.readers import TORCHVISION_FORMATS
 
     options = run("convert", "-h").output.split("Options:")[1]
     text = " ".join(options.split("--split")[1].split("--preset")[0].split())
-    for splits in (s for _, s, _ in TORCHVISION_FORMATS.values()):
+    for splits in [*(s for _, s, _ in TORCHVISION_FORMATS.values()), SPLITS]:
         for split in splits:
             assert re.search(rf"\b{split}\b", text), f"--split help does not name {split!r}: {text}"
 
