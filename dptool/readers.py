@@ -420,6 +420,11 @@ def open_source(
                              "--format npz for another name) or an ImageFolder tree (one folder of images per "
                              "class).")
         format = "npz" if src_path.is_file() else "imagefolder"
+        coop = sorted(src_path.glob("split_zhou_*.json")) if format == "imagefolder" else []
+        if coop:  # a CoOp dataset folder (stanford_cars, oxford_pets) read as ImageFolder: its sub-folders as classes
+            raise InputError(f"Source {src_path} holds the CoOp split file {coop[0].name}: convert a split of it with "
+                             f"--format coop:{coop[0]} and the dataset's image folder as the source, or give --format "
+                             "imagefolder to read the folder as one folder per class.")
     if format == "npz":
         return NpzSource(src_path)
     if format == "imagefolder":

@@ -180,3 +180,16 @@ def test_tilde_in_the_split_file_is_expanded(tmp_path, monkeypatch):
     result = run("convert", "--format", "coop:~/split.json", tmp_path / "images", tmp_path / "t.beton", *RAW)
     assert result.exit_code == 0, result.output
     assert read_sidecar(tmp_path / "t.beton")["source"]["split_file"]["path"] == str(tmp_path / "split.json")
+
+
+def test_auto_does_not_read_a_coop_dataset_folder_as_an_imagefolder(tmp_path):
+    """stanford_cars/ holds cars_train/, cars_test/ and split_zhou_StanfordCars.json: `--format auto` would have
+    made a 2-class file of it (the sub-folders as classes); it names the split file instead."""
+    _coop_dataset(tmp_path)
+    os.rename(tmp_path / "split.json", tmp_path / "split_zhou_Pets.json")
+    result = run("convert", tmp_path, tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 2 and f"--format coop:{tmp_path / 'split_zhou_Pets.json'}" in result.output, \
+        result.output
+    assert not (tmp_path / "o.beton").exists()
+    result = run("convert", "--format", "imagefolder", tmp_path, tmp_path / "o.beton", *RAW, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["num_classes"] == 1, result.output
