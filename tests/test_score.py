@@ -450,6 +450,27 @@ def test_fm_options_given_to_another_method_are_refused(score_data, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_shared_options_a_method_does_not_read_are_warned_about(score_data, tmp_path):
+    """`--method lm --seed 3` ran LM, which draws nothing at random, and said nothing: a user looping over seeds
+    saw one result five times. Options the method does not read are named in a warning; the run goes on (scripts
+    looping over methods pass them all) and its scores are those without them."""
+    base = ["--source", score_data.source, "--target", score_data.target]
+    model = ["--model", score_data.checkpoint]
+    cases = (("lm", [*model, "--seed", 3, "--source-sample", 4], "--method lm does not use --seed, --source-sample"),
+             ("random", [*model, "--res", 16, "--seed", 2], "--method random does not use --model, --res"),
+             ("el2n", [*model, "--seed", 2, "--source-sample", 4], None),
+             ("fm", [*model, "--seed", 2, "--source-sample", 4, "--clusters", 3], None))
+    for method, extra, warning in cases:
+        result = _invoke("--method", method, *base, *extra, "-o", tmp_path / f"{method}.json")
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.stderr.splitlines() if "does not use" in line]
+        assert warned == ([f"WARNING dptool.cli.score: {warning}; ignored"] if warning else []), warned
+    plain = _invoke("--method", "lm", *base, *model, "-o", tmp_path / "plain.json")
+    assert plain.exit_code == 0, plain.output
+    read = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("lm", "plain")]
+    assert read[0]["groups"] == read[1]["groups"] and read[0]["params"] == read[1]["params"]
+
+
 def test_the_plot_through_a_linked_folder_cannot_replace_the_scores_file(score_data, tmp_path):
     """`--plot here/s.json -o s.json --force`, `here` a link to the folder: the plot was compared with the scores
     file by its spelling only, and the PNG renamed last replaced the scores file just written (exit 0)."""

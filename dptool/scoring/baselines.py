@@ -21,7 +21,7 @@ __all__ = ["random_classes", "el2n", "EL2N_SCALE"]
 EL2N_SCALE = float(2**24)  # fixed-point unit of summed EL2N: exact sums in float64 for up to 2^27 images/class
 
 
-@register_method("random", needs_target=False, needs_surrogate=False,
+@register_method("random", needs_target=False, needs_surrogate=False, reads=("seed",),
                  help="baseline: a seeded random order of the source classes (--seed)")
 def random_classes(ctx: Context) -> MethodResult:
     """Scores = a random permutation of 1..C seeded by ``options.seed`` (no ties)."""
@@ -33,7 +33,7 @@ def random_classes(ctx: Context) -> MethodResult:
                         "no ties), then class id (lower first)", params={"seed": ctx.options.seed})
 
 
-@register_method("el2n", needs_target=False, needs_logits=True,
+@register_method("el2n", needs_target=False, needs_logits=True, reads=("source_sample", "seed"),
                  help="in-domain baseline: mean EL2N (error L2 norm) of the surrogate per source class")
 def el2n(ctx: Context) -> MethodResult:
     """Mean EL2N per source class over the sampled source images (higher = harder = kept first)."""

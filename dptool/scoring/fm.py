@@ -289,8 +289,9 @@ def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
     return centroids, assignment, params
 
 
-@register_method("fm", help="feature mapping: k-means clusters (or class means) of source features, "
-                            "scored by target votes for the nearest centroid")
+@register_method("fm", reads=(*CLUSTERING_OPTIONS, "centroids_from"),
+                 help="feature mapping: k-means clusters (or class means) of source features, scored by target votes "
+                      "for the nearest centroid")
 def feature_mapping(ctx: Context) -> MethodResult:
     """FM scores per cluster (or per class with groups="labels"), the proximity tie-break and the assignment."""
     src = ctx.source

@@ -13,7 +13,8 @@ class MethodSpec:
     """A scoring method: its function ``fn(ctx) -> MethodResult`` and what it needs from the user.
 
     `needs_target`: reads target images; `needs_surrogate`: runs a model; `needs_logits`: uses the model's
-    class outputs, which must then be one per source class. `help` is one line for ``dptool score -h``.
+    class outputs, which must then be one per source class; `reads`: the `ScoreOptions` fields the method uses
+    besides the inference options. `help` is one line for ``dptool score -h``.
     """
 
     name: str
@@ -22,20 +23,21 @@ class MethodSpec:
     needs_target: bool = True
     needs_surrogate: bool = True
     needs_logits: bool = False
+    reads: tuple[str, ...] = ()
 
 
 _METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, *, help: str, needs_target: bool = True, needs_surrogate: bool = True,
-                    needs_logits: bool = False) -> Callable[[Callable], Callable]:
+                    needs_logits: bool = False, reads: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn(ctx) -> MethodResult`` as scoring method `name`; duplicate names raise."""
 
     def deco(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"scoring method {name!r} is already registered")
         _METHODS[name] = MethodSpec(name=name, fn=fn, help=help, needs_target=needs_target,
-                                    needs_surrogate=needs_surrogate, needs_logits=needs_logits)
+                                    needs_surrogate=needs_surrogate, needs_logits=needs_logits, reads=tuple(reads))
         return fn
 
     return deco
