@@ -1,4 +1,4 @@
-"""`dptool info`: what a .beton, a scores file or a checkpoint holds."""
+"""`dptool info`: what a .beton, a scores file, a checkpoint or a run's log holds (and a run's curves)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import click
 
 from dptool.info import describe
 
-from ._common import CONTEXT_SETTINGS, emit, group_noun, json_option, score_table
+from ._common import CONTEXT_SETTINGS, emit, force_option, group_noun, json_option, score_table
 
 __all__ = ["command"]
 
@@ -109,19 +109,82 @@ def _checkpoint(s: dict) -> str:
     return "\n".join(lines)
 
 
+_CELLS = {  # column: (heading, format), each right-aligned in 7 characters after two spaces
+    "train_loss": ("loss", "{:.4f}"), "train_top1": ("train@1", "{:.2%}"), "val_top1": ("val@1", "{:.2%}"),
+    "val_top5": ("val@5", "{:.2%}"), "val_top1_all": ("all@1", "{:.2%}"), "test_top1": ("test@1", "{:.2%}"),
+    "lr": ("lr", "{:.3g}"), "res": ("res", "{}"), "images_per_s": ("img/s", "{:.0f}"),
+    "epoch_time_s": ("epoch s", "{:.3g}"),
+}
+
+
+def _cell(record: dict, column: str) -> str:
+    value = record.get(column)
+    return f"  {_CELLS[column][1].format(value) if isinstance(value, (int, float)) else '-':>7}"
+
+
+def _run_log(s: dict) -> str:
+    what = f"{s['run']} ({s['mode']})" if s["mode"] else s["run"]
+    planned = s["epochs_planned"]
+    state = ("complete" if s["complete"] else "running or stopped"
+             + ("; `train --resume` continues a stopped one" if s["run"] == "train" else ""))
+    lines = [f"{s['path']}: log of {what}, {s['arch'] or '?'}, {s['epochs_done']}"
+             + (f" of {planned}" if planned else "") + f" epoch{'s' if (planned or s['epochs_done']) != 1 else ''} "
+             f"({state})"]
+    if s["pretrained"]:
+        lines.append(f"finetuned from: {s['pretrained']}")
+    data = f"{s['data'] or '?'}" + (f" ({s['num_samples']} images)" if s["num_samples"] else "")
+    lines.append(f"data: {data}" + (f", {s['num_classes']} classes" if s["num_classes"] else "")
+                 + (f" ({s['kept_classes']} kept by pruning)" if s["kept_classes"] is not None else "")
+                 + "".join(f"; {k} {s[k]}" for k in ("val", "test") if s[k]))
+    recipe = s["recipe"]
+    shown = ("mode", "optimizer", "batch_size", "lr", "min_res", "max_res", "res", "label_smoothing", "weight_decay",
+             "val_fraction", "seed")
+    parts = [f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None]
+    parts += [f"{k.replace('_', ' ')} {s[k]}" for k in ("effective_batch_size", "effective_lr", "world_size", "device",
+                                                         "precision") if s.get(k) is not None]
+    if parts:
+        lines.append("recipe: " + ", ".join(parts))
+    if s["first_epoch"]:
+        lines.append(f"this log starts at epoch {s['first_epoch']} (a resume logged under another --log)")
+    if s["resumed_at"]:
+        lines.append("resumed at epoch " + ", ".join(str(e) for e in s["resumed_at"]))
+    if s["repeated_epochs"]:
+        lines.append(f"epochs logged more than once (the last record kept): {s['repeated_epochs']}")
+    if s["epochs"]:
+        lines.append(f"{'epoch':>5}" + "".join(f"  {_CELLS[c][0]:>7}" for c in s["columns"]))
+        lines += [f"{r['epoch']:>5}" + "".join(_cell(r, c) for c in s["columns"]) for r in s["epochs"]]
+    else:
+        lines.append("no epoch finished yet")
+    if s["best"]:
+        b = s["best"]
+        lines.append(f"best epoch: {b['epoch']} ({b['metric']} {b['value']:.2%})")
+    if s["summary"]:
+        f = s["summary"]
+        lines.append(f"test top-1: final {f.get('final_test_top1', float('nan')):.4g}, "
+                     f"best {f.get('best_test_top1', float('nan')):.4g} (epoch {f.get('best_test_epoch')})")
+    if s["partial_line"]:
+        lines.append("the last line is incomplete (being written) and was left out")
+    return "\n".join(lines)
+
+
 def _human(s: dict) -> str:
-    return {"beton": _beton, "scores": _scores, "checkpoint": _checkpoint}[s["kind"]](s)
+    text = {"beton": _beton, "scores": _scores, "checkpoint": _checkpoint, "run_log": _run_log}[s["kind"]](s)
+    return text + (f"\nplot: {s['plot']}" if s.get("plot") else "")
 
 
 @click.command("info", context_settings=CONTEXT_SETTINGS)
 @click.argument("path", type=click.Path(path_type=str))
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="PNG of a run's curves (loss, top-1, schedule), from its log or checkpoint.")
+@force_option
 @json_option
-def command(path, as_json):
-    """Show what a .beton, a scores file or a dptool checkpoint holds.
+def command(path, plot, force, as_json):
+    """Show what a .beton, a scores file, a dptool checkpoint or a train/finetune log holds.
 
     \b
     dptool info imagenet_train.beton --json     # samples, classes, fields, writer, provenance
     dptool info scores.json                     # method, source/target/surrogate, top groups
     dptool info surrogate.pt                    # architecture, data, recipe, last and best metrics
+    dptool info surrogate.jsonl --plot run.png  # the run's epochs as a table, its curves as a PNG
     """
-    emit(describe(path), as_json, _human)
+    emit(describe(path, plot=plot, force=force), as_json, _human)

@@ -1,7 +1,7 @@
-"""What a file dptool wrote holds: a `.beton`, a scores file or a checkpoint, told apart by their contents.
+"""What a file dptool wrote holds: a `.beton`, a scores file, a checkpoint or a run's log, told apart by contents.
 
-`describe(path)` returns a plain-JSON dict with a ``kind`` ("beton", "scores" or "checkpoint") and that kind's
-summary; `dptool info` prints it. Nothing is written, and no model is built.
+`describe(path)` returns a plain-JSON dict with a ``kind`` ("beton", "scores", "checkpoint" or "run_log") and that
+kind's summary; `dptool info` prints it. No model is built; with `plot`, a run's curves are drawn (the only output).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import check_output_path
 from .errors import InputError
+from .runlog import is_run_log, plot_run, read_run_log, run_from_history
 
 __all__ = ["describe", "summarize_scores", "summarize_checkpoint"]
 
@@ -22,11 +24,57 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "blur_filter")
 
 
-def describe(path: str | os.PathLike) -> dict:
-    """Summary of the `.beton`, scores file or dptool checkpoint at `path`, with its ``kind``."""
+def describe(path: str | os.PathLike, *, plot: str | os.PathLike | None = None, force: bool = False) -> dict:
+    """Summary of the `.beton`, scores file, dptool checkpoint or train/finetune log at `path`, with its ``kind``.
+
+    With `plot`, a PNG of the run's curves (`dptool.runlog.plot_run`) for a log, or for a checkpoint from the
+    per-epoch history it holds; refused for other files, over an existing file without `force`, and over `path`.
+    """
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
+    if plot is None:
+        return _describe(p)
+    check_output_path(plot, force=force, inputs=(p,))  # before reading: a refusal costs nothing
+    with open(p, "rb") as f:
+        checkpoint = f.read(4).startswith(_ZIP_MAGIC) and _is_torch_archive(p)
+    if checkpoint:  # read once, for both the summary and the curves
+        from .checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(p)
+        summary, run = _checkpoint_summary(p, ckpt), _checkpoint_run(p, ckpt)
+    else:
+        summary = run = _describe(p)
+        if summary["kind"] != "run_log":
+            raise InputError(f"--plot draws the curves of a train or finetune run, from its log or checkpoint; {p} "
+                             f"is a {_KIND_NAMES[summary['kind']]}.")
+    return {**summary, "plot": str(plot_run(run, plot, force=force))}
+
+
+_KIND_NAMES = {"beton": ".beton", "scores": "scores file", "checkpoint": "checkpoint", "run_log": "log"}
+
+
+def _checkpoint_run(p: Path, ckpt: dict) -> dict:
+    """What `plot_run` draws of the checkpoint `ckpt` at `p`: the per-epoch history `train` and `finetune` save."""
+    extra = ckpt.get("extra") or {}
+    history = extra.get("history") if isinstance(extra.get("history"), list) else []
+    run = _run_kind(ckpt.get("recipe") or {})
+    recipe = (ckpt.get("recipe") or {}).get("finetune", ckpt.get("recipe") or {})
+    if not any(isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in history):
+        raise InputError(f"{p} records no per-epoch metrics (the checkpoints of dptool train and finetune do), so "
+                         "--plot has nothing to draw from it; give --plot the run's JSON-lines log, if it has one.")
+    return run_from_history([h for h in history if isinstance(h, dict)], path=p, run=run, arch=ckpt["arch"],
+                            data=extra.get("data"), epochs_planned=recipe.get("epochs"),
+                            mode=recipe.get("mode") if run == "finetune" else None)
+
+
+def _run_kind(recipe: dict) -> str:
+    """Which command wrote a checkpoint with this `recipe`: "finetune" or "train"."""
+    return "finetune" if "finetune" in recipe else "train"
+
+
+def _describe(p: Path) -> dict:
+    """Summary of the existing file `p`, told apart by its first bytes."""
     with open(p, "rb") as f:
         head = f.read(64)
     if head.startswith(_ZIP_MAGIC) and _is_torch_archive(p):
@@ -41,7 +89,8 @@ def describe(path: str | os.PathLike) -> dict:
     try:
         summary = {"kind": "beton", **summarize(p)}
     except NotABetonError as exc:
-        raise InputError(f"{p} is not a .beton, a dptool scores file or a dptool checkpoint.") from exc
+        raise InputError(f"{p} is {'empty' if not head else 'not a .beton'}; info reads .beton files, dptool scores "
+                         "files, checkpoints and train or finetune logs.") from exc
     record = summary["digests"]  # the sidecar's record; shown as the state of the file it describes
     if isinstance(record, dict):
         owner = companions_of(p)
@@ -66,27 +115,31 @@ def _describe_json(p: Path) -> dict:
     try:
         doc = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        if _is_run_log(p):
-            raise InputError(f"{p} is the JSON-lines log of a `train` or `finetune` run; run `dptool info` on its "
-                             "checkpoint.") from exc
+        if is_run_log(p):  # JSON lines, not one document
+            return read_run_log(p)
+        if _first_line_is_object(p):
+            raise InputError(f"{p} holds JSON lines but is not a dptool train or finetune log (its first line is no "
+                             '{"event": "config", ...} record); info reads .beton files, dptool scores files, '
+                             "checkpoints and train or finetune logs.") from exc
         raise InputError(f"{p} is not valid JSON ({exc}).") from exc
     if isinstance(doc, dict) and doc.get("format") == SCORES_FORMAT:
         return summarize_scores(p)
+    if is_run_log(p):  # a log of one line: a resume under another --log, before its first epoch
+        return read_run_log(p)
     beton = Path(str(p)[: -len(".json")]) if p.name.endswith(".json") else None
     if beton is not None and beton.suffix == ".beton":
         raise InputError(f"{p} is the sidecar of {beton}; run `dptool info {beton}`.")
-    raise InputError(f"{p} is JSON but not a dptool scores file; info reads .beton files, scores files and "
-                     "dptool checkpoints.")
+    raise InputError(f"{p} is JSON but not a dptool scores file; info reads .beton files, scores files, dptool "
+                     "checkpoints and train or finetune logs.")
 
 
-def _is_run_log(p: Path) -> bool:
-    """Whether `p` starts like dptool's JSON-lines training log (a first line {"event": "config", ...})."""
+def _first_line_is_object(p: Path) -> bool:
+    """Whether the first line of `p` is a JSON object by itself (JSON lines, not a document spread over lines)."""
     try:
-        with open(p, encoding="utf-8") as f:
-            first = json.loads(f.readline())
+        with open(p, "rb") as f:
+            return isinstance(json.loads(f.readline()), dict)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(first, dict) and first.get("event") == "config"
 
 
 def summarize_scores(path: str | os.PathLike, top: int = 10) -> dict:
@@ -130,7 +183,11 @@ def summarize_checkpoint(path: str | os.PathLike) -> dict:
     from .checkpoint import read_checkpoint
 
     p = Path(path)
-    ckpt = read_checkpoint(p)
+    return _checkpoint_summary(p, read_checkpoint(p))
+
+
+def _checkpoint_summary(p: Path, ckpt: dict) -> dict:
+    """`summarize_checkpoint` of the checkpoint `ckpt`, read from `p`."""
     recipe = ckpt.get("recipe") or {}
     extra = ckpt.get("extra") or {}
     history = extra.get("history") or []
@@ -138,7 +195,7 @@ def summarize_checkpoint(path: str | os.PathLike) -> dict:
     params = sum(int(np.prod(tuple(v.shape))) for k, v in state.items()
                  if hasattr(v, "shape") and not k.endswith(_BUFFERS))
     out = {
-        "kind": "checkpoint", "path": str(p), "run": "finetune" if "finetune" in recipe else "train",
+        "kind": "checkpoint", "path": str(p), "run": _run_kind(recipe),
         "arch": ckpt["arch"], "small_input": bool(ckpt.get("small_input")), "blurpool": bool(ckpt.get("blurpool")),
         "image_size": ckpt.get("image_size"), "num_classes": int(ckpt["num_classes"]), "parameters": params,
         "epochs_done": int(ckpt["epoch"]), "resumable": ckpt.get("optimizer_state") is not None,

@@ -241,7 +241,7 @@ def test_torchvision_fashionmnist_from_disk(tmp_path):
         (["info", "{t}/missing.beton"], "does not exist"),
         (["info", "{t}/d.beton.json"], "d.beton.json is the sidecar of"),
         (["info", "{t}/other.json"], "is JSON but not a dptool scores file"),
-        (["info", "{t}/empty"], "is not a .beton, a dptool scores file or a dptool checkpoint"),
+        (["info", "{t}/empty"], "empty is empty; info reads .beton files, dptool scores files, checkpoints and"),
         (["convert", "{t}/notes.txt", "{t}/o.beton"], "is a file but not an .npz"),
         (["convert", "--format", "npz", "{t}", "{t}/o.beton"], "--format npz takes an .npz file"),
         (["convert", "{t}/nokeys.npz", "{t}/o.beton"], "must hold arrays 'images' and 'labels' (missing 'labels')"),

@@ -1,0 +1,232 @@
+"""A `train` or `finetune` run read back from its JSON-lines log (or a checkpoint's history) and drawn as curves.
+
+The log `train` writes is a ``{"event": "config", ...}`` line, then one ``{"event": "epoch", ...}`` line per epoch;
+a `--resume` keeps the lines of the epochs before the one it starts from and appends a ``{"event": "resume", ...}``
+line and its epochs (under another `--log`, the log starts with that line). `finetune` writes a config line, one
+line per epoch and a ``{"event": "summary", ...}`` line. `read_run_log` returns a plain-JSON summary of either (kind
+``run_log``); `run_from_history` builds the same from the history a checkpoint holds; `plot_run` draws one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .atomic import atomic_output, check_output_path
+from .errors import InputError
+
+__all__ = ["COLUMNS", "is_run_log", "read_run_log", "run_from_history", "plot_run"]
+
+# per-epoch metrics, in the order a table shows them; a run shows those its records hold
+COLUMNS = ("train_loss", "train_top1", "val_top1", "val_top5", "val_top1_all", "test_top1", "lr", "res",
+           "images_per_s", "epoch_time_s")
+_HEADS = ("config", "resume")  # the events that open a log (a resume under another --log opens with its own)
+
+
+def _is_head(record) -> bool:
+    """Whether `record` is the config (or resume) line a dptool log opens with."""
+    return (isinstance(record, dict) and record.get("event") in _HEADS and isinstance(record.get("config"), dict))
+
+
+def is_run_log(path: str | os.PathLike) -> bool:
+    """Whether the file at `path` starts like a dptool train or finetune log (a config or resume line)."""
+    try:
+        with open(path, "rb") as f:  # the first line's bytes alone: a later line may not be UTF-8
+            return _is_head(json.loads(f.readline()))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def _records(p: Path) -> tuple[list[dict], bool]:
+    """The records of the log at `p`, and whether an incomplete last line (a run writing it) was left out."""
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{p} is not UTF-8 text, so not a dptool train or finetune log.") from exc
+    lines = text.split("\n")
+    tail = lines.pop()  # after the last newline: empty when the file ends with a complete line
+    records: list[dict] = []
+    partial = False
+    for number, line in enumerate([*lines, tail], 1):
+        if not line.strip():
+            continue
+        try:
+            rec = _record(p, number, line)
+        except InputError:
+            if number <= len(lines):
+                raise
+            partial = True  # a last line without its newline that does not parse: still being written
+            continue
+        if rec["event"] == "config" and records:  # dptool starts a log anew for a new run (--force)
+            raise InputError(f"{p} holds more than one run (a second config line, line {number}); a log holds one "
+                             "run: split the file there.")
+        records.append(rec)
+    if not records or not _is_head(records[0]):
+        raise InputError(f"{p} is not a dptool train or finetune log: its first line is not a "
+                         '{"event": "config", ...} record.')
+    return records, partial
+
+
+def _record(p: Path, number: int, line: str) -> dict:
+    """Line `number` of the log `p`, parsed: a JSON object with an ``event`` (an epoch's with its ``epoch``)."""
+    try:
+        rec = json.loads(line)
+    except ValueError as exc:
+        raise InputError(f"Line {number} of {p} is not JSON ({exc}); a dptool log holds one JSON object a "
+                         "line.") from exc
+    if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
+        raise InputError(f'Line {number} of {p} is not a log record (a JSON object with an "event").')
+    if rec["event"] == "epoch" and (not isinstance(rec.get("epoch"), int) or isinstance(rec["epoch"], bool)):
+        raise InputError(f'Line {number} of {p} is an epoch record without an integer "epoch".')
+    return rec
+
+
+def _epochs(records: list[dict]) -> tuple[list[dict], list[int]]:
+    """The epoch records in epoch order, the last of a repeated epoch kept, and the repeated epochs."""
+    by_epoch: dict[int, dict] = {}
+    repeated = set()
+    for rec in records:
+        if rec.get("event") == "epoch":
+            if rec["epoch"] in by_epoch:
+                repeated.add(rec["epoch"])
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)], sorted(repeated)
+
+
+def _best(rows: list[dict]) -> dict | None:
+    """The best epoch by validation top-1 (by test top-1 for a finetune run without validation), the first of
+    ties, as `finetune` picks it; None without either metric."""
+    for metric in ("val_top1", "test_top1"):
+        scored = [r for r in rows if isinstance(r.get(metric), (int, float))]
+        if scored:
+            best = max(scored, key=lambda r: r[metric])  # max keeps the first of equal values
+            return {"metric": metric, "epoch": best["epoch"], "value": best[metric]}
+    return None
+
+
+def _table(rows: list[dict]) -> dict:
+    """What every run summary holds about its epochs: the records, the columns they fill, the best epoch."""
+    return {"columns": [c for c in COLUMNS if any(c in r for r in rows)], "epochs": rows, "best": _best(rows),
+            "epochs_logged": len(rows), "last_epoch": rows[-1]["epoch"] if rows else None}
+
+
+def read_run_log(path: str | os.PathLike) -> dict:
+    """Summary of the train or finetune log at `path`: what ran (arch, data, recipe), every epoch's record in epoch
+    order, the best epoch, resumes, and whether the run is complete. A last line without its newline that does not
+    parse (a run writing it) is left out (``partial_line``); an epoch logged twice keeps its last record."""
+    p = Path(path)
+    records, partial = _records(p)
+    heads = [r for r in records if _is_head(r)]
+    first, last = heads[0], heads[-1]
+    rows, repeated = _epochs(records)
+    summary = next((r for r in reversed(records) if r.get("event") == "summary"), None)
+    run = "finetune" if "test" in first and "checkpoint" in first else "train"
+    cfg = last["config"]
+    planned = cfg.get("epochs")
+    done = rows[-1]["epoch"] + 1 if rows else first.get("start_epoch", 0)
+    out = {
+        "kind": "run_log", "path": str(p), "run": run, "mode": cfg.get("mode") if run == "finetune" else None,
+        "arch": first.get("arch", cfg.get("arch")), "data": first.get("train" if run == "finetune" else "data"),
+        "val": first.get("val"), "test": first.get("test"), "pretrained": first.get("checkpoint"),
+        "num_classes": last.get("num_classes"), "num_samples": last.get("num_samples"),
+        "kept_classes": last.get("kept_classes"), "device": last.get("device"), "precision": last.get("precision"),
+        "world_size": last.get("world_size"), "effective_batch_size": last.get("effective_batch_size"),
+        "effective_lr": last.get("effective_lr"), "recipe": cfg, "epochs_planned": planned, "epochs_done": done,
+        "first_epoch": first.get("start_epoch", 0) if first["event"] == "resume" else 0,
+        "resumed_at": [h.get("start_epoch") for h in heads if h["event"] == "resume"],
+        "complete": summary is not None if run == "finetune" else planned is not None and done >= planned,
+        "partial_line": partial, "repeated_epochs": repeated, "summary": summary, **_table(rows),
+    }
+    return out
+
+
+def run_from_history(history: list[dict], *, path: str | os.PathLike, run: str, arch: str, data: str | None,
+                     epochs_planned: int | None, mode: str | None = None) -> dict:
+    """The part of a run summary that `plot_run` draws, built from a checkpoint's per-epoch `history`."""
+    rows, repeated = _epochs([{"event": "epoch", **h} for h in history if isinstance(h.get("epoch"), int)])
+    return {"kind": "checkpoint", "path": str(path), "run": run, "mode": mode, "arch": arch, "data": data,
+            "epochs_planned": epochs_planned, "epochs_done": rows[-1]["epoch"] + 1 if rows else 0,
+            "resumed_at": [], "repeated_epochs": repeated, **_table(rows)}
+
+
+_STYLE = {  # metric: (label, colour, line style)
+    "train_top1": ("train", "tab:gray", "-"), "val_top1": ("val", "tab:blue", "-"),
+    "val_top5": ("val top-5", "tab:blue", ":"), "val_top1_all": ("val, all classes", "tab:purple", "--"),
+    "test_top1": ("test", "tab:red", "-"),
+}
+
+
+def _series(ax, rows: list[dict], key: str, scale: float = 1.0, **style) -> bool:
+    """Plot `key` of `rows` against the epoch (epochs without it left out); whether anything was drawn."""
+    pts = [(r["epoch"], r[key] * scale) for r in rows if isinstance(r.get(key), (int, float))]
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) <= 40 else None, markersize=3, **style)
+    return bool(pts)
+
+
+def plot_run(run: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write a PNG of a run's curves (a `read_run_log` or `run_from_history` summary): training loss, top-1 (train,
+    val, val over all classes of a pruned file, test) with the best epoch marked, and for `train` the learning rate
+    and resolution; resumes as dotted lines. Written atomically (Agg); an existing `path` needs `force`."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = run["epochs"]
+    if not rows:
+        raise InputError(f"{run['path']} holds no finished epoch yet; there is nothing to plot.")
+    out = check_output_path(path, force=force, inputs=(run["path"],))
+    schedule = any("lr" in r or "res" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if schedule else 2, figsize=(13 if schedule else 9, 3.8), dpi=110,
+                             gridspec_kw={"width_ratios": [1, 1, 0.8] if schedule else [1, 1]})
+    try:
+        loss, top1 = axes[0], axes[1]
+        _series(loss, rows, "train_loss", color="tab:orange")
+        loss.set_title("training loss")
+        for key, (label, colour, style) in _STYLE.items():
+            _series(top1, rows, key, 100.0, color=colour, linestyle=style, label=label)
+        best = run.get("best")
+        if best:
+            top1.scatter([best["epoch"]], [best["value"] * 100], marker="*", s=160, color="gold", edgecolor="black",
+                         zorder=4, label=f"best {best['metric'].split('_')[0]} {best['value']:.1%} "
+                                         f"(epoch {best['epoch']})")
+        low, high = top1.get_ylim()
+        top1.set_ylim(max(low, -2.0), min(high, 103.0))  # no room drawn far beyond 0% and 100%
+        top1.set_title("accuracy (%)")
+        if top1.get_legend_handles_labels()[0]:
+            top1.legend(fontsize=7, loc="lower right")
+        if schedule:
+            sched = axes[2]
+            _series(sched, rows, "lr", color="tab:green", label="learning rate")
+            sched.set_ylabel("learning rate (last step)", color="tab:green")
+            if any("res" in r for r in rows):
+                res = sched.twinx()
+                _series(res, rows, "res", color="tab:brown", drawstyle="steps-mid")
+                sizes = [r["res"] for r in rows if isinstance(r.get("res"), (int, float))]
+                res.set_ylim(min(sizes) - 16, max(sizes) + 16)  # a constant size as a line inside the panel
+                res.yaxis.set_major_locator(MaxNLocator(integer=True))
+                res.set_ylabel("resolution (px)", color="tab:brown")
+            sched.set_title("schedule")
+        for ax in axes:
+            ax.set_xlabel("epoch (as logged, from 0)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            for start in run.get("resumed_at") or []:
+                ax.axvline(start - 0.5, color="black", linestyle=":", linewidth=1)
+        what = f"{run['run']} ({run['mode']})" if run.get("mode") else run["run"]
+        planned = run.get("epochs_planned")
+        title = (f"{what} {run.get('arch') or '?'} on {Path(run['data']).name if run.get('data') else '?'}: "
+                 f"{run['epochs_done']}" + (f" of {planned}" if planned else "") + " epochs")
+        if run.get("resumed_at"):
+            title += "; resumed at epoch " + ", ".join(str(e) for e in run["resumed_at"]) + " (dotted)"
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return out
