@@ -211,14 +211,16 @@ def plot_run(run: dict, path: str | os.PathLike, *, force: bool = False) -> Path
                 res.yaxis.set_major_locator(MaxNLocator(integer=True))
                 res.set_ylabel("resolution (px)", color="tab:brown")
             sched.set_title("schedule")
+        planned = run.get("epochs_planned")
         for ax in axes:
+            if isinstance(planned, int) and planned > run["epochs_done"]:  # a run going on: the epochs still to come
+                ax.set_xlim(right=planned - 0.5)
             ax.set_xlabel("epoch (as logged, from 0)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             for start in run.get("resumed_at") or []:
                 ax.axvline(start - 0.5, color="black", linestyle=":", linewidth=1)
         what = f"{run['run']} ({run['mode']})" if run.get("mode") else run["run"]
-        planned = run.get("epochs_planned")
         title = (f"{what} {run.get('arch') or '?'} on {Path(run['data']).name if run.get('data') else '?'}: "
                  f"{run['epochs_done']}" + (f" of {planned}" if planned else "") + " epochs")
         if run.get("resumed_at"):
