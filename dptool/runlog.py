@@ -134,7 +134,7 @@ def read_run_log(path: str | os.PathLike) -> dict:
         "world_size": last.get("world_size"), "effective_batch_size": last.get("effective_batch_size"),
         "effective_lr": last.get("effective_lr"), "recipe": cfg, "epochs_planned": planned, "epochs_done": done,
         "first_epoch": first.get("start_epoch", 0) if first["event"] == "resume" else 0,
-        "resumed_at": [h.get("start_epoch") for h in heads if h["event"] == "resume"],
+        "resumed_at": [h.get("start_epoch") for h in heads[1:] if h["event"] == "resume"],  # the first: first_epoch
         "complete": summary is not None if run == "finetune" else planned is not None and done >= planned,
         "partial_line": partial, "repeated_epochs": repeated, "summary": summary, **_table(rows),
     }

@@ -201,8 +201,9 @@ def test_a_log_opened_by_a_resume_and_a_repeated_epoch(runs, tmp_path):
     assert code == 2 and "holds no finished epoch yet" in text
     only.write_text(resume + e2)
     d = _info(only)
-    assert [r["epoch"] for r in d["epochs"]] == [2] and d["complete"]
-    assert "this log starts at epoch 2" in _run("info", only)[1]
+    assert [r["epoch"] for r in d["epochs"]] == [2] and d["complete"] and d["resumed_at"] == []
+    text = _run("info", only)[1]
+    assert "this log starts at epoch 2" in text and "resumed at" not in text
 
     joined = tmp_path / "joined.jsonl"
     changed = json.dumps({**json.loads(e1), "train_loss": 9.5}) + "\n"
