@@ -123,12 +123,12 @@ def read_run_log(path: str | os.PathLike) -> dict:
     summary = next((r for r in reversed(records) if r.get("event") == "summary"), None)
     run = "finetune" if "test" in first and "checkpoint" in first else "train"
     cfg = last["config"]
-    planned = cfg.get("epochs")
+    planned = cfg.get("epochs") if isinstance(cfg.get("epochs"), int) else None
     done = rows[-1]["epoch"] + 1 if rows else first.get("start_epoch", 0)
     out = {
         "kind": "run_log", "path": str(p), "run": run, "mode": cfg.get("mode") if run == "finetune" else None,
         "arch": first.get("arch", cfg.get("arch")), "data": first.get("train" if run == "finetune" else "data"),
-        "val": first.get("val"), "test": first.get("test"), "pretrained": first.get("checkpoint"),
+        "val": last.get("val"), "test": first.get("test"), "pretrained": first.get("checkpoint"),
         "num_classes": last.get("num_classes"), "num_samples": last.get("num_samples"),
         "kept_classes": last.get("kept_classes"), "device": last.get("device"), "precision": last.get("precision"),
         "world_size": last.get("world_size"), "effective_batch_size": last.get("effective_batch_size"),

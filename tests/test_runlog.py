@@ -207,10 +207,11 @@ def test_a_log_opened_by_a_resume_and_a_repeated_epoch(runs, tmp_path):
 
     joined = tmp_path / "joined.jsonl"
     changed = json.dumps({**json.loads(e1), "train_loss": 9.5}) + "\n"
-    joined.write_text(config + e0 + e1 + resume.replace('"start_epoch": 2', '"start_epoch": 1') + changed + e2)
+    resumed = json.loads(resume) | {"start_epoch": 1, "val": "other_val.beton"}  # --val may change at a resume
+    joined.write_text(config + e0 + e1 + json.dumps(resumed) + "\n" + changed + e2)
     d = _info(joined)
     assert [r["epoch"] for r in d["epochs"]] == [0, 1, 2] and d["repeated_epochs"] == [1]
-    assert d["epochs"][1]["train_loss"] == 9.5 and d["resumed_at"] == [1]
+    assert d["epochs"][1]["train_loss"] == 9.5 and d["resumed_at"] == [1] and d["val"] == "other_val.beton"
 
 
 @pytest.mark.parametrize("content, phrase", [
