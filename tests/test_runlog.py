@@ -159,6 +159,12 @@ def test_plot_refusals(runs, tmp_path, train_val_betons):
     before = log.read_bytes()
     code, text = _run("info", log, "--plot", log, "--force")
     assert code == 2 and "is the same file as input" in text and log.read_bytes() == before
+    ckpt = tmp_path / "m.pt"  # a slip of the --plot path onto the run's other file: refused even with --force
+    shutil.copy(runs / "m.pt", ckpt)
+    for args in ((log, "--plot", ckpt), (ckpt, "--plot", log)):
+        code, text = _run("info", *args, "--force")
+        assert code == 2 and "exists and is not a PNG; --force replaces an earlier plot only" in text
+    assert log.read_bytes() == before and ckpt.read_bytes() == (runs / "m.pt").read_bytes()
     code, text = _run("info", train_val_betons[0], "--plot", tmp_path / "b.png")
     assert code == 2 and "--plot draws the curves of a train or finetune run" in text and "is a .beton" in text
     bare = tmp_path / "bare.pt"  # a dptool checkpoint without per-epoch history (as written from outside a run)
