@@ -314,9 +314,6 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if cfg.val_fraction > 0 and not len(va_idx):
         raise InputError(f"--val-fraction {cfg.val_fraction} holds out no image of {train_data}: every class has "
                          "a single training image, and a class is never held out whole; drop --val-fraction.")
-    if cfg.batch_size > len(tr_idx) and cfg.mode == "ff":
-        raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(tr_idx)} training images of "
-                         f"{train_data}; use a smaller batch.")
     model, ckpt = _pretrained(checkpoint, arch, weights_prefix, device)
     side = ckpt.get("image_size") or 224  # a ViT's position embeddings fix its input size
     if str(ckpt["arch"]).startswith("vit") and cfg.res != side:
@@ -336,8 +333,11 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         history = _linear_probe(model, head, train_rows, test_loader, val_loader, cfg, device, precision, jlog,
                                 progress)
     else:
+        # every training image each epoch, as DP4TL's loader (drop_last=False); only a last batch of a single
+        # image is dropped, since BatchNorm in training mode cannot normalise one sample with a 1x1 feature map
         loader = train_loader(train_data, batch_size=cfg.batch_size, res=cfg.res, workers=cfg.workers, device=device,
-                              seed=cfg.seed, indices=tr_idx if len(va_idx) else None)
+                              seed=cfg.seed, indices=tr_idx if len(va_idx) else None,
+                              drop_last=len(tr_idx) % cfg.batch_size == 1)
         history = _full_finetune(model, loader, test_loader, val_loader, cfg, device, precision, jlog, progress)
 
     tests = [h["test_top1"] for h in history]
