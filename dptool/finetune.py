@@ -201,6 +201,14 @@ def _check_test_file(train_b, test_b, train_data, test_data) -> str:
     return train_fp
 
 
+def _check_loss(train_loss: float, epoch: int, cfg: FinetuneConfig) -> None:
+    """Stop a run whose training loss is no longer finite: every later epoch would train on NaN weights. Read once
+    per epoch (the epoch's summed loss), so it adds no synchronisation per step."""
+    if not np.isfinite(train_loss):
+        raise InputError(f"The training loss became {train_loss} in epoch {epoch + 1} of {cfg.epochs} "
+                         f"({cfg.mode}, {cfg.optimizer} at --lr {cfg.lr:g}); lower --lr.")
+
+
 def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: FinetuneConfig, device, precision: str,
                   jlog: JsonLog, progress: bool) -> list[dict]:
     """Train `head` alone on the frozen backbone's features, extracted once (`train_rows` in deterministic
@@ -224,7 +232,7 @@ def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: Finetun
     for epoch in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch", disable=not progress):
         t0 = time.perf_counter()
         order = torch.randperm(len(ytr), generator=gen).to(device)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
         for i in range(steps):
             rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             loss = criterion(head(ftr[rows]), ytr[rows])
@@ -232,8 +240,10 @@ def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: Finetun
             loss.backward()
             optimizer.step()
             sched.step()
-            total += float(loss.detach()) * len(rows)
-        rec = {"event": "epoch", "epoch": epoch, "train_loss": total / len(ytr),
+            total += loss.detach().double() * len(rows)
+        train_loss = float(total) / len(ytr)
+        _check_loss(train_loss, epoch, cfg)
+        rec = {"event": "epoch", "epoch": epoch, "train_loss": train_loss,
                "test_top1": _top1(head, fte, yte, cfg.test_batch_size), "epoch_time_s": time.perf_counter() - t0}
         if fva is not None:
             rec["val_top1"] = _top1(head, fva, yva, cfg.test_batch_size)
@@ -265,6 +275,7 @@ def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, 
             n += len(y)
         train_loss = float(total) / max(n, 1)  # waits for the last step, so the time below is the epoch's
         train_s = time.perf_counter() - t0
+        _check_loss(train_loss, epoch, cfg)
         rec = {"event": "epoch", "epoch": epoch, "train_loss": train_loss, "epoch_time_s": train_s,
                "images_per_s": n / max(train_s, 1e-9)}
         t1 = time.perf_counter()

@@ -106,6 +106,20 @@ def test_full_finetune_drops_only_a_last_batch_of_one(target, source_ckpt, one_t
     assert h["images_per_s"] * h["epoch_time_s"] == pytest.approx(120)
 
 
+@pytest.mark.parametrize("mode", ["lp", "ff"])
+def test_a_diverging_run_stops_at_its_first_nan_epoch(tmp_path, target, source_ckpt, mode, one_thread):
+    """SGD at lr 1e30 turns the loss to NaN in the first epoch: the run stops there with one sentence (it went on
+    for every epoch, reporting NaN losses and a chance-level 'best' top-1) and writes nothing."""
+    train, test = target
+    args = ["finetune", str(source_ckpt), str(train), str(test), "--mode", mode, "--optimizer", "sgd", "--lr", "1e30",
+            "--epochs", "3", "--batch-size", "16", "--res", "16", "--workers", "1", "-o", str(tmp_path / "ft.pt")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == f"Error: The training loss became nan in epoch 1 of 3 ({mode}, sgd at --lr 1e+30); " \
+                               "lower --lr."
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_testing_on_the_training_file_is_warned_about(target, source_ckpt, caplog, one_thread):
     train, _ = target
     r = finetune(source_ckpt, train, train, config=FinetuneConfig(epochs=1, batch_size=16, res=16, workers=1))
