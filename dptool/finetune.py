@@ -148,7 +148,8 @@ def _pretrained(path, arch: str | None, weights_prefix: str | None, device):
     model, _, prefix = model_from_weights(arch, path, weights_prefix=weights_prefix,
                                           checkpoint_hint="drop --arch")
     base, small = canonical_name(arch)
-    return model.to(device), {"arch": base, "small_input": small, "blurpool": False, "image_size": None,
+    return model.to(device), {"arch": base, "small_input": small, "blurpool": False,
+                              "image_size": getattr(model, "image_size", None),
                               "recipe": {"weights": str(path), "weights_prefix": prefix}, "data_fingerprint": None}
 
 
@@ -303,7 +304,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     from .checkpoint import save_checkpoint
     from .distributed import launched_by_torchrun
     from .loaders import eval_loader, inference_loader, train_loader
-    from .models import replace_head
+    from .models import replace_head, resize_vit
 
     if launched_by_torchrun():  # every rank would run the whole job and write the same files
         raise InputError("finetune runs in one process (target sets are small); run it without torchrun.")
@@ -326,9 +327,14 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         raise InputError(f"--val-fraction {cfg.val_fraction} holds out no image of {train_data}: every class has "
                          "a single training image, and a class is never held out whole; drop --val-fraction.")
     model, ckpt = _pretrained(checkpoint, arch, weights_prefix, device)
-    side = ckpt.get("image_size") or 224  # a ViT's position embeddings fix its input size
-    if str(ckpt["arch"]).startswith("vit") and cfg.res != side:
-        raise InputError(f"{checkpoint} is a {ckpt['arch']} for {side} px images; pass --res {side}, got {cfg.res}.")
+    image_size = ckpt.get("image_size")
+    if str(ckpt["arch"]).startswith("vit"):  # its position embeddings fix its input size: resampled to --res
+        image_size = image_size or 224
+        if cfg.res != image_size:
+            resize_vit(model, cfg.res)
+            log.warning("%s is a %s for %d px images; its position embeddings are resampled (bicubic) to --res %d",
+                        checkpoint, ckpt["arch"], image_size, cfg.res)
+            image_size = cfg.res
     torch.manual_seed(cfg.seed)
     head = replace_head(model, num_classes)
     jlog = JsonLog(log_path, hold=True)  # written with the result: an interrupted run leaves no log to block a rerun
@@ -372,7 +378,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
                             recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
                             data_fingerprint=train_fp, epoch=cfg.epochs,
                             small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
-                            image_size=ckpt.get("image_size"),
+                            image_size=image_size,
                             extra={"history": history, "summary": summary, "data": str(train_data)})
         jlog.release()
     return result

@@ -25,6 +25,9 @@ __all__ = [
     "replace_head",
     "drop_head",
     "apply_blurpool",
+    "vit_image_size",
+    "resize_vit",
+    "vit_state_from_timm",
 ]
 
 _MODELS: dict[str, Callable] = {}
@@ -106,6 +109,82 @@ def _vit_b_16(num_classes: int, *, small_input: bool = False, image_size: int | 
     if size % 16:
         raise InputError(f"vit_b_16 needs an image size that is a multiple of 16, got {size}.")
     return vit_b_16(weights=None, num_classes=num_classes, image_size=size)
+
+
+def vit_image_size(state: dict, patch: int = 16) -> int | None:
+    """The input side a torchvision ViT state dict was made for, read from its position embeddings (one per patch
+    of a square grid, plus the class token's); None when `state` holds no such embeddings."""
+    import math
+
+    pos = state.get("encoder.pos_embedding")
+    if pos is None or len(pos.shape) != 3:
+        return None
+    grid = math.isqrt(max(int(pos.shape[1]) - 1, 0))
+    return grid * patch if grid and grid * grid == int(pos.shape[1]) - 1 else None
+
+
+def resize_vit(model, image_size: int) -> None:
+    """Make a torchvision ViT take `image_size` px images, in place: the position embeddings of its patch grid are
+    resampled bicubically to the new grid and the class token's is kept, as ViT (Dosovitskiy et al., 2021, sec. 3.2)
+    and DeiT do to finetune at another resolution than the pretraining one."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    inner = getattr(model, "module", model)
+    patch, old = int(inner.patch_size), int(inner.image_size)
+    if image_size < patch or image_size % patch:
+        raise InputError(f"--res must be a multiple of {patch} for a ViT with {patch} px patches, got {image_size}.")
+    if image_size == old:
+        return
+    pos = inner.encoder.pos_embedding
+    n_old, n_new = old // patch, image_size // patch
+    grid = pos.data[:, 1:].reshape(1, n_old, n_old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(n_new, n_new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, n_new * n_new, -1).to(pos.dtype)
+    inner.encoder.pos_embedding = nn.Parameter(torch.cat([pos.data[:, :1], grid], dim=1),
+                                               requires_grad=pos.requires_grad)
+    inner.image_size, inner.seq_length = image_size, n_new * n_new + 1
+
+
+# timm's ViT entry names (DINO's released ViTs, timm's own) -> torchvision's; the layers are the same
+_TIMM_VIT_NAMES = (
+    (r"cls_token$", "class_token"),
+    (r"pos_embed$", "encoder.pos_embedding"),
+    (r"patch_embed\.proj\.", "conv_proj."),
+    (r"norm\.", "encoder.ln."),
+    (r"head\.(weight|bias)$", r"heads.head.\1"),
+    (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.encoder_layer_\1.ln_1."),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", r"encoder.layers.encoder_layer_\1.self_attention.in_proj_\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.encoder_layer_\1.self_attention.out_proj."),
+    (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.encoder_layer_\1.ln_2."),
+    (r"blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layers.encoder_layer_\1.mlp.0."),
+    (r"blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layers.encoder_layer_\1.mlp.3."),
+)
+
+
+def vit_state_from_timm(state: dict) -> dict:
+    """`state` with the entries of a timm-layout ViT (DINO's `cls_token`, `pos_embed`, `blocks.N.attn.qkv`, ...)
+    renamed to torchvision's `VisionTransformer` names, under whatever prefix they sit (DINO's `backbone.`);
+    anything else is returned unchanged. The two layouts hold the same tensors: timm's fused q, k, v projection
+    is torchvision's `in_proj` (same order), and both use LayerNorm eps 1e-6 and exact GELU."""
+    import re
+
+    prefixes = sorted({k[: -len("cls_token")] for k in state if k.endswith("cls_token")}, key=len, reverse=True)
+    if not prefixes:
+        return state
+    rules = [(re.compile(pattern), repl) for pattern, repl in _TIMM_VIT_NAMES]  # matched at the start of the name
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is not None:
+            rest = key[len(prefix):]
+            for rule, repl in rules:
+                if rule.match(rest):
+                    key = prefix + rule.sub(repl, rest, count=1)
+                    break
+        out[key] = value
+    return out
 
 
 @register_model("resnet_tiny")

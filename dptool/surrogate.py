@@ -218,16 +218,21 @@ def model_from_weights(arch: str, weights: str | os.PathLike, *, weights_prefix:
     checkpoint whose backbone `select_backbone` finds. Returns (model, classifier width, prefix); a file without a
     classifier gives width None and a model whose classifier is an `nn.Identity` (it returns the feature).
     `checkpoint_hint` ends the refusal of a dptool checkpoint that does not fit `arch` (how the command reads it)."""
-    from .models import create_model, drop_head
+    from .models import canonical_name, create_model, drop_head, vit_image_size, vit_state_from_timm
 
+    raw = read_state_dict(weights)
+    if canonical_name(arch)[0].startswith("vit"):  # DINO's and timm's ViTs name their entries timm's way
+        raw = vit_state_from_timm(raw)
     net = create_model(arch, 1)  # its entry names find the backbone; the head is sized once that is known
-    state, prefix = select_backbone(read_state_dict(weights), net, str(weights), weights_prefix)
+    state, prefix = select_backbone(raw, net, str(weights), weights_prefix)
     width = _head_width(state)
+    size = vit_image_size(state)  # a ViT is built for the image size its position embeddings were made for
     if width is None:  # a self-supervised backbone: its projection head (if any) is no classifier
         state = {k: v for k, v in state.items() if k.split(".")[0] not in _HEAD_MODULES}
+        net = create_model(arch, 1, image_size=size) if size else net
         drop_head(net)
     else:
-        net = create_model(arch, width)
+        net = create_model(arch, width, image_size=size)
     _load_weights(net, state, str(weights), checkpoint_hint)
     return net, width, prefix
 

@@ -199,11 +199,6 @@ def test_refuses_before_any_work(tmp_path, target, source_ckpt, monkeypatch):
     with pytest.raises(InputError, match="does not exist"):
         finetune(source_ckpt, train, test, log_path=tmp_path / "missing" / "log.jsonl", config=FinetuneConfig(epochs=1))
     assert not (tmp_path / "ft.pt").exists()
-    vit = create_model("vit_b_16", 3, image_size=32)
-    vit_ckpt = save_checkpoint(tmp_path / "vit.pt", arch="vit_b_16", num_classes=3, state_dict=vit.state_dict(),
-                               recipe={}, data_fingerprint=None, epoch=1, image_size=32)
-    with pytest.raises(InputError, match="pass --res 32, got 64"):
-        finetune(vit_ckpt, train, test, config=FinetuneConfig(epochs=1, res=64))
 
 
 def test_a_log_over_the_checkpoint_is_named_as_such(tmp_path, target, source_ckpt):
@@ -259,3 +254,35 @@ def test_a_dptool_checkpoint_given_another_arch_is_told_to_drop_it(tmp_path, tar
     assert result.output.strip().endswith(f"{source_ckpt} is a dptool checkpoint, which knows its own architecture: "
                                           "drop --arch.")
     assert "--model" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_vit_is_transferred_at_another_resolution_and_from_dinos_layout(tmp_path, one_thread):
+    """A vit_b_16 checkpoint for 32 px images, linear-probed at --res 64: its position embeddings are resampled (it
+    was refused), and the finetuned checkpoint is for 64 px and loads. The same backbone in DINO's layout (timm's
+    names, under `teacher` / `backbone.`, with `--arch vit_b_16`) gives the same losses and test top-1 epoch for
+    epoch. FF trains it at its own 32 px."""
+    from test_models import _timm_vit_state
+
+    from dptool.models import vit_state_from_timm
+
+    train, test = make_split_betons(tmp_path, n_classes=3, train_per_class=4, val_per_class=2, seed=5)  # ViT-B: few
+    dino = _timm_vit_state(seed=3)
+    net = create_model("vit_b_16", 5, image_size=32)
+    net.load_state_dict({**net.state_dict(), **vit_state_from_timm(dino)})
+    ckpt = save_checkpoint(tmp_path / "vit.pt", arch="vit_b_16", num_classes=5, state_dict=net.state_dict(),
+                           recipe={}, data_fingerprint=None, epoch=1, image_size=32)
+    dino_file = tmp_path / "dino.pth"
+    torch.save({"teacher": {**{"backbone." + k: v for k, v in dino.items()},
+                            "head.last_layer.weight_g": torch.ones(1, 1)}}, dino_file)
+    cfg = FinetuneConfig(mode="lp", epochs=3, batch_size=4, res=64, workers=1)
+    theirs = finetune(ckpt, train, test, config=cfg, output=tmp_path / "lp.pt")
+    ours = finetune(dino_file, train, test, config=cfg, arch="vit_b_16")
+    assert [(h["train_loss"], h["test_top1"]) for h in ours.history] == [
+        (h["train_loss"], h["test_top1"]) for h in theirs.history]
+    saved = read_checkpoint(tmp_path / "lp.pt")  # load_checkpoint builds the model at this size from it
+    pos = saved["state_dict"]["encoder.pos_embedding"]
+    assert saved["image_size"] == 64 and pos.shape == (1, 17, 768)
+    assert torch.equal(pos[:, 0], net.encoder.pos_embedding[:, 0].detach())
+
+    ff = finetune(ckpt, train, test, config=FinetuneConfig(mode="ff", epochs=1, batch_size=4, res=32, workers=1))
+    assert np.isfinite(ff.history[0]["train_loss"]) and ff.train_images == 12

@@ -89,3 +89,88 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(InputError, match="not a dptool checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
+
+
+def _timm_vit_state(seed: int = 0, image_size: int = 32) -> dict:
+    """Random weights of a ViT-B/16 in timm's layout (DINO's released ViTs), at `image_size`."""
+    g = torch.Generator().manual_seed(seed)
+    d, tokens = 768, (image_size // 16) ** 2 + 1
+
+    def r(*shape, scale=0.02):
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"cls_token": r(1, 1, d), "pos_embed": r(1, tokens, d), "patch_embed.proj.weight": r(d, 3, 16, 16),
+             "patch_embed.proj.bias": r(d), "norm.weight": 1 + r(d), "norm.bias": r(d)}
+    for i in range(12):
+        p = f"blocks.{i}."
+        state.update({p + "norm1.weight": 1 + r(d), p + "norm1.bias": r(d), p + "attn.qkv.weight": r(3 * d, d),
+                      p + "attn.qkv.bias": r(3 * d), p + "attn.proj.weight": r(d, d), p + "attn.proj.bias": r(d),
+                      p + "norm2.weight": 1 + r(d), p + "norm2.bias": r(d), p + "mlp.fc1.weight": r(4 * d, d),
+                      p + "mlp.fc1.bias": r(4 * d), p + "mlp.fc2.weight": r(d, 4 * d), p + "mlp.fc2.bias": r(d)})
+    return state
+
+
+def _timm_vit_features(state: dict, x: torch.Tensor, heads: int = 12) -> torch.Tensor:
+    """DINO's VisionTransformer forward (its vision_transformer.py) written out with torch functions: the class
+    token after the final LayerNorm. The reference that the renamed weights in torchvision's ViT must match."""
+    import torch.nn.functional as F
+
+    s = state
+    x = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=16).flatten(2).transpose(1, 2)
+    x = torch.cat([s["cls_token"].expand(len(x), -1, -1), x], dim=1) + s["pos_embed"]
+    b, n, d = x.shape
+    for i in range(12):
+        p = f"blocks.{i}."
+        h = F.layer_norm(x, (d,), s[p + "norm1.weight"], s[p + "norm1.bias"], eps=1e-6)
+        q, k, v = F.linear(h, s[p + "attn.qkv.weight"], s[p + "attn.qkv.bias"]).reshape(
+            b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (d // heads) ** -0.5).softmax(dim=-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(b, n, d), s[p + "attn.proj.weight"],
+                         s[p + "attn.proj.bias"])
+        h = F.layer_norm(x, (d,), s[p + "norm2.weight"], s[p + "norm2.bias"], eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"])),
+                         s[p + "mlp.fc2.weight"], s[p + "mlp.fc2.bias"])
+    return F.layer_norm(x, (d,), s["norm.weight"], s["norm.bias"], eps=1e-6)[:, 0]
+
+
+def test_a_timm_layout_vit_becomes_torchvisions_with_the_same_features():
+    """DINO's ViT-B/16 entries, renamed, load into torchvision's vit_b_16 (under DINO's `backbone.` prefix too), and
+    its feature (the input of `heads.head`) equals DINO's forward of the same weights."""
+    from dptool.models import drop_head, vit_image_size, vit_state_from_timm
+
+    timm_state = _timm_vit_state()
+    for prefix in ("", "backbone."):
+        state = vit_state_from_timm({prefix + k: v for k, v in timm_state.items()} | {"head.last_layer.weight": 0})
+        assert state["head.last_layer.weight"] == 0  # DINO's projection head, outside the backbone: untouched
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "last_layer" not in k}
+        assert vit_image_size(state) == 32
+        model = create_model("vit_b_16", 1, image_size=32).eval()
+        drop_head(model)
+        model.load_state_dict(state)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.allclose(model(x), _timm_vit_features(timm_state, x), atol=1e-5, rtol=1e-4)
+    tv = create_model("vit_b_16", 3, image_size=32).state_dict()
+    assert vit_state_from_timm(tv) is tv and vit_image_size(tv) == 32  # torchvision's own names are left as they are
+    assert vit_image_size(create_model("resnet18", 3).state_dict()) is None
+
+
+def test_resize_vit_resamples_the_patch_grid():
+    """32 -> 64 px: a 2x2 grid of position embeddings becomes 4x4 (bicubic), the class token's is kept, the model
+    takes 64 px images; the same size is a no-op; a size that is no multiple of the patch is one sentence."""
+    from dptool.models import resize_vit
+
+    model = create_model("vit_b_16", 3, image_size=32).eval()
+    with torch.no_grad():
+        model.encoder.pos_embedding[:, 1:] = 0.5  # a constant grid stays constant under bicubic resampling
+    before = model.encoder.pos_embedding.detach().clone()
+    resize_vit(model, 32)
+    assert torch.equal(model.encoder.pos_embedding, before)
+    resize_vit(model, 64)
+    pos = model.encoder.pos_embedding
+    assert pos.shape == (1, 17, 768) and pos.requires_grad and model.image_size == 64
+    assert torch.equal(pos[:, 0], before[:, 0]) and torch.allclose(pos[:, 1:], torch.full_like(pos[:, 1:], 0.5))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(InputError, match="^--res must be a multiple of 16 for a ViT with 16 px patches, got 40.$"):
+        resize_vit(model, 40)
