@@ -20,11 +20,11 @@ def _human(r) -> str:
     lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {epochs}, "
              f"{r.train_images} train / {r.val_images} val / {r.test_images} test images",
              f"final-epoch test top-1:       {r.final_test_top1:.4f}",
-             f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch}; selected on the "
-             f"test set, as the paper reports)"]
-    if r.best_val_top1 is not None:
-        lines.append(f"test top-1 at best val epoch: {r.test_top1_at_best_val:.4f} (epoch {r.best_val_epoch}, "
-                     f"val top-1 {r.best_val_top1:.4f})")
+             f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch + 1} of {r.epochs}; "
+             f"selected on the test set, as the paper reports)"]
+    if r.best_val_top1 is not None:  # epochs counted from 1 here, from 0 in --json (as the history's)
+        lines.append(f"test top-1 at best val epoch: {r.test_top1_at_best_val:.4f} (epoch {r.best_val_epoch + 1} of "
+                     f"{r.epochs}, val top-1 {r.best_val_top1:.4f})")
     return "\n".join(lines)
 
 
@@ -53,7 +53,8 @@ def _human(r) -> str:
 @click.option("--test-batch-size", type=click.IntRange(min=1), default=DEFAULTS.test_batch_size,
               help="Evaluation batch.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_fraction,
-              help="Hold out this fraction of each training class for model selection.")
+              help="Hold out this fraction of each training class for model selection (at least one image of a "
+                   "class of two or more; never a whole class).")
 @precision_option()
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=DEFAULTS.seed, help="Seed of the head, the split, the sample order and the crops.")

@@ -120,6 +120,18 @@ def test_a_diverging_run_stops_at_its_first_nan_epoch(tmp_path, target, source_c
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_summary_counts_epochs_from_one(target, source_ckpt, one_thread):
+    """The terminal summary names the best epochs 1..N (it printed the 0-based index: 'epoch 0' of a 1-epoch run);
+    --json keeps the history's 0-based index."""
+    train, test = target
+    args = ["finetune", str(source_ckpt), str(train), str(test), "--epochs", "1", "--batch-size", "16", "--res", "16",
+            "--workers", "1", "--val-fraction", "0.2"]
+    text = CliRunner().invoke(cli, args, catch_exceptions=False).output
+    assert "(epoch 1 of 1; selected on the test set" in text and "(epoch 1 of 1, val top-1" in text, text
+    r = json.loads(CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False).output)
+    assert r["best_test_epoch"] == r["best_val_epoch"] == r["history"][0]["epoch"] == 0
+
+
 def test_testing_on_the_training_file_is_warned_about(target, source_ckpt, caplog, one_thread):
     train, _ = target
     r = finetune(source_ckpt, train, train, config=FinetuneConfig(epochs=1, batch_size=16, res=16, workers=1))
