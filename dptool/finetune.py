@@ -161,9 +161,10 @@ def _optimizer(params, cfg: FinetuneConfig):
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _features(model, loader, device, precision: str):
+def _features(model, loader, device, precision: str, progress: bool = False, desc: str = "features"):
     """Penultimate features (N, D) float32 and labels (N,) of every batch of `loader`, model in eval mode."""
     import torch
+    from tqdm import tqdm
 
     from .features import feature_hook
     from .models import feature_layer
@@ -171,7 +172,7 @@ def _features(model, loader, device, precision: str):
     feats, labels = [], []
     model.eval()
     with feature_hook(feature_layer(model)) as slot, torch.no_grad(), autocast(device, precision):
-        for x, y in loader:
+        for x, y in tqdm(loader, total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False):
             model(x)
             feats.append(slot[0].float())
             labels.append(y)
@@ -221,9 +222,10 @@ def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: Finetun
         p.requires_grad_(False)
     for p in head.parameters():
         p.requires_grad_(True)
-    ftr, ytr = _features(model, train_rows, device, precision)
-    fte, yte = _features(model, test_loader, device, precision)
-    fva, yva = _features(model, val_loader, device, precision) if val_loader else (None, None)
+    ftr, ytr = _features(model, train_rows, device, precision, progress, "features: train")
+    fte, yte = _features(model, test_loader, device, precision, progress, "features: test")
+    fva, yva = (_features(model, val_loader, device, precision, progress, "features: val") if val_loader
+                else (None, None))
     optimizer = _optimizer(head.parameters(), cfg)
     steps = -(-len(ytr) // cfg.batch_size)
     sched = _schedule(optimizer, cfg.epochs * steps)
@@ -269,7 +271,8 @@ def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, 
         t0 = time.perf_counter()
         model.train()
         total, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
-        for x, y in loader:
+        for x, y in tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                         disable=not progress, leave=False):
             _, loss = train_step(model, optimizer, scaler, criterion, x, y, device, precision)
             sched.step()
             total += loss.detach().double() * len(y)

@@ -132,6 +132,21 @@ def test_the_summary_counts_epochs_from_one(target, source_ckpt, one_thread):
     assert r["best_test_epoch"] == r["best_val_epoch"] == r["history"][0]["epoch"] == 0
 
 
+def test_progress_bars_cover_feature_extraction_and_batches(target, source_ckpt, capsys, one_thread):
+    """With progress on, the linear probe's feature passes (most of its time: they had no bar) and each FF epoch's
+    batches show bars on stderr, as the epochs do; stdout stays clean."""
+    train, test = target
+    finetune(source_ckpt, train, test, config=FinetuneConfig(epochs=1, batch_size=16, res=16, workers=1),
+             progress=True)
+    err = capsys.readouterr()
+    assert "features: train" in err.err and "features: test" in err.err and "linear probe" in err.err
+    assert err.out == ""
+    finetune(source_ckpt, train, test, progress=True,
+             config=FinetuneConfig(mode="ff", epochs=1, batch_size=16, res=16, lr=1e-3, workers=1))
+    err = capsys.readouterr()
+    assert "epoch 1/1:" in err.err and "0/8 [" in err.err and err.out == ""  # a bar over 120 / 16 batches
+
+
 def test_testing_on_the_training_file_is_warned_about(target, source_ckpt, caplog, one_thread):
     train, _ = target
     r = finetune(source_ckpt, train, train, config=FinetuneConfig(epochs=1, batch_size=16, res=16, workers=1))
