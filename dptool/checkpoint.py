@@ -14,7 +14,7 @@ from .atomic import atomic_output
 from .errors import InputError
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "NotACheckpointError", "save_checkpoint", "read_checkpoint",
-           "load_checkpoint", "describe_mismatch"]
+           "load_checkpoint", "describe_mismatch", "nonfinite_tensors", "check_finite_weights"]
 
 CHECKPOINT_FORMAT = "dptool-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -112,6 +112,7 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_cla
             raise InputError(f"Checkpoint {path} holds a {_label(*have)}, not a {_label(*want)}.")
     if num_classes is not None and int(num_classes) != int(ckpt["num_classes"]):
         raise InputError(f"Checkpoint {path} has a {ckpt['num_classes']}-class head, not {num_classes} classes.")
+    check_finite_weights(ckpt["state_dict"], f"Checkpoint {path}")
     model = create_model(ckpt["arch"], int(ckpt["num_classes"]), small_input=bool(ckpt["small_input"]),
                          blurpool=bool(ckpt.get("blurpool")), image_size=ckpt.get("image_size"))
     try:
@@ -120,6 +121,28 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_cla
         raise InputError(f"Checkpoint {path} does not fit a {ckpt['arch']}: "
                          f"{describe_mismatch(model, ckpt['state_dict'], exc)}.") from exc
     return model.to(device), ckpt
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of `state` (a state dict) holding a NaN or an infinity, in its order.
+
+    One pass over the weights (`torch.isfinite(...).all()` per tensor), on whatever device they are."""
+    import torch
+
+    return [name for name, value in state.items()
+            if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+            and not bool(torch.isfinite(value).all())]
+
+
+def check_finite_weights(state: dict, where: str) -> None:
+    """Refuse weights with a NaN or an infinity in one InputError sentence naming `where` (e.g. "Checkpoint x.pt")
+    and how many tensors hold them: a model that diverged would otherwise give NaN outputs, and garbage results."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        tensors = [k for k, v in state.items() if hasattr(v, "is_floating_point") and v.is_floating_point()]
+        raise InputError(f"{where} holds non-finite weights (NaN or inf) in {len(bad)} of its {len(tensors)} "
+                         f"floating-point tensors (first: {bad[0]}), so its outputs would be NaN too: retrain it (e.g. "
+                         "with a lower --lr) or use an earlier checkpoint.")
 
 
 def describe_mismatch(model, state: dict, exc: Exception | None = None) -> str:

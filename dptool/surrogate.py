@@ -349,11 +349,13 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
             except Exception as exc:  # noqa: BLE001 - a damaged archive is the user's to fix
                 raise InputError(f"TorchScript file {path} cannot be loaded ({type(exc).__name__}: {exc}).") from exc
             scripted = True
+            where = f"TorchScript file {path}"
             identity = {"kind": "torchscript", "path": str(path.resolve()), "arch": type(net).__name__}
         else:
             from .checkpoint import load_checkpoint
 
-            net, ckpt = load_checkpoint(path)
+            net, ckpt = load_checkpoint(path)  # refuses non-finite weights itself
+            where = None
             recipe = dict(ckpt.get("recipe") or {})
             identity = {"kind": "checkpoint", "path": str(path.resolve()), "arch": ckpt["arch"],
                         "small_input": bool(ckpt.get("small_input")), "num_classes": int(ckpt["num_classes"]),
@@ -366,6 +368,7 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
 
         net, width, prefix = model_from_weights(arch, weights, weights_prefix=weights_prefix)
         has_classifier = width is not None
+        where = f"Weights file {weights}"
         base, small = canonical_name(arch)
         identity = {"kind": "state_dict", "path": str(Path(weights).resolve()), "arch": base,
                     "small_input": small, "num_classes": width, "sha256": fingerprint_file(weights)}
@@ -373,13 +376,19 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
             identity["weights_prefix"] = prefix
     else:
         net = _from_factory(str(factory))
+        where = f"The model of --model-factory {factory}"
         identity = {"kind": "factory", "factory": str(factory), "arch": type(net).__name__}
         if weights is not None:  # a self-supervised checkpoint's backbone is found as for --arch
             state, prefix = select_backbone(read_state_dict(weights), net, str(weights), weights_prefix)
             _load_weights(net, state, str(weights))
+            where = f"Weights file {weights} (for --model-factory {factory})"
             identity.update(path=str(Path(weights).resolve()), sha256=fingerprint_file(weights))
             if prefix:
                 identity["weights_prefix"] = prefix
+    if where is not None:
+        from .checkpoint import check_finite_weights
+
+        check_finite_weights(net.state_dict(), where)
     identity["weights"] = weights_fingerprint(net)
     net = net.to(device).eval()
     for p in net.parameters():

@@ -302,7 +302,7 @@ def _flag(name: str) -> str:
 def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int,
                   known: set[str]) -> dict:
     """The checkpoint to resume from, after checking it continues this run (`known`: the data's fingerprints)."""
-    from .checkpoint import read_checkpoint
+    from .checkpoint import check_finite_weights, read_checkpoint
     from .models import canonical_name
 
     if not output.exists():
@@ -344,6 +344,10 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
         raise InputError(f"Cannot resume: {output} was trained by {was} process{'es' if int(was) > 1 else ''} "
                          f"(effective batch {recipe.get('effective_batch_size')}), but this run has {world} "
                          f"(effective batch {config.batch_size * world}); resume it as it ran ({how}).")
+    # the momentum buffers too: a NaN there would turn the first resumed step's weights into NaN
+    moments = {f"optimizer.{i}.{k}": v for i, st in (ckpt["optimizer_state"].get("state") or {}).items()
+               for k, v in st.items()}
+    check_finite_weights({**ckpt["state_dict"], **moments}, f"Cannot resume: checkpoint {output}")
     return ckpt
 
 
