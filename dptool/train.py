@@ -479,6 +479,10 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         torch.backends.cudnn.benchmark = True
     eff_batch = config.batch_size * world
     peak_lr = config.lr * eff_batch / 256
+    top = float(np.finfo(np.float32).max)
+    if peak_lr > top:  # torch's optimizers take it as a float32 scalar
+        raise InputError(f"--lr {config.lr:g} gives a peak learning rate of {peak_lr:g} at effective batch "
+                         f"{eff_batch}, beyond float32's range; give an --lr below {top * 256 / eff_batch:.3g}.")
     model, optimizer, scaler = _model_and_optimizer(config, num_classes, image_size, ckpt, device, precision, world,
                                                     peak_lr)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

@@ -63,3 +63,12 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_resume_and_score(tmp_path, 
     assert "(first: optimizer.0.momentum_buffer)" in output
 
 
+def test_a_learning_rate_beyond_float32_is_refused_in_one_sentence(tmp_path, train_val_betons):
+    """torch's SGD used to fail with 'internal error: RuntimeError: value cannot be converted to type float'."""
+    train, _ = train_val_betons
+    code, output = _run(["train", str(train), "-o", str(tmp_path / "x.pt"), "--epochs", "1", "--batch-size", "16",
+                         "--lr", "1e300", *TRAIN])
+    assert code == 2, output
+    assert "--lr 1e+300 gives a peak learning rate of 6.25e+298 at effective batch 16, beyond float32's range" in output
+
+
