@@ -23,12 +23,28 @@ import numpy as np
 from . import distributed as dist
 from .atomic import atomic_output, check_output_path, output_group
 from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, open_beton
-from .errors import InputError, check_number, check_seed
+from .errors import DptoolError, InputError, check_number, check_seed
 
 __all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
-           "autocast", "grad_scaler", "train_step", "resolve_precision", "JsonLog"]
+           "autocast", "grad_scaler", "train_step", "resolve_precision", "JsonLog", "TrainingDiverged",
+           "LOSS_CHECK_EVERY"]
 
 log = logging.getLogger(__name__)
+
+#: Steps between two reads of the losses on a GPU, which stop a run whose loss became NaN or infinite: a read waits
+#: for the device to finish its queued work, so it is not made every step (on the CPU, where nothing waits, it is).
+LOSS_CHECK_EVERY = 20
+
+
+class TrainingDiverged(DptoolError):
+    """The loss became NaN or infinite (or an update made the weights so): the run stops before its next checkpoint,
+    so the last checkpoint and log stay as they were. `epoch` and `step` count from 0; `step` is None when the loss
+    stayed finite and the epoch's last update made the weights non-finite."""
+
+    def __init__(self, message: str, *, epoch: int = 0, step: int | None = None, loss: float | None = None,
+                 lr: float | None = None):
+        super().__init__(message)
+        self.epoch, self.step, self.loss, self.lr = epoch, step, loss, lr
 
 
 @dataclass(frozen=True)
@@ -436,6 +452,8 @@ def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfi
     model.train()
     iters = len(loader)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x n, correct, n
+    every = 1 if device.type == "cpu" else LOSS_CHECK_EVERY
+    losses = torch.zeros(every, dtype=torch.float64, device=device)  # the steps' losses since the last read
     seen = 0  # counted on the host, as in evaluate()
     t0 = time.perf_counter()
     bar = tqdm(loader, total=iters, desc=f"epoch {epoch + 1}/{config.epochs} @{res}px", unit="batch",
@@ -447,6 +465,9 @@ def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfi
         logits, loss = train_step(model, optimizer, scaler, criterion, x, y, device, precision)
         sums[:2] += torch.stack([loss.detach().double() * len(y), logits.argmax(1).eq(y).sum().double()])
         seen += len(y)
+        losses[i % every] = loss.detach()
+        if (i + 1) % every == 0 or i + 1 == iters:
+            _check_losses(losses[:i % every + 1], epoch, i - i % every, iters, config, peak_lr)
         if show and i % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
     sums[2] = seen
@@ -457,6 +478,49 @@ def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfi
     return {"event": "epoch", "epoch": epoch, "res": res, "lr": lr, "train_loss": loss_sum / max(n, 1),
             "train_top1": correct / max(n, 1), "train_images": int(n), "epoch_time_s": epoch_time,
             "images_per_s": n / max(epoch_time, 1e-9)}
+
+
+def _check_losses(losses, epoch: int, first_step: int, iters: int, config: TrainConfig, peak_lr: float) -> None:
+    """Raise TrainingDiverged at the first NaN or infinite loss of `losses` (steps `first_step`...), on every rank
+    alike: the losses are summed over the ranks first (a NaN on one rank is a NaN in the sum)."""
+    values = dist.all_reduce_sum(losses.clone()).tolist()
+    bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is None:
+        return
+    step = first_step + bad
+    lr = lr_at(config, epoch + (step + 1) / iters, peak_lr)
+    loss = values[bad] / dist.world_size()
+    raise TrainingDiverged(f"the loss was {loss} at epoch {epoch + 1} of {config.epochs}, step {step + 1} of "
+                           f"{iters} (learning rate {lr:.4g}, peak {peak_lr:.4g})", epoch=epoch, step=step, loss=loss,
+                           lr=lr)
+
+
+def _check_parameters(model, epoch: int, config: TrainConfig) -> None:
+    """Raise TrainingDiverged if a parameter holds a NaN or an infinity after the epoch (the last step's update:
+    no loss of this epoch saw it). The same on every rank: DDP keeps the parameters equal."""
+    from .checkpoint import nonfinite_tensors
+
+    params = dict(getattr(model, "module", model).named_parameters())
+    bad = nonfinite_tensors(params)
+    if bad:
+        raise TrainingDiverged(f"the last update of epoch {epoch + 1} of {config.epochs} made {len(bad)} of the "
+                               f"{len(params)} parameter tensors non-finite (first: {bad[0]})", epoch=epoch,
+                               step=None, loss=None, lr=None)
+
+
+def _diverged(exc: TrainingDiverged, config: TrainConfig, precision: str, output: Path, log_path: Path,
+              start_epoch: int, resume: bool) -> TrainingDiverged:
+    """`exc` as the one sentence a user reads: what happened, what was kept, what to try."""
+    if exc.epoch > start_epoch or resume:
+        kept = (f"the checkpoint {output} of epoch {exc.epoch} and its log {log_path} are kept as they were, "
+                "not overwritten")
+    else:
+        kept = "no checkpoint or log was written"
+    advice = f"lower --lr (now {config.lr:g} per 256 images)"
+    if precision in ("fp16", "bf16"):
+        advice += f", or train in float32 with --precision fp32 (this run used {precision} autocast)"
+    return TrainingDiverged(f"Training diverged: {exc}; {kept}; {advice}.", epoch=exc.epoch, step=exc.step,
+                            loss=exc.loss, lr=exc.lr)
 
 
 def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_path: Path, resume: bool,
@@ -514,8 +578,12 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     show = progress and dist.is_main()
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
-        record = _train_epoch(model, loader, optimizer, scaler, criterion, config, epoch, peak_lr, device, precision,
-                              rank, show)
+        try:
+            record = _train_epoch(model, loader, optimizer, scaler, criterion, config, epoch, peak_lr, device,
+                                  precision, rank, show)
+            _check_parameters(model, epoch, config)
+        except TrainingDiverged as exc:
+            raise _diverged(exc, config, precision, output, log_path, start_epoch, resume) from None
         if vloader is not None:
             t1 = time.perf_counter()
             record.update(evaluate(model, vloader, device, precision, kept=kept))

@@ -4,6 +4,10 @@ load, non-finite surrogate outputs refuse a score, and FM refuses features too d
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from click.testing import CliRunner
 
 from dptool.checkpoint import read_checkpoint, save_checkpoint
 from dptool.cli.main import cli
+from dptool.models import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
 
@@ -31,6 +36,45 @@ def _run(args):
 
 
 # --- train -----------------------------------------------------------------------------------------------------------
+
+def test_a_nan_loss_stops_training_before_any_checkpoint(tmp_path, train_val_betons, one_thread):
+    """--lr 1e6 turns the weights into NaN after the first step: the run used to train every epoch on NaN and save
+    the NaN weights (exit 0, train_loss NaN in the log); now it stops at the first NaN loss, naming where."""
+    train, val = train_val_betons
+    out = tmp_path / "lr.pt"
+    code, output = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "2", "--batch-size",
+                         "16", "--val-res", "16", "--lr", "1e6", *TRAIN])
+    assert code == 1, output
+    assert "Training diverged: the loss was nan at epoch 1 of 2, step " in output
+    assert "peak 6.25e+04" in output and "no checkpoint or log was written" in output and "lower --lr" in output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_divergence_after_a_checkpoint_leaves_it_and_its_log_as_they_were(tmp_path, train_val_betons, one_thread):
+    """A resumed run whose loss overflows (finite weights, one layer scaled to the edge of float32) stops in its
+    first steps; the checkpoint it resumed from keeps its bytes instead of being replaced by NaN weights."""
+    train, _ = train_val_betons
+    out = tmp_path / "run.pt"
+    args = ["train", str(train), "-o", str(out), "--batch-size", "32", "--lr", "0.1", *TRAIN]
+    code, output = _run([*args, "--epochs", "1"])
+    assert code == 0, output
+    ckpt = read_checkpoint(out)
+    state = dict(ckpt["state_dict"])
+    state["fc.weight"] = state["fc.weight"] * 1e37  # finite, but the logits overflow
+    keys = ("arch", "num_classes", "recipe", "data_fingerprint", "epoch", "optimizer_state", "small_input",
+            "blurpool", "image_size", "extra")
+    save_checkpoint(out, state_dict=state, **{k: ckpt[k] for k in keys})
+    before = {p: p.read_bytes() for p in (out, out.with_suffix(".jsonl"))}
+    code, output = _run([*args, "--epochs", "2", "--resume"])
+    assert code == 1, output
+    assert "Training diverged: the loss was nan at epoch 2 of 2, step " in output
+    assert f"the checkpoint {out} of epoch 1 and its log" in output
+    assert out.read_bytes() == before[out]
+    log = out.with_suffix(".jsonl").read_text()  # a resume notes itself as it starts; no record of epoch 2 follows
+    assert log.startswith(before[out.with_suffix(".jsonl")].decode())
+    assert [json.loads(line)["event"] for line in log.splitlines()] == ["config", "epoch", "resume"]
+
 
 def test_a_checkpoint_with_nan_weights_is_refused_by_resume_and_score(tmp_path, train_val_betons, score_data):
     """Weights with a NaN used to load silently (score wrote a ranking made by argmax of NaN)."""
@@ -63,6 +107,19 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_resume_and_score(tmp_path, 
     assert "(first: optimizer.0.momentum_buffer)" in output
 
 
+def test_an_update_that_makes_the_weights_non_finite_is_caught_before_the_checkpoint():
+    """The epoch's last update is seen by no loss of the epoch: the parameters are checked before saving."""
+    from dptool.train import TrainConfig, TrainingDiverged, _check_parameters
+
+    model = create_model("resnet18_small", 4)
+    _check_parameters(model, 0, TrainConfig(epochs=3))  # finite: nothing
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[0, 0, 0, 0] = float("-inf")
+    with pytest.raises(TrainingDiverged, match=r"update of epoch 1 of 3 made 1 of the 62 parameter tensors "
+                                               r"non-finite \(first: layer2.0.conv1.weight\)"):
+        _check_parameters(model, 0, TrainConfig(epochs=3))
+
+
 def test_a_learning_rate_beyond_float32_is_refused_in_one_sentence(tmp_path, train_val_betons):
     """torch's SGD used to fail with 'internal error: RuntimeError: value cannot be converted to type float'."""
     train, _ = train_val_betons
@@ -71,4 +128,30 @@ def test_a_learning_rate_beyond_float32_is_refused_in_one_sentence(tmp_path, tra
     assert code == 2, output
     assert "--lr 1e+300 gives a peak learning rate of 6.25e+298 at effective batch 16, beyond float32's range" in output
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path, train_val_betons):
+    """The loss is per rank; the decision is made on the sum over ranks, so both stop together, none hangs."""
+    train, _ = train_val_betons
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dptool", "train", str(train), "-o", str(tmp_path / "d.pt"),
+           "--epochs", "2", "--batch-size", "8", "--lr", "1e6", *TRAIN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if "Training diverged" in line]
+    assert said, proc.stderr[-3000:]  # each rank in its own sentence (torchrun may stop one before it prints)
+    assert len({line.split("(learning rate")[0].split("Error: ")[-1] for line in said}) == 1  # at the same step
+    assert "internal error" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- score -----------------------------------------------------------------------------------------------------------
 
