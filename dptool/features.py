@@ -99,18 +99,23 @@ def _progress(total: int, desc: str, show: bool):
 
 def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.ndarray, *, options: InferenceOptions,
            logits: bool = True, features: bool = False, progress: bool = False,
-           desc: str = "inference") -> Iterator[Batch]:
+           desc: str = "inference", check_each_batch: bool = False) -> Iterator[Batch]:
     """Run `surrogate` over the given file `rows` of `path` (this rank's share only) in file-row order.
 
     Yields one `Batch` per loader batch; rows of the batch are checked against the file's labels, so a
-    loader that reorders samples is an error rather than silently wrong scores.
+    loader that reorders samples is an error rather than silently wrong scores. Outputs with a NaN or an infinity
+    are an InputError naming the surrogate: counted on the device and checked once, over all ranks, after the last
+    batch (before the caller reduces what it kept), or with `check_each_batch` before each batch is yielded (for a
+    caller that reduces each batch on the host, and so synchronises with the device there anyway).
     """
     import torch
 
     from .loaders import inference_loader
 
     mine = shard_rows(np.asarray(rows, dtype=np.int64))
+    what = " and ".join(name for name, asked in (("logits", logits), ("features", features)) if asked)
     if len(mine) == 0:
+        _check_finite(0, len(rows), surrogate, path, what, options)  # a collective: every rank takes part
         return
     model = surrogate.model
     hook = feature_hook(surrogate.feature_module()) if features and not surrogate.scripted else None
@@ -127,6 +132,7 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
     amp = options.amp and device.type == "cuda"
     pos = 0
     mismatches = torch.zeros((), dtype=torch.int64, device=device)  # checked once at the end: no sync per batch
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images with a NaN/inf output, the same way
     with contextlib.ExitStack() as stack:
         slot = stack.enter_context(hook) if hook is not None else None
         bar = stack.enter_context(_progress(len(mine), desc, progress))
@@ -158,12 +164,60 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
                                  f"{options.device}; lower --batch-size (now {options.batch_size}).") from exc
             except RuntimeError as exc:
                 raise forward_error(exc, options, f" from {path}") from exc
-            yield Batch(rows=batch_rows, labels=labels,
-                        logits=_as_float(out) if logits else None,
-                        features=_as_float(feats) if features else None)
+            batch = Batch(rows=batch_rows, labels=labels, logits=_as_float(out) if logits else None,
+                          features=_as_float(feats) if features else None)
+            nonfinite += _nonfinite_rows(batch.logits, batch.features)
+            if check_each_batch and int(nonfinite):  # this rank alone: the ranks' batch counts may differ
+                _check_finite(int(nonfinite), len(rows), surrogate, path, what, options, collective=False)
+            yield batch
             bar.update(b)
     if pos != len(mine) or int(mismatches):
         raise DptoolError(f"The loader of {path} did not yield its {len(mine)} rows in file order; cannot score.")
+    # after the last batch and before the caller reduces what it kept: no score is made of NaN outputs
+    _check_finite(int(nonfinite), len(rows), surrogate, path, what, options)
+
+
+def _nonfinite_rows(*outputs):
+    """How many rows of the (B, ...) tensors `outputs` (None skipped) hold a NaN or an infinity, as a 0-d tensor on
+    their device (no host synchronisation)."""
+    import torch
+
+    bad = None
+    for t in outputs:
+        if t is not None:
+            rows = ~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)
+            bad = rows if bad is None else bad | rows
+    return bad.sum()
+
+
+def _surrogate_name(surrogate) -> str:
+    identity = getattr(surrogate, "identity", None) or {}
+    if identity.get("kind") == "factory":
+        weights = f" with {identity['path']}" if "path" in identity else ""
+        return f"--model-factory {identity.get('factory')}{weights}"
+    return str(identity.get("path") or identity.get("arch") or type(getattr(surrogate, "model", surrogate)).__name__)
+
+
+def _check_finite(count: int, total: int, surrogate, path, what: str, options: InferenceOptions, *,
+                  collective: bool = True) -> None:
+    """Refuse, on every rank alike (the counts are summed over ranks), outputs of the surrogate with a NaN or an
+    infinity: an argmax or a nearest centroid of NaN picks some index, and the scores file would look valid."""
+    from .distributed import world_size
+
+    counts = np.array([count], np.int64)
+    if collective and world_size() > 1:
+        from .scoring._collective import all_reduce
+
+        counts = all_reduce(counts)
+    if not counts[0]:
+        return
+    half = options.amp and str(options.device).startswith("cuda")
+    cause = (f" (its forward pass ran under float16 autocast on {options.device}, which overflows above 65504)"
+             if half else "")
+    some = "" if collective else "at least "
+    raise InputError(f"The surrogate {_surrogate_name(surrogate)} gave non-finite {what} (NaN or inf) for "
+                     f"{some}{int(counts[0])} of the {total} images of {getattr(path, 'path', path)} it ran on{cause}: "
+                     "scores made of them would be meaningless, so none are written.")
 
 
 def _as_float(t):

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -154,4 +155,65 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path, train_val_be
 
 
 # --- score -----------------------------------------------------------------------------------------------------------
+
+class _Bad(torch.nn.Module):
+    """Features = the mean colour (3 values) tiled to 8, or a constant, or NaN, as `kind` says; a linear head."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        f = x.mean(dim=(2, 3)).repeat(1, 3)[:, :8]
+        if self.kind == "constant":
+            f = torch.ones_like(f)
+        elif self.kind == "two":  # two distinct features: by the sign of the red channel's mean
+            f = (f[:, :1] > f[:, :1].median()).float().expand(-1, 8)
+        elif self.kind == "nan":
+            f = f * float("nan")
+        elif self.kind == "inf_on_target" and len(x) == 45:  # the target's one batch; the source's are finite
+            f = f.clone()
+            f[3, 0] = float("inf")
+        return self.fc(f)
+
+
+@pytest.fixture
+def bad_factory(monkeypatch):
+    mod = types.ModuleType("bad_factory")
+    for kind in ("constant", "two", "nan", "inf_on_target"):
+        setattr(mod, kind, lambda kind=kind: _Bad(kind))
+    monkeypatch.setitem(sys.modules, "bad_factory", mod)
+    return mod
+
+
+def _score(score_data, tmp_path, factory, *extra):
+    out = tmp_path / "s.json"
+    code, output = _run(["score", "--source", str(score_data.source), "--target", str(score_data.target),
+                         "--model-factory", f"bad_factory:{factory}", "--res", "16", "-o", str(out), *extra])
+    return code, output, out
+
+
+@pytest.mark.parametrize("method, what, images", [("lm", "logits", "45 of the 45 images of"),
+                                                  ("el2n", "logits", "of the 192 images of"),
+                                                  ("fm", "features", "192 of the 192 images of")])
+def test_non_finite_surrogate_outputs_refuse_the_score(tmp_path, score_data, bad_factory, method, what, images):
+    """NaN outputs used to give an LM scores file (argmax of NaN) and an EL2N kernel error ('weights must be
+    finite, got nan at index 0.') that named no surrogate."""
+    code, output, out = _score(score_data, tmp_path, "nan", "--method", method)
+    assert code == 2, output
+    assert f"The surrogate --model-factory bad_factory:nan gave non-finite {what} (NaN or inf) for " in output
+    assert images in output and "none are written" in output
+    assert not out.exists()
+
+
+def test_non_finite_target_features_refuse_fm_naming_the_surrogate(tmp_path, score_data, bad_factory):
+    """The source features are finite, the target's are not: the nearest-centroid kernel used to refuse with 'x must
+    be finite, got inf at index 0 in row 3.', which named neither the surrogate nor the file."""
+    code, output, out = _score(score_data, tmp_path, "inf_on_target", "--method", "fm")
+    assert code == 2, output
+    assert ("The surrogate --model-factory bad_factory:inf_on_target gave non-finite features (NaN or inf) for at "
+            f"least 1 of the 45 images of {score_data.target} it ran on") in output
+    assert not out.exists()
+
 

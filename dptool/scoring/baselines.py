@@ -48,7 +48,7 @@ def el2n(ctx: Context) -> MethodResult:
     counts = np.zeros(n_cls, np.int64)
     with ctx.stage("source inference"):
         for b in stream(ctx.surrogate, src, rows, options=opts.inference, progress=opts.progress,
-                        desc="EL2N: source"):
+                        desc="EL2N: source", check_each_batch=True):
             probs = torch.softmax(b.logits, dim=1)
             probs[torch.arange(len(probs), device=probs.device), b.labels] -= 1.0
             score = torch.round(torch.linalg.vector_norm(probs.double(), dim=1) * EL2N_SCALE).cpu().numpy()

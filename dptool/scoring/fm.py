@@ -127,7 +127,8 @@ def _assign_all(ctx: Context, rows: np.ndarray, feats: np.ndarray, centroids: np
     if len(rest):
         cent = _on(centroids, ctx.options.inference.device)
         for b in stream(ctx.surrogate, ctx.source, rest, options=ctx.options.inference, logits=False,
-                        features=True, progress=ctx.options.progress, desc="FM: assign source"):
+                        features=True, progress=ctx.options.progress, desc="FM: assign source",
+                        check_each_batch=True):
             assign[b.rows] = nearest(b.features, cent)[0]
     return all_reduce(assign, "max")
 
@@ -155,7 +156,8 @@ def _target_votes(ctx: Context, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     cent = _on(centroids, ctx.options.inference.device)
     tgt = ctx.target
     for b in stream(ctx.surrogate, tgt, np.arange(tgt.num_samples), options=ctx.options.inference,
-                    logits=False, features=True, progress=ctx.options.progress, desc="FM: target"):
+                    logits=False, features=True, progress=ctx.options.progress, desc="FM: target",
+                    check_each_batch=True):
         idx, _ = nearest(b.features, cent)
         votes += np.asarray(class_histogram(idx, g), dtype=np.int64)
         _, dist = nearest(cent, b.features)  # each centroid's nearest feature in this batch
