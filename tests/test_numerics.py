@@ -10,13 +10,16 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from dptool.checkpoint import read_checkpoint, save_checkpoint
 from dptool.cli.main import cli
+from dptool.errors import InputError
 from dptool.models import create_model
+from dptool.scoring.kmeans import kmeans
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
 
@@ -168,7 +171,7 @@ class _Bad(torch.nn.Module):
         f = x.mean(dim=(2, 3)).repeat(1, 3)[:, :8]
         if self.kind == "constant":
             f = torch.ones_like(f)
-        elif self.kind == "two":  # two distinct features: by the sign of the red channel's mean
+        elif self.kind == "two":  # two distinct features: the red mean above or below its median
             f = (f[:, :1] > f[:, :1].median()).float().expand(-1, 8)
         elif self.kind == "nan":
             f = f * float("nan")
@@ -217,3 +220,36 @@ def test_non_finite_target_features_refuse_fm_naming_the_surrogate(tmp_path, sco
     assert not out.exists()
 
 
+@pytest.mark.parametrize("groups", ["clusters", "labels"])
+def test_constant_features_are_refused_by_fm(tmp_path, score_data, bad_factory, groups):
+    """Constant features used to give 8 clusters, 7 of them 'empty', and every target vote for cluster 0."""
+    code, output, out = _score(score_data, tmp_path, "constant", "--method", "fm", "--groups", groups)
+    assert code == 2, output
+    assert "take only 1 distinct value(s)" in output and "check --feature-layer and the surrogate" in output
+    assert not out.exists()
+
+
+def test_fewer_distinct_features_than_clusters_is_refused_naming_how_many(tmp_path, score_data, bad_factory):
+    code, output, out = _score(score_data, tmp_path, "two", "--method", "fm", "--clusters", "3")
+    assert code == 2, output
+    assert ("features of the 192 sampled source images take only 2 distinct value(s), fewer than the 3 clusters"
+            in output) and "lower --clusters to at most 2" in output
+    code, output, out = _score(score_data, tmp_path, "two", "--method", "fm", "--clusters", "2")
+    assert code == 0, output
+    assert json.loads(out.read_text())["method"] == "fm"
+
+
+def test_distinct_rows_is_exact_below_enough_and_kmeans_refuses_too_few():
+    from dptool.scoring.kmeans import distinct_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    assert distinct_rows(x, 50) == 50
+    few = np.repeat(x[:3], 7, axis=0)
+    few[0] = -0.0 * few[0]  # -0.0 is 0.0: the same point
+    few[7] = 0.0 * few[7]
+    assert distinct_rows(few, 21) == 4
+    assert distinct_rows(np.zeros((9, 4), np.float32), 2) == 1
+    with pytest.raises(InputError, match="needs at least 5 distinct features, got 4 among 21"):
+        kmeans(few, 5)
+    assert kmeans(few, 4).shape == (4, 6)

@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..features import stream
 from ..scores import Scores
 from ._collective import all_reduce, broadcast, gather_interleaved
-from .kmeans import kmeans
+from .kmeans import distinct_rows, kmeans
 from .registry import register_method
 from .run import Context, MethodResult
 
@@ -210,11 +210,17 @@ def _fitted_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
               "seed": opts.seed, "metric": "l2"}
     if opts.groups == "labels":
         with ctx.stage("class means"):
-            centroids, _ = _class_means(ctx, rows, feats)
+            centroids, counts = _class_means(ctx, rows, feats)
+        _check_distinct_means(centroids[counts > 0])  # the same on every rank: the means are summed over ranks
         return centroids, None, params
     with ctx.stage("k-means"):
         everything = gather_interleaved(feats, len(sampled))
         cent = None
+        # counted on rank 0, which holds every sampled feature, and refused on every rank alike
+        distinct = int(broadcast(distinct_rows(everything, k) if is_main() else None))
+        if distinct < k:
+            del everything
+            raise InputError(_too_few_distinct(distinct, len(sampled), k))
         if is_main():
             cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress)
         del everything
@@ -223,6 +229,26 @@ def _fitted_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
         assignment = _assign_all(ctx, rows, feats, centroids, sampled)
     params.update(clusters=k, kmeans_iters=opts.kmeans_iters, kmeans="faiss")
     return centroids, assignment, params
+
+
+def _too_few_distinct(distinct: int, n: int, k: int) -> str:
+    """The refusal of k-means into `k` clusters of `n` sampled features of which only `distinct` differ."""
+    advice = ("they do not depend on the image: check --feature-layer and the surrogate" if distinct == 1 else
+              f"lower --clusters to at most {distinct}, or check --feature-layer and the surrogate")
+    return (f"The surrogate's features of the {n} sampled source images take only {distinct} distinct value(s), "
+            f"fewer than the {k} clusters (k-means would leave {k - distinct} of them empty or split copies of one "
+            f"point); {advice}.")
+
+
+def _check_distinct_means(means: np.ndarray) -> None:
+    """Refuse class means (of the classes with samples) that coincide: target images would all vote for the lowest
+    class id among equal centroids, a ranking made by the tie rule rather than by the features."""
+    distinct = distinct_rows(means, len(means))
+    if distinct < len(means):
+        why = "the features do not depend on the image" if distinct == 1 else "some classes' means are equal"
+        raise InputError(f"The surrogate's mean features of the {len(means)} source classes with samples take only "
+                         f"{distinct} distinct value(s) ({why}), so FM cannot tell those classes apart; check "
+                         "--feature-layer and the surrogate.")
 
 
 # What `--centroids-from` takes from its file: refused when given (the CLI), or when not at its default (library).

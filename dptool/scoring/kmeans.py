@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["kmeans", "kmeans_plusplus", "faiss_gpus", "PLUSPLUS_POINTS_PER_CENTROID"]
+__all__ = ["kmeans", "kmeans_plusplus", "faiss_gpus", "distinct_rows", "PLUSPLUS_POINTS_PER_CENTROID"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,23 @@ def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
         seeds[i] = pick
         np.minimum(closest, np.maximum(norms - 2 * (x @ x[pick]) + norms[pick], 0), out=closest)
     return x[seeds].copy()
+
+
+def distinct_rows(x: np.ndarray, enough: int) -> int:
+    """Number of distinct rows of `x` (N, D), exact when it is below `enough`; at or above it, some number >= `enough`.
+
+    A projection on a random direction first (one float32 matrix-vector product): equal rows project equally, so its
+    distinct values are a lower bound, enough whenever the features are healthy; only below `enough` are the rows
+    compared byte for byte (with -0.0 made 0.0)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        return len(x)
+    direction = np.random.default_rng(0).standard_normal(x.shape[1]).astype(np.float32)
+    found = len(np.unique(x @ direction))
+    if found >= enough:
+        return found
+    rows = np.ascontiguousarray(x + np.float32(0))
+    return len(np.unique(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1]))).ravel()))
 
 
 def _index(d: int, gpus: int):
@@ -129,6 +146,10 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
         raise InputError(f"k-means init must be k-means++ or random, got {init!r}.")
     if not np.isfinite(x).all():
         raise InputError("The surrogate produced non-finite features; k-means cannot run on them.")
+    distinct = distinct_rows(x, k)
+    if distinct < k:
+        raise InputError(f"k-means into {k} clusters needs at least {k} distinct features, got {distinct} among "
+                         f"{n}; lower --clusters to at most {distinct}, or check the surrogate's features.")
     gpus = faiss_gpus()
     cp = faiss.ClusteringParameters()
     cp.niter = 1
