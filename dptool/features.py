@@ -51,10 +51,11 @@ class InferenceOptions:
 _DEVICE_FAULT = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error")
 
 
-def forward_error(exc: RuntimeError, options: InferenceOptions, where: str = "") -> DptoolError:
+def forward_error(exc: Exception, options: InferenceOptions, where: str = "") -> DptoolError:
     """The error to raise for a surrogate forward pass that raised `exc`: a fault of the device or its libraries is
-    not the images' (an internal DptoolError, exit 1); anything else is a model that cannot take images of the
-    scoring resolution (an InputError naming it). Out-of-memory is caught before, by the caller."""
+    not the images' (an internal DptoolError, exit 1); anything else, a layer's RuntimeError or the model's own
+    assertion about its input (torchvision's ViT: "Wrong image height!"), is a model that cannot take images of
+    the scoring resolution (an InputError naming it). Out-of-memory is caught before, by the caller."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if _DEVICE_FAULT.search(first):
         return DptoolError(f"The surrogate's forward pass failed on {options.device}, a fault of the device or its "

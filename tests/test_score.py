@@ -34,6 +34,7 @@ from dptool.scoring import (
     stored_resolution,
 )
 from dptool.scoring.fm import nearest, sample_rows
+from dptool.surrogate import weights_fingerprint
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
 
@@ -525,3 +526,105 @@ def test_fm_with_a_self_supervised_checkpoint(score_data, tmp_path):
         _one_sentence(result, f"--method {method} needs the surrogate's class scores", "moco_v2.pth.tar",
                       "without a classifier")
         assert not (tmp_path / f"{method}.json").exists()
+
+
+@pytest.fixture(scope="module")
+def vit_data(tmp_path_factory):
+    """32 px source (4 classes, 2 images each) and target (2 classes), a vit_b_16 made for 32 px images with a
+    4-way head saved as a torchvision state dict, and the same weights resampled to 64 px as a dptool checkpoint."""
+    import types
+
+    from conftest import make_beton
+
+    from dptool.models import resize_vit
+
+    folder = tmp_path_factory.mktemp("vit")
+    source = make_beton(folder, "source", n_classes=4, per_class=2, size=32)
+    target = make_beton(folder, "target", n_classes=2, per_class=2, size=32, seed=1)
+    torch.manual_seed(0)
+    net = create_model("vit_b_16", 4, image_size=32)
+    torch.save(net.state_dict(), folder / "vit32.pth")
+    loaded = weights_fingerprint(net)
+    resize_vit(net, 64)
+    vit64 = save_checkpoint(folder / "vit64.pt", arch="vit_b_16", num_classes=4, state_dict=net.state_dict(),
+                            recipe={}, data_fingerprint=None, epoch=0, image_size=64)
+    return types.SimpleNamespace(folder=folder, source=source, target=target, vit32=folder / "vit32.pth",
+                                 vit64=vit64, loaded=loaded)
+
+
+def test_a_vit_scores_at_another_res_with_its_position_embeddings_resampled(vit_data, tmp_path):
+    """A ViT made for 32 px, scored at --res 64: it scored nothing before (torchvision's size assertion, 'internal
+    error', exit 1); now its position embeddings are resampled, with a warning, and the scores are those of the same
+    weights resampled beforehand; the scores file records the size the weights were made for and the resampling,
+    and names the loaded weights by their fingerprint. A --res that no patch grid fits is refused in one sentence."""
+    common = ["--method", "lm", "--source", vit_data.source, "--target", vit_data.target, "--allow-upscale",
+              "--batch-size", 4, "--workers", 1]
+    result = _invoke(*common, "--arch", "vit_b_16", "--weights", vit_data.vit32, "--res", 64, "-o", tmp_path / "a.json")
+    assert result.exit_code == 0, result.output
+    assert "made for 32 px images; its position embeddings are resampled (bicubic) to --res 64" in result.output
+    result = _invoke(*common, "--model", vit_data.vit64, "--res", 64, "-o", tmp_path / "b.json")
+    assert result.exit_code == 0 and "resampled" not in result.output, result.output
+    ours, theirs = read_scores(tmp_path / "a.json"), read_scores(tmp_path / "b.json")
+    np.testing.assert_array_equal(ours.scores, theirs.scores)
+    np.testing.assert_allclose(ours.tiebreak, theirs.tiebreak, rtol=1e-5)
+    assert ours.params["res"] == 64
+    assert ours.surrogate["image_size"] == 32 and ours.surrogate["resampled_to"] == 64
+    assert ours.surrogate["weights"] == vit_data.loaded != theirs.surrogate["weights"]
+    assert theirs.surrogate["image_size"] == 64 and "resampled_to" not in theirs.surrogate
+    _one_sentence(_invoke(*common, "--model", vit_data.vit64, "--res", 40, "-o", tmp_path / "c.json"),
+                  "--res must be a multiple of 16", "got 40")
+
+
+def test_fit_resolution_leaves_the_callers_vit_alone_and_the_default_res_is_its_own(vit_data):
+    """The resampled ViT is a copy around the same tensors (the caller's module keeps its 2x2 grid); the default
+    --res of a ViT is the size it was made for, or, where that would upscale the source more than 2x, the source's
+    stored resolution rounded down to a multiple of 16."""
+    from dptool.scoring.run import default_res, fit_resolution
+    from dptool.surrogate import load_surrogate
+
+    sur = load_surrogate(arch="vit_b_16", weights=vit_data.vit32)
+    source = open_beton(vit_data.source)
+    assert default_res(sur, source) == 32
+    same = fit_resolution(sur, 32)
+    assert same.model is sur.model and same.identity == {**sur.identity, "image_size": 32}
+    big = fit_resolution(sur, 64)
+    assert big.model.encoder.pos_embedding.shape == (1, 17, 768) and big.model.image_size == 64
+    assert sur.model.encoder.pos_embedding.shape == (1, 5, 768) and sur.model.image_size == 32
+    assert big.model.conv_proj.weight is sur.model.conv_proj.weight
+    assert "resampled_to" not in sur.identity and big.identity["weights"] == sur.identity["weights"]
+    assert default_res(big, source) == 64  # made for 64 px now: 2x the source's 32 px is accepted
+    assert default_res(fit_resolution(sur, 80), source) == 32  # 80 px would be 2.5x
+
+
+class _SizeChecked(torch.nn.Module):
+    """A model that asserts its input size, as timm's ViTs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        assert x.shape[-1] == 16, f"Input height ({x.shape[-1]}) doesn't match model (16)."
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def test_a_models_assertion_about_its_input_size_is_the_users_error(score_data, tmp_path, monkeypatch):
+    """A surrogate that asserts its input size (torchvision's and timm's ViTs do) is refused in one sentence (exit 2)
+    at a --res it cannot take, by FM too, which does not read the class scores (it was 'internal error', exit 1)."""
+    import sys
+    import types
+
+    from dptool.scoring.run import _output_width
+
+    module = types.ModuleType("size_checked")
+    module.make = _SizeChecked
+    monkeypatch.setitem(sys.modules, "size_checked", module)
+    for method in ("fm", "lm"):
+        result = _invoke("--method", method, "--source", score_data.source, "--target", score_data.target,
+                         "--model-factory", "size_checked:make", "--res", 32, "--allow-upscale", *LOADER,
+                         "-o", tmp_path / f"{method}.json")
+        _one_sentence(result, "cannot take 32x32 images", "Input height (32) doesn't match model (16)")
+    wrong = types.SimpleNamespace(model=lambda _x: (_ for _ in ()).throw(AssertionError("Wrong image height!")))
+    with pytest.raises(InputError, match="cannot take 16x16 images: Wrong image height!"):
+        _output_width(wrong, INFERENCE)

@@ -10,16 +10,21 @@ metadata table (no decoding). When ``res`` is more than `MAX_UPSCALE` (2x) a fil
 file's images would be blown up to a scale the other file (and the surrogate trained on the source) does not
 have; this is refused unless ``allow_upscale`` (``--allow-upscale``) is set, e.g. for 32 px CIFAR scored
 against 224 px ImageNet, as the paper does. Downscaling is always accepted.
+
+A torchvision ViT surrogate made for another image size than ``res`` has its position embeddings resampled to
+``res``'s patch grid (`fit_resolution`, with a warning); its identity in the scores file records both sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,7 @@ from ..scores import Scores, score_summary, write_scores
 from .registry import get_method
 
 __all__ = ["MAX_UPSCALE", "ScoreOptions", "Context", "MethodResult", "ScoreRun", "score", "stored_resolution",
-           "check_resolution", "default_res"]
+           "check_resolution", "default_res", "fit_resolution"]
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +143,55 @@ def stored_resolution(beton: Beton) -> int | None:
 
 
 def default_res(surrogate, source: Beton) -> int:
-    """The surrogate checkpoint's recorded evaluation resolution, else min(224, source's stored resolution)."""
+    """The surrogate checkpoint's recorded evaluation resolution, else min(224, source's stored resolution); for a
+    ViT, the image size its position embeddings were made for, unless that is more than `MAX_UPSCALE` times the
+    source's stored resolution (then the largest multiple of its patch size up to the stored resolution)."""
     from ..surrogate import default_resolution
 
     stored = stored_resolution(source) or 224
+    geometry = _vit_geometry(surrogate)
+    if geometry is not None:  # at its own size it needs no resampling, which costs a pretrained ViT more accuracy
+        native, patch = geometry
+        return native if native <= MAX_UPSCALE * stored else max(patch, stored // patch * patch)
     return default_resolution(getattr(surrogate, "recipe", {}) or {}, fallback=min(224, stored))
+
+
+def _vit_geometry(surrogate) -> tuple[int, int] | None:
+    """(image size, patch size) of a torchvision ViT surrogate, whose position embeddings fix its input size; None
+    for any other surrogate (a TorchScript module included: it cannot be resampled)."""
+    vit = sys.modules.get("torchvision.models.vision_transformer")  # not imported: the model cannot be one
+    if vit is None or surrogate is None or getattr(surrogate, "scripted", False):
+        return None
+    inner = getattr(surrogate.model, "module", surrogate.model)
+    if not isinstance(inner, vit.VisionTransformer):
+        return None
+    return int(inner.image_size), int(inner.patch_size)
+
+
+def fit_resolution(surrogate, res: int):
+    """The surrogate to score `res` px images with. A torchvision ViT made for another image size gets its position
+    embeddings resampled bicubically to the patch grid of `res` (`dptool.models.resize_vit`, as `finetune` does),
+    with a warning, in a copy that shares every other weight (the caller's module is left as it was); a `res` that
+    is not a multiple of its patch size is refused in one sentence. Its identity records `image_size`, the size
+    the loaded weights were made for, and `resampled_to`, `res` when they were resampled; `weights` stays the
+    fingerprint of the loaded weights, which with the recorded `res` determines the resampled ones. Any other
+    surrogate is returned as it is."""
+    from ..models import resize_vit
+
+    geometry = _vit_geometry(surrogate)
+    if geometry is None:
+        return surrogate
+    native = geometry[0]
+    identity = {**surrogate.identity, "image_size": native}
+    if res == native:
+        return replace(surrogate, identity=identity)
+    shared = {id(t): t for t in (*surrogate.model.parameters(), *surrogate.model.buffers())}
+    model = copy.deepcopy(surrogate.model, memo=shared)  # new modules around the same tensors
+    resize_vit(model, res)  # refuses a res that is not a multiple of the patch size; puts in a new embedding
+    log.warning("the %s surrogate was made for %d px images; its position embeddings are resampled (bicubic) to "
+                "--res %d, so it scores images at a size it was not trained on (--res %d scores at its own)",
+                identity.get("arch", "ViT"), native, res, native)
+    return replace(surrogate, model=model, identity={**identity, "resampled_to": res})
 
 
 def check_resolution(files: dict[str, Beton], res: int, *, allow_upscale: bool = False) -> None:
@@ -158,8 +207,9 @@ def check_resolution(files: dict[str, Beton], res: int, *, allow_upscale: bool =
             "lower --res, reconvert with a larger --max-res, or pass --allow-upscale.")
 
 
-def _output_width(surrogate, options: InferenceOptions) -> int:
-    """Logit count of the surrogate, from one forward pass of zeros at the scoring resolution."""
+def _probe(surrogate, options: InferenceOptions):
+    """The surrogate's output for one image of zeros at the scoring resolution: a model that cannot take that size
+    fails here, in one sentence, before any image is read (torchvision's ViT asserts its image size)."""
     import torch
 
     x = torch.zeros(1, 3, options.res, options.res, device=options.device)
@@ -169,10 +219,14 @@ def _output_width(surrogate, options: InferenceOptions) -> int:
     except torch.cuda.OutOfMemoryError as exc:  # a RuntimeError too, but not a resolution problem
         raise InputError(f"The surrogate does not fit in the memory of {options.device} even for one "
                          f"{options.res}x{options.res} image; lower --res or free the device.") from exc
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError) as exc:
         raise forward_error(exc, options) from exc
-    if isinstance(out, (tuple, list)):
-        out = out[0]
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _output_width(surrogate, options: InferenceOptions) -> int:
+    """Logit count of the surrogate, from one forward pass of zeros at the scoring resolution."""
+    out = _probe(surrogate, options)
     if out.ndim != 2:
         raise InputError(f"The surrogate returns an output of shape {tuple(out.shape)}, not (batch, classes).")
     return int(out.shape[1])
@@ -213,10 +267,13 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     if spec.needs_surrogate:
         files = {"source": src, **({"target": tgt} if tgt is not None else {})}
         check_resolution(files, options.inference.res, allow_upscale=options.allow_upscale)
+        surrogate = fit_resolution(surrogate, options.inference.res)
     if spec.needs_logits and not getattr(surrogate, "has_classifier", True):
         raise InputError(f"--method {method} needs the surrogate's class scores, but weights "
                          f"{surrogate.identity.get('path')} hold a backbone without a classifier; score with "
                          "--method fm, which reads features, or give weights that include the classifier.")
+    if spec.needs_surrogate and not spec.needs_logits:
+        _probe(surrogate, options.inference)
     if spec.needs_logits:
         width = _output_width(surrogate, options.inference)
         if width != src.num_classes:
