@@ -43,7 +43,7 @@ def run_seed(workdir: Path, config, ratios: list[float], methods: list[str]) -> 
         scores = workdir / f"scores_{method}.json"
         score_files(scores, method=method, source=paths["source"], target=paths["target_train"],
                     surrogate={"model": surrogate.checkpoint}, options=ScoreOptions(seed=config.seed),
-                    res=config.size, force=True)
+                    res=config.size, force=True, given=())  # the same options for every method: no warnings
         result = prune(paths["source"], scores, workdir / f"{method}_{{ratio}}.beton", ratios=pruned_ratios,
                        force=True)
         for ratio, pruned in zip(pruned_ratios, result.files):

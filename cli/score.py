@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 from click.core import ParameterSource
 
 from dptool.distributed import launch_rank
-from dptool.errors import MAX_SEED, InputError
+from dptool.errors import MAX_SEED
 from dptool.features import InferenceOptions
 from dptool.loaders import IMAGENET_MEAN, IMAGENET_STD
 from dptool.models import list_models
 from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
-from dptool.scoring.fm import CLUSTERING_OPTIONS, refuse_clustering_options
 
 from ._common import (
     CONTEXT_SETTINGS,
@@ -28,21 +25,7 @@ from ._common import (
 
 __all__ = ["command"]
 
-log = logging.getLogger(__name__)
-
 _PATH = click.Path(exists=True, dir_okay=False, path_type=str)
-# FM's clustering options but those other methods take too (--seed, --source-sample), and its feature layer;
-# (--centroids-from, FM's too, is refused by the library)
-_FM_ONLY = {**{n: flag for n, flag in CLUSTERING_OPTIONS.items() if n not in ("seed", "source_sample")},
-            "feature_layer": "--feature-layer"}
-# options that only a method running a surrogate reads (the random baseline reads the source's labels alone), and the
-# shared ones each method declares in `reads`: given to a method that does not read them, they are warned about,
-# not refused, since a script looping over methods may pass them all
-_SURROGATE_FLAGS = {"model": "--model", "arch": "--arch", "weights": "--weights", "weights_prefix": "--weights-prefix",
-                    "model_factory": "--model-factory", "res": "--res", "mean": "--mean", "std": "--std",
-                    "allow_upscale": "--allow-upscale", "batch_size": "--batch-size", "workers": "--workers",
-                    "device": "--device"}
-_SHARED_FLAGS = {"seed": "--seed", "source_sample": "--source-sample"}
 _METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
 
 
@@ -57,16 +40,6 @@ def _human(s: dict) -> str:
     if s.get("plot"):
         lines.append(f"plot: {s['plot']}")
     return "\n".join(lines)
-
-
-def _warn_unread(method: str, given: list[str]) -> None:
-    """Warn about options given on the command line that `method` does not read (they change nothing)."""
-    spec = get_method(method)
-    unread = {**({} if spec.needs_surrogate else _SURROGATE_FLAGS),
-              **{n: f for n, f in _SHARED_FLAGS.items() if n not in spec.reads}}
-    flags = [unread[n] for n in given if n in unread]
-    if flags:
-        log.warning("--method %s does not use %s; ignored", method, ", ".join(flags))
 
 
 @click.command("score", context_settings=CONTEXT_SETTINGS)
@@ -123,17 +96,13 @@ def command(method, source, target, model, arch, weights, weights_prefix, model_
     ctx = click.get_current_context()
     given = [n for n in ctx.params if ctx.get_parameter_source(n) not in
              (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
-    if centroids_from is not None and method == "fm":  # given at all, even at its default value: refused
-        refuse_clustering_options(given, centroids_from)
-    for name in (n for n in _FM_ONLY if n in given and method != "fm"):  # else ignored without a word
-        raise InputError(f"{_FM_ONLY[name]} applies to --method fm, not to --method {method}.")
-    _warn_unread(method, given)
     surrogate = {"model": model, "arch": arch, "weights": weights, "weights_prefix": weights_prefix,
                  "factory": model_factory, "feature_layer": feature_layer}
     options = ScoreOptions(inference=InferenceOptions(batch_size=batch_size, workers=workers), clusters=clusters,
                            source_sample=source_sample, groups=groups, seed=seed, kmeans_iters=kmeans_iters,
                            allow_upscale=allow_upscale, progress=show_progress(as_json), centroids_from=centroids_from)
     summary = score_files(output, method=method, source=source, target=target, surrogate=surrogate, options=options,
-                          res=res, mean=mean, std=std, device=device, plot=plot, force=force)
+                          res=res, mean=mean, std=std, device=device, plot=plot, force=force,
+                          given=given)  # given at all, even at the default value: refused or warned about
     if launch_rank() == 0:  # under torchrun every rank returns the summary; rank 0 alone wrote and prints
         emit(summary, as_json, _human)

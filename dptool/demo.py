@@ -179,7 +179,8 @@ def run_demo(workdir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, f
         with stage(f"score {method}"):
             score_files(workdir / f"scores_{method}.json", method=method, source=paths["source"],
                         target=paths["target_train"], surrogate={"model": surrogate.checkpoint},
-                        options=ScoreOptions(seed=config.seed, progress=progress), res=config.size, force=True)
+                        options=ScoreOptions(seed=config.seed, progress=progress), res=config.size, force=True,
+                        given=())  # one set of options for every method, on purpose: no warnings
         with stage(f"prune {method}"):
             pruned = workdir / f"source_{method}_p{round(config.ratio * 100)}.beton"
             prune(paths["source"], workdir / f"scores_{method}.json", pruned, ratio=config.ratio, force=True)

@@ -7,7 +7,7 @@ whose `scores` is the `dptool.scores.Scores` written by ``run.write(path)``. Met
 
 from . import baselines, fm, lm  # noqa: F401 - importing registers the methods
 from .kmeans import faiss_gpus, kmeans
-from .pipeline import score_files
+from .pipeline import SURROGATE_KEYS, check_method_options, score_files
 from .plot import plot_scores
 from .registry import MethodSpec, get_method, list_methods, register_method
 from .run import (
@@ -27,8 +27,10 @@ __all__ = [
     "Context",
     "MethodResult",
     "MethodSpec",
+    "SURROGATE_KEYS",
     "ScoreOptions",
     "ScoreRun",
+    "check_method_options",
     "check_resolution",
     "default_res",
     "faiss_gpus",

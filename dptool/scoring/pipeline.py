@@ -11,23 +11,70 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import fields, replace
 
 from ..atomic import check_output_path, output_group
 from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank, launched_by_torchrun, resolve_device
 from ..errors import InputError
+from ..features import InferenceOptions
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..scores import assignment_path, centroids_path, companion_path
-from .fm import read_groups_file
+from .fm import CLUSTERING_OPTIONS, read_groups_file, refuse_clustering_options
 from .plot import plot_scores
 from .registry import get_method
 from .run import ScoreOptions, default_res, score
 
-__all__ = ["score_files"]
+__all__ = ["score_files", "check_method_options", "SURROGATE_KEYS"]
 
 log = logging.getLogger(__name__)
+
+#: the keys `score_files` accepts in `surrogate` (the keyword arguments of `dptool.surrogate.load_surrogate`)
+SURROGATE_KEYS = ("model", "arch", "weights", "weights_prefix", "factory", "feature_layer")
+# Option names below are `dptool score`'s, without dashes: `score_files` arguments, `ScoreOptions` fields, the
+# inference options batch_size and workers, and the surrogate's keys (`factory` is "model_factory").
+# FM's clustering options but those other methods take too (seed, source_sample), and its feature layer;
+# (centroids_from, FM's too, is refused by `score`)
+_FM_ONLY = {**{n: flag for n, flag in CLUSTERING_OPTIONS.items() if n not in ("seed", "source_sample")},
+            "feature_layer": "--feature-layer"}
+# options that only a method running a surrogate reads (the random baseline reads the source's labels alone), and the
+# shared ones each method declares in `reads`: given to a method that does not read them, they are warned about,
+# not refused, since a script looping over methods may pass them all
+_SURROGATE_FLAGS = {"model": "--model", "arch": "--arch", "weights": "--weights", "weights_prefix": "--weights-prefix",
+                    "model_factory": "--model-factory", "res": "--res", "mean": "--mean", "std": "--std",
+                    "allow_upscale": "--allow-upscale", "batch_size": "--batch-size", "workers": "--workers",
+                    "device": "--device"}
+_SHARED_FLAGS = {"seed": "--seed", "source_sample": "--source-sample"}
+
+
+def check_method_options(method: str, given: Iterable[str], centroids_from: str | os.PathLike | None = None) -> None:
+    """Refuse FM's options given to another method (and, with FM's `centroids_from`, its clustering options); warn
+    about options `method` does not read, which change nothing. `given`: the names (as in `dptool score`, without
+    dashes) of the options the caller set."""
+    given = list(given)
+    if centroids_from is not None and method == "fm":
+        refuse_clustering_options(given, centroids_from)
+    for name in (n for n in _FM_ONLY if n in given and method != "fm"):  # else ignored without a word
+        raise InputError(f"{_FM_ONLY[name]} applies to --method fm, not to --method {method}.")
+    spec = get_method(method)
+    unread = {**({} if spec.needs_surrogate else _SURROGATE_FLAGS),
+              **{n: f for n, f in _SHARED_FLAGS.items() if n not in spec.reads}}
+    flags = [unread[n] for n in given if n in unread]
+    if flags:
+        log.warning("--method %s does not use %s; ignored", method, ", ".join(flags))
+
+
+def _set_options(options: ScoreOptions, surrogate: dict, res, mean, std, device: str) -> list[str]:
+    """The names of the options a library caller set: those whose value is not the default (the CLI passes the
+    ones given on its command line instead, even at their default value)."""
+    names = [f.name for f in fields(ScoreOptions) if f.name not in ("inference", "progress")
+             and getattr(options, f.name) != f.default]
+    names += [n for n in ("batch_size", "workers")
+              if getattr(options.inference, n) != getattr(InferenceOptions(), n)]
+    names += ["model_factory" if k == "factory" else k for k in SURROGATE_KEYS if surrogate.get(k) is not None]
+    names += [n for n, v in (("res", res), ("mean", mean), ("std", std)) if v is not None]
+    return names + (["device"] if device != "auto" else [])
 
 
 def _norm(value: Sequence[float] | None, recipe: dict, key: str, fallback) -> tuple[float, float, float]:
@@ -39,22 +86,36 @@ def _norm(value: Sequence[float] | None, recipe: dict, key: str, fallback) -> tu
 
 
 def score_files(output: str | os.PathLike, *, method: str, source: str | os.PathLike,
-                target: str | os.PathLike | None = None, surrogate: dict | None = None,
+                target: str | os.PathLike | None = None, surrogate: dict | str | os.PathLike | None = None,
                 options: ScoreOptions | None = None, res: int | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str = "auto",
-                plot: str | os.PathLike | None = None, force: bool = False, top: int = 10) -> dict:
+                plot: str | os.PathLike | None = None, force: bool = False, top: int = 10,
+                given: Iterable[str] | None = None) -> dict:
     """Score `source` for `target` with `method`, write the scores file to `output` (and `plot`), return a summary.
 
-    `surrogate` holds the keyword arguments of `dptool.surrogate.load_surrogate` (model / arch + weights /
-    factory, feature_layer). `res`, `mean`, `std` default to what the checkpoint's recipe records, else
+    `surrogate` holds the keyword arguments of `dptool.surrogate.load_surrogate` (`SURROGATE_KEYS`: model, or
+    arch + weights, or factory; feature_layer, weights_prefix), or is the path of a checkpoint (the same as
+    ``{"model": path}``). `res`, `mean`, `std` default to what the checkpoint's recipe records, else
     min(224, the source's stored resolution) and ImageNet statistics; with `options.centroids_from`, they and the
     feature layer default to that scores file's. `device` "auto" is the process's CUDA device under torchrun, else
-    CUDA when present, else the CPU.
+    CUDA when present, else the CPU. Options that `method` does not read are refused (FM's) or warned about
+    (`check_method_options`); `given` names the options the caller set (default: those not at their default value).
     """
     from ..surrogate import load_surrogate
 
     options = options or ScoreOptions()
     spec = get_method(method)
+    if isinstance(surrogate, (str, os.PathLike)):
+        surrogate = {"model": surrogate}
+    if surrogate is not None and not isinstance(surrogate, dict):
+        raise InputError(f"surrogate must be a checkpoint path or a dict with keys {', '.join(SURROGATE_KEYS)}, got "
+                         f"{type(surrogate).__name__}.")
+    unknown = sorted(set(surrogate or {}) - set(SURROGATE_KEYS))
+    if unknown:
+        raise InputError(f"Unknown surrogate key {unknown[0]!r}; accepted: {', '.join(SURROGATE_KEYS)}.")
+    if given is None:
+        given = _set_options(options, surrogate or {}, res, mean, std, device)
+    check_method_options(method, given, options.centroids_from)
     # refused here if not FM: its res, mean and std would become this run's defaults, and be refused instead
     reused = read_groups_file(options.centroids_from) if options.centroids_from is not None and method == "fm" else None
     surrogate = dict(surrogate or {})

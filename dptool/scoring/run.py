@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from ..errors import InputError, check_seed
 from ..features import InferenceOptions, forward_error
 from ..scores import Scores, score_summary, write_scores
 from .registry import get_method
+
+if TYPE_CHECKING:
+    from ..surrogate import Surrogate
 
 __all__ = ["MAX_UPSCALE", "ScoreOptions", "Context", "MethodResult", "ScoreRun", "score", "stored_resolution",
            "check_resolution", "default_res", "fit_resolution"]
@@ -238,7 +242,7 @@ def _file_info(beton: Beton) -> dict:
 
 
 def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str | os.PathLike | None = None,
-          surrogate=None, options: ScoreOptions | None = None) -> ScoreRun:
+          surrogate: Surrogate | None = None, options: ScoreOptions | None = None) -> ScoreRun:
     """Score the classes (or clusters) of `source` for transfer to `target` with registered `method`.
 
     `surrogate` is a `dptool.surrogate.Surrogate` (not needed by the random baseline). Under
