@@ -1,4 +1,9 @@
-"""dptool: dataset pruning for transfer learning (LM/FM of arXiv 2310.08782) on FFCV `.beton` files."""
+"""dptool: dataset pruning for transfer learning (LM/FM of arXiv 2310.08782) on FFCV `.beton` files.
+
+Each command is one library call (the README's "From Python" runs them all): `dptool.convert.convert`,
+`dptool.train.train`, `dptool.scoring.score_files`, `dptool.prune.prune`, `dptool.finetune.finetune`,
+`dptool.info.describe`, `dptool.integrity.verify`, `dptool.demo.run_demo`; tiny data from `dptool.synthetic`.
+"""
 
 import os
 
