@@ -472,29 +472,30 @@ def test_shared_options_a_method_does_not_read_are_warned_about(score_data, tmp_
     assert read[0]["groups"] == read[1]["groups"] and read[0]["params"] == read[1]["params"]
 
 
-def test_library_callers_get_the_same_refusals_and_warnings(score_data, tmp_path, caplog):
+def test_library_callers_are_told_of_options_a_method_does_not_read(score_data, tmp_path, caplog):
     """From Python, `score_files(method="lm", options=ScoreOptions(clusters=3))` ran LM and dropped `clusters`
-    without a word (the refusal and the warning lived in the CLI); options set to a value other than their default
-    now get the CLI's refusal or warning. A checkpoint path is accepted as the surrogate."""
+    without a word (the refusal and the warnings lived in the CLI). Options set to a value other than their default
+    are now named in the CLI's warning (not refused: a script may pass one ScoreOptions to every method). A
+    checkpoint path is accepted as the surrogate; an unknown surrogate key is refused."""
     from dptool.scoring import score_files
 
-    common = {"source": score_data.source, "target": score_data.target,
-              "options": ScoreOptions(inference=InferenceOptions(batch_size=16, workers=1))}
-    for method, extra, flag in (("lm", {"options": ScoreOptions(clusters=3)}, "--clusters"),
-                                ("el2n", {"surrogate": {"model": score_data.checkpoint, "feature_layer": "fc"}},
-                                 "--feature-layer")):
-        kwargs = {**common, "surrogate": score_data.checkpoint, **extra}
-        with pytest.raises(InputError, match=f"^{flag} applies to --method fm, not to --method {method}"):
-            score_files(tmp_path / "s.json", method=method, **kwargs)
+    common = {"source": score_data.source, "target": score_data.target, "res": 16}
     with pytest.raises(InputError, match="Unknown surrogate key 'checkpoint'; accepted: model, arch"):
         score_files(tmp_path / "s.json", method="lm", surrogate={"checkpoint": score_data.checkpoint}, **common)
     assert not list(tmp_path.iterdir())
     with caplog.at_level("WARNING", logger="dptool.scoring"):
-        score_files(tmp_path / "r.json", method="random", surrogate=score_data.checkpoint, res=16,
+        score_files(tmp_path / "lm.json", method="lm", surrogate=score_data.checkpoint,
+                    options=ScoreOptions(inference=InferenceOptions(workers=1), clusters=3, seed=2), **common)
+        score_files(tmp_path / "el2n.json", method="el2n", source=score_data.source, res=16,
+                    surrogate={"model": score_data.checkpoint, "feature_layer": "fc"})
+        score_files(tmp_path / "random.json", method="random", surrogate=score_data.checkpoint, res=16,
                     options=ScoreOptions(seed=2), source=score_data.source)
-        summary = score_files(tmp_path / "lm.json", method="lm", surrogate=score_data.checkpoint, res=16, **common)
-    assert [r.getMessage() for r in caplog.records] == ["--method random does not use --model, --res; ignored"]
-    assert summary["groups"] == 8 and read_scores(tmp_path / "lm.json").surrogate["kind"] == "checkpoint"
+        score_files(tmp_path / "plain.json", method="lm", surrogate=score_data.checkpoint, **common)
+    assert [r.getMessage() for r in caplog.records] == ["--method lm does not use --clusters, --seed; ignored",
+                                                        "--method el2n does not use --feature-layer; ignored",
+                                                        "--method random does not use --model, --res; ignored"]
+    read = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("lm", "plain")]
+    assert read[0]["groups"] == read[1]["groups"] and read[0]["surrogate"]["kind"] == "checkpoint"
 
 
 def test_the_plot_through_a_linked_folder_cannot_replace_the_scores_file(score_data, tmp_path):

@@ -48,19 +48,22 @@ _SURROGATE_FLAGS = {"model": "--model", "arch": "--arch", "weights": "--weights"
 _SHARED_FLAGS = {"seed": "--seed", "source_sample": "--source-sample"}
 
 
-def check_method_options(method: str, given: Iterable[str], centroids_from: str | os.PathLike | None = None) -> None:
+def check_method_options(method: str, given: Iterable[str], centroids_from: str | os.PathLike | None = None, *,
+                         refuse: bool = True) -> None:
     """Refuse FM's options given to another method (and, with FM's `centroids_from`, its clustering options); warn
     about options `method` does not read, which change nothing. `given`: the names (as in `dptool score`, without
-    dashes) of the options the caller set."""
+    dashes) of the options the caller set. `refuse=False` warns about FM's options too (one `ScoreOptions` passed
+    to every method of a loop)."""
     given = list(given)
     if centroids_from is not None and method == "fm":
         refuse_clustering_options(given, centroids_from)
-    for name in (n for n in _FM_ONLY if n in given and method != "fm"):  # else ignored without a word
-        raise InputError(f"{_FM_ONLY[name]} applies to --method fm, not to --method {method}.")
+    fm_only = [n for n in _FM_ONLY if n in given and method != "fm"]
+    if fm_only and refuse:
+        raise InputError(f"{_FM_ONLY[fm_only[0]]} applies to --method fm, not to --method {method}.")
     spec = get_method(method)
     unread = {**({} if spec.needs_surrogate else _SURROGATE_FLAGS),
-              **{n: f for n, f in _SHARED_FLAGS.items() if n not in spec.reads}}
-    flags = [unread[n] for n in given if n in unread]
+              **{n: f for n, f in _SHARED_FLAGS.items() if n not in spec.reads}, **_FM_ONLY}
+    flags = [unread[n] for n in given if n in unread and (n not in _FM_ONLY or method != "fm")]
     if flags:
         log.warning("--method %s does not use %s; ignored", method, ", ".join(flags))
 
@@ -98,8 +101,9 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     ``{"model": path}``). `res`, `mean`, `std` default to what the checkpoint's recipe records, else
     min(224, the source's stored resolution) and ImageNet statistics; with `options.centroids_from`, they and the
     feature layer default to that scores file's. `device` "auto" is the process's CUDA device under torchrun, else
-    CUDA when present, else the CPU. Options that `method` does not read are refused (FM's) or warned about
-    (`check_method_options`); `given` names the options the caller set (default: those not at their default value).
+    CUDA when present, else the CPU. Options that `method` does not read are named in a warning
+    (`check_method_options`); `given` names the options the caller set (default: those not at their default
+    value), and when it is passed (as the CLI does) FM's options given to another method are refused instead.
     """
     from ..surrogate import load_surrogate
 
@@ -113,9 +117,9 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
     unknown = sorted(set(surrogate or {}) - set(SURROGATE_KEYS))
     if unknown:
         raise InputError(f"Unknown surrogate key {unknown[0]!r}; accepted: {', '.join(SURROGATE_KEYS)}.")
-    if given is None:
-        given = _set_options(options, surrogate or {}, res, mean, std, device)
-    check_method_options(method, given, options.centroids_from)
+    # the CLI refuses FM's options typed for another method; a script may pass one ScoreOptions to every method
+    check_method_options(method, _set_options(options, surrogate or {}, res, mean, std, device) if given is None
+                         else given, options.centroids_from, refuse=given is not None)
     # refused here if not FM: its res, mean and std would become this run's defaults, and be refused instead
     reused = read_groups_file(options.centroids_from) if options.centroids_from is not None and method == "fm" else None
     surrogate = dict(surrogate or {})
