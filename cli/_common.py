@@ -68,7 +68,8 @@ workers_option = click.option(
 )
 
 
-def precision_option(what: str = "Autocast on CUDA"):
-    """The --precision option of a command that steps a model; `what` opens its help line."""
+def precision_option(what: str = "Autocast on CUDA", auto: str = "bf16 on Ampere or newer GPUs, else fp16"):
+    """The --precision option of a command that runs a model; `what` opens its help line, `auto` says what auto is on
+    CUDA."""
     return click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                        help=f"{what} (auto: bf16 on Ampere or newer GPUs, else fp16; fp32 on the CPU).")
+                        help=f"{what} (auto: {auto}; fp32 on the CPU).")

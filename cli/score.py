@@ -18,6 +18,7 @@ from ._common import (
     force_option,
     group_noun,
     json_option,
+    precision_option,
     score_table,
     show_progress,
     workers_option,
@@ -76,13 +77,14 @@ def _human(s: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")
 @workers_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where the model runs.")
+@precision_option("Autocast of the forward pass on CUDA; fp32 or bf16 if fp16 overflows", auto="fp16, as the paper")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Scores file.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, help="PNG of the score curve.")
 @force_option
 @json_option
 def command(method, source, target, model, arch, weights, weights_prefix, model_factory, feature_layer, res, mean,
             std, allow_upscale, clusters, groups, source_sample, kmeans_iters, centroids_from, seed, batch_size,
-            workers, device, output, plot, force, as_json):
+            workers, device, precision, output, plot, force, as_json):
     """Score every source class (or FM cluster) by its usefulness for the target task; write a scores file.
 
     \b
@@ -98,9 +100,10 @@ def command(method, source, target, model, arch, weights, weights_prefix, model_
              (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
     surrogate = {"model": model, "arch": arch, "weights": weights, "weights_prefix": weights_prefix,
                  "factory": model_factory, "feature_layer": feature_layer}
-    options = ScoreOptions(inference=InferenceOptions(batch_size=batch_size, workers=workers), clusters=clusters,
-                           source_sample=source_sample, groups=groups, seed=seed, kmeans_iters=kmeans_iters,
-                           allow_upscale=allow_upscale, progress=show_progress(as_json), centroids_from=centroids_from)
+    inference = InferenceOptions(batch_size=batch_size, workers=workers, precision=precision)
+    options = ScoreOptions(inference=inference, clusters=clusters, source_sample=source_sample, groups=groups,
+                           seed=seed, kmeans_iters=kmeans_iters, allow_upscale=allow_upscale,
+                           progress=show_progress(as_json), centroids_from=centroids_from)
     summary = score_files(output, method=method, source=source, target=target, surrogate=surrogate, options=options,
                           res=res, mean=mean, std=std, device=device, plot=plot, force=force,
                           given=given)  # given at all, even at the default value: refused or warned about

@@ -26,16 +26,20 @@ from .distributed import is_main, shard_rows
 from .errors import DptoolError, InputError
 from .loaders import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["InferenceOptions", "Batch", "stream", "feature_hook", "forward_error"]
+__all__ = ["PRECISIONS", "InferenceOptions", "inference_precision", "Batch", "stream", "feature_hook", "forward_error"]
 
 log = logging.getLogger(__name__)
+
+#: what `InferenceOptions.precision` (`score --precision`) accepts
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How images reach the surrogate: resolution, batch size, decoding threads, device, normalisation.
+    """How images reach the surrogate: resolution, batch size, decoding threads, device, normalisation, precision.
 
-    `amp` runs the forward pass under float16 autocast on CUDA (as the paper does); it has no effect on the CPU.
+    `precision` is the autocast of the forward pass on CUDA: "auto" is float16 (as the paper does), "fp32" none,
+    "fp16"/"bf16" that dtype; the CPU computes in float32 whatever is asked (see `inference_precision`).
     """
 
     res: int = 224
@@ -44,7 +48,23 @@ class InferenceOptions:
     device: str = "cpu"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    amp: bool = True
+    precision: str = "auto"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+
+
+def inference_precision(options: InferenceOptions) -> str:
+    """The precision the forward pass runs at, as the scores file records it: "auto" is fp16 on CUDA; on the CPU
+    always fp32, as `train` and `bench` resolve it (CPU float16 autocast ran a ResNet-18 about 19x slower than
+    float32 on one thread here)."""
+    if not str(options.device).startswith("cuda"):
+        return "fp32"
+    return "fp16" if options.precision == "auto" else options.precision
+
+
+_AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 #: What CUDA and its libraries say when the device itself failed (a device-side assert, an illegal address)
@@ -130,7 +150,7 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
                               device=options.device, indices=None if whole else mine, mean=options.mean,
                               std=options.std)
     device = torch.device(options.device)
-    amp = options.amp and device.type == "cuda"
+    dtype = _AUTOCAST.get(inference_precision(options))
     pos = 0
     mismatches = torch.zeros((), dtype=torch.int64, device=device)  # checked once at the end: no sync per batch
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images with a NaN/inf output, the same way
@@ -138,9 +158,9 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
         slot = stack.enter_context(hook) if hook is not None else None
         bar = stack.enter_context(_progress(len(mine), desc, progress))
         stack.enter_context(torch.inference_mode())
-        # fp16 around the forward pass only: entered for the whole loop, it would also hold in the caller's loop
+        # autocast around the forward pass only: entered for the whole loop, it would also hold in the caller's loop
         # body while this generator waits at its yield
-        half = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
+        half = (lambda: torch.autocast("cuda", dtype=getattr(torch, dtype))) if dtype else contextlib.nullcontext
         for images, labels in loader:
             b = int(labels.shape[0])
             batch_rows = mine[pos:pos + b]
@@ -212,9 +232,11 @@ def _check_finite(count: int, total: int, surrogate, path, what: str, options: I
         counts = all_reduce(counts)
     if not counts[0]:
         return
-    half = options.amp and str(options.device).startswith("cuda")
-    cause = (f" (its forward pass ran under float16 autocast on {options.device}, which overflows above 65504)"
-             if half else "")
+    precision = inference_precision(options)
+    cause = {"fp16": f" (its forward pass ran under float16 autocast on {options.device}, which overflows above "
+                     "65504: score with --precision bf16 or fp32)",
+             "bf16": f" (its forward pass ran under bfloat16 autocast on {options.device}; --precision fp32 tells "
+                     "whether the precision or the weights are at fault)"}.get(precision, "")
     some = "" if collective else "at least "
     raise InputError(f"The surrogate {_surrogate_name(surrogate)} gave non-finite {what} (NaN or inf) for "
                      f"{some}{int(counts[0])} of the {total} images of {getattr(path, 'path', path)} it ran on{cause}: "

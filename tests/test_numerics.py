@@ -253,3 +253,50 @@ def test_distinct_rows_is_exact_below_enough_and_kmeans_refuses_too_few():
     with pytest.raises(InputError, match="needs at least 5 distinct features, got 4 among 21"):
         kmeans(few, 5)
     assert kmeans(few, 4).shape == (4, 6)
+
+
+# --- score --precision -----------------------------------------------------------------------------------------------
+
+def test_score_precision_is_recorded_and_the_cpu_computes_in_float32_whatever_is_asked(tmp_path, score_data):
+    """`--precision` is the escape hatch from fp16 overflow on CUDA. On the CPU every value resolves to fp32 (as
+    `train` and `bench` resolve it), an explicit fp16/bf16 is named in a warning, and the scores are those of a run
+    without the option, bit for bit; the scores file records the precision the forward pass ran at."""
+    base = ["score", "--source", str(score_data.source), "--target", str(score_data.target), "--model",
+            str(score_data.checkpoint), "--device", "cpu", "--batch-size", "16", "--workers", "1"]
+    docs = {}
+    for precision in (None, "fp32", "fp16", "bf16"):
+        out = tmp_path / f"{precision}.json"
+        result = CliRunner().invoke(cli, [*base, "-o", str(out), *(["--precision", precision] if precision else [])])
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.stderr.splitlines() if "--precision" in line]
+        assert warned == ([f"WARNING dptool.scoring.run: --precision {precision} applies to CUDA; on cpu the "
+                           "surrogate runs in fp32"] if precision in ("fp16", "bf16") else []), warned
+        docs[precision] = json.loads(out.read_text())
+        assert docs[precision]["params"]["precision"] == "fp32"
+    for precision in ("fp32", "fp16", "bf16"):
+        assert docs[precision]["groups"] == docs[None]["groups"] and docs[precision]["params"] == docs[None]["params"]
+    code, output = _run(["score", "--method", "random", "--source", str(score_data.source), "--precision", "fp32",
+                         "-o", str(tmp_path / "random.json")])
+    assert code == 0 and "--method random does not use --precision; ignored" in output
+    assert "precision" not in json.loads((tmp_path / "random.json").read_text())["params"]  # it ran no surrogate
+
+
+@pytest.mark.parametrize("precision, advice", [("auto", "(its forward pass ran under float16 autocast on cuda, "
+                                                        "which overflows above 65504: score with --precision bf16 or "
+                                                        "fp32)"),
+                                               ("bf16", "(its forward pass ran under bfloat16 autocast on cuda; "
+                                                        "--precision fp32 tells whether the precision or the weights "
+                                                        "are at fault)"),
+                                               ("fp32", "it ran on: scores")])
+def test_the_non_finite_refusal_names_the_precision_that_gets_out_of_it(precision, advice):
+    """The refusal of NaN/inf outputs on CUDA names --precision, the way out of an fp16 overflow (it said only that
+    fp16 overflows, and no option changed that but --device cpu). The message alone: CUDA runs are in
+    test_score_gpu.py."""
+    from dptool.features import InferenceOptions, _check_finite
+
+    options = InferenceOptions(device="cuda", precision=precision)
+    with pytest.raises(InputError) as err:
+        _check_finite(3, 45, torch.nn.Linear(1, 1), "t.beton", "logits", options)
+    assert advice in str(err.value) and str(err.value).startswith("The surrogate Linear gave non-finite logits")
+    with pytest.raises(InputError, match="--precision must be one of auto, fp32, fp16, bf16, got 'half'"):
+        InferenceOptions(precision="half")

@@ -1,30 +1,35 @@
 """`dptool score` on an NVIDIA GPU: LM and FM on CUDA against the same plain-torch / NumPy references as the CPU.
 
-Skipped as a whole where torch sees no CUDA device. float32 (amp off, no TF32) so that predictions can be compared
-with the CPU reference: a row may differ only where the reference's two best logits (or centroid distances) are
-closer than the difference between the devices' float32 arithmetic.
+Skipped as a whole where torch sees no CUDA device. float32 (--precision fp32, no TF32) so that predictions can be
+compared with the CPU reference: a row may differ only where the reference's two best logits (or centroid distances)
+are closer than the difference between the devices' float32 arithmetic.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+import types
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 if not torch.cuda.is_available():
     pytest.skip("torch sees no CUDA device", allow_module_level=True)
 
 from test_score import _brute_nearest  # noqa: E402
 
+from dptool.cli.main import cli  # noqa: E402
 from dptool.features import InferenceOptions  # noqa: E402
 from dptool.scoring import ScoreOptions, score  # noqa: E402
 from dptool.surrogate import load_surrogate  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
-CUDA = InferenceOptions(res=16, batch_size=16, workers=1, device="cuda", amp=False)
+CUDA = InferenceOptions(res=16, batch_size=16, workers=1, device="cuda", precision="fp32")
 NEAR_TIE = 1e-3  # relative gap between the best two under which CPU and GPU float32 may disagree
 
 
@@ -82,11 +87,11 @@ def test_fm_clusters_on_cuda_vote_like_brute_force(score_data, surrogate, target
 
 
 def test_lm_and_fm_on_cuda_at_the_default_float16(score_data, surrogate):
-    """`dptool score --device cuda` always runs the forward pass under float16 autocast (InferenceOptions.amp, with
-    no CLI switch), while the two tests above turn it off: this is the path users get. Values may move by fp16
+    """`dptool score --device cuda` runs the forward pass under float16 autocast by default (--precision auto), while
+    the two tests above run it in float32: this is the path users get. Values may move by fp16
     rounding, so only what rounding cannot change is checked: every target image is counted once, every source row
     is assigned a cluster."""
-    half = replace(CUDA, amp=True)
+    half = replace(CUDA, precision="auto")
     lm = score("lm", source=score_data.source, target=score_data.target, surrogate=surrogate,
                options=ScoreOptions(inference=half))
     assert lm.scores.scores.shape == (8,) and int(lm.scores.scores.sum()) == 45
@@ -94,3 +99,51 @@ def test_lm_and_fm_on_cuda_at_the_default_float16(score_data, surrogate):
                options=ScoreOptions(inference=half, clusters=8, source_sample=16, seed=1))
     assert int(np.asarray(fm.scores.scores).sum()) == 45 and np.isfinite(np.asarray(fm.centroids)).all()
     assert (np.asarray(fm.assignment) >= 0).all() and (np.asarray(fm.assignment) < 8).all()
+
+
+class _Loud(torch.nn.Module):
+    """The mean colour (3 values, the FM feature) into a linear head of weights about 1e6: logits of about 1e5,
+    finite in float32 and bfloat16, infinite in float16 (whose largest value is 65504)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(3, 8)
+        with torch.no_grad():
+            self.fc.weight.mul_(1e6)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_an_fp16_overflow_is_refused_naming_precision_which_scores_it(tmp_path, score_data, monkeypatch):
+    """A surrogate whose logits overflow float16 was refused under the fp16 autocast `score` always ran on CUDA, with
+    no way out but --device cpu. The refusal names --precision; fp32 and bf16 score it and are recorded. FM groups
+    made in fp16 serve a target scored in fp32 (--centroids-from), which records the groups' precision."""
+    mod = types.ModuleType("loud_factory")
+    mod.loud = _Loud
+    monkeypatch.setitem(sys.modules, "loud_factory", mod)
+    base = ["score", "--source", str(score_data.source), "--target", str(score_data.target), "--model-factory",
+            "loud_factory:loud", "--res", "16", "--device", "cuda", "--batch-size", "16", "--workers", "1"]
+    refused = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "auto.json")])
+    assert refused.exit_code == 2, refused.output
+    assert ("under float16 autocast on cuda, which overflows above 65504: score with --precision bf16 or fp32"
+            in refused.output)
+    assert not (tmp_path / "auto.json").exists()
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.json"
+        result = CliRunner().invoke(cli, [*base, "--precision", precision, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        doc = json.loads(out.read_text())
+        assert doc["params"]["precision"] == precision and sum(g["score"] for g in doc["groups"]) == 45
+    fm = ["--method", "fm", "--clusters", "8", "--source-sample", "16"]
+    result = CliRunner().invoke(cli, [*base, *fm, "-o", str(tmp_path / "fm.json")])  # features are finite in fp16
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "fm.json").read_text())["params"]["precision"] == "fp16"
+    for precision, recorded in (("fp32", "fp16"), ("auto", None)):
+        out = tmp_path / f"fm_{precision}.json"
+        result = CliRunner().invoke(cli, [*base, "--method", "fm", "--centroids-from", str(tmp_path / "fm.json"),
+                                          "--precision", precision, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        params = json.loads(out.read_text())["params"]
+        assert params.get("centroids_precision") == recorded

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..distributed import is_main, shard_rows
 from ..errors import InputError
-from ..features import stream
+from ..features import inference_precision, stream
 from ..scores import Scores
 from ._collective import all_reduce, broadcast, gather_interleaved
 from .kmeans import distinct_rows, kmeans
@@ -307,6 +307,7 @@ def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
             raise InputError(f"Scores file {path} was made with another surrogate ({what} {recorded}, "
                              f"this one has {mine}); its centroids are points in that model's feature space.")
     inference = ctx.options.inference
+    precision = inference_precision(inference)
     for key, flag, ours_value in (("res", "--res", inference.res), ("mean", "--mean", list(inference.mean)),
                                   ("std", "--std", list(inference.std))):
         if old.params.get(key) != ours_value:
@@ -314,6 +315,10 @@ def _reused_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
                              f"{ours_value}; give the same (or leave {flag} out to take its value).")
     params = {k: old.params[k] for k in _CLUSTERING_PARAMS if k in old.params}
     params["centroids_from"] = {"path": str(Path(path).resolve()), "sha256": fingerprint_file(path)}
+    # another --precision is accepted (the same features, rounded otherwise: groups made in fp16 on a GPU serve a
+    # target whose features overflow there, scored in fp32) and recorded
+    if old.params.get("precision", precision) != precision:
+        params["centroids_precision"] = old.params["precision"]
     return centroids, assignment, params
 
 

@@ -44,7 +44,7 @@ _FM_ONLY = {**{n: flag for n, flag in CLUSTERING_OPTIONS.items() if n not in ("s
 _SURROGATE_FLAGS = {"model": "--model", "arch": "--arch", "weights": "--weights", "weights_prefix": "--weights-prefix",
                     "model_factory": "--model-factory", "res": "--res", "mean": "--mean", "std": "--std",
                     "allow_upscale": "--allow-upscale", "batch_size": "--batch-size", "workers": "--workers",
-                    "device": "--device"}
+                    "device": "--device", "precision": "--precision"}
 _SHARED_FLAGS = {"seed": "--seed", "source_sample": "--source-sample"}
 
 
@@ -73,7 +73,7 @@ def _set_options(options: ScoreOptions, surrogate: dict, res, mean, std, device:
     ones given on its command line instead, even at their default value)."""
     names = [f.name for f in fields(ScoreOptions) if f.name not in ("inference", "progress")
              and getattr(options, f.name) != f.default]
-    names += [n for n in ("batch_size", "workers")
+    names += [n for n in ("batch_size", "workers", "precision")
               if getattr(options.inference, n) != getattr(InferenceOptions(), n)]
     names += ["model_factory" if k == "factory" else k for k in SURROGATE_KEYS if surrogate.get(k) is not None]
     names += [n for n, v in (("res", res), ("mean", mean), ("std", std)) if v is not None]

@@ -33,7 +33,7 @@ import numpy as np
 from ..beton import Beton, check_image_field, fingerprint, known_fingerprints, open_beton
 from ..distributed import synchronize, world_size
 from ..errors import InputError, check_seed
-from ..features import InferenceOptions, forward_error
+from ..features import InferenceOptions, forward_error, inference_precision
 from ..scores import Scores, score_summary, write_scores
 from .registry import get_method
 
@@ -284,6 +284,9 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
             raise InputError(f"The surrogate outputs {width} class scores but source {src.path} has "
                              f"{src.num_classes} classes; --method {method} needs a surrogate trained on this "
                              "source, with one output per source class.")
+    if spec.needs_surrogate and options.inference.precision not in ("auto", inference_precision(options.inference)):
+        log.warning("--precision %s applies to CUDA; on %s the surrogate runs in fp32", options.inference.precision,
+                    options.inference.device)
     src_info = _file_info(src)
     _warn_fingerprint(surrogate, src, src_info["fingerprint"])
     timings["open and check"] = time.perf_counter() - start
@@ -292,7 +295,8 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     result = spec.fn(ctx)
     # how images reached the surrogate, for the methods that read images (the random baseline reads none)
     inference = ({"res": options.inference.res, "mean": list(options.inference.mean),
-                  "std": list(options.inference.std), "batch_size": options.inference.batch_size}
+                  "std": list(options.inference.std), "batch_size": options.inference.batch_size,
+                  "precision": inference_precision(options.inference)}
                  if spec.needs_surrogate else {})
     params = {**inference, "world_size": world_size(), **result.params}
     scores = Scores(method=method, level=result.level, ids=result.ids, names=result.names, scores=result.scores,
