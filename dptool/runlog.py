@@ -16,7 +16,7 @@ from pathlib import Path
 from .atomic import atomic_output, check_output_path
 from .errors import InputError
 
-__all__ = ["COLUMNS", "is_run_log", "read_run_log", "run_from_history", "plot_run"]
+__all__ = ["COLUMNS", "is_run_log", "read_records", "read_run_log", "run_from_history", "plot_run"]
 
 # per-epoch metrics, in the order a table shows them; a run shows those its records hold
 COLUMNS = ("train_loss", "train_top1", "val_top1", "val_top5", "val_top1_all", "test_top1", "lr", "res",
@@ -66,6 +66,12 @@ def _records(p: Path) -> tuple[list[dict], bool]:
         raise InputError(f"{p} is not a dptool train or finetune log: its first line is not a "
                          '{"event": "config", ...} record.')
     return records, partial
+
+
+def read_records(path: str | os.PathLike) -> tuple[list[dict], bool]:
+    """The records of the train or finetune log at `path`, in file order, and whether an incomplete last line was
+    left out; any other line that is not a log record is an InputError naming it."""
+    return _records(Path(path))
 
 
 def _record(p: Path, number: int, line: str) -> dict:

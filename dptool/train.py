@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -217,14 +218,30 @@ class JsonLog:
         self.hold = hold
 
     @classmethod
-    def resume(cls, path: str | os.PathLike | None, before_epoch: int) -> JsonLog:
-        """Reopen an earlier log, keeping records of epochs before `before_epoch`."""
-        records: list[dict] = []
-        if path and Path(path).exists():
-            for line in Path(path).read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("event") != "epoch" or rec.get("epoch", 0) < before_epoch:
-                    records.append(rec)
+    def resume(cls, path: str | os.PathLike | None, before_epoch: int, history: Sequence[dict] = ()) -> JsonLog:
+        """Reopen an earlier log, keeping records of epochs before `before_epoch`. A line that is not a log record
+        is an InputError naming it; an incomplete last line (a copy of the log made while it was rewritten) is left
+        out with a warning, as `dptool info` leaves it out, and the epochs it held are taken from `history`, the
+        checkpoint's records of the epochs it trained."""
+        from .runlog import read_records
+
+        if not path or not Path(path).exists():
+            return cls(path, [])
+        try:
+            found, partial = read_records(path)
+        except InputError as exc:
+            text = str(exc).rstrip(".")
+            raise InputError(f"Cannot resume: {text[:1].lower() + text[1:] if text.startswith('Line ') else text}; "
+                             "mend it, or give --log a new file.") from exc
+        records = [r for r in found if r["event"] != "epoch" or r["epoch"] < before_epoch]
+        if partial:
+            logged = max((r["epoch"] for r in records if r["event"] == "epoch"), default=-1)
+            restored = [h for h in history if isinstance(h.get("epoch"), int) and logged < h["epoch"] < before_epoch]
+            records += [{"event": "epoch", **h} for h in restored]
+            if dist.is_main():
+                log.warning("the last line of %s is incomplete (a copy made while it was written?); it is left out%s",
+                            path, f", and the checkpoint's records of the {len(restored)} epoch(s) missing from the "
+                            "log put in its place" if restored else "")
         return cls(path, records)
 
     def write(self, record: dict) -> None:
@@ -536,6 +553,9 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     num_classes = beton.num_classes
     world, rank = dist.world_size(), dist.rank()
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
+    # read before any model is built: a log that cannot be continued is refused in a second
+    jlog = (JsonLog.resume(log_path, start_epoch, ckpt["extra"].get("history", []) if ckpt else [])
+            if resume else JsonLog(log_path, hold=True))
 
     torch.manual_seed(config.seed + rank)
     precision = resolve_precision(device, config.precision)
@@ -568,7 +588,6 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
             "effective_ramp": list(config.ramp())}
     recipe = {**asdict(config), "effective_batch_size": eff_batch, "effective_lr": peak_lr, **used,
               "world_size": world, "precision": precision, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    jlog = JsonLog.resume(log_path, start_epoch) if resume else JsonLog(log_path, hold=True)
     jlog.write({"event": "resume" if resume else "config", "config": asdict(config), "data": str(data),
                 "val": str(val) if val else None, "data_fingerprint": data_fp, "num_samples": beton.num_samples,
                 "num_classes": num_classes, "kept_classes": None if kept_np is None else len(kept_np),

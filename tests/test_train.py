@@ -127,6 +127,41 @@ class _StopAtEpoch:
         return iter(self._loader)
 
 
+def test_resume_refuses_a_damaged_log_in_one_sentence_and_mends_a_partial_last_line(tmp_path, train_val_betons,
+                                                                                     one_thread):
+    """`--resume` parsed every log line with a bare json.loads: a damaged line ended in 'internal error:
+    JSONDecodeError' (exit 1) after the model was built, a line that is JSON but no record in an AttributeError or a
+    TypeError. A damaged line is now refused in one sentence naming the log and the line, and the checkpoint and the
+    log keep their bytes; an incomplete last line (a copy made mid-write) is left out with a warning, and the
+    checkpoint's record of the epoch it held put back, as it was."""
+    train, val = train_val_betons
+    out, log = tmp_path / "m.pt", tmp_path / "m.jsonl"
+    code, text = _run(["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "2", *FAST])
+    assert code == 0, text
+    good, weights = log.read_text(), out.read_bytes()
+    lines = good.split("\n")  # config, epoch 0, epoch 1, ""
+    damaged = {"not JSON": lines[1][:40], "not a log record": "[1]",
+               "an epoch record without an integer": lines[1].replace('"epoch": 0', '"epoch": "0"')}
+    resume = ["train", str(train), "--val", str(val), "-o", str(out), "--epochs", "3", "--resume", *FAST]
+    for said, line in damaged.items():
+        log.write_text("\n".join([lines[0], line, *lines[2:]]))
+        before = log.read_bytes()
+        result = CliRunner().invoke(cli, resume)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"Error: Cannot resume: line 2 of {log} is {said}")
+        assert result.output.endswith("; mend it, or give --log a new file.\n") and "\n" not in result.output[:-1]
+        assert log.read_bytes() == before and out.read_bytes() == weights
+    log.write_text(good[:-60])  # epoch 1's line cut short, without its newline
+    result = CliRunner().invoke(cli, resume)
+    assert result.exit_code == 0, result.output
+    assert (f"WARNING dptool.train: the last line of {log} is incomplete (a copy made while it was written?); it is "
+            "left out, and the checkpoint's records of the 1 epoch(s) missing from the log put in its place"
+            in result.stderr)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[:3] == [json.loads(line) for line in lines[:3]]
+    assert [r["event"] for r in records[3:]] == ["resume", "epoch"] and records[-1]["epoch"] == 2
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, train_val_betons, one_thread):
     """Interrupted after epoch 1 and resumed, training ends bit-identical to an uninterrupted run: FFCV's order
     and dptool's crops and flips repeat for one seed, and the checkpoint holds the rest."""
