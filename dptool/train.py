@@ -219,14 +219,15 @@ class JsonLog:
 
     @classmethod
     def resume(cls, path: str | os.PathLike | None, before_epoch: int, history: Sequence[dict] = ()) -> JsonLog:
-        """Reopen an earlier log, keeping records of epochs before `before_epoch`. A line that is not a log record
+        """Reopen an earlier log, keeping records of epochs before `before_epoch`, held until the first epoch's
+        record: a resume stopped or diverged before it leaves the log as it was. A line that is not a log record
         is an InputError naming it; an incomplete last line (a copy of the log made while it was rewritten) is left
         out with a warning, as `dptool info` leaves it out, and the epochs it held are taken from `history`, the
         checkpoint's records of the epochs it trained."""
         from .runlog import read_records
 
         if not path or not Path(path).exists():
-            return cls(path, [])
+            return cls(path, [], hold=True)
         try:
             found, partial = read_records(path)
         except InputError as exc:
@@ -242,7 +243,7 @@ class JsonLog:
                 log.warning("the last line of %s is incomplete (a copy made while it was written?); it is left out%s",
                             path, f", and the checkpoint's records of the {len(restored)} epoch(s) missing from the "
                             "log put in its place" if restored else "")
-        return cls(path, records)
+        return cls(path, _without_idle_resumes(records), hold=True)
 
     def write(self, record: dict) -> None:
         """Append `record` (on rank 0; other ranks keep nothing)."""
@@ -261,6 +262,18 @@ class JsonLog:
         if self.path is not None and not self.hold and dist.is_main():
             with atomic_output(self.path) as tmp:
                 tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.records))
+
+
+def _without_idle_resumes(records: list[dict]) -> list[dict]:
+    """`records` less the resume lines that no epoch record follows (before the next resume line, or the end): resumes
+    that trained no epoch, which `train` wrote as they started before it held the line until the first epoch. The
+    resume about to be written supersedes them; `dptool info` would show each as a resume."""
+    kept: list[dict] = []
+    for rec in records:
+        if rec["event"] == "resume" and kept and kept[-1]["event"] == "resume":
+            kept.pop()
+        kept.append(rec)
+    return kept[:-1] if kept and kept[-1]["event"] == "resume" else kept
 
 
 @dataclass

@@ -162,6 +162,27 @@ def test_resume_refuses_a_damaged_log_in_one_sentence_and_mends_a_partial_last_l
     assert [r["event"] for r in records[3:]] == ["resume", "epoch"] and records[-1]["epoch"] == 2
 
 
+def test_resume_drops_the_resume_lines_of_earlier_resumes_that_trained_no_epoch(tmp_path):
+    """`train` wrote a resume line as it started, so each resume stopped or diverged in its first epoch left one that
+    no epoch follows, and `dptool info` said 'resumed at epoch 1, 1'. A resume reading such a log drops them (its own
+    line supersedes them) and keeps those followed by epochs, and the records after `before_epoch`."""
+    from dptool.runlog import read_run_log
+    from dptool.train import JsonLog
+
+    def rec(event, **kw):
+        return {"event": event, **({"config": {"epochs": 4}, "start_epoch": kw["start"]} if "start" in kw else kw)}
+
+    lines = [rec("config", start=0), rec("epoch", epoch=0), rec("resume", start=1), rec("resume", start=1),
+             rec("epoch", epoch=1), rec("epoch", epoch=2), rec("resume", start=3), rec("resume", start=3)]
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert read_run_log(log)["resumed_at"] == [1, 1, 3, 3]
+    assert JsonLog.resume(log, 3).records == [lines[0], lines[1], lines[3], lines[4], lines[5]]
+    assert JsonLog.resume(log, 2).records == [lines[0], lines[1], lines[3], lines[4]]  # epoch 2 is redone
+    assert JsonLog.resume(log, 1).records == [lines[0], lines[1]]
+    assert log.read_text() == "".join(json.dumps(r) + "\n" for r in lines)  # held: nothing written yet
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, train_val_betons, one_thread):
     """Interrupted after epoch 1 and resumed, training ends bit-identical to an uninterrupted run: FFCV's order
     and dptool's crops and flips repeat for one seed, and the checkpoint holds the rest."""
