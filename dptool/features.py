@@ -183,7 +183,7 @@ def stream(surrogate, path: Beton | str | os.PathLike, rows: Sequence[int] | np.
             except torch.cuda.OutOfMemoryError as exc:  # a RuntimeError too, but not a resolution problem
                 raise InputError(f"A batch of {b} {options.res}x{options.res} images does not fit in the memory of "
                                  f"{options.device}; lower --batch-size (now {options.batch_size}).") from exc
-            except RuntimeError as exc:
+            except (RuntimeError, AssertionError) as exc:  # a model's own check of its input: torchvision's ViT
                 raise forward_error(exc, options, f" from {path}") from exc
             batch = Batch(rows=batch_rows, labels=labels, logits=_as_float(out) if logits else None,
                           features=_as_float(feats) if features else None)
