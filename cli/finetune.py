@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dptool.errors import MAX_SEED
-from dptool.finetune import FinetuneConfig, finetune
+from dptool.finetune import CHECKPOINT_EVERY_S, FinetuneConfig, finetune
 from dptool.models import list_models
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
@@ -18,7 +18,8 @@ DEFAULTS = FinetuneConfig()  # the library's defaults, shown in --help
 def _human(r) -> str:
     epochs = f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}"
     lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {epochs}, "
-             f"{r.train_images} train / {r.val_images} val / {r.test_images} test images",
+             f"{r.train_images} train / {r.val_images} val / {r.test_images} test images"
+             + (f", resumed at epoch {r.start_epoch + 1}" if r.start_epoch else ""),
              f"final-epoch test top-1:       {r.final_test_top1:.4f}",
              f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch + 1} of {r.epochs}; "
              f"selected on the test set, as the paper reports)"]
@@ -59,20 +60,28 @@ def _human(r) -> str:
 @click.option("--seed", type=click.IntRange(0, MAX_SEED),
               default=DEFAULTS.seed, help="Seed of the head, the split, the sample order and the crops.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write the finetuned checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the stopped run whose checkpoint OUTPUT is (same data, checkpoint and recipe).")
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=CHECKPOINT_EVERY_S,
+              help="With -o: write the checkpoint (for --resume) once this many seconds of epochs have passed since "
+                   "the last; 0: after every epoch.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl when -o is given]")
 @workers_option
 @force_option
 @json_option
-def command(checkpoint, train_data, test_data, arch, weights_prefix, output, log_path, force, as_json, **options):
+def command(checkpoint, train_data, test_data, arch, weights_prefix, output, resume, checkpoint_every, log_path, force,
+            as_json, **options):
     """Transfer a checkpoint to a target task: linear probe (lp) or full finetune (ff).
 
     \b
     dptool finetune rn101_p60.pt flowers_train.beton flowers_test.beton --mode lp
     dptool finetune rn18.pt pets_train.beton pets_test.beton --mode ff --optimizer sgd --val-fraction 0.1
     dptool finetune moco_v2_800ep_pretrain.pth.tar flowers_train.beton flowers_test.beton --arch resnet50
+    dptool finetune rn18.pt pets_train.beton pets_test.beton --mode ff -o ff.pt --resume   # after a stop
     """
     config = FinetuneConfig(**options)
     result = finetune(checkpoint, train_data, test_data, config=config, output=output, log_path=log_path,
-                      force=force, progress=show_progress(as_json), arch=arch, weights_prefix=weights_prefix)
+                      force=force, progress=show_progress(as_json), arch=arch, weights_prefix=weights_prefix,
+                      resume=resume, checkpoint_every=checkpoint_every)
     emit(result, as_json, _human)

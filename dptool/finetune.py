@@ -7,6 +7,12 @@ the same computation, epochs cost microseconds). FF: all weights train, random-r
 Defaults follow DP4TL's protocol (LP: Adam 0.01, 50 epochs, cosine; FF: Adam 1e-4, 200 epochs, cosine; SGD
 0.1/5e-4 when `optimizer="sgd"`). Reported: final-epoch test top-1 and best-over-epochs test top-1 (what the
 paper reports, selected on the test set); with `val_fraction`, also test top-1 at the best validation epoch.
+
+With an output checkpoint, the run is checkpointed at the end of an epoch once `checkpoint_every` seconds of epochs
+have passed since the last checkpoint (0: every epoch), with what `resume` needs to continue it bit-identically on
+the CPU: the weights (head included), the optimizer's, scheduler's and grad scaler's state, and LP's sample-order
+generator (FF's order and crops are functions of the seed and the epoch). LP re-extracts its features on resume
+(in eval mode: the same on the CPU). The finished run's checkpoint keeps none of that state.
 """
 
 from __future__ import annotations
@@ -24,9 +30,18 @@ from .beton import check_same_classes, fingerprint, open_beton
 from .errors import InputError, check_number, check_seed
 from .train import JsonLog, autocast, evaluate, grad_scaler, resolve_precision, train_step
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices", "CHECKPOINT_EVERY_S"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds of epochs between two checkpoints of a run (`--checkpoint-every`): writing one takes 0.15 s for a
+#: ResNet-50 and 0.5 s for a ViT-B/16 here, and an LP epoch on extracted features takes milliseconds
+CHECKPOINT_EVERY_S = 60.0
+
+# what a resumed run must share with the checkpoint's: the rest of its trajectory depends on them (the cosine
+# schedule's length too: --epochs may not change)
+_RESUME_FIXED = ("mode", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "label_smoothing",
+                 "res", "val_fraction", "seed")
 
 
 @dataclass(frozen=True)
@@ -96,9 +111,10 @@ class FinetuneResult:
     best_val_top1: float | None = None
     test_top1_at_best_val: float | None = None
     best_val_epoch: int | None = None
+    start_epoch: int = 0  # the epoch this run started at: > 0 when it resumed a stopped one
     output: str | None = None
     log: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # this run's, from a resume on
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
 
@@ -212,9 +228,10 @@ def _check_loss(train_loss: float, epoch: int, cfg: FinetuneConfig) -> None:
 
 
 def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: FinetuneConfig, device, precision: str,
-                  jlog: JsonLog, progress: bool) -> list[dict]:
+                  progress: bool, start: dict | None, on_epoch) -> None:
     """Train `head` alone on the frozen backbone's features, extracted once (`train_rows` in deterministic
-    preprocessing, the test and validation loaders); one logged record per epoch, returned in order."""
+    preprocessing, the test and validation loaders); `on_epoch(record, state)` after each epoch, `state()` giving
+    what a resume needs. `start` (a resume): the epoch to start at and that state."""
     import torch
     from tqdm import tqdm
 
@@ -230,9 +247,19 @@ def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: Finetun
     steps = -(-len(ytr) // cfg.batch_size)
     sched = _schedule(optimizer, cfg.epochs * steps)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    first = 0
+    if start is not None:
+        optimizer.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["scheduler"])
+        gen.set_state(start["generator"])
+        first = start["epoch"]
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    history: list[dict] = []
-    for epoch in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch", disable=not progress):
+
+    def state() -> dict:
+        return {"optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()}
+
+    for epoch in tqdm(range(first, cfg.epochs), desc="linear probe", unit="epoch", disable=not progress,
+                      initial=first, total=cfg.epochs):
         t0 = time.perf_counter()
         order = torch.randperm(len(ytr), generator=gen).to(device)
         total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
@@ -250,15 +277,13 @@ def _linear_probe(model, head, train_rows, test_loader, val_loader, cfg: Finetun
                "test_top1": _top1(head, fte, yte, cfg.test_batch_size), "epoch_time_s": time.perf_counter() - t0}
         if fva is not None:
             rec["val_top1"] = _top1(head, fva, yva, cfg.test_batch_size)
-        history.append(rec)
-        jlog.write(rec)
-    return history
+        on_epoch(rec, state)
 
 
 def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, device, precision: str,
-                   jlog: JsonLog, progress: bool) -> list[dict]:
+                   progress: bool, start: dict | None, on_epoch) -> None:
     """Train every weight on `loader` (random-resized crop + flip), evaluating on the test and validation loaders
-    after each epoch; one logged record per epoch, returned in order."""
+    after each epoch; `on_epoch(record, state)` after each, as `_linear_probe`."""
     import torch
     from tqdm import tqdm
 
@@ -266,9 +291,22 @@ def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, 
     sched = _schedule(optimizer, cfg.epochs * len(loader))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = grad_scaler(precision)
-    history: list[dict] = []
-    for epoch in tqdm(range(cfg.epochs), desc="finetune", unit="epoch", disable=not progress):
+    first = 0
+    if start is not None:
+        optimizer.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["scheduler"])
+        if start.get("scaler"):
+            scaler.load_state_dict(start["scaler"])
+        first = start["epoch"]
+    loader.loader.next_epoch = first  # FFCV's epoch counter drives the order and the seeded crops
+
+    def state() -> dict:
+        return {"optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}
+
+    for epoch in tqdm(range(first, cfg.epochs), desc="finetune", unit="epoch", disable=not progress, initial=first,
+                      total=cfg.epochs):
         t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # whatever a model draws in training mode: a function of the epoch
         model.train()
         total, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
         for x, y in tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
@@ -287,20 +325,64 @@ def _full_finetune(model, loader, test_loader, val_loader, cfg: FinetuneConfig, 
         rec["test_time_s"] = time.perf_counter() - t1
         if val_loader is not None:
             rec["val_top1"] = evaluate(model, val_loader, device, precision)["val_top1"]
-        history.append(rec)
-        jlog.write(rec)
-    return history
+        on_epoch(rec, state)
+
+
+def _resume_state(output: Path, cfg: FinetuneConfig, train_data, train_fp: str, test_data, test_fp: str,
+                  checkpoint, source_fp: str) -> dict:
+    """The checkpoint of a stopped finetune at `output`, after checking it continues this run: the same training and
+    test data, pretrained weights and recipe (`_RESUME_FIXED`), and finite weights and optimizer state."""
+    from .checkpoint import check_finite_weights, read_checkpoint
+
+    if not output.exists():
+        raise InputError(f"Cannot resume: checkpoint {output} does not exist (run without --resume first).")
+    saved = read_checkpoint(output)
+    recipe = (saved.get("recipe") or {}).get("finetune")
+    extra = saved.get("extra") or {}
+    if recipe is None:
+        raise InputError(f"Cannot resume: {output} was not written by dptool finetune (dptool train --resume "
+                         "continues a training run).")
+    state = extra.get("resume")
+    if state is None:
+        raise InputError(f"Cannot resume: {output} holds a finished finetune of {saved['epoch']} epochs; there is "
+                         "nothing left to run (a new run needs --force or another -o).")
+    if saved.get("data_fingerprint") != train_fp:
+        raise InputError(f"Cannot resume: {output} was finetuned on {extra.get('data') or 'another file'} with "
+                         f"fingerprint {saved.get('data_fingerprint')}, but {train_data} has {train_fp}; resume on the "
+                         "training file it began with.")
+    if state.get("test_fingerprint") != test_fp:
+        raise InputError(f"Cannot resume: {output} was tested on {state.get('test') or 'another file'} with "
+                         f"fingerprint {state.get('test_fingerprint')}, but {test_data} has {test_fp}; resume with the "
+                         "test file it began with, so that every epoch's test top-1 is of one file.")
+    if state.get("source_fingerprint") != source_fp:
+        raise InputError(f"Cannot resume: {output} was finetuned from {state.get('source') or 'other weights'}, "
+                         f"whose weights differ from {checkpoint}'s; give the checkpoint it began from.")
+    changed = [name for name in _RESUME_FIXED if recipe.get(name) != getattr(cfg, name)]
+    if changed:
+        def flags(values) -> str:
+            return " ".join(f"--{name.replace('_', '-')} {values(name)}" for name in changed)
+
+        raise InputError(f"Cannot resume: {output} was finetuned with {flags(recipe.get)} but this run gives "
+                         f"{flags(lambda name: getattr(cfg, name))}; give the options it began with "
+                         "(--test-batch-size, --workers and --precision may change).")
+    moments = {f"optimizer.{i}.{k}": v for i, st in (state["optimizer"].get("state") or {}).items()
+               for k, v in st.items()}
+    check_finite_weights({**saved["state_dict"], **moments}, f"Cannot resume: checkpoint {output}")
+    return saved
 
 
 def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_data: str | os.PathLike, *,
              config: FinetuneConfig = FinetuneConfig(), output: str | os.PathLike | None = None,
              log_path: str | os.PathLike | None = None, force: bool = False, progress: bool = False,
-             device=None, arch: str | None = None, weights_prefix: str | None = None) -> FinetuneResult:
+             device=None, arch: str | None = None, weights_prefix: str | None = None, resume: bool = False,
+             checkpoint_every: float = CHECKPOINT_EVERY_S) -> FinetuneResult:
     """Transfer `checkpoint` to the target (`train_data`, `test_data`) by LP or FF; one process.
 
     `checkpoint` is a dptool checkpoint, or with `arch` a weights file of that architecture: a state dict or a
     self-supervised checkpoint (MoCo, DINO, SwAV: see `dptool.surrogate.select_backbone`, `weights_prefix`).
-    `output` (optional) receives the finetuned checkpoint; `log_path` (default: beside `output`) a JSON-lines log.
+    `output` (optional) receives the finetuned checkpoint, also during the run once `checkpoint_every` seconds of
+    epochs have passed since the last (0: after every epoch); `resume` continues the stopped run that wrote it.
+    `log_path` (default: beside `output`) receives a JSON-lines log.
     """
     import torch
 
@@ -308,28 +390,40 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     from .distributed import launched_by_torchrun
     from .loaders import eval_loader, inference_loader, train_loader
     from .models import replace_head, resize_vit
+    from .surrogate import weights_fingerprint
 
     if launched_by_torchrun():  # every rank would run the whole job and write the same files
         raise InputError("finetune runs in one process (target sets are small); run it without torchrun.")
     cfg = config.resolved()
+    check_number("--checkpoint-every", checkpoint_every, low=0)
+    if resume and output is None:
+        raise InputError("--resume continues the run whose checkpoint -o names; give -o.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(device, cfg.precision)
     if output is not None:
-        output = check_output_path(output, force=force, inputs=(checkpoint, train_data, test_data))
+        output = check_output_path(output, force=True, inputs=(checkpoint, train_data, test_data))
+        if output.exists() and not (force or resume):
+            raise InputError(f"Output {output} already exists; pass --force to overwrite it, or --resume to continue "
+                             "the stopped finetune that wrote it.")
         log_path = log_path or Path(output).with_suffix(".jsonl")
     if log_path is not None:
         if output is not None and os.path.realpath(log_path) == os.path.realpath(output):  # linked folders too
             raise InputError(f"The log would be written over the checkpoint {output}; give -o a .pt name or --log "
                              "another path.")
-        log_path = check_output_path(log_path, force=force, inputs=(checkpoint, train_data, test_data, output))
+        log_path = check_output_path(log_path, force=force or resume,
+                                     inputs=(checkpoint, train_data, test_data, output))
     train_b, test_b = open_beton(train_data), open_beton(test_data)
     num_classes = train_b.num_classes
     train_fp = _check_test_file(train_b, test_b, train_data, test_data)
+    test_fp = fingerprint(test_b) if output is not None else None
     tr_idx, va_idx = split_indices(train_b.labels, cfg.val_fraction, cfg.seed)
     if cfg.val_fraction > 0 and not len(va_idx):
         raise InputError(f"--val-fraction {cfg.val_fraction} holds out no image of {train_data}: every class has "
                          "a single training image, and a class is never held out whole; drop --val-fraction.")
     model, ckpt = _pretrained(checkpoint, arch, weights_prefix, device)
+    source_fp = weights_fingerprint(model) if output is not None else None  # what a resume must begin from too
+    saved = (_resume_state(output, cfg, train_data, train_fp, test_data, test_fp, checkpoint, source_fp)
+             if resume else None)
     image_size = ckpt.get("image_size")
     if str(ckpt["arch"]).startswith("vit"):  # its position embeddings fix its input size: resampled to --res
         image_size = image_size or 224
@@ -340,48 +434,82 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
             image_size = cfg.res
     torch.manual_seed(cfg.seed)
     head = replace_head(model, num_classes)
-    jlog = JsonLog(log_path, hold=True)  # written with the result: an interrupted run leaves no log to block a rerun
-    jlog.write({"event": "config", "config": asdict(cfg), "checkpoint": str(checkpoint), "arch": ckpt["arch"],
-                "source_fingerprint": ckpt.get("data_fingerprint"), "train": str(train_data), "test": str(test_data),
-                "num_classes": num_classes, "device": str(device), "precision": precision})
+    start = None
+    if saved is not None:
+        try:
+            model.load_state_dict(saved["state_dict"])
+        except RuntimeError as exc:
+            from .checkpoint import describe_mismatch
+
+            raise InputError(f"Cannot resume: {output} does not fit the model built from {checkpoint}: "
+                             f"{describe_mismatch(model, saved['state_dict'], exc)}.") from exc
+        start = {**saved["extra"]["resume"], "epoch": int(saved["epoch"])}
+    start_epoch = start["epoch"] if start else 0
+    head_line = {"config": asdict(cfg), "checkpoint": str(checkpoint), "arch": ckpt["arch"],
+                 "source_fingerprint": ckpt.get("data_fingerprint"), "train": str(train_data), "test": str(test_data),
+                 "num_classes": num_classes, "device": str(device), "precision": precision}
+    if saved is not None:  # the epochs it redoes are dropped from the log, the records before kept
+        jlog = JsonLog.resume(log_path, start_epoch)
+        jlog.write({"event": "resume", **head_line, "start_epoch": start_epoch})
+    else:  # held until the first checkpoint: a run stopped before it leaves no log to block a rerun
+        jlog = JsonLog(log_path, hold=True)
+        jlog.write({"event": "config", **head_line})
+    recipe = {"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")}
+    history: list[dict] = list(saved["extra"].get("history", [])) if saved else []
+    unsaved = [0.0]  # seconds of epochs since the last checkpoint
+
+    def write_checkpoint(extra: dict) -> None:
+        save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
+                        recipe=recipe, data_fingerprint=train_fp, epoch=len(history),
+                        small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
+                        image_size=image_size, extra={"history": history, "data": str(train_data), **extra})
+
+    def on_epoch(record: dict, state) -> None:
+        history.append(record)
+        unsaved[0] += record["epoch_time_s"] + record.get("test_time_s", 0.0)
+        if output is None or record["epoch"] + 1 == cfg.epochs or unsaved[0] < checkpoint_every:
+            jlog.write(record)  # the last epoch's checkpoint is written with the summary
+            return
+        with output_group():  # this epoch's log and checkpoint are placed together; a failure leaves the last pair
+            jlog.write(record)
+            write_checkpoint({"resume": {**state(), "source": str(checkpoint), "source_fingerprint": source_fp,
+                                         "test": str(test_data), "test_fingerprint": test_fp}})
+            jlog.release()  # from the first checkpoint on, the log is written as it grows
+        unsaved[0] = 0.0
+
     kw = {"batch_size": cfg.test_batch_size, "res": cfg.res, "workers": cfg.workers, "device": device}
     test_loader = eval_loader(test_data, **kw)
     val_loader = eval_loader(train_data, indices=va_idx, **kw) if len(va_idx) else None
     started = time.perf_counter()
     if cfg.mode == "lp":
         train_rows = inference_loader(train_data, indices=tr_idx, **kw)
-        history = _linear_probe(model, head, train_rows, test_loader, val_loader, cfg, device, precision, jlog,
-                                progress)
+        _linear_probe(model, head, train_rows, test_loader, val_loader, cfg, device, precision, progress, start,
+                      on_epoch)
     else:
         # every training image each epoch, as DP4TL's loader (drop_last=False); only a last batch of a single
         # image is dropped, since BatchNorm in training mode cannot normalise one sample with a 1x1 feature map
         loader = train_loader(train_data, batch_size=cfg.batch_size, res=cfg.res, workers=cfg.workers, device=device,
                               seed=cfg.seed, indices=tr_idx if len(va_idx) else None,
                               drop_last=len(tr_idx) % cfg.batch_size == 1)
-        history = _full_finetune(model, loader, test_loader, val_loader, cfg, device, precision, jlog, progress)
+        _full_finetune(model, loader, test_loader, val_loader, cfg, device, precision, progress, start, on_epoch)
 
     tests = [h["test_top1"] for h in history]
     best = int(np.argmax(tests))
     result = FinetuneResult(
         mode=cfg.mode, checkpoint=str(checkpoint), target_classes=num_classes, train_images=len(tr_idx),
         val_images=len(va_idx), test_images=test_b.num_samples, epochs=cfg.epochs, final_test_top1=tests[-1],
-        best_test_top1=tests[best], best_test_epoch=best, output=str(output) if output else None,
-        log=str(log_path) if log_path else None, seconds=time.perf_counter() - started, config=asdict(cfg),
-        history=history,
+        best_test_top1=tests[best], best_test_epoch=best, start_epoch=start_epoch,
+        output=str(output) if output else None, log=str(log_path) if log_path else None,
+        seconds=time.perf_counter() - started, config=asdict(cfg), history=history,
     )
     if len(va_idx):
         vals = [h["val_top1"] for h in history]
         bv = int(np.argmax(vals))
         result.best_val_top1, result.best_val_epoch, result.test_top1_at_best_val = vals[bv], bv, tests[bv]
     summary = {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
-    jlog.write({"event": "summary", **summary})
-    with output_group():  # the checkpoint and the log are placed together: a log on disk means the run completed
-        if output is not None:
-            save_checkpoint(output, arch=ckpt["arch"], num_classes=num_classes, state_dict=model.state_dict(),
-                            recipe={"finetune": asdict(cfg), "source_recipe": ckpt.get("recipe")},
-                            data_fingerprint=train_fp, epoch=cfg.epochs,
-                            small_input=bool(ckpt["small_input"]), blurpool=bool(ckpt.get("blurpool")),
-                            image_size=image_size,
-                            extra={"history": history, "summary": summary, "data": str(train_data)})
+    with output_group():  # the checkpoint and the log are placed together: a summary in the log means it completed
+        jlog.write({"event": "summary", **summary})
+        if output is not None:  # the finished run's checkpoint keeps no resume state: there is nothing to continue
+            write_checkpoint({"summary": summary})
         jlog.release()
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -313,3 +314,112 @@ def test_a_vit_is_transferred_at_another_resolution_and_from_dinos_layout(tmp_pa
 
     ff = finetune(ckpt, train, test, config=FinetuneConfig(mode="ff", epochs=1, batch_size=4, res=32, workers=1))
     assert np.isfinite(ff.history[0]["train_loss"]) and ff.train_images == 12
+
+
+def _stop_at(monkeypatch, epoch: int):
+    """Make the run stop (as Ctrl-C would) in epoch `epoch` (0-based), after its training and before its checkpoint."""
+    import dptool.finetune
+
+    check = dptool.finetune._check_loss
+
+    def stopping(train_loss, at, cfg):
+        check(train_loss, at, cfg)
+        if at == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dptool.finetune, "_check_loss", stopping)
+
+
+def _metrics(history):
+    return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]  # times differ between runs
+
+
+@pytest.mark.parametrize("mode", ["lp", "ff"])
+def test_a_stopped_run_resumed_ends_as_an_uninterrupted_one(tmp_path, target, source_ckpt, mode, monkeypatch,
+                                                            one_thread):
+    """Stopped in epoch 3 of 4 (Ctrl-C, through the CLI), the run leaves the checkpoint and log of epoch 2;
+    `--resume` continues it and ends with the weights, history and summary of a run that was not stopped, bit for
+    bit on the CPU (LP re-extracts its features; the optimizer, cosine schedule and sample order continue)."""
+    train, test = target
+    lr = "0.01" if mode == "lp" else "0.001"
+    args = ["finetune", str(source_ckpt), str(train), str(test), "--mode", mode, "--epochs", "4", "--batch-size",
+            "16", "--res", "16", "--lr", lr, "--val-fraction", "0.2", "--workers", "1", "--checkpoint-every", "0",
+            "--json"]
+    whole = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "whole.pt")], catch_exceptions=False)
+    assert whole.exit_code == 0, whole.output
+    out = tmp_path / "ft.pt"
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        stopped = CliRunner().invoke(cli, [*args, "-o", str(out)])
+    assert stopped.exit_code == 130, stopped.output
+    ckpt = read_checkpoint(out)
+    assert ckpt["epoch"] == 2 and ckpt["extra"]["resume"] and "summary" not in ckpt["extra"]
+    logged = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in logged] == [None, 0, 1]
+
+    again = CliRunner().invoke(cli, [*args, "-o", str(out)])  # a rerun is told about --resume
+    assert again.exit_code == 2 and "pass --force to overwrite it, or --resume to continue" in again.output
+    resumed = CliRunner().invoke(cli, [*args, "-o", str(out), "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    a, b = json.loads(whole.output), json.loads(resumed.output)
+    assert (a["start_epoch"], b["start_epoch"]) == (0, 2)
+    assert _metrics(b["history"]) == _metrics(a["history"]) and len(b["history"]) == 4
+    for key in ("final_test_top1", "best_test_top1", "best_test_epoch", "best_val_top1", "test_top1_at_best_val"):
+        assert b[key] == a[key], key
+    w, r = read_checkpoint(tmp_path / "whole.pt"), read_checkpoint(out)
+    assert w["state_dict"].keys() == r["state_dict"].keys()
+    assert all(torch.equal(w["state_dict"][k], r["state_dict"][k]) for k in w["state_dict"])
+    assert r["epoch"] == 4 and "resume" not in r["extra"] and r["extra"]["summary"]["start_epoch"] == 2
+
+    logged = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in logged] == ["config", "epoch", "epoch", "resume", "epoch", "epoch", "summary"]
+    info = json.loads(CliRunner().invoke(cli, ["info", str(tmp_path / "ft.jsonl"), "--json"],
+                                         catch_exceptions=False).output)
+    assert (info["run"], info["epochs_done"], info["resumed_at"], info["complete"]) == ("finetune", 4, [2], True)
+
+
+def test_resume_refuses_what_would_not_continue_the_run(tmp_path, target, source_ckpt, tiny_beton, monkeypatch,
+                                                        one_thread):
+    """One sentence for each: no -o, no checkpoint, a changed recipe, another test file or pretrained checkpoint,
+    a finished run, a checkpoint of dptool train."""
+    train, test = target
+    out = tmp_path / "ft.pt"
+    cfg = FinetuneConfig(epochs=3, batch_size=16, res=16, workers=1)
+
+    def run(**kw):
+        kw = {"config": cfg, "output": out, "resume": True, "checkpoint_every": 0, **kw}
+        return finetune(kw.pop("source", source_ckpt), train, kw.pop("test", test), **kw)
+
+    with pytest.raises(InputError, match="--resume continues the run whose checkpoint -o names; give -o"):
+        run(output=None)
+    with pytest.raises(InputError, match="--checkpoint-every"):
+        run(checkpoint_every=float("nan"), resume=False)
+    with pytest.raises(InputError, match=r"Cannot resume: checkpoint .*ft\.pt does not exist"):
+        run()
+    with monkeypatch.context() as m:
+        _stop_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run(resume=False)
+    assert read_checkpoint(out)["epoch"] == 1
+    with pytest.raises(InputError, match=r"was finetuned with --lr 0\.01 --seed 0 but this run gives --lr 0\.1 "
+                                         r"--seed 1; give the options it began with"):
+        run(config=replace(cfg, lr=0.1, seed=1))
+    with pytest.raises(InputError, match="--epochs 3 but this run gives --epochs 5"):  # the cosine's length
+        run(config=replace(cfg, epochs=5))
+    other_test = tmp_path / "other_test.beton"
+    shutil.copy(train, other_test)
+    shutil.copy(f"{train}.json", f"{other_test}.json")
+    with pytest.raises(InputError, match=r"was tested on .*val\.beton with fingerprint .* resume with the test file"):
+        run(test=other_test)
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, arch="resnet18", num_classes=4, state_dict=create_model("resnet18", 4).state_dict(),
+                    recipe={}, data_fingerprint=None, epoch=1)
+    with pytest.raises(InputError, match=r"was finetuned from .*src\.pt, whose weights differ from .*other\.pt's"):
+        run(source=other)
+    r = run(config=replace(cfg, workers=2, test_batch_size=7))  # these may change
+    assert r.start_epoch == 1 and len(r.history) == 3
+    with pytest.raises(InputError, match=r"holds a finished finetune of 3 epochs; there is nothing left to run"):
+        run()
+    with pytest.raises(InputError, match="was not written by dptool finetune"):
+        run(output=other)
