@@ -423,3 +423,21 @@ def test_resume_refuses_what_would_not_continue_the_run(tmp_path, target, source
         run()
     with pytest.raises(InputError, match="was not written by dptool finetune"):
         run(output=other)
+
+
+def test_checkpoints_wait_for_checkpoint_every(tmp_path, target, source_ckpt, monkeypatch, one_thread):
+    """No checkpoint before `checkpoint_every` seconds of epochs: a run stopped in its third epoch then leaves
+    nothing (no log either, which would block the rerun); the summary names the epoch a run resumed at."""
+    train, test = target
+    cfg = FinetuneConfig(epochs=3, batch_size=16, res=16, workers=1)
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(source_ckpt, train, test, config=cfg, output=tmp_path / "ft.pt", checkpoint_every=1e9)
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(KeyboardInterrupt):
+            finetune(source_ckpt, train, test, config=cfg, output=tmp_path / "ft.pt", checkpoint_every=0)
+    args = ["finetune", str(source_ckpt), str(train), str(test), "--epochs", "3", "--batch-size", "16", "--res", "16",
+            "--workers", "1", "-o", str(tmp_path / "ft.pt"), "--resume"]
+    text = CliRunner().invoke(cli, args, catch_exceptions=False).output
+    assert "LP of " in text and "3 epochs, 120 train / 0 val / 30 test images, resumed at epoch 3\n" in text, text
