@@ -95,8 +95,8 @@ def _checkpoint(s: dict) -> str:
     if s["kept_classes"] is not None:
         lines.append(f"pruned data: {s['kept_classes']} of {s['num_classes']} classes kept")
     recipe = s["recipe"].get("finetune", s["recipe"])
-    shown = ("epochs", "mode", "batch_size", "effective_batch_size", "lr", "effective_lr", "min_res", "max_res",
-             "res", "label_smoothing", "weight_decay", "seed")
+    shown = ("epochs", "mode", "optimizer", "schedule", "lr_peak_epoch", "batch_size", "effective_batch_size", "lr",
+             "effective_lr", "min_res", "max_res", "res", "label_smoothing", "weight_decay", "seed")
     lines.append("recipe: " + ", ".join(f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None))
     if s["last_epoch"]:
         lines.append(f"last epoch: {_metrics(s['last_epoch'])}")
@@ -137,8 +137,8 @@ def _run_log(s: dict) -> str:
                  + (f" ({s['kept_classes']} kept by pruning)" if s["kept_classes"] is not None else "")
                  + "".join(f"; {k} {s[k]}" for k in ("val", "test") if s[k]))
     recipe = s["recipe"]
-    shown = ("mode", "optimizer", "batch_size", "lr", "min_res", "max_res", "res", "label_smoothing", "weight_decay",
-             "val_fraction", "seed")
+    shown = ("mode", "optimizer", "schedule", "lr_peak_epoch", "batch_size", "lr", "min_res", "max_res", "res",
+             "label_smoothing", "weight_decay", "val_fraction", "seed")
     parts = [f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None]
     parts += [f"{k.replace('_', ' ')} {s[k]}" for k in ("effective_batch_size", "effective_lr", "world_size", "device",
                                                          "precision") if s.get(k) is not None]

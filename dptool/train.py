@@ -1,8 +1,10 @@
 """Pretraining on a `.beton` with the ffcv-imagenet recipe, on a CPU, one GPU or many processes under torchrun.
 
 The recipe (`TrainConfig`) is plain data: logged as the first line of the JSON-lines log and saved in every
-checkpoint. SGD with momentum; the learning rate ramps linearly from 0 to its peak at `lr_peak_epoch` and back
-to 0 at the end, stepped every iteration; label smoothing; progressive resizing from `min_res` to `max_res`.
+checkpoint. By default SGD with momentum; the learning rate ramps linearly from 0 to its peak at `lr_peak_epoch`
+and back to 0 at the end (`schedule="ramp"`), or, with `schedule="cosine"`, ramps up the same way and then follows a
+half cosine down to 0 at the end; stepped every iteration; label smoothing; progressive resizing from `min_res` to
+`max_res`. `RECIPES["vit"]` is DP4TL's ViT-B/16 recipe (AdamW, 10 warm-up epochs then cosine, weight decay 0.3).
 A pruned `.beton` keeps its original labels and head width (the sidecar's `num_classes`); validation reports
 accuracy on the val images of the kept classes (`val_top1`) and on all of them (`val_top1_all`).
 """
@@ -26,8 +28,8 @@ from .atomic import atomic_output, check_output_path, output_group
 from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, open_beton
 from .errors import DptoolError, InputError, check_number, check_seed
 
-__all__ = ["TrainConfig", "TrainResult", "train", "config_from_options", "resolution_at", "lr_at", "evaluate",
-           "autocast", "grad_scaler", "train_step", "resolve_precision", "JsonLog", "TrainingDiverged",
+__all__ = ["TrainConfig", "TrainResult", "RECIPES", "train", "config_from_options", "resolution_at", "lr_at",
+           "evaluate", "autocast", "grad_scaler", "train_step", "resolve_precision", "JsonLog", "TrainingDiverged",
            "LOSS_CHECK_EVERY"]
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,9 @@ class TrainConfig:
     # peak learning rate per 256 images of effective batch (linear scaling): ffcv-imagenet's and DP4TL's ResNet-18
     # peak is 0.5 at batch 1024, i.e. 0.125 per 256 (ffcv-imagenet's ResNet-50: 1.7 at 8 x 512, 0.106)
     lr: float = 0.125
-    lr_peak_epoch: float = 2.0
+    lr_peak_epoch: float = 2.0  # the end of the linear warm-up, for both schedules
+    optimizer: str = "sgd"  # sgd (momentum `momentum`) | adamw (betas (`momentum`, 0.999), decoupled weight decay)
+    schedule: str = "ramp"  # ramp (linear up, linear down to 0) | cosine (linear up, half cosine down to 0)
     momentum: float = 0.9
     weight_decay: float = 5e-5
     label_smoothing: float = 0.1
@@ -76,7 +80,8 @@ class TrainConfig:
     seed: int = 0
 
     def peak_epoch(self) -> float:
-        """The epoch of the learning rate's peak: `lr_peak_epoch`, at most half of `epochs`."""
+        """The epoch of the learning rate's peak (the end of the warm-up): `lr_peak_epoch`, at most half of
+        `epochs`."""
         return min(self.lr_peak_epoch, self.epochs / 2)
 
     def ramp(self) -> tuple[int, int]:
@@ -103,6 +108,13 @@ class TrainConfig:
         check_number("--lr", self.lr, low=0, low_open=True)
         check_number("--lr-peak-epoch", self.lr_peak_epoch, low=0)
         check_number("--momentum", self.momentum, low=0, high=1)
+        if self.optimizer not in ("sgd", "adamw"):
+            raise InputError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}.")
+        if self.schedule not in ("ramp", "cosine"):
+            raise InputError(f"--schedule must be ramp or cosine, got {self.schedule!r}.")
+        if self.optimizer == "adamw" and self.momentum >= 1:
+            raise InputError(f"--momentum is AdamW's beta1 with --optimizer adamw and must be below 1, got "
+                             f"{self.momentum}.")
         check_number("--weight-decay", self.weight_decay, low=0)
         if self.res_step < 1 or self.val_res < 8 or self.workers < 0:
             raise InputError(f"res_step must be >= 1, --val-res >= 8 and --workers >= 0, got {self.res_step}, "
@@ -111,6 +123,18 @@ class TrainConfig:
             raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise InputError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
+
+
+#: Named recipes (`dptool train --recipe`): the TrainConfig fields each sets; options given with it override them.
+#: "vit" is DP4TL's vit_b_16_100 (dp4tl.md section 7): ViT-B/16, 100 epochs, batch 100 per GPU on 4 GPUs, AdamW at
+#: 3e-3 for that batch of 400 (1.92e-3 per 256 images, as --lr counts), weight decay 0.3 on every parameter, label
+#: smoothing 0.11, 10 linear warm-up epochs then cosine to 0, 224 px throughout.
+RECIPES: dict[str, dict] = {
+    "resnet": {},
+    "vit": {"arch": "vit_b_16", "optimizer": "adamw", "schedule": "cosine", "epochs": 100, "batch_size": 100,
+            "lr": 1.92e-3, "lr_peak_epoch": 10.0, "weight_decay": 0.3, "label_smoothing": 0.11, "min_res": 224,
+            "max_res": 224, "val_res": 224},
+}
 
 
 def resolution_at(config: TrainConfig, epoch: int) -> int:
@@ -122,9 +146,13 @@ def resolution_at(config: TrainConfig, epoch: int) -> int:
 
 
 def lr_at(config: TrainConfig, progress: float, peak_lr: float) -> float:
-    """Learning rate at `progress` epochs (fractional): 0 -> peak at lr_peak_epoch -> 0 at the last epoch."""
-    peak_epoch = config.peak_epoch()
-    return float(np.interp(progress, [0.0, peak_epoch, float(config.epochs)], [0.0, peak_lr, 0.0]))
+    """Learning rate at `progress` epochs (fractional): linear from 0 to `peak_lr` at `peak_epoch()`, then down to 0
+    at the last epoch, linearly (`ramp`) or along a half cosine (`cosine`)."""
+    peak_epoch, epochs = config.peak_epoch(), float(config.epochs)
+    if config.schedule == "cosine" and progress > peak_epoch:
+        done = min((progress - peak_epoch) / (epochs - peak_epoch), 1.0)
+        return float(peak_lr * 0.5 * (1.0 + math.cos(math.pi * done)))
+    return float(np.interp(progress, [0.0, peak_epoch, epochs], [0.0, peak_lr, 0.0]))
 
 
 def autocast(device, precision: str):
@@ -336,8 +364,10 @@ def _fixed_size(config: TrainConfig, has_val: bool) -> int | None:
 
 
 # what a resumed run must share with the checkpoint's: the rest of its trajectory depends on them
-_RESUME_FIXED = ("batch_size", "lr", "lr_peak_epoch", "momentum", "weight_decay", "label_smoothing", "min_res",
-                 "max_res", "start_ramp", "end_ramp", "res_step", "seed")
+_RESUME_FIXED = ("optimizer", "schedule", "batch_size", "lr", "lr_peak_epoch", "momentum", "weight_decay",
+                 "label_smoothing", "min_res", "max_res", "start_ramp", "end_ramp", "res_step", "seed")
+# what checkpoints written before a field was recorded followed
+_BEFORE_FIELD = {"optimizer": "sgd", "schedule": "ramp"}
 
 
 def _flag(name: str) -> str:
@@ -373,7 +403,7 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
                          "checkpoints); only a checkpoint of dptool train can be resumed.")
     if int(ckpt["epoch"]) >= config.epochs:
         raise InputError(f"Cannot resume: {output} already holds {ckpt['epoch']} epochs; raise --epochs above that.")
-    recipe = ckpt.get("recipe") or {}
+    recipe = {**_BEFORE_FIELD, **(ckpt.get("recipe") or {})} if ckpt.get("recipe") else {}
     # a ramp left to its default (None) follows --epochs, which may change
     changed = [name for name in _RESUME_FIXED
                if recipe.get(name) is not None and recipe[name] != getattr(config, name)]
@@ -381,8 +411,10 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
         def flags(values) -> str:
             return " ".join(f"{_flag(name)} {values(name)}" for name in changed)
 
+        preset = next((f" (--recipe {name} sets them)" for name, values in RECIPES.items()
+                       if set(changed) <= set(values) and all(values[k] == recipe[k] for k in changed)), "")
         raise InputError(f"Cannot resume: {output} was trained with {flags(recipe.get)} but this run gives "
-                         f"{flags(lambda name: getattr(config, name))}; give the options it was trained with "
+                         f"{flags(lambda name: getattr(config, name))}; give the options it was trained with{preset} "
                          "(--epochs, --val, --val-res, --val-batch-size, --workers and --precision may change).")
     was, world = recipe.get("world_size"), dist.world_size()
     if was is not None and int(was) != world:  # the effective batch, and the peak learning rate scaled by it
@@ -444,7 +476,7 @@ def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None
 
 def _model_and_optimizer(config: TrainConfig, num_classes: int, image_size: int | None, ckpt: dict | None, device,
                          precision: str, world: int, peak_lr: float):
-    """The model (DDP-wrapped under torchrun), its SGD optimizer and the fp16 grad scaler, on `device`; with
+    """The model (DDP-wrapped under torchrun), its optimizer and the fp16 grad scaler, on `device`; with
     `ckpt` (a resume) all three continue from the checkpoint's state."""
     import torch
 
@@ -459,14 +491,23 @@ def _model_and_optimizer(config: TrainConfig, num_classes: int, image_size: int 
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                                           else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = _optimizer(config, model.parameters(), peak_lr)
     scaler = grad_scaler(precision)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if ckpt["extra"].get("scaler_state"):
             scaler.load_state_dict(ckpt["extra"]["scaler_state"])
     return model, optimizer, scaler
+
+
+def _optimizer(config: TrainConfig, params, lr: float):
+    """`config.optimizer` over `params`, weight decay on every parameter (as DP4TL, biases and norms included):
+    SGD with `momentum`, or AdamW with betas (`momentum`, 0.999) and its decoupled decay."""
+    import torch
+
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfig, epoch: int, peak_lr: float,
@@ -653,6 +694,15 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     )
 
 
-def config_from_options(**options) -> TrainConfig:
-    """A TrainConfig from CLI options (None = the default)."""
-    return replace(TrainConfig(), **{k: v for k, v in options.items() if v is not None})
+def config_from_options(*, recipe: str | None = None, **options) -> TrainConfig:
+    """A TrainConfig from CLI options: the `RECIPES` entry `recipe` (None: "resnet", the defaults), with the
+    options that are not None on top. Warns when a ViT is given the SGD recipe without `recipe` naming it."""
+    if recipe is not None and recipe not in RECIPES:
+        raise InputError(f"Unknown recipe {recipe!r}; accepted: {', '.join(sorted(RECIPES))}.")
+    config = replace(TrainConfig(), **{**RECIPES.get(recipe, {}), **{k: v for k, v in options.items()
+                                                                      if v is not None}})
+    if recipe is None and config.arch.startswith("vit") and config.optimizer == "sgd" and dist.launch_rank() == 0:
+        log.warning("%s trains with the ResNet recipe (SGD, linear ramp, weight decay %g), which ViTs train poorly "
+                    "with; --recipe vit gives DP4TL's ViT-B/16 recipe (AdamW, warm-up then cosine, weight decay 0.3), "
+                    "--recipe resnet keeps this one without this warning", config.arch, config.weight_decay)
+    return config

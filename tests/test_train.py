@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +19,15 @@ from dptool.checkpoint import read_checkpoint, save_checkpoint
 from dptool.cli.main import cli
 from dptool.errors import InputError
 from dptool.models import create_model
-from dptool.train import TrainConfig, _kept_classes, evaluate, lr_at, resolution_at, resolve_precision
+from dptool.train import (
+    TrainConfig,
+    _kept_classes,
+    config_from_options,
+    evaluate,
+    lr_at,
+    resolution_at,
+    resolve_precision,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
 
@@ -404,6 +414,143 @@ def test_cli_refuses_a_nan_learning_rate(train_val_betons, tmp_path):
     code, text = _run(["train", str(train), "-o", str(tmp_path / "m.pt"), "--lr", "nan", *FAST[:2]])
     assert code == 2 and "--lr must be a finite number > 0, got nan." in text
     assert not (tmp_path / "m.pt").exists()
+
+
+# --recipe vit on resnet_tiny (a ViT-B/16 checkpoint with AdamW's moments is 1 GB): the recipe's mechanics, at 16 px
+TINY_VIT = ["--recipe", "vit", "--arch", "resnet_tiny", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16",
+            "--min-res", "16", "--max-res", "16", "--val-res", "16", "--workers", "1"]
+
+
+def _reference_lr(step: int, iters: int, epochs: int, warmup: float, peak: float, schedule: str) -> float:
+    """The documented schedule, written apart from `lr_at`: the lr of global step `step` (from 1), set at the end
+    of the step's share of its epoch; linear from 0 to `peak` over `warmup` epochs (at most half of them), then down
+    to 0 at `epochs`: linearly (ramp) or along half a cosine (cosine)."""
+    t = step / iters
+    w = min(warmup, epochs / 2)
+    if t <= w:
+        return peak * t / w
+    if schedule == "ramp":
+        return peak * (epochs - t) / (epochs - w)
+    return peak * (1 + math.cos(math.pi * (t - w) / (epochs - w))) / 2
+
+
+def test_vit_recipe_is_dp4tls_and_overrides_win():
+    vit = config_from_options(recipe="vit")
+    assert (vit.arch, vit.optimizer, vit.schedule, vit.epochs, vit.batch_size, vit.lr_peak_epoch, vit.weight_decay,
+            vit.label_smoothing, vit.min_res, vit.max_res, vit.val_res) == (
+        "vit_b_16", "adamw", "cosine", 100, 100, 10.0, 0.3, 0.11, 224, 224, 224)
+    # --lr is per 256 images: DP4TL's 3e-3 at its batch of 100 per GPU x 4 GPUs
+    assert vit.lr * 4 * vit.batch_size / 256 == pytest.approx(3e-3, rel=1e-12)
+    assert (vit.momentum, vit.seed, vit.small_input) == (0.9, 0, False)  # what it leaves: AdamW's beta1 0.9
+    assert config_from_options(recipe="vit", lr=1e-3, epochs=5).lr == 1e-3  # an option given wins over the recipe
+    assert config_from_options(recipe="resnet") == config_from_options() == TrainConfig()
+    with pytest.raises(InputError, match=r"Unknown recipe 'deit'; accepted: resnet, vit\."):
+        config_from_options(recipe="deit")
+    # DP4TL's schedule, without its bug: 10 warm-up epochs to 3e-3, then the cosine over the other 90 (theirs
+    # also decayed during the warm-up, reached 0 at epoch 90 and rose again to 3% by epoch 100)
+    assert lr_at(vit, 5.0, 3e-3) == pytest.approx(1.5e-3) and lr_at(vit, 10.0, 3e-3) == pytest.approx(3e-3)
+    assert lr_at(vit, 55.0, 3e-3) == pytest.approx(1.5e-3) and lr_at(vit, 100.0, 3e-3) == 0.0
+    for p in np.linspace(0, 100, 401):
+        assert lr_at(vit, p, 3e-3) == pytest.approx(_reference_lr(p, 1, 100, 10, 3e-3, "cosine"), abs=1e-15)
+    short = replace(vit, epochs=4)  # the warm-up, like the ramp's peak, at most half of --epochs
+    assert lr_at(short, 2.0, 1.0) == 1.0 and lr_at(short, 3.0, 1.0) == pytest.approx(0.5)
+    for change, message in (({"optimizer": "adam"}, "--optimizer must be sgd or adamw, got 'adam'."),
+                            ({"schedule": "step"}, "--schedule must be ramp or cosine, got 'step'."),
+                            ({"momentum": 1.0}, "--momentum is AdamW's beta1 with --optimizer adamw and must be")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            replace(vit, **change).validate()
+
+
+def test_a_vit_without_a_recipe_is_told_of_the_vit_recipe(caplog):
+    with caplog.at_level("WARNING", logger="dptool.train"):
+        config_from_options(arch="resnet18")
+        config_from_options(arch="vit_b_16", recipe="resnet")
+        config_from_options(arch="vit_b_16", optimizer="adamw")
+        assert not caplog.records
+        config_from_options(arch="vit_b_16")
+    assert [r.getMessage() for r in caplog.records] == [
+        "vit_b_16 trains with the ResNet recipe (SGD, linear ramp, weight decay 5e-05), which ViTs train poorly with; "
+        "--recipe vit gives DP4TL's ViT-B/16 recipe (AdamW, warm-up then cosine, weight decay 0.3), --recipe resnet "
+        "keeps this one without this warning"]
+
+
+@pytest.mark.parametrize("recipe", ["vit", "resnet"])
+def test_each_step_follows_the_recipes_optimizer_and_schedule(tmp_path, monkeypatch, train_val_betons, one_thread,
+                                                              recipe):
+    """Every step's learning rate equals the documented schedule; the optimizer and loss are the recipe's."""
+    import dptool.train
+
+    train, val = train_val_betons
+    seen = []
+    real_step = dptool.train.train_step
+
+    def recording_step(model, optimizer, scaler, criterion, *args):
+        seen.append((optimizer, dict(optimizer.param_groups[0]), criterion.label_smoothing))
+        return real_step(model, optimizer, scaler, criterion, *args)
+
+    monkeypatch.setattr(dptool.train, "train_step", recording_step)
+    args = [*TINY_VIT[2:], "--recipe", recipe, "--lr", "0.32"]
+    code, text = _run(["train", str(train), "--val", str(val), "-o", str(tmp_path / "m.pt"), "--json", *args])
+    assert code == 0, text
+    iters = 160 // 16
+    assert len(seen) == 3 * iters
+    peak = 0.32 * 16 / 256
+    schedule = {"vit": "cosine", "resnet": "ramp"}[recipe]
+    expected = [_reference_lr(k, iters, 3, 1.0, peak, schedule) for k in range(1, 3 * iters + 1)]
+    assert [group["lr"] for _, group, _ in seen] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    optimizer, group, smoothing = seen[0]
+    if recipe == "vit":
+        assert type(optimizer) is torch.optim.AdamW and smoothing == 0.11
+        assert (group["betas"], group["eps"], group["weight_decay"], group["amsgrad"]) == ((0.9, 0.999), 1e-8, 0.3,
+                                                                                           False)
+    else:
+        assert type(optimizer) is torch.optim.SGD and smoothing == 0.1
+        assert (group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"]) == (0.9, 0, False,
+                                                                                                     5e-5)
+    # one parameter group: the weight decay reaches every parameter, biases and norms too (as DP4TL's)
+    assert len(optimizer.param_groups) == 1
+    assert sum(p.numel() for p in group["params"]) == sum(
+        p.numel() for p in create_model("resnet_tiny", 4).parameters())
+
+
+def test_resume_refuses_another_optimizer_or_schedule_and_info_shows_them(tmp_path, train_val_betons, one_thread):
+    train, val = train_val_betons
+    out = tmp_path / "m.pt"
+    run = ["train", str(train), "--val", str(val), "-o", str(out)]
+    code, text = _run([*run, *TINY_VIT, "--epochs", "1"])  # the last of an option given twice counts
+    assert code == 0, text
+    ckpt = read_checkpoint(out)
+    assert (ckpt["recipe"]["optimizer"], ckpt["recipe"]["schedule"]) == ("adamw", "cosine")
+    assert set(ckpt["optimizer_state"]["param_groups"][0]) >= {"betas", "eps"}
+    before = out.read_bytes()
+    code, text = _run([*run, "--resume", *TINY_VIT[2:], "--epochs", "2"])  # no --recipe vit
+    assert code == 2, text
+    assert ("was trained with --optimizer adamw --schedule cosine --lr 0.00192 --weight-decay 0.3 --label-smoothing "
+            "0.11 but this run gives --optimizer sgd --schedule ramp --lr 0.125 --weight-decay 5e-05 "
+            "--label-smoothing 0.1; give the options it was trained with (--recipe vit sets them)") in text
+    code, text = _run([*run, "--resume", *TINY_VIT, "--schedule", "ramp"])
+    assert code == 2 and "was trained with --schedule cosine but this run gives --schedule ramp; give" in text, text
+    assert out.read_bytes() == before
+    code, text = _run([*run, "--resume", *TINY_VIT, "--epochs", "2", "--json"])
+    assert code == 0, text
+    assert json.loads(text)["start_epoch"] == 1
+
+    code, text = _run(["info", str(out)])
+    assert code == 0 and "optimizer adamw, schedule cosine, lr_peak_epoch 1.0, " in text, text
+    code, text = _run(["info", str(tmp_path / "m.jsonl")])
+    assert code == 0 and "optimizer adamw, schedule cosine, lr_peak_epoch 1.0, " in text, text
+    code, text = _run(["info", str(out), "--json"])
+    assert json.loads(text)["recipe"]["optimizer"] == "adamw"
+
+    # a checkpoint written before the optimizer and schedule were recorded trained with SGD and the ramp
+    code, text = _run(["train", str(train), "-o", str(tmp_path / "old.pt"), *TINY_VIT[2:], "--epochs", "1"])
+    assert code == 0, text
+    old = torch.load(tmp_path / "old.pt", weights_only=False)
+    old["recipe"] = {k: v for k, v in old["recipe"].items() if k not in ("optimizer", "schedule")}
+    torch.save(old, tmp_path / "old.pt")
+    code, text = _run(["train", str(train), "-o", str(tmp_path / "old.pt"), "--resume", *TINY_VIT[2:], "--epochs",
+                       "2", "--optimizer", "adamw"])
+    assert code == 2 and "was trained with --optimizer sgd but this run gives --optimizer adamw" in text, text
 
 
 def test_the_default_recipe_trains_to_a_known_digest(tmp_path, train_val_betons, one_thread):
