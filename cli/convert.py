@@ -66,6 +66,8 @@ def _human(r) -> str:
     help="Unreadable images: skip and list them, or stop.",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Encoding worker processes; 0 = all cores.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted conversion to OUT (same source and options; --workers may differ).")
 @force_option
 @json_option
 def command(
@@ -81,6 +83,7 @@ def command(
     seed,
     on_error,
     workers,
+    resume,
     force,
     as_json,
 ):
@@ -88,6 +91,7 @@ def command(
 
     \b
     dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18
+    dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18 --resume   # after a stop
     dptool convert --format torchvision:Flowers102 ~/data flowers_train.beton --split train
     dptool convert --format coop:split_zhou_OxfordPets.json oxford_pets/images pets_train.beton --split train
     """
@@ -102,5 +106,6 @@ def command(
         on_error=on_error,
         force=force,
         progress=show_progress(as_json),
+        resume=resume,
     )
     emit(result, as_json, _human)

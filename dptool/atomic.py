@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .errors import DptoolError, InputError
 
-__all__ = ["atomic_output", "check_output_path", "is_write_error", "output_group", "pwrite_all", "temp_path_for",
-           "write_error"]
+__all__ = ["atomic_output", "check_output_path", "is_write_error", "output_group", "pwrite_all", "sweep_stale",
+           "temp_path_for", "write_durably", "write_error"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,28 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def write_durably(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably: written under a temporary name, flushed to the disk, renamed,
+    and the folder flushed, so that a crash at any point leaves the old contents or the new ones."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            try:
+                os.fsync(f.fileno())
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: a file system without fsync
+                    raise
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _flush_folder(os.fspath(path.parent))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -110,6 +132,11 @@ def _sweep_stale(out: Path) -> None:
                     size = entry.stat(follow_symlinks=False).st_size
                     log.warning("%s (%d bytes) is the temporary file of another or an interrupted run; delete it "
                                 "if no dptool is writing %s", entry.path, size, out)
+
+
+def sweep_stale(path: str | os.PathLike) -> None:
+    """Remove the temporary files of `path` left by interrupted runs of this machine (see `check_output_path`)."""
+    _sweep_stale(Path(path))
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
@@ -155,20 +182,25 @@ class _Group:
 
     def __init__(self):
         self.staged: list[tuple[Path, Path, Path | None]] = []
+        self.kept: set[str] = set()  # temporaries that their caller manages (a resumable partial): never deleted
 
-    def add(self, tmp: Path, final: Path, companion_of: Path | None) -> None:
+    def add(self, tmp: Path, final: Path, companion_of: Path | None, keep: bool = False) -> None:
         for i, (t, f, _) in enumerate(self.staged):
             if os.path.abspath(f) == os.path.abspath(final):  # written again (a log): the newer one counts
-                with contextlib.suppress(FileNotFoundError):
-                    t.unlink()
+                if os.path.abspath(t) not in self.kept:
+                    with contextlib.suppress(FileNotFoundError):
+                        t.unlink()
                 del self.staged[i]
                 break
+        if keep:
+            self.kept.add(os.path.abspath(tmp))
         self.staged.append((tmp, final, companion_of))
 
     def discard(self) -> None:
         for tmp, _, _ in self.staged:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if os.path.abspath(tmp) not in self.kept:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
         self.staged.clear()
 
     def _order(self) -> list[tuple[Path, Path, Path | None]]:
@@ -333,17 +365,21 @@ def output_group() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, companion_of: str | os.PathLike | None = None) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, *, companion_of: str | os.PathLike | None = None,
+                  temp: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path` (inside `output_group`, when the
     group ends), on any error delete it. `companion_of`: the output that `path` describes (a sidecar's .beton):
-    renamed right after it, and removed rather than left stale when it cannot be replaced after that output was."""
+    renamed right after it, and removed rather than left stale when it cannot be replaced after that output was.
+    `temp`: the caller's own temporary file in `path`'s folder (a resumable conversion's partial file), renamed
+    into place the same way but never deleted here: on an error its caller decides whether it stays."""
     final = Path(path)
-    tmp = temp_path_for(final)
+    tmp = temp_path_for(final) if temp is None else Path(temp)
     try:
         yield tmp
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if temp is None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         mapped = write_error(final, exc) if isinstance(exc, OSError) else None
         if mapped is not None:
             raise mapped from None
@@ -351,8 +387,8 @@ def atomic_output(path: str | os.PathLike, *, companion_of: str | os.PathLike | 
     companion_of = Path(companion_of) if companion_of is not None else None
     group = _GROUP.get()
     if group is not None:
-        group.add(tmp, final, companion_of)
+        group.add(tmp, final, companion_of, keep=temp is not None)
         return
     single = _Group()
-    single.add(tmp, final, companion_of)
+    single.add(tmp, final, companion_of, keep=temp is not None)
     single.commit()

@@ -6,6 +6,10 @@ on the number of workers. A file that cannot be read is left out and listed in t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import time
@@ -14,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output, output_group
+from .atomic import atomic_output, output_group, sweep_stale
 from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError, check_seed
 from .integrity import record_digests, sample_digests
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source, source_inputs
-from .writer import MAX_RESOLUTION, SkipSample, WriterParams, write_beton
+from .writer import MAX_RESOLUTION, Checkpoints, SkipSample, WriterParams, read_checkpoint, write_beton
 
-__all__ = ["WriterParams", "PRESETS", "writer_params", "ConvertResult", "convert", "write_beton"]
+__all__ = ["WriterParams", "PRESETS", "writer_params", "ConvertResult", "convert", "partial_paths", "write_beton"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,151 @@ def _refuse_output_in_class_folder(out: Path, src: str | os.PathLike, format: st
                          "it would be read as one of its images; write it outside the source's class folders.")
 
 
+#: Seconds between two progress records of a conversion (`--resume`); the environment variable is for tests.
+CHECKPOINT_SECONDS = 30.0
+_CHECKPOINT_ENV = "DPTOOL_CONVERT_CHECKPOINT_SECONDS"
+
+# what a resume refuses to continue when it changed, named in the refusal
+_IDENTITY_NAMES = {
+    "source": "the source (its files, their labels, sizes or modification times)",
+    "format": "--format", "split": "--split", "order": "--seed", "on_error": "--on-error",
+    "writer": "the writer options (--preset, --max-res, --write-mode, --jpeg-quality, --compress-prob)",
+    "max_pixels": "the decoder's pixel limit", "versions": "the version of dptool, FFCV, Pillow or OpenCV",
+}
+
+
+def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """The partial file of a conversion to `out` (``.NAME.partial``, kept when the conversion is interrupted) and its
+    progress record (``.NAME.partial.npz``)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.partial.npz")
+
+
+def _hash(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes | memoryview) else json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _file_list_hash(paths, labels: np.ndarray) -> str:
+    """A hash of each file's path, label, size and modification time (a missing file counts as such)."""
+    h = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    lines: list[str] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            lines.append(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        except OSError:
+            lines.append(f"{path}\0missing\n")
+        if len(lines) == 65536:  # hashed in batches: one update a line would double the time
+            h.update("".join(lines).encode("utf-8", "surrogateescape"))
+            lines.clear()
+    h.update("".join(lines).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _source_identity(src, source: SourceDataset) -> str:
+    """What tells this source from a changed one, without reading its images: the file list with sizes and times
+    (ImageFolder, CoOp), the file's size and time (.npz), or the torchvision dataset's files or arrays."""
+    common = [os.path.abspath(src), source.class_names, source.provenance]
+    if source.format == "imagefolder" or source.format.startswith("coop"):
+        return _hash(*common, _file_list_hash((source.describe(i) for i in range(len(source))), source.labels))
+    if source.format == "npz":
+        st = os.stat(src)
+        return _hash(*common, [st.st_size, st.st_mtime_ns], source.labels.tobytes())
+    ds = getattr(source, "dataset", None)
+    for attr in ("_image_files", "_images", "_samples"):
+        files = getattr(ds, attr, None)
+        if files:
+            paths = [os.fspath(f[0] if isinstance(f, tuple | list) else f) for f in files]
+            return _hash(*common, _file_list_hash(paths, source.labels))
+    data = getattr(ds, "data", None)
+    raw = np.ascontiguousarray(np.asarray(data)).tobytes() if data is not None else b""
+    return _hash(*common, source.labels.tobytes(), raw)
+
+
+def _run_identity(src, source: SourceDataset, order: np.ndarray, params: WriterParams, on_error: str,
+                  max_pixels: int) -> dict:
+    """What a resumed conversion must share with the interrupted one for its output to be the same bytes: each
+    part hashed or given as it is (the workers are left out: the bytes do not depend on them)."""
+    import cv2
+    import PIL
+
+    from . import __version__
+
+    ffcv = _ffcv_version()
+    writer = {**asdict(params), "page_size": params.resolved_page_size()}
+    writer.pop("num_workers")
+    return {"source": _source_identity(src, source), "format": source.format, "split": source.split,
+            "order": _hash(order.tobytes()), "on_error": on_error, "writer": writer, "max_pixels": max_pixels,
+            "versions": [__version__, ffcv, PIL.__version__, cv2.__version__]}
+
+
+def _ffcv_version() -> str:
+    """FFCV's version (its encoders make the bytes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ffcv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _partial_file(out: Path):
+    """Create (or open) the partial file of `out` and hold a lock on it while the conversion runs; refuse when
+    another conversion holds it."""
+    partial, _ = partial_paths(out)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"Another dptool is converting to {out} (its partial file {partial} is locked); wait "
+                             "for it to end or stop it.") from None
+        except OSError:
+            pass  # a file system without locks: as before, two runs at once are the user's to avoid
+        yield partial
+    finally:
+        os.close(fd)
+
+
+def _resume_from(out: Path, partial: Path, state_path: Path, identity: dict, *, resume: bool,
+                 force: bool) -> dict | None:
+    """The progress record to continue from, None to start over; refuse a resume of another conversion, and a
+    fresh start that would throw away an interrupted one without --resume or --force."""
+    state = None
+    if partial.stat().st_size > 0:  # else: none, or removed since (a record left alone describes nothing)
+        try:
+            state = read_checkpoint(state_path)
+        except InputError:
+            if resume or not force:
+                raise
+            log.warning("%s: an unreadable progress record, discarded with the partial file (--force)", state_path)
+            return None
+    if state is None:
+        if resume:
+            log.info("no interrupted conversion of %s to resume: starting from the beginning", out)
+        return None
+    where = f"{partial} holds an interrupted conversion of {out} ({state['done']} of {state['num_samples']} samples)"
+    if not resume:
+        if force:
+            log.warning("%s: discarded (--force without --resume starts over)", where)
+            return None
+        raise InputError(f"{where}; pass --resume to continue it, or --force to start over.")
+    if state["identity"] != _hash(identity):
+        try:
+            before = json.loads(state["details"])
+        except ValueError:
+            before = {}
+        changed = [_IDENTITY_NAMES.get(k, k) for k in identity if before.get(k) != json.loads(json.dumps(identity[k]))]
+        raise InputError(f"{where}, but {' and '.join(changed) or 'its configuration'} changed since; resume it with "
+                         "the same source and options, or pass --force without --resume to start over.")
+    log.info("resuming the conversion of %s at sample %d of %d", out, state["done"], state["num_samples"])
+    return state
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -120,8 +269,13 @@ def convert(
     force: bool = False,
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    resume: bool = False,
 ) -> ConvertResult:
-    """Convert `src` to the FFCV file `out` (+ sidecar); bad images are skipped and listed, or stop the run."""
+    """Convert `src` to the FFCV file `out` (+ sidecar); bad images are skipped and listed, or stop the run.
+
+    The file is written as ``.OUT.partial`` beside `out`, with a progress record every 30 s: an interrupted
+    conversion (Ctrl-C, a kill, a crash) keeps them, and `resume=True` continues it with the same bytes as an
+    uninterrupted run; without `resume`, an interrupted conversion is refused unless `force` starts over."""
     if on_error not in ("skip", "fail"):
         raise InputError(f"--on-error must be 'skip' or 'fail', got {on_error!r}.")
     if params.write_mode not in ("raw", "jpg", "smart", "proportion"):
@@ -144,47 +298,80 @@ def convert(
     order = np.arange(n) if params.shuffle_seed is None else np.random.default_rng(params.shuffle_seed).permutation(n)
 
     started = time.perf_counter()
+    identity = _run_identity(src, source, order, params, on_error, max_pixels)
+    _, state_path = partial_paths(out)
+    sweep_stale(state_path)
 
     def on_skip(index: int, reason: str) -> None:
         if on_error == "fail":
             raise InputError(f"Cannot read {source.describe(index)}: {reason} (use --on-error skip to skip it).")
         log.info("skipping %s: %s", source.describe(index), reason)
 
-    # the .beton and its sidecar are renamed into place together once both are complete: a failure (a full disk,
-    # an output that cannot be replaced) leaves neither, and the old pair untouched
-    with output_group():
-        with atomic_output(out) as tmp:
-            samples = _SourceSamples(source, params.max_resolution)
-            failures = write_beton(samples, tmp, order, params, progress=progress, on_skip=on_skip)
-            if failures:
-                log.warning("%d unreadable files skipped (listed in the sidecar)", len(failures))
-            order = order[~np.isin(order, np.fromiter(failures, dtype=np.int64, count=len(failures)))]
-            seconds = time.perf_counter() - started
-            beton = open_beton(tmp)
-            fp = fingerprint(beton)
-            # read back: the digests are of the bytes as they reached the file
-            digests = record_digests(out, sample_digests(beton, progress=progress))
-            skipped = [{"path": source.describe(i), "reason": failures[i]} for i in sorted(failures)]
-            counts = np.bincount(source.labels[order], minlength=len(source.class_names))
-            described = {
-                "num_samples": int(len(order)),
-                "num_classes": len(source.class_names),
-                "class_names": source.class_names,
-                "class_counts": counts.tolist(),
-                "fields": {"image": "RGBImageField", "label": "IntField"},
-                "writer": {
-                    **asdict(params),
-                    "num_workers": params.resolved_workers(),
-                    "page_size": params.resolved_page_size(),
-                },
-                "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split,
-                           **source.provenance},
-                "skipped": skipped,
-                "fingerprint": fp,
-                "digests": digests,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-        sidecar = write_sidecar(out, described)
+    with _partial_file(out) as partial:
+        resume_from = _resume_from(out, partial, state_path, identity, resume=resume, force=force)
+        if resume_from is None:  # starting over: a record left from another run must not describe the new bytes
+            with contextlib.suppress(FileNotFoundError):
+                state_path.unlink()
+        written = False
+        checkpoints = Checkpoints(state_path, _hash(identity), details=json.dumps(identity, sort_keys=True),
+                                  every_seconds=float(os.environ.get(_CHECKPOINT_ENV, CHECKPOINT_SECONDS)),
+                                  resume_from=resume_from)
+        try:
+            # the .beton and its sidecar are renamed into place together once both are complete: a failure (a full
+            # disk, an output that cannot be replaced) leaves neither, and the old pair untouched
+            with output_group():
+                with atomic_output(out, temp=partial) as tmp:
+                    samples = _SourceSamples(source, params.max_resolution)
+                    failures = write_beton(samples, tmp, order, params, progress=progress, on_skip=on_skip,
+                                           checkpoints=checkpoints)
+                    written = True
+                    if failures:
+                        log.warning("%d unreadable files skipped (listed in the sidecar)", len(failures))
+                    order = order[~np.isin(order, np.fromiter(failures, dtype=np.int64, count=len(failures)))]
+                    seconds = time.perf_counter() - started
+                    beton = open_beton(tmp)
+                    fp = fingerprint(beton)
+                    # read back: the digests are of the bytes as they reached the file
+                    digests = record_digests(out, sample_digests(beton, progress=progress))
+                    skipped = [{"path": source.describe(i), "reason": failures[i]} for i in sorted(failures)]
+                    counts = np.bincount(source.labels[order], minlength=len(source.class_names))
+                    described = {
+                        "num_samples": int(len(order)),
+                        "num_classes": len(source.class_names),
+                        "class_names": source.class_names,
+                        "class_counts": counts.tolist(),
+                        "fields": {"image": "RGBImageField", "label": "IntField"},
+                        "writer": {
+                            **asdict(params),
+                            "num_workers": params.resolved_workers(),
+                            "page_size": params.resolved_page_size(),
+                        },
+                        "source": {"path": str(Path(src).resolve()), "format": source.format, "split": source.split,
+                                   **source.provenance},
+                        "skipped": skipped,
+                        "fingerprint": fp,
+                        "digests": digests,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    }
+                sidecar = write_sidecar(out, described)
+        except BaseException as exc:
+            # kept when the write stopped (a kill, a crash, a full disk, a file under --on-error fail) or was
+            # interrupted later (reading it back is long); a failure after it (a sidecar that cannot be written, an
+            # output that cannot be replaced) leaves nothing, as for every output
+            kept = None
+            if not written or isinstance(exc, KeyboardInterrupt):
+                with contextlib.suppress(InputError):
+                    kept = read_checkpoint(state_path) if partial.exists() else None
+            if kept is not None:
+                log.warning("the interrupted conversion is kept in %s (%d of %d samples done): run the same command "
+                            "with --resume to continue it", partial, kept["done"], kept["num_samples"])
+            else:
+                for path in (partial, state_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            raise
+        with contextlib.suppress(FileNotFoundError):  # the partial is now the output
+            state_path.unlink()
     return ConvertResult(
         output=str(out),
         sidecar=str(sidecar),
@@ -192,7 +379,7 @@ def convert(
         num_classes=len(source.class_names),
         bytes=beton.file_size,
         seconds=seconds,
-        images_per_second=len(order) / max(seconds, 1e-9),
+        images_per_second=(len(order) - (resume_from["kept"] if resume_from else 0)) / max(seconds, 1e-9),
         fingerprint=fp,
         skipped=skipped,
     )

@@ -15,12 +15,19 @@ workers (tested), and the parent handles no image bytes (it would cap the rate: 
 when it copied them). A "proportion" draw is seeded by the sample's index (so it differs from any of FFCV's).
 A sample the dataset cannot give (it raises `SkipSample`) is left out in the same pass, and a worker's error
 reaches the caller as itself, where FFCV's writer waited forever for the worker that had died.
+
+With `Checkpoints`, the parent records now and then how far the file is durably written (each worker marks in
+shared memory the last chunk whose bytes it has written; the parent fsyncs the file and saves the page layout, the
+allocation table and the skipped samples up to such a chunk, in a thread), and a later call continues from such a
+record: the layout is sequential in sample order, so the bytes are those of an uninterrupted write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import io
 import itertools
 import math
 import multiprocessing
@@ -28,17 +35,20 @@ import os
 import pickle
 import signal
 import threading
+import time
 import traceback
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ._ffcv import import_ffcv
-from .atomic import pwrite_all
+from .atomic import pwrite_all, write_durably
 from .errors import DptoolError, InputError
 
-__all__ = ["WriterParams", "SkipSample", "write_beton", "MAX_RESOLUTION"]
+__all__ = ["WriterParams", "SkipSample", "Checkpoints", "read_checkpoint", "write_beton", "MAX_RESOLUTION"]
 
 #: The largest max_resolution whose page (four raw images, a power of two) fits FFCV's header: pages are at most
 #: 2 GiB there (a uint32), so 4 x 3 x r^2 <= 2^31.
@@ -114,9 +124,10 @@ class _Chunk:
 _WORKER: dict = {}
 
 
-def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
-    """A writer worker: encode the chunks that arrive on `conn` (sending back each `_Chunk`), write their bytes
-    where the parent says, and on an error send it and stop."""
+def _worker_main(conn, inherited: list, parent: int, state: dict, me: int) -> None:
+    """A writer worker (number `me`): encode the chunks that arrive on `conn` (sending back each `_Chunk`), write
+    their bytes where the parent says (then record the chunk's number in `state["written"][me]`), and on an error
+    send it and stop."""
     # Ctrl-C is the parent's to act on (it stops the workers; SIGINT is blocked until this line); a worker dies
     # with its parent (Linux), never writing on
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -151,6 +162,7 @@ def _worker_main(conn, inherited: list, parent: int, state: dict) -> None:
                     buffers = held.pop(k)
                     for number, offset in writes:
                         pwrite_all(fd, memoryview(buffers[number]), offset)
+                    _WORKER["written"][me] = k  # after the pwrites returned: the parent may fsync and record them
             except Exception as exc:  # noqa: BLE001 - the parent raises it; this worker is done
                 where = "in a writer worker:\n" + traceback.format_exc()
                 exc.add_note(where)
@@ -204,13 +216,18 @@ class _Workers:
         context = multiprocessing.get_context("fork")  # the dataset reaches the workers by fork, never pickled
         self.conns: list = []
         self.procs: list = []
+        # the last chunk each worker has written (its pwrites returned), -1 before its first: shared memory, read by
+        # the parent to know which chunks are in the file without a message in the pipes' ordered protocol
+        self.written = context.RawArray("q", n)
+        self.written[:] = [-1] * n
+        state = {**state, "written": self.written}
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # until each worker ignores it
         try:
             try:
                 for _ in range(n):
                     mine, theirs = context.Pipe()
                     proc = context.Process(target=_worker_main, daemon=True,
-                                           args=(theirs, self.conns + [mine], os.getpid(), state))
+                                           args=(theirs, self.conns + [mine], os.getpid(), state, len(self.procs)))
                     proc.start()
                     theirs.close()
                     self.conns.append(mine)
@@ -251,6 +268,11 @@ class _Workers:
         if kind != expected:
             raise DptoolError(f"A writer worker answered {kind!r} where {expected!r} was due.")
         return value
+
+    def written_through(self, k: int) -> bool:
+        """Whether every chunk up to number `k` has been written (each worker writes its chunks in order)."""
+        n = len(self.conns)
+        return all(self.written[w] >= k - (k - w) % n for w in range(min(n, k + 1)))
 
     def encoded(self, k: int, check: Callable[[], None]) -> _Chunk:
         """Wait for chunk number `k`, calling `check` now and then; a worker's error (its encoding, or an
@@ -330,6 +352,11 @@ class _PageLayout:
         """File offset where the data region ends."""
         return self.offset + (self.page + 1) * self.page_size
 
+    @property
+    def position(self) -> int:
+        """File offset where the next allocation would go if it fits: every byte placed so far lies before it."""
+        return self.offset + max(self.page, 0) * self.page_size + self.used
+
     def place(self, sample: int, sizes: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """File offsets of one sample's allocations, and the (allocation number, offset) of any part FFCV placed
         and gave up (a later allocation of the sample did not fit in the page; its bytes stay there)."""
@@ -398,6 +425,105 @@ def _pointer_columns(fields: dict, metadata_type: np.dtype) -> list[tuple[str, s
             for member in ("data_ptr", "ptr") if member in (field.metadata_type.names or ())]
 
 
+_STATE_VERSION = 1
+
+
+@dataclass
+class Checkpoints:
+    """Where `write_beton` records how far it has durably written, so that an interrupted write can continue.
+
+    Every `every_seconds`, once at the end, and when the write is stopped after a record was due (what the workers
+    wrote before they stopped), the file is flushed to the disk (fsync) once the chunks recorded are written, then
+    a small state file (`state_path`: the samples done, the page layout, the allocation table
+    and the skipped samples, with `identity`) replaces the previous one atomically. `resume_from`, a state read by
+    `read_checkpoint`, continues from there: the file is cut back to where that state ends (bytes written after it
+    may be anything), and the result is byte-identical to an uninterrupted write, whatever the workers."""
+
+    state_path: Path
+    identity: str
+    details: str = ""  # what the identity is made of (JSON), recorded so that a refusal can name what changed
+    every_seconds: float = 30.0
+    resume_from: dict | None = None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict | None:
+    """The state recorded by `write_beton` in `path`, or None where there is none; InputError where it cannot be
+    read."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            state = {k: data[k] for k in data.files}
+        if int(state["version"]) != _STATE_VERSION:
+            raise ValueError(f"state version {int(state['version'])}")
+        return {"identity": str(state["identity"]), "num_samples": int(state["num_samples"]),
+                "done": int(state["done"]), "kept": int(state["kept"]), "offset": int(state["offset"]),
+                "page": int(state["page"]), "used": int(state["used"]), "table": state["table"],
+                "skipped": dict(zip(state["skipped_index"].tolist(), state["skipped_reason"].tolist())),
+                "details": str(state["details"])}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"The progress record {path} of an interrupted conversion cannot be read ({exc}); "
+                         "pass --force without --resume to start the conversion over.") from None
+
+
+def _save_checkpoint(ck: Checkpoints, fd: int, snap: dict, table: list[np.ndarray], n: int) -> None:
+    """Flush the file to the disk, then record `snap` in `ck.state_path` (replaced atomically)."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a file system without fsync: recorded without the guarantee
+            raise
+    rows = np.concatenate(table[:snap["chunks"]]) if snap["chunks"] else np.zeros(0, dtype=_alloc_type())
+    skipped = snap["skipped"]
+    buffer = io.BytesIO()
+    np.savez(buffer, version=_STATE_VERSION, identity=np.str_(ck.identity), num_samples=n, done=snap["done"],
+             kept=snap["kept"], offset=snap["offset"], page=snap["page"], used=snap["used"], table=rows,
+             skipped_index=np.fromiter(skipped, dtype=np.int64, count=len(skipped)),
+             skipped_reason=np.array(list(skipped.values()), dtype=np.str_).reshape(-1), details=np.str_(ck.details))
+    write_durably(ck.state_path, buffer.getvalue())
+
+
+class _Recorder:
+    """Makes the progress records in a thread, so that the parent goes on placing chunks while the disk catches up
+    with the fsync (seconds of writes); one record at a time, its error raised at the next call."""
+
+    def __init__(self, ck: Checkpoints, fd: int, n: int):
+        self.ck, self.fd, self.n = ck, fd, n
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def busy(self) -> bool:
+        """Whether a record is being made (an error of the last one is raised here)."""
+        self._raise()
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, snap: dict, table: list[np.ndarray]) -> None:
+        """Record `snap` (whose chunks are all written) in the background."""
+        self.join()
+        self.thread = threading.Thread(target=self._run, args=(snap, table), name="dptool-record", daemon=True)
+        self.thread.start()
+
+    def _run(self, snap: dict, table: list[np.ndarray]) -> None:
+        try:
+            _save_checkpoint(self.ck, self.fd, snap, table, self.n)
+        except BaseException as exc:  # noqa: BLE001 - raised in the parent's thread
+            self.error = exc
+
+    def join(self, raise_error: bool = True) -> None:
+        """Wait for the record being made (before the file is closed, or a record is made in the caller's thread)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 def write_beton(
     dataset,
     path: str | os.PathLike,
@@ -406,12 +532,15 @@ def write_beton(
     *,
     progress: bool = False,
     on_skip: Callable[[int, str], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[int, str]:
     """Write `dataset[i]` (an (image, label) pair) for i in `indices`, in that order, to `path`.
 
     The bytes depend on the data and `params` only, not on `params.num_workers`. A sample whose `__getitem__`
     raises `SkipSample` is left out; `on_skip(index, reason)` hears of it as soon as its turn comes (it may raise
-    to stop the write). Returns the skipped indices with their reasons."""
+    to stop the write). `checkpoints`: record the progress as it goes, or continue a write recorded there. Until
+    the write completes, the file's header is left zero, so that no reader takes it for a finished file. Returns
+    the skipped indices with their reasons."""
     from tqdm import tqdm
 
     indices = np.asarray(indices, dtype=np.int64)
@@ -422,30 +551,71 @@ def write_beton(
     metadata_type = import_ffcv("ffcv.types").get_metadata_type(list(fields.values()))
     header, descriptors = _head(fields, len(indices), page_size)
     metadata_start = header.nbytes + len(descriptors)
-    metadata = np.zeros(len(indices), dtype=metadata_type)
+    row_bytes = metadata_type.itemsize
     pointers = _pointer_columns(fields, metadata_type)
+    layout = _PageLayout(metadata_start + row_bytes * len(indices), page_size)
+    resume = checkpoints.resume_from if checkpoints is not None else None
     skipped: dict[int, str] = {}
-    n_workers = max(1, min(params.resolved_workers(), len(indices)))
-    size = max(1, min(_CHUNK, math.ceil(len(indices) / n_workers)))
-    num_chunks = -(-len(indices) // size)
-    chunks = (indices[i:i + size] for i in range(0, len(indices), size))
+    start = kept = 0
+    if resume is not None:
+        if resume["identity"] != checkpoints.identity or resume["num_samples"] != len(indices) \
+                or resume["offset"] != layout.offset:
+            raise InputError(f"The progress record {checkpoints.state_path} is of another conversion; pass --force "
+                             "without --resume to start over.")
+        start, kept, skipped = resume["done"], resume["kept"], dict(resume["skipped"])
+        layout.page, layout.used = resume["page"], resume["used"]
+        layout.table = [resume["table"]]
+    remaining = indices[start:]
+    n_workers = max(1, min(params.resolved_workers(), max(len(remaining), 1)))
+    size = max(1, min(_CHUNK, math.ceil(len(remaining) / n_workers)))
+    num_chunks = -(-len(remaining) // size)
+    chunks = (remaining[i:i + size] for i in range(0, len(remaining), size))
     seed = 0 if params.shuffle_seed is None else int(params.shuffle_seed)
     state = dict(dataset=dataset, fields=fields, metadata_type=metadata_type, page_size=page_size, seed=seed,
                  path=os.fspath(path))
     in_flight = n_workers * _IN_FLIGHT_PER_WORKER
-    with open(path, "wb", buffering=0) as fp, \
-            tqdm(total=len(indices), desc="convert", unit="img", disable=not progress) as bar:
-        fp.write(header.tobytes())
+    with open(path, "r+b" if resume is not None else "wb", buffering=0) as fp, \
+            tqdm(total=len(indices), initial=start, desc="convert", unit="img", disable=not progress) as bar:
+        fd = fp.fileno()
+        fp.write(bytes(header.nbytes))  # the header last, when the file is complete
         fp.write(descriptors)
-        layout = _PageLayout(metadata_start + metadata.nbytes, page_size)
-        kept = 0
+        if resume is not None:  # what was written after the record may be anything: cut back to where it ends
+            if os.fstat(fd).st_size < layout.position:
+                raise InputError(f"{path} is shorter than its progress record {checkpoints.state_path} says it was "
+                                 "written; pass --force without --resume to start the conversion over.")
+            fp.truncate(layout.position)
+            pwrite_all(fd, memoryview(bytes(row_bytes * (len(indices) - kept))), metadata_start + row_bytes * kept)
+        done = start
+        skip_log = list(skipped.items())  # in the order met, so that a record takes those up to its chunk
+        # (chunk number, where the write stood after it): the last one known written, and those after it
+        history: list[tuple[int, dict]] = []
+        recorded = -1  # the last chunk recorded
+        last_record = began = time.monotonic()
+        recorder = _Recorder(checkpoints, fd, len(indices)) if checkpoints is not None else None
+
+        def record(sync: bool) -> None:
+            """Record the latest state whose chunks are all written, if newer than the last record."""
+            nonlocal recorded, last_record
+            while len(history) > 1 and workers.written_through(history[1][0]):
+                history.pop(0)
+            if not history or history[0][0] <= recorded or not workers.written_through(history[0][0]):
+                return
+            k, snap = history[0]
+            snap = {**snap, "skipped": dict(skip_log[:snap["skips"]])}
+            if sync:
+                _save_checkpoint(checkpoints, fd, snap, layout.table[:snap["chunks"]], len(indices))
+            else:
+                recorder.start(snap, layout.table[:snap["chunks"]])
+            recorded, last_record = k, time.monotonic()
+
         workers = None
         finished = False
         with _interrupt_at_safe_points() as interrupted:
             try:
-                workers = _Workers(n_workers, state)
-                for k, chunk in enumerate(itertools.islice(chunks, in_flight)):
-                    workers.encode(k, chunk)
+                if num_chunks:
+                    workers = _Workers(n_workers, state)
+                    for k, chunk in enumerate(itertools.islice(chunks, in_flight)):
+                        workers.encode(k, chunk)
                 for k in range(num_chunks):
                     interrupted()
                     try:
@@ -455,26 +625,46 @@ def write_beton(
                                          f"{page_size}; use a smaller --max-res or a larger page size.") from None
                     for index, reason in result.skipped:
                         skipped[index] = reason
+                        skip_log.append((index, reason))
                         if on_skip is not None:
                             on_skip(index, reason)
                     workers.write(k, layout.place_chunk(result, kept, pointers))
                     if k + in_flight < num_chunks:
                         workers.encode(k + in_flight, next(chunks))
-                    metadata[kept:kept + len(result.rows)] = result.rows
+                    pwrite_all(fd, memoryview(result.rows.tobytes()), metadata_start + row_bytes * kept)
                     kept += len(result.rows)
+                    done += len(result.rows) + len(result.skipped)
                     bar.update(len(result.rows) + len(result.skipped))
-                workers.finish(interrupted)
+                    if checkpoints is None:
+                        continue
+                    history.append((k, dict(done=done, kept=kept, offset=layout.offset, page=layout.page,
+                                            used=layout.used, chunks=len(layout.table), skips=len(skip_log))))
+                    if time.monotonic() - last_record >= checkpoints.every_seconds and not recorder.busy():
+                        record(sync=False)
+                if workers is not None:
+                    workers.finish(interrupted)
                 finished = True
             finally:
                 if workers is not None and not finished:
                     workers.stop()
+                if recorder is not None:  # never while the file is closed under it
+                    recorder.join(raise_error=finished)
+                    # stopped once a record was due: record what the workers wrote before they stopped (best
+                    # effort: the last record stands if this fails), so that a resume loses no finished work; one
+                    # stopped sooner (a wrong command stopped at once) leaves nothing, as other outputs do
+                    due = recorded >= 0 or resume is not None or time.monotonic() - began >= checkpoints.every_seconds
+                    if not finished and workers is not None and due:
+                        with contextlib.suppress(Exception):
+                            record(sync=True)
         if kept == 0:
             first = next(iter(skipped.values()), "")
             raise InputError(f"None of the {len(indices)} samples could be read (the first: {first}).")
-        # metadata rows (the kept ones; the rest of the room reserved for skipped samples stays zero), the data
+        if checkpoints is not None and done > start:  # all written: what remains is quick, and redone on a resume
+            _save_checkpoint(checkpoints, fd, dict(done=done, kept=kept, offset=layout.offset, page=layout.page,
+                                                   used=layout.used, chunks=len(layout.table), skipped=skipped),
+                             layout.table, len(indices))
+        # the metadata rows are in place (the rest of the room reserved for skipped samples stays zero); the data
         # region to its last whole page, the allocation table after it, then the header that points to it
-        fp.seek(metadata_start)
-        fp.write(metadata[:kept].tobytes())
         fp.truncate(layout.end)
         fp.seek(layout.end)
         header["alloc_table_ptr"] = layout.end

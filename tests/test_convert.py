@@ -566,7 +566,8 @@ def test_info_json_lists_classes(tiny_beton):
 
 def test_interrupted_convert_leaves_nothing_behind(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-write: a prompt exit with one line, no
-    worker tracebacks, no output or temporary file left, no worker left running."""
+    worker tracebacks, no output or temporary file left (stopped before its first progress record, the partial
+    file holds nothing to resume), no worker left running."""
     images, labels = separable_images(10, 300, 64, seed=1)
     write_npz(tmp_path / "big.npz", images, labels)
     out = tmp_path / "big.beton"
@@ -576,7 +577,7 @@ def test_interrupted_convert_leaves_nothing_behind(tmp_path):
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
-    while not glob.glob(str(tmp_path / ".big.beton.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+    while not glob.glob(str(tmp_path / ".big.beton.partial")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "conversion finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
