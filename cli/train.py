@@ -7,7 +7,8 @@ import click
 from dptool.distributed import launch_rank
 from dptool.errors import MAX_SEED
 from dptool.models import list_models
-from dptool.train import RECIPES, TrainConfig, config_from_options, train
+from dptool.recipe import RECIPES, TrainConfig, config_from_options
+from dptool.train import train
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
 

@@ -145,7 +145,7 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
 
     from .loaders import train_loader
     from .models import create_model
-    from .train import grad_scaler, resolve_precision, train_step
+    from .steps import grad_scaler, resolve_precision, train_step
 
     if len(files) < 1:
         raise InputError("bench pretrain needs at least one .beton file.")
@@ -299,7 +299,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
 
     from .loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
     from .models import create_model
-    from .train import grad_scaler, resolve_precision, train_step
+    from .steps import grad_scaler, resolve_precision, train_step
 
     if dist.launched_by_torchrun():  # every rank would measure the whole file on one device and write the same JSON
         raise InputError("bench loader measures one process's data pipeline; run it without torchrun (bench "

@@ -110,7 +110,7 @@ def prepare_data(workdir: Path, config: DemoConfig, *, force: bool = False) -> d
 
 
 def _train_config(config: DemoConfig, arch: str, epochs: int):
-    from .train import TrainConfig
+    from .recipe import TrainConfig
 
     return TrainConfig(arch=arch, small_input=True, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
                        lr_peak_epoch=min(2.0, epochs / 2), min_res=config.size, max_res=config.size,

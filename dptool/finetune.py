@@ -28,7 +28,8 @@ import numpy as np
 from .atomic import check_output_path, output_group
 from .beton import check_same_classes, fingerprint, open_beton
 from .errors import InputError, check_number, check_seed
-from .train import JsonLog, autocast, evaluate, grad_scaler, resolve_precision, train_step
+from .runlog import JsonLog
+from .steps import autocast, evaluate, grad_scaler, resolve_precision, train_step
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_indices", "CHECKPOINT_EVERY_S"]
 

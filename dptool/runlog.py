@@ -5,18 +5,24 @@ a `--resume` keeps the lines of the epochs before the one it starts from and app
 line and its epochs (under another `--log`, the log starts with that line). `finetune` writes a config line, one
 line per epoch and a ``{"event": "summary", ...}`` line. `read_run_log` returns a plain-JSON summary of either (kind
 ``run_log``); `run_from_history` builds the same from the history a checkpoint holds; `plot_run` draws one.
+`JsonLog` writes the log as a run goes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from . import distributed as dist
 from .atomic import atomic_output, check_output_path
 from .errors import InputError
 
-__all__ = ["COLUMNS", "is_run_log", "read_records", "read_run_log", "run_from_history", "plot_run"]
+__all__ = ["COLUMNS", "JsonLog", "is_run_log", "read_records", "read_run_log", "run_from_history", "plot_run"]
+
+log = logging.getLogger(__name__)
 
 # per-epoch metrics, in the order a table shows them; a run shows those its records hold
 COLUMNS = ("train_loss", "train_top1", "val_top1", "val_top5", "val_top1_all", "test_top1", "lr", "res",
@@ -86,6 +92,75 @@ def _record(p: Path, number: int, line: str) -> dict:
     if rec["event"] == "epoch" and (not isinstance(rec.get("epoch"), int) or isinstance(rec["epoch"], bool)):
         raise InputError(f'Line {number} of {p} is an epoch record without an integer "epoch".')
     return rec
+
+
+class JsonLog:
+    """A JSON-lines log rewritten atomically after each record (an interrupted run leaves the last complete one).
+
+    With `hold`, records stay in memory until `release()`: a run interrupted before its first checkpoint then
+    leaves no log behind that would block the rerun (and that no --resume could continue).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, records: list[dict] | None = None, *, hold: bool = False):
+        self.path = Path(path) if path else None
+        self.records: list[dict] = list(records or [])
+        self.hold = hold
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike | None, before_epoch: int, history: Sequence[dict] = ()) -> JsonLog:
+        """Reopen an earlier log, keeping records of epochs before `before_epoch`, held until the first epoch's
+        record: a resume stopped or diverged before it leaves the log as it was. A line that is not a log record
+        is an InputError naming it; an incomplete last line (a copy of the log made while it was rewritten) is left
+        out with a warning, as `dptool info` leaves it out, and the epochs it held are taken from `history`, the
+        checkpoint's records of the epochs it trained."""
+        if not path or not Path(path).exists():
+            return cls(path, [], hold=True)
+        try:
+            found, partial = read_records(path)
+        except InputError as exc:
+            text = str(exc).rstrip(".")
+            raise InputError(f"Cannot resume: {text[:1].lower() + text[1:] if text.startswith('Line ') else text}; "
+                             "mend it, or give --log a new file.") from exc
+        records = [r for r in found if r["event"] != "epoch" or r["epoch"] < before_epoch]
+        if partial:
+            logged = max((r["epoch"] for r in records if r["event"] == "epoch"), default=-1)
+            restored = [h for h in history if isinstance(h.get("epoch"), int) and logged < h["epoch"] < before_epoch]
+            records += [{"event": "epoch", **h} for h in restored]
+            if dist.is_main():
+                log.warning("the last line of %s is incomplete (a copy made while it was written?); it is left out%s",
+                            path, f", and the checkpoint's records of the {len(restored)} epoch(s) missing from the "
+                            "log put in its place" if restored else "")
+        return cls(path, _without_idle_resumes(records), hold=True)
+
+    def write(self, record: dict) -> None:
+        """Append `record` (on rank 0; other ranks keep nothing)."""
+        if not dist.is_main():
+            return
+        self.records.append(record)
+        self._flush()
+
+    def release(self) -> None:
+        """Stop holding: write the records so far, and every later one as it comes."""
+        if self.hold:
+            self.hold = False
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.path is not None and not self.hold and dist.is_main():
+            with atomic_output(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.records))
+
+
+def _without_idle_resumes(records: list[dict]) -> list[dict]:
+    """`records` less the resume lines that no epoch record follows (before the next resume line, or the end): resumes
+    that trained no epoch, which `train` wrote as they started before it held the line until the first epoch. The
+    resume about to be written supersedes them; `dptool info` would show each as a resume."""
+    kept: list[dict] = []
+    for rec in records:
+        if rec["event"] == "resume" and kept and kept[-1]["event"] == "resume":
+            kept.pop()
+        kept.append(rec)
+    return kept[:-1] if kept and kept[-1]["event"] == "resume" else kept
 
 
 def _epochs(records: list[dict]) -> tuple[list[dict], list[int]]:

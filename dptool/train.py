@@ -1,36 +1,33 @@
 """Pretraining on a `.beton` with the ffcv-imagenet recipe, on a CPU, one GPU or many processes under torchrun.
 
-The recipe (`TrainConfig`) is plain data: logged as the first line of the JSON-lines log and saved in every
-checkpoint. By default SGD with momentum; the learning rate ramps linearly from 0 to its peak at `lr_peak_epoch`
-and back to 0 at the end (`schedule="ramp"`), or, with `schedule="cosine"`, ramps up the same way and then follows a
-half cosine down to 0 at the end; stepped every iteration; label smoothing; progressive resizing from `min_res` to
-`max_res`. `RECIPES["vit"]` is DP4TL's ViT-B/16 recipe (AdamW, 10 warm-up epochs then cosine, weight decay 0.3).
+The recipe (`TrainConfig`, in `dptool.recipe`) is plain data: logged as the first line of the JSON-lines log and saved
+in every checkpoint. Each step is `dptool.steps.train_step`; the log is a `dptool.runlog.JsonLog`.
 A pruned `.beton` keeps its original labels and head width (the sidecar's `num_classes`); validation reports
 accuracy on the val images of the kept classes (`val_top1`) and on all of them (`val_top1_all`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import distributed as dist
-from .atomic import atomic_output, check_output_path, output_group
+from .atomic import check_output_path, output_group
 from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, open_beton
-from .errors import DptoolError, InputError, check_number, check_seed
+from .errors import DptoolError, InputError
+from .recipe import RECIPES, TrainConfig, lr_at, resolution_at
+from .runlog import JsonLog
+from .steps import evaluate, grad_scaler, resolve_precision, train_step
 
-__all__ = ["TrainConfig", "TrainResult", "RECIPES", "train", "config_from_options", "resolution_at", "lr_at",
-           "evaluate", "autocast", "grad_scaler", "train_step", "resolve_precision", "JsonLog", "TrainingDiverged",
-           "LOSS_CHECK_EVERY"]
+# TrainConfig and RECIPES from here too: the README's "From Python" imports them from dptool.train
+__all__ = ["TrainConfig", "RECIPES", "TrainResult", "train", "TrainingDiverged", "LOSS_CHECK_EVERY"]
 
 log = logging.getLogger(__name__)
 
@@ -48,260 +45,6 @@ class TrainingDiverged(DptoolError):
                  lr: float | None = None):
         super().__init__(message)
         self.epoch, self.step, self.loss, self.lr = epoch, step, loss, lr
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every training choice, with ffcv-imagenet's ResNet defaults (as in the DP4TL surrogate where they agree)."""
-
-    arch: str = "resnet18"
-    small_input: bool = False  # 3x3 stride-1 stem, no max-pool: for 32-64 px images
-    blurpool: bool = False
-    epochs: int = 16
-    batch_size: int = 512  # per process; the effective batch is batch_size x world size
-    # peak learning rate per 256 images of effective batch (linear scaling): ffcv-imagenet's and DP4TL's ResNet-18
-    # peak is 0.5 at batch 1024, i.e. 0.125 per 256 (ffcv-imagenet's ResNet-50: 1.7 at 8 x 512, 0.106)
-    lr: float = 0.125
-    lr_peak_epoch: float = 2.0  # the end of the linear warm-up, for both schedules
-    optimizer: str = "sgd"  # sgd (momentum `momentum`) | adamw (betas (`momentum`, 0.999), decoupled weight decay)
-    schedule: str = "ramp"  # ramp (linear up, linear down to 0) | cosine (linear up, half cosine down to 0)
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    label_smoothing: float = 0.1
-    min_res: int = 160
-    max_res: int = 192
-    start_ramp: int | None = None  # epoch where resizing starts; default round(epochs * 11/16) as ffcv's 16-epoch
-    end_ramp: int | None = None  # epoch where max_res is reached; default round(epochs * 13/16)
-    res_step: int = 32  # resolutions are rounded to a multiple of this (ffcv: 32)
-    val_res: int = 256
-    val_batch_size: int = 256
-    workers: int = 0  # FFCV decoding threads; 0 = all cores
-    precision: str = "auto"  # auto (bf16 on Ampere or newer GPUs, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
-    seed: int = 0
-
-    def peak_epoch(self) -> float:
-        """The epoch of the learning rate's peak (the end of the warm-up): `lr_peak_epoch`, at most half of
-        `epochs`."""
-        return min(self.lr_peak_epoch, self.epochs / 2)
-
-    def ramp(self) -> tuple[int, int]:
-        """(start_ramp, end_ramp) with the defaults filled in; a default never overrides the other end given (an
-        --end-ramp before the default start starts the ramp there too, and the reverse)."""
-        start = self.start_ramp if self.start_ramp is not None else round(self.epochs * 11 / 16)
-        end = self.end_ramp if self.end_ramp is not None else round(self.epochs * 13 / 16)
-        if self.start_ramp is None:
-            return min(start, end), end
-        return start, max(start, end)
-
-    def validate(self) -> None:
-        """One InputError sentence for the first bad value."""
-        if self.epochs < 1:
-            raise InputError(f"--epochs must be at least 1, got {self.epochs}.")
-        if self.batch_size < 1 or self.val_batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {min(self.batch_size, self.val_batch_size)}.")
-        if self.start_ramp is not None and self.end_ramp is not None and self.end_ramp < self.start_ramp:
-            raise InputError(f"--end-ramp {self.end_ramp} is before --start-ramp {self.start_ramp}; the resizing ramp "
-                             "must end at or after its start.")
-        if not 8 <= self.min_res <= self.max_res:
-            raise InputError(f"--min-res/--max-res must satisfy 8 <= min <= max, got {self.min_res}/{self.max_res}.")
-        check_seed("--seed", self.seed)
-        check_number("--lr", self.lr, low=0, low_open=True)
-        check_number("--lr-peak-epoch", self.lr_peak_epoch, low=0)
-        check_number("--momentum", self.momentum, low=0, high=1)
-        if self.optimizer not in ("sgd", "adamw"):
-            raise InputError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}.")
-        if self.schedule not in ("ramp", "cosine"):
-            raise InputError(f"--schedule must be ramp or cosine, got {self.schedule!r}.")
-        if self.optimizer == "adamw" and self.momentum >= 1:
-            raise InputError(f"--momentum is AdamW's beta1 with --optimizer adamw and must be below 1, got "
-                             f"{self.momentum}.")
-        check_number("--weight-decay", self.weight_decay, low=0)
-        if self.res_step < 1 or self.val_res < 8 or self.workers < 0:
-            raise InputError(f"res_step must be >= 1, --val-res >= 8 and --workers >= 0, got {self.res_step}, "
-                             f"{self.val_res} and {self.workers}.")
-        if not 0 <= self.label_smoothing < 1:
-            raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}.")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise InputError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
-
-
-#: Named recipes (`dptool train --recipe`): the TrainConfig fields each sets; options given with it override them.
-#: "vit" is DP4TL's vit_b_16_100 (dp4tl.md section 7): ViT-B/16, 100 epochs, batch 100 per GPU on 4 GPUs, AdamW at
-#: 3e-3 for that batch of 400 (1.92e-3 per 256 images, as --lr counts), weight decay 0.3 on every parameter, label
-#: smoothing 0.11, 10 linear warm-up epochs then cosine to 0, 224 px throughout.
-RECIPES: dict[str, dict] = {
-    "resnet": {},
-    "vit": {"arch": "vit_b_16", "optimizer": "adamw", "schedule": "cosine", "epochs": 100, "batch_size": 100,
-            "lr": 1.92e-3, "lr_peak_epoch": 10.0, "weight_decay": 0.3, "label_smoothing": 0.11, "min_res": 224,
-            "max_res": 224, "val_res": 224},
-}
-
-
-def resolution_at(config: TrainConfig, epoch: int) -> int:
-    """Training resolution of `epoch`: linear from min_res to max_res over the ramp, rounded as ffcv does."""
-    start, end = config.ramp()
-    res = float(np.interp(epoch, [start, end], [config.min_res, config.max_res]))
-    res = int(np.round(res / config.res_step)) * config.res_step
-    return int(min(max(res, config.min_res), config.max_res))
-
-
-def lr_at(config: TrainConfig, progress: float, peak_lr: float) -> float:
-    """Learning rate at `progress` epochs (fractional): linear from 0 to `peak_lr` at `peak_epoch()`, then down to 0
-    at the last epoch, linearly (`ramp`) or along a half cosine (`cosine`)."""
-    peak_epoch, epochs = config.peak_epoch(), float(config.epochs)
-    if config.schedule == "cosine" and progress > peak_epoch:
-        done = min((progress - peak_epoch) / (epochs - peak_epoch), 1.0)
-        return float(peak_lr * 0.5 * (1.0 + math.cos(math.pi * done)))
-    return float(np.interp(progress, [0.0, peak_epoch, epochs], [0.0, peak_lr, 0.0]))
-
-
-def autocast(device, precision: str):
-    """Autocast context for `precision` on `device` (fp32 or a CPU: no autocast)."""
-    import torch
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision))
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def grad_scaler(precision: str):
-    """The grad scaler of a training loop: active for fp16 (whose small gradients underflow), a pass-through
-    otherwise."""
-    import torch
-
-    return torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-
-
-def train_step(model, optimizer, scaler, criterion, x, y, device, precision: str):
-    """One optimizer step on the batch (`x`, `y`): forward under autocast at `precision`, backward through
-    `scaler` (`grad_scaler`); returns the logits and the loss. `train`, `finetune` and `bench` all step this way."""
-    with autocast(device, precision):
-        logits = model(x)
-        loss = criterion(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return logits, loss
-
-
-def resolve_precision(device, precision: str) -> str:
-    """`auto` -> bf16 on a CUDA device that computes it natively (Ampere, compute capability 8, or later; else
-    fp16), fp32 on the CPU."""
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return "fp32"
-    if precision == "auto":
-        # not torch.cuda.is_bf16_supported(): recent torch also says yes where bf16 is only emulated (V100, T4),
-        # where bf16 autocast is many times slower than fp16
-        native = bool(torch.version.hip) or torch.cuda.get_device_capability(torch.device(device))[0] >= 8
-        return "bf16" if native else "fp16"
-    return precision
-
-
-def evaluate(model, loader, device, precision: str, *, kept=None) -> dict:
-    """Top-1/top-5 of `model` over `loader`, summed over ranks, every rank with rank 0's buffers (the model rank 0
-    checkpoints). With `kept` (bool (C,) tensor), `val_*` counts only images whose label is a kept class and
-    `val_*_all` every image."""
-    import torch
-
-    model = getattr(model, "module", model)  # evaluate the plain module under DDP: no buffer sync per batch
-    dist.broadcast_buffers(model)  # ...but rank 0's BatchNorm statistics on every rank: the model it checkpoints
-    model.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # top1, top5, n (kept), top1, top5, n (all)
-    seen = 0  # counted on the host: a tensor made from a Python number per batch would be a blocking copy
-    with torch.no_grad(), autocast(device, precision):
-        for x, y in loader:
-            seen += len(y)
-            logits = model(x)
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit1 = top[:, 0].eq(y)
-            hit5 = top.eq(y[:, None]).any(dim=1)
-            mask = kept[y] if kept is not None else torch.ones_like(hit1)
-            sums[:5] += torch.stack([(hit1 & mask).sum(), (hit5 & mask).sum(), mask.sum(),
-                                     hit1.sum(), hit5.sum()]).double()
-    sums[5] = seen
-    dist.all_reduce_sum(sums)
-    s = sums.tolist()
-    out = {"val_top1": s[0] / max(s[2], 1), "val_top5": s[1] / max(s[2], 1), "val_images": int(s[2])}
-    if kept is not None:
-        out.update({"val_top1_all": s[3] / max(s[5], 1), "val_top5_all": s[4] / max(s[5], 1),
-                    "val_images_all": int(s[5])})
-    return out
-
-
-class JsonLog:
-    """A JSON-lines log rewritten atomically after each record (an interrupted run leaves the last complete one).
-
-    With `hold`, records stay in memory until `release()`: a run interrupted before its first checkpoint then
-    leaves no log behind that would block the rerun (and that no --resume could continue).
-    """
-
-    def __init__(self, path: str | os.PathLike | None, records: list[dict] | None = None, *, hold: bool = False):
-        self.path = Path(path) if path else None
-        self.records: list[dict] = list(records or [])
-        self.hold = hold
-
-    @classmethod
-    def resume(cls, path: str | os.PathLike | None, before_epoch: int, history: Sequence[dict] = ()) -> JsonLog:
-        """Reopen an earlier log, keeping records of epochs before `before_epoch`, held until the first epoch's
-        record: a resume stopped or diverged before it leaves the log as it was. A line that is not a log record
-        is an InputError naming it; an incomplete last line (a copy of the log made while it was rewritten) is left
-        out with a warning, as `dptool info` leaves it out, and the epochs it held are taken from `history`, the
-        checkpoint's records of the epochs it trained."""
-        from .runlog import read_records
-
-        if not path or not Path(path).exists():
-            return cls(path, [], hold=True)
-        try:
-            found, partial = read_records(path)
-        except InputError as exc:
-            text = str(exc).rstrip(".")
-            raise InputError(f"Cannot resume: {text[:1].lower() + text[1:] if text.startswith('Line ') else text}; "
-                             "mend it, or give --log a new file.") from exc
-        records = [r for r in found if r["event"] != "epoch" or r["epoch"] < before_epoch]
-        if partial:
-            logged = max((r["epoch"] for r in records if r["event"] == "epoch"), default=-1)
-            restored = [h for h in history if isinstance(h.get("epoch"), int) and logged < h["epoch"] < before_epoch]
-            records += [{"event": "epoch", **h} for h in restored]
-            if dist.is_main():
-                log.warning("the last line of %s is incomplete (a copy made while it was written?); it is left out%s",
-                            path, f", and the checkpoint's records of the {len(restored)} epoch(s) missing from the "
-                            "log put in its place" if restored else "")
-        return cls(path, _without_idle_resumes(records), hold=True)
-
-    def write(self, record: dict) -> None:
-        """Append `record` (on rank 0; other ranks keep nothing)."""
-        if not dist.is_main():
-            return
-        self.records.append(record)
-        self._flush()
-
-    def release(self) -> None:
-        """Stop holding: write the records so far, and every later one as it comes."""
-        if self.hold:
-            self.hold = False
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.path is not None and not self.hold and dist.is_main():
-            with atomic_output(self.path) as tmp:
-                tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.records))
-
-
-def _without_idle_resumes(records: list[dict]) -> list[dict]:
-    """`records` less the resume lines that no epoch record follows (before the next resume line, or the end): resumes
-    that trained no epoch, which `train` wrote as they started before it held the line until the first epoch. The
-    resume about to be written supersedes them; `dptool info` would show each as a resume."""
-    kept: list[dict] = []
-    for rec in records:
-        if rec["event"] == "resume" and kept and kept[-1]["event"] == "resume":
-            kept.pop()
-        kept.append(rec)
-    return kept[:-1] if kept and kept[-1]["event"] == "resume" else kept
 
 
 @dataclass
@@ -692,17 +435,3 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         last_epoch_images_per_second=float(done[-1]["images_per_s"]) if done else 0.0,
         seconds=seconds, images_trained=trained,
     )
-
-
-def config_from_options(*, recipe: str | None = None, **options) -> TrainConfig:
-    """A TrainConfig from CLI options: the `RECIPES` entry `recipe` (None: "resnet", the defaults), with the
-    options that are not None on top. Warns when a ViT is given the SGD recipe without `recipe` naming it."""
-    if recipe is not None and recipe not in RECIPES:
-        raise InputError(f"Unknown recipe {recipe!r}; accepted: {', '.join(sorted(RECIPES))}.")
-    config = replace(TrainConfig(), **{**RECIPES.get(recipe, {}), **{k: v for k, v in options.items()
-                                                                      if v is not None}})
-    if recipe is None and config.arch.startswith("vit") and config.optimizer == "sgd" and dist.launch_rank() == 0:
-        log.warning("%s trains with the ResNet recipe (SGD, linear ramp, weight decay %g), which ViTs train poorly "
-                    "with; --recipe vit gives DP4TL's ViT-B/16 recipe (AdamW, warm-up then cosine, weight decay 0.3), "
-                    "--recipe resnet keeps this one without this warning", config.arch, config.weight_decay)
-    return config

@@ -59,7 +59,7 @@ def test_bench_pretrain_reports_speedups_against_the_first_file(full_and_pruned,
     data = json.loads(result.stdout)  # the warning that half.beton is not a pruned copy goes to stderr
     assert json.loads((tmp_path / "b.json").read_text()) == data
     full_row, half_row = data["rows"]
-    from dptool.train import resolve_precision
+    from dptool.steps import resolve_precision
 
     assert data["precision"] == resolve_precision(data["device"], "auto")  # the one trained in, `auto` resolved
     assert (full_row["samples"], half_row["samples"]) == (160, 80)

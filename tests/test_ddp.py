@@ -82,7 +82,7 @@ import torch
 from dptool import distributed as dist
 from dptool.loaders import eval_loader
 from dptool.models import create_model
-from dptool.train import evaluate
+from dptool.steps import evaluate
 
 with dist.distributed_session() as device:
     torch.manual_seed(0)

@@ -19,15 +19,9 @@ from dptool.checkpoint import read_checkpoint, save_checkpoint
 from dptool.cli.main import cli
 from dptool.errors import InputError
 from dptool.models import create_model
-from dptool.train import (
-    TrainConfig,
-    _kept_classes,
-    config_from_options,
-    evaluate,
-    lr_at,
-    resolution_at,
-    resolve_precision,
-)
+from dptool.recipe import TrainConfig, config_from_options, lr_at, resolution_at
+from dptool.steps import evaluate, resolve_precision
+from dptool.train import _kept_classes
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba #167
 
@@ -164,7 +158,7 @@ def test_resume_refuses_a_damaged_log_in_one_sentence_and_mends_a_partial_last_l
     log.write_text(good[:-60])  # epoch 1's line cut short, without its newline
     result = CliRunner().invoke(cli, resume)
     assert result.exit_code == 0, result.output
-    assert (f"WARNING dptool.train: the last line of {log} is incomplete (a copy made while it was written?); it is "
+    assert (f"WARNING dptool.runlog: the last line of {log} is incomplete (a copy made while it was written?); it is "
             "left out, and the checkpoint's records of the 1 epoch(s) missing from the log put in its place"
             in result.stderr)
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -176,8 +170,7 @@ def test_resume_drops_the_resume_lines_of_earlier_resumes_that_trained_no_epoch(
     """`train` wrote a resume line as it started, so each resume stopped or diverged in its first epoch left one that
     no epoch follows, and `dptool info` said 'resumed at epoch 1, 1'. A resume reading such a log drops them (its own
     line supersedes them) and keeps those followed by epochs, and the records after `before_epoch`."""
-    from dptool.runlog import read_run_log
-    from dptool.train import JsonLog
+    from dptool.runlog import JsonLog, read_run_log
 
     def rec(event, **kw):
         return {"event": event, **({"config": {"epochs": 4}, "start_epoch": kw["start"]} if "start" in kw else kw)}
@@ -462,7 +455,7 @@ def test_vit_recipe_is_dp4tls_and_overrides_win():
 
 
 def test_a_vit_without_a_recipe_is_told_of_the_vit_recipe(caplog):
-    with caplog.at_level("WARNING", logger="dptool.train"):
+    with caplog.at_level("WARNING", logger="dptool.recipe"):
         config_from_options(arch="resnet18")
         config_from_options(arch="vit_b_16", recipe="resnet")
         config_from_options(arch="vit_b_16", optimizer="adamw")
