@@ -83,7 +83,9 @@ def _checkpoint(s: dict) -> str:
     stem = " (small-input stem)" if s["small_input"] else ""
     lines = [f"{s['path']}: {s['arch']}{stem}, {s['num_classes']} classes, {s['parameters'] / 1e6:.2f}M parameters, "
              f"{s['epochs_done']} epoch{'s' if s['epochs_done'] != 1 else ''} of {s['run']}"]
-    if s["resumable"]:
+    if s["resumable"] and s["run"] == "finetune":  # only a stopped run's checkpoint keeps the state
+        lines[0] += "; stopped early: `finetune --resume` (with its options and -o this file) continues it"
+    elif s["resumable"]:
         planned, world = s["recipe"].get("epochs"), s["recipe"].get("world_size")
         how = f"torchrun --nproc_per_node {world} ... " if isinstance(world, int) and world > 1 else ""
         lines[0] += (f"; stopped early: `{how}train --resume` continues it" if planned and s["epochs_done"] < planned
@@ -126,7 +128,7 @@ def _run_log(s: dict) -> str:
     what = f"{s['run']} ({s['mode']})" if s["mode"] else s["run"]
     planned = s["epochs_planned"]
     state = ("complete" if s["complete"] else "running or stopped"
-             + ("; `train --resume` continues a stopped one" if s["run"] == "train" else ""))
+             + f"; `{s['run']} --resume` continues a stopped one")
     lines = [f"{s['path']}: log of {what}, {s['arch'] or '?'}, {s['epochs_done']}"
              + (f" of {planned}" if planned else "") + f" epoch{'s' if (planned or s['epochs_done']) != 1 else ''} "
              f"({state})"]

@@ -203,13 +203,16 @@ def _checkpoint_summary(p: Path, ckpt: dict) -> dict:
     state = ckpt.get("state_dict") or {}
     params = sum(int(np.prod(tuple(v.shape))) for k, v in state.items()
                  if hasattr(v, "shape") and not k.endswith(_BUFFERS))
+    run = _run_kind(recipe)
+    # a stopped finetune's checkpoint (written for `finetune --resume`) keeps its state and source in extra.resume
+    resume = extra.get("resume") if run == "finetune" and isinstance(extra.get("resume"), dict) else {}
     out = {
-        "kind": "checkpoint", "path": str(p), "run": _run_kind(recipe),
+        "kind": "checkpoint", "path": str(p), "run": run,
         "arch": ckpt["arch"], "small_input": bool(ckpt.get("small_input")), "blurpool": bool(ckpt.get("blurpool")),
         "image_size": ckpt.get("image_size"), "num_classes": int(ckpt["num_classes"]), "parameters": params,
-        "epochs_done": int(ckpt["epoch"]), "resumable": ckpt.get("optimizer_state") is not None,
+        "epochs_done": int(ckpt["epoch"]), "resumable": ckpt.get("optimizer_state") is not None or bool(resume),
         "data": extra.get("data"), "data_fingerprint": ckpt.get("data_fingerprint"),
-        "pretrained": (extra.get("summary") or {}).get("checkpoint"),
+        "pretrained": (extra.get("summary") or {}).get("checkpoint") or resume.get("source"),
         "kept_classes": None if extra.get("kept_classes") is None else len(extra["kept_classes"]),
         "best_val_top1": extra.get("best_val_top1"), "last_epoch": history[-1] if history else None,
         "finetune_summary": extra.get("summary"), "recipe": recipe,

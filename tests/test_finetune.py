@@ -356,6 +356,13 @@ def test_a_stopped_run_resumed_ends_as_an_uninterrupted_one(tmp_path, target, so
     assert ckpt["epoch"] == 2 and ckpt["extra"]["resume"] and "summary" not in ckpt["extra"]
     logged = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in logged] == [None, 0, 1]
+    shown = CliRunner().invoke(cli, ["info", str(out)], catch_exceptions=False).output  # what info says of it
+    assert "2 epochs of finetune; stopped early: `finetune --resume`" in shown, shown
+    assert f"finetuned from: {source_ckpt}\n" in shown, shown
+    info = json.loads(CliRunner().invoke(cli, ["info", str(out), "--json"], catch_exceptions=False).output)
+    assert (info["resumable"], info["pretrained"]) == (True, str(source_ckpt))
+    shown = CliRunner().invoke(cli, ["info", str(tmp_path / "ft.jsonl")], catch_exceptions=False).output
+    assert "(running or stopped; `finetune --resume` continues a stopped one)" in shown, shown
 
     again = CliRunner().invoke(cli, [*args, "-o", str(out)])  # a rerun is told about --resume
     assert again.exit_code == 2 and "pass --force to overwrite it, or --resume to continue" in again.output
