@@ -450,7 +450,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
                  "source_fingerprint": ckpt.get("data_fingerprint"), "train": str(train_data), "test": str(test_data),
                  "num_classes": num_classes, "device": str(device), "precision": precision}
     if saved is not None:  # the epochs it redoes are dropped from the log, the records before kept
-        jlog = JsonLog.resume(log_path, start_epoch)
+        jlog = JsonLog.resume(log_path, start_epoch, history=saved["extra"].get("history", []))
         jlog.write({"event": "resume", **head_line, "start_epoch": start_epoch})
     else:  # held until the first checkpoint: a run stopped before it leaves no log to block a rerun
         jlog = JsonLog(log_path, hold=True)

@@ -448,3 +448,24 @@ def test_checkpoints_wait_for_checkpoint_every(tmp_path, target, source_ckpt, mo
             "--workers", "1", "-o", str(tmp_path / "ft.pt"), "--resume"]
     text = CliRunner().invoke(cli, args, catch_exceptions=False).output
     assert "LP of " in text and "3 epochs, 120 train / 0 val / 30 test images, resumed at epoch 3\n" in text, text
+
+
+def test_a_resume_puts_back_the_epochs_of_an_incomplete_last_log_line(tmp_path, target, source_ckpt, monkeypatch,
+                                                                      one_thread):
+    """A log whose last line was cut (a copy taken mid-write) loses that line on --resume, and the checkpoint's
+    record of its epoch takes its place, as train --resume does: the finished log holds every epoch once."""
+    train, test = target
+    cfg = FinetuneConfig(epochs=3, batch_size=16, res=16, workers=1)
+    out = tmp_path / "ft.pt"
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(source_ckpt, train, test, config=cfg, output=out, checkpoint_every=0)
+    log_path = tmp_path / "ft.jsonl"
+    text = log_path.read_text()
+    log_path.write_text(text[:-20])  # the record of epoch 1 without its end
+    r = finetune(source_ckpt, train, test, config=cfg, output=out, resume=True, checkpoint_every=0)
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(x["event"], x.get("epoch")) for x in logged] == [
+        ("config", None), ("epoch", 0), ("epoch", 1), ("resume", None), ("epoch", 2), ("summary", None)]
+    assert logged[2] == {"event": "epoch", **r.history[1]}
