@@ -170,6 +170,17 @@ def test_resize_vit_resamples_the_patch_grid():
     pos = model.encoder.pos_embedding
     assert pos.shape == (1, 17, 768) and pos.requires_grad and model.image_size == 64
     assert torch.equal(pos[:, 0], before[:, 0]) and torch.allclose(pos[:, 1:], torch.full_like(pos[:, 1:], 0.5))
+    # a grid that varies along its columns, channel d by a factor d: resampled, its rows stay equal, its columns
+    # ascend, and channel d stays d times channel 1 (a transposed grid or mixed channels would not)
+    model = create_model("vit_b_16", 3, image_size=32).eval()
+    scale = torch.arange(768, dtype=torch.float32)
+    with torch.no_grad():
+        model.encoder.pos_embedding[0, 1:] = torch.tensor([-1.0, 1.0, -1.0, 1.0])[:, None] * scale  # row-major 2x2
+    resize_vit(model, 64)
+    grid = model.encoder.pos_embedding[0, 1:].detach().reshape(4, 4, 768)
+    assert torch.allclose(grid, grid[:1].expand(4, -1, -1))
+    assert (grid[0, 1:, 1] > grid[0, :-1, 1]).all() and grid[0, 0, 1] < 0 < grid[0, 3, 1]
+    assert torch.allclose(grid, grid[:, :, 1:2] * scale, atol=1e-4)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     with pytest.raises(InputError, match="^--res must be a multiple of 16 for a ViT with 16 px patches, got 40.$"):
