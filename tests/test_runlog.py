@@ -236,3 +236,32 @@ def test_foreign_and_empty_files_are_refused(tmp_path, content, phrase):
     code, text = _run("info", path)
     assert code == 2 and phrase in text, text
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_plot_draws_resumes_and_a_running_log_on_its_planned_epochs(runs, tmp_path, monkeypatch):
+    """The curves' figure itself: a resume is a dotted line before its first epoch on every panel, and a log short
+    of its planned epochs (2 of 3 here) is drawn on an axis reaching the last planned epoch."""
+    import matplotlib.pyplot as plt
+
+    from dptool.runlog import plot_run, read_run_log
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))  # kept open to be read, closed below
+    try:
+        plot_run(read_run_log(runs / "m.jsonl"), tmp_path / "m.png")  # 3 of 3 epochs, resumed at epoch 2
+        log = tmp_path / "short.jsonl"
+        config, e0, e1 = _lines(runs / "m.jsonl")[:3]
+        config["config"]["epochs"] = 3
+        log.write_text("".join(json.dumps(r) + "\n" for r in (config, e0, e1)))
+        plot_run(read_run_log(log), tmp_path / "short.png")  # epochs 0 and 1 of 3, no resume
+        resumed, short = figures
+        for ax in resumed.axes[:3]:  # the loss, top-1 and schedule panels (not the resolution's twin)
+            dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":" and line.get_color() == "black"]
+            assert [tuple(line.get_xdata()) for line in dotted] == [(1.5, 1.5)]
+        assert all(ax.get_xlim()[1] == 2.5 for ax in short.axes[:3])
+        assert not any(line.get_linestyle() == ":" and line.get_color() == "black"
+                       for ax in short.axes for line in ax.get_lines())
+    finally:
+        for fig in figures:
+            close(fig)
