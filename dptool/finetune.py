@@ -148,7 +148,7 @@ def _schedule(optimizer, total_steps: int):
 
 def _pretrained(path, arch: str | None, weights_prefix: str | None, device):
     """The model to transfer and a checkpoint-like dict of what is known of it (arch, small_input, recipe, ...)."""
-    from .checkpoint import NotACheckpointError, load_checkpoint
+    from .checkpoint import NotACheckpointError, check_finite_weights, load_checkpoint
     from .models import canonical_name
     from .surrogate import model_from_weights
 
@@ -164,6 +164,7 @@ def _pretrained(path, arch: str | None, weights_prefix: str | None, device):
         raise InputError(f"Weights file {path} does not exist.")
     model, _, prefix = model_from_weights(arch, path, weights_prefix=weights_prefix,
                                           checkpoint_hint="drop --arch")
+    check_finite_weights(model.state_dict(), f"Weights file {path}")  # as load_checkpoint and score refuse them
     base, small = canonical_name(arch)
     return model.to(device), {"arch": base, "small_input": small, "blurpool": False,
                               "image_size": getattr(model, "image_size", None),

@@ -284,6 +284,23 @@ def test_a_dptool_checkpoint_given_another_arch_is_told_to_drop_it(tmp_path, tar
     assert "--model" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_a_weights_file_with_nan_weights_is_refused_as_such(tmp_path, target, source_ckpt):
+    """A state dict holding a NaN, given with --arch, was read, its features extracted, and the run stopped at 'The
+    training loss became nan ...; lower --lr', blaming the learning rate; it is now refused as score refuses it."""
+    train, test = target
+    state = read_checkpoint(source_ckpt)["state_dict"]
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    weights = tmp_path / "nan.pth"
+    torch.save(state, weights)
+    result = CliRunner().invoke(cli, ["finetune", str(weights), str(train), str(test), "--arch", "resnet18",
+                                      "--epochs", "1", "--batch-size", "16", "--res", "16", "--workers", "1",
+                                      "-o", str(tmp_path / "ft.pt")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: Weights file {weights} holds non-finite weights (NaN or inf) in 1 of "), \
+        result.output
+    assert "(first: layer1.0.conv1.weight)" in result.output and "--lr" not in result.output.split("retrain")[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
+
 def test_a_vit_is_transferred_at_another_resolution_and_from_dinos_layout(tmp_path, one_thread):
     """A vit_b_16 checkpoint for 32 px images, linear-probed at --res 64: its position embeddings are resampled (it
     was refused), and the finetuned checkpoint is for 64 px and loads. The same backbone in DINO's layout (timm's
