@@ -23,7 +23,8 @@ from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
 from .errors import InputError, check_seed
 from .integrity import record_digests, sample_digests
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source, source_inputs
-from .writer import MAX_RESOLUTION, Checkpoints, SkipSample, WriterParams, read_checkpoint, write_beton
+from .writer import MAX_RESOLUTION, SkipSample, WriterParams, write_beton
+from .writer_progress import Checkpoints, read_checkpoint
 
 __all__ = ["WriterParams", "PRESETS", "writer_params", "ConvertResult", "convert", "partial_paths", "write_beton"]
 

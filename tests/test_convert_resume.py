@@ -23,7 +23,8 @@ from dptool.cli.main import cli
 from dptool.convert import WriterParams, convert, partial_paths
 from dptool.errors import InputError
 from dptool.synthetic import separable_images, write_image_folder
-from dptool.writer import Checkpoints, SkipSample, read_checkpoint, write_beton
+from dptool.writer import SkipSample, write_beton
+from dptool.writer_progress import Checkpoints, read_checkpoint
 
 OPTIONS = ["--max-res", "48", "--write-mode", "proportion", "--compress-prob", "0.5"]
 PARAMS = WriterParams(max_resolution=48, write_mode="proportion", compress_probability=0.5, num_workers=1)
