@@ -24,7 +24,7 @@ from .errors import InputError, check_seed
 from .integrity import record_digests, sample_digests
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source, source_inputs
 from .writer import MAX_RESOLUTION, SkipSample, WriterParams, write_beton
-from .writer_progress import Checkpoints, read_checkpoint
+from .writer_progress import Checkpoints, partial_paths, read_checkpoint
 
 __all__ = ["WriterParams", "PRESETS", "writer_params", "ConvertResult", "convert", "partial_paths", "write_beton"]
 
@@ -125,13 +125,6 @@ _IDENTITY_NAMES = {
     "writer": "the writer options (--preset, --max-res, --write-mode, --jpeg-quality, --compress-prob)",
     "max_pixels": "the decoder's pixel limit", "versions": "the version of dptool, FFCV, Pillow or OpenCV",
 }
-
-
-def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """The partial file of a conversion to `out` (``.NAME.partial``, kept when the conversion is interrupted) and its
-    progress record (``.NAME.partial.npz``)."""
-    out = Path(out)
-    return out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.partial.npz")
 
 
 def _hash(*parts) -> str:

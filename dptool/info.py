@@ -98,6 +98,10 @@ def _describe(p: Path) -> dict:
     try:
         summary = {"kind": "beton", **summarize(p)}
     except NotABetonError as exc:
+        from .writer_progress import interrupted_conversion_message
+
+        if (partial := interrupted_conversion_message(p)) is not None:
+            raise InputError(partial) from exc
         raise InputError(f"{p} is {'empty' if not head else 'not a .beton'}; info reads .beton files, dptool scores "
                          "files, checkpoints and train or finetune logs.") from exc
     record = summary["digests"]  # the sidecar's record; shown as the state of the file it describes

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output
-from .beton import Beton, companions_of, digests_path, fingerprint, known_fingerprints, open_beton
+from .beton import Beton, NotABetonError, companions_of, digests_path, fingerprint, known_fingerprints, open_beton
 from .errors import InputError
+from .writer_progress import interrupted_conversion_message
 
 __all__ = ["DIGEST_ALGORITHM", "digests_path", "sample_digests", "recorded_digests", "record_digests", "verify",
            "verify_files"]
@@ -144,7 +145,12 @@ def _recorded(path: str | os.PathLike) -> tuple[Beton, np.ndarray]:
                              "(dptool verify DIR/*.beton).")
     # the sidecar is the record verify checks the file against: a file whose labels changed since (a damaged
     # label table) no longer matches its per-class counts, which is for the fingerprint to report, not a refusal
-    beton = open_beton(path, require_label=False, check_sidecar=False, check_labels=False)
+    try:
+        beton = open_beton(path, require_label=False, check_sidecar=False, check_labels=False)
+    except NotABetonError as exc:
+        if (partial := interrupted_conversion_message(path)) is not None:
+            raise InputError(partial) from exc
+        raise
     expected = recorded_digests(beton)
     if expected is None:
         raise InputError(f"{beton.path} has no recorded digests (it was written by FFCV's own writer, or by a "

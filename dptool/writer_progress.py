@@ -3,7 +3,8 @@
 `Checkpoints` says where and how often `dptool.writer.write_beton` records how far it has durably written;
 `read_checkpoint` reads such a record back; the record is made in a thread (`_Recorder`) after an fsync of the file,
 and replaces the previous one atomically. What is recorded (the samples done, the page layout, the allocation table,
-the skipped samples) is `write_beton`'s; this module only keeps and reads it.
+the skipped samples) is `write_beton`'s; this module only keeps and reads it. A conversion's partial file and its
+record are named by `partial_paths`; `interrupted_conversion_message` tells a user who finds them what they are.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ._ffcv import import_ffcv
 from .atomic import write_durably
 from .errors import InputError
 
-__all__ = ["Checkpoints", "read_checkpoint"]
+__all__ = ["Checkpoints", "read_checkpoint", "partial_paths", "interrupted_conversion_message"]
 
 _STATE_VERSION = 1
 
@@ -125,3 +126,33 @@ class _Recorder:
 
 def _alloc_type() -> np.dtype:
     return import_ffcv("ffcv.types").ALLOC_TABLE_TYPE
+
+
+def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """The partial file of a conversion to `out` (``.NAME.partial``, kept when the conversion is interrupted) and its
+    progress record (``.NAME.partial.npz``)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.partial.npz")
+
+
+def interrupted_conversion_message(path: str | os.PathLike) -> str | None:
+    """One sentence saying that `path` is the partial file (or its progress record) of an interrupted conversion,
+    how far it got and how to continue it or start over; None for a path not named as one."""
+    p = Path(path)
+    suffix = ".partial.npz" if p.name.endswith(".partial.npz") else ".partial"
+    if not (p.name.startswith(".") and p.name.endswith(suffix) and len(p.name) > len(suffix) + 1):
+        return None
+    what = "the progress record" if suffix == ".partial.npz" else "the partial file"
+    out = p.with_name(p.name[1:-len(suffix)])
+    partial, record = partial_paths(out)
+    try:
+        state = read_checkpoint(record) if partial.is_file() and partial.stat().st_size else None
+    except InputError:
+        return (f"{p} is {what} of an interrupted conversion to {out}, not a usable file, and its progress record "
+                f"{record.name} cannot be read: run the same `dptool convert` command with --force to start over.")
+    if state is None:
+        return (f"{p} is {what} of an interrupted conversion to {out}, not a usable file, with nothing recorded to "
+                "continue: the same `dptool convert` command starts over.")
+    return (f"{p} is {what} of an interrupted conversion to {out} ({state['done']} of {state['num_samples']} samples "
+            "done), not a usable file: run the same `dptool convert` command with --resume to continue it, or with "
+            "--force instead to start over.")

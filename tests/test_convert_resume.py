@@ -183,7 +183,7 @@ def test_a_partial_is_never_taken_for_an_output(folder, reference, tmp_path, mon
     assert partial.name == ".out.beton.partial"
     for command in (("verify", partial), ("info", partial)):
         result = run(*command)
-        assert result.exit_code == 2 and "not a .beton" in result.output, result.output
+        assert result.exit_code == 2 and "not a usable file" in result.output, result.output
     bad = _put_broken(folder)
     try:  # the same source and options as the interrupted run: resumed, it fails on the same file again
         result = run("convert", folder, out, *OPTIONS, "--workers", 1, "--on-error", "fail", "--resume")
@@ -193,6 +193,34 @@ def test_a_partial_is_never_taken_for_an_output(folder, reference, tmp_path, mon
     monkeypatch.delenv(ENV)
     assert run("convert", folder, out, *OPTIONS, "--workers", 2, "--force").exit_code == 0
     assert out.read_bytes() == reference and not partial.exists() and not state_path.exists()
+
+
+def test_info_and_verify_name_a_partial_and_its_record(folder, tmp_path, monkeypatch):
+    """A user who finds the hidden partial file or its record learns what it is, how far it got and what to do (one
+    sentence, exit 2), from info and verify alike; with an unreadable record or none, what is left to do."""
+    out = tmp_path / "out.beton"
+    partial, state_path = partial_paths(out)
+    state = _failed_half_way(folder, out, monkeypatch)
+    done = f"({state['done']} of 1601 samples done)"
+    for path, what in ((partial, "the partial file"), (state_path, "the progress record")):
+        for command in ("info", "verify"):
+            result = run(command, path)
+            assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+            assert f"{path} is {what} of an interrupted conversion to {out} {done}, not a usable file" \
+                in result.output, result.output
+            assert "with --resume to continue it, or with --force instead" in result.output, result.output
+    record = state_path.read_bytes()
+    state_path.write_bytes(record[:100])
+    result = run("info", partial)
+    assert result.exit_code == 2 and f"its progress record {state_path.name} cannot be read" in result.output
+    assert "--resume" not in result.output and "with --force to start over" in result.output, result.output
+    state_path.unlink()
+    result = run("verify", partial)
+    assert result.exit_code == 2 and "with nothing recorded to continue" in result.output, result.output
+    other = tmp_path / "other.partial"  # not named as a partial (no leading dot): as any other file
+    other.write_bytes(partial.read_bytes())
+    result = run("info", other)
+    assert result.exit_code == 2 and "not a .beton;" in result.output, result.output
 
 
 def test_resume_without_a_partial_starts_from_the_beginning(folder, reference, tmp_path):
