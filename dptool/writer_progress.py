@@ -145,14 +145,18 @@ def interrupted_conversion_message(path: str | os.PathLike) -> str | None:
     what = "the progress record" if suffix == ".partial.npz" else "the partial file"
     out = p.with_name(p.name[1:-len(suffix)])
     partial, record = partial_paths(out)
+    if not partial.is_file() or partial.stat().st_size == 0:
+        return (f"{p} is {what} of an interrupted conversion to {out}, not a usable file, and its partial file "
+                f"{partial.name} is {'empty' if partial.is_file() else 'gone'}: the same `dptool convert` command "
+                "starts over.")
     try:
-        state = read_checkpoint(record) if partial.is_file() and partial.stat().st_size else None
+        state = read_checkpoint(record)
     except InputError:
         return (f"{p} is {what} of an interrupted conversion to {out}, not a usable file, and its progress record "
                 f"{record.name} cannot be read: run the same `dptool convert` command with --force to start over.")
     if state is None:
-        return (f"{p} is {what} of an interrupted conversion to {out}, not a usable file, with nothing recorded to "
-                "continue: the same `dptool convert` command starts over.")
+        return (f"{p} is {what} of an interrupted conversion to {out}, not a usable file, with no progress record "
+                "to continue from: the same `dptool convert` command starts over.")
     return (f"{p} is {what} of an interrupted conversion to {out} ({state['done']} of {state['num_samples']} samples "
             "done), not a usable file: run the same `dptool convert` command with --resume to continue it, or with "
             "--force instead to start over.")

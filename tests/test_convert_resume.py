@@ -216,9 +216,16 @@ def test_info_and_verify_name_a_partial_and_its_record(folder, tmp_path, monkeyp
     assert "--resume" not in result.output and "with --force to start over" in result.output, result.output
     state_path.unlink()
     result = run("verify", partial)
-    assert result.exit_code == 2 and "with nothing recorded to continue" in result.output, result.output
+    assert result.exit_code == 2 and "with no progress record to continue from" in result.output, result.output
+    state_path.write_bytes(record)
+    partial.unlink()
+    result = run("info", state_path)
+    assert result.exit_code == 2 and f"its partial file {partial.name} is gone" in result.output, result.output
+    partial.write_bytes(b"")
+    result = run("info", partial)
+    assert result.exit_code == 2 and f"its partial file {partial.name} is empty" in result.output, result.output
     other = tmp_path / "other.partial"  # not named as a partial (no leading dot): as any other file
-    other.write_bytes(partial.read_bytes())
+    other.write_bytes(bytes(4096))  # a zero header, as a partial has
     result = run("info", other)
     assert result.exit_code == 2 and "not a .beton;" in result.output, result.output
 
