@@ -1,5 +1,6 @@
 """The step that `train`, `finetune` and `bench` share: autocast at a precision, the fp16 grad scaler, one
-optimizer step, and top-1/top-5 evaluation over a loader (summed over the ranks under torchrun)."""
+optimizer step, and top-1/top-5 evaluation over a loader (summed over the ranks under torchrun); and the recipe's
+optimizer, which `train` trains with and `bench` measures."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 
 from . import distributed as dist
 
-__all__ = ["autocast", "grad_scaler", "train_step", "resolve_precision", "evaluate"]
+__all__ = ["autocast", "grad_scaler", "make_optimizer", "train_step", "resolve_precision", "evaluate"]
 
 
 def autocast(device, precision: str):
@@ -26,6 +27,16 @@ def grad_scaler(precision: str):
     import torch
 
     return torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+
+def make_optimizer(config, params, lr: float):
+    """`config.optimizer` (a `TrainConfig`'s) over `params`, weight decay on every parameter (as DP4TL, biases and
+    norms included): SGD with `momentum`, or AdamW with betas (`momentum`, 0.999) and its decoupled decay."""
+    import torch
+
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def train_step(model, optimizer, scaler, criterion, x, y, device, precision: str):

@@ -24,7 +24,7 @@ from .beton import Beton, check_same_classes, fingerprint, known_fingerprints, o
 from .errors import DptoolError, InputError
 from .recipe import RECIPES, TrainConfig, lr_at, resolution_at
 from .runlog import JsonLog
-from .steps import evaluate, grad_scaler, resolve_precision, train_step
+from .steps import evaluate, grad_scaler, make_optimizer, resolve_precision, train_step
 
 # TrainConfig and RECIPES from here too: the README's "From Python" imports them from dptool.train
 __all__ = ["TrainConfig", "RECIPES", "TrainResult", "train", "TrainingDiverged", "LOSS_CHECK_EVERY"]
@@ -234,23 +234,13 @@ def _model_and_optimizer(config: TrainConfig, num_classes: int, image_size: int 
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                                           else None)
-    optimizer = _optimizer(config, model.parameters(), peak_lr)
+    optimizer = make_optimizer(config, model.parameters(), peak_lr)
     scaler = grad_scaler(precision)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if ckpt["extra"].get("scaler_state"):
             scaler.load_state_dict(ckpt["extra"]["scaler_state"])
     return model, optimizer, scaler
-
-
-def _optimizer(config: TrainConfig, params, lr: float):
-    """`config.optimizer` over `params`, weight decay on every parameter (as DP4TL, biases and norms included):
-    SGD with `momentum`, or AdamW with betas (`momentum`, 0.999) and its decoupled decay."""
-    import torch
-
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfig, epoch: int, peak_lr: float,
