@@ -13,6 +13,7 @@ from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
 from dptool.distributed import launch_rank
 from dptool.errors import InputError
 from dptool.models import list_models
+from dptool.recipe import RECIPES
 
 from ._common import (
     CONTEXT_SETTINGS,
@@ -32,6 +33,15 @@ _out_options = [
                  help="Also write the result as JSON to this file."),
     force_option,
     json_option,
+]
+
+
+_recipe_options = [
+    click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
+                 help="The `dptool train --recipe` whose optimizer, weight decay and label smoothing the model step "
+                      "takes, at its peak learning rate: resnet (SGD) or vit (AdamW)  [default: resnet]"),
+    click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None,
+                 help="SGD with momentum or AdamW, in place of the recipe's  [default: the recipe's]"),
 ]
 
 
@@ -61,7 +71,7 @@ def _save(result: dict, json_out: Path | None) -> None:
 
 def _pretrain_table(d: dict) -> str:
     lines = [f"{d['arch']} at {d['res']} px, batch {d['batch_size']} x {d['world_size']}, {d['device']}, "
-             f"{d['precision']}",
+             f"{d['precision']}, {d['optimizer']} (lr {d['lr']:.3g}, weight decay {d['weight_decay']:g})",
              f"{'file':<34}{'samples':>9}{'img/s':>9}{'epoch s':>9}{'speed-up':>10}{'ideal':>7}{'eff.':>7}{'wait':>7}"]
     for r in d["rows"]:
         epoch = r["measured_epoch_seconds"] or r["projected_epoch_seconds"]
@@ -82,7 +92,7 @@ def _loader_table(d: dict) -> str:
             ("ImageFolder + DataLoader", d["folder_images_per_second"]),
             ("ImageFolder + model step", d["folder_with_model_images_per_second"])]
     lines = [f"{d['path']} at {d['res']} px, batch {d['batch_size']}, {d['workers']} workers, {d['device']}"
-             + (f", model step in {d['precision']}" if d.get("precision") else "")]
+             + (f", model step in {d['precision']} with {d['optimizer']}" if d.get("precision") else "")]
     lines += [f"  {name:<26}{rate:>10.1f} img/s" for name, rate in rows if rate]
     if d.get("loader_ratio"):
         lines.append(f"  FFCV / ImageFolder: {d['loader_ratio']:.2f}x (loader only)")
@@ -103,10 +113,14 @@ def command():
 
 @command.command("pretrain", context_settings=CONTEXT_SETTINGS)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--arch", type=click.Choice(list_models()), default="resnet50", help="Architecture.")
+@_with(_recipe_options)
+@click.option("--arch", type=click.Choice(list_models()), default=None,
+              help="Architecture  [default: resnet50; --recipe vit: vit_b_16]")
 @click.option("--small-input", is_flag=True, help="Small-image ResNet stem (32-64 px data).")
-@click.option("--res", type=click.IntRange(min=8), default=160, help="Training resolution, px.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Batch per process.")
+@click.option("--res", type=click.IntRange(min=8), default=None,
+              help="Training resolution, px  [default: 160; --recipe vit: 224]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Batch per process  [default: 256; --recipe vit: 100]")
 @workers_option
 @click.option("--epochs", type=click.IntRange(min=0), default=0, help="Whole epochs per file (0: use --steps).")
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="Steps per file per round.")
@@ -114,8 +128,8 @@ def command():
 @precision_option("Training precision")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG bar chart.")
 @_with(_out_options)
-def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, rounds, precision, plot, json_out,
-             force, as_json):
+def pretrain(files, recipe, optimizer, arch, small_input, res, batch_size, workers, epochs, steps, rounds, precision,
+             plot, json_out, force, as_json):
     """Train one recipe on each file, interleaved; report images/s, epoch time and speed-up over the first.
 
     \b
@@ -128,9 +142,9 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
         raise click.UsageError(f"--epochs {epochs} measures whole epochs, so {' and '.join(given)} would be ignored; "
                                "give --epochs, or --steps and --rounds, not both.")
     _check_outputs(files, force, json_out, plot)
-    result = bench_pretrain(list(files), arch=arch, small_input=small_input, res=res, batch_size=batch_size,
-                            workers=workers, epochs=epochs, steps=steps, rounds=rounds, precision=precision,
-                            progress=show_progress(as_json)).to_dict()
+    result = bench_pretrain(list(files), recipe=recipe, optimizer=optimizer, arch=arch, small_input=small_input,
+                            res=res, batch_size=batch_size, workers=workers, epochs=epochs, steps=steps,
+                            rounds=rounds, precision=precision, progress=show_progress(as_json)).to_dict()
     if launch_rank() != 0:  # under torchrun every rank returns the same summed result; rank 0 writes and prints
         return
     with output_group():  # --json-out and --plot renamed into place together, or neither
@@ -148,6 +162,7 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
 @click.option("--arch", type=click.Choice(list_models()), default=None,
               help="Also measure with a training step of this model.")
 @click.option("--small-input", is_flag=True, help="Small-image ResNet stem for --arch.")
+@_with(_recipe_options)
 @click.option("--compare-folder", type=click.Path(path_type=str), default=None,
               help="The same images as an ImageFolder tree, read by torchvision for comparison.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None,
@@ -156,8 +171,8 @@ def pretrain(files, arch, small_input, res, batch_size, workers, epochs, steps, 
               help="Where batches are delivered (and the model runs): auto = CUDA when present.")
 @precision_option("Model step precision with --arch")
 @_with(_out_options)
-def loader(path, res, batch_size, workers, arch, small_input, compare_folder, max_batches, device, precision,
-           json_out, force, as_json):
+def loader(path, res, batch_size, workers, arch, small_input, recipe, optimizer, compare_folder, max_batches, device,
+           precision, json_out, force, as_json):
     """Images/s through the training data pipeline (decode, crop, flip, to device).
 
     \b
@@ -166,6 +181,7 @@ def loader(path, res, batch_size, workers, arch, small_input, compare_folder, ma
     _check_outputs([path], force, json_out)
     result = bench_loader(path, res=res, batch_size=batch_size, workers=workers, arch=arch, small_input=small_input,
                           compare_folder=compare_folder, max_batches=max_batches, device=device,
-                          precision=precision, progress=show_progress(as_json)).to_dict()
+                          precision=precision, recipe=recipe, optimizer=optimizer,
+                          progress=show_progress(as_json)).to_dict()
     _save(result, json_out)
     emit(result, as_json, _loader_table)

@@ -1,6 +1,7 @@
 """Throughput of the data path and of (pruned) pretraining, measured side by side in one run.
 
-`bench_pretrain` trains the same model with the same recipe on each file, interleaving the files round by round
+`bench_pretrain` trains the same model with the same recipe on each file (the step `dptool train` takes: the optimizer,
+weight decay and label smoothing of its `--recipe`, at its peak learning rate), interleaving the files round by round
 so that drift in the machine's speed hits all of them alike. Every loader is built, JIT-compiled and warmed
 (a few steps, and the file read once into the page cache) before any clock starts: these are one-off costs of a
 run, not of an epoch, and leaving them in would make a small pruned file look slower per sample than it is.
@@ -20,9 +21,10 @@ from . import distributed as dist
 from .atomic import atomic_output
 from .beton import open_beton
 from .errors import InputError
+from .recipe import RECIPES, TrainConfig, config_from_options
 
-__all__ = ["PretrainRow", "PretrainBench", "LoaderBench", "bench_pretrain", "bench_loader", "warm_page_cache",
-           "is_pruned_from", "plot_pretrain"]
+__all__ = ["PretrainRow", "PretrainBench", "LoaderBench", "bench_pretrain", "bench_loader", "bench_config",
+           "warm_page_cache", "is_pruned_from", "plot_pretrain"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ class PretrainBench:
     world_size: int
     rows: list[PretrainRow]
     precision: str = "fp32"  # as trained: `auto` resolved, fp32 on the CPU whatever was asked
+    recipe: str = "resnet"  # `dptool train --recipe` whose optimizer, weight decay and label smoothing were used
+    optimizer: str = "sgd"
+    lr: float = 0.0  # the recipe's peak learning rate at this effective batch, held for every step
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain-JSON form: rows, and for each file after the first its measured and ideal speed-up."""
@@ -87,13 +94,38 @@ class PretrainBench:
             r["speedup_basis"] = key.split("_")[0]
             r["efficiency"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] else None
         return {"arch": self.arch, "res": self.res, "batch_size": self.batch_size, "device": self.device,
-                "precision": self.precision, "world_size": self.world_size, "rows": rows}
+                "precision": self.precision, "world_size": self.world_size, "recipe": self.recipe,
+                "optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay,
+                "label_smoothing": self.label_smoothing, "rows": rows}
 
 
 def is_pruned_from(pruned, full) -> bool:
     """Whether the sidecar of `pruned` (a Beton) records `dptool prune` of the file `full` (by fingerprint)."""
     full_fp = (full.sidecar or {}).get("fingerprint")
     return full_fp is not None and ((pruned.sidecar or {}).get("pruning") or {}).get("source_fingerprint") == full_fp
+
+
+def bench_config(recipe: str | None = None, optimizer: str | None = None, **options) -> TrainConfig:
+    """The `TrainConfig` a benchmark steps with, as `dptool train --recipe RECIPE --optimizer OPTIMIZER` would
+    build it (None: the recipe's; recipe None: resnet, with train's warning for a ViT), with `options` (those not
+    None) on top; validated."""
+    config = config_from_options(recipe=recipe, optimizer=optimizer, **options)
+    config.validate()
+    return config
+
+
+def _step(config: TrainConfig, model, batch_size: int, device, precision: str):
+    """`train_step(x, y)` of `model` with `config`'s optimizer at its peak learning rate for an effective batch of
+    `batch_size` x the ranks (as `train` scales --lr), its label smoothing and the fp16 grad scaler; and that lr."""
+    import torch
+
+    from .steps import grad_scaler, make_optimizer, train_step
+
+    lr = config.lr * batch_size * dist.world_size() / 256
+    optimizer = make_optimizer(config, model.parameters(), lr)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    scaler = grad_scaler(precision)
+    return (lambda x, y: train_step(model, optimizer, scaler, criterion, x, y, device, precision)), lr
 
 
 def _measure(row: PretrainRow, it, n_steps: int | None, step, device, restart=None):
@@ -130,27 +162,36 @@ def _measure(row: PretrainRow, it, n_steps: int | None, step, device, restart=No
     return it
 
 
-def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", res: int = 160, batch_size: int = 256,
+def bench_pretrain(files: list[str | os.PathLike], *, arch: str | None = None, res: int | None = None,
+                   batch_size: int | None = None, recipe: str | None = None, optimizer: str | None = None,
                    workers: int = 0, epochs: int = 0, steps: int = 50, rounds: int = 3, warmup_steps: int = 3,
                    small_input: bool = False, precision: str = "auto", warm_cache: bool = True,
                    progress: bool = False) -> PretrainBench:
     """Train `arch` on each file with one recipe, interleaved, and measure images/s and epoch time.
 
-    `epochs` > 0: that many whole epochs per file, alternating files (measured epoch time). Otherwise `rounds`
-    rounds of `steps` steps per file (projected epoch time = samples / images/s). The first file is the
-    reference for speed-ups. Under torchrun every rank trains with DDP and the counts are summed.
+    `recipe` (`dptool train --recipe`, None: resnet) sets the optimizer (`optimizer` overrides it), its weight
+    decay and momentum, the label smoothing, and the defaults of `arch`, `res` and `batch_size` (resnet: resnet50,
+    160 px, 256; vit: vit_b_16, 224 px, 100). `epochs` > 0: that many whole epochs per file, alternating files
+    (measured epoch time). Otherwise `rounds` rounds of `steps` steps per file (projected epoch time = samples /
+    images/s). The first file is the reference for speed-ups. Under torchrun every rank trains with DDP and the
+    counts are summed.
     """
     import torch
     from tqdm import tqdm
 
     from .loaders import train_loader
     from .models import create_model
-    from .steps import grad_scaler, resolve_precision, train_step
+    from .steps import resolve_precision
 
     if len(files) < 1:
         raise InputError("bench pretrain needs at least one .beton file.")
     if epochs < 0 or steps < 1 or rounds < 1:
         raise InputError(f"--epochs must be >= 0 and --steps/--rounds >= 1, got {epochs}/{steps}/{rounds}.")
+    preset = RECIPES.get(recipe or "resnet", {})  # an unknown name is refused by bench_config
+    res = res if res is not None else preset.get("max_res", 160)
+    config = bench_config(recipe, optimizer, arch=arch or preset.get("arch", "resnet50"), min_res=res, max_res=res,
+                          batch_size=batch_size or preset.get("batch_size", 256))
+    arch, batch_size = config.arch, config.batch_size
     betons = [open_beton(f) for f in files]
     num_classes = max(b.num_classes for b in betons)
     for b in betons[1:] if dist.launch_rank() == 0 else ():
@@ -171,11 +212,8 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
                                                                                             memory_format=layout)
         if dist.world_size() > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
         model.train()
-        scaler = grad_scaler(precision)
-        step = lambda x, y: train_step(model, optimizer, scaler, criterion, x, y, device, precision)  # noqa: E731
+        step, lr = _step(config, model, batch_size, device, precision)
 
         rows, loaders, iters = [], [], []
         for b in betons:
@@ -211,7 +249,9 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str = "resnet50", re
         for it in iters:
             it.close()
         return PretrainBench(arch=arch, res=res, batch_size=batch_size, device=str(device),
-                             world_size=dist.world_size(), rows=rows, precision=precision)
+                             world_size=dist.world_size(), rows=rows, precision=precision, recipe=recipe or "resnet",
+                             optimizer=config.optimizer, lr=lr, weight_decay=config.weight_decay,
+                             label_smoothing=config.label_smoothing)
 
 
 @dataclass
@@ -228,6 +268,8 @@ class LoaderBench:
     folder_images_per_second: float | None = None
     folder_with_model_images_per_second: float | None = None
     precision: str | None = None  # of the model step (`auto` resolved), with `arch`
+    recipe: str | None = None  # whose optimizer the model step takes, with `arch`
+    optimizer: str | None = None
 
     def to_dict(self) -> dict:
         """Plain-JSON form with the FFCV / ImageFolder ratios."""
@@ -290,20 +332,25 @@ def _rate(batches, device, step=None, max_batches: int | None = None, what: str 
 def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 256, workers: int = 0,
                  arch: str | None = None, small_input: bool = False, compare_folder: str | os.PathLike | None = None,
                  max_batches: int | None = None, device: str = "auto", precision: str = "auto",
-                 progress: bool = False) -> LoaderBench:
+                 recipe: str | None = None, optimizer: str | None = None, progress: bool = False) -> LoaderBench:
     """Images/s of random-resized-crop + flip batches from `path` (FFCV) delivered on `device` and, with
     `compare_folder`, of the same images through torchvision ImageFolder + DataLoader with the same augmentation
-    and workers; with `arch`, also with a training step of that model on each batch. `progress`: a bar of
-    batches on stderr for each measurement (each reads a whole epoch unless `max_batches`)."""
+    and workers; with `arch`, also with a training step of that model on each batch, with the optimizer of
+    `recipe` (`dptool train --recipe`, None: resnet) or `optimizer`. `progress`: a bar of batches on stderr for each
+    measurement (each reads a whole epoch unless `max_batches`)."""
     import torch
 
     from .loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
     from .models import create_model
-    from .steps import grad_scaler, resolve_precision, train_step
+    from .steps import resolve_precision
 
     if dist.launched_by_torchrun():  # every rank would measure the whole file on one device and write the same JSON
         raise InputError("bench loader measures one process's data pipeline; run it without torchrun (bench "
                          "pretrain runs under torchrun).")
+    if not arch and (recipe or optimizer):
+        raise InputError("--recipe and --optimizer choose the optimizer of the model step, which only --arch adds; "
+                         "give --arch too.")
+    config = bench_config(recipe, optimizer, arch=arch) if arch else None
     beton = open_beton(path)
     folder = Path(compare_folder) if compare_folder else None
     if folder is not None and not folder.is_dir():  # refused before minutes of measuring, like a bad --arch
@@ -317,11 +364,8 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
         layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
         model = create_model(arch, beton.num_classes, small_input=small_input, image_size=res).to(
             dev, memory_format=layout)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        criterion = torch.nn.CrossEntropyLoss()
         precision = resolve_precision(dev, precision)
-        scaler = grad_scaler(precision)
-        step = lambda x, y: train_step(model, optimizer, scaler, criterion, x, y, dev, precision)  # noqa: E731
+        step, _ = _step(config, model, batch_size, dev, precision)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     threads = torch.get_num_threads()
     warm_page_cache(beton.path)
@@ -330,7 +374,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
                          ffcv_images_per_second=_rate(ffcv_loader, dev, max_batches=max_batches, what=str(path),
                                                              progress=progress, desc="FFCV"))
     if step:
-        result.precision = precision
+        result.precision, result.recipe, result.optimizer = precision, recipe or "resnet", config.optimizer
         result.ffcv_with_model_images_per_second = _rate(ffcv_loader, dev, step, max_batches, str(path),
                                                          progress, f"FFCV + {arch}")
     if folder is not None:

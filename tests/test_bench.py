@@ -263,3 +263,80 @@ def test_bench_pretrain_refuses_steps_with_epochs(tiny_beton):
     for extra in (["--steps", "5"], ["--rounds", "2"]):
         result = CliRunner().invoke(cli, ["bench", "pretrain", str(tiny_beton), "--epochs", "1", *extra])
         assert result.exit_code == 2 and f"so {extra[0]} would be ignored" in result.output, result.output
+
+
+@pytest.fixture
+def stepped():
+    """(optimizer class name, its defaults) of every optimizer step taken while the test runs, seen through torch's
+    global step hook: the optimizer the benchmark really stepped, not what it reports."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append((type(opt).__name__,
+                                                                                     dict(opt.defaults))))
+    yield seen
+    handle.remove()
+
+
+@pytest.mark.parametrize("recipe, optimizer, name, momentum, weight_decay, lr_per_256, smoothing", [
+    (None, None, "SGD", 0.9, 5e-5, 0.125, 0.1),  # train's default recipe, as before but at its peak lr
+    ("vit", None, "AdamW", 0.9, 0.3, 1.92e-3, 0.11),  # DP4TL's ViT-B/16 recipe: the step of train --recipe vit
+    ("vit", "sgd", "SGD", 0.9, 0.3, 1.92e-3, 0.11),  # --optimizer over the recipe's, as in train
+    ("resnet", "adamw", "AdamW", 0.9, 5e-5, 0.125, 0.1),
+])
+def test_bench_pretrain_steps_the_optimizer_of_the_recipe_asked(full_and_pruned, tmp_path, stepped, recipe, optimizer,
+                                                                name, momentum, weight_decay, lr_per_256, smoothing):
+    """bench pretrain once stepped SGD at lr 0.01 whatever the recipe: a ViT benchmark measured the wrong step."""
+    full, half = full_and_pruned
+    args = ["bench", "pretrain", str(full), str(half), "--arch", "resnet_tiny", "--res", "16", "--batch-size", "16",
+            "--steps", "1", "--rounds", "2", "--workers", "1", "--json-out", str(tmp_path / "b.json")]
+    args += ["--recipe", recipe] if recipe else []
+    args += ["--optimizer", optimizer] if optimizer else []
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lr = lr_per_256 * 16 / 256  # the recipe's peak lr at this effective batch, as train scales --lr
+    assert len(stepped) == 2 * (3 + 2 * 1)  # per file: 3 warm-up steps, then rounds x steps
+    for cls, defaults in stepped:
+        assert cls == name
+        assert defaults["lr"] == pytest.approx(lr) and defaults["weight_decay"] == pytest.approx(weight_decay)
+        assert (defaults["betas"][0] if name == "AdamW" else defaults["momentum"]) == pytest.approx(momentum)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert (data["recipe"], data["optimizer"]) == (recipe or "resnet", name.lower())
+    assert data["lr"] == pytest.approx(lr) and data["weight_decay"] == pytest.approx(weight_decay)
+    assert data["label_smoothing"] == pytest.approx(smoothing)
+    assert f"{name.lower()} (lr {lr:.3g}, weight decay {weight_decay:g})" in result.stdout.splitlines()[0]
+
+
+def test_bench_pretrain_recipe_vit_sets_the_batch_as_train_does(full_and_pruned):
+    """--recipe vit without --batch-size: DP4TL's batch of 100 per process, which the 80-sample file cannot give."""
+    full, half = full_and_pruned
+    result = CliRunner().invoke(cli, ["bench", "pretrain", str(full), str(half), "--recipe", "vit"])
+    assert result.exit_code == 2 and "--batch-size 100 is larger than the samples" in result.output, result.output
+
+
+def test_bench_pretrain_warns_that_a_vit_without_recipe_measures_sgd(full_and_pruned, caplog):
+    """As train: a ViT given the ResNet recipe by default is warned about (here before the batch is refused)."""
+    from dptool.bench import bench_pretrain
+    from dptool.errors import InputError
+
+    _, half = full_and_pruned
+    with caplog.at_level(logging.WARNING, logger="dptool.recipe"), pytest.raises(InputError, match="--batch-size 100"):
+        bench_pretrain([half], arch="vit_b_16", batch_size=100)
+    assert "vit_b_16 trains with the ResNet recipe (SGD" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dptool.recipe"), pytest.raises(InputError, match="--batch-size 100"):
+        bench_pretrain([half], recipe="vit")  # vit_b_16 with AdamW: nothing to warn about
+    assert not caplog.text
+
+
+def test_bench_loader_model_step_takes_the_recipe_optimizer(tiny_beton, stepped):
+    result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--res", "16", "--batch-size", "16",
+                                      "--workers", "1", "--max-batches", "2", "--arch", "resnet_tiny", "--recipe",
+                                      "vit", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["recipe"], data["optimizer"]) == ("vit", "adamw")
+    assert len(stepped) == 1 + 2 and {cls for cls, _ in stepped} == {"AdamW"}  # warm-up batch + 2 measured
+    assert stepped[0][1]["weight_decay"] == pytest.approx(0.3)
+    result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--optimizer", "adamw"])
+    assert result.exit_code == 2 and "give --arch too" in result.output and "Traceback" not in result.output

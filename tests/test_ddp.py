@@ -65,6 +65,7 @@ def test_bench_pretrain_under_torchrun_sums_ranks_and_prints_once(tmp_path, tiny
     result = json.loads(proc.stdout[proc.stdout.index("{"):])  # exactly one JSON document: rank 0 alone prints
     assert result == json.loads((tmp_path / "bench.json").read_text())
     assert result["world_size"] == 2 and result["batch_size"] == 8
+    assert result["optimizer"] == "sgd" and result["lr"] == pytest.approx(0.125 * 8 * 2 / 256)  # as train scales --lr
     for row in result["rows"]:
         assert row["images"] == 2 * 2 * 2 * 8  # ranks x rounds x steps x batch per rank
         assert row["samples"] == 160 and row["ideal_speedup"] == 1.0
