@@ -27,7 +27,7 @@ import numpy as np
 
 from .atomic import check_output_path, output_group
 from .beton import check_same_classes, fingerprint, open_beton
-from .errors import InputError, check_number, check_seed
+from .errors import DptoolError, InputError, check_number, check_seed
 from .runlog import JsonLog
 from .steps import autocast, evaluate, grad_scaler, resolve_precision, train_step
 
@@ -224,8 +224,8 @@ def _check_test_file(train_b, test_b, train_data, test_data) -> str:
 def _check_loss(train_loss: float, epoch: int, cfg: FinetuneConfig) -> None:
     """Stop a run whose training loss is no longer finite: every later epoch would train on NaN weights. Read once
     per epoch (the epoch's summed loss), so it adds no synchronisation per step."""
-    if not np.isfinite(train_loss):
-        raise InputError(f"The training loss became {train_loss} in epoch {epoch + 1} of {cfg.epochs} "
+    if not np.isfinite(train_loss):  # a failure of the run, exit 1, as train's TrainingDiverged
+        raise DptoolError(f"The training loss became {train_loss} in epoch {epoch + 1} of {cfg.epochs} "
                          f"({cfg.mode}, {cfg.optimizer} at --lr {cfg.lr:g}); lower --lr.")
 
 

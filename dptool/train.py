@@ -127,6 +127,9 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
     if not output.exists():
         raise InputError(f"Cannot resume: checkpoint {output} does not exist (run without --resume first).")
     ckpt = read_checkpoint(output)
+    if "finetune" in (ckpt.get("recipe") or {}):
+        raise InputError(f"Cannot resume: {output} was written by dptool finetune; `dptool finetune ... -o {output} "
+                         "--resume` continues a stopped finetune, and train --resume continues a train checkpoint.")
     want = canonical_name(config.arch, config.small_input)
     if (ckpt["arch"], bool(ckpt["small_input"])) != want or bool(ckpt.get("blurpool")) != config.blurpool:
         def onoff(flag) -> str:

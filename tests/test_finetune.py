@@ -115,7 +115,7 @@ def test_a_diverging_run_stops_at_its_first_nan_epoch(tmp_path, target, source_c
     args = ["finetune", str(source_ckpt), str(train), str(test), "--mode", mode, "--optimizer", "sgd", "--lr", "1e30",
             "--epochs", "3", "--batch-size", "16", "--res", "16", "--workers", "1", "-o", str(tmp_path / "ft.pt")]
     r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 1, r.output  # a failure of the run, as train's divergence
     assert r.output.strip() == f"Error: The training loss became nan in epoch 1 of 3 ({mode}, sgd at --lr 1e+30); " \
                                "lower --lr."
     assert list(tmp_path.iterdir()) == []

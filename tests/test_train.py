@@ -282,6 +282,8 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
                     data_fingerprint=fp, epoch=1)
     save_checkpoint(tmp_path / "other.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(),
                     recipe={}, data_fingerprint="blake2b:other", epoch=1)
+    save_checkpoint(tmp_path / "ft.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(),
+                    recipe={"finetune": {"mode": "ff"}}, data_fingerprint=fp, epoch=1)
     # as `torchrun --nproc_per_node 2 ... train --batch-size 16` writes it: resumed by one process, the effective
     # batch (32 -> 16) and with it the peak learning rate halved without a word
     two = {**TrainConfig(batch_size=16).__dict__, "world_size": 2, "effective_batch_size": 32, "effective_lr": 0.0625}
@@ -296,6 +298,9 @@ def test_bad_input_exits_2(tmp_path, train_val_betons):
          "was trained on another file with fingerprint blake2b:other (4 classes), but"),
         # like a finetune checkpoint: right data and arch, no optimizer state to continue from
         (["train", str(train), "-o", str(tmp_path / "rn18.pt"), "--resume"], "holds no optimizer state"),
+        # a finetune's checkpoint (it said "holds no optimizer state", or named the data, not finetune --resume)
+        (["train", str(train), "-o", str(tmp_path / "ft.pt"), "--resume"],
+         "was written by dptool finetune; `dptool finetune ... -o"),
         (["train", str(train), "-o", str(tmp_path / "c.jsonl")], "The log would be written over the checkpoint"),
         # the same path through a link to its folder
         (["train", str(train), "-o", str(out), "--log", str(tmp_path / "here" / "m.pt")],
