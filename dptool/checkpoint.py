@@ -14,7 +14,8 @@ from .atomic import atomic_output
 from .errors import InputError
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "NotACheckpointError", "save_checkpoint", "read_checkpoint",
-           "load_checkpoint", "describe_mismatch", "nonfinite_tensors", "check_finite_weights"]
+           "load_checkpoint", "describe_mismatch", "nonfinite_tensors", "check_finite_weights",
+           "check_same_options", "check_finite_resume"]
 
 CHECKPOINT_FORMAT = "dptool-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -143,6 +144,31 @@ def check_finite_weights(state: dict, where: str) -> None:
         raise InputError(f"{where} holds non-finite weights (NaN or inf) in {len(bad)} of its {len(tensors)} "
                          f"floating-point tensors (first: {bad[0]}), so its outputs would be NaN too: retrain it (e.g. "
                          "with a lower --lr) or use an earlier checkpoint.")
+
+
+def check_same_options(output, changed: list[str], saved, given, *, did: str, give: str,
+                       may_change: tuple[str, ...], flag=None) -> None:
+    """Refuse a resume of `output` whose options `changed` from those it began with (`saved.get(name)` then,
+    `getattr(given, name)` now), in one sentence naming both sets; `did` is "trained" or "finetuned", `give` what
+    to give instead, `may_change` the options that may differ, `flag(name)` an option's name on the command line."""
+    if not changed:
+        return
+    flag = flag or (lambda name: "--" + name.replace("_", "-"))
+
+    def flags(values) -> str:
+        return " ".join(f"{flag(name)} {values(name)}" for name in changed)
+
+    free = ", ".join(may_change[:-1]) + f" and {may_change[-1]}" if len(may_change) > 1 else may_change[0]
+    raise InputError(f"Cannot resume: {output} was {did} with {flags(saved.get)} but this run gives "
+                     f"{flags(lambda name: getattr(given, name))}; give {give} ({free} may change).")
+
+
+def check_finite_resume(state_dict: dict, optimizer_state: dict, output) -> None:
+    """Refuse resuming `output` when its weights or its optimizer's moments hold a NaN or an infinity: a NaN
+    momentum buffer would turn the first resumed step's weights into NaN."""
+    moments = {f"optimizer.{i}.{k}": v for i, st in (optimizer_state.get("state") or {}).items()
+               for k, v in st.items()}
+    check_finite_weights({**state_dict, **moments}, f"Cannot resume: checkpoint {output}")
 
 
 def describe_mismatch(model, state: dict, exc: Exception | None = None) -> str:

@@ -334,7 +334,7 @@ def _resume_state(output: Path, cfg: FinetuneConfig, train_data, train_fp: str, 
                   checkpoint, source_fp: str) -> dict:
     """The checkpoint of a stopped finetune at `output`, after checking it continues this run: the same training and
     test data, pretrained weights and recipe (`_RESUME_FIXED`), and finite weights and optimizer state."""
-    from .checkpoint import check_finite_weights, read_checkpoint
+    from .checkpoint import check_finite_resume, check_same_options, read_checkpoint
 
     if not output.exists():
         raise InputError(f"Cannot resume: checkpoint {output} does not exist (run without --resume first).")
@@ -360,16 +360,9 @@ def _resume_state(output: Path, cfg: FinetuneConfig, train_data, train_fp: str, 
         raise InputError(f"Cannot resume: {output} was finetuned from {state.get('source') or 'other weights'}, "
                          f"whose weights differ from {checkpoint}'s; give the checkpoint it began from.")
     changed = [name for name in _RESUME_FIXED if recipe.get(name) != getattr(cfg, name)]
-    if changed:
-        def flags(values) -> str:
-            return " ".join(f"--{name.replace('_', '-')} {values(name)}" for name in changed)
-
-        raise InputError(f"Cannot resume: {output} was finetuned with {flags(recipe.get)} but this run gives "
-                         f"{flags(lambda name: getattr(cfg, name))}; give the options it began with "
-                         "(--test-batch-size, --workers and --precision may change).")
-    moments = {f"optimizer.{i}.{k}": v for i, st in (state["optimizer"].get("state") or {}).items()
-               for k, v in st.items()}
-    check_finite_weights({**saved["state_dict"], **moments}, f"Cannot resume: checkpoint {output}")
+    check_same_options(output, changed, recipe, cfg, did="finetuned", give="the options it began with",
+                       may_change=("--test-batch-size", "--workers", "--precision"))
+    check_finite_resume(saved["state_dict"], state["optimizer"], output)
     return saved
 
 

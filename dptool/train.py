@@ -121,7 +121,7 @@ def _flag(name: str) -> str:
 def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int,
                   known: set[str]) -> dict:
     """The checkpoint to resume from, after checking it continues this run (`known`: the data's fingerprints)."""
-    from .checkpoint import check_finite_weights, read_checkpoint
+    from .checkpoint import check_finite_resume, check_same_options, read_checkpoint
     from .models import canonical_name
 
     if not output.exists():
@@ -153,25 +153,18 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
     # a ramp left to its default (None) follows --epochs, which may change
     changed = [name for name in _RESUME_FIXED
                if recipe.get(name) is not None and recipe[name] != getattr(config, name)]
-    if changed:
-        def flags(values) -> str:
-            return " ".join(f"{_flag(name)} {values(name)}" for name in changed)
-
-        preset = next((f" (--recipe {name} sets them)" for name, values in RECIPES.items()
-                       if set(changed) <= set(values) and all(values[k] == recipe[k] for k in changed)), "")
-        raise InputError(f"Cannot resume: {output} was trained with {flags(recipe.get)} but this run gives "
-                         f"{flags(lambda name: getattr(config, name))}; give the options it was trained with{preset} "
-                         "(--epochs, --val, --val-res, --val-batch-size, --workers and --precision may change).")
+    preset = next((f" (--recipe {name} sets them)" for name, values in RECIPES.items()
+                   if changed and set(changed) <= set(values) and all(values[k] == recipe[k] for k in changed)), "")
+    check_same_options(output, changed, recipe, config, did="trained", give=f"the options it was trained with{preset}",
+                       may_change=("--epochs", "--val", "--val-res", "--val-batch-size", "--workers", "--precision"),
+                       flag=_flag)
     was, world = recipe.get("world_size"), dist.world_size()
     if was is not None and int(was) != world:  # the effective batch, and the peak learning rate scaled by it
         how = f"torchrun --nproc_per_node {was}" if int(was) > 1 else "one process, without torchrun"
         raise InputError(f"Cannot resume: {output} was trained by {was} process{'es' if int(was) > 1 else ''} "
                          f"(effective batch {recipe.get('effective_batch_size')}), but this run has {world} "
                          f"(effective batch {config.batch_size * world}); resume it as it ran ({how}).")
-    # the momentum buffers too: a NaN there would turn the first resumed step's weights into NaN
-    moments = {f"optimizer.{i}.{k}": v for i, st in (ckpt["optimizer_state"].get("state") or {}).items()
-               for k, v in st.items()}
-    check_finite_weights({**ckpt["state_dict"], **moments}, f"Cannot resume: checkpoint {output}")
+    check_finite_resume(ckpt["state_dict"], ckpt["optimizer_state"], output)
     return ckpt
 
 

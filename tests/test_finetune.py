@@ -449,6 +449,26 @@ def test_resume_refuses_what_would_not_continue_the_run(tmp_path, target, source
         run(output=other)
 
 
+def test_resume_refuses_non_finite_optimizer_moments(tmp_path, target, source_ckpt, monkeypatch, one_thread):
+    """An infinite optimizer moment in a stopped finetune's checkpoint would make the resumed weights NaN:
+    refused as train refuses it, naming the tensor."""
+    train, test = target
+    out = tmp_path / "ft.pt"
+    cfg = FinetuneConfig(epochs=3, batch_size=16, res=16, workers=1)
+    with monkeypatch.context() as m:
+        _stop_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(source_ckpt, train, test, config=cfg, output=out, checkpoint_every=0)
+    saved = read_checkpoint(out)
+    moments = saved["extra"]["resume"]["optimizer"]["state"]
+    moments[0]["exp_avg_sq"].view(-1)[0] = float("inf")  # LP steps the head by AdamW
+    save_checkpoint(out, **{k: saved[k] for k in ("arch", "num_classes", "state_dict", "recipe", "data_fingerprint",
+                                                    "epoch", "small_input", "extra")})
+    with pytest.raises(InputError, match=r"Cannot resume: checkpoint .*ft\.pt holds non-finite weights "
+                                         r"\(NaN or inf\) in 1 of .* \(first: optimizer\.0\.exp_avg_sq\)"):
+        finetune(source_ckpt, train, test, config=cfg, output=out, checkpoint_every=0, resume=True)
+
+
 def test_checkpoints_wait_for_checkpoint_every(tmp_path, target, source_ckpt, monkeypatch, one_thread):
     """No checkpoint before `checkpoint_every` seconds of epochs: a run stopped in its third epoch then leaves
     nothing (no log either, which would block the rerun); the summary names the epoch a run resumed at."""
