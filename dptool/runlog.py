@@ -81,7 +81,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict], bool]:
 
 
 def _record(p: Path, number: int, line: str) -> dict:
-    """Line `number` of the log `p`, parsed: a JSON object with an ``event`` (an epoch's with its ``epoch``)."""
+    """Line `number` of the log `p`, parsed: a JSON object with an ``event`` (an epoch's with its ``epoch``, a
+    resume's with its ``start_epoch``)."""
     try:
         rec = json.loads(line)
     except ValueError as exc:
@@ -89,9 +90,16 @@ def _record(p: Path, number: int, line: str) -> dict:
                          "line.") from exc
     if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
         raise InputError(f'Line {number} of {p} is not a log record (a JSON object with an "event").')
-    if rec["event"] == "epoch" and (not isinstance(rec.get("epoch"), int) or isinstance(rec["epoch"], bool)):
+    if rec["event"] == "epoch" and not _is_int(rec.get("epoch")):
         raise InputError(f'Line {number} of {p} is an epoch record without an integer "epoch".')
+    if rec["event"] == "resume" and not _is_int(rec.get("start_epoch")):
+        raise InputError(f'Line {number} of {p} is a resume record without an integer "start_epoch".')
     return rec
+
+
+def _is_int(value) -> bool:
+    """Whether `value` is a JSON integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class JsonLog:

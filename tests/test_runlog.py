@@ -225,6 +225,8 @@ def test_a_log_opened_by_a_resume_and_a_repeated_epoch(runs, tmp_path):
     (b'{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n', "holds JSON lines but is not a dptool train or "
                                                               "finetune log"),
     (b'{"event": "config", "config": {}}\n{"event": "epoch", "loss": 1}\n', "Line 2 of"),
+    (b'{"event": "config", "config": {}}\n{"event": "resume", "config": {}}\n{"event": "epoch", "epoch": 0}\n',
+     'is a resume record without an integer "start_epoch".'),
     (b'{"event": "config", "config": {}}\n[1, 2]\n', 'is not a log record (a JSON object with an "event")'),
     (b'{"event": "config", "config": {}}\n\xff\xfe\n', "is not UTF-8 text"),
     (b'{"event": "config", "config": {}}\n\n{"event": "config", "config": {}}\n', "holds more than one run (a "
