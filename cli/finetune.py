@@ -7,6 +7,7 @@ import click
 from dptool.errors import MAX_SEED
 from dptool.finetune import CHECKPOINT_EVERY_S, FinetuneConfig, finetune
 from dptool.models import list_models
+from dptool.runlog import resumed_text
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
 
@@ -19,7 +20,7 @@ def _human(r) -> str:
     epochs = f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}"
     lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {epochs}, "
              f"{r.train_images} train / {r.val_images} val / {r.test_images} test images"
-             + (f", resumed at epoch {r.start_epoch + 1}" if r.start_epoch else ""),
+             + (f", {resumed_text([r.start_epoch])}" if r.start_epoch else ""),
              f"final-epoch test top-1:       {r.final_test_top1:.4f}",
              f"best-over-epochs test top-1:  {r.best_test_top1:.4f} (epoch {r.best_test_epoch + 1} of {r.epochs}; "
              f"selected on the test set, as the paper reports)"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dptool.info import describe
+from dptool.runlog import epochs_text, resumed_text
 
 from ._common import CONTEXT_SETTINGS, emit, force_option, group_noun, json_option, score_table
 
@@ -79,6 +80,12 @@ def _metrics(record: dict) -> str:
     return ", ".join(f"{k} {record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float)))
 
 
+def _best_test_epoch(summary: dict) -> str:
+    """The epoch of a finetune summary's best test top-1 as " (epoch N)", counted from 1 (`best_test_epoch`: from 0)."""
+    best = summary.get("best_test_epoch")
+    return f" ({epochs_text([best])})" if isinstance(best, int) else ""
+
+
 def _checkpoint(s: dict) -> str:
     stem = " (small-input stem)" if s["small_input"] else ""
     lines = [f"{s['path']}: {s['arch']}{stem}, {s['num_classes']} classes, {s['parameters'] / 1e6:.2f}M parameters, "
@@ -107,7 +114,7 @@ def _checkpoint(s: dict) -> str:
     if s["finetune_summary"]:
         f = s["finetune_summary"]
         lines.append(f"test top-1: final {f.get('final_test_top1', float('nan')):.4g}, "
-                     f"best {f.get('best_test_top1', float('nan')):.4g} (epoch {f.get('best_test_epoch')})")
+                     f"best {f.get('best_test_top1', float('nan')):.4g}{_best_test_epoch(f)}")
     return "\n".join(lines)
 
 
@@ -147,23 +154,23 @@ def _run_log(s: dict) -> str:
     if parts:
         lines.append("recipe: " + ", ".join(parts))
     if s["first_epoch"]:
-        lines.append(f"this log starts at epoch {s['first_epoch']} (a resume logged under another --log)")
+        lines.append(f"this log begins with {epochs_text([s['first_epoch']])} (a resume logged under another --log)")
     if s["resumed_at"]:
-        lines.append("resumed at epoch " + ", ".join(str(e) for e in s["resumed_at"]))
+        lines.append(resumed_text(s["resumed_at"]))
     if s["repeated_epochs"]:
-        lines.append(f"epochs logged more than once (the last record kept): {s['repeated_epochs']}")
+        lines.append(f"logged more than once (the last record kept): {epochs_text(s['repeated_epochs'])}")
     if s["epochs"]:
         lines.append(f"{'epoch':>5}" + "".join(f"  {_CELLS[c][0]:>7}" for c in s["columns"]))
-        lines += [f"{r['epoch']:>5}" + "".join(_cell(r, c) for c in s["columns"]) for r in s["epochs"]]
+        lines += [f"{r['epoch'] + 1:>5}" + "".join(_cell(r, c) for c in s["columns"]) for r in s["epochs"]]
     else:
         lines.append("no epoch finished yet")
     if s["best"]:
         b = s["best"]
-        lines.append(f"best epoch: {b['epoch']} ({b['metric']} {b['value']:.2%})")
+        lines.append(f"best epoch: {b['epoch'] + 1} ({b['metric']} {b['value']:.2%})")
     if s["summary"]:
         f = s["summary"]
         lines.append(f"test top-1: final {f.get('final_test_top1', float('nan')):.4g}, "
-                     f"best {f.get('best_test_top1', float('nan')):.4g} (epoch {f.get('best_test_epoch')})")
+                     f"best {f.get('best_test_top1', float('nan')):.4g}{_best_test_epoch(f)}")
     if s["partial_line"]:
         lines.append("the last line is incomplete (being written) and was left out")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from . import distributed as dist
 from .atomic import atomic_output, check_output_path
 from .errors import InputError
 
-__all__ = ["COLUMNS", "JsonLog", "is_run_log", "read_records", "read_run_log", "run_from_history", "plot_run"]
+__all__ = ["COLUMNS", "JsonLog", "is_run_log", "read_records", "read_run_log", "run_from_history", "plot_run",
+           "epochs_text", "resumed_text"]
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +247,23 @@ _STYLE = {  # metric: (label, colour, line style)
 }
 
 
+def epochs_text(epochs: Sequence[int]) -> str:
+    """The 0-based epoch indices `epochs` (as logs and `--json` hold them) as a person reads them, counted from 1:
+    [2] is "epoch 3", [1, 2, 4] is "epochs 2, 3 and 5"."""
+    shown = [str(e + 1) for e in epochs]
+    return f"epoch {shown[0]}" if len(shown) == 1 else "epochs " + ", ".join(shown[:-1]) + f" and {shown[-1]}"
+
+
+def resumed_text(starts: Sequence[int]) -> str:
+    """Where a run was resumed, from the 0-based first epoch of each resume: [2] is "resumed at the start of epoch
+    3" (epochs 1 and 2 came from before the resume; epoch 3 was the first it ran)."""
+    return f"resumed at the start of {epochs_text(starts)}"
+
+
 def _series(ax, rows: list[dict], key: str, scale: float = 1.0, **style) -> bool:
-    """Plot `key` of `rows` against the epoch (epochs without it left out); whether anything was drawn."""
-    pts = [(r["epoch"], r[key] * scale) for r in rows if isinstance(r.get(key), (int, float))]
+    """Plot `key` of `rows` against the epoch, counted from 1 (epochs without it left out); whether anything was
+    drawn."""
+    pts = [(r["epoch"] + 1, r[key] * scale) for r in rows if isinstance(r.get(key), (int, float))]
     if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o" if len(pts) <= 40 else None, markersize=3, **style)
@@ -280,9 +295,9 @@ def plot_run(run: dict, path: str | os.PathLike, *, force: bool = False) -> Path
             _series(top1, rows, key, 100.0, color=colour, linestyle=style, label=label)
         best = run.get("best")
         if best:
-            top1.scatter([best["epoch"]], [best["value"] * 100], marker="*", s=160, color="gold", edgecolor="black",
+            top1.scatter([best["epoch"] + 1], [best["value"] * 100], marker="*", s=160, color="gold", edgecolor="black",
                          zorder=4, label=f"best {best['metric'].split('_')[0]} {best['value']:.1%} "
-                                         f"(epoch {best['epoch']})")
+                                         f"({epochs_text([best['epoch']])})")
         low, high = top1.get_ylim()
         top1.set_ylim(max(low, -2.0), min(high, 103.0))  # no room drawn far beyond 0% and 100%
         top1.set_title("accuracy (%)")
@@ -303,17 +318,17 @@ def plot_run(run: dict, path: str | os.PathLike, *, force: bool = False) -> Path
         planned = run.get("epochs_planned")
         for ax in axes:
             if isinstance(planned, int) and planned > run["epochs_done"]:  # a run going on: the epochs still to come
-                ax.set_xlim(right=planned - 0.5)
-            ax.set_xlabel("epoch (as logged, from 0)")
+                ax.set_xlim(right=planned + 0.5)
+            ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             for start in run.get("resumed_at") or []:
-                ax.axvline(start - 0.5, color="black", linestyle=":", linewidth=1)
+                ax.axvline(start + 0.5, color="black", linestyle=":", linewidth=1)
         what = f"{run['run']} ({run['mode']})" if run.get("mode") else run["run"]
         title = (f"{what} {run.get('arch') or '?'} on {Path(run['data']).name if run.get('data') else '?'}: "
                  f"{run['epochs_done']}" + (f" of {planned}" if planned else "") + " epochs")
         if run.get("resumed_at"):
-            title += "; resumed at epoch " + ", ".join(str(e) for e in run["resumed_at"]) + " (dotted)"
+            title += f"; {resumed_text(run['resumed_at'])} (dotted)"
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         with atomic_output(out) as tmp:

@@ -311,7 +311,7 @@ def _check_parameters(model, epoch: int, config: TrainConfig) -> None:
 def _diverged(exc: TrainingDiverged, config: TrainConfig, precision: str, output: Path, log_path: Path,
               start_epoch: int, resume: bool) -> TrainingDiverged:
     """`exc` as the one sentence a user reads: what happened, what was kept, what to try."""
-    if exc.epoch > start_epoch or resume:
+    if exc.epoch > start_epoch or resume:  # exc.epoch (from 0) epochs are saved: the last is epoch exc.epoch from 1
         kept = (f"the checkpoint {output} of epoch {exc.epoch} and its log {log_path} are kept as they were, "
                 "not overwritten")
     else:

@@ -484,7 +484,8 @@ def test_checkpoints_wait_for_checkpoint_every(tmp_path, target, source_ckpt, mo
     args = ["finetune", str(source_ckpt), str(train), str(test), "--epochs", "3", "--batch-size", "16", "--res", "16",
             "--workers", "1", "-o", str(tmp_path / "ft.pt"), "--resume"]
     text = CliRunner().invoke(cli, args, catch_exceptions=False).output
-    assert "LP of " in text and "3 epochs, 120 train / 0 val / 30 test images, resumed at epoch 3\n" in text, text
+    assert "LP of " in text and "3 epochs, 120 train / 0 val / 30 test images, resumed at the start of epoch 3\n" \
+        in text, text
 
 
 def test_a_resume_puts_back_the_epochs_of_an_incomplete_last_log_line(tmp_path, target, source_ckpt, monkeypatch,

@@ -93,15 +93,15 @@ def test_a_train_log_with_a_resume(runs):
 
     code, text = _run("info", runs / "m.jsonl")
     assert code == 0, text
-    assert "log of train, resnet18, 3 of 3 epochs (complete)" in text and "resumed at epoch 2" in text
+    assert "log of train, resnet18, 3 of 3 epochs (complete)" in text and "resumed at the start of epoch 3\n" in text
     head, *rows = _table(text)
     assert head == ["epoch", "loss", "train@1", "val@1", "val@5", "lr", "res", "img/s", "epoch s"]
     assert len(rows) == 3
     for row, rec in zip(rows, epochs):
-        assert row == [str(rec["epoch"]), f"{rec['train_loss']:.4f}", f"{rec['train_top1']:.2%}",
+        assert row == [str(rec["epoch"] + 1), f"{rec['train_loss']:.4f}", f"{rec['train_top1']:.2%}",
                        f"{rec['val_top1']:.2%}", f"{rec['val_top5']:.2%}", f"{rec['lr']:.3g}", str(rec["res"]),
                        f"{rec['images_per_s']:.0f}", f"{rec['epoch_time_s']:.3g}"]
-    assert f"best epoch: {best['epoch']} (val_top1 {best['val_top1']:.2%})" in text
+    assert f"best epoch: {best['epoch'] + 1} (val_top1 {best['val_top1']:.2%})" in text
 
 
 def test_a_finetune_log(runs):
@@ -116,9 +116,14 @@ def test_a_finetune_log(runs):
     code, text = _run("info", runs / "lp.jsonl")
     head, *rows = _table(text)
     assert head == ["epoch", "loss", "val@1", "test@1", "epoch s"]
-    assert rows == [[str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_top1']:.2%}", f"{r['test_top1']:.2%}",
+    assert rows == [[str(r["epoch"] + 1), f"{r['train_loss']:.4f}", f"{r['val_top1']:.2%}", f"{r['test_top1']:.2%}",
                      f"{r['epoch_time_s']:.3g}"] for r in epochs]
     assert "finetuned from: " in text and "log of finetune (lp)" in text
+    best = d["summary"]["best_test_epoch"]
+    assert f"best {d['summary']['best_test_top1']:.4g} (epoch {best + 1})\n" in text, text
+    assert f"best epoch: {d['best']['epoch'] + 1} (val_top1" in text, text
+    shown = _run("info", runs / "lp.pt")[1]  # the checkpoint's summary, as the log's
+    assert f"best {d['summary']['best_test_top1']:.4g} (epoch {best + 1})\n" in shown, shown
 
 
 def test_a_pruned_run_shows_top1_over_all_classes(runs):
@@ -209,7 +214,7 @@ def test_a_log_opened_by_a_resume_and_a_repeated_epoch(runs, tmp_path):
     d = _info(only)
     assert [r["epoch"] for r in d["epochs"]] == [2] and d["complete"] and d["resumed_at"] == []
     text = _run("info", only)[1]
-    assert "this log starts at epoch 2" in text and "resumed at" not in text
+    assert "this log begins with epoch 3 (a resume" in text and "resumed at" not in text
 
     joined = tmp_path / "joined.jsonl"
     changed = json.dumps({**json.loads(e1), "train_loss": 9.5}) + "\n"
@@ -218,6 +223,8 @@ def test_a_log_opened_by_a_resume_and_a_repeated_epoch(runs, tmp_path):
     d = _info(joined)
     assert [r["epoch"] for r in d["epochs"]] == [0, 1, 2] and d["repeated_epochs"] == [1]
     assert d["epochs"][1]["train_loss"] == 9.5 and d["resumed_at"] == [1] and d["val"] == "other_val.beton"
+    text = _run("info", joined)[1]  # the text counts from 1: index 1 is the second epoch
+    assert "resumed at the start of epoch 2\n" in text and "(the last record kept): epoch 2\n" in text, text
 
 
 @pytest.mark.parametrize("content, phrase", [
@@ -251,17 +258,18 @@ def test_plot_draws_resumes_and_a_running_log_on_its_planned_epochs(runs, tmp_pa
     close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))  # kept open to be read, closed below
     try:
-        plot_run(read_run_log(runs / "m.jsonl"), tmp_path / "m.png")  # 3 of 3 epochs, resumed at epoch 2
+        plot_run(read_run_log(runs / "m.jsonl"), tmp_path / "m.png")  # 3 of 3 epochs, resumed at the 3rd
         log = tmp_path / "short.jsonl"
         config, e0, e1 = _lines(runs / "m.jsonl")[:3]
         config["config"]["epochs"] = 3
         log.write_text("".join(json.dumps(r) + "\n" for r in (config, e0, e1)))
-        plot_run(read_run_log(log), tmp_path / "short.png")  # epochs 0 and 1 of 3, no resume
+        plot_run(read_run_log(log), tmp_path / "short.png")  # epochs 1 and 2 of 3, no resume
         resumed, short = figures
         for ax in resumed.axes[:3]:  # the loss, top-1 and schedule panels (not the resolution's twin)
             dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":" and line.get_color() == "black"]
-            assert [tuple(line.get_xdata()) for line in dotted] == [(1.5, 1.5)]
-        assert all(ax.get_xlim()[1] == 2.5 for ax in short.axes[:3])
+            assert [tuple(line.get_xdata()) for line in dotted] == [(2.5, 2.5)]  # between epochs 2 and 3
+        assert tuple(resumed.axes[0].get_lines()[0].get_xdata()) == (1, 2, 3)  # the loss of epochs 1 to 3
+        assert all(ax.get_xlim()[1] == 3.5 for ax in short.axes[:3])
         assert not any(line.get_linestyle() == ":" and line.get_color() == "black"
                        for ax in short.axes for line in ax.get_lines())
     finally:
