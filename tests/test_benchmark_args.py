@@ -45,6 +45,7 @@ def test_help_shows_every_default(script):
 
 @pytest.mark.parametrize("script, args, says", [
     ("bench_convert.py", ["--write-mode", "foo", "--workdir", "{tmp}"], "--write-mode"),  # FFCV's writer hung on it
+    ("bench_convert_resume.py", ["--old", "{tmp}", "--workdir", "{tmp}"], "holds no dptool/ package"),
     ("bench_train.py", ["--arch", "foo"], "--arch 'foo'"),
     ("bench_train.py", ["--images", "8", "--classes", "10"], "--images (8) must be at least --classes"),
     ("bench_score.py", ["--arch", "foo"], "--arch 'foo'"),
