@@ -94,7 +94,8 @@ def _human(r) -> str:
               default=DEFAULTS.seed, help="Seed of initialisation, sample order and crops and flips.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=str),
               help="JSON-lines log  [default: OUTPUT with .jsonl]")
-@click.option("--resume", is_flag=True, help="Continue from the epoch saved in OUTPUT (same data and arch).")
+@click.option("--resume", is_flag=True,
+              help="Continue from the epoch saved in OUTPUT (same data, arch and recipe; --epochs may rise).")
 @workers_option
 @force_option
 @json_option

@@ -174,7 +174,8 @@ def train(data: str | os.PathLike, output: str | os.PathLike, *, config: TrainCo
     """Train `config.arch` on `data`, checkpointing to `output` after every epoch; under torchrun, with DDP.
 
     `log_path` (default: `output` with suffix `.jsonl`) gets the config line, then one line per epoch.
-    `resume` continues from the epoch saved in `output` (same data and architecture required).
+    `resume` continues from the epoch saved in `output` (same data, architecture and recipe required;
+    `config.epochs` may rise).
     """
     config.validate()
     with dist.distributed_session() as device:
