@@ -179,6 +179,22 @@ def _optimizer(params, cfg: FinetuneConfig):
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _check_lr(cfg: FinetuneConfig) -> None:
+    """Refuse an --lr the optimizer cannot compute with (its step overflows float32: Adam divides it by its bias
+    correction), in one sentence before any work; found by one step of the optimizer on a one-element tensor."""
+    import torch
+
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.ones(1)
+    try:
+        _optimizer([p], cfg).step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise InputError(f"--lr {cfg.lr:g} is beyond what {cfg.optimizer}'s step can compute in float32; give a "
+                         "smaller --lr.") from None
+
+
 def _features(model, loader, device, precision: str, progress: bool = False, desc: str = "features"):
     """Penultimate features (N, D) float32 and labels (N,) of every batch of `loader`, model in eval mode."""
     import torch
@@ -390,6 +406,7 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if launched_by_torchrun():  # every rank would run the whole job and write the same files
         raise InputError("finetune runs in one process (target sets are small); run it without torchrun.")
     cfg = config.resolved()
+    _check_lr(cfg)
     check_number("--checkpoint-every", checkpoint_every, low=0)
     if resume and output is None:
         raise InputError("--resume continues the run whose checkpoint -o names; give -o.")

@@ -107,6 +107,18 @@ def test_full_finetune_drops_only_a_last_batch_of_one(target, source_ckpt, one_t
     assert h["images_per_s"] * h["epoch_time_s"] == pytest.approx(120)
 
 
+@pytest.mark.parametrize("optimizer, lr", [("adam", "1e38"), ("sgd", "1e300")])
+def test_an_lr_beyond_float32_is_refused_before_any_work(tmp_path, target, source_ckpt, optimizer, lr):
+    """`--lr 1e38` (Adam divides it by its bias correction) or 1e300 ended in 'internal error: RuntimeError: value
+    cannot be converted to type float without overflow' after the features were extracted."""
+    train, test = target
+    r = CliRunner().invoke(cli, ["finetune", str(source_ckpt), str(train), str(test), "--optimizer", optimizer,
+                                 "--lr", lr, "--res", "16", "-o", str(tmp_path / "ft.pt")])
+    assert r.exit_code == 2, r.output
+    assert f"Error: --lr {float(lr):g} is beyond what {optimizer}'s step can compute in float32" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("mode", ["lp", "ff"])
 def test_a_diverging_run_stops_at_its_first_nan_epoch(tmp_path, target, source_ckpt, mode, one_thread):
     """SGD at lr 1e30 turns the loss to NaN in the first epoch: the run stops there with one sentence (it went on
