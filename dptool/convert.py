@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output, output_group, sweep_stale
-from .beton import check_beton_output, fingerprint, open_beton, write_sidecar
+from .beton import fingerprint, open_beton
 from .errors import InputError, check_seed
 from .integrity import record_digests, sample_digests
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source, source_inputs
+from .sidecar import check_beton_output, write_sidecar
 from .writer import MAX_RESOLUTION, SkipSample, WriterParams, write_beton
 from .writer_progress import Checkpoints, partial_paths, read_checkpoint
 

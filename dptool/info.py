@@ -93,7 +93,8 @@ def _describe(p: Path) -> dict:
     if head.startswith(b"\x93NUMPY") and p.name.endswith(".beton.digests.npy"):
         beton = p.with_name(p.name[: -len(".digests.npy")])
         raise InputError(f"{p} is the digests file of {beton}; run `dptool info {beton}` or `dptool verify {beton}`.")
-    from .beton import NotABetonError, companions_of, digests_path, summarize
+    from .beton import NotABetonError, summarize
+    from .sidecar import companions_of, digests_path
 
     try:
         summary = {"kind": "beton", **summarize(p)}

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output
-from .beton import Beton, NotABetonError, companions_of, digests_path, fingerprint, known_fingerprints, open_beton
+from .beton import Beton, NotABetonError, fingerprint, known_fingerprints, open_beton
 from .errors import InputError
+from .sidecar import companions_of, digests_path
 from .writer_progress import interrupted_conversion_message
 
 __all__ = ["DIGEST_ALGORITHM", "digests_path", "sample_digests", "recorded_digests", "record_digests", "verify",

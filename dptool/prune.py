@@ -20,16 +20,15 @@ import numpy as np
 from .atomic import output_group
 from .beton import (
     Beton,
-    check_beton_output,
     check_same_classes,
     fingerprint,
     known_fingerprints,
     open_beton,
-    write_sidecar,
 )
 from .errors import InputError
 from .integrity import record_digests, recorded_digests, sample_digests
 from .scores import Scores, fingerprint_file, load_assignment, read_scores, select_groups
+from .sidecar import check_beton_output, write_sidecar
 from .subset import write_subsets
 
 __all__ = ["PrunedFile", "PruneResult", "prune", "check_scores_source", "kept_samples", "output_paths"]

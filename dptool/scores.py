@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output, check_output_path, output_group
-from .beton import companions_of
 from .errors import InputError
+from .sidecar import companions_of
 
 __all__ = [
     "companion_path",

@@ -144,20 +144,20 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(tiny_beton, tmp_path):
 def test_a_beton_and_its_sidecar_are_placed_together_or_not_at_all(tiny_beton, tmp_path, monkeypatch):
     """A sidecar that cannot be written (a full disk after the body) leaves neither file, and with --force the
     old pair untouched: never a new .beton beside the old sidecar, nor one without a sidecar."""
-    import dptool.beton
+    import dptool.sidecar
 
     npz = tiny_beton.with_suffix(".npz")
     out = tmp_path / "x.beton"
     assert CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "raw"]).exit_code == 0
     trio = (_digest(out), _digest(f"{out}.json"), _digest(f"{out}.digests.npy"))
-    real = dptool.beton.Path.write_text
+    real = dptool.sidecar.Path.write_text
 
     def full(self, *a, **k):
         if ".json.tmp-" in self.name:
             raise OSError(28, "No space left on device")
         return real(self, *a, **k)
 
-    monkeypatch.setattr(dptool.beton.Path, "write_text", full)
+    monkeypatch.setattr(dptool.sidecar.Path, "write_text", full)
     result = CliRunner().invoke(cli, ["convert", str(npz), str(out), "--write-mode", "jpg", "--force"])
     assert result.exit_code == 2 and f"Cannot write {out}.json (No space left on device)" in result.output, \
         result.output
