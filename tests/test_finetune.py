@@ -217,12 +217,12 @@ def test_bad_input(tmp_path, target, source_ckpt, tiny_beton):
 
 def test_an_interrupted_finetune_leaves_no_log(tmp_path, target, source_ckpt, monkeypatch):
     """The log is written with the result: a run stopped midway leaves nothing that would block its rerun."""
-    import dptool.finetune
+    import dptool.finetune_loops
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dptool.finetune, "_top1", stop)  # the linear probe's first evaluation
+    monkeypatch.setattr(dptool.finetune_loops, "_top1", stop)  # the linear probe's first evaluation
     with pytest.raises(KeyboardInterrupt):
         finetune(source_ckpt, *target, output=tmp_path / "ft.pt", config=FinetuneConfig(epochs=2))
     assert list(tmp_path.iterdir()) == []
@@ -347,16 +347,16 @@ def test_a_vit_is_transferred_at_another_resolution_and_from_dinos_layout(tmp_pa
 
 def _stop_at(monkeypatch, epoch: int):
     """Make the run stop (as Ctrl-C would) in epoch `epoch` (0-based), after its training and before its checkpoint."""
-    import dptool.finetune
+    import dptool.finetune_loops
 
-    check = dptool.finetune._check_loss
+    check = dptool.finetune_loops._check_loss
 
     def stopping(train_loss, at, cfg):
         check(train_loss, at, cfg)
         if at == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(dptool.finetune, "_check_loss", stopping)
+    monkeypatch.setattr(dptool.finetune_loops, "_check_loss", stopping)
 
 
 def _metrics(history):
