@@ -222,7 +222,8 @@ def _fitted_groups(ctx: Context) -> tuple[np.ndarray, np.ndarray | None, dict]:
             del everything
             raise InputError(_too_few_distinct(distinct, len(sampled), k))
         if is_main():
-            cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress)
+            cent = kmeans(everything, k, niter=opts.kmeans_iters, seed=opts.seed, progress=opts.progress,
+                          distinct=distinct)
         del everything
         centroids = broadcast(cent)
     with ctx.stage("source assignment"):

@@ -118,7 +118,7 @@ def _lloyd(x: np.ndarray, k: int, cp, seeds: np.ndarray | None, index, niter: in
 
 
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str = "k-means++",
-           progress: bool = False) -> np.ndarray:
+           progress: bool = False, distinct: int | None = None) -> np.ndarray:
     """Cluster the rows of `x` into `k` groups: k-means++ (or faiss' random) seeds, then faiss Lloyd iterations.
 
     Parameters
@@ -128,6 +128,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
     niter : Lloyd iterations.
     seed : seed of the initial centroids and of faiss (splitting of empty clusters).
     init : "k-means++" or "random" (faiss' default: k distinct random rows).
+    distinct : `distinct_rows(x, k)` when the caller has counted it already (else counted here).
 
     Returns
     -------
@@ -146,7 +147,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str =
         raise InputError(f"k-means init must be k-means++ or random, got {init!r}.")
     if not np.isfinite(x).all():
         raise InputError("The surrogate produced non-finite features; k-means cannot run on them.")
-    distinct = distinct_rows(x, k)
+    distinct = distinct_rows(x, k) if distinct is None else distinct
     if distinct < k:
         raise InputError(f"k-means into {k} clusters needs at least {k} distinct features, got {distinct} among "
                          f"{n}; lower --clusters to at most {distinct}, or check the surrogate's features.")
