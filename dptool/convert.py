@@ -119,9 +119,8 @@ def _refuse_output_in_class_folder(out: Path, src: str | os.PathLike, format: st
 CHECKPOINT_SECONDS = 30.0
 _CHECKPOINT_ENV = "DPTOOL_CONVERT_CHECKPOINT_SECONDS"
 
-# what a resume refuses to continue when it changed, named in the refusal
+# what a resume refuses to continue when it changed, named in the refusal ("source" is named by `_source_identity`)
 _IDENTITY_NAMES = {
-    "source": "the source (its files, their labels, sizes or modification times)",
     "format": "--format", "split": "--split", "order": "--seed", "on_error": "--on-error",
     "writer": "the writer options (--preset, --max-res, --write-mode, --jpeg-quality, --compress-prob)",
     "max_pixels": "the decoder's pixel limit", "versions": "the version of dptool, FFCV, Pillow or OpenCV",
@@ -152,30 +151,45 @@ def _file_list_hash(paths, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _source_identity(src, source: SourceDataset) -> str:
-    """What tells this source from a changed one, without reading its images: the file list with sizes and times
-    (ImageFolder, CoOp), the file's size and time (.npz), or the torchvision dataset's files or arrays."""
-    common = [os.path.abspath(src), source.class_names, source.provenance]
-    if source.format == "imagefolder" or source.format.startswith("coop"):
-        return _hash(*common, _file_list_hash((source.describe(i) for i in range(len(source))), source.labels))
+def _source_identity(src, source: SourceDataset) -> tuple[str | None, str]:
+    """What tells this source from a changed one, without reading its images, and what that is in words (for a
+    refusal and the resume's log): the file list with sizes and times (ImageFolder, CoOp and the torchvision
+    datasets that keep one), the file's size and time (.npz) or the torchvision dataset's arrays. None for a
+    torchvision dataset that keeps neither where dptool looks (another torchvision version): it cannot be resumed."""
+    common = [os.path.abspath(src), source.class_names]
+    if source.format == "imagefolder":
+        return (_hash(*common, source.provenance, _file_list_hash(map(source.describe, range(len(source))),
+                                                                  source.labels)),
+                "the source (its files, their labels, sizes or modification times)")
+    if source.format.startswith("coop"):  # the split file itself is "split_file"
+        return (_hash(*common, _file_list_hash(map(source.describe, range(len(source))), source.labels)),
+                "the images the split lists (their paths, labels, sizes or modification times)")
     if source.format == "npz":
         st = os.stat(src)
-        return _hash(*common, [st.st_size, st.st_mtime_ns], source.labels.tobytes())
+        return (_hash(*common, source.provenance, [st.st_size, st.st_mtime_ns], source.labels.tobytes()),
+                "the source (the .npz file's size or modification time)")
     ds = getattr(source, "dataset", None)
     for attr in ("_image_files", "_images", "_samples"):
         files = getattr(ds, attr, None)
         if files:
             paths = [os.fspath(f[0] if isinstance(f, tuple | list) else f) for f in files]
-            return _hash(*common, _file_list_hash(paths, source.labels))
+            return (_hash(*common, source.provenance, _file_list_hash(paths, source.labels)),
+                    "the torchvision dataset (its image files, their labels, sizes or modification times)")
     data = getattr(ds, "data", None)
-    raw = np.ascontiguousarray(np.asarray(data)).tobytes() if data is not None else b""
-    return _hash(*common, source.labels.tobytes(), raw)
+    if data is None:
+        return None, "the torchvision dataset (dptool finds neither its list of image files nor its image array)"
+    # hashed as it is held (CIFAR's is a transposed view: copied once, contiguous, to be hashed)
+    return (_hash(*common, source.provenance, source.labels.tobytes(),
+                  memoryview(np.ascontiguousarray(np.asarray(data))).cast("B")),
+            "the torchvision dataset (its image and label arrays)")
 
 
 def _run_identity(src, source: SourceDataset, order: np.ndarray, params: WriterParams, on_error: str,
-                  max_pixels: int) -> dict:
+                  max_pixels: int) -> tuple[dict, dict]:
     """What a resumed conversion must share with the interrupted one for its output to be the same bytes: each
-    part hashed or given as it is (the workers are left out: the bytes do not depend on them)."""
+    part hashed or given as it is (the workers are left out: the bytes do not depend on them); and each part's
+    name for a refusal. The "source" is None where dptool cannot tell a changed source (a conversion of it is not
+    resumable)."""
     import cv2
     import PIL
 
@@ -184,9 +198,21 @@ def _run_identity(src, source: SourceDataset, order: np.ndarray, params: WriterP
     ffcv = _ffcv_version()
     writer = {**asdict(params), "page_size": params.resolved_page_size()}
     writer.pop("num_workers")
-    return {"source": _source_identity(src, source), "format": source.format, "split": source.split,
-            "order": _hash(order.tobytes()), "on_error": on_error, "writer": writer, "max_pixels": max_pixels,
-            "versions": [__version__, ffcv, PIL.__version__, cv2.__version__]}
+    source_hash, checked = _source_identity(src, source)
+    identity = {"source": source_hash}
+    names = {**_IDENTITY_NAMES, "source": checked}
+    if "split_file" in source.provenance:  # a CoOp split: its bytes (all its splits name the classes)
+        identity["split_file"] = source.provenance["split_file"]["sha256"]
+        names["split_file"] = f"the split file {source.provenance['split_file']['path']}"
+    identity.update({"format": source.format, "split": source.split, "order": _hash(order.tobytes()),
+                     "on_error": on_error, "writer": writer, "max_pixels": max_pixels,
+                     "versions": [__version__, ffcv, PIL.__version__, cv2.__version__]})
+    if source.format.startswith("torchvision:"):  # its dataset class lists the files and labels and reads them
+        import torchvision
+
+        identity["versions"].append(torchvision.__version__)
+        names["versions"] = "the version of dptool, FFCV, Pillow, OpenCV or torchvision"
+    return identity, names
 
 
 def _ffcv_version() -> str:
@@ -218,7 +244,7 @@ def _partial_file(out: Path):
         os.close(fd)
 
 
-def _resume_from(out: Path, partial: Path, state_path: Path, identity: dict, *, resume: bool,
+def _resume_from(out: Path, partial: Path, state_path: Path, identity: dict, names: dict, *, resume: bool,
                  force: bool) -> dict | None:
     """The progress record to continue from, None to start over; refuse a resume of another conversion, and a
     fresh start that would throw away an interrupted one without --resume or --force."""
@@ -241,15 +267,19 @@ def _resume_from(out: Path, partial: Path, state_path: Path, identity: dict, *, 
             log.warning("%s: discarded (--force without --resume starts over)", where)
             return None
         raise InputError(f"{where}; pass --resume to continue it, or --force to start over.")
+    if identity["source"] is None:
+        raise InputError(f"{where}, but dptool cannot tell whether {names['source']} changed since, so it cannot "
+                         "continue it; pass --force without --resume to start over.")
     if state["identity"] != _hash(identity):
         try:
             before = json.loads(state["details"])
         except ValueError:
             before = {}
-        changed = [_IDENTITY_NAMES.get(k, k) for k in identity if before.get(k) != json.loads(json.dumps(identity[k]))]
+        changed = [names.get(k, k) for k in identity if before.get(k) != json.loads(json.dumps(identity[k]))]
         raise InputError(f"{where}, but {' and '.join(changed) or 'its configuration'} changed since; resume it with "
                          "the same source and options, or pass --force without --resume to start over.")
-    log.info("resuming the conversion of %s at sample %d of %d", out, state["done"], state["num_samples"])
+    log.info("resuming the conversion of %s at sample %d of %d; unchanged since: %s", out, state["done"],
+             state["num_samples"], "; ".join(names[k] for k in identity))
     return state
 
 
@@ -293,7 +323,10 @@ def convert(
     order = np.arange(n) if params.shuffle_seed is None else np.random.default_rng(params.shuffle_seed).permutation(n)
 
     started = time.perf_counter()
-    identity = _run_identity(src, source, order, params, on_error, max_pixels)
+    identity, names = _run_identity(src, source, order, params, on_error, max_pixels)
+    if identity["source"] is None:
+        (log.warning if resume else log.info)("no progress is recorded: an interrupted conversion of %s cannot be "
+                                              "resumed, as dptool cannot tell whether %s changed", src, names["source"])
     _, state_path = partial_paths(out)
     sweep_stale(state_path)
 
@@ -303,14 +336,14 @@ def convert(
         log.info("skipping %s: %s", source.describe(index), reason)
 
     with _partial_file(out) as partial:
-        resume_from = _resume_from(out, partial, state_path, identity, resume=resume, force=force)
+        resume_from = _resume_from(out, partial, state_path, identity, names, resume=resume, force=force)
         if resume_from is None:  # starting over: a record left from another run must not describe the new bytes
             with contextlib.suppress(FileNotFoundError):
                 state_path.unlink()
         written = False
-        checkpoints = Checkpoints(state_path, _hash(identity), details=json.dumps(identity, sort_keys=True),
-                                  every_seconds=float(os.environ.get(_CHECKPOINT_ENV, CHECKPOINT_SECONDS)),
-                                  resume_from=resume_from)
+        checkpoints = None if identity["source"] is None else Checkpoints(
+            state_path, _hash(identity), details=json.dumps(identity, sort_keys=True),
+            every_seconds=float(os.environ.get(_CHECKPOINT_ENV, CHECKPOINT_SECONDS)), resume_from=resume_from)
         try:
             # the .beton and its sidecar are renamed into place together once both are complete: a failure (a full
             # disk, an output that cannot be replaced) leaves neither, and the old pair untouched
