@@ -143,7 +143,14 @@ class ImageFolderSource(SourceDataset):
         root = Path(root)
         if not root.is_dir():
             raise InputError(f"Source folder {root} does not exist or is not a folder.")
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+        for link in entries:  # is_dir() is False for it: its class would vanish, and every later label shift by one
+            if link.is_symlink() and not link.exists():
+                raise InputError(f"Source folder {root} holds the broken link {link.name!r} (to "
+                                 f"{os.readlink(link)}): as a class folder, its class would be left out and the "
+                                 "labels of the classes after it shifted; repair the link (mount its disk, say) or "
+                                 "remove it.")
+        class_dirs = [p for p in entries if p.is_dir()]
         if not class_dirs:
             raise InputError(f"Source folder {root} has no class sub-folders; an ImageFolder tree has one per class.")
         # The paths are kept as one byte string and offsets, not N Python strings: the writer's forked workers

@@ -232,3 +232,23 @@ def test_imagefolder_order_does_not_follow_the_directory_listing_order(tmp_path,
                                                     "c/0.png"]
     assert files["sorted"].read_bytes() == files["reversed"].read_bytes()
     assert fingerprint(files["sorted"]) == fingerprint(files["reversed"])
+
+
+def test_a_broken_link_among_the_class_folders_is_refused_not_dropped(tmp_path):
+    """A class folder that is a link to a disk not mounted (or a folder moved away) was left out without a word:
+    the classes after it took its label, so the file's labels differed from a conversion made while it was there.
+    A class folder that is a working link is read as any other."""
+    _png(tmp_path / "src/a/0.png", 10)
+    _png(tmp_path / "elsewhere/b/0.png", 20)
+    os.symlink(tmp_path / "elsewhere/b", tmp_path / "src/b")
+    _png(tmp_path / "src/d/0.png", 40)
+    assert run("convert", tmp_path / "src", tmp_path / "ok.beton", *RAW).exit_code == 0
+    assert read_sidecar(tmp_path / "ok.beton")["class_names"] == ["a", "b", "d"]
+    os.symlink(tmp_path / "unmounted/c", tmp_path / "src/c")
+    result = run("convert", tmp_path / "src", tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip() == (
+        f"Error: Source folder {tmp_path / 'src'} holds the broken link 'c' (to {tmp_path / 'unmounted/c'}): as a "
+        "class folder, its class would be left out and the labels of the classes after it shifted; repair the link "
+        "(mount its disk, say) or remove it."), result.output
+    assert not list(tmp_path.glob("*o.beton*"))
