@@ -43,7 +43,11 @@ def emit(result, as_json: bool, human: Callable[[object], str] | None = None) ->
     if as_json:
         click.echo(json.dumps(data, indent=1, default=str))
     else:
-        click.echo(human(result) if human else str(data))
+        text = human(result) if human else str(data)
+        try:
+            click.echo(text)
+        except UnicodeEncodeError:  # a file or folder name that is not UTF-8 (Python holds its bytes as surrogates)
+            click.echo(text.encode("utf-8", "surrogateescape"))  # its bytes, as ls prints them
 
 
 def group_noun(level: str) -> str:

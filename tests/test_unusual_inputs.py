@@ -252,3 +252,21 @@ def test_a_broken_link_among_the_class_folders_is_refused_not_dropped(tmp_path):
         "class folder, its class would be left out and the labels of the classes after it shifted; repair the link "
         "(mount its disk, say) or remove it."), result.output
     assert not list(tmp_path.glob("*o.beton*"))
+
+
+def test_names_that_are_not_utf8_are_printed_as_their_bytes(tmp_path):
+    """A class folder and a file named in Latin-1 (an old archive's 'café', 'résumé'): the conversion and `info`
+    printed them through a stdout that refuses the surrogates Python holds such names as, and ended in 'internal
+    error: UnicodeEncodeError' (exit 1) after the file was written; they are printed as the bytes they are, as ls
+    does, and the file is read as any other."""
+    root = os.fsencode(tmp_path / "src")
+    _png(os.path.join(root, b"caf\xe9", b"0.png"), 10)
+    _png(os.path.join(root, b"tea", b"0.png"), 20)
+    with open(os.path.join(root, b"caf\xe9", b"r\xe9sum\xe9.txt"), "wb") as f:
+        f.write(b"notes")
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "src"), str(tmp_path / "o.beton"), *RAW])
+    assert result.exit_code == 0, result.output
+    assert os.path.join(root, b"caf\xe9", b"r\xe9sum\xe9.txt") + b": not a readable image" in result.stdout_bytes
+    assert read_sidecar(tmp_path / "o.beton")["class_counts"] == [1, 1]
+    result = CliRunner().invoke(cli, ["info", str(tmp_path / "o.beton")])
+    assert result.exit_code == 0 and b" caf\xe9\n" in result.stdout_bytes, result.output
