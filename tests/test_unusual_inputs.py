@@ -270,3 +270,32 @@ def test_names_that_are_not_utf8_are_printed_as_their_bytes(tmp_path):
     assert read_sidecar(tmp_path / "o.beton")["class_counts"] == [1, 1]
     result = CliRunner().invoke(cli, ["info", str(tmp_path / "o.beton")])
     assert result.exit_code == 0 and b" caf\xe9\n" in result.stdout_bytes, result.output
+
+
+def test_what_imagenet_s_own_odd_files_become(tmp_path):
+    """ImageNet's train set holds 22 CMYK JPEGs (Adobe's inverted CMYK) and a PNG named .JPEG; class folders may
+    hold a .DS_Store; a class folder name may hold spaces and any Unicode. Each CMYK and greyscale JPEG is read
+    as the RGB it shows, the PNG by its content (exactly), the .DS_Store left out, and the names kept as they are."""
+    from dptool.beton import read_image
+
+    colour = np.zeros((16, 16, 3), np.uint8)
+    colour[...] = (200, 50, 120)
+    os.makedirs(tmp_path / "src/n01 with space")
+    os.makedirs(tmp_path / "src/n02 caf\u00e9 \u2615")
+    Image.fromarray(colour).convert("CMYK").save(tmp_path / "src/n01 with space/cmyk.JPEG", quality=100)
+    assert b"Adobe" in (tmp_path / "src/n01 with space/cmyk.JPEG").read_bytes()  # the marker ImageNet's carry
+    Image.fromarray(colour).save(tmp_path / "src/n01 with space/png.JPEG", format="PNG")
+    Image.fromarray(colour).convert("L").save(tmp_path / "src/n02 caf\u00e9 \u2615/gray.JPEG", quality=100)
+    (tmp_path / "src/n02 caf\u00e9 \u2615/.DS_Store").write_bytes(b"\0\0\0\1Bud1" + bytes(100))
+    result = run("convert", tmp_path / "src", tmp_path / "o.beton", *RAW, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["skipped"] == [], result.output
+    beton = open_beton(tmp_path / "o.beton")
+    assert beton.class_names == ["n01 with space", "n02 caf\u00e9 \u2615"]
+    assert beton.num_samples == 3
+    by_label = sorted(((int(beton.labels[i]), read_image(beton, i).astype(int)) for i in range(3)), key=lambda t: t[0])
+    gray = int(np.asarray(Image.fromarray(colour).convert("L"))[0, 0])
+    assert by_label[2][0] == 1 and (by_label[2][1] == gray).all()
+    first, second = by_label[0][1], by_label[1][1]  # the PNG exact, the CMYK JPEG within its rounding
+    png, cmyk = (first, second) if (first == colour).all() else (second, first)
+    assert (png == colour).all() and np.abs(cmyk - colour).max() <= 2
+    assert "n02 caf\u00e9 \u2615" in run("info", tmp_path / "o.beton").output
