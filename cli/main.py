@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ import click
 
 from dptool._ffcv import silence_loader_gc_noise
 from dptool.atomic import is_write_error
-from dptool.distributed import launch_rank, launched_by_torchrun
+from dptool.distributed import launch_rank, launched_by_torchrun, report_failure
 from dptool.errors import DptoolError, InputError
 
 from ._common import CONTEXT_SETTINGS, Group
@@ -46,11 +47,20 @@ class _LazyGroup(Group):
             return None
         return importlib.import_module(f"dptool.cli.{COMMANDS[name]}").command
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:  # a bad global option
+            _raise_for_job(exc)
+            raise
+
     def invoke(self, ctx):
         try:
             return self._invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except (click.ClickException, click.exceptions.Exit, click.Abort) as exc:
             if not _TERMINATED:
+                if isinstance(exc, click.ClickException):
+                    _raise_for_job(exc)
                 raise
             # stopped by SIGTERM/SIGHUP: whatever the stop caused (a worker killed by the same signal sent to the
             # process group, a pipe it closed) is reported as the stop it is
@@ -93,10 +103,47 @@ class _LazyGroup(Group):
                 raise
             lost = _lost_peer(exc)
             if lost is not None:
-                raise click.ClickException(lost) from exc
+                raise _RankNamed(lost) from exc
             raise click.ClickException(
                 f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
             ) from exc
+
+
+class _RankNamed(click.ClickException):
+    """An error whose sentence already names its rank: printed at once, by the rank that had it."""
+
+
+class _JobError(click.ClickException):
+    """Under torchrun, `inner` printed once for the job when every rank fails with it, else by each rank that does,
+    naming its rank (`dptool.distributed.report_failure`); every rank still exits with `inner`'s code."""
+
+    def __init__(self, inner: click.ClickException):
+        super().__init__(inner.message)
+        self.inner = inner
+        self.exit_code = inner.exit_code
+
+    def show(self, file=None) -> None:
+        buf = io.StringIO()
+        self.inner.show(file=buf)
+        text = buf.getvalue()
+        out = file if file is not None else sys.stderr
+
+        def write(named: bool) -> None:
+            shown = text
+            if named:  # "Error: rank 1: ...", after a usage error's usage lines
+                at = text.rfind("Error: ") + len("Error: ") if "Error: " in text else 0
+                shown = f"{text[:at]}rank {launch_rank()}: {text[at:]}"
+            out.write(shown)
+            out.flush()
+
+        report_failure(f"exit {self.exit_code}\n{text}", write)
+
+
+def _raise_for_job(exc: click.ClickException) -> None:
+    """Under torchrun, raise `exc` as a _JobError (printed once when every rank shares it); else return, for the caller
+    to raise `exc` itself."""
+    if launched_by_torchrun() and not isinstance(exc, (_RankNamed, _JobError)):
+        raise _JobError(exc) from exc
 
 
 def _lost_peer(exc: BaseException) -> str | None:

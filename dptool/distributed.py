@@ -11,9 +11,13 @@ import atexit
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import InputError
+
+#: Seconds a failing rank waits for the other ranks of its torchrun job to fail with the same report (they reach a
+#: check made before any collective at their own pace) before it prints its own, naming its rank.
+FAILURE_WAIT_S = 15.0
 
 __all__ = [
     "launched_by_torchrun",
@@ -33,6 +37,8 @@ __all__ = [
     "shard_rows",
     "resolve_device",
     "synchronize",
+    "FAILURE_WAIT_S",
+    "report_failure",
 ]
 
 
@@ -197,3 +203,70 @@ def distributed_session(backend: str | None = None) -> Iterator:
     if started:
         atexit.register(cleanup)
     yield device
+
+
+def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float | None = None) -> None:
+    """Print the error that ends this process once for a torchrun job whose ranks all fail with it: `show(False)` on
+    rank 0, nothing on the others; else `show(True)`, the error naming this rank. `report` is the text compared
+    between the ranks. Outside torchrun: `show(False)`.
+
+    The ranks meet in the store torchrun's agent serves before any process group exists
+    (TORCHELASTIC_USE_AGENT_STORE), so this covers the checks made before the first collective. A rank waits at
+    most `wait_s` seconds (FAILURE_WAIT_S) for the others to fail alike; a second, different report ends every
+    rank's wait at once. A failure the others do not share, a store that cannot be asked, or a stop (SIGTERM) while
+    waiting: the rank prints its own, naming itself. Every rank still exits with its error's code."""
+    import time
+    from datetime import timedelta
+
+    if not launched_by_torchrun():
+        show(False)
+        return
+    wait_s = FAILURE_WAIT_S if wait_s is None else wait_s
+    shared = _shared_by_every_rank(report, wait_s)
+    if shared is None:
+        show(True)
+        return
+    store, shown = shared
+    if launch_rank() == 0:
+        show(False)
+        with contextlib.suppress(Exception):
+            store.set(shown, "1")
+        return
+    try:
+        store.wait([shown], timedelta(seconds=wait_s))
+    except BaseException:  # rank 0 did not print it (or this rank was stopped): print our own
+        show(True)
+        return
+    # rank 0 has printed it and exits; torchrun stops this rank when it sees that, so that its summary names rank 0,
+    # the one that printed, as the first failure: wait for the stop (at most wait_s), then exit with the error's code
+    with contextlib.suppress(BaseException):
+        time.sleep(wait_s)
+
+
+def _shared_by_every_rank(report: str, wait_s: float):
+    """(torchrun's store, the key rank 0 sets once it has printed) when every rank of the job reported `report`
+    within `wait_s` seconds; None when another report came first, the wait ended, or the store failed."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import hashlib
+    import time
+    from datetime import timedelta
+
+    try:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=max(wait_s, 1.0)), wait_for_workers=False)
+        prefix = (f"dptool/failure/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+        same = prefix + "same/" + hashlib.sha256(report.encode()).hexdigest()[:32]
+        if store.add(same, 1) == 1:  # the first rank with this report: one more distinct report in the job
+            store.add(prefix + "kinds", 1)
+        world, deadline = int(os.environ["WORLD_SIZE"]), time.monotonic() + wait_s
+        while store.add(prefix + "kinds", 0) == 1 and time.monotonic() < deadline:
+            if store.add(same, 0) == world:  # every rank failed, with this report
+                return store, prefix + "shown"
+            time.sleep(0.05)
+    except BaseException:  # no store, or stopped (SIGTERM) while waiting
+        return None
+    return None

@@ -227,3 +227,60 @@ def test_more_processes_than_gpus_is_refused_in_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda _: pytest.fail("set_device was called"))
     with pytest.raises(InputError, match=r"local rank 1 but this machine has 1 GPU\(s\).*--nproc_per_node"):
         distributed.init_from_env()
+
+
+def _torchrun_summary(stderr: str) -> dict[int, int]:
+    """rank -> exit code of every failed rank in torchrun's closing summary."""
+    import re
+
+    return {int(r): int(c) for r, c in re.findall(r"rank\s*:\s*(\d+) \(local_rank.*?\n.*?exitcode\s*:\s*(-?\d+)",
+                                                  stderr, flags=re.S)}
+
+
+def test_a_user_error_every_rank_hits_is_printed_once(tmp_path, tiny_beton):
+    """Every rank runs the same checks before any collective, so a missing --val printed the same sentence once per
+    rank (8 identical lines on 8 GPUs, then torchrun's summary); rank 0 now prints it once for the job. The others
+    still fail: torchrun's summary lists both ranks, neither with exit code 0."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    train = ["-m", "dptool", "train", str(tiny_beton), "-o", str(tmp_path / "m.pt"), "--arch", "resnet_tiny"]
+    for extra, said in ((["--val", str(tmp_path / "missing.beton")], f"File {tmp_path / 'missing.beton'} does not"),
+                        (["--bogus"], "No such option '--bogus'")):  # a usage error: usage line, hint, sentence
+        cmd = [*base, "--master_port", str(_free_port()), *train, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"Error: {said}"), proc.stderr  # no "Error: rank 0: ..."
+        assert sum(line.startswith("Usage:") for line in proc.stderr.splitlines()) == (1 if "bogus" in said else 0)
+        codes = _torchrun_summary(proc.stderr)
+        assert proc.returncode != 0 and sorted(codes) == [0, 1] and 0 not in codes.values(), proc.stderr
+        assert codes[0] == 2  # the rank that printed is torchrun's "first observed failure"
+
+
+_PER_RANK_SCRIPT = """
+import os, sys
+from dptool import distributed
+from dptool.cli.main import main
+
+distributed.FAILURE_WAIT_S = 3.0  # how long a failing rank waits for the others to fail alike (15 s by default)
+rank, beton, mode = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
+val = {"differ": f"missing{rank}.beton", "one": "missing.beton" if rank == 1 else beton}[mode]
+sys.argv = ["dptool", "train", beton, "--val", val, "-o", "m.pt", "--arch", "resnet_tiny", "--epochs", "1",
+            "--batch-size", "8", "--min-res", "16", "--max-res", "16", "--val-res", "16", "--workers", "1"]
+main()
+"""
+
+
+def test_an_error_the_ranks_do_not_share_is_printed_by_each_rank_naming_it(tmp_path, tiny_beton):
+    """Printing once is for a failure every rank shares: two different sentences are printed by both ranks, each
+    naming its rank, and an error one rank alone hits (a file missing on one machine) is printed by that rank."""
+    script = tmp_path / "per_rank.py"
+    script.write_text(_PER_RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for mode, expected in (("differ", {"Error: rank 0: File missing0.beton does not exist.",
+                                       "Error: rank 1: File missing1.beton does not exist."}),
+                           ("one", {"Error: rank 1: File missing.beton does not exist."})):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(script), str(tiny_beton), mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        said = [line for line in proc.stderr.splitlines() if "does not exist" in line]
+        assert proc.returncode != 0 and sorted(said) == sorted(expected), proc.stderr

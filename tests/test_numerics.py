@@ -151,8 +151,7 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path, train_val_be
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode != 0
     said = [line for line in proc.stderr.splitlines() if "Training diverged" in line]
-    assert said, proc.stderr[-3000:]  # each rank in its own sentence (torchrun may stop one before it prints)
-    assert len({line.split("(learning rate")[0].split("Error: ")[-1] for line in said}) == 1  # at the same step
+    assert len(said) == 1, proc.stderr[-3000:]  # the same sentence on both ranks (the same step): printed once
     assert "internal error" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
