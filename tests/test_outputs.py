@@ -438,3 +438,22 @@ def test_an_output_folder_removed_during_the_run_is_one_sentence(tiny_beton, tmp
                                       "1"])
     assert result.exit_code == 2 and "internal error" not in result.output and ".tmp-" not in result.output
     assert "its folder " + str(folder) + " was removed during the run" in result.output
+
+
+@pytest.mark.parametrize("command", [
+    ["info", "{m}", "--json"], ["verify", "{m}", "--json"], ["convert", "{m}", "{o}", "--json"],
+    ["score", "--method", "random", "--source", "{m}", "-o", "{o}", "--json"],
+    ["prune", "{m}", "--scores", "{m}", "--ratio", "0.5", "-o", "{o}", "--json"],
+    ["train", "{m}", "-o", "{o}", "--json"],
+    ["finetune", "{m}", "{m}", "{m}", "--json"], ["bench", "pretrain", "{m}", "--json"],
+    ["bench", "loader", "{m}", "--json"], ["demo", "--quick", "--workdir", "{f}", "--json"]])
+def test_a_json_command_that_fails_leaves_stdout_empty(tmp_path, command):
+    """The README's contract for scripts: with --json, stdout holds the one JSON document of a command that
+    succeeded and nothing when it fails; the exit code says it failed and stderr why, in one sentence, as without
+    --json (`info --json` included: its errors are no JSON either)."""
+    (tmp_path / "file").write_text("")
+    args = [a.format(m=tmp_path / "missing", o=tmp_path / "out", f=tmp_path / "file") for a in command]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("Error:")] == lines[-1:]
