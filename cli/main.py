@@ -131,7 +131,8 @@ class _JobError(click.ClickException):
         def write(named: bool) -> None:
             shown = text
             if named:  # "Error: rank 1: ...", after a usage error's usage lines
-                at = text.rfind("Error: ") + len("Error: ") if "Error: " in text else 0
+                found = re.search(r"^Error: ", text, flags=re.M)
+                at = found.end() if found else 0
                 shown = f"{text[:at]}rank {launch_rank()}: {text[at:]}"
             out.write(shown)
             out.flush()

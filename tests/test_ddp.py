@@ -284,3 +284,27 @@ def test_an_error_the_ranks_do_not_share_is_printed_by_each_rank_naming_it(tmp_p
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
         said = [line for line in proc.stderr.splitlines() if "does not exist" in line]
         assert proc.returncode != 0 and sorted(said) == sorted(expected), proc.stderr
+
+
+def test_a_rank_named_error_names_the_rank_after_error_once(tiny_beton, tmp_path, monkeypatch):
+    """Where the ranks cannot be asked (WORLD_SIZE set by another launcher: no torchrun agent store), every rank prints
+    its own error naming itself, right after "Error: ": not inside an internal error's "RuntimeError: ", and after a
+    usage error's usage lines."""
+    from click.testing import CliRunner
+
+    import dptool.cli.train
+    from dptool.cli.main import cli
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dptool.cli.train, "train", boom)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    result = CliRunner().invoke(cli, ["train", str(tiny_beton), "-o", str(tmp_path / "a.pt"), "--arch", "resnet_tiny"])
+    assert result.exit_code == 1 and result.output.startswith("Error: rank 1: internal error: RuntimeError: boom (")
+    result = CliRunner().invoke(cli, ["train", str(tiny_beton), "--bogus"])
+    lines = result.output.splitlines()
+    assert result.exit_code == 2 and lines[0].startswith("Usage: ") and "train" in lines[0]
+    assert lines[-1].startswith("Error: rank 1: No such option '--bogus'")
