@@ -53,7 +53,7 @@ def _human(r) -> str:
               help="Label smoothing.")
 @click.option("--res", type=click.IntRange(min=8), default=DEFAULTS.res, help="Train and test resolution, px.")
 @click.option("--test-batch-size", type=click.IntRange(min=1), default=DEFAULTS.test_batch_size,
-              help="Evaluation batch.")
+              help="Evaluation batch; with --mode lp also the batch its features are extracted in.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_fraction,
               help="Hold out this fraction of each training class for model selection (at least one image of a "
                    "class of two or more; never a whole class).")

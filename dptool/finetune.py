@@ -227,9 +227,16 @@ def _resume_state(output: Path, cfg: FinetuneConfig, train_data, train_fp: str, 
     if state.get("source_fingerprint") != source_fp:
         raise InputError(f"Cannot resume: {output} was finetuned from {state.get('source') or 'other weights'}, "
                          f"whose weights differ from {checkpoint}'s; give the checkpoint it began from.")
-    changed = [name for name in _RESUME_FIXED if recipe.get(name) != getattr(cfg, name)]
-    check_same_options(output, changed, recipe, cfg, did="finetuned", give="the options it began with",
-                       may_change=("--test-batch-size", "--workers", "--precision"))
+    # LP extracts the training images' features in batches of --test-batch-size: on the CPU another batch gives
+    # features that differ in their last bits, and the resumed head would not end as an uninterrupted run's
+    lp = cfg.mode == "lp"
+    fixed = _RESUME_FIXED + (("test_batch_size",) if lp else ())
+    changed = [name for name in fixed if recipe.get(name) != getattr(cfg, name)]
+    why = (", since the linear probe extracts its features in batches of --test-batch-size"
+           if "test_batch_size" in changed else "")
+    check_same_options(output, changed, recipe, cfg, did="finetuned", give="the options it began with" + why,
+                       may_change=("--workers", "--precision") if lp else ("--test-batch-size", "--workers",
+                                                                          "--precision"))
     check_finite_resume(saved["state_dict"], state["optimizer"], output)
     return saved
 
