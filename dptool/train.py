@@ -107,8 +107,9 @@ def _fixed_size(config: TrainConfig, has_val: bool) -> int | None:
 
 
 # what a resumed run must share with the checkpoint's: the rest of its trajectory depends on them
-_RESUME_FIXED = ("optimizer", "schedule", "batch_size", "lr", "lr_peak_epoch", "momentum", "weight_decay",
-                 "label_smoothing", "min_res", "max_res", "start_ramp", "end_ramp", "res_step", "seed")
+# (and the epoch of the learning rate's peak as the run followed it: `_check_peak_epoch`)
+_RESUME_FIXED = ("optimizer", "schedule", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
+                 "min_res", "max_res", "start_ramp", "end_ramp", "res_step", "seed")
 # what checkpoints written before a field was recorded followed
 _BEFORE_FIELD = {"optimizer": "sgd", "schedule": "ramp"}
 
@@ -116,6 +117,27 @@ _BEFORE_FIELD = {"optimizer": "sgd", "schedule": "ramp"}
 def _flag(name: str) -> str:
     """The command-line option of a `TrainConfig` field (`res_step` has none)."""
     return name if name == "res_step" else "--" + name.replace("_", "-")
+
+
+def _check_peak_epoch(output: Path, recipe: dict, config: TrainConfig) -> None:
+    """Refuse a resume whose learning rate would peak at another epoch than the checkpoint's run did: --lr-peak-epoch
+    is capped at half of --epochs, so raising --epochs may move the peak of a run whose warm-up was capped, and a run
+    resumed after it would warm up again (its learning rate falling back and rising to a second peak)."""
+    if recipe.get("lr_peak_epoch") is None:
+        return
+    was = recipe.get("effective_lr_peak_epoch")
+    if was is None:  # written before it was recorded
+        was = min(float(recipe["lr_peak_epoch"]), float(recipe["epochs"]) / 2)
+    now = config.peak_epoch()
+    if float(was) == now:
+        return
+    capped = (f" (--lr-peak-epoch {recipe['lr_peak_epoch']:g} capped at half of --epochs {recipe['epochs']})"
+              if float(was) < float(recipe["lr_peak_epoch"]) else "")
+    also = (f" (--lr-peak-epoch {config.lr_peak_epoch:g} capped at half of --epochs {config.epochs})"
+            if now < config.lr_peak_epoch else f" (--lr-peak-epoch {config.lr_peak_epoch:g})")
+    raise InputError(f"Cannot resume: {output} was trained with its learning rate peaking at epoch {float(was):g}"
+                     f"{capped}, but this run's would peak at epoch {now:g}{also}; give --lr-peak-epoch "
+                     f"{float(was):g} (--warmup-epochs) to keep its warm-up.")
 
 
 def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int,
@@ -158,6 +180,7 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
     check_same_options(output, changed, recipe, config, did="trained", give=f"the options it was trained with{preset}",
                        may_change=("--epochs", "--val", "--val-res", "--val-batch-size", "--workers", "--precision"),
                        flag=_flag)
+    _check_peak_epoch(output, recipe, config)
     was, world = recipe.get("world_size"), dist.world_size()
     if was is not None and int(was) != world:  # the effective batch, and the peak learning rate scaled by it
         how = f"torchrun --nproc_per_node {was}" if int(was) > 1 else "one process, without torchrun"

@@ -60,7 +60,8 @@ def test_a_divergence_after_a_checkpoint_leaves_it_and_its_log_as_they_were(tmp_
     first steps; the checkpoint it resumed from keeps its bytes instead of being replaced by NaN weights."""
     train, _ = train_val_betons
     out = tmp_path / "run.pt"
-    args = ["train", str(train), "-o", str(out), "--batch-size", "32", "--lr", "0.1", *TRAIN]
+    # its warm-up at 0.5 epochs, where --epochs 1 caps the default 2: a resume to 2 epochs keeps it
+    args = ["train", str(train), "-o", str(out), "--batch-size", "32", "--lr", "0.1", "--lr-peak-epoch", "0.5", *TRAIN]
     code, output = _run([*args, "--epochs", "1"])
     assert code == 0, output
     ckpt = read_checkpoint(out)
@@ -105,7 +106,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_resume_and_score(tmp_path, 
     save_checkpoint(out, **{k: ckpt[k] for k in ("arch", "num_classes", "state_dict", "recipe", "data_fingerprint",
                                                     "epoch", "optimizer_state", "small_input", "extra")})
     code, output = _run(["train", str(train), "-o", str(out), "--epochs", "2", "--batch-size", "80", "--resume",
-                         *TRAIN])
+                         "--lr-peak-epoch", "0.5", *TRAIN])
     assert code == 2, output
     assert f"Cannot resume: checkpoint {out} holds non-finite weights (NaN or inf) in 1 of " in output
     assert "(first: optimizer.0.momentum_buffer)" in output

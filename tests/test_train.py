@@ -113,6 +113,30 @@ def test_train_learns_then_resumes(tmp_path, train_val_betons, one_thread):
     assert "resnet18, 4 classes" in text and "4 epochs of train" in text and "best val_top1" in text
 
 
+def test_resume_refuses_moving_a_capped_warm_up(tmp_path, train_val_betons, one_thread):
+    """--lr-peak-epoch is capped at half of --epochs: raising --epochs on resume would move a capped peak (here from
+    epoch 1 to 2), so that the resumed run warms up a second time; refused, naming the peak it followed and how to
+    keep it, and the run continues with that --lr-peak-epoch."""
+    train, _ = train_val_betons
+    out = tmp_path / "m.pt"
+    args = ["train", str(train), "-o", str(out), *FAST[:FAST.index("--lr-peak-epoch")], "--workers", "1",
+            "--lr-peak-epoch", "2"]
+    code, text = _run([*args, "--epochs", "2"])
+    assert code == 0, text
+    code, text = _run([*args, "--epochs", "4", "--resume"])
+    assert code == 2, text
+    assert ("was trained with its learning rate peaking at epoch 1 (--lr-peak-epoch 2 capped at half of --epochs 2), "
+            "but this run's would peak at epoch 2 (--lr-peak-epoch 2); give --lr-peak-epoch 1 (--warmup-epochs) to "
+            "keep its warm-up.") in text, text
+    code, text = _run([*args[:-1], "1", "--epochs", "4", "--resume"])
+    assert code == 0, text
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["config", "epoch", "epoch", "resume", "epoch", "epoch"]
+    assert lines[3]["effective_lr_peak_epoch"] == lines[0]["effective_lr_peak_epoch"] == 1.0
+    # after the peak at epoch 1 the learning rate only falls: 0.02 x 1/3 after epoch 3, 0 after epoch 4
+    assert [r["lr"] for r in lines[4:]] == pytest.approx([0.02 * 1 / 3, 0.0])
+
+
 class _StopAtEpoch:
     """The real training loader, interrupted (as by Ctrl-C) when epoch `stop_at` would start."""
 
@@ -515,13 +539,13 @@ def test_resume_refuses_another_optimizer_or_schedule_and_info_shows_them(tmp_pa
     train, val = train_val_betons
     out = tmp_path / "m.pt"
     run = ["train", str(train), "--val", str(val), "-o", str(out)]
-    code, text = _run([*run, *TINY_VIT, "--epochs", "1"])  # the last of an option given twice counts
+    code, text = _run([*run, *TINY_VIT, "--epochs", "2"])  # the last of an option given twice counts
     assert code == 0, text
     ckpt = read_checkpoint(out)
     assert (ckpt["recipe"]["optimizer"], ckpt["recipe"]["schedule"]) == ("adamw", "cosine")
     assert set(ckpt["optimizer_state"]["param_groups"][0]) >= {"betas", "eps"}
     before = out.read_bytes()
-    code, text = _run([*run, "--resume", *TINY_VIT[2:], "--epochs", "2"])  # no --recipe vit
+    code, text = _run([*run, "--resume", *TINY_VIT[2:], "--epochs", "3"])  # no --recipe vit
     assert code == 2, text
     assert ("was trained with --optimizer adamw --schedule cosine --lr 0.00192 --weight-decay 0.3 --label-smoothing "
             "0.11 but this run gives --optimizer sgd --schedule ramp --lr 0.125 --weight-decay 5e-05 "
@@ -529,9 +553,9 @@ def test_resume_refuses_another_optimizer_or_schedule_and_info_shows_them(tmp_pa
     code, text = _run([*run, "--resume", *TINY_VIT, "--schedule", "ramp"])
     assert code == 2 and "was trained with --schedule cosine but this run gives --schedule ramp; give" in text, text
     assert out.read_bytes() == before
-    code, text = _run([*run, "--resume", *TINY_VIT, "--epochs", "2", "--json"])
+    code, text = _run([*run, "--resume", *TINY_VIT, "--epochs", "3", "--json"])  # the warm-up ends at 1 in both
     assert code == 0, text
-    assert json.loads(text)["start_epoch"] == 1
+    assert json.loads(text)["start_epoch"] == 2
 
     code, text = _run(["info", str(out)])
     assert code == 0 and "optimizer adamw, schedule cosine, lr_peak_epoch 1.0, " in text, text
