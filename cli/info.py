@@ -106,7 +106,8 @@ def _checkpoint(s: dict) -> str:
     recipe = s["recipe"].get("finetune", s["recipe"])
     shown = ("epochs", "mode", "optimizer", "schedule", "lr_peak_epoch", "batch_size", "effective_batch_size", "lr",
              "effective_lr", "min_res", "max_res", "res", "label_smoothing", "weight_decay", "seed")
-    lines.append("recipe: " + ", ".join(f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None))
+    lines.append("recipe: " + ", ".join(_recipe_item(k, recipe, recipe.get("effective_lr_peak_epoch")) for k in shown
+                                        if recipe.get(k) is not None))
     if s["last_epoch"]:
         lines.append(f"last epoch: {_metrics(s['last_epoch'])}")
     if s["best_val_top1"] is not None:
@@ -116,6 +117,14 @@ def _checkpoint(s: dict) -> str:
         lines.append(f"test top-1: final {f.get('final_test_top1', float('nan')):.4g}, "
                      f"best {f.get('best_test_top1', float('nan')):.4g}{_best_test_epoch(f)}")
     return "\n".join(lines)
+
+
+def _recipe_item(key: str, recipe: dict, peak_epoch) -> str:
+    """`key value` of a recipe line; --lr-peak-epoch with the epoch the run peaked at when half of --epochs capped
+    it (a 10-epoch warm-up shown for a run that peaked at epoch 1 would misstate its schedule)."""
+    if key == "lr_peak_epoch" and isinstance(peak_epoch, (int, float)) and peak_epoch < recipe[key]:
+        return f"{key} {recipe[key]} (capped at {peak_epoch:g}, half of the epochs)"
+    return f"{key} {recipe[key]}"
 
 
 _CELLS = {  # column: (heading, format), each right-aligned in 7 characters after two spaces
@@ -148,7 +157,7 @@ def _run_log(s: dict) -> str:
     recipe = s["recipe"]
     shown = ("mode", "optimizer", "schedule", "lr_peak_epoch", "batch_size", "lr", "min_res", "max_res", "res",
              "label_smoothing", "weight_decay", "val_fraction", "seed")
-    parts = [f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None]
+    parts = [_recipe_item(k, recipe, s.get("effective_lr_peak_epoch")) for k in shown if recipe.get(k) is not None]
     parts += [f"{k.replace('_', ' ')} {s[k]}" for k in ("effective_batch_size", "effective_lr", "world_size", "device",
                                                          "precision") if s.get(k) is not None]
     if parts:

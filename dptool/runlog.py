@@ -222,7 +222,8 @@ def read_run_log(path: str | os.PathLike) -> dict:
         "num_classes": last.get("num_classes"), "num_samples": last.get("num_samples"),
         "kept_classes": last.get("kept_classes"), "device": last.get("device"), "precision": last.get("precision"),
         "world_size": last.get("world_size"), "effective_batch_size": last.get("effective_batch_size"),
-        "effective_lr": last.get("effective_lr"), "recipe": cfg, "epochs_planned": planned, "epochs_done": done,
+        "effective_lr": last.get("effective_lr"), "effective_lr_peak_epoch": last.get("effective_lr_peak_epoch"),
+        "recipe": cfg, "epochs_planned": planned, "epochs_done": done,
         "first_epoch": first.get("start_epoch", 0) if first["event"] == "resume" else 0,
         "resumed_at": [h.get("start_epoch") for h in heads[1:] if h["event"] == "resume"],  # the first: first_epoch
         "complete": summary is not None if run == "finetune" else planned is not None and done >= planned,
