@@ -622,6 +622,27 @@ def test_fit_resolution_leaves_the_callers_vit_alone_and_the_default_res_is_its_
     assert default_res(fit_resolution(sur, 80), source) == 32  # 80 px would be 2.5x
 
 
+def test_the_resampling_warning_names_allow_upscale_where_the_vits_own_size_needs_it(vit_data, caplog):
+    """The warning of a resampled ViT names the --res that scores at its own size; where that size upscales the
+    source more than 2x, --res alone is refused, and the hint adds --allow-upscale (it named --res 80 alone)."""
+    from dptool.scoring.run import check_resolution, fit_resolution
+    from dptool.surrogate import load_surrogate
+
+    made_for_32 = load_surrogate(arch="vit_b_16", weights=vit_data.vit32)
+    made_for_80 = fit_resolution(made_for_32, 80)
+    files = {"source": open_beton(vit_data.source)}
+    with pytest.raises(InputError, match="pass --allow-upscale"):
+        check_resolution(files, 80)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dptool"):
+        fit_resolution(made_for_80, 32, files)
+        fit_resolution(made_for_80, 32, files, allow_upscale=True)
+        fit_resolution(made_for_32, 48, files)
+    hints = [r.getMessage().rsplit("(", 1)[1] for r in caplog.records]
+    assert hints == ["--res 80 --allow-upscale scores at its own)", "--res 80 scores at its own)",
+                     "--res 32 scores at its own)"], hints
+
+
 class _SizeChecked(torch.nn.Module):
     """A model that asserts its input size, as timm's ViTs do."""
 

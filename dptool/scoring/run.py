@@ -172,14 +172,15 @@ def _vit_geometry(surrogate) -> tuple[int, int] | None:
     return int(inner.image_size), int(inner.patch_size)
 
 
-def fit_resolution(surrogate, res: int):
+def fit_resolution(surrogate, res: int, files: dict[str, Beton] | None = None, *, allow_upscale: bool = False):
     """The surrogate to score `res` px images with. A torchvision ViT made for another image size gets its position
     embeddings resampled bicubically to the patch grid of `res` (`dptool.models.resize_vit`, as `finetune` does),
     with a warning, in a copy that shares every other weight (the caller's module is left as it was); a `res` that
     is not a multiple of its patch size is refused in one sentence. Its identity records `image_size`, the size
     the loaded weights were made for, and `resampled_to`, `res` when they were resampled; `weights` stays the
     fingerprint of the loaded weights, which with the recorded `res` determines the resampled ones. Any other
-    surrogate is returned as it is."""
+    surrogate is returned as it is. The warning's hint at scoring at the ViT's own size adds --allow-upscale where
+    `check_resolution` would refuse that size for `files`."""
     from ..models import resize_vit
 
     geometry = _vit_geometry(surrogate)
@@ -192,9 +193,14 @@ def fit_resolution(surrogate, res: int):
     shared = {id(t): t for t in (*surrogate.model.parameters(), *surrogate.model.buffers())}
     model = copy.deepcopy(surrogate.model, memo=shared)  # new modules around the same tensors
     resize_vit(model, res)  # refuses a res that is not a multiple of the patch size; puts in a new embedding
+    own = f"--res {native}"
+    try:
+        check_resolution(files or {}, native, allow_upscale=allow_upscale)
+    except InputError:  # its own size upscales a file more than MAX_UPSCALE: refused without --allow-upscale
+        own += " --allow-upscale"
     log.warning("the %s surrogate was made for %d px images; its position embeddings are resampled (bicubic) to "
-                "--res %d, so it scores images at a size it was not trained on (--res %d scores at its own)",
-                identity.get("arch", "ViT"), native, res, native)
+                "--res %d, so it scores images at a size it was not trained on (%s scores at its own)",
+                identity.get("arch", "ViT"), native, res, own)
     return replace(surrogate, model=model, identity={**identity, "resampled_to": res})
 
 
@@ -271,7 +277,7 @@ def score(method: str, *, source: Beton | str | os.PathLike, target: Beton | str
     if spec.needs_surrogate:
         files = {"source": src, **({"target": tgt} if tgt is not None else {})}
         check_resolution(files, options.inference.res, allow_upscale=options.allow_upscale)
-        surrogate = fit_resolution(surrogate, options.inference.res)
+        surrogate = fit_resolution(surrogate, options.inference.res, files, allow_upscale=options.allow_upscale)
     if spec.needs_logits and not getattr(surrogate, "has_classifier", True):
         raise InputError(f"--method {method} needs the surrogate's class scores, but weights "
                          f"{surrogate.identity.get('path')} hold a backbone without a classifier; score with "
