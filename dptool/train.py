@@ -304,6 +304,27 @@ def _train_epoch(model, loader, optimizer, scaler, criterion, config: TrainConfi
             "images_per_s": n / max(epoch_time, 1e-9)}
 
 
+def _check_step(config: TrainConfig, peak_lr: float, eff_batch: int) -> None:
+    """Refuse a peak learning rate the optimizer's step cannot compute in float32, in one sentence before any work:
+    AdamW's divides it by its bias correction (1 - beta1 at the first step, 0.1 by default), so a peak within
+    float32's range can still overflow there (it ended in 'internal error: RuntimeError: value cannot be converted to
+    type float without overflow'); found by one step at the peak on a one-element tensor, as finetune checks."""
+    import torch
+
+    from .steps import make_optimizer
+
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.ones(1)
+    try:
+        make_optimizer(config, [p], peak_lr).step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise InputError(f"--lr {config.lr:g} gives a peak learning rate of {peak_lr:g} at effective batch "
+                         f"{eff_batch}, beyond what {config.optimizer}'s step can compute in float32; give a smaller "
+                         "--lr.") from None
+
+
 def _check_losses(losses, epoch: int, first_step: int, iters: int, config: TrainConfig, peak_lr: float) -> None:
     """Raise TrainingDiverged at the first NaN or infinite loss of `losses` (steps `first_step`...), on every rank
     alike: the losses are summed over the ranks first (a NaN on one rank is a NaN in the sum)."""
@@ -374,6 +395,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     if peak_lr > top:  # torch's optimizers take it as a float32 scalar
         raise InputError(f"--lr {config.lr:g} gives a peak learning rate of {peak_lr:g} at effective batch "
                          f"{eff_batch}, beyond float32's range; give an --lr below {top * 256 / eff_batch:.3g}.")
+    _check_step(config, peak_lr, eff_batch)
     model, optimizer, scaler = _model_and_optimizer(config, num_classes, image_size, ckpt, device, precision, world,
                                                     peak_lr)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

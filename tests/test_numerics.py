@@ -132,6 +132,14 @@ def test_a_learning_rate_beyond_float32_is_refused_in_one_sentence(tmp_path, tra
                          "--lr", "1e300", *TRAIN])
     assert code == 2, output
     assert "--lr 1e+300 gives a peak learning rate of 6.25e+298 at effective batch 16, beyond float32's range" in output
+    # within float32's range, but AdamW's first step divides it by 1 - beta1 = 0.1: with no warm-up to keep that
+    # step's rate small, it ended in 'internal error: RuntimeError: value cannot be converted to type float'
+    code, output = _run(["train", str(train), "-o", str(tmp_path / "x.pt"), "--epochs", "1", "--batch-size", "16",
+                         "--lr", "1e39", "--optimizer", "adamw", "--lr-peak-epoch", "0", *TRAIN])
+    assert code == 2, output
+    assert ("--lr 1e+39 gives a peak learning rate of 6.25e+37 at effective batch 16, beyond what adamw's step can "
+            "compute in float32; give a smaller --lr.") in output, output
+    assert not list(tmp_path.iterdir())
 
 
 def _free_port() -> int:
