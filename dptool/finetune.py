@@ -265,6 +265,9 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
     if launched_by_torchrun():  # every rank would run the whole job and write the same files
         raise InputError("finetune runs in one process (target sets are small); run it without torchrun.")
     cfg = config.resolved()
+    if cfg.optimizer == "adam" and cfg.momentum != FinetuneConfig.momentum:  # as score names the options unread
+        log.warning("--momentum %g is SGD's; --optimizer adam does not read it (its betas are 0.9, 0.999)",
+                    cfg.momentum)
     _check_lr(cfg)
     check_number("--checkpoint-every", checkpoint_every, low=0)
     if resume and output is None:

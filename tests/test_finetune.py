@@ -177,6 +177,20 @@ def test_config_refuses_bad_values(change, flag):
     assert FinetuneConfig(lr=np.float32(0.5), momentum=np.float64(0.9)).resolved().lr == 0.5  # NumPy numbers
 
 
+def test_momentum_given_to_adam_is_named_as_unread(target, source_ckpt, caplog, one_thread):
+    """--momentum is SGD's: with the default Adam it was accepted and changed nothing, without a word."""
+    train, test = target
+    with caplog.at_level("WARNING", logger="dptool"):
+        finetune(source_ckpt, train, test, config=FinetuneConfig(epochs=1, batch_size=16, res=16, workers=1,
+                                                                 momentum=0.5))
+    assert "--momentum 0.5 is SGD's; --optimizer adam does not read it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dptool"):
+        finetune(source_ckpt, train, test, config=FinetuneConfig(epochs=1, batch_size=16, res=16, workers=1,
+                                                                 momentum=0.5, optimizer="sgd"))
+    assert "--momentum" not in caplog.text
+
+
 def test_split_indices_stratified_and_seeded():
     labels = np.repeat(np.arange(3), [10, 5, 2])
     tr, va = split_indices(labels, 0.2, seed=1)
