@@ -95,8 +95,11 @@ def _checkpoint(s: dict) -> str:
     elif s["resumable"]:
         planned, world = s["recipe"].get("epochs"), s["recipe"].get("world_size")
         how = f"torchrun --nproc_per_node {world} ... " if isinstance(world, int) and world > 1 else ""
+        peak, capped = s["recipe"].get("effective_lr_peak_epoch"), s["recipe"].get("lr_peak_epoch")
+        keep = (f" --lr-peak-epoch {peak:g}" if isinstance(peak, (int, float)) and isinstance(capped, (int, float))
+                and peak < capped else "")  # more epochs would move a capped peak: train --resume refuses that
         lines[0] += (f"; stopped early: `{how}train --resume` continues it" if planned and s["epochs_done"] < planned
-                     else f"; optimizer state kept (`{how}train --resume --epochs N` extends it)")
+                     else f"; optimizer state kept (`{how}train --resume --epochs N{keep}` extends it)")
     if s["data"] or s["data_fingerprint"]:
         lines.append(f"trained on: {s['data'] or '?'} ({s['data_fingerprint']})")
     if s["pretrained"]:

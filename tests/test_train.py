@@ -126,6 +126,8 @@ def test_resume_refuses_moving_a_capped_warm_up(tmp_path, train_val_betons, one_
     for shown in (out, tmp_path / "m.jsonl"):  # info shows the warm-up the run followed
         code, text = _run(["info", str(shown)])
         assert code == 0 and ", lr_peak_epoch 2.0 (capped at 1, half of the epochs), " in text, text
+    assert "optimizer state kept (`train --resume --epochs N --lr-peak-epoch 1` extends it)" in _run(
+        ["info", str(out)])[1]
     code, text = _run([*args, "--epochs", "4", "--resume"])
     assert code == 2, text
     assert ("was trained with its learning rate peaking at epoch 1 (--lr-peak-epoch 2 capped at half of --epochs 2), "
