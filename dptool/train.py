@@ -127,11 +127,11 @@ def _check_peak_epoch(output: Path, recipe: dict, config: TrainConfig) -> None:
         return
     was = recipe.get("effective_lr_peak_epoch")
     if was is None:  # written before it was recorded
-        was = min(float(recipe["lr_peak_epoch"]), float(recipe["epochs"]) / 2)
+        was = min(float(recipe["lr_peak_epoch"]), float(recipe.get("epochs") or math.inf) / 2)
     now = config.peak_epoch()
     if float(was) == now:
         return
-    capped = (f" (--lr-peak-epoch {recipe['lr_peak_epoch']:g} capped at half of --epochs {recipe['epochs']})"
+    capped = (f" (--lr-peak-epoch {recipe['lr_peak_epoch']:g} capped at half of --epochs {recipe.get('epochs')})"
               if float(was) < float(recipe["lr_peak_epoch"]) else "")
     also = (f" (--lr-peak-epoch {config.lr_peak_epoch:g} capped at half of --epochs {config.epochs})"
             if now < config.lr_peak_epoch else f" (--lr-peak-epoch {config.lr_peak_epoch:g})")
