@@ -215,7 +215,7 @@ def _resume_state(output: Path, cfg: FinetuneConfig, train_data, train_fp: str, 
     state = extra.get("resume")
     if state is None:
         raise InputError(f"Cannot resume: {output} holds a finished finetune of {saved['epoch']} epochs; there is "
-                         "nothing left to run (a new run needs --force or another -o).")
+                         "nothing left to run (a new run: drop --resume and give --force or another -o).")
     if saved.get("data_fingerprint") != train_fp:
         raise InputError(f"Cannot resume: {output} was finetuned on {extra.get('data') or 'another file'} with "
                          f"fingerprint {saved.get('data_fingerprint')}, but {train_data} has {train_fp}; resume on the "

@@ -479,8 +479,9 @@ def test_resume_refuses_what_would_not_continue_the_run(tmp_path, target, source
         run(source=other)
     r = run(config=replace(cfg, workers=2))  # may change (LP's --test-batch-size may not: see the test above)
     assert r.start_epoch == 1 and len(r.history) == 3
-    with pytest.raises(InputError, match=r"holds a finished finetune of 3 epochs; there is nothing left to run"):
-        run()
+    with pytest.raises(InputError, match=r"holds a finished finetune of 3 epochs; there is nothing left to run \(a new "
+                                         r"run: drop --resume and give --force or another -o\)"):
+        run(force=True)  # --force with --resume still resumes: the remedy is to drop --resume
     with pytest.raises(InputError, match="was not written by dptool finetune"):
         run(output=other)
 
