@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 from . import distributed as dist
+from .errors import InputError
 
 __all__ = ["autocast", "grad_scaler", "make_optimizer", "train_step", "resolve_precision", "evaluate"]
 
@@ -43,7 +44,14 @@ def train_step(model, optimizer, scaler, criterion, x, y, device, precision: str
     """One optimizer step on the batch (`x`, `y`): forward under autocast at `precision`, backward through
     `scaler` (`grad_scaler`); returns the logits and the loss. `train`, `finetune` and `bench` all step this way."""
     with autocast(device, precision):
-        logits = model(x)
+        try:
+            logits = model(x)
+        except ValueError as exc:  # torch's BatchNorm, on a batch of one image whose feature map is 1x1
+            if "Expected more than 1 value per channel when training" not in str(exc):
+                raise
+            raise InputError(f"A batch of {len(x)} image at {x.shape[-1]} px leaves the model's BatchNorm one value "
+                             "per channel, which it cannot train on; give --batch-size 2 or more (or a higher "
+                             "resolution).") from None
         loss = criterion(logits, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

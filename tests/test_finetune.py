@@ -177,6 +177,22 @@ def test_config_refuses_bad_values(change, flag):
     assert FinetuneConfig(lr=np.float32(0.5), momentum=np.float64(0.9)).resolved().lr == 0.5  # NumPy numbers
 
 
+def test_a_batch_of_one_that_batchnorm_cannot_train_on_is_refused_in_one_sentence(tmp_path, target, source_ckpt,
+                                                                                   one_thread):
+    """--batch-size 1 at 16 px leaves a ResNet-18's last BatchNorm one value per channel: FF (and train, which steps
+    the same way) ended in 'internal error: ValueError: Expected more than 1 value per channel when training'."""
+    train, test = target
+    for args in (["finetune", str(source_ckpt), str(train), str(test), "--mode", "ff", "--epochs", "1"],
+                 ["train", str(train), "-o", str(tmp_path / "m.pt"), "--arch", "resnet18", "--epochs", "1",
+                  "--min-res", "16", "--max-res", "16"]):
+        result = CliRunner().invoke(cli, [*args, "--batch-size", "1", "--res" if args[0] == "finetune" else
+                                          "--val-res", "16", "--workers", "1"])
+        assert result.exit_code == 2, result.output
+        assert ("A batch of 1 image at 16 px leaves the model's BatchNorm one value per channel, which it cannot "
+                "train on; give --batch-size 2 or more (or a higher resolution).") in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_momentum_given_to_adam_is_named_as_unread(target, source_ckpt, caplog, one_thread):
     """--momentum is SGD's: with the default Adam it was accepted and changed nothing, without a word."""
     train, test = target
