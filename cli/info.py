@@ -100,6 +100,13 @@ def _checkpoint(s: dict) -> str:
                 and peak < capped else "")  # more epochs would move a capped peak: train --resume refuses that
         lines[0] += (f"; stopped early: `{how}train --resume` continues it" if planned and s["epochs_done"] < planned
                      else f"; optimizer state kept (`{how}train --resume --epochs N{keep}` extends it)")
+    for key, what, who in (("nonfinite_weights", "weights", "score, finetune and --resume refuse"),
+                           ("nonfinite_moments", "optimizer moments", "--resume refuses")):
+        bad = s.get(key)
+        if bad:
+            hold = "tensors hold" if len(bad) != 1 else "tensor holds"
+            lines.append(f"non-finite {what}: {len(bad)} {hold} NaN or inf (first: {bad[0]}); {who} this "
+                         "checkpoint")
     if s["data"] or s["data_fingerprint"]:
         lines.append(f"trained on: {s['data'] or '?'} ({s['data_fingerprint']})")
     if s["pretrained"]:

@@ -200,6 +200,16 @@ def summarize_checkpoint(path: str | os.PathLike) -> dict:
     return _checkpoint_summary(p, read_checkpoint(p))
 
 
+def _nonfinite(state: dict, optimizer_state) -> tuple[list[str], list[str]]:
+    """The weights and the optimizer's moments holding a NaN or an infinity, the moments named as
+    `checkpoint.check_finite_resume` names them: score and finetune refuse such weights, and --resume either."""
+    from .checkpoint import nonfinite_tensors
+
+    moments = {f"optimizer.{i}.{k}": v for i, st in ((optimizer_state or {}).get("state") or {}).items()
+               for k, v in (st.items() if isinstance(st, dict) else ())}
+    return nonfinite_tensors(state), nonfinite_tensors(moments)
+
+
 def _checkpoint_summary(p: Path, ckpt: dict) -> dict:
     """`summarize_checkpoint` of the checkpoint `ckpt`, read from `p`."""
     recipe = ckpt.get("recipe") or {}
@@ -211,11 +221,14 @@ def _checkpoint_summary(p: Path, ckpt: dict) -> dict:
     run = _run_kind(recipe)
     # a stopped finetune's checkpoint (written for `finetune --resume`) keeps its state and source in extra.resume
     resume = extra.get("resume") if run == "finetune" and isinstance(extra.get("resume"), dict) else {}
+    weights, moments = _nonfinite(state, ckpt.get("optimizer_state") or resume.get("optimizer"))
     out = {
         "kind": "checkpoint", "path": str(p), "run": run,
         "arch": ckpt["arch"], "small_input": bool(ckpt.get("small_input")), "blurpool": bool(ckpt.get("blurpool")),
         "image_size": ckpt.get("image_size"), "num_classes": int(ckpt["num_classes"]), "parameters": params,
-        "epochs_done": int(ckpt["epoch"]), "resumable": ckpt.get("optimizer_state") is not None or bool(resume),
+        "epochs_done": int(ckpt["epoch"]),
+        "resumable": (ckpt.get("optimizer_state") is not None or bool(resume)) and not (weights or moments),
+        "nonfinite_weights": weights, "nonfinite_moments": moments,
         "data": extra.get("data"), "data_fingerprint": ckpt.get("data_fingerprint"),
         "pretrained": (extra.get("summary") or {}).get("checkpoint") or resume.get("source"),
         "kept_classes": None if extra.get("kept_classes") is None else len(extra["kept_classes"]),

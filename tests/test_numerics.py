@@ -96,6 +96,9 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_resume_and_score(tmp_path, 
     assert code == 2, output
     assert f"Checkpoint {bad} holds non-finite weights (NaN or inf) in 2 of its " in output
     assert "(first: layer1.0.conv1.weight)" in output and not (tmp_path / "s.json").exists()
+    code, output = _run(["info", str(bad)])
+    assert code == 0 and ("non-finite weights: 2 tensors hold NaN or inf (first: layer1.0.conv1.weight); score, "
+                          "finetune and --resume refuse this checkpoint") in output, output
 
     out = tmp_path / "r.pt"  # a train checkpoint whose momentum buffers hold an infinity
     code, output = _run(["train", str(train), "-o", str(out), "--epochs", "1", "--batch-size", "80", *TRAIN])
@@ -110,6 +113,13 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_resume_and_score(tmp_path, 
     assert code == 2, output
     assert f"Cannot resume: checkpoint {out} holds non-finite weights (NaN or inf) in 1 of " in output
     assert "(first: optimizer.0.momentum_buffer)" in output
+    # info says so, and not that --resume can extend it (it said 'optimizer state kept (`train --resume ...)')
+    code, output = _run(["info", str(out)])
+    assert code == 0 and ("non-finite optimizer moments: 1 tensor holds NaN or inf (first: "
+                          "optimizer.0.momentum_buffer); --resume refuses this checkpoint") in output, output
+    assert "--resume --epochs N" not in output and "non-finite weights" not in output
+    code, output = _run(["info", str(out), "--json"])
+    assert json.loads(output)["resumable"] is False
 
 
 def test_an_update_that_makes_the_weights_non_finite_is_caught_before_the_checkpoint():
