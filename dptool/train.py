@@ -135,9 +135,11 @@ def _check_peak_epoch(output: Path, recipe: dict, config: TrainConfig) -> None:
               if float(was) < float(recipe["lr_peak_epoch"]) else "")
     also = (f" (--lr-peak-epoch {config.lr_peak_epoch:g} capped at half of --epochs {config.epochs})"
             if now < config.lr_peak_epoch else f" (--lr-peak-epoch {config.lr_peak_epoch:g})")
+    keep = f"--lr-peak-epoch {float(was):g} (--warmup-epochs)"
+    if float(was) > config.epochs / 2:  # fewer epochs than the checkpoint planned cap any peak below it
+        keep = f"--epochs {math.ceil(2 * float(was))} or more with {keep}"
     raise InputError(f"Cannot resume: {output} was trained with its learning rate peaking at epoch {float(was):g}"
-                     f"{capped}, but this run's would peak at epoch {now:g}{also}; give --lr-peak-epoch "
-                     f"{float(was):g} (--warmup-epochs) to keep its warm-up.")
+                     f"{capped}, but this run's would peak at epoch {now:g}{also}; give {keep} to keep its warm-up.")
 
 
 def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int,

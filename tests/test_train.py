@@ -140,6 +140,15 @@ def test_resume_refuses_moving_a_capped_warm_up(tmp_path, train_val_betons, one_
     assert lines[3]["effective_lr_peak_epoch"] == lines[0]["effective_lr_peak_epoch"] == 1.0
     # after the peak at epoch 1 the learning rate only falls: 0.02 x 1/3 after epoch 3, 0 after epoch 4
     assert [r["lr"] for r in lines[4:]] == pytest.approx([0.02 * 1 / 3, 0.0])
+    # fewer --epochs than a stopped run planned may cap any --lr-peak-epoch below its peak: the remedy says so
+    from dptool.train import _check_peak_epoch
+
+    recipe = {"lr_peak_epoch": 1.5, "epochs": 3, "effective_lr_peak_epoch": 1.5}
+    _check_peak_epoch(out, recipe, TrainConfig(epochs=3, lr_peak_epoch=1.5))
+    with pytest.raises(InputError, match=r"peaking at epoch 1\.5, but this run's would peak at epoch 1 "
+                                         r"\(--lr-peak-epoch 1\.5 capped at half of --epochs 2\); give --epochs 3 or "
+                                         r"more with --lr-peak-epoch 1\.5 \(--warmup-epochs\) to keep its warm-up\."):
+        _check_peak_epoch(out, recipe, TrainConfig(epochs=2, lr_peak_epoch=1.5))
 
 
 class _StopAtEpoch:
