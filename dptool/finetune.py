@@ -274,6 +274,8 @@ def finetune(checkpoint: str | os.PathLike, train_data: str | os.PathLike, test_
         raise InputError("--resume continues the run whose checkpoint -o names; give -o.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(device, cfg.precision)
+    if cfg.precision not in ("auto", precision):  # as score names it
+        log.warning("--precision %s applies to CUDA; on %s finetuning runs in %s", cfg.precision, device, precision)
     if output is not None:
         output = check_output_path(output, force=True, inputs=(checkpoint, train_data, test_data))
         if output.exists() and not (force or resume):

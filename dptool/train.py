@@ -389,6 +389,8 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
 
     torch.manual_seed(config.seed + rank)
     precision = resolve_precision(device, config.precision)
+    if config.precision not in ("auto", precision) and dist.is_main():  # as score names it
+        log.warning("--precision %s applies to CUDA; on %s training runs in %s", config.precision, device, precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     eff_batch = config.batch_size * world

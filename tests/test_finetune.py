@@ -193,6 +193,23 @@ def test_a_batch_of_one_that_batchnorm_cannot_train_on_is_refused_in_one_sentenc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="train and finetune pick CUDA, where --precision applies")
+def test_a_precision_the_cpu_does_not_compute_is_named_as_unread(tmp_path, target, source_ckpt, one_thread):
+    """--precision fp16/bf16 is CUDA's autocast: on the CPU train and finetune ran in fp32 without a word (score
+    warned)."""
+    train, test = target
+    for args, what in ((["finetune", str(source_ckpt), str(train), str(test), "--epochs", "1", "--res", "16"],
+                        "finetuning"),
+                       (["train", str(train), "-o", str(tmp_path / "m.pt"), "--arch", "resnet_tiny", "--epochs", "1",
+                         "--min-res", "16", "--max-res", "16"], "training")):
+        result = CliRunner().invoke(cli, [*args, "--batch-size", "16", "--workers", "1", "--precision", "bf16"])
+        assert result.exit_code == 0, result.output
+        assert f"--precision bf16 applies to CUDA; on cpu {what} runs in fp32" in result.output, result.output
+        result = CliRunner().invoke(cli, [*args, "--batch-size", "16", "--workers", "1", "--precision", "fp32",
+                                          "--force"])
+        assert result.exit_code == 0 and "applies to CUDA" not in result.output, result.output
+
+
 def test_momentum_given_to_adam_is_named_as_unread(target, source_ckpt, caplog, one_thread):
     """--momentum is SGD's: with the default Adam it was accepted and changed nothing, without a word."""
     train, test = target
