@@ -134,8 +134,24 @@ def config_from_options(*, recipe: str | None = None, **options) -> TrainConfig:
         raise InputError(f"Unknown recipe {recipe!r}; accepted: {', '.join(sorted(RECIPES))}.")
     config = replace(TrainConfig(), **{**RECIPES.get(recipe, {}), **{k: v for k, v in options.items()
                                                                       if v is not None}})
+    _check_res_pair(config, recipe, {k for k, v in options.items() if v is not None})
     if recipe is None and config.arch.startswith("vit") and config.optimizer == "sgd" and dist.launch_rank() == 0:
         log.warning("%s trains with the ResNet recipe (SGD, linear ramp, weight decay %g), which ViTs train poorly "
                     "with; --recipe vit gives DP4TL's ViT-B/16 recipe (AdamW, warm-up then cosine, weight decay 0.3), "
                     "--recipe resnet keeps this one without this warning", config.arch, config.weight_decay)
     return config
+
+
+def _check_res_pair(config: TrainConfig, recipe: str | None, given: set[str]) -> None:
+    """One InputError sentence when the one of --min-res/--max-res given crosses the other, which the user did not
+    give: say where that one came from (--recipe vit's 224 or the default), which `validate`'s "got 224/160"
+    does not."""
+    if (config.min_res <= config.max_res or len(given & {"min_res", "max_res"}) != 1
+            or min(config.min_res, config.max_res) < 8):  # under 8 px: validate's range sentence says it
+        return
+    mine, other = ("min_res", "max_res") if "min_res" in given else ("max_res", "min_res")
+    origin = f"which --recipe {recipe} sets" if other in RECIPES.get(recipe, {}) else "its default"
+    flag, other_flag = (f"--{name.replace('_', '-')}" for name in (mine, other))
+    side, bound = ("above", "or more") if mine == "min_res" else ("below", "or less")
+    raise InputError(f"{flag} {getattr(config, mine)} is {side} {other_flag} {getattr(config, other)}, {origin}; "
+                     f"give {other_flag} {getattr(config, mine)} {bound} with it.")

@@ -587,3 +587,17 @@ def test_resume_refuses_another_optimizer_or_schedule_and_info_shows_them(tmp_pa
     code, text = _run(["train", str(train), "-o", str(tmp_path / "old.pt"), "--resume", *TINY_VIT[2:], "--epochs",
                        "2", "--optimizer", "adamw"])
     assert code == 2 and "was trained with --optimizer sgd but this run gives --optimizer adamw" in text, text
+
+
+def test_a_res_crossing_the_recipes_says_the_recipe_set_it(tmp_path, train_val_betons):
+    """--max-res 160 under --recipe vit (224 px) names the recipe's --min-res, not a bare "got 224/160"."""
+    out = tmp_path / "x.pt"
+    code, output = _run(["train", str(train_val_betons[0]), "--recipe", "vit", "--max-res", "160", "-o", str(out)])
+    assert code == 2 and output.strip().endswith(
+        "--max-res 160 is below --min-res 224, which --recipe vit sets; give --min-res 160 or less with it.")
+    code, output = _run(["train", str(train_val_betons[0]), "--min-res", "200", "-o", str(out)])
+    assert code == 2 and "--min-res 200 is above --max-res 192, its default; give --max-res 200 or more" in output
+    assert not out.exists()
+    # both given: the user's own pair, as given
+    with pytest.raises(InputError, match=re.escape("8 <= min <= max, got 200/160.")):
+        config_from_options(recipe="vit", min_res=200, max_res=160).validate()
