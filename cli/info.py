@@ -86,6 +86,17 @@ def _best_test_epoch(summary: dict) -> str:
     return f" ({epochs_text([best])})" if isinstance(best, int) else ""
 
 
+def _test_top1(summary: dict) -> str:
+    """A finetune summary's final and best test top-1, in percent as the log's table and best-epoch line show them
+    (a fraction printed "final 1" beside "100.00%" read as a count)."""
+    final, best = (summary.get(k) for k in ("final_test_top1", "best_test_top1"))
+    return f"test top-1: final {_percent(final)}, best {_percent(best)}{_best_test_epoch(summary)}"
+
+
+def _percent(value) -> str:
+    return f"{value:.2%}" if isinstance(value, (int, float)) else "?"
+
+
 def _checkpoint(s: dict) -> str:
     stem = " (small-input stem)" if s["small_input"] else ""
     lines = [f"{s['path']}: {s['arch']}{stem}, {s['num_classes']} classes, {s['parameters'] / 1e6:.2f}M parameters, "
@@ -123,9 +134,7 @@ def _checkpoint(s: dict) -> str:
     if s["best_val_top1"] is not None:
         lines.append(f"best val_top1: {s['best_val_top1']:.4g}")
     if s["finetune_summary"]:
-        f = s["finetune_summary"]
-        lines.append(f"test top-1: final {f.get('final_test_top1', float('nan')):.4g}, "
-                     f"best {f.get('best_test_top1', float('nan')):.4g}{_best_test_epoch(f)}")
+        lines.append(_test_top1(s["finetune_summary"]))
     return "\n".join(lines)
 
 
@@ -187,9 +196,7 @@ def _run_log(s: dict) -> str:
         b = s["best"]
         lines.append(f"best epoch: {b['epoch'] + 1} ({b['metric']} {b['value']:.2%})")
     if s["summary"]:
-        f = s["summary"]
-        lines.append(f"test top-1: final {f.get('final_test_top1', float('nan')):.4g}, "
-                     f"best {f.get('best_test_top1', float('nan')):.4g}{_best_test_epoch(f)}")
+        lines.append(_test_top1(s["summary"]))
     if s["partial_line"]:
         lines.append("the last line is incomplete (being written) and was left out")
     return "\n".join(lines)

@@ -119,11 +119,13 @@ def test_a_finetune_log(runs):
     assert rows == [[str(r["epoch"] + 1), f"{r['train_loss']:.4f}", f"{r['val_top1']:.2%}", f"{r['test_top1']:.2%}",
                      f"{r['epoch_time_s']:.3g}"] for r in epochs]
     assert "finetuned from: " in text and "log of finetune (lp)" in text
-    best = d["summary"]["best_test_epoch"]
-    assert f"best {d['summary']['best_test_top1']:.4g} (epoch {best + 1})\n" in text, text
+    f = d["summary"]  # in percent, as the table beside it (a fraction read "final 1" beside "100.00%")
+    summary = (f"test top-1: final {f['final_test_top1']:.2%}, best {f['best_test_top1']:.2%} "
+               f"(epoch {f['best_test_epoch'] + 1})\n")
+    assert summary in text, text
     assert f"best epoch: {d['best']['epoch'] + 1} (val_top1" in text, text
     shown = _run("info", runs / "lp.pt")[1]  # the checkpoint's summary, as the log's
-    assert f"best {d['summary']['best_test_top1']:.4g} (epoch {best + 1})\n" in shown, shown
+    assert summary in shown, shown
 
 
 def test_a_pruned_run_shows_top1_over_all_classes(runs):
