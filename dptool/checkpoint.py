@@ -63,7 +63,7 @@ def save_checkpoint(path: str | os.PathLike, *, arch: str, num_classes: int, sta
                 torch.save(ckpt, f)
         except RuntimeError as exc:  # torch's zip writer reports a failed write as "unexpected pos ..."
             cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, OSError):
+            if isinstance(cause, (OSError, KeyboardInterrupt)):  # a full disk; Ctrl-C or SIGTERM mid-write
                 raise cause from None
             raise
     return path

@@ -457,3 +457,48 @@ def test_a_json_command_that_fails_leaves_stdout_empty(tmp_path, command):
     assert result.exit_code == 2 and result.stdout == "", result.output
     lines = result.stderr.splitlines()
     assert [line for line in lines if line.startswith("Error:")] == lines[-1:]
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_a_stop_not_an_internal_error(tiny_beton, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which stops as Ctrl-C does) landing while torch.save writes a checkpoint: torch's zip
+    writer turned the KeyboardInterrupt into 'internal error: RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos ...' (exit 1) instead of the stop it is (exit 130)."""
+    import builtins
+    import signal
+
+    import dptool.checkpoint
+
+    writes = []
+
+    class InterruptedFile:
+        """The checkpoint's file, whose third write is met by a real SIGINT, as Ctrl-C in the terminal sends it."""
+
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def interrupted_open(*args, **kwargs):
+        return InterruptedFile(builtins.open(*args, **kwargs))  # noqa: SIM115 (closed by the wrapper's __exit__)
+
+    monkeypatch.setattr(dptool.checkpoint, "open", interrupted_open, raising=False)
+    out = tmp_path / "a.pt"
+    result = CliRunner().invoke(cli, ["train", str(tiny_beton), "-o", str(out), "--arch", "resnet_tiny", "--epochs",
+                                      "1", "--batch-size", "32", "--min-res", "16", "--max-res", "16", "--workers",
+                                      "1"])
+    assert len(writes) >= 3, "the checkpoint was not written through the file given to torch.save"
+    assert result.exit_code == 130 and "internal error" not in result.output, result.output
+    assert "Aborted!" in result.output and sorted(p.name for p in tmp_path.iterdir()) == []
