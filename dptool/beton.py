@@ -164,6 +164,9 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
     path = Path(path)
     if not path.exists():
         raise InputError(f"File {path} does not exist.")
+    if path.is_dir():  # an image folder given where its converted file belongs
+        raise InputError(f"{path} is a folder, not a .beton file; `dptool convert {path} OUT.beton` makes one from "
+                         "an image folder.")
     if not path.is_file():
         raise InputError(f"{path} is not a file.")
     identity = _identity(path)  # before the tables: a file replaced while they are read fails the later check

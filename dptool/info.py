@@ -32,6 +32,9 @@ def describe(path: str | os.PathLike, *, plot: str | os.PathLike | None = None, 
     """
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise InputError(f"{p} is a folder; info reads .beton files, dptool scores files, checkpoints and train "
+                             "or finetune logs.")
         raise InputError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
     if plot is None:
         return _describe(p)

@@ -299,3 +299,16 @@ def test_what_imagenet_s_own_odd_files_become(tmp_path):
     png, cmyk = (first, second) if (first == colour).all() else (second, first)
     assert (png == colour).all() and np.abs(cmyk - colour).max() <= 2
     assert "n02 caf\u00e9 \u2615" in run("info", tmp_path / "o.beton").output
+
+
+@pytest.mark.parametrize("command", [["info"], ["bench", "loader"], ["bench", "pretrain"]])
+def test_an_image_folder_given_for_a_file_names_what_is_accepted(tmp_path, command):
+    """The image folder where its converted .beton belongs (or, for `info`, any file it reads) said only
+    'src is not a file.'"""
+    _png(tmp_path / "src" / "cat" / "0.png", 10)
+    result = CliRunner().invoke(cli, [*command, str(tmp_path / "src")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{tmp_path / 'src'} is a folder" in result.output
+    want = (f"`dptool convert {tmp_path / 'src'} OUT.beton`" if command != ["info"] else
+            "info reads .beton files, dptool scores files, checkpoints and train or finetune logs")
+    assert want in result.output, result.output
