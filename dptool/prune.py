@@ -104,9 +104,10 @@ def check_scores_source(scores: Scores, scores_path: str | os.PathLike, beton: B
         raise InputError(f"Scores file {scores_path} was computed for {int(src['num_samples'])} samples but "
                          f"{beton.path} has {beton.num_samples}; score this source first.")
     have = known_fingerprints(beton, current)
-    if src["fingerprint"] not in have:
-        raise InputError(f"Scores file {scores_path} belongs to another source: its source fingerprint "
-                         f"{src['fingerprint']} differs from {' or '.join(sorted(have))} of {beton.path}.")
+    if src["fingerprint"] not in have:  # named by the fingerprint `dptool info` shows, not the older kind too
+        raise InputError(f"Scores file {scores_path} belongs to another source: it was computed on "
+                         f"{src.get('path', 'a file')} (fingerprint {src['fingerprint']}), not on {beton.path} "
+                         f"(fingerprint {current or fingerprint(beton)}); score this source first.")
     if scores.level == "class" and not np.array_equal(np.sort(scores.ids), np.arange(beton.num_classes)):
         raise InputError(f"Scores file {scores_path} scores {scores.num_groups} groups, not each of the "
                          f"{beton.num_classes} classes of {beton.path}.")

@@ -245,8 +245,19 @@ def _refuse(data, tmp_path, scores, *extra) -> str:
 
 
 def test_scores_of_another_source_are_refused(data, tmp_path):
-    other = class_scores_file(tmp_path / "other.json", data["train"], fingerprint="blake2b:0123")
-    assert "fingerprint blake2b:0123 differs from" in _refuse(data, tmp_path, other)
+    from dptool.beton import _fingerprint_without_samples
+
+    n = len(CLASS_SCORES)
+    other = write_scores(tmp_path / "other.json", Scores(
+        method="lm", level="class", ids=np.arange(n), names=[f"class_{i}" for i in range(n)],
+        scores=np.asarray(CLASS_SCORES, float), tiebreak=np.asarray(CLASS_TIEBREAK, float), tie_break="class id",
+        source=source_dict(data["train"], fingerprint="blake2b:0123", path="/elsewhere/in_train.beton")))
+    said = _refuse(data, tmp_path, other)
+    # named as `dptool info` names each: the message listed the file's current and pre-2026-11-29 fingerprints as
+    # "differs from A or B", the second one no command shows
+    assert ("it was computed on /elsewhere/in_train.beton (fingerprint blake2b:0123), not on "
+            f"{data['train']} (fingerprint {fingerprint(open_beton(data['train']))}); score this source first") in said
+    assert _fingerprint_without_samples(open_beton(data["train"])) not in said
     seven = class_scores_file(tmp_path / "seven.json", data["train"], scores=[1] * 7, tiebreak=[0] * 7,
                               num_classes=7)
     assert "computed for 7 classes but" in _refuse(data, tmp_path, seven)
