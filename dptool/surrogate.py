@@ -357,6 +357,9 @@ def load_surrogate(*, model: str | os.PathLike | None = None, arch: str | None =
             net, ckpt = load_checkpoint(path)  # refuses non-finite weights itself
             where = None
             recipe = dict(ckpt.get("recipe") or {})
+            history = (ckpt.get("extra") or {}).get("history") or []
+            if history and isinstance(history[-1], dict) and "val_top1" not in history[-1]:
+                recipe.pop("val_res", None)  # trained without --val: its val_res is an unused default (256)
             identity = {"kind": "checkpoint", "path": str(path.resolve()), "arch": ckpt["arch"],
                         "small_input": bool(ckpt.get("small_input")), "num_classes": int(ckpt["num_classes"]),
                         "data_fingerprint": ckpt.get("data_fingerprint"), "epoch": ckpt.get("epoch")}

@@ -318,6 +318,20 @@ def test_refuses_a_resolution_mismatch(score_data, tmp_path):
     check_resolution(files, 12)  # 2x is still accepted
 
 
+def test_a_surrogate_trained_without_val_is_scored_at_its_training_resolution(score_data, tmp_path):
+    """A checkpoint trained without --val records train's unused --val-res default (256); scoring took it as the
+    resolution to score at and refused 16 px files for upscaling 16x, though the surrogate never saw 256 px."""
+    ckpt = tmp_path / "noval.pt"
+    trained = CliRunner().invoke(cli, ["train", str(score_data.source), "-o", str(ckpt), "--arch", "resnet_tiny",
+                                       "--epochs", "1", "--batch-size", "32", "--min-res", "16", "--max-res", "16",
+                                       "--workers", "1"])
+    assert trained.exit_code == 0, trained.output
+    result = _invoke("--source", score_data.source, "--target", score_data.target, "--model", ckpt,
+                     "-o", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    assert read_scores(tmp_path / "s.json").params["res"] == 16
+
+
 def test_refusals_before_any_work(score_data, tmp_path):
     exists = tmp_path / "exists.json"
     exists.write_text("keep me")
