@@ -109,11 +109,11 @@ def prepare_data(workdir: Path, config: DemoConfig, *, force: bool = False) -> d
     return paths
 
 
-def _train_config(config: DemoConfig, arch: str, epochs: int):
+def _train_config(config: DemoConfig, arch: str, epochs: int, *, batch_size: int | None = None):
     from .recipe import TrainConfig
 
-    return TrainConfig(arch=arch, small_input=True, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
-                       lr_peak_epoch=min(2.0, epochs / 2), min_res=config.size, max_res=config.size,
+    return TrainConfig(arch=arch, small_input=True, epochs=epochs, batch_size=batch_size or config.batch_size,
+                       lr=config.lr, lr_peak_epoch=min(2.0, epochs / 2), min_res=config.size, max_res=config.size,
                        val_res=config.size, res_step=8, workers=config.workers, seed=config.seed)
 
 
@@ -122,12 +122,16 @@ def pretrain_and_probe(data: Path, target_train: Path, target_test: Path, out_st
     """Pretrain `config.pretrain_arch` on `data`, then linear-probe it on the target (`progress`: their bars).
 
     Returns (pretraining images trained on, pretraining seconds, the finetune result as a dict)."""
+    from .beton import open_beton
     from .finetune import FinetuneConfig, finetune
     from .train import train
 
     # not with_suffix: a stem such as "pretrain_lm_0.2" would lose its ".2"
     checkpoint = out_stem.parent / f"{out_stem.name}.pt"
-    recipe = _train_config(config, config.pretrain_arch, config.pretrain_epochs)
+    # a file pruned at a high --ratio can hold fewer images than a batch, which train refuses: one batch of all
+    samples = open_beton(data).num_samples
+    recipe = _train_config(config, config.pretrain_arch, config.pretrain_epochs,
+                           batch_size=min(config.batch_size, samples))
     trained = train(data, checkpoint, config=recipe, force=force, progress=progress)
     probe = finetune(trained.checkpoint, target_train, target_test,
                      config=FinetuneConfig(mode="lp", epochs=config.probe_epochs, batch_size=config.batch_size,

@@ -83,3 +83,17 @@ def test_demo_refuses_torchrun_before_any_work(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["demo", "--quick", "--workdir", str(tmp_path / "w")])
     assert result.exit_code == 2 and "run it without torchrun" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ratio_that_leaves_fewer_images_than_a_batch_still_pretrains(tmp_path):
+    """--ratio 0.95 keeps 5 of 100 classes: fewer images than the demo's batch. After scoring and pruning, the
+    demo stopped with '--batch-size 128 is larger than the 120 samples ...; use a smaller batch', an option
+    `dptool demo` does not have; the pretraining batch is now at most the pruned file's images."""
+    config = replace(DemoConfig.quick(), per_class=6, target_train_per_class=4, target_test_per_class=4,
+                     surrogate_epochs=1, pretrain_epochs=1, probe_epochs=1, batch_size=32, workers=1, ratio=0.95,
+                     methods=("lm",))
+    result = run_demo(tmp_path, config)
+    rows = {r.method: r for r in result.rows}
+    assert open_beton(tmp_path / "source_lm_p95.beton").num_samples == 30  # 5 classes of 6 images, under 32
+    assert rows["lm"].pretrain_images == 30 and rows["none"].pretrain_images == 600 // 32 * 32
+    assert read_checkpoint(tmp_path / "pretrain_lm.pt")["recipe"]["batch_size"] == 30
