@@ -68,7 +68,8 @@ def score_table(s: dict) -> list[str]:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing output.")
 workers_option = click.option(
-    "--workers", type=click.IntRange(min=0), default=0, help="FFCV decoding threads; 0 = all cores."
+    "--workers", type=click.IntRange(min=0), default=0,
+    help="FFCV decoding threads; 0 = every CPU this process may run on.",
 )
 
 

@@ -158,7 +158,8 @@ def pretrain(files, recipe, optimizer, arch, small_input, res, batch_size, worke
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--res", type=click.IntRange(min=8), default=160, help="Crop resolution, px.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Batch size.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="Workers for both paths; 0 = all cores.")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="Workers for both paths; 0 = every CPU this process may run on.")
 @click.option("--arch", type=click.Choice(list_models()), default=None,
               help="Also measure with a training step of this model.")
 @click.option("--small-input", is_flag=True, help="Small-image ResNet stem for --arch.")

@@ -340,7 +340,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
     measurement (each reads a whole epoch unless `max_batches`)."""
     import torch
 
-    from .loaders import IMAGENET_MEAN, IMAGENET_STD, train_loader
+    from .loaders import IMAGENET_MEAN, IMAGENET_STD, decoding_threads, train_loader
     from .models import create_model
     from .steps import resolve_precision
 
@@ -366,7 +366,7 @@ def bench_loader(path: str | os.PathLike, *, res: int = 160, batch_size: int = 2
             dev, memory_format=layout)
         precision = resolve_precision(dev, precision)
         step, _ = _step(config, model, batch_size, dev, precision)
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    workers = decoding_threads(workers)  # the same number for torchvision's DataLoader
     threads = torch.get_num_threads()
     warm_page_cache(beton.path)
     ffcv_loader = train_loader(beton.path, batch_size=batch_size, res=res, workers=workers, device=dev)

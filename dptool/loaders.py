@@ -37,6 +37,7 @@ __all__ = [
     "eval_loader",
     "inference_loader",
     "EVAL_CROP_RATIO",
+    "decoding_threads",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,21 @@ def _check_indices(indices, n: int, path) -> np.ndarray | None:
     return idx.astype(np.int64)
 
 
+def decoding_threads(workers: int) -> int:
+    """FFCV's decoding threads for `--workers` (0: every CPU this process may run on). FFCV sets Numba's thread
+    count to it, which cannot exceed Numba's limit: the CPUs of the process's affinity mask (taskset, a cgroup
+    cpuset, a Slurm allocation), or NUMBA_NUM_THREADS. More is refused in one sentence."""
+    import numba
+
+    limit = max(1, int(numba.config.NUMBA_NUM_THREADS))
+    if workers <= 0:
+        return limit
+    if workers > limit:
+        raise InputError(f"--workers {workers} is more than the {limit} CPU(s) this process may run on (Numba's "
+                         f"thread limit, NUMBA_NUM_THREADS); give at most {limit}, or 0 for all of them.")
+    return workers
+
+
 def _build(path, *, decoder, flip, batch_size: int, workers: int, device, order: str,
            distributed: bool, seed: int, indices, drop_last: bool, mean, std,
            channels_last: bool | None = None) -> FfcvLoader:
@@ -224,7 +240,7 @@ def _build(path, *, decoder, flip, batch_size: int, workers: int, device, order:
     pipelines = {"image": image_ops, "label": label_ops}
     pipelines.update({name: None for name in beton.field_names if name not in ("image", "label")})
     loader = loader_mod.Loader(
-        str(path), batch_size=batch_size, num_workers=workers if workers > 0 else (os.cpu_count() or 1),
+        str(path), batch_size=batch_size, num_workers=decoding_threads(workers),
         order=order_opt, os_cache=True, distributed=distributed,
         seed=seed, indices=idx, pipelines=pipelines, drop_last=drop_last,
     )

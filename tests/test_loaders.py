@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 
 import numpy as np
@@ -259,3 +260,36 @@ def test_a_file_replaced_after_it_was_opened_is_refused(tiny_beton, tmp_path):
         f.write(b"\0")
     with pytest.raises(InputError, match="replaced or modified"):
         train_loader(beton, batch_size=8, res=16, workers=1)
+
+
+def test_workers_beyond_numbas_thread_limit_are_refused_in_one_sentence(tiny_beton, tmp_path):
+    """FFCV sets Numba's thread count to --workers: one more than Numba allows ended train, score, finetune and
+    bench loader with 'internal error: ValueError: The number of threads must be between 1 and 2' (exit 1)."""
+    import numba
+    from click.testing import CliRunner
+
+    from dptool.cli.main import cli
+
+    too_many = int(numba.config.NUMBA_NUM_THREADS) + 1
+    result = CliRunner().invoke(cli, ["train", str(tiny_beton), "-o", str(tmp_path / "a.pt"), "--arch",
+                                      "resnet_tiny", "--epochs", "1", "--batch-size", "32", "--min-res", "16",
+                                      "--max-res", "16", "--workers", str(too_many)])
+    assert result.exit_code == 2 and "internal error" not in result.output, result.output
+    assert f"--workers {too_many} is more than the {too_many - 1} CPU(s)" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs more CPUs than the restricted set of one")
+def test_the_default_workers_are_the_cpus_the_process_may_run_on(tiny_beton, tmp_path):
+    """Under taskset, a cgroup cpuset or a Slurm allocation, Numba allows as many threads as the process may run on
+    (NUMBA_NUM_THREADS, set here to stand for a one-CPU set): --workers 0 counted every core of the machine
+    (os.cpu_count()) and every loader stopped with that ValueError."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "a.pt"
+    done = subprocess.run([sys.executable, "-m", "dptool", "train", str(tiny_beton), "-o", str(out), "--arch",
+                           "resnet_tiny", "--epochs", "1", "--batch-size", "32", "--min-res", "16", "--max-res",
+                           "16"], env={**os.environ, "NUMBA_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and out.exists(), done.stderr
