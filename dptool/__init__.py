@@ -13,6 +13,14 @@ import os
 # It must be set before torch starts its pool; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Numba's TBB threading layer (its default where libtbb is installed, as FFCV's Debian build dependencies bring it)
+# deadlocks in its unload at interpreter exit after a fork when the process may run on one CPU only (taskset -c 0, a
+# one-CPU cpuset or Slurm allocation; seen with Debian's libtbb 2021.8, the unload_tbb() deadlock of numba issue
+# #10556): convert, and bench loader's DataLoader, finished their work and never exited. One CPU has no parallel
+# work to share, and Numba's workqueue layer exits. Set before Numba is imported; a layer the user set wins.
+if "NUMBA_THREADING_LAYER" not in os.environ and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1:
+    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+
 from .errors import DptoolError, InputError  # noqa: E402
 
 __all__ = ["DptoolError", "InputError", "__version__"]

@@ -293,3 +293,27 @@ def test_the_default_workers_are_the_cpus_the_process_may_run_on(tiny_beton, tmp
                            "16"], env={**os.environ, "NUMBA_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and out.exists(), done.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2,
+                    reason="needs a CPU affinity mask to narrow to one CPU")
+def test_a_process_on_one_cpu_exits_after_forking_workers(tmp_path):
+    """Pinned to one CPU (taskset -c 0, a one-CPU cpuset or Slurm allocation), convert wrote its file, printed its
+    summary and then hung for ever at interpreter exit: Numba's TBB layer deadlocks in its unload after a fork
+    there (Debian's libtbb 2021.8). dptool picks Numba's workqueue layer on one CPU unless the user chose a layer."""
+    import subprocess
+    import sys
+
+    from dptool.synthetic import separable_images, write_image_folder
+
+    images, labels = separable_images(3, 6, 16, seed=0)
+    write_image_folder(tmp_path / "src", images, labels, ["a", "b", "c"])
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    script = (f"import os, sys; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
+              f"from dptool.cli.main import main; sys.argv = ['dptool', 'convert', {str(tmp_path / 'src')!r}, "
+              f"{str(tmp_path / 'a.beton')!r}, '--max-res', '16']; main()")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("convert pinned to one CPU did not exit within 120 s")
+    assert done.returncode == 0 and (tmp_path / "a.beton").exists(), done.stderr
