@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from .errors import InputError
+from .errors import DptoolError, InputError
 
 #: Seconds a failing rank waits for the other ranks of its torchrun job to fail with the same report (they reach a
 #: check made before any collective at their own pace) before it prints its own, naming its rank.
@@ -39,6 +39,7 @@ __all__ = [
     "synchronize",
     "FAILURE_WAIT_S",
     "report_failure",
+    "PeerFailed",
 ]
 
 
@@ -80,6 +81,7 @@ def init_from_env(backend: str | None = None):
                              f"visible; start at most {gpus} process(es) per machine (--nproc_per_node).")
         torch.cuda.set_device(local_rank())
     if not is_initialized():
+        _wait_for_peers_to_join()
         dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")
     return torch.device(f"cuda:{local_rank()}" if cuda else "cpu")
 
@@ -243,22 +245,75 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
         time.sleep(wait_s)
 
 
+class PeerFailed(DptoolError):
+    """Another process of this torchrun job failed before it joined the process group; this one stops too."""
+
+
+def _agent_store(timeout_s: float):
+    """A client of the store torchrun's agents serve (reachable from every machine of the job), and the prefix of
+    dptool's keys for this run and restart; None where torchrun serves none (another launcher set WORLD_SIZE)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=max(timeout_s, 1.0)), wait_for_workers=False)
+    prefix = (f"dptool/failure/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+    return store, prefix
+
+
+def _wait_for_peers_to_join() -> None:
+    """Before joining the process group, wait until every rank of the job is about to join it, and raise PeerFailed
+    when one reports a failure first (`report_failure` marks it in torchrun's store).
+
+    Without this, a rank that fails before the group (a file that one machine lacks, refused by the command line)
+    leaves the others waiting in `init_process_group` for torch's 30 minutes where the job spans several torchrun
+    agents: one agent stops its own processes when one fails, but the agents of other machines are not told.
+    Gives up waiting (and lets `init_process_group` wait as before) when the store cannot be asked, or after
+    torch's default timeout."""
+    import time
+
+    try:
+        from torch.distributed.constants import default_pg_timeout
+
+        found = _agent_store(30.0)
+        if found is None:
+            return
+        store, prefix = found
+        world, deadline = int(os.environ["WORLD_SIZE"]), time.monotonic() + default_pg_timeout.total_seconds()
+        store.add(prefix + "joining", 1)
+        while time.monotonic() < deadline:
+            failed = store.add(prefix + "failed", 0)
+            if failed:
+                break
+            if store.add(prefix + "joining", 0) >= world:
+                return
+            time.sleep(0.05)
+        else:
+            return
+        first = store.get(prefix + "failed_rank").decode()
+    except Exception:  # the store cannot be asked: join as torch would
+        return
+    raise PeerFailed(f"stopped before starting its work: rank {first} of this torchrun job failed first, and printed "
+                     "why (on its machine, when it runs on another).")
+
+
 def _shared_by_every_rank(report: str, wait_s: float):
     """(torchrun's store, the key rank 0 sets once it has printed) when every rank of the job reported `report`
     within `wait_s` seconds; None when another report came first, the wait ended, or the store failed."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
     import hashlib
     import time
-    from datetime import timedelta
 
     try:
-        import torch.distributed as dist
-
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=timedelta(seconds=max(wait_s, 1.0)), wait_for_workers=False)
-        prefix = (f"dptool/failure/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
-                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+        found = _agent_store(wait_s)
+        if found is None:
+            return None
+        store, prefix = found
+        store.compare_set(prefix + "failed_rank", "", str(launch_rank()))  # the first rank to fail names itself
+        store.add(prefix + "failed", 1)  # ranks still waiting to join the process group stop (_wait_for_peers_to_join)
         same = prefix + "same/" + hashlib.sha256(report.encode()).hexdigest()[:32]
         if store.add(same, 1) == 1:  # the first rank with this report: one more distinct report in the job
             store.add(prefix + "kinds", 1)

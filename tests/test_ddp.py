@@ -308,3 +308,51 @@ def test_a_rank_named_error_names_the_rank_after_error_once(tiny_beton, tmp_path
     lines = result.output.splitlines()
     assert result.exit_code == 2 and lines[0].startswith("Usage: ") and "train" in lines[0]
     assert lines[-1].startswith("Error: rank 1: No such option '--bogus'")
+
+
+def _two_agents(tmp_path, args: list[str], timeout: float = 90) -> list[subprocess.CompletedProcess]:
+    """`args` run as two machines would run them: two torchrun agents (`--nnodes 2 --nproc_per_node 1`, static
+    rendezvous, node ranks 0 and 1), each started in its own folder `host0`, `host1` (made by the caller) as on two
+    hosts without a shared file system. An agent still running after `timeout` seconds is killed and the test fails:
+    a hang, not a slow run (this job takes seconds)."""
+    import signal
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "dptool", *args], cwd=tmp_path / f"host{node}", env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            for node in (0, 1)]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a torchrun agent was still running after {timeout} s: {done and done[0].stderr[-2000:]}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return done
+
+
+def test_a_rank_that_fails_before_joining_stops_the_other_machines(tmp_path, tiny_beton):
+    """On two machines (two torchrun agents), a file one machine lacks is refused by the command line there, before
+    the process group: the other machine's rank waited in init_process_group for torch's 30 minutes, since its agent
+    is not told that another machine's process ended. It now stops at once, naming the rank that failed first, and
+    that rank prints its own error, naming itself; both agents exit non-zero."""
+    for node in (0, 1):
+        (tmp_path / f"host{node}").mkdir()
+    shutil.copy(tiny_beton, tmp_path / "host0" / "src.beton")  # on the machine of rank 0 only
+    shutil.copy(f"{tiny_beton}.json", tmp_path / "host0" / "src.beton.json")
+    agents = _two_agents(tmp_path, ["score", "--method", "random", "--source", "src.beton", "-o", "r.json"])
+    said = [[line for line in a.stderr.splitlines() if line.startswith("Error:")] for a in agents]
+    missing = "Error: rank 1: Invalid value for '--source': File 'src.beton' does not exist."
+    assert said[1] == [missing], agents[1].stderr
+    assert said[0] == ["Error: rank 0: stopped before starting its work: rank 1 of this torchrun job failed first, "
+                       "and printed why (on its machine, when it runs on another)."], agents[0].stderr
+    assert all(a.returncode != 0 for a in agents)
+    assert not (tmp_path / "host0" / "r.json").exists()
