@@ -230,7 +230,7 @@ def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None
                          "another path.")
     check_output_path(log_path, force=force or resume, inputs=(data, val, output))
     data_fp = fingerprint(beton)
-    ckpt = (_resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton, data_fp))
+    ckpt = (_rank_0s_resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton, data_fp))
             if resume else None)
     per_rank = math.ceil(beton.num_samples / world)
     if config.batch_size > per_rank:
@@ -368,6 +368,25 @@ def _diverged(exc: TrainingDiverged, config: TrainConfig, precision: str, output
         advice += f", or train in float32 with --precision fp32 (this run used {precision} autocast)"
     return TrainingDiverged(f"Training diverged: {exc}; {kept}; {advice}.", epoch=exc.epoch, step=exc.step,
                             loss=exc.loss, lr=exc.lr)
+
+
+def _rank_0s_resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, num_classes: int,
+                          known: set[str]) -> dict:
+    """`_resume_state` read and checked by rank 0 and sent to the other ranks: rank 0 wrote the checkpoint, so the
+    other machines of a torchrun job need not see it (no shared file system), and no rank continues from another
+    copy of it. A refusal is raised on every rank alike."""
+    if dist.world_size() == 1:
+        return _resume_state(output, config, data, data_fp, num_classes, known)
+    ckpt = refusal = None
+    if dist.is_main():
+        try:
+            ckpt = _resume_state(output, config, data, data_fp, num_classes, known)
+        except InputError as exc:
+            refusal = str(exc)
+    ckpt, refusal = dist.broadcast_object((ckpt, refusal))
+    if refusal is not None:
+        raise InputError(refusal)
+    return ckpt
 
 
 def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_path: Path, resume: bool,

@@ -356,3 +356,26 @@ def test_a_rank_that_fails_before_joining_stops_the_other_machines(tmp_path, tin
                        "and printed why (on its machine, when it runs on another)."], agents[0].stderr
     assert all(a.returncode != 0 for a in agents)
     assert not (tmp_path / "host0" / "r.json").exists()
+
+
+@pytest.mark.slow  # two torchrun jobs of two agents each: 19 to 30 s here
+def test_resume_on_two_machines_reads_rank_0s_checkpoint(tmp_path, train_val_betons):
+    """On two machines without a shared file system, rank 0 writes the checkpoint on its own, and every rank read it
+    to resume: the other machine's rank failed ('Cannot resume: checkpoint m.pt does not exist'), or would continue
+    from whatever copy it had. Rank 0 now reads and checks it and sends it to the others: the resume runs, and the
+    other machine still holds no output."""
+    train, _ = train_val_betons
+    for node in (0, 1):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(train, tmp_path / f"host{node}" / "train.beton")
+        shutil.copy(f"{train}.json", tmp_path / f"host{node}" / "train.beton.json")
+    args = ["train", "train.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--batch-size", "8", "--min-res", "16",
+            "--max-res", "16", "--workers", "1", "--json"]
+    for epochs, resume in (("1", []), ("2", ["--resume"])):
+        agents = _two_agents(tmp_path, [*args, "--epochs", epochs, *resume])
+        assert [a.returncode for a in agents] == [0, 0], agents[0].stderr[-2000:] + agents[1].stderr[-2000:]
+        result = json.loads(agents[0].stdout[agents[0].stdout.index("{"):])  # node 0 runs rank 0, which prints
+        assert result["world_size"] == 2 and result["start_epoch"] == int(epochs) - 1 and not agents[1].stdout
+    assert sorted(p.name for p in (tmp_path / "host1").iterdir()) == ["train.beton", "train.beton.json"]
+    ckpt = read_checkpoint(tmp_path / "host0" / "m.pt")
+    assert ckpt["epoch"] == 2 and [h["epoch"] for h in ckpt["extra"]["history"]] == [0, 1]
