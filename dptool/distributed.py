@@ -209,8 +209,8 @@ def distributed_session(backend: str | None = None) -> Iterator:
 
 def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float | None = None) -> None:
     """Print the error that ends this process once for a torchrun job whose ranks all fail with it: `show(False)` on
-    rank 0, nothing on the others; else `show(True)`, the error naming this rank. `report` is the text compared
-    between the ranks. Outside torchrun: `show(False)`.
+    local rank 0 of each machine (once in each torchrun's output), nothing on the others; else `show(True)`, the
+    error naming this rank. `report` is the text compared between the ranks. Outside torchrun: `show(False)`.
 
     The ranks meet in the store torchrun's agent serves before any process group exists
     (TORCHELASTIC_USE_AGENT_STORE), so this covers the checks made before the first collective. A rank waits at
@@ -229,18 +229,20 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
         show(True)
         return
     store, shown = shared
-    if launch_rank() == 0:
+    shown += "/" + os.environ.get("GROUP_RANK", "0")  # printed once per machine: each torchrun's output says why
+    if local_rank() == 0:
         show(False)
         with contextlib.suppress(Exception):
             store.set(shown, "1")
         return
     try:
         store.wait([shown], timedelta(seconds=wait_s))
-    except BaseException:  # rank 0 did not print it (or this rank was stopped): print our own
+    except BaseException:  # local rank 0 did not print it (or this rank was stopped): print our own
         show(True)
         return
-    # rank 0 has printed it and exits; torchrun stops this rank when it sees that, so that its summary names rank 0,
-    # the one that printed, as the first failure: wait for the stop (at most wait_s), then exit with the error's code
+    # this machine's local rank 0 has printed it and exits; torchrun stops this rank when it sees that, so that its
+    # summary names the one that printed as the first failure: wait for the stop (at most wait_s), then exit with the
+    # error's code
     with contextlib.suppress(BaseException):
         time.sleep(wait_s)
 

@@ -358,6 +358,22 @@ def test_a_rank_that_fails_before_joining_stops_the_other_machines(tmp_path, tin
     assert not (tmp_path / "host0" / "r.json").exists()
 
 
+def test_an_error_every_rank_hits_is_printed_once_on_each_machine(tmp_path, tiny_beton):
+    """On two machines an error every rank hits alike was printed by rank 0 alone: the other machine's torchrun output
+    held its failure summary and no sentence saying why, and its rank waited 15 s for a stop that its agent, not told
+    of rank 0's end, never sent. Each machine's first process now prints it (once per torchrun output) and exits."""
+    for node in (0, 1):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
+        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    agents = _two_agents(tmp_path, ["train", "src.beton", "--val", "missing.beton", "-o", "m.pt", "--arch",
+                                    "resnet_tiny"])
+    for node, agent in enumerate(agents):
+        said = [line for line in agent.stderr.splitlines() if line.startswith("Error:")]
+        assert said == ["Error: File missing.beton does not exist."], agent.stderr[-2000:]
+        assert agent.returncode != 0 and _torchrun_summary(agent.stderr) == {node: 2}, agent.stderr[-2000:]
+
+
 @pytest.mark.slow  # two torchrun jobs of two agents each: 19 to 30 s here
 def test_resume_on_two_machines_reads_rank_0s_checkpoint(tmp_path, train_val_betons):
     """On two machines without a shared file system, rank 0 writes the checkpoint on its own, and every rank read it
