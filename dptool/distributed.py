@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from .errors import DptoolError, InputError
 
 #: Seconds a failing rank waits for the other ranks of its torchrun job to fail with the same report (they reach a
-#: check made before any collective at their own pace) before it prints its own, naming its rank.
+#: check made before any collective at their own pace) before it prints its own, naming its rank. The environment
+#: variable DPTOOL_FAILURE_WAIT_S sets it (the tests lengthen it, so that a loaded machine does not split one report).
 FAILURE_WAIT_S = 15.0
 
 __all__ = [
@@ -223,7 +224,8 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
     if not launched_by_torchrun():
         show(False)
         return
-    wait_s = FAILURE_WAIT_S if wait_s is None else wait_s
+    if wait_s is None:
+        wait_s = float(os.environ.get("DPTOOL_FAILURE_WAIT_S") or FAILURE_WAIT_S)
     shared = _shared_by_every_rank(report, wait_s)
     if shared is None:
         show(True)

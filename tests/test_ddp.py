@@ -242,7 +242,9 @@ def test_a_user_error_every_rank_hits_is_printed_once(tmp_path, tiny_beton):
     rank (8 identical lines on 8 GPUs, then torchrun's summary); rank 0 now prints it once for the job. The others
     still fail: torchrun's summary lists both ranks, neither with exit code 0."""
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # each rank waits this long for the other to fail alike: on a loaded machine one rank can reach the check 15 s
+    # (the default) after the other, and each then prints its own sentence, naming its rank
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DPTOOL_FAILURE_WAIT_S": "120"}
     train = ["-m", "dptool", "train", str(tiny_beton), "-o", str(tmp_path / "m.pt"), "--arch", "resnet_tiny"]
     for extra, said in ((["--val", str(tmp_path / "missing.beton")], f"File {tmp_path / 'missing.beton'} does not"),
                         (["--bogus"], "No such option '--bogus'")):  # a usage error: usage line, hint, sentence
@@ -318,7 +320,7 @@ def _two_agents(tmp_path, args: list[str], timeout: float = 90) -> list[subproce
     import signal
 
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DPTOOL_FAILURE_WAIT_S": "120"}  # as above
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
                                "-m", "dptool", *args], cwd=tmp_path / f"host{node}", env=env, text=True,
