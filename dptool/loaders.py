@@ -182,13 +182,19 @@ def _check_indices(indices, n: int, path) -> np.ndarray | None:
     return idx.astype(np.int64)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on, as Numba counts them: its affinity mask (taskset, a cgroup cpuset, a Slurm
+    allocation), or NUMBA_NUM_THREADS when set. `--workers` of every command is at most this; 0 means all of it."""
+    import numba
+
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
 def decoding_threads(workers: int) -> int:
     """FFCV's decoding threads for `--workers` (0: every CPU this process may run on). FFCV sets Numba's thread
     count to it, which cannot exceed Numba's limit: the CPUs of the process's affinity mask (taskset, a cgroup
     cpuset, a Slurm allocation), or NUMBA_NUM_THREADS. More is refused in one sentence."""
-    import numba
-
-    limit = max(1, int(numba.config.NUMBA_NUM_THREADS))
+    limit = usable_cpus()
     if workers <= 0:
         return limit
     if workers > limit:

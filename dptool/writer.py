@@ -63,12 +63,14 @@ class WriterParams:
     compress_probability: float = 0.5  # used by write_mode="proportion"
     write_mode: str = "jpg"  # raw | jpg | proportion (FFCV's "smart" without a threshold is raw)
     shuffle_seed: int | None = 0
-    num_workers: int = 0  # 0 = all cores
+    num_workers: int = 0  # 0 = every CPU the process may run on
     page_size: int = 0  # 0 = chosen from max_resolution
 
     def resolved_workers(self) -> int:
-        """Worker processes to use: all cores when 0."""
-        return self.num_workers if self.num_workers > 0 else (os.cpu_count() or 1)
+        """Worker processes to use: every CPU the process may run on when 0 (`dptool.loaders.usable_cpus`)."""
+        from .loaders import usable_cpus
+
+        return self.num_workers if self.num_workers > 0 else usable_cpus()
 
     def resolved_page_size(self) -> int:
         """A power of two of at least 2 MiB that holds four raw images at max_resolution (or the one given)."""
