@@ -422,6 +422,10 @@ def open_source(
         if src_path.is_file() and src_path.suffix.lower() == ".json":
             raise InputError(f"Source {src_path} is a JSON file; a CoOp split file is given as --format "
                              f"coop:{src_path} with the dataset's image folder as the source.")
+        if src_path.is_file() and src_path.suffix.lower() == ".beton":
+            raise InputError(f"Source {src_path} is already an FFCV .beton, what convert writes; convert reads an "
+                             "ImageFolder tree (one folder of images per class), an .npz (images, labels), "
+                             "--format torchvision:NAME or --format coop:SPLIT.json.")
         if src_path.is_file() and src_path.suffix.lower() != ".npz":
             raise InputError(f"Source {src_path} is a file but not an .npz; give an .npz file (images, labels; "
                              "--format npz for another name) or an ImageFolder tree (one folder of images per "

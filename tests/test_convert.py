@@ -243,6 +243,8 @@ def test_torchvision_fashionmnist_from_disk(tmp_path):
         (["info", "{t}/other.json"], "is JSON but not a dptool scores file"),
         (["info", "{t}/empty"], "empty is empty; info reads .beton files, dptool scores files, checkpoints and"),
         (["convert", "{t}/notes.txt", "{t}/o.beton"], "is a file but not an .npz"),
+        (["convert", "{t}/x.beton", "{t}/o.beton"], "x.beton is already an FFCV .beton, what convert writes; convert "
+                                                    "reads an ImageFolder tree"),
         (["convert", "--format", "npz", "{t}", "{t}/o.beton"], "--format npz takes an .npz file"),
         (["convert", "{t}/nokeys.npz", "{t}/o.beton"], "must hold arrays 'images' and 'labels' (missing 'labels')"),
         (["convert", "{t}/d.npz", "{t}/o.beton", "--split", "test"], "--split applies to torchvision datasets"),
@@ -252,6 +254,7 @@ def test_user_errors_are_one_sentence_with_exit_2(tmp_path, args, phrase):
     images, labels = separable_images(2, 2, 8)
     write_npz(tmp_path / "d.npz", images, labels)
     (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "x.beton").write_bytes(b"a file a conversion wrote")
     np.savez(tmp_path / "nokeys.npz", images=images)
     (tmp_path / "d.beton.json").write_text("{}")
     (tmp_path / "other.json").write_text('{"a": 1}')
