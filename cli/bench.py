@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dptool.atomic import atomic_output, check_output_path, output_group
+from dptool.atomic import atomic_output, check_output_path, check_plot_path, output_group
 from dptool.bench import bench_loader, bench_pretrain, plot_pretrain
 from dptool.distributed import launch_rank
 from dptool.errors import InputError
@@ -53,14 +53,15 @@ def _with(options):
     return deco
 
 
-def _check_outputs(inputs, force: bool, *paths: Path | None) -> None:
+def _check_outputs(inputs, force: bool, json_out: Path | None, plot: Path | None = None) -> None:
     """Before the measurement: refuse an output that is an input (or its sidecar), exists (without --force), or
-    sits in a missing or read-only folder."""
-    outs = [p for p in paths if p is not None]
-    if len({os.path.abspath(p) for p in outs}) != len(outs):
+    sits in a missing or read-only folder, and a --plot that is not a .png."""
+    if json_out is not None and plot is not None and os.path.abspath(json_out) == os.path.abspath(plot):
         raise InputError("--json-out and --plot are the same file; give each its own path.")
-    for p in outs:
-        check_output_path(p, force=force, inputs=inputs)
+    if json_out is not None:
+        check_output_path(json_out, force=force, inputs=inputs)
+    if plot is not None:
+        check_plot_path(plot, force=force, inputs=inputs)
 
 
 def _save(result: dict, json_out: Path | None) -> None:
@@ -126,7 +127,8 @@ def command():
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="Steps per file per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved rounds (steps mode).")
 @precision_option("Training precision")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG bar chart.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG bar chart (a .png path).")
 @_with(_out_options)
 def pretrain(files, recipe, optimizer, arch, small_input, res, batch_size, workers, epochs, steps, rounds, precision,
              plot, json_out, force, as_json):

@@ -210,7 +210,7 @@ def _human(s: dict) -> str:
 @click.command("info", context_settings=CONTEXT_SETTINGS)
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="PNG of a run's curves (loss, top-1, schedule), from its log or checkpoint.")
+              help="PNG of a run's curves (loss, top-1, schedule), from its log or checkpoint (a .png path).")
 @force_option
 @json_option
 def command(path, plot, force, as_json):

@@ -79,7 +79,8 @@ def _human(s: dict) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where the model runs.")
 @precision_option("Autocast of the forward pass on CUDA; fp32 or bf16 if fp16 overflows", auto="fp16, as the paper")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Scores file.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, help="PNG of the score curve.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="PNG of the score curve (a .png path).")
 @force_option
 @json_option
 def command(method, source, target, model, arch, weights, weights_prefix, model_factory, feature_layer, res, mean,

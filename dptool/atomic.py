@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .errors import DptoolError, InputError
 
-__all__ = ["atomic_output", "check_output_path", "is_write_error", "output_group", "pwrite_all", "sweep_stale",
-           "temp_path_for", "write_durably", "write_error"]
+__all__ = ["atomic_output", "check_output_path", "check_plot_path", "is_write_error", "output_group", "pwrite_all",
+           "sweep_stale", "temp_path_for", "write_durably", "write_error"]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,22 @@ def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = (
         raise InputError(f"Output {out} is a folder; give a file path.")
     _check_writable(out)
     _sweep_stale(out)
+    return out
+
+
+def check_plot_path(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
+    """`check_output_path` for a `--plot` (every command's): the path must end in .png, and an existing file there
+    is replaced, with `force`, only when it is a PNG (a slip such as `--plot surrogate.pt --force` costs nothing)."""
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        check_output_path(out, force=True, inputs=inputs)  # an input named as --plot is refused as such first
+        raise InputError(f"--plot {path} does not end in .png; the plot is written as a PNG: give a .png path.")
+    check_output_path(out, force=force, inputs=inputs)
+    if out.is_file():
+        with open(out, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise InputError(f"--plot {path} exists and is not a PNG; --force replaces an earlier plot only: "
+                                 "choose another path.")
     return out
 
 

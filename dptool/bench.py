@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import distributed as dist
-from .atomic import atomic_output
+from .atomic import atomic_output, check_plot_path
 from .beton import open_beton
 from .errors import InputError
 from .recipe import RECIPES, TrainConfig, config_from_options
@@ -417,7 +417,9 @@ def _read_or_blank(path: str):
 
 
 def plot_pretrain(bench: dict, path: str | os.PathLike) -> Path:
-    """Bar chart of measured (or projected) epoch seconds per file, with the ideal for each pruned file."""
+    """Bar chart of measured (or projected) epoch seconds per file, with the ideal for each pruned file, as a PNG at
+    `path` (a .png; an existing file there is replaced only when it is a PNG)."""
+    check_plot_path(path, force=True)
     import matplotlib
 
     matplotlib.use("Agg")

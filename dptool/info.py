@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_output_path
+from .atomic import check_plot_path
 from .errors import InputError
 from .runlog import is_run_log, plot_run, read_run_log, run_from_history
 
@@ -38,10 +38,7 @@ def describe(path: str | os.PathLike, *, plot: str | os.PathLike | None = None, 
         raise InputError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
     if plot is None:
         return _describe(p)
-    check_output_path(plot, force=force, inputs=(p,))  # before reading: a refusal costs nothing
-    if Path(plot).is_file() and not _is_png(Path(plot)):  # info reads: a slip (--plot run.pt) must not cost a run
-        raise InputError(f"--plot {plot} exists and is not a PNG; --force replaces an earlier plot only: choose "
-                         "another path.")
+    check_plot_path(plot, force=force, inputs=(p,))  # before reading: a refusal costs nothing
     with open(p, "rb") as f:
         checkpoint = f.read(4).startswith(_ZIP_MAGIC) and _is_torch_archive(p)
     if checkpoint:  # read once, for both the summary and the curves
@@ -55,12 +52,6 @@ def describe(path: str | os.PathLike, *, plot: str | os.PathLike | None = None, 
             raise InputError(f"--plot draws the curves of a train or finetune run, from its log or checkpoint; {p} "
                              f"is a {_KIND_NAMES[summary['kind']]}.")
     return {**summary, "plot": str(plot_run(run, plot, force=force))}
-
-
-def _is_png(path: Path) -> bool:
-    """Whether the file at `path` starts with the PNG signature."""
-    with open(path, "rb") as f:
-        return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 _KIND_NAMES = {"beton": ".beton", "scores": "scores file", "checkpoint": "checkpoint", "run_log": "log"}

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import distributed as dist
-from .atomic import atomic_output, check_output_path
+from .atomic import atomic_output, check_plot_path
 from .errors import InputError
 
 __all__ = ["COLUMNS", "JsonLog", "is_run_log", "read_records", "read_run_log", "run_from_history", "plot_run",
@@ -284,7 +284,7 @@ def plot_run(run: dict, path: str | os.PathLike, *, force: bool = False) -> Path
     rows = run["epochs"]
     if not rows:
         raise InputError(f"{run['path']} holds no finished epoch yet; there is nothing to plot.")
-    out = check_output_path(path, force=force, inputs=(run["path"],))
+    out = check_plot_path(path, force=force, inputs=(run["path"],))
     schedule = any("lr" in r or "res" in r for r in rows)
     fig, axes = plt.subplots(1, 3 if schedule else 2, figsize=(13 if schedule else 9, 3.8), dpi=110,
                              gridspec_kw={"width_ratios": [1, 1, 0.8] if schedule else [1, 1]})

@@ -340,3 +340,13 @@ def test_bench_loader_model_step_takes_the_recipe_optimizer(tiny_beton, stepped)
     assert stepped[0][1]["weight_decay"] == pytest.approx(0.3)
     result = CliRunner().invoke(cli, ["bench", "loader", str(tiny_beton), "--optimizer", "adamw"])
     assert result.exit_code == 2 and "give --arch too" in result.output and "Traceback" not in result.output
+
+
+def test_bench_plot_must_be_a_png_path(tmp_path, tiny_beton):
+    """`bench pretrain --plot X` wrote its PNG to any name (`--plot model.pt --force` replaced a checkpoint): like
+    score's and info's --plot, it takes a .png path only, refused before the measurement."""
+    kept = tmp_path / "model.pt"
+    kept.write_bytes(b"a checkpoint")
+    result = CliRunner().invoke(cli, ["bench", "pretrain", str(tiny_beton), "--plot", str(kept), "--force"])
+    assert result.exit_code == 2 and f"--plot {kept} does not end in .png" in result.output, result.output
+    assert kept.read_bytes() == b"a checkpoint"

@@ -170,8 +170,15 @@ def test_plot_refusals(runs, tmp_path, train_val_betons):
     shutil.copy(runs / "m.pt", ckpt)
     for args in ((log, "--plot", ckpt), (ckpt, "--plot", log)):
         code, text = _run("info", *args, "--force")
-        assert code == 2 and "exists and is not a PNG; --force replaces an earlier plot only" in text
+        assert code == 2 and "does not end in .png; the plot is written as a PNG" in text
     assert log.read_bytes() == before and ckpt.read_bytes() == (runs / "m.pt").read_bytes()
+    fake = tmp_path / "notes.png"  # named .png, holding something else: still not an earlier plot
+    fake.write_text("keep me")
+    code, text = _run("info", log, "--plot", fake, "--force")
+    assert code == 2 and "exists and is not a PNG; --force replaces an earlier plot only" in text
+    assert fake.read_text() == "keep me"
+    code, text = _run("info", log, "--plot", tmp_path / "curves.jpg")  # one rule for every --plot: a .png path
+    assert code == 2 and "--plot" in text and "does not end in .png" in text and not (tmp_path / "curves.jpg").exists()
     code, text = _run("info", train_val_betons[0], "--plot", tmp_path / "b.png")
     assert code == 2 and "--plot draws the curves of a train or finetune run" in text and "is a .beton" in text
     bare = tmp_path / "bare.pt"  # a dptool checkpoint without per-epoch history (as written from outside a run)

@@ -689,3 +689,21 @@ def test_a_models_assertion_about_its_input_size_is_the_users_error(score_data, 
     wrong = types.SimpleNamespace(model=lambda _x: (_ for _ in ()).throw(AssertionError("Wrong image height!")))
     with pytest.raises(InputError, match="cannot take 16x16 images: Wrong image height!"):
         _output_width(wrong, INFERENCE)
+
+
+def test_a_plot_that_is_not_a_png_path_is_refused(score_data, tmp_path):
+    """`--plot surrogate.pt --force` (a slip of the path onto a file that is no input of this run) replaced the
+    checkpoint with a PNG, exit 0; every --plot (score, info, bench) now takes a .png path only, and an existing
+    file there only when it is a PNG."""
+    out = tmp_path / "s.json"
+    model = tmp_path / "surrogate.pt"
+    shutil.copy(score_data.checkpoint, model)
+    base = ["--method", "random", "--source", score_data.source, "-o", out, "--force"]
+    _one_sentence(_invoke(*base, "--plot", model), f"--plot {model} does not end in .png")
+    assert model.read_bytes() == Path(score_data.checkpoint).read_bytes() and not out.exists()
+    fake = tmp_path / "scores.png"
+    fake.write_text("keep me")
+    _one_sentence(_invoke(*base, "--plot", fake), "exists and is not a PNG")
+    assert fake.read_text() == "keep me" and not out.exists()
+    assert _invoke(*base, "--plot", tmp_path / "s.png").exit_code == 0
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")

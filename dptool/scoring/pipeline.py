@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import fields, replace
 
-from ..atomic import check_output_path, output_group
+from ..atomic import check_output_path, check_plot_path, output_group
 from ..beton import open_beton
 from ..distributed import barrier, distributed_session, is_main, launch_rank, launched_by_torchrun, resolve_device
 from ..errors import InputError
@@ -155,7 +155,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         for path, what in ((out, "the scores file"), *beside):
             if os.path.realpath(plot) == os.path.realpath(path):  # also through a linked folder, or a link
                 raise InputError(f"--plot {plot} is the same path as {what}, {path}; give --plot another path.")
-        check_output_path(plot, force=force, inputs=inputs)
+        check_plot_path(plot, force=force, inputs=inputs)
     if device == "cuda" and spec.needs_surrogate:
         resolve_device(device)  # refuses it at once where torch sees no GPU
     began = time.perf_counter()

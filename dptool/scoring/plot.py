@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_output, check_output_path
+from ..atomic import atomic_output, check_plot_path
 from ..scores import Scores
 
 __all__ = ["plot_scores"]
@@ -20,7 +20,7 @@ def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    out = check_output_path(path, force=force)
+    out = check_plot_path(path, force=force)
     order = np.argsort(scores.ranks, kind="stable")
     values = scores.scores[order]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
