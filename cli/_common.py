@@ -11,7 +11,7 @@ from collections.abc import Callable
 import click
 
 __all__ = ["emit", "show_progress", "group_noun", "score_table", "json_option", "force_option", "workers_option",
-           "precision_option", "CONTEXT_SETTINGS", "Group"]
+           "precision_option", "CONTEXT_SETTINGS", "Group", "ExistingFile"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -30,6 +30,24 @@ class Group(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+class ExistingFile(click.Path):
+    """`click.Path(exists=True, dir_okay=False)` that, for a missing .beton an interrupted conversion left partial
+    beside it, says so and how to finish it (`convert --resume`) rather than only that it does not exist."""
+
+    def __init__(self, **kwargs):
+        super().__init__(exists=True, dir_okay=False, **kwargs)
+
+    def convert(self, value, param, ctx):
+        """The path, checked as `click.Path` checks it, with the interrupted conversion named where there is one."""
+        import os
+
+        from dptool.writer_progress import missing_file_message, partial_paths
+
+        if isinstance(value, (str, os.PathLike)) and not os.path.lexists(value) and partial_paths(value)[0].is_file():
+            self.fail(missing_file_message(value), param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def show_progress(as_json: bool) -> bool:

@@ -6,7 +6,7 @@ import click
 
 from dptool.prune import prune
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
+from ._common import CONTEXT_SETTINGS, ExistingFile, emit, force_option, json_option, show_progress
 
 __all__ = ["command"]
 
@@ -41,8 +41,8 @@ def _human(r) -> str:
 
 
 @click.command("prune", context_settings=CONTEXT_SETTINGS)
-@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+@click.argument("source", type=ExistingFile(path_type=str))
+@click.option("--scores", "scores_path", required=True, type=ExistingFile(path_type=str),
               help="Scores file written by `dptool score`.")
 @click.option("--ratio", type=float, default=None,
               help="Fraction of classes (or clusters) removed, in [0, 1): ratio x groups with samples, rounded half "
@@ -51,7 +51,7 @@ def _human(r) -> str:
 @click.option("--ratios", type=_FloatList(), default=None, help="Several ratios in one pass; -o must hold {ratio}.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Pruned .beton; 'out_{ratio}.beton' with --ratios.")
-@click.option("--val", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+@click.option("--val", type=ExistingFile(path_type=str), default=None,
               help="Validation .beton to prune to the same classes (class-level scores only).")
 @click.option("--val-out", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Pruned validation .beton (holds {ratio} with --ratios).")

@@ -14,6 +14,7 @@ from dptool.scoring import ScoreOptions, get_method, list_methods, score_files
 
 from ._common import (
     CONTEXT_SETTINGS,
+    ExistingFile,
     emit,
     force_option,
     group_noun,
@@ -26,7 +27,7 @@ from ._common import (
 
 __all__ = ["command"]
 
-_PATH = click.Path(exists=True, dir_okay=False, path_type=str)
+_PATH = ExistingFile(path_type=str)
 _METHODS_HELP = "; ".join(f"{m}: {get_method(m).help}" for m in list_methods())
 
 

@@ -6,7 +6,7 @@ import click
 
 from dptool.integrity import verify_files
 
-from ._common import CONTEXT_SETTINGS, emit, json_option, show_progress
+from ._common import CONTEXT_SETTINGS, ExistingFile, emit, json_option, show_progress
 
 __all__ = ["command"]
 
@@ -33,7 +33,7 @@ def _human(result: dict) -> str:
 
 
 @click.command("verify", context_settings=CONTEXT_SETTINGS)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.argument("paths", nargs=-1, required=True, type=ExistingFile(path_type=str))
 @click.option("--max-listed", type=click.IntRange(min=0), default=1000,
               help="Damaged sample indices listed at most, per file (all are counted).")
 @json_option

@@ -163,7 +163,9 @@ def open_beton(path: Beton | str | os.PathLike, *, require_label: bool = True, c
         return path
     path = Path(path)
     if not path.exists():
-        raise InputError(f"File {path} does not exist.")
+        from .writer_progress import missing_file_message
+
+        raise InputError(missing_file_message(path))
     if path.is_dir():  # an image folder given where its converted file belongs
         raise InputError(f"{path} is a folder, not a .beton file; `dptool convert {path} OUT.beton` makes one from "
                          "an image folder.")

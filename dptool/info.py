@@ -35,7 +35,11 @@ def describe(path: str | os.PathLike, *, plot: str | os.PathLike | None = None, 
         if p.is_dir():
             raise InputError(f"{p} is a folder; info reads .beton files, dptool scores files, checkpoints and train "
                              "or finetune logs.")
-        raise InputError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
+        if not p.exists():
+            from .writer_progress import missing_file_message
+
+            raise InputError(missing_file_message(p))
+        raise InputError(f"{p} is not a file.")
     if plot is None:
         return _describe(p)
     check_plot_path(plot, force=force, inputs=(p,))  # before reading: a refusal costs nothing

@@ -23,7 +23,7 @@ from ._ffcv import import_ffcv
 from .atomic import write_durably
 from .errors import InputError
 
-__all__ = ["Checkpoints", "read_checkpoint", "partial_paths", "interrupted_conversion_message"]
+__all__ = ["Checkpoints", "read_checkpoint", "partial_paths", "interrupted_conversion_message", "missing_file_message"]
 
 _STATE_VERSION = 1
 
@@ -160,3 +160,13 @@ def interrupted_conversion_message(path: str | os.PathLike) -> str | None:
     return (f"{p} is {what} of an interrupted conversion to {out} ({state['done']} of {state['num_samples']} samples "
             "done), not a usable file: run the same `dptool convert` command with --resume to continue it, or with "
             "--force instead to start over.")
+
+
+def missing_file_message(path: str | os.PathLike) -> str:
+    """One sentence for a `path` that does not exist: that it does not, and, when an interrupted conversion to it left
+    its partial file beside it, how far that got and how to finish it (`convert --resume`)."""
+    partial, _ = partial_paths(path)
+    if not partial.is_file():
+        return f"File {path} does not exist."
+    detail = interrupted_conversion_message(partial)
+    return f"File {path} does not exist yet; {detail}"

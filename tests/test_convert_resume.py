@@ -343,3 +343,23 @@ class _Unreadable:
     def __getitem__(self, index):
         raise AssertionError("read again")
 
+
+def test_a_missing_output_with_an_interrupted_conversion_beside_it_says_how_to_finish_it(folder, tmp_path,
+                                                                                         monkeypatch):
+    """`info out.beton` (or any command reading it) where only the hidden `.out.beton.partial` is: 'does not
+    exist' alone left the user to find the partial and the resume; now one sentence says both (exit 2)."""
+    out = tmp_path / "out.beton"
+    partial, _ = partial_paths(out)
+    state = _failed_half_way(folder, out, monkeypatch)
+    scores = tmp_path / "s.json"
+    scores.write_text("{}")
+    for command in (("info", out), ("verify", out), ("prune", out, "--scores", scores, "--ratio", "0.5", "-o",
+                                                       tmp_path / "p.beton"),
+                    ("score", "--method", "random", "--source", out, "-o", scores, "--force"),
+                    ("train", out, "-o", tmp_path / "m.pt", "--arch", "resnet_tiny", "--epochs", "1")):
+        result = run(*command)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
+        assert f"{out} does not exist yet; {partial} is the partial file of an interrupted conversion to {out} " \
+               f"({state['done']} of 1601 samples done)" in " ".join(result.output.split()), (command, result.output)
+        assert "with --resume to continue it" in result.output, (command, result.output)
+    assert not out.exists() and partial.exists() and not (tmp_path / "m.pt").exists()
