@@ -11,7 +11,7 @@ from collections.abc import Callable
 import click
 
 __all__ = ["emit", "show_progress", "group_noun", "score_table", "json_option", "force_option", "workers_option",
-           "precision_option", "CONTEXT_SETTINGS", "Group", "ExistingFile"]
+           "precision_option", "CONTEXT_SETTINGS", "Group", "ExistingFile", "counted"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -68,6 +68,13 @@ def emit(result, as_json: bool, human: Callable[[object], str] | None = None) ->
             click.echo(text.encode("utf-8", "surrogateescape"))  # its bytes, as ls prints them
 
 
+def counted(n, plural: str) -> str:
+    """`n` and the noun, singular for one: counted(1, "classes") is "1 class", counted(3, "images") "3 images"."""
+    if n != 1:
+        return f"{n} {plural}"
+    return f"{n} {plural[:-2] if plural.endswith(('sses', 'ches', 'shes')) else plural[:-1]}"
+
+
 def group_noun(level: str) -> str:
     """What the groups of a scores file are, in words: "source classes" (level "class") or "clusters"."""
     return "source classes" if level == "class" else "clusters"
@@ -79,7 +86,8 @@ def score_table(s: dict) -> list[str]:
     lines = [f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
     lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
               for t in s["top"]]
-    lines.append(f"{s['zero_score_groups']} of {s['groups']} {noun} scored zero; ties broken by {s['tie_break']}")
+    lines.append(f"{s['zero_score_groups']} of {counted(s['groups'], noun)} scored zero; ties broken by "
+                 f"{s['tie_break']}")
     return lines
 
 

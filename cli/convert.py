@@ -8,7 +8,7 @@ from dptool.convert import PRESETS, convert, writer_params
 from dptool.errors import MAX_SEED
 from dptool.writer import MAX_RESOLUTION
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, show_progress
+from ._common import CONTEXT_SETTINGS, counted, emit, force_option, json_option, show_progress
 
 __all__ = ["command"]
 
@@ -18,7 +18,7 @@ def _human(r) -> str:
     if len(r.skipped) > 20:
         lines.append(f"... and {len(r.skipped) - 20} more (listed in {r.sidecar})")
     lines.append(
-        f"{r.output}: {r.num_samples} images, {r.num_classes} classes, {r.bytes / 1e6:.1f} MB, "
+        f"{r.output}: {counted(r.num_samples, 'images')}, {counted(r.num_classes, 'classes')}, {r.bytes / 1e6:.1f} MB, "
         f"{r.images_per_second:.0f} images/s, {len(r.skipped)} skipped"
     )
     return "\n".join(lines)

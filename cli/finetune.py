@@ -9,7 +9,16 @@ from dptool.finetune import CHECKPOINT_EVERY_S, FinetuneConfig, finetune
 from dptool.models import list_models
 from dptool.runlog import resumed_text
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
+from ._common import (
+    CONTEXT_SETTINGS,
+    counted,
+    emit,
+    force_option,
+    json_option,
+    precision_option,
+    show_progress,
+    workers_option,
+)
 
 __all__ = ["command"]
 
@@ -18,7 +27,7 @@ DEFAULTS = FinetuneConfig()  # the library's defaults, shown in --help
 
 def _human(r) -> str:
     epochs = f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}"
-    lines = [f"{r.mode.upper()} of {r.checkpoint} on {r.target_classes} classes, {epochs}, "
+    lines = [f"{r.mode.upper()} of {r.checkpoint} on {counted(r.target_classes, 'classes')}, {epochs}, "
              f"{r.train_images} train / {r.val_images} val / {r.test_images} test images"
              + (f", {resumed_text([r.start_epoch])}" if r.start_epoch else ""),
              f"final-epoch test top-1:       {r.final_test_top1:.4f}",

@@ -7,13 +7,14 @@ import click
 from dptool.info import describe
 from dptool.runlog import epochs_text, resumed_text
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, group_noun, json_option, score_table
+from ._common import CONTEXT_SETTINGS, counted, emit, force_option, group_noun, json_option, score_table
 
 __all__ = ["command"]
 
 
 def _beton(s: dict) -> str:
-    lines = [f"{s['path']}: {s['num_samples']} samples, {s['file_size'] / 1e6:.1f} MB, page size {s['page_size']}"]
+    lines = [f"{s['path']}: {counted(s['num_samples'], 'samples')}, {s['file_size'] / 1e6:.1f} MB, page size "
+             f"{s['page_size']}"]
     lines.append("fields: " + ", ".join(f"{k} ({v})" for k, v in s["fields"].items()))
     if s.get("writer"):
         w = s["writer"]
@@ -28,10 +29,11 @@ def _beton(s: dict) -> str:
     if s.get("pruning"):
         p = s["pruning"]
         lines.append(
-            f"pruned: ratio {p.get('ratio')}, {p.get('kept_groups', '?')} groups kept, scores {p.get('scores')}"
+            f"pruned: ratio {p.get('ratio')}, {counted(p.get('kept_groups', '?'), 'groups')} kept, scores "
+            f"{p.get('scores')}"
         )
     if s["skipped"]:
-        lines.append(f"skipped at conversion: {s['skipped']} files (listed in the sidecar)")
+        lines.append(f"skipped at conversion: {counted(s['skipped'], 'files')} (listed in the sidecar)")
     if "classes" in s:
         present = sum(1 for c in s["classes"] if c["count"])
         lines.append(f"classes: {s['num_classes']} ({present} with samples)")
@@ -53,7 +55,8 @@ def _beton(s: dict) -> str:
 
 
 def _file(d: dict | None) -> str:
-    return f"{d['path']} ({d['num_samples']} samples, {d['num_classes']} classes, {d['fingerprint']})" if d else "-"
+    return (f"{d['path']} ({counted(d['num_samples'], 'samples')}, {counted(d['num_classes'], 'classes')}, "
+            f"{d['fingerprint']})" if d else "-")
 
 
 def _scores(s: dict) -> str:
@@ -99,7 +102,8 @@ def _percent(value) -> str:
 
 def _checkpoint(s: dict) -> str:
     stem = " (small-input stem)" if s["small_input"] else ""
-    lines = [f"{s['path']}: {s['arch']}{stem}, {s['num_classes']} classes, {s['parameters'] / 1e6:.2f}M parameters, "
+    lines = [f"{s['path']}: {s['arch']}{stem}, {counted(s['num_classes'], 'classes')}, "
+             f"{s['parameters'] / 1e6:.2f}M parameters, "
              f"{s['epochs_done']} epoch{'s' if s['epochs_done'] != 1 else ''} of {s['run']}"]
     if s["resumable"] and s["run"] == "finetune":  # only a stopped run's checkpoint keeps the state
         lines[0] += "; stopped early: `finetune --resume` (with its options and -o this file) continues it"
@@ -123,7 +127,7 @@ def _checkpoint(s: dict) -> str:
     if s["pretrained"]:
         lines.append(f"finetuned from: {s['pretrained']}")
     if s["kept_classes"] is not None:
-        lines.append(f"pruned data: {s['kept_classes']} of {s['num_classes']} classes kept")
+        lines.append(f"pruned data: {s['kept_classes']} of {counted(s['num_classes'], 'classes')} kept")
     recipe = s["recipe"].get("finetune", s["recipe"])
     shown = ("epochs", "mode", "optimizer", "schedule", "lr_peak_epoch", "batch_size", "effective_batch_size", "lr",
              "effective_lr", "min_res", "max_res", "res", "label_smoothing", "weight_decay", "seed")
@@ -169,8 +173,8 @@ def _run_log(s: dict) -> str:
              f"({state})"]
     if s["pretrained"]:
         lines.append(f"finetuned from: {s['pretrained']}")
-    data = f"{s['data'] or '?'}" + (f" ({s['num_samples']} images)" if s["num_samples"] else "")
-    lines.append(f"data: {data}" + (f", {s['num_classes']} classes" if s["num_classes"] else "")
+    data = f"{s['data'] or '?'}" + (f" ({counted(s['num_samples'], 'images')})" if s["num_samples"] else "")
+    lines.append(f"data: {data}" + (f", {counted(s['num_classes'], 'classes')}" if s["num_classes"] else "")
                  + (f" ({s['kept_classes']} kept by pruning)" if s["kept_classes"] is not None else "")
                  + "".join(f"; {k} {s[k]}" for k in ("val", "test") if s[k]))
     recipe = s["recipe"]

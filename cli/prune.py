@@ -6,7 +6,7 @@ import click
 
 from dptool.prune import prune
 
-from ._common import CONTEXT_SETTINGS, ExistingFile, emit, force_option, json_option, show_progress
+from ._common import CONTEXT_SETTINGS, ExistingFile, counted, emit, force_option, json_option, show_progress
 
 __all__ = ["command"]
 
@@ -27,16 +27,19 @@ class _FloatList(click.ParamType):
 
 def _human(r) -> str:
     lines = [
-        f"{f.output}: {f.num_samples} samples, {f.num_classes_kept} classes, {f.kept_groups} "
-        f"{'clusters' if r.level == 'cluster' else 'classes'} kept (ratio {f.ratio:g}), {f.bytes / 1e6:.1f} MB"
+        f"{f.output}: {counted(f.num_samples, 'samples')}, {counted(f.num_classes_kept, 'classes')}, "
+        f"{counted(f.kept_groups, 'clusters' if r.level == 'cluster' else 'classes')} kept (ratio {f.ratio:g}), "
+        f"{f.bytes / 1e6:.1f} MB"
         for f in r.files
     ]
     train = [f for f in r.files if f.split == "train"]
-    lines.append(
-        f"kept {', '.join(str(f.num_samples) for f in train)} samples, "
-        f"{', '.join(str(f.num_classes_kept) for f in train)} classes; {r.bytes_written / 1e6:.1f} MB written "
-        f"in {r.seconds:.2f} s ({r.mb_per_second:.0f} MB/s)"
-    )
+    if len(train) == 1:
+        kept = f"{counted(train[0].num_samples, 'samples')}, {counted(train[0].num_classes_kept, 'classes')}"
+    else:
+        kept = (f"{', '.join(str(f.num_samples) for f in train)} samples, "
+                f"{', '.join(str(f.num_classes_kept) for f in train)} classes")
+    lines.append(f"kept {kept}; {r.bytes_written / 1e6:.1f} MB written in {r.seconds:.2f} s "
+                 f"({r.mb_per_second:.0f} MB/s)")
     return "\n".join(lines)
 
 

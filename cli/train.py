@@ -10,7 +10,16 @@ from dptool.models import list_models
 from dptool.recipe import RECIPES, TrainConfig, config_from_options
 from dptool.train import train
 
-from ._common import CONTEXT_SETTINGS, emit, force_option, json_option, precision_option, show_progress, workers_option
+from ._common import (
+    CONTEXT_SETTINGS,
+    counted,
+    emit,
+    force_option,
+    json_option,
+    precision_option,
+    show_progress,
+    workers_option,
+)
 
 __all__ = ["command"]
 
@@ -39,7 +48,7 @@ def _human(r) -> str:
     if "val_top1_all" in f:
         val += f" (all classes: top-1 {f['val_top1_all']:.4f})"
     epochs = f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}"
-    return (f"{r.checkpoint}: {r.arch}, {epochs} on {r.num_samples} images ({r.num_classes}-way head), "
+    return (f"{r.checkpoint}: {r.arch}, {epochs} on {counted(r.num_samples, 'images')} ({r.num_classes}-way head), "
             f"{r.world_size} process(es), effective batch {r.effective_batch_size}, lr {r.effective_lr:g}, "
             f"{_speed(r)}; last epoch loss {f.get('train_loss', float('nan')):.4f}{val}")
 

@@ -431,3 +431,34 @@ def test_help_states_how_a_ratio_is_rounded():
     """A ratio giving a fractional group count (0.5 of 3): the README said rounded half up, --help did not."""
     text = " ".join(run("--help").output.split())
     assert "rounded half up" in text and "[0, 1)" in text
+
+
+def test_human_output_says_one_class_not_one_classes(tmp_path):
+    """A pruned file of one class (and a one-image conversion) read '1 classes', '1 images', '1 samples' in the
+    summaries of convert, score, prune and info; a count of one takes the singular."""
+    import re
+
+    from dptool.synthetic import write_image_folder
+
+    images, labels = separable_images(3, 4, 16, seed=0)
+    write_image_folder(tmp_path / "src", images, labels, ["a", "b", "c"])
+    images, labels = separable_images(1, 1, 16, seed=0)
+    write_image_folder(tmp_path / "one", images, labels, ["a"])
+    runner = CliRunner()
+    commands = [["convert", tmp_path / "src", tmp_path / "b.beton", "--max-res", "16"],
+                ["convert", tmp_path / "one", tmp_path / "o.beton", "--max-res", "16"],
+                ["info", tmp_path / "o.beton"],
+                ["score", "--method", "random", "--source", tmp_path / "b.beton", "-o", tmp_path / "s.json"],
+                ["prune", tmp_path / "b.beton", "--scores", tmp_path / "s.json", "--ratio", "0.67", "-o",
+                 tmp_path / "p.beton"],
+                ["info", tmp_path / "p.beton"]]
+    outputs = []
+    for command in commands:
+        result = runner.invoke(cli, [str(a) for a in command])
+        assert result.exit_code == 0, (command, result.output)
+        outputs.append(result.output)
+    text = "\n".join(outputs)
+    assert not re.search(r"\b1 (classes|images|samples|files|groups|clusters)\b", text), text
+    assert "1 image, 1 class," in outputs[1] and "1 sample," in outputs[2]
+    assert "1 class, 1 class kept" in outputs[4] and "kept 4 samples, 1 class;" in outputs[4]
+    assert "pruned: ratio 0.67, 1 group kept" in outputs[5]
