@@ -230,6 +230,9 @@ def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None
                          "another path.")
     check_output_path(log_path, force=force or resume, inputs=(data, val, output))
     data_fp = fingerprint(beton)
+    if val_beton is not None and dist.is_main() and (os.path.samefile(data, val) or fingerprint(val_beton) == data_fp):
+        log.warning("the validation file %s holds the training file's samples: its top-1 measures fit, not accuracy "
+                    "on held-out images", val)
     ckpt = (_rank_0s_resume_state(output, config, data, data_fp, num_classes, known_fingerprints(beton, data_fp))
             if resume else None)
     per_rank = math.ceil(beton.num_samples / world)

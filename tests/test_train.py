@@ -601,3 +601,23 @@ def test_a_res_crossing_the_recipes_says_the_recipe_set_it(tmp_path, train_val_b
     # both given: the user's own pair, as given
     with pytest.raises(InputError, match=re.escape("8 <= min <= max, got 200/160.")):
         config_from_options(recipe="vit", min_res=200, max_res=160).validate()
+
+
+def test_validating_on_the_training_file_is_warned_about(tmp_path, train_val_betons, caplog, one_thread):
+    """`train X --val X` (or a copy of X) ran silently, its val_top1 the fit to the training images; finetune
+    warns of a test file that holds the training samples, and so does train of such a validation file now."""
+    import shutil
+
+    from dptool.train import train
+
+    data, val = train_val_betons
+    copy = tmp_path / "copy.beton"
+    shutil.copy(data, copy)
+    shutil.copy(f"{data}.json", f"{copy}.json")
+    config = config_from_options(epochs=1, batch_size=16, min_res=16, max_res=16, val_res=16, workers=1,
+                                 arch="resnet_tiny")
+    for i, (given, warned) in enumerate(((data, True), (copy, True), (val, False))):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dptool.train"):
+            train(data, tmp_path / f"m{i}.pt", config=config, val=given)
+        assert ("holds the training file's samples: its top-1 measures fit" in caplog.text) == warned, caplog.text
