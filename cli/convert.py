@@ -66,8 +66,7 @@ def _human(r) -> str:
     help="Unreadable images: skip and list them, or stop.",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0,
-              help="Encoding worker processes; 0 = every CPU the process may run on (taskset, cpuset, Slurm); "
-                   "more is refused.")
+              help="Encoding worker processes; 0 = every CPU the process may run on (taskset, cpuset, Slurm).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted conversion to OUT (same source and options; --workers may differ).")
 @force_option

@@ -41,16 +41,11 @@ PRESETS = {
 def writer_params(*, preset: str | None = None, shuffle_seed: int | None = 0, num_workers: int = 0,
                   **settings) -> WriterParams:
     """`WriterParams` of a named `PRESETS` entry (or the defaults) with the `settings` that are not None on top:
-    what `dptool convert` builds from --preset and the options given with it. `num_workers` (0: every CPU the
-    process may run on) above those CPUs is refused, as the loaders' `--workers` is."""
+    what `dptool convert` builds from --preset and the options given with it. `num_workers` 0 is every CPU the
+    process may run on; more processes than those CPUs are started as asked (unlike the loaders' threads, which
+    Numba caps), as a source on a slow file system can keep more encoders busy than there are CPUs."""
     if preset is not None and preset not in PRESETS:
         raise InputError(f"Unknown preset {preset!r}; accepted: {', '.join(sorted(PRESETS))}.")
-    from .loaders import usable_cpus
-
-    limit = usable_cpus()
-    if num_workers > limit:
-        raise InputError(f"--workers {num_workers} is more than the {limit} CPU(s) this process may run on (its "
-                         f"affinity mask, or NUMBA_NUM_THREADS); give at most {limit}, or 0 for all of them.")
     chosen = {**PRESETS.get(preset, {}), **{k: v for k, v in settings.items() if v is not None}}
     return replace(WriterParams(), shuffle_seed=shuffle_seed, num_workers=num_workers, **chosen)
 
