@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import distributed as dist
 from .atomic import atomic_output, check_plot_path
-from .beton import open_beton
+from .beton import fingerprint, open_beton
 from .errors import InputError
 from .recipe import RECIPES, TrainConfig, config_from_options
 
@@ -200,6 +200,8 @@ def bench_pretrain(files: list[str | os.PathLike], *, arch: str | None = None, r
                         b.path, betons[0].path)
     with dist.distributed_session() as device:
         world = dist.world_size()
+        if world > 1:  # on several machines each rank reads its own copies: they must be the same
+            dist.check_same_inputs({f"The file {b.path}": fingerprint(b) for b in betons})
         for b in betons:  # before any file's page cache is warmed and loader compiled: found in a second, not later
             if -(-b.num_samples // world) < batch_size:  # each rank's share, as FFCV's distributed order pads it
                 raise InputError(f"--batch-size {batch_size} is larger than the samples each of the {world} "

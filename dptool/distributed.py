@@ -33,6 +33,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_object",
     "broadcast_buffers",
+    "check_same_inputs",
     "cleanup",
     "distributed_session",
     "shard_rows",
@@ -154,6 +155,26 @@ def broadcast_buffers(module, src: int = 0) -> None:
 
         for buf in module.buffers():
             dist.broadcast(buf, src=src)
+
+
+def check_same_inputs(fingerprints: dict[str, str]) -> None:
+    """Refuse, on every rank alike, inputs that differ between the ranks: `fingerprints` maps each input (as the
+    user named it) to its fingerprint on this rank. On several machines every rank reads its own machine's copy of
+    a file, and a copy that differs (another conversion, a stale file) was trained on or scored without a word, its
+    results mixed with the others' under rank 0's fingerprint. A no-op on one process."""
+    if not is_initialized():
+        return
+    import torch.distributed as dist
+
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, (os.environ.get("GROUP_RANK", "0"), fingerprints))
+    _, first = gathered[0]
+    for other, (machine, theirs) in enumerate(gathered):
+        for name, value in first.items():
+            if theirs.get(name) != value:
+                raise InputError(f"{name} differs between the processes of this torchrun job: rank 0 reads one with "
+                                 f"fingerprint {value}, rank {other} (on machine {machine}) one with "
+                                 f"{theirs.get(name)}; give every machine the same file.")
 
 
 def cleanup() -> None:

@@ -230,6 +230,8 @@ def _open_inputs(data: Path, output: Path, config: TrainConfig, val: Path | None
                          "another path.")
     check_output_path(log_path, force=force or resume, inputs=(data, val, output))
     data_fp = fingerprint(beton)
+    dist.check_same_inputs({f"The training file {data}": data_fp,
+                            **({f"The validation file {val}": fingerprint(val_beton)} if val_beton else {})})
     if val_beton is not None and dist.is_main() and (os.path.samefile(data, val) or fingerprint(val_beton) == data_fp):
         log.warning("the validation file %s holds the training file's samples: its top-1 measures fit, not accuracy "
                     "on held-out images", val)

@@ -397,3 +397,56 @@ def test_resume_on_two_machines_reads_rank_0s_checkpoint(tmp_path, train_val_bet
     assert sorted(p.name for p in (tmp_path / "host1").iterdir()) == ["train.beton", "train.beton.json"]
     ckpt = read_checkpoint(tmp_path / "host0" / "m.pt")
     assert ckpt["epoch"] == 2 and [h["epoch"] for h in ckpt["extra"]["history"]] == [0, 1]
+
+
+def test_a_training_file_that_differs_between_machines_is_refused(tmp_path, tiny_beton, train_val_betons):
+    """On two machines each rank reads its own machine's copy of the training file; a copy that differed (here
+    another file of as many images and classes) was trained on without a word, its gradients averaged with rank 0's,
+    and the checkpoint recorded rank 0's fingerprint alone. Every rank now refuses it alike, naming the file."""
+    train, _ = train_val_betons
+    for node, path in enumerate((train, tiny_beton)):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(path, tmp_path / f"host{node}" / "train.beton")
+        shutil.copy(f"{path}.json", tmp_path / f"host{node}" / "train.beton.json")
+    agents = _two_agents(tmp_path, ["train", "train.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--batch-size",
+                                    "8", "--min-res", "16", "--max-res", "16", "--workers", "1", "--epochs", "1"])
+    for agent in agents:
+        said = [line for line in agent.stderr.splitlines() if line.startswith("Error:")]
+        assert len(said) == 1 and said[0].startswith("Error: The training file train.beton differs between the "
+                                                     "processes of this torchrun job"), agent.stderr[-2000:]
+        assert "rank 1 (on machine 1)" in said[0] and agent.returncode != 0, agent.stderr[-2000:]
+    assert not (tmp_path / "host0" / "m.pt").exists()
+
+
+def test_a_source_that_differs_between_machines_is_refused_by_score(tmp_path, tiny_beton, train_val_betons):
+    """score on two machines summed each rank's share of its own machine's copy of the source: a copy that differed
+    gave a scores file mixing two files under rank 0's fingerprint, written without a word. It is refused alike."""
+    train, _ = train_val_betons
+    for node, path in enumerate((tiny_beton, train)):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(path, tmp_path / f"host{node}" / "src.beton")
+        shutil.copy(f"{path}.json", tmp_path / f"host{node}" / "src.beton.json")
+    agents = _two_agents(tmp_path, ["score", "--method", "random", "--source", "src.beton", "-o", "r.json"])
+    for agent in agents:
+        said = [line for line in agent.stderr.splitlines() if line.startswith("Error:")]
+        assert len(said) == 1 and said[0].startswith("Error: The source src.beton differs between the processes of "
+                                                     "this torchrun job"), agent.stderr[-2000:]
+        assert agent.returncode != 0, agent.stderr[-2000:]
+    assert not (tmp_path / "host0" / "r.json").exists()
+
+
+def test_a_file_that_differs_between_machines_is_refused_by_bench_pretrain(tmp_path, tiny_beton, train_val_betons):
+    """bench pretrain on two machines measured each machine's copy of a file: a copy of another size gave the ranks
+    other step counts, and one that differed otherwise a measure of two files. It is refused alike."""
+    train, _ = train_val_betons
+    for node, path in enumerate((tiny_beton, train)):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(path, tmp_path / f"host{node}" / "a.beton")
+        shutil.copy(f"{path}.json", tmp_path / f"host{node}" / "a.beton.json")
+    agents = _two_agents(tmp_path, ["bench", "pretrain", "a.beton", "--arch", "resnet_tiny", "--res", "16",
+                                    "--batch-size", "8", "--steps", "1", "--rounds", "1", "--workers", "1"])
+    for agent in agents:
+        said = [line for line in agent.stderr.splitlines() if line.startswith("Error:")]
+        assert len(said) == 1 and said[0].startswith("Error: The file a.beton differs between the processes of "
+                                                     "this torchrun job"), agent.stderr[-2000:]
+        assert agent.returncode != 0, agent.stderr[-2000:]

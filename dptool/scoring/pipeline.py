@@ -15,12 +15,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import fields, replace
 
 from ..atomic import check_output_path, check_plot_path, output_group
-from ..beton import open_beton
-from ..distributed import barrier, distributed_session, is_main, launch_rank, launched_by_torchrun, resolve_device
+from ..beton import fingerprint, open_beton
+from ..distributed import (
+    barrier,
+    check_same_inputs,
+    distributed_session,
+    is_main,
+    launch_rank,
+    launched_by_torchrun,
+    resolve_device,
+)
 from ..errors import InputError
 from ..features import InferenceOptions
 from ..loaders import IMAGENET_MEAN, IMAGENET_STD
-from ..scores import assignment_path, centroids_path, companion_path
+from ..scores import assignment_path, centroids_path, companion_path, fingerprint_file
 from .fm import CLUSTERING_OPTIONS, read_groups_file, refuse_clustering_options
 from .plot import plot_scores
 from .registry import get_method
@@ -172,6 +180,14 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
         loaded = time.perf_counter() - start
         recipe = getattr(sur, "recipe", {}) or {}
         src = open_beton(source)  # opened once: score() and the loaders take the Beton as it is
+        if launched_by_torchrun():  # on several machines each rank reads its own copy: they must be the same
+            model = surrogate.get("model") or surrogate.get("weights") or surrogate.get("arch")
+            check_same_inputs({
+                f"The source {source}": fingerprint(src),
+                **({f"The target {target}": fingerprint(target)} if target is not None else {}),
+                **({f"The surrogate {model}": sur.identity["weights"]} if sur is not None else {}),
+                **({f"The scores file {options.centroids_from}": fingerprint_file(options.centroids_from)}
+                   if reused is not None else {})})
         inference = replace(
             options.inference, res=res or (default_res(sur, src) if sur is not None else 224),
             device=dev, mean=_norm(mean, recipe, "mean", IMAGENET_MEAN), std=_norm(std, recipe, "std", IMAGENET_STD))
