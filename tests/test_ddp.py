@@ -387,8 +387,9 @@ def test_resume_on_two_machines_reads_rank_0s_checkpoint(tmp_path, train_val_bet
         (tmp_path / f"host{node}").mkdir()
         shutil.copy(train, tmp_path / f"host{node}" / "train.beton")
         shutil.copy(f"{train}.json", tmp_path / f"host{node}" / "train.beton.json")
+    # --lr-peak-epoch 0.5: the peak a 1-epoch run caps it at, which extending the run must keep (89fc577)
     args = ["train", "train.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--batch-size", "8", "--min-res", "16",
-            "--max-res", "16", "--workers", "1", "--json"]
+            "--max-res", "16", "--workers", "1", "--lr-peak-epoch", "0.5", "--json"]
     for epochs, resume in (("1", []), ("2", ["--resume"])):
         agents = _two_agents(tmp_path, [*args, "--epochs", epochs, *resume])
         assert [a.returncode for a in agents] == [0, 0], agents[0].stderr[-2000:] + agents[1].stderr[-2000:]
