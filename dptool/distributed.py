@@ -246,7 +246,7 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
         show(False)
         return
     if wait_s is None:
-        wait_s = float(os.environ.get("DPTOOL_FAILURE_WAIT_S") or FAILURE_WAIT_S)
+        wait_s = _failure_wait_s()
     shared = _shared_by_every_rank(report, wait_s)
     if shared is None:
         show(True)
@@ -268,6 +268,18 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
     # error's code
     with contextlib.suppress(BaseException):
         time.sleep(wait_s)
+
+
+def _failure_wait_s() -> float:
+    """DPTOOL_FAILURE_WAIT_S where it is a number of seconds (finite, 0 or more), else FAILURE_WAIT_S: it is read
+    while an error is printed, which a bad value ('15s') replaced by a ValueError traceback on every rank."""
+    import math
+
+    try:
+        value = float(os.environ.get("DPTOOL_FAILURE_WAIT_S") or FAILURE_WAIT_S)
+    except ValueError:
+        return FAILURE_WAIT_S
+    return value if math.isfinite(value) and value >= 0 else FAILURE_WAIT_S
 
 
 class PeerFailed(DptoolError):

@@ -451,3 +451,17 @@ def test_a_file_that_differs_between_machines_is_refused_by_bench_pretrain(tmp_p
         assert len(said) == 1 and said[0].startswith("Error: The file a.beton differs between the processes of "
                                                      "this torchrun job"), agent.stderr[-2000:]
         assert agent.returncode != 0, agent.stderr[-2000:]
+
+
+def test_a_failure_wait_that_is_not_a_number_still_prints_the_error(tmp_path):
+    """DPTOOL_FAILURE_WAIT_S is read while an error is printed under torchrun: a value such as '15s' replaced the
+    error ('missing.beton does not exist.', exit 2) by a ValueError traceback on every rank (exit 1). A value
+    that is not a number of seconds now leaves the default wait."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dptool", "info", "missing.beton"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DPTOOL_FAILURE_WAIT_S": "15s"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].endswith(" missing.beton does not exist."), proc.stderr[-3000:]
+    assert "rank" not in errors[0], proc.stderr[-3000:]  # printed once for the job, by rank 0
+    assert "ValueError" not in proc.stderr and _torchrun_summary(proc.stderr).get(0) == 2, proc.stderr[-3000:]
