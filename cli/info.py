@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from dptool.distributed import torchrun_command
 from dptool.info import describe
 from dptool.runlog import epochs_text, resumed_text
 
@@ -109,12 +110,16 @@ def _checkpoint(s: dict) -> str:
         lines[0] += "; stopped early: `finetune --resume` (with its options and -o this file) continues it"
     elif s["resumable"]:
         planned, world = s["recipe"].get("epochs"), s["recipe"].get("world_size")
-        how = f"torchrun --nproc_per_node {world} ... " if isinstance(world, int) and world > 1 else ""
+        how, total = "", ""
+        if isinstance(world, int) and world > 1:  # --resume refuses another world size
+            command = torchrun_command(world, s["recipe"])  # None: a checkpoint that does not record the split
+            how, total = (f"{command} ... ", "") if command else ("torchrun ... ", f" with {world} processes in all")
         peak, capped = s["recipe"].get("effective_lr_peak_epoch"), s["recipe"].get("lr_peak_epoch")
         keep = (f" --lr-peak-epoch {peak:g}" if isinstance(peak, (int, float)) and isinstance(capped, (int, float))
                 and peak < capped else "")  # more epochs would move a capped peak: train --resume refuses that
-        lines[0] += (f"; stopped early: `{how}train --resume` continues it" if planned and s["epochs_done"] < planned
-                     else f"; optimizer state kept (`{how}train --resume --epochs N{keep}` extends it)")
+        lines[0] += (f"; stopped early: `{how}train --resume`{total} continues it" if planned
+                     and s["epochs_done"] < planned
+                     else f"; optimizer state kept (`{how}train --resume --epochs N{keep}`{total} extends it)")
     for key, what, who in (("nonfinite_weights", "weights", "score, finetune and --resume refuse"),
                            ("nonfinite_moments", "optimizer moments", "--resume refuses")):
         bad = s.get(key)

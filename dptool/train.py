@@ -185,10 +185,14 @@ def _resume_state(output: Path, config: TrainConfig, data: Path, data_fp: str, n
     _check_peak_epoch(output, recipe, config)
     was, world = recipe.get("world_size"), dist.world_size()
     if was is not None and int(was) != world:  # the effective batch, and the peak learning rate scaled by it
-        how = f"torchrun --nproc_per_node {was}" if int(was) > 1 else "one process, without torchrun"
+        if int(was) > 1:  # the world size matters, not its split: say how it ran where the checkpoint records it
+            command = dist.torchrun_command(int(was), recipe) or f"torchrun with --nnodes x --nproc_per_node = {was}"
+            how = f"with {was} processes in all, as it ran ({command})"
+        else:
+            how = "as it ran (one process, without torchrun)"
         raise InputError(f"Cannot resume: {output} was trained by {was} process{'es' if int(was) > 1 else ''} "
                          f"(effective batch {recipe.get('effective_batch_size')}), but this run has {world} "
-                         f"(effective batch {config.batch_size * world}); resume it as it ran ({how}).")
+                         f"(effective batch {config.batch_size * world}); resume it {how}.")
     check_finite_resume(ckpt["state_dict"], ckpt["optimizer_state"], output)
     return ckpt
 
@@ -444,7 +448,8 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
     used = {"effective_lr_peak_epoch": config.peak_epoch(),
             "effective_ramp": list(config.ramp())}
     recipe = {**asdict(config), "effective_batch_size": eff_batch, "effective_lr": peak_lr, **used,
-              "world_size": world, "precision": precision, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+              "world_size": world, **dist.launch_layout(), "precision": precision, "mean": list(IMAGENET_MEAN),
+              "std": list(IMAGENET_STD)}
     jlog.write({"event": "resume" if resume else "config", "config": asdict(config), "data": str(data),
                 "val": str(val) if val else None, "data_fingerprint": data_fp, "num_samples": beton.num_samples,
                 "num_classes": num_classes, "kept_classes": None if kept_np is None else len(kept_np),

@@ -51,6 +51,7 @@ def test_torchrun_two_gloo_processes(tmp_path, train_val_betons):
     ckpt = read_checkpoint(out)
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["state_dict"])
     assert ckpt["extra"]["kept_classes"] == [0, 1, 3]
+    assert (ckpt["recipe"]["nnodes"], ckpt["recipe"]["nproc_per_node"]) == (1, 2)  # how --resume's refusal names it
 
 
 def test_bench_pretrain_under_torchrun_sums_ranks_and_prints_once(tmp_path, tiny_beton):
@@ -398,6 +399,7 @@ def test_resume_on_two_machines_reads_rank_0s_checkpoint(tmp_path, train_val_bet
     assert sorted(p.name for p in (tmp_path / "host1").iterdir()) == ["train.beton", "train.beton.json"]
     ckpt = read_checkpoint(tmp_path / "host0" / "m.pt")
     assert ckpt["epoch"] == 2 and [h["epoch"] for h in ckpt["extra"]["history"]] == [0, 1]
+    assert (ckpt["recipe"]["nnodes"], ckpt["recipe"]["nproc_per_node"]) == (2, 1)  # how --resume's refusal names it
 
 
 def test_a_training_file_that_differs_between_machines_is_refused(tmp_path, tiny_beton, train_val_betons):

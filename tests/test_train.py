@@ -407,10 +407,38 @@ def test_info_tells_a_torchrun_checkpoint_to_resume_under_torchrun(tmp_path):
     for world, epochs, hint in ((2, 3, "`torchrun --nproc_per_node 2 ... train --resume` continues it"),
                                 (1, 1, "; optimizer state kept (`train --resume --epochs N` extends it)")):
         path = save_checkpoint(tmp_path / f"w{world}.pt", arch="resnet18", num_classes=4, state_dict=model.state_dict(),
-                               recipe={"epochs": epochs, "world_size": world}, data_fingerprint=None, epoch=1,
+                               recipe={"epochs": epochs, "world_size": world, "nnodes": 1, "nproc_per_node": world},
+                               data_fingerprint=None, epoch=1,
                                optimizer_state={"state": {}, "param_groups": []})
         code, text = _run(["info", str(path)])
         assert code == 0 and hint in text, text
+
+
+def test_resume_refusal_names_how_a_run_on_several_machines_was_launched(tmp_path, train_val_betons):
+    """A run of 2 machines x 2 processes was told to resume with `torchrun --nproc_per_node 4`, which is another
+    command (and one machine may have 2 GPUs); the refusal and info now name the world size and how it was made
+    up, and a checkpoint that does not record it (written before) is not given a command it never ran."""
+    train, _ = train_val_betons
+    model = create_model("resnet18", 4)
+    base = {**TrainConfig(batch_size=16).__dict__, "world_size": 4, "effective_batch_size": 64, "effective_lr": 0.25,
+            "epochs": 3}
+    for name, layout, how in (
+            ("nodes.pt", {"nnodes": 2, "nproc_per_node": 2},
+             "resume it with 4 processes in all, as it ran (torchrun --nnodes 2 --nproc_per_node 2)"),
+            ("one.pt", {"nnodes": 1, "nproc_per_node": 4}, "resume it with 4 processes in all, as it ran "
+             "(torchrun --nproc_per_node 4)"),
+            ("old.pt", {}, "resume it with 4 processes in all, as it ran (torchrun with --nnodes x --nproc_per_node "
+             "= 4)")):
+        path = save_checkpoint(tmp_path / name, arch="resnet18", num_classes=4, state_dict=model.state_dict(),
+                               recipe={**base, **layout}, data_fingerprint=fingerprint(train), epoch=1,
+                               optimizer_state={"state": {}, "param_groups": []})
+        code, text = _run(["train", str(train), "-o", str(path), "--resume", "--batch-size", "16", "--epochs", "3"])
+        assert code == 2 and "was trained by 4 processes (effective batch 64), but this run has 1" in text, text
+        assert how in " ".join(text.split()), text
+        code, text = _run(["info", str(path)])
+        hint = (f"`{how.split('(')[1].rstrip(')')} ... train --resume` continues it" if layout else
+                "`torchrun ... train --resume` with 4 processes in all continues it")
+        assert code == 0 and hint in " ".join(text.split()), text
 
 
 def test_help_texts():
