@@ -43,6 +43,7 @@ __all__ = [
     "synchronize",
     "FAILURE_WAIT_S",
     "report_failure",
+    "mark_progress",
     "PeerFailed",
 ]
 
@@ -258,8 +259,9 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
     The ranks meet in the store torchrun's agent serves before any process group exists
     (TORCHELASTIC_USE_AGENT_STORE), so this covers the checks made before the first collective. A rank waits at
     most `wait_s` seconds (FAILURE_WAIT_S) for the others to fail alike; a second, different report ends every
-    rank's wait at once. A failure the others do not share, a store that cannot be asked, or a stop (SIGTERM) while
-    waiting: the rank prints its own, naming itself. Every rank still exits with its error's code."""
+    rank's wait at once, and so does another rank passing a `mark_progress` this one never reached. A failure the
+    others do not share, a store that cannot be asked, or a stop (SIGTERM) while waiting: the rank prints its own,
+    naming itself. Every rank still exits with its error's code."""
     import time
     from datetime import timedelta
 
@@ -301,6 +303,25 @@ def _failure_wait_s() -> float:
     except ValueError:
         return FAILURE_WAIT_S
     return value if math.isfinite(value) and value >= 0 else FAILURE_WAIT_S
+
+
+_STAGE = [0]  # the progress marks this rank has passed (mark_progress)
+
+
+def mark_progress() -> None:
+    """Say that this rank passed a point every rank passes in the same order, just before a collective that a rank
+    failing before that point never joins (its checks done, an epoch begun): a rank that fails before it then prints
+    its error at once, naming itself, instead of waiting `FAILURE_WAIT_S` for this one to fail alike (it will not: it
+    waits in that collective until the failing rank ends). A no-op outside torchrun or where its store cannot be
+    asked."""
+    if not launched_by_torchrun():
+        return
+    _STAGE[0] += 1
+    with contextlib.suppress(Exception):
+        found = _agent_store(10.0)
+        if found is not None:
+            store, prefix = found
+            store.add(f"{prefix}reached/{_STAGE[0]}", 1)
 
 
 class PeerFailed(DptoolError):
@@ -376,9 +397,12 @@ def _shared_by_every_rank(report: str, wait_s: float):
         if store.add(same, 1) == 1:  # the first rank with this report: one more distinct report in the job
             store.add(prefix + "kinds", 1)
         world, deadline = int(os.environ["WORLD_SIZE"]), time.monotonic() + wait_s
+        later = f"{prefix}reached/{_STAGE[0] + 1}"  # a rank past a mark this one never reached cannot fail alike
         while store.add(prefix + "kinds", 0) == 1 and time.monotonic() < deadline:
             if store.add(same, 0) == world:  # every rank failed, with this report
                 return store, prefix + "shown"
+            if store.add(later, 0):
+                return None
             time.sleep(0.05)
     except BaseException:  # no store, or stopped (SIGTERM) while waiting
         return None

@@ -428,6 +428,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
         raise InputError(f"--lr {config.lr:g} gives a peak learning rate of {peak_lr:g} at effective batch "
                          f"{eff_batch}, beyond float32's range; give an --lr below {top * 256 / eff_batch:.3g}.")
     _check_step(config, peak_lr, eff_batch)
+    dist.mark_progress()  # checks done; DDP's set-up is a collective: a rank refused above ends without waiting
     model, optimizer, scaler = _model_and_optimizer(config, num_classes, image_size, ckpt, device, precision, world,
                                                     peak_lr)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -485,6 +486,7 @@ def _train(data: Path, output: Path, config: TrainConfig, val: Path | None, log_
                 jlog.release()  # from the first checkpoint on, the log is written as it grows
         if dist.is_main():
             log.info("epoch %d/%d: %s", epoch + 1, config.epochs, json.dumps(record, default=str))
+        dist.mark_progress()  # rank 0 may fail alone above (its checkpoint cannot be written)
         dist.barrier()
     seconds = time.perf_counter() - started
     final = history[-1] if history else {}

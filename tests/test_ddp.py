@@ -313,7 +313,8 @@ def test_a_rank_named_error_names_the_rank_after_error_once(tiny_beton, tmp_path
     assert lines[-1].startswith("Error: rank 1: No such option '--bogus'")
 
 
-def _two_agents(tmp_path, args: list[str], timeout: float = 90) -> list[subprocess.CompletedProcess]:
+def _two_agents(tmp_path, args: list[str], timeout: float = 90, env: dict | None = None
+                ) -> list[subprocess.CompletedProcess]:
     """`args` run as two machines would run them: two torchrun agents (`--nnodes 2 --nproc_per_node 1`, static
     rendezvous, node ranks 0 and 1), each started in its own folder `host0`, `host1` (made by the caller) as on two
     hosts without a shared file system. An agent still running after `timeout` seconds is killed and the test fails:
@@ -321,7 +322,8 @@ def _two_agents(tmp_path, args: list[str], timeout: float = 90) -> list[subproce
     import signal
 
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DPTOOL_FAILURE_WAIT_S": "120"}  # as above
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DPTOOL_FAILURE_WAIT_S": "120",  # as above
+           **(env or {})}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
                                "-m", "dptool", *args], cwd=tmp_path / f"host{node}", env=env, text=True,
@@ -375,6 +377,62 @@ def test_an_error_every_rank_hits_is_printed_once_on_each_machine(tmp_path, tiny
         said = [line for line in agent.stderr.splitlines() if line.startswith("Error:")]
         assert said == ["Error: File missing.beton does not exist."], agent.stderr[-2000:]
         assert agent.returncode != 0 and _torchrun_summary(agent.stderr) == {node: 2}, agent.stderr[-2000:]
+
+
+def test_a_rank_that_fails_alone_after_the_group_formed_ends_the_job_without_waiting(tmp_path, tiny_beton):
+    """A rerun without --force on two machines is refused on rank 0 alone (the checkpoint is on its machine only),
+    after the process group formed: rank 0 waited FAILURE_WAIT_S (15 s; 120 s in these tests) for the other rank to
+    fail alike, while that rank, past its checks, waited in DDP's set-up for rank 0. Rank 0 now sees that the other
+    rank passed a point it never reached and prints its error at once, naming itself; the other rank stops as it
+    did, naming itself and the lost connection; both agents exit non-zero."""
+    for node in (0, 1):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
+        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    (tmp_path / "host0" / "m.pt").write_bytes(b"an earlier run's checkpoint")
+    agents = _two_agents(tmp_path, ["train", "src.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--min-res", "16",
+                                    "--max-res", "16", "--batch-size", "8", "--workers", "1"], timeout=60)
+    said = [[line for line in a.stderr.splitlines() if line.startswith("Error:")] for a in agents]
+    assert said[0] == ["Error: rank 0: Output m.pt already exists; pass --force to overwrite it."], agents[0].stderr
+    assert len(said[1]) == 1 and said[1][0].startswith("Error: rank 1: stopped because its connection to another "
+                                                       "process of this torchrun job failed"), agents[1].stderr
+    assert all(a.returncode != 0 for a in agents)
+    assert (tmp_path / "host0" / "m.pt").read_bytes() == b"an earlier run's checkpoint"
+    assert not (tmp_path / "host1" / "m.pt").exists()
+
+
+_IO_ERROR_ON_RANK_0 = """
+import errno, os
+if os.environ.get("RANK") == "0":  # rank 0's disk fails when its checkpoint is placed
+    _replace = os.replace
+    def _full(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(dst)) == "m.pt":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(dst))
+        return _replace(src, dst, *args, **kwargs)
+    os.replace = _full
+"""
+
+
+def test_a_checkpoint_rank_0_cannot_write_ends_the_job_without_waiting(tmp_path, tiny_beton):
+    """Rank 0 alone writes the checkpoint: when that fails (a disk error, here os.replace failing with EIO in rank 0's
+    process), the other ranks wait in the epoch's closing barrier, and rank 0 waited FAILURE_WAIT_S for them to
+    fail alike. They now mark that they passed the epoch's end, and rank 0 prints its error at once."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_IO_ERROR_ON_RANK_0)
+    for node in (0, 1):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
+        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    agents = _two_agents(tmp_path, ["train", "src.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--min-res", "16",
+                                    "--max-res", "16", "--batch-size", "8", "--workers", "1", "--epochs", "1"],
+                         timeout=60, env={"PYTHONPATH": str(tmp_path / "inject")})
+    said = [[line for line in a.stderr.splitlines() if line.startswith("Error:")] for a in agents]
+    assert said[0] == ["Error: rank 0: Cannot replace m.pt (Input/output error); remove it or choose another output "
+                       "path."], agents[0].stderr
+    assert len(said[1]) == 1 and said[1][0].startswith("Error: rank 1: stopped because its connection to another "
+                                                       "process of this torchrun job failed"), agents[1].stderr
+    assert all(a.returncode != 0 for a in agents)
+    assert not (tmp_path / "host0" / "m.pt").exists() and not (tmp_path / "host1" / "m.pt").exists()
 
 
 @pytest.mark.slow  # two torchrun jobs of two agents each: 19 to 30 s here
