@@ -406,7 +406,7 @@ import errno, os
 if os.environ.get("RANK") == "0":  # rank 0's disk fails when its checkpoint is placed
     _replace = os.replace
     def _full(src, dst, *args, **kwargs):
-        if os.path.basename(os.fspath(dst)) == "m.pt":
+        if os.path.basename(os.fspath(dst)) in ("m.pt", "r.json"):
             raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(dst))
         return _replace(src, dst, *args, **kwargs)
     os.replace = _full
@@ -433,6 +433,26 @@ def test_a_checkpoint_rank_0_cannot_write_ends_the_job_without_waiting(tmp_path,
                                                        "process of this torchrun job failed"), agents[1].stderr
     assert all(a.returncode != 0 for a in agents)
     assert not (tmp_path / "host0" / "m.pt").exists() and not (tmp_path / "host1" / "m.pt").exists()
+
+
+def test_scores_rank_0_cannot_write_end_the_job_without_waiting(tmp_path, tiny_beton):
+    """As for train's checkpoint: score's other ranks wait in the barrier after rank 0's writing, and rank 0, failing
+    to write the scores file, waited FAILURE_WAIT_S for them to fail alike; they now mark that they passed it."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_IO_ERROR_ON_RANK_0)
+    for node in (0, 1):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
+        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    agents = _two_agents(tmp_path, ["score", "--method", "random", "--source", "src.beton", "-o", "r.json"],
+                         timeout=60, env={"PYTHONPATH": str(tmp_path / "inject")})
+    said = [[line for line in a.stderr.splitlines() if line.startswith("Error:")] for a in agents]
+    assert len(said[0]) == 1 and said[0][0].startswith("Error: rank 0: Cannot replace r.json (Input/output error)"), \
+        agents[0].stderr
+    assert len(said[1]) == 1 and said[1][0].startswith("Error: rank 1: stopped because its connection to another "
+                                                       "process of this torchrun job failed"), agents[1].stderr
+    assert all(a.returncode != 0 for a in agents)
+    assert not (tmp_path / "host0" / "r.json").exists()
 
 
 @pytest.mark.slow  # two torchrun jobs of two agents each: 19 to 30 s here

@@ -23,6 +23,7 @@ from ..distributed import (
     is_main,
     launch_rank,
     launched_by_torchrun,
+    mark_progress,
     resolve_device,
 )
 from ..errors import InputError
@@ -204,6 +205,7 @@ def score_files(output: str | os.PathLike, *, method: str, source: str | os.Path
                 if plot is not None:
                     summary["plot"] = str(plot_scores(run.scores, plot, top=top, force=force))
             summary["timings"]["write"] = round(time.perf_counter() - start, 3)
+        mark_progress()  # rank 0 may fail alone above (an output it cannot write): it then ends without waiting
         barrier()
     summary.update(seconds=round(time.perf_counter() - began, 3), rank=launch_rank(), source=str(source),
                    target=str(target) if target is not None else None,
