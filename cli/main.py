@@ -15,7 +15,7 @@ import click
 
 from dptool._ffcv import silence_loader_gc_noise
 from dptool.atomic import is_write_error
-from dptool.distributed import launch_rank, launched_by_torchrun, report_failure
+from dptool.distributed import launch_rank, launched_by_torchrun, mark_succeeded, report_failure
 from dptool.errors import DptoolError, InputError
 
 from ._common import CONTEXT_SETTINGS, Group
@@ -56,7 +56,9 @@ class _LazyGroup(Group):
 
     def invoke(self, ctx):
         try:
-            return self._invoke(ctx)
+            result = self._invoke(ctx)
+            mark_succeeded()  # under torchrun: a rank failing after this one succeeded need not wait for it
+            return result
         except (click.ClickException, click.exceptions.Exit, click.Abort) as exc:
             if not _TERMINATED:
                 if isinstance(exc, click.ClickException):

@@ -44,6 +44,7 @@ __all__ = [
     "FAILURE_WAIT_S",
     "report_failure",
     "mark_progress",
+    "mark_succeeded",
     "PeerFailed",
 ]
 
@@ -259,9 +260,9 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
     The ranks meet in the store torchrun's agent serves before any process group exists
     (TORCHELASTIC_USE_AGENT_STORE), so this covers the checks made before the first collective. A rank waits at
     most `wait_s` seconds (FAILURE_WAIT_S) for the others to fail alike; a second, different report ends every
-    rank's wait at once, and so does another rank passing a `mark_progress` this one never reached. A failure the
-    others do not share, a store that cannot be asked, or a stop (SIGTERM) while waiting: the rank prints its own,
-    naming itself. Every rank still exits with its error's code."""
+    rank's wait at once, and so does another rank passing a `mark_progress` this one never reached, or succeeding
+    (`mark_succeeded`). A failure the others do not share, a store that cannot be asked, or a stop (SIGTERM) while
+    waiting: the rank prints its own, naming itself. Every rank still exits with its error's code."""
     import time
     from datetime import timedelta
 
@@ -314,14 +315,26 @@ def mark_progress() -> None:
     its error at once, naming itself, instead of waiting `FAILURE_WAIT_S` for this one to fail alike (it will not: it
     waits in that collective until the failing rank ends). A no-op outside torchrun or where its store cannot be
     asked."""
-    if not launched_by_torchrun():
-        return
-    _STAGE[0] += 1
+    if launched_by_torchrun():
+        _STAGE[0] += 1
+        _mark(f"reached/{_STAGE[0]}")
+
+
+def mark_succeeded() -> None:
+    """Say that this rank's command succeeded: a rank that fails afterwards (rank 0 writing what it alone writes, after
+    the last collective) prints its error at once instead of waiting for this one to fail alike. A no-op outside
+    torchrun or where its store cannot be asked."""
+    if launched_by_torchrun():
+        _mark("succeeded")
+
+
+def _mark(key: str) -> None:
+    """Add 1 to `key` of this run in torchrun's store; nothing where it cannot be asked."""
     with contextlib.suppress(Exception):
         found = _agent_store(10.0)
         if found is not None:
             store, prefix = found
-            store.add(f"{prefix}reached/{_STAGE[0]}", 1)
+            store.add(prefix + key, 1)
 
 
 class PeerFailed(DptoolError):
@@ -401,7 +414,7 @@ def _shared_by_every_rank(report: str, wait_s: float):
         while store.add(prefix + "kinds", 0) == 1 and time.monotonic() < deadline:
             if store.add(same, 0) == world:  # every rank failed, with this report
                 return store, prefix + "shown"
-            if store.add(later, 0):
+            if store.add(later, 0) or store.add(prefix + "succeeded", 0):
                 return None
             time.sleep(0.05)
     except BaseException:  # no store, or stopped (SIGTERM) while waiting

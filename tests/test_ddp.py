@@ -406,7 +406,7 @@ import errno, os
 if os.environ.get("RANK") == "0":  # rank 0's disk fails when its checkpoint is placed
     _replace = os.replace
     def _full(src, dst, *args, **kwargs):
-        if os.path.basename(os.fspath(dst)) in ("m.pt", "r.json"):
+        if os.path.basename(os.fspath(dst)) in ("m.pt", "r.json", "b.json"):
             raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(dst))
         return _replace(src, dst, *args, **kwargs)
     os.replace = _full
@@ -453,6 +453,26 @@ def test_scores_rank_0_cannot_write_end_the_job_without_waiting(tmp_path, tiny_b
                                                        "process of this torchrun job failed"), agents[1].stderr
     assert all(a.returncode != 0 for a in agents)
     assert not (tmp_path / "host0" / "r.json").exists()
+
+
+def test_a_rank_failing_after_the_others_succeeded_ends_without_waiting(tmp_path, tiny_beton):
+    """bench's --json-out is written by rank 0 after the last collective, when the other ranks have succeeded and
+    exited: rank 0, failing to write it, waited FAILURE_WAIT_S for them to fail alike. A rank that succeeds now says
+    so in torchrun's store, and rank 0 prints its error at once; the other rank printed nothing and exited 0."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_IO_ERROR_ON_RANK_0)
+    for node in (0, 1):
+        (tmp_path / f"host{node}").mkdir()
+        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
+        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    agents = _two_agents(tmp_path, ["bench", "pretrain", "src.beton", "--arch", "resnet_tiny", "--res", "16",
+                                    "--batch-size", "8", "--steps", "1", "--rounds", "1", "--workers", "1",
+                                    "--json-out", "b.json"], timeout=60, env={"PYTHONPATH": str(tmp_path / "inject")})
+    said = [[line for line in a.stderr.splitlines() if line.startswith("Error:")] for a in agents]
+    assert len(said[0]) == 1 and said[0][0].startswith("Error: rank 0: Cannot replace b.json (Input/output error)"), \
+        agents[0].stderr
+    assert said[1] == [] and agents[1].returncode == 0, agents[1].stderr
+    assert agents[0].returncode != 0 and not (tmp_path / "host0" / "b.json").exists()
 
 
 @pytest.mark.slow  # two torchrun jobs of two agents each: 19 to 30 s here
