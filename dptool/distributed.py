@@ -333,9 +333,12 @@ _MARK_STORE: list = []  # the client `_mark` connected once (a new connection pe
 
 def _mark(key: str) -> None:
     """Add 1 to `key` of this run in torchrun's store; nothing where it cannot be asked."""
-    with contextlib.suppress(Exception):
-        if not _MARK_STORE:
+    if not _MARK_STORE:
+        try:
             _MARK_STORE.append(_agent_store(10.0))
+        except Exception:  # asked once: a store that cannot be reached would cost each later mark its 10 s timeout
+            _MARK_STORE.append(None)
+    with contextlib.suppress(Exception):
         if _MARK_STORE[0] is not None:
             store, prefix = _MARK_STORE[0]
             store.add(prefix + key, 1)
