@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -232,18 +233,37 @@ def _partial_file(out: Path):
     """Create (or open) the partial file of `out` and hold a lock on it while the conversion runs; refuse when
     another conversion holds it."""
     partial, _ = partial_paths(out)
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+    fd, locked = None, False
     try:
+        # a Ctrl-C while the file is made and locked is held back to the end of this step, so that it is raised
+        # with the lock held, where the file is removed below (the test of an interrupted conversion sends it the
+        # instant the file appears)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"Another dptool is converting to {out} (its partial file {partial} is locked); wait "
-                             "for it to end or stop it.") from None
-        except OSError:
-            pass  # a file system without locks: as before, two runs at once are the user's to avoid
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"Another dptool is converting to {out} (its partial file {partial} is locked); "
+                                 "wait for it to end or stop it.") from None
+            except OSError:
+                pass  # a file system without locks: as before, two runs at once are the user's to avoid
+            locked = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         yield partial
+    except BaseException:
+        # stopped before the write began (a Ctrl-C, a refused resume): an empty partial file of this run holds
+        # nothing to resume, and is removed as other temporary files are (one that holds a conversion is kept)
+        if locked:
+            with contextlib.suppress(OSError):
+                mine, named = os.fstat(fd), os.stat(partial)
+                if mine.st_size == 0 and (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino):
+                    partial.unlink()
+        raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _resume_from(out: Path, partial: Path, state_path: Path, identity: dict, names: dict, *, resume: bool,

@@ -590,6 +590,48 @@ def test_interrupted_convert_leaves_nothing_behind(tmp_path):
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, str(tmp_path))]
 
 
+@pytest.mark.parametrize("where", ["_resume_from", "Checkpoints"])
+def test_a_ctrl_c_just_after_the_partial_file_is_made_leaves_nothing(tmp_path, monkeypatch, where):
+    """Ctrl-C between the partial file's creation and the write (the instant the file appears, when the test above
+    interrupts): the empty partial file is removed with the rest, not left beside the source."""
+    import dptool.convert as convert_module
+
+    images, labels = separable_images(2, 4, 16, seed=3)
+    npz = write_npz(tmp_path / "src.npz", images, labels)
+
+    def interrupted(*args, **kwargs):
+        assert (tmp_path / ".out.beton.partial").is_file()  # made, and the Ctrl-C lands now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(npz, tmp_path / "out.beton", params=WriterParams(max_resolution=16, num_workers=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.npz"]
+
+
+def test_a_ctrl_c_while_the_partial_file_is_locked_leaves_nothing(tmp_path, monkeypatch):
+    """A real SIGINT between the partial file's creation and its lock (where one landed under load): held back
+    until the lock is taken, then the empty file is removed."""
+    import fcntl
+
+    images, labels = separable_images(2, 4, 16, seed=3)
+    npz = write_npz(tmp_path / "src.npz", images, labels)
+    flock = fcntl.flock
+
+    def interrupted_flock(fd, operation):
+        signal.raise_signal(signal.SIGINT)
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", interrupted_flock)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground command has it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert(npz, tmp_path / "out.beton", params=WriterParams(max_resolution=16, num_workers=1))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.npz"]
+
+
 def _cmdline_has(pid: str, text: str) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
