@@ -578,6 +578,9 @@ def test_interrupted_convert_leaves_nothing_behind(tmp_path):
         [sys.executable, "-m", "dptool", "convert", str(tmp_path / "big.npz"), str(out), "--write-mode", "jpg",
          "--workers", "2"],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal's foreground command gets it: a test run started in the background of a script
+        # ignores SIGINT, and its children would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not glob.glob(str(tmp_path / ".big.beton.partial")) and proc.poll() is None and time.monotonic() < deadline:
@@ -585,7 +588,10 @@ def test_interrupted_convert_leaves_nothing_behind(tmp_path):
     assert proc.poll() is None, "conversion finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)  # FFCV's writer (used before) once kept it waiting forever
-    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("Aborted!"), err
+    # 130, or -SIGINT where the Ctrl-C landed inside an eval() of a string (torch's import, when the machine is
+    # slow): CPython then ends the process by SIGINT after dptool's exit(130); a shell shows 130 for both
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err and err.strip().endswith("Aborted!"), \
+        (proc.returncode, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz"]
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, str(tmp_path))]
 
