@@ -189,6 +189,7 @@ def check_same_inputs(fingerprints: dict[str, str]) -> None:
         return
     import torch.distributed as dist
 
+    mark_progress()  # a collective: a rank refused before it (an output exists on its machine) need not wait for us
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, (os.environ.get("GROUP_RANK", "0"), fingerprints))
     _, first = gathered[0]
