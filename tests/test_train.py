@@ -141,7 +141,7 @@ def test_resume_refuses_moving_a_capped_warm_up(tmp_path, train_val_betons, one_
     # after the peak at epoch 1 the learning rate only falls: 0.02 x 1/3 after epoch 3, 0 after epoch 4
     assert [r["lr"] for r in lines[4:]] == pytest.approx([0.02 * 1 / 3, 0.0])
     # fewer --epochs than a stopped run planned may cap any --lr-peak-epoch below its peak: the remedy says so
-    from dptool.train import _check_peak_epoch
+    from dptool.train_resume import _check_peak_epoch
 
     recipe = {"lr_peak_epoch": 1.5, "epochs": 3, "effective_lr_peak_epoch": 1.5}
     _check_peak_epoch(out, recipe, TrainConfig(epochs=3, lr_peak_epoch=1.5))
