@@ -276,12 +276,19 @@ def report_failure(report: str, show: Callable[[bool], None], *, wait_s: float |
     if shared is None:
         show(True)
         return
-    store, shown = shared
-    shown += "/" + os.environ.get("GROUP_RANK", "0")  # printed once per machine: each torchrun's output says why
+    store, prefix = shared
+    shown = f"{prefix}shown/{os.environ.get('GROUP_RANK', '0')}"  # printed once per machine: in each torchrun's output
     if local_rank() == 0:
         show(False)
         with contextlib.suppress(Exception):
             store.set(shown, "1")
+            if launch_rank() == 0:
+                # the store lives in this machine's torchrun agent, which ends soon after this process: a rank of
+                # another machine that has not yet seen that every rank failed alike would find it gone, and print
+                # its own sentence; wait (briefly) until every rank has seen it
+                deadline = time.monotonic() + min(wait_s, 5.0)
+                while store.add(prefix + "seen", 0) < int(os.environ["WORLD_SIZE"]) and time.monotonic() < deadline:
+                    time.sleep(0.02)
         return
     try:
         store.wait([shown], timedelta(seconds=wait_s))
@@ -402,7 +409,7 @@ def _wait_for_peers_to_join() -> None:
 
 
 def _shared_by_every_rank(report: str, wait_s: float):
-    """(torchrun's store, the key rank 0 sets once it has printed) when every rank of the job reported `report`
+    """(torchrun's store, the prefix of this run's keys) when every rank of the job reported `report`
     within `wait_s` seconds; None when another report came first, the wait ended, or the store failed."""
     import hashlib
     import time
@@ -421,7 +428,8 @@ def _shared_by_every_rank(report: str, wait_s: float):
         later = f"{prefix}reached/{_STAGE[0] + 1}"  # a rank past a mark this one never reached cannot fail alike
         while store.add(prefix + "kinds", 0) == 1 and time.monotonic() < deadline:
             if store.add(same, 0) == world:  # every rank failed, with this report
-                return store, prefix + "shown"
+                store.add(prefix + "seen", 1)  # rank 0 keeps the store's agent alive until every rank has seen it
+                return store, prefix
             if store.add(later, 0) or store.add(prefix + "succeeded", 0):
                 return None
             time.sleep(0.05)

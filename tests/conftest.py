@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from dptool.convert import WriterParams, convert
 from dptool.synthetic import separable_images, write_npz
+
+# Under torchrun, a rank that fails waits up to DPTOOL_FAILURE_WAIT_S (15 s) for the others to fail alike before it
+# prints its own sentence: on a loaded machine one rank can reach a check later than that, and the torchrun tests that
+# count the lines printed would see one sentence a rank. Waiting costs nothing when the ranks agree.
+os.environ.setdefault("DPTOOL_FAILURE_WAIT_S", "120")
 
 
 def make_beton(

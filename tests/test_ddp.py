@@ -261,10 +261,9 @@ def test_a_user_error_every_rank_hits_is_printed_once(tmp_path, tiny_beton):
 
 _PER_RANK_SCRIPT = """
 import os, sys
-from dptool import distributed
 from dptool.cli.main import main
 
-distributed.FAILURE_WAIT_S = 3.0  # how long a failing rank waits for the others to fail alike (15 s by default)
+os.environ["DPTOOL_FAILURE_WAIT_S"] = "3"  # how long a failing rank waits for the others to fail alike
 rank, beton, mode = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
 val = {"differ": f"missing{rank}.beton", "one": "missing.beton" if rank == 1 else beton}[mode]
 sys.argv = ["dptool", "train", beton, "--val", val, "-o", "m.pt", "--arch", "resnet_tiny", "--epochs", "1",
