@@ -313,6 +313,16 @@ def test_a_rank_named_error_names_the_rank_after_error_once(tiny_beton, tmp_path
     assert lines[-1].startswith("Error: rank 1: No such option '--bogus'")
 
 
+def _hosts(tmp_path, name: str, host0, host1) -> None:
+    """The folders `host0` and `host1` of two simulated machines, each holding its copy of a .beton (and its sidecar)
+    under `name`: `host0`'s file on machine 0, `host1`'s on machine 1 (None: that machine lacks it)."""
+    for node, beton in enumerate((host0, host1)):
+        (tmp_path / f"host{node}").mkdir()
+        if beton is not None:
+            shutil.copy(beton, tmp_path / f"host{node}" / name)
+            shutil.copy(f"{beton}.json", tmp_path / f"host{node}" / f"{name}.json")
+
+
 def _two_agents(tmp_path, args: list[str], timeout: float = 90, env: dict | None = None
                 ) -> list[subprocess.CompletedProcess]:
     """`args` run as two machines would run them: two torchrun agents (`--nnodes 2 --nproc_per_node 1`, static
@@ -349,10 +359,7 @@ def test_a_rank_that_fails_before_joining_stops_the_other_machines(tmp_path, tin
     the process group: the other machine's rank waited in init_process_group for torch's 30 minutes, since its agent
     is not told that another machine's process ended. It now stops at once, naming the rank that failed first, and
     that rank prints its own error, naming itself; both agents exit non-zero."""
-    for node in (0, 1):
-        (tmp_path / f"host{node}").mkdir()
-    shutil.copy(tiny_beton, tmp_path / "host0" / "src.beton")  # on the machine of rank 0 only
-    shutil.copy(f"{tiny_beton}.json", tmp_path / "host0" / "src.beton.json")
+    _hosts(tmp_path, "src.beton", tiny_beton, None)  # on the machine of rank 0 only
     agents = _two_agents(tmp_path, ["score", "--method", "random", "--source", "src.beton", "-o", "r.json"])
     said = [[line for line in a.stderr.splitlines() if line.startswith("Error:")] for a in agents]
     missing = "Error: rank 1: Invalid value for '--source': File 'src.beton' does not exist."
@@ -367,10 +374,7 @@ def test_an_error_every_rank_hits_is_printed_once_on_each_machine(tmp_path, tiny
     """On two machines an error every rank hits alike was printed by rank 0 alone: the other machine's torchrun output
     held its failure summary and no sentence saying why, and its rank waited 15 s for a stop that its agent, not told
     of rank 0's end, never sent. Each machine's first process now prints it (once per torchrun output) and exits."""
-    for node in (0, 1):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
-        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    _hosts(tmp_path, "src.beton", tiny_beton, tiny_beton)
     agents = _two_agents(tmp_path, ["train", "src.beton", "--val", "missing.beton", "-o", "m.pt", "--arch",
                                     "resnet_tiny"])
     for node, agent in enumerate(agents):
@@ -385,10 +389,7 @@ def test_a_rank_that_fails_alone_after_the_group_formed_ends_the_job_without_wai
     fail alike, while that rank, past its checks, waited in DDP's set-up for rank 0. Rank 0 now sees that the other
     rank passed a point it never reached and prints its error at once, naming itself; the other rank stops as it
     did, naming itself and the lost connection; both agents exit non-zero."""
-    for node in (0, 1):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
-        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    _hosts(tmp_path, "src.beton", tiny_beton, tiny_beton)
     (tmp_path / "host0" / "m.pt").write_bytes(b"an earlier run's checkpoint")
     agents = _two_agents(tmp_path, ["train", "src.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--min-res", "16",
                                     "--max-res", "16", "--batch-size", "8", "--workers", "1"], timeout=60)
@@ -419,10 +420,7 @@ def test_a_checkpoint_rank_0_cannot_write_ends_the_job_without_waiting(tmp_path,
     fail alike. They now mark that they passed the epoch's end, and rank 0 prints its error at once."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(_IO_ERROR_ON_RANK_0)
-    for node in (0, 1):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
-        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    _hosts(tmp_path, "src.beton", tiny_beton, tiny_beton)
     agents = _two_agents(tmp_path, ["train", "src.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--min-res", "16",
                                     "--max-res", "16", "--batch-size", "8", "--workers", "1", "--epochs", "1"],
                          timeout=60, env={"PYTHONPATH": str(tmp_path / "inject")})
@@ -440,10 +438,7 @@ def test_scores_rank_0_cannot_write_end_the_job_without_waiting(tmp_path, tiny_b
     to write the scores file, waited FAILURE_WAIT_S for them to fail alike; they now mark that they passed it."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(_IO_ERROR_ON_RANK_0)
-    for node in (0, 1):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
-        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    _hosts(tmp_path, "src.beton", tiny_beton, tiny_beton)
     agents = _two_agents(tmp_path, ["score", "--method", "random", "--source", "src.beton", "-o", "r.json"],
                          timeout=60, env={"PYTHONPATH": str(tmp_path / "inject")})
     said = [[line for line in a.stderr.splitlines() if line.startswith("Error:")] for a in agents]
@@ -461,10 +456,7 @@ def test_a_rank_failing_after_the_others_succeeded_ends_without_waiting(tmp_path
     so in torchrun's store, and rank 0 prints its error at once; the other rank printed nothing and exited 0."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(_IO_ERROR_ON_RANK_0)
-    for node in (0, 1):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(tiny_beton, tmp_path / f"host{node}" / "src.beton")
-        shutil.copy(f"{tiny_beton}.json", tmp_path / f"host{node}" / "src.beton.json")
+    _hosts(tmp_path, "src.beton", tiny_beton, tiny_beton)
     agents = _two_agents(tmp_path, ["bench", "pretrain", "src.beton", "--arch", "resnet_tiny", "--res", "16",
                                     "--batch-size", "8", "--steps", "1", "--rounds", "1", "--workers", "1",
                                     "--json-out", "b.json"], timeout=60, env={"PYTHONPATH": str(tmp_path / "inject")})
@@ -482,10 +474,7 @@ def test_resume_on_two_machines_reads_rank_0s_checkpoint(tmp_path, train_val_bet
     from whatever copy it had. Rank 0 now reads and checks it and sends it to the others: the resume runs, and the
     other machine still holds no output."""
     train, _ = train_val_betons
-    for node in (0, 1):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(train, tmp_path / f"host{node}" / "train.beton")
-        shutil.copy(f"{train}.json", tmp_path / f"host{node}" / "train.beton.json")
+    _hosts(tmp_path, "train.beton", train, train)
     # --lr-peak-epoch 0.5: the peak a 1-epoch run caps it at, which extending the run must keep (89fc577)
     args = ["train", "train.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--batch-size", "8", "--min-res", "16",
             "--max-res", "16", "--workers", "1", "--lr-peak-epoch", "0.5", "--json"]
@@ -510,10 +499,7 @@ def test_a_training_file_that_differs_between_machines_is_refused(tmp_path, tiny
     another file of as many images and classes) was trained on without a word, its gradients averaged with rank 0's,
     and the checkpoint recorded rank 0's fingerprint alone. Every rank now refuses it alike, naming the file."""
     train, _ = train_val_betons
-    for node, path in enumerate((train, tiny_beton)):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(path, tmp_path / f"host{node}" / "train.beton")
-        shutil.copy(f"{path}.json", tmp_path / f"host{node}" / "train.beton.json")
+    _hosts(tmp_path, "train.beton", train, tiny_beton)
     agents = _two_agents(tmp_path, ["train", "train.beton", "-o", "m.pt", "--arch", "resnet_tiny", "--batch-size",
                                     "8", "--min-res", "16", "--max-res", "16", "--workers", "1", "--epochs", "1"])
     for agent in agents:
@@ -528,10 +514,7 @@ def test_a_source_that_differs_between_machines_is_refused_by_score(tmp_path, ti
     """score on two machines summed each rank's share of its own machine's copy of the source: a copy that differed
     gave a scores file mixing two files under rank 0's fingerprint, written without a word. It is refused alike."""
     train, _ = train_val_betons
-    for node, path in enumerate((tiny_beton, train)):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(path, tmp_path / f"host{node}" / "src.beton")
-        shutil.copy(f"{path}.json", tmp_path / f"host{node}" / "src.beton.json")
+    _hosts(tmp_path, "src.beton", tiny_beton, train)
     agents = _two_agents(tmp_path, ["score", "--method", "random", "--source", "src.beton", "-o", "r.json"])
     for agent in agents:
         said = [_unranked(line) for line in agent.stderr.splitlines() if line.startswith("Error:")]
@@ -545,10 +528,7 @@ def test_a_file_that_differs_between_machines_is_refused_by_bench_pretrain(tmp_p
     """bench pretrain on two machines measured each machine's copy of a file: a copy of another size gave the ranks
     other step counts, and one that differed otherwise a measure of two files. It is refused alike."""
     train, _ = train_val_betons
-    for node, path in enumerate((tiny_beton, train)):
-        (tmp_path / f"host{node}").mkdir()
-        shutil.copy(path, tmp_path / f"host{node}" / "a.beton")
-        shutil.copy(f"{path}.json", tmp_path / f"host{node}" / "a.beton.json")
+    _hosts(tmp_path, "a.beton", tiny_beton, train)
     agents = _two_agents(tmp_path, ["bench", "pretrain", "a.beton", "--arch", "resnet_tiny", "--res", "16",
                                     "--batch-size", "8", "--steps", "1", "--rounds", "1", "--workers", "1"])
     for agent in agents:
