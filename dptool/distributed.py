@@ -336,19 +336,12 @@ def mark_succeeded() -> None:
         _mark("succeeded")
 
 
-_MARK_STORE: list = []  # the client `_mark` connected once (a new connection per mark stalled 5 s at times)
-
-
 def _mark(key: str) -> None:
     """Add 1 to `key` of this run in torchrun's store; nothing where it cannot be asked."""
-    if not _MARK_STORE:
-        try:
-            _MARK_STORE.append(_agent_store(10.0))
-        except Exception:  # asked once: a store that cannot be reached would cost each later mark its 10 s timeout
-            _MARK_STORE.append(None)
     with contextlib.suppress(Exception):
-        if _MARK_STORE[0] is not None:
-            store, prefix = _MARK_STORE[0]
+        found = _agent_store()
+        if found is not None:
+            store, prefix = found
             store.add(prefix + key, 1)
 
 
@@ -356,20 +349,28 @@ class PeerFailed(DptoolError):
     """Another process of this torchrun job failed before it joined the process group; this one stops too."""
 
 
-def _agent_store(timeout_s: float):
+_AGENT_STORE: list = []  # the one client of this process, or None where none could be made (asked once)
+
+
+def _agent_store():
     """A client of the store torchrun's agents serve (reachable from every machine of the job), and the prefix of
-    dptool's keys for this run and restart; None where torchrun serves none (another launcher set WORLD_SIZE)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    from datetime import timedelta
+    dptool's keys for this run and restart; None where torchrun serves none (another launcher set WORLD_SIZE) or it
+    cannot be reached. Connected once a process: a new connection at times stalled 5 s, and an unreachable store
+    would cost each later call its 30 s timeout."""
+    if not _AGENT_STORE:
+        _AGENT_STORE.append(None)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            from datetime import timedelta
 
-    import torch.distributed as dist
+            import torch.distributed as dist
 
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(seconds=max(timeout_s, 1.0)), wait_for_workers=False)
-    prefix = (f"dptool/failure/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
-              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
-    return store, prefix
+            with contextlib.suppress(Exception):
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                      timeout=timedelta(seconds=30), wait_for_workers=False)
+                prefix = (f"dptool/failure/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+                          f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+                _AGENT_STORE[0] = (store, prefix)
+    return _AGENT_STORE[0]
 
 
 def _wait_for_peers_to_join() -> None:
@@ -386,7 +387,7 @@ def _wait_for_peers_to_join() -> None:
     try:
         from torch.distributed.constants import default_pg_timeout
 
-        found = _agent_store(30.0)
+        found = _agent_store()
         if found is None:
             return
         store, prefix = found
@@ -415,7 +416,7 @@ def _shared_by_every_rank(report: str, wait_s: float):
     import time
 
     try:
-        found = _agent_store(wait_s)
+        found = _agent_store()
         if found is None:
             return None
         store, prefix = found
