@@ -19,7 +19,7 @@ import numpy as np
 
 from .beton import MAX_CLASSES
 from .errors import InputError
-from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, decode_image_file
+from .source_dataset import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, decode_image_file
 
 __all__ = ["SPLITS", "CoOpSplit", "read_coop_split", "CoOpSource"]
 
