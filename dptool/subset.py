@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output, check_output_path, output_group, pwrite_all, write_error
-from .beton import _ALLOC, Beton, open_beton
+from .beton import Beton, open_beton
+from .beton_format import _ALLOC
 from .errors import DptoolError, InputError
 
 __all__ = ["SubsetResult", "write_subset", "write_subsets", "sample_extents"]
