@@ -40,7 +40,26 @@ def _human(r) -> str:
                 f"{', '.join(str(f.num_classes_kept) for f in train)} classes")
     lines.append(f"kept {kept}; {r.bytes_written / 1e6:.1f} MB written in {r.seconds:.2f} s "
                  f"({r.mb_per_second:.0f} MB/s)")
+    lines += _ties(r, train)
     return "\n".join(lines)
+
+
+def _ties(r, train) -> list[str]:
+    """One line per score at which a cut fell among equal scores: how many of the tied groups the tie-break kept."""
+    noun = "clusters" if r.level == "cluster" else "classes"
+    by_tie: dict[tuple, list] = {}
+    for f in train:
+        if f.tie_score is not None:
+            by_tie.setdefault((f.tie_score, f.tied), []).append(f)
+    lines = []
+    for (score, tied), files in by_tie.items():
+        kept = ", ".join(str(f.tied_kept) for f in files)
+        ratios = ", ".join(f"{f.ratio:g}" for f in files)
+        lines.append(f"ratio {ratios}: the cut fell among the {tied} {noun} scoring {score:g}; {kept} of them kept, "
+                     f"picked by the tie-break")
+    if lines:
+        lines.append(f"ties broken by {r.tie_break}")
+    return lines
 
 
 @click.command("prune", context_settings=CONTEXT_SETTINGS)

@@ -31,7 +31,7 @@ from .scores import Scores, fingerprint_file, load_assignment, read_scores, sele
 from .sidecar import check_beton_output, write_sidecar
 from .subset import write_subsets
 
-__all__ = ["PrunedFile", "PruneResult", "prune", "check_scores_source", "kept_samples", "output_paths"]
+__all__ = ["PrunedFile", "PruneResult", "prune", "check_scores_source", "cut_tie", "kept_samples", "output_paths"]
 
 RATIO_PLACEHOLDER = "{ratio}"
 
@@ -49,6 +49,11 @@ class PrunedFile:
     num_samples: int
     num_classes_kept: int
     bytes: int
+    # where the cut fell among groups of equal score (most do on a small target: LM's zeros): that score, how many
+    # groups with samples have it, and how many of them the tie-break kept; None, 0, 0 when the score decided alone
+    tie_score: float | None = None
+    tied: int = 0
+    tied_kept: int = 0
 
 
 @dataclass
@@ -60,6 +65,7 @@ class PruneResult:
     method: str
     level: str
     empty_groups: int = 0  # groups without samples in the source: neither kept nor counted in the ratio
+    tie_break: str = ""  # the scores file's rule for equal scores
     files: list[PrunedFile] = field(default_factory=list)
     bytes_written: int = 0
     # bytes read from the source (and the validation file): each kept sample's stored bytes once, however many
@@ -122,6 +128,26 @@ def kept_samples(groups_of_samples: np.ndarray, kept_groups: np.ndarray) -> np.n
     return np.flatnonzero(keep[g]).astype(np.int64)
 
 
+def cut_tie(scores: Scores, kept: np.ndarray, sizes: np.ndarray) -> tuple[float, int, int] | None:
+    """Where the cut fell among equal scores: (score of the last kept group, groups with samples at that score,
+    kept ones among them), or None when every removed group scores below every kept one (the tie-break decided
+    nothing). `kept`: kept group ids; `sizes`: samples per group id."""
+    kept = np.asarray(kept, dtype=np.int64)
+    ids = np.asarray(scores.ids, dtype=np.int64)
+    values = np.asarray(scores.scores, dtype=np.float64)
+    if len(kept) == 0 or len(ids) == 0:
+        return None
+    sizes = np.asarray(sizes)
+    populated = np.zeros(len(ids), dtype=bool)
+    inside = ids < len(sizes)
+    populated[inside] = sizes[ids[inside]] > 0
+    kept_values = values[np.isin(ids, kept)]
+    low = float(kept_values.min())
+    tied = int(np.count_nonzero(populated & (values == low)))
+    tied_kept = int(np.count_nonzero(kept_values == low))
+    return (low, tied, tied_kept) if tied > tied_kept else None
+
+
 def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[tuple[float, np.ndarray]]:
     """[(ratio, kept group ids)] for the options given: exactly one of ratio, keep, ratios; groups without
     samples (`sizes` 0) are left out of the count."""
@@ -162,7 +188,8 @@ def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kep
 
 
 def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, float, np.ndarray, np.ndarray]],
-           scores: Scores, scores_path: Path, force: bool, progress: bool) -> tuple[list[PrunedFile], float, int]:
+           scores: Scores, scores_path: Path, sizes: np.ndarray, force: bool,
+           progress: bool) -> tuple[list[PrunedFile], float, int]:
     """Byte-copy one source's subsets in one pass and write their sidecars; returns files, seconds, bytes read."""
     scores_fp = fingerprint_file(scores_path)
     labels = beton.labels
@@ -187,6 +214,8 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
     files = [PrunedFile(output=res.output, split=split, ratio=r, kept_groups=len(kept), num_samples=res.num_samples,
                         num_classes_kept=int(np.count_nonzero(c)), bytes=res.bytes)
              for res, (_, r, kept, _), c in zip(results, jobs, counts)]
+    for f, (_, _, kept, _) in zip(files, jobs):
+        f.tie_score, f.tied, f.tied_kept = cut_tie(scores, kept, sizes) or (None, 0, 0)
     return files, results[0].seconds, results[0].bytes_read
 
 
@@ -253,12 +282,13 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
             raise InputError(f"The {len(kept)} kept groups hold no samples of {b.path}, so {p} would be empty.")
 
     result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level,
-                         empty_groups=empty)
+                         empty_groups=empty, tie_break=scores.tie_break)
     with output_group():  # the training and validation outputs are renamed into place together, or none
-        files, seconds, read = _write(beton, source_fp, "train", jobs, scores, scores_path, force, progress)
+        files, seconds, read = _write(beton, source_fp, "train", jobs, scores, scores_path, sizes, force,
+                                         progress)
         if vjobs:
             vfiles, vseconds, vread = _write(vbeton, _source_fingerprint(vbeton), "val", vjobs, scores, scores_path,
-                                             force, progress)
+                                             sizes, force, progress)
             files, seconds, read = files + vfiles, seconds + vseconds, read + vread
     result.files = files
     result.bytes_written = sum(f.bytes for f in files)

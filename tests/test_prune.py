@@ -139,6 +139,35 @@ def test_classes_without_samples_are_neither_kept_nor_counted(data, tmp_path):
     assert result.exit_code == 2 and "--keep must be in [1, 3] (the groups with samples), got 4." in result.output
 
 
+def test_a_cut_among_equal_scores_says_how_many_the_tie_break_kept(data, tmp_path):
+    """Most of ImageNet's 1000 classes score 0 for LM on a small target, so a ratio's cut falls among them; prune said
+    nothing of it. Scores 5, 0, 5, 0, 0, 2 (order 2, 0, 5, 1, 3, 4): 0.2 keeps 2 of the 3 zeros, 0.5 cuts between
+    scores 2 and 0, 0.8 keeps one of the two classes scoring 5."""
+    out = tmp_path / "t_{ratio}.beton"
+    result = run(data["train"], "--scores", data["scores"], "--ratios", "0.2,0.5,0.8", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    files = {f["ratio"]: f for f in json.loads(result.stdout)["files"]}
+    assert [(files[r]["tie_score"], files[r]["tied"], files[r]["tied_kept"]) for r in (0.2, 0.5, 0.8)] == [
+        (0.0, 3, 2), (None, 0, 0), (5.0, 2, 1)]
+    result = run(data["train"], "--scores", data["scores"], "--ratios", "0.2,0.5,0.8", "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert "ratio 0.2: the cut fell among the 3 classes scoring 0; 2 of them kept, picked by the tie-break" in lines
+    assert "ratio 0.8: the cut fell among the 2 classes scoring 5; 1 of them kept, picked by the tie-break" in lines
+    assert not any(line.startswith("ratio 0.5") for line in lines)
+    assert lines[-1] == "ties broken by summed softmax, then class id"
+    # groups without samples are not among the tied: 3 classes of a file pruned to 3, all scoring 0
+    p3 = tmp_path / "p3.beton"
+    assert run(data["train"], "--scores", data["scores"], "--keep", 3, "-o", p3).exit_code == 0
+    flat = class_scores_file(tmp_path / "flat.json", p3, scores=[0] * 6, tiebreak=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    result = run(p3, "--scores", flat, "--keep", 1, "-o", tmp_path / "one.beton")
+    assert result.exit_code == 0, result.output
+    assert "the cut fell among the 3 classes scoring 0; 1 of them kept" in result.output
+    # a cut between two scores says nothing of ties
+    result = run(data["train"], "--scores", data["scores"], "--keep", 3, "-o", tmp_path / "three.beton")
+    assert result.exit_code == 0 and "tie" not in result.output
+
+
 def test_several_ratios_in_one_pass_equal_separate_runs(data, tmp_path):
     before = {k: sha256(data[k]) for k in ("train", "val", "scores")}
     result = run(data["train"], "--scores", data["scores"], "--ratios", "0.2,0.5,0.8",
