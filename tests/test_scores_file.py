@@ -245,3 +245,35 @@ def test_construction_refusals():
 def test_select_groups_takes_numpy_numbers():
     assert select_groups(class_scores(), ratio=np.float32(0.6)).tolist() == select_groups(class_scores(),
                                                                                            ratio=0.6).tolist()
+
+
+def test_the_plot_lists_whole_names_beside_the_curve(tmp_path, monkeypatch):
+    """FM's 1000-cluster names ("cluster 636: n04681989 100%", 27 characters) were cut at 24 to "... 1", read as a
+    share of 1%, and the list sat over the axes, hiding the tail of a curve that stays high (EL2N's). Names now fit
+    up to 36 characters, a longer one ends in an ellipsis, and the list is drawn right of the axes."""
+    import matplotlib.figure
+
+    from dptool.scoring.plot import plot_scores, top_lines
+
+    names = [f"cluster {i}: n0{4681989 + i} {100 - i}%" for i in range(11)] + ["a" * 60]
+    s = Scores(method="fm", level="cluster", ids=np.arange(12), names=names, scores=np.arange(12.0),
+               tiebreak=np.zeros(12), source=SOURCE, tie_break="cluster id", params={"k": 12})
+    lines = top_lines(s, np.argsort(s.ranks, kind="stable"))
+    assert lines[0].startswith(" 1. " + "a" * 35 + "…") and lines[0].endswith(" 11")
+    assert lines[1].startswith(" 2. cluster 10: n04681999 90% ")
+    assert lines[11].startswith("12. cluster 0: n04681989 100%")
+    drawn = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        drawn["axes"] = fig.axes[0].get_window_extent(renderer)
+        drawn["list"] = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    plot_scores(s, tmp_path / "s.png")
+    (box,) = drawn["list"]
+    assert box.x0 > drawn["axes"].x1  # beside the axes, over none of the curve
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

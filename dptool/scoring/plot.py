@@ -10,7 +10,19 @@ import numpy as np
 from ..atomic import atomic_output, check_plot_path
 from ..scores import Scores
 
-__all__ = ["plot_scores"]
+__all__ = ["plot_scores", "top_lines"]
+
+NAME_WIDTH = 36  # characters of a group's name in the plot's list; a longer one is cut with an ellipsis
+
+
+def top_lines(scores: Scores, indices: np.ndarray) -> list[str]:
+    """The plot's list: one line per group at `indices` (positions in `scores`, best first), numbered from 1, its name
+    (cut to NAME_WIDTH with "…", never silently: "cluster 9: n04562313 100%" cut to "... 1" read as 1%) and score."""
+    names = [scores.names[i] for i in indices]
+    width = min(NAME_WIDTH, max((len(n) for n in names), default=0))
+    cut = [n if len(n) <= width else n[: width - 1] + "…" for n in names]
+    return [f"{rank + 1:>2}. {name:<{width}} {scores.scores[i]:>10.4g}"
+            for rank, (i, name) in enumerate(zip(indices, cut))]
 
 
 def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force: bool = False) -> Path:
@@ -23,19 +35,19 @@ def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force
     out = check_plot_path(path, force=force)
     order = np.argsort(scores.ranks, kind="stable")
     values = scores.scores[order]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
     try:
         ax.plot(np.arange(len(values)), values, lw=1.5, color="tab:blue")
         ax.fill_between(np.arange(len(values)), values, alpha=0.15, color="tab:blue")
         shown = min(top, len(values))
         ax.scatter(np.arange(shown), values[:shown], s=10, color="tab:red", zorder=3)
-        # a list rather than labels at the points: tied groups (often many at zero) sit side by side on the curve
-        lines = [f"{rank + 1:>2}. {scores.names[i][:24]:<24} {scores.scores[i]:>10.4g}"
-                 for rank, i in enumerate(order[:shown])]
+        # a list rather than labels at the points: tied groups (often many at zero) sit side by side on the curve;
+        # beside the axes, not over them, where it hid the tail of a curve that stays high (EL2N's)
+        lines = top_lines(scores, order[:shown])
         if shown > 1 and len(np.unique(values[:shown])) < shown:
             lines.append("equal scores ordered by the tie-break")
         box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.85}
-        ax.text(0.98, 0.96, "\n".join([f"top {shown}", *lines]), transform=ax.transAxes, ha="right", va="top",
+        ax.text(1.02, 1.0, "\n".join([f"top {shown}", *lines]), transform=ax.transAxes, ha="left", va="top",
                 multialignment="left", family="monospace", fontsize=7, bbox=box)
         noun = "classes" if scores.level == "class" else "clusters"
         zero = int((values == 0).sum())
@@ -45,7 +57,7 @@ def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force
         ax.grid(alpha=0.3)
         fig.tight_layout()
         with atomic_output(out) as tmp:
-            fig.savefig(tmp, format="png")
+            fig.savefig(tmp, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return out
