@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import click
 
 from dptool.distributed import torchrun_command
@@ -36,12 +38,7 @@ def _beton(s: dict) -> str:
     if s["skipped"]:
         lines.append(f"skipped at conversion: {counted(s['skipped'], 'files')} (listed in the sidecar)")
     if "classes" in s:
-        present = sum(1 for c in s["classes"] if c["count"])
-        lines.append(f"classes: {s['num_classes']} ({present} with samples)")
-        for c in s["classes"][:50]:
-            lines.append(f"  {c['label']:>5}  {c['count']:>8}  {c['name']}")
-        if len(s["classes"]) > 50:
-            lines.append(f"  ... {len(s['classes']) - 50} more (use --json for all)")
+        lines += _classes(s["classes"], s["num_classes"])
     lines.append(f"fingerprint: {s['fingerprint']}")
     if s.get("digests"):
         state = s["digests"]["state"]
@@ -53,6 +50,31 @@ def _beton(s: dict) -> str:
         lines.append(f"warning: the sidecar {s['sidecar']} was not written for this file ({s['sidecar_problem']}); "
                      f"{shown}")
     return "\n".join(lines)
+
+
+_LISTED = 50  # classes listed by name; more are summed up
+
+
+def _classes(classes: list[dict], num_classes: int) -> list[str]:
+    """The class table: every class when there are at most 50; else the first 50 with samples (a pruned ImageNet
+    file listed 50 label ids of which 20 were pruned away, count 0) and the per-class counts' range."""
+    present = [c for c in classes if c["count"]]
+    head = f"classes: {num_classes} ({len(present)} with samples"
+    if len(classes) <= _LISTED:
+        return [head + ")", *_class_rows(classes)]
+    counts = [c["count"] for c in present]
+    if counts:
+        head += f", {min(counts)} to {max(counts)} each, median {statistics.median(counts):g}"
+    lines = [head + ")", *_class_rows(present[:_LISTED])]
+    more = [f"{len(present) - _LISTED} more with samples"] if len(present) > _LISTED else []
+    if len(present) < len(classes):
+        more.append(f"{counted(len(classes) - len(present), 'classes')} without samples")
+    lines.append(f"  ... {' and '.join(more)} (use --json for all)")
+    return lines
+
+
+def _class_rows(classes: list[dict]) -> list[str]:
+    return [f"  {c['label']:>5}  {c['count']:>8}  {c['name']}" for c in classes]
 
 
 def _file(d: dict | None) -> str:

@@ -491,3 +491,24 @@ def test_human_output_says_one_class_not_one_classes(tmp_path):
     assert "1 image, 1 class," in outputs[1] and "1 sample," in outputs[2]
     assert "1 class, 1 class kept" in outputs[4] and "kept 4 samples, 1 class;" in outputs[4]
     assert "pruned: ratio 0.67, 1 group kept" in outputs[5]
+
+
+def test_info_of_a_file_pruned_from_many_classes_lists_the_kept_ones(tmp_path):
+    """A pruned ImageNet file (1000 classes, 600 kept) was listed by its first 50 label ids, 20 of them pruned away
+    with count 0; beyond 50 classes info lists the classes with samples and sums up the rest. 60 classes here, the
+    30 even ones kept."""
+    source = make_beton(tmp_path, "many", n_classes=60, per_class=2, size=8)
+    scores = class_scores_file(tmp_path / "even.json", source, scores=[1 - c % 2 for c in range(60)],
+                               tiebreak=[0.0] * 60)
+    out = tmp_path / "even.beton"
+    assert run(source, "--scores", scores, "--keep", 30, "-o", out).exit_code == 0
+    result = CliRunner().invoke(cli, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("classes:"))
+    assert lines[start] == "classes: 60 (30 with samples, 2 to 2 each, median 2)"
+    rows = [line.split() for line in lines[start + 1:start + 31]]
+    assert [int(r[0]) for r in rows] == list(range(0, 60, 2)) and {r[1] for r in rows} == {"2"}
+    assert lines[start + 31] == "  ... 30 classes without samples (use --json for all)"
+    full = CliRunner().invoke(cli, ["info", str(source)]).output.splitlines()
+    assert "  ... 10 more with samples (use --json for all)" in full
