@@ -85,6 +85,21 @@ def test_verify_passes_an_intact_file_and_names_each_damaged_sample(written, tmp
     assert "1 more" in _invoke("verify", damaged, "--max-listed", 1).output
 
 
+def test_a_stretch_of_damaged_samples_is_listed_as_a_range(written, tmp_path):
+    """A zeroed stretch of a large file was listed index by index (1000 of them on one 5 KB line); runs of three or
+    more consecutive samples are now 'first-last'."""
+    damaged = _copy(written, tmp_path, "stretch.beton")
+    with open(damaged, "r+b") as f:
+        for sample in (5, 6, 7, 8, 20, 30, 31):
+            f.seek(_sample_offset(damaged, sample))
+            f.write(b"\x00" * 8)
+    result = _invoke("verify", damaged)
+    assert result.exit_code == 1, result.output
+    assert "7 of 80 samples differ from when it was written: 5-8, 20, 30, 31." in result.output
+    assert "and 3 more." in _invoke("verify", damaged, "--max-listed", 4).output  # 5-8 listed, the rest counted
+    assert json.loads(_invoke("verify", damaged, "--json").output)["files"][0]["damaged"] == [5, 6, 7, 8, 20, 30, 31]
+
+
 def test_verify_refuses_what_it_cannot_check(written, tmp_path):
     bare = tmp_path / "bare.beton"
     shutil.copy(written, bare)  # no sidecar: as FFCV's own writer leaves a file
