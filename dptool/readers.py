@@ -93,13 +93,20 @@ class ImageFolderSource(SourceDataset):
         # would each copy every string page they touch (reference counts), about 110 bytes a sample per process.
         names: list[bytes] = []
         counts: list[int] = []
+        empty: list[tuple[int, Path]] = []
         for label, class_dir in enumerate(class_dirs):
             files = _class_files(class_dir)
             if not files:
-                log.warning("class folder %s is empty; its label %d is kept with no samples", class_dir, label)
+                empty.append((label, class_dir))
             inside = len(str(class_dir)) + len(os.sep)  # os.walk's paths start with the class folder's, as given
             names.extend(os.fsencode(os.path.join(class_dir.name, f[inside:])) for f in files)
             counts.append(len(files))
+        if len(empty) == 1:
+            log.warning("class folder %s is empty; its label %d is kept with no samples", empty[0][1], empty[0][0])
+        elif empty:  # one line, not one per folder (300 of ImageNet's 1000 val folders empty gave 300 lines)
+            shown = ", ".join(d.name for _, d in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            log.warning("%d class folders of %s are empty (%s); their labels are kept with no samples", len(empty),
+                        root, shown)
         super().__init__(
             class_names=[d.name for d in class_dirs],
             labels=np.repeat(np.arange(len(class_dirs), dtype=np.int64), counts),

@@ -105,6 +105,30 @@ def _messy_folder(root):
     Image.fromarray(rgb).save(bad / "fine.png")
 
 
+def test_many_empty_class_folders_are_warned_about_in_one_line(tmp_path, caplog):
+    """An ImageNet val tree extracted in part (300 of its 1000 class folders empty) printed one warning per folder;
+    now one line names the first five and counts the rest; a single empty folder keeps its own sentence."""
+    import logging
+
+    images, labels = separable_images(2, 2, 8, seed=0)
+    write_image_folder(tmp_path / "src", images, labels, ["n00", "n09"])
+    for c in range(1, 9):
+        (tmp_path / "src" / f"n0{c}").mkdir()
+    with caplog.at_level(logging.WARNING, logger="dptool"):
+        result = convert(tmp_path / "src", tmp_path / "e.beton", params=WriterParams(write_mode="raw", num_workers=1))
+    assert result.num_classes == 10 and result.num_samples == 4
+    warned = [r.getMessage() for r in caplog.records if "empty" in r.getMessage()]
+    assert warned == [f"8 class folders of {tmp_path / 'src'} are empty (n01, n02, n03, n04, n05 and 3 more); their "
+                      "labels are kept with no samples"]
+    caplog.clear()
+    for c in range(2, 9):
+        (tmp_path / "src" / f"n0{c}").rmdir()
+    with caplog.at_level(logging.WARNING, logger="dptool"):
+        convert(tmp_path / "src", tmp_path / "one.beton", params=WriterParams(write_mode="raw", num_workers=1))
+    assert [r.getMessage() for r in caplog.records if "empty" in r.getMessage()] == [
+        f"class folder {tmp_path / 'src' / 'n01'} is empty; its label 1 is kept with no samples"]
+
+
 def test_messy_folder_converts_what_it_can_and_lists_the_rest(tmp_path, caplog):
     _messy_folder(tmp_path / "src")
     result = convert(tmp_path / "src", tmp_path / "m.beton", params=WriterParams(write_mode="raw", num_workers=2))
