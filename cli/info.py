@@ -31,8 +31,11 @@ def _beton(s: dict) -> str:
                      + (f" ({split})" if split else ""))
     if s.get("pruning"):
         p = s["pruning"]
+        tie = p.get("tie_at_cut")
+        by_tie = (f" ({tie['kept']} of the {tie['groups']} scoring {tie['score']:g} picked by the tie-break)"
+                  if isinstance(tie, dict) else "")
         lines.append(
-            f"pruned: ratio {p.get('ratio')}, {counted(p.get('kept_groups', '?'), 'groups')} kept, scores "
+            f"pruned: ratio {p.get('ratio')}, {counted(p.get('kept_groups', '?'), 'groups')} kept{by_tie}, scores "
             f"{p.get('scores')}"
         )
     if s["skipped"]:

@@ -170,7 +170,8 @@ def _selections(scores: Scores, ratio, keep, ratios, sizes: np.ndarray) -> list[
 
 
 def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kept: np.ndarray, scores: Scores,
-             scores_path: Path, scores_fp: str, written: Beton, digests: dict) -> dict:
+             scores_path: Path, scores_fp: str, written: Beton, digests: dict,
+             tie: tuple[float, int, int] | None = None) -> dict:
     side = beton.sidecar or {}
     kept_list = sorted(int(k) for k in kept)
     pruning = {
@@ -179,6 +180,8 @@ def _sidecar(beton: Beton, source_fp: str, counts: np.ndarray, ratio: float, kep
         "scores": str(scores_path.resolve()), "scores_fingerprint": scores_fp, "method": scores.method,
         "source": str(beton.path.resolve()), "source_fingerprint": source_fp,
     }
+    if tie is not None:  # the cut fell among equal scores: the tie-break picked `kept` of `groups` at `score`
+        pruning["tie_at_cut"] = {"score": tie[0], "groups": tie[1], "kept": tie[2]}
     return {
         **{k: side[k] for k in ("fields", "writer", "source") if k in side},
         "num_samples": int(counts.sum()), "num_classes": beton.num_classes, "class_names": beton.class_names,
@@ -207,7 +210,7 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
         # the kept samples' bytes are copies of the source's, so are their digests; without the source's, read back
         digests = source_digests[idx] if source_digests is not None else sample_digests(out)
         write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, out,
-                                      record_digests(final, digests)))
+                                      record_digests(final, digests), cut_tie(scores, kept, sizes)))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
                             finalize=finalize)

@@ -156,6 +156,11 @@ def test_a_cut_among_equal_scores_says_how_many_the_tie_break_kept(data, tmp_pat
     assert "ratio 0.8: the cut fell among the 2 classes scoring 5; 1 of them kept, picked by the tie-break" in lines
     assert not any(line.startswith("ratio 0.5") for line in lines)
     assert lines[-1] == "ties broken by summed softmax, then class id"
+    # the pruned file's sidecar keeps it, and info shows it
+    sides = {r: read_sidecar(tmp_path / f"t_{r}.beton")["pruning"] for r in ("0.2", "0.5", "0.8")}
+    assert sides["0.2"]["tie_at_cut"] == {"score": 0.0, "groups": 3, "kept": 2} and "tie_at_cut" not in sides["0.5"]
+    shown = CliRunner().invoke(cli, ["info", str(tmp_path / "t_0.2.beton")]).output
+    assert "pruned: ratio 0.2, 5 groups kept (2 of the 3 scoring 0 picked by the tie-break), scores " in shown
     # groups without samples are not among the tied: 3 classes of a file pruned to 3, all scoring 0
     p3 = tmp_path / "p3.beton"
     assert run(data["train"], "--scores", data["scores"], "--keep", 3, "-o", p3).exit_code == 0
