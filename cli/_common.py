@@ -81,9 +81,11 @@ def group_noun(level: str) -> str:
 
 
 def score_table(s: dict) -> list[str]:
-    """Lines of a scores summary (`dptool.scores.score_summary`): the top groups, then the zero-score count."""
+    """Lines of a scores summary (`dptool.scores.score_summary`): the top groups with the scores file's ranks (0 for
+    the group kept first, as the plot's axis and list count them), then the zero-score count."""
     noun = group_noun(s["level"])
-    lines = [f"top {len(s['top'])} {noun}:", f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
+    lines = [f"top {len(s['top'])} {noun} (rank 0 = kept first):",
+             f"  {'rank':>4} {'id':>6} {'score':>12} {'tie-break':>12}  name"]
     lines += [f"  {t['rank']:>4} {t['id']:>6} {t['score']:>12.6g} {t['tiebreak']:>12.6g}  {t['name']}"
               for t in s["top"]]
     lines.append(f"{s['zero_score_groups']} of {counted(s['groups'], noun)} scored zero; ties broken by "

@@ -15,6 +15,7 @@ from dptool.scores import (
     load_assignment,
     rank_groups,
     read_scores,
+    score_summary,
     select_groups,
     write_scores,
 )
@@ -259,9 +260,9 @@ def test_the_plot_lists_whole_names_beside_the_curve(tmp_path, monkeypatch):
     s = Scores(method="fm", level="cluster", ids=np.arange(12), names=names, scores=np.arange(12.0),
                tiebreak=np.zeros(12), source=SOURCE, tie_break="cluster id", params={"k": 12})
     lines = top_lines(s, np.argsort(s.ranks, kind="stable"))
-    assert lines[0].startswith(" 1. " + "a" * 35 + "…") and lines[0].endswith(" 11")
-    assert lines[1].startswith(" 2. cluster 10: n04681999 90% ")
-    assert lines[11].startswith("12. cluster 0: n04681989 100%")
+    assert lines[1].startswith("   0 " + "a" * 35 + "…") and lines[1].endswith(" 11")
+    assert lines[2].startswith("   1 cluster 10: n04681999 90% ")
+    assert lines[12].startswith("  11 cluster 0: n04681989 100%")
     drawn = {}
     original = matplotlib.figure.Figure.savefig
 
@@ -277,3 +278,25 @@ def test_the_plot_lists_whole_names_beside_the_curve(tmp_path, monkeypatch):
     (box,) = drawn["list"]
     assert box.x0 > drawn["axes"].x1  # beside the axes, over none of the curve
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_and_the_table_count_ranks_alike():
+    """The terminal's table (score and info) gave the best group rank 0, as the scores file does, while the plot's
+    list beside the axis labelled "rank (0 = kept first)" numbered it 1: one group, two numbers. Both now show the
+    file's rank, 0 for the group kept first, and the table says so."""
+    from dptool.cli._common import score_table
+    from dptool.scoring.plot import top_lines
+
+    names = [f"n0{1440764 + 9973 * i}" for i in range(7)]
+    s = Scores(method="lm", level="class", ids=np.arange(7), names=names, scores=[0, 3, 0, 5, 0, 1, 3],
+               tiebreak=[0.5, 0.1, 0.2, 0, 0.9, 0, 0.3], source={**SOURCE, "num_classes": 7},
+               tie_break="summed softmax, then class id")
+    ranks = {n: int(r) for n, r in zip(names, s.ranks)}
+    table = score_table(score_summary(s, top=7))
+    assert table[0] == "top 7 source classes (rank 0 = kept first):"
+    shown = {row.split()[-1]: int(row.split()[0]) for row in table[2:-1]}
+    assert shown == ranks
+    plot = top_lines(s, np.argsort(s.ranks, kind="stable"))
+    assert plot[0].split() == ["rank", "name", "score"]
+    listed = {row.split()[1]: int(row.split()[0].rstrip(".")) for row in plot[1:]}
+    assert listed == ranks

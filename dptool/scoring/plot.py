@@ -16,13 +16,15 @@ NAME_WIDTH = 36  # characters of a group's name in the plot's list; a longer one
 
 
 def top_lines(scores: Scores, indices: np.ndarray) -> list[str]:
-    """The plot's list: one line per group at `indices` (positions in `scores`, best first), numbered from 1, its name
-    (cut to NAME_WIDTH with "…", never silently: "cluster 9: n04562313 100%" cut to "... 1" read as 1%) and score."""
+    """The plot's list: a heading, then one line per group at `indices` (positions in `scores`, best first): its rank
+    as the scores file and the terminal's table count it (0 = kept first, as the x axis; a list numbered from 1 put
+    "1." beside the axis's rank 0 and the table's "rank 0"), its name (cut to NAME_WIDTH with "…", never silently:
+    "cluster 9: n04562313 100%" cut to "... 1" read as 1%) and score."""
     names = [scores.names[i] for i in indices]
-    width = min(NAME_WIDTH, max((len(n) for n in names), default=0))
+    width = max(4, min(NAME_WIDTH, max((len(n) for n in names), default=0)))
     cut = [n if len(n) <= width else n[: width - 1] + "…" for n in names]
-    return [f"{rank + 1:>2}. {name:<{width}} {scores.scores[i]:>10.4g}"
-            for rank, (i, name) in enumerate(zip(indices, cut))]
+    return [f"{'rank':>4} {'name':<{width}} {'score':>10}",
+            *(f"{int(scores.ranks[i]):>4} {name:<{width}} {scores.scores[i]:>10.4g}" for i, name in zip(indices, cut))]
 
 
 def plot_scores(scores: Scores, path: str | os.PathLike, *, top: int = 10, force: bool = False) -> Path:
