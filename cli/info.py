@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import click
@@ -184,13 +185,24 @@ _CELLS = {  # column: (heading, format), each right-aligned in 7 characters afte
     "train_loss": ("loss", "{:.4f}"), "train_top1": ("train@1", "{:.2%}"), "val_top1": ("val@1", "{:.2%}"),
     "val_top5": ("val@5", "{:.2%}"), "val_top1_all": ("all@1", "{:.2%}"), "test_top1": ("test@1", "{:.2%}"),
     "lr": ("lr", "{:.3g}"), "res": ("res", "{}"), "images_per_s": ("img/s", "{:.0f}"),
-    "epoch_time_s": ("epoch s", "{:.3g}"),
+    "epoch_time_s": ("epoch s", None),  # one format for the column: `_seconds_format`
 }
 
 
-def _cell(record: dict, column: str) -> str:
+def _seconds_format(records: list[dict], column: str) -> str:
+    """One format for a column of seconds: as many decimals as keep its smallest positive value to 3 significant
+    digits (0 to 5), fewer when its largest would not fit the 7 characters ("{:.3g}" printed 0.1 beside 0.0772, and
+    an ImageNet epoch of 1234 s as 1.23e+03)."""
+    values = [v for r in records if isinstance(v := r.get(column), (int, float)) and math.isfinite(v)]
+    positive = [v for v in values if v > 0]
+    decimals = min(5, max(0, 2 - math.floor(math.log10(min(positive))))) if positive else 2
+    widest = len(f"{max(values, key=abs):.0f}") if values else 1
+    return f"{{:.{max(0, min(decimals, 7 - 1 - widest))}f}}"
+
+
+def _cell(record: dict, column: str, fmt: str) -> str:
     value = record.get(column)
-    return f"  {_CELLS[column][1].format(value) if isinstance(value, (int, float)) else '-':>7}"
+    return f"  {fmt.format(value) if isinstance(value, (int, float)) else '-':>7}"
 
 
 def _run_log(s: dict) -> str:
@@ -223,7 +235,8 @@ def _run_log(s: dict) -> str:
         lines.append(f"logged more than once (the last record kept): {epochs_text(s['repeated_epochs'])}")
     if s["epochs"]:
         lines.append(f"{'epoch':>5}" + "".join(f"  {_CELLS[c][0]:>7}" for c in s["columns"]))
-        lines += [f"{r['epoch'] + 1:>5}" + "".join(_cell(r, c) for c in s["columns"]) for r in s["epochs"]]
+        formats = {c: _CELLS[c][1] or _seconds_format(s["epochs"], c) for c in s["columns"]}
+        lines += [f"{r['epoch'] + 1:>5}" + "".join(_cell(r, c, formats[c]) for c in s["columns"]) for r in s["epochs"]]
     else:
         lines.append("no epoch finished yet")
     if s["best"]:

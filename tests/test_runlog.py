@@ -97,10 +97,11 @@ def test_a_train_log_with_a_resume(runs):
     head, *rows = _table(text)
     assert head == ["epoch", "loss", "train@1", "val@1", "val@5", "lr", "res", "img/s", "epoch s"]
     assert len(rows) == 3
+    places = _decimals(rows[0][-1])  # one for the column: test_epoch_seconds_in_one_format_per_column
     for row, rec in zip(rows, epochs):
         assert row == [str(rec["epoch"] + 1), f"{rec['train_loss']:.4f}", f"{rec['train_top1']:.2%}",
                        f"{rec['val_top1']:.2%}", f"{rec['val_top5']:.2%}", f"{rec['lr']:.3g}", str(rec["res"]),
-                       f"{rec['images_per_s']:.0f}", f"{rec['epoch_time_s']:.3g}"]
+                       f"{rec['images_per_s']:.0f}", f"{rec['epoch_time_s']:.{places}f}"]
     assert f"best epoch: {best['epoch'] + 1} (val_top1 {best['val_top1']:.2%})" in text
 
 
@@ -116,8 +117,9 @@ def test_a_finetune_log(runs):
     code, text = _run("info", runs / "lp.jsonl")
     head, *rows = _table(text)
     assert head == ["epoch", "loss", "val@1", "test@1", "epoch s"]
+    places = _decimals(rows[0][-1])
     assert rows == [[str(r["epoch"] + 1), f"{r['train_loss']:.4f}", f"{r['val_top1']:.2%}", f"{r['test_top1']:.2%}",
-                     f"{r['epoch_time_s']:.3g}"] for r in epochs]
+                     f"{r['epoch_time_s']:.{places}f}"] for r in epochs]
     assert "finetuned from: " in text and "log of finetune (lp)" in text
     f = d["summary"]  # in percent, as the table beside it (a fraction read "final 1" beside "100.00%")
     summary = (f"test top-1: final {f['final_test_top1']:.2%}, best {f['best_test_top1']:.2%} "
@@ -126,6 +128,35 @@ def test_a_finetune_log(runs):
     assert f"best epoch: {d['best']['epoch'] + 1} (val_top1" in text, text
     shown = _run("info", runs / "lp.pt")[1]  # the checkpoint's summary, as the log's
     assert summary in shown, shown
+
+
+def _seconds_cells(text: str) -> list[str]:
+    head, *rows = _table(text)
+    return [row[head.index("epoch s")] for row in rows]
+
+
+def _decimals(cell: str) -> int:
+    return len(cell.partition(".")[2])
+
+
+def test_epoch_seconds_in_one_format_per_column(runs, tmp_path):
+    """finetune's table printed its epoch seconds as "0.1" beside "0.0772" (3 significant digits, trailing zeros
+    dropped), and an ImageNet train epoch of 1234 s would read "1.23e+03": the column now has one number of decimals,
+    enough for its smallest value to keep 3 significant digits, at most what fits its 7 characters."""
+    for source, seconds, shown in (
+        ("lp.jsonl", [0.1, 0.0772, 0.0801], ["0.1000", "0.0772", "0.0801"]),
+        ("m.jsonl", [1234.4, 987.25, 1010.0], ["1234", "987", "1010"]),
+        ("m.jsonl", [16.3, 9.5, 16.94], ["16.30", "9.50", "16.94"]),
+        ("lp.jsonl", [0.5, 1234.5678, 0.25], ["0.50", "1234.57", "0.25"]),  # 0.500 would push 1234.568 to 8
+        ("lp.jsonl", [0.00195, 0.0021, 0.0], ["0.00195", "0.00210", "0.00000"]),
+    ):
+        times = iter(seconds)
+        log = tmp_path / source
+        records = [{**r, "epoch_time_s": next(times)} if r["event"] == "epoch" else r for r in _lines(runs / source)]
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+        code, text = _run("info", log)
+        assert code == 0, text
+        assert _seconds_cells(text) == shown, text
 
 
 def test_a_pruned_run_shows_top1_over_all_classes(runs):
