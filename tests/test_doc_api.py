@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
+from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -99,3 +103,106 @@ def test_info_describes_a_minimal_training_log(tmp_path):
     log.write_text('{"event": "config", "config": {}}\n{"event": "epoch", "epoch": 0}\n')
     result = run("info", log)  # described since `info` reads logs (tests/test_runlog.py has real ones)
     assert result.exit_code == 0 and "log of train, ?, 1 epoch (running or stopped" in result.output
+
+
+# --- the README against the CLI: every option it names exists, and its command lines parse --------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+#: options the README names that belong to other programs: torchrun's, and benchmarks/bench_scale.py's --commands
+FOREIGN_OPTIONS = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--rdzv_backend", "--rdzv_endpoint",
+                   "--commands"}
+
+
+def _commands() -> dict[str, click.Command]:
+    """'convert', ..., 'bench pretrain', 'bench loader' -> the Click command."""
+    ctx = click.Context(cli)
+    found = {}
+    for name in cli.list_commands(ctx):
+        command = cli.get_command(ctx, name)
+        found[name] = command
+        if isinstance(command, click.Group):
+            for sub in command.list_commands(ctx):
+                found[f"{name} {sub}"] = command.get_command(ctx, sub)
+    return found
+
+
+def _options(command: click.Command) -> dict[str, click.Parameter]:
+    """Every spelling of every option of `command` (-h/--help included) -> its parameter."""
+    names = {"-h": None, "--help": None}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            names.update({name: param for name in param.opts + param.secondary_opts})
+    return names
+
+
+def readme_command_lines(text: str) -> list[str]:
+    """`dptool ...` command lines of the README: those in shell blocks (commented-out ones too) and in `code` spans."""
+    lines = []
+    for lang, body in re.findall(r"^```(\w*)\n(.*?)^```$", text, re.S | re.M):
+        if lang != "python":
+            lines += [line.lstrip("# ") for line in body.splitlines() if re.search(r"(^|[\s#])dptool\s", line)]
+    prose = re.sub(r"^```.*?^```$", "", text, flags=re.S | re.M)
+    lines += [span for span in re.findall(r"`([^`\n]+)`", prose) if re.search(r"(^|\s)dptool\s+-?[a-z]", span)]
+    return lines
+
+
+def command_line_problems(line: str, commands: dict[str, click.Command]) -> list[str]:
+    """What is wrong in one README command line: a command or option that does not exist, or an option value that
+    is not one of its choices. Placeholders (`FILE`, `N`, `...`, `[--json]`, `a | b`) are read as such."""
+    words = shlex.split(line.split(" # ")[0].replace("[", " ").replace("]", " ").replace("|", " "))
+    words = words[words.index("dptool") + 1:]
+    while words and words[0] in ("-q", "-v", "-vv", "--debug"):
+        words = words[1:]
+    if not words or words[0] == "...":
+        return []
+    name = words[0] if words[0] in commands else None
+    if name and isinstance(commands[name], click.Group) and len(words) > 1 and words[1] not in ("...",):
+        name = f"{words[0]} {words[1]}" if f"{words[0]} {words[1]}" in commands else None
+    if name is None:
+        return [f"{line!r}: no command {words[0]!r}"]
+    options, problems = _options(commands[name]), []
+    words = words[len(name.split()):]
+    for i, word in enumerate(words):
+        if not word.startswith("-") or word == "-":
+            continue
+        if word not in options:
+            problems.append(f"{line!r}: dptool {name} has no option {word}")
+            continue
+        param = options[word]
+        value = words[i + 1] if i + 1 < len(words) else None
+        choices = param.type.choices if isinstance(getattr(param, "type", None), click.Choice) else None
+        if choices and value and not value.isupper() and value != "..." and value not in choices:
+            problems.append(f"{line!r}: {word} {value} is not one of {', '.join(map(str, param.type.choices))}")
+    return problems
+
+
+def test_every_option_the_readme_names_exists():
+    text = README.read_text()
+    known = set(_options(cli)).union(*(_options(c) for c in _commands().values())) | FOREIGN_OPTIONS
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text))
+    assert named - known == set(), "options in README.md that no command has"
+
+
+def test_every_readme_command_line_names_its_commands_options():
+    commands = _commands()
+    lines = readme_command_lines(README.read_text())
+    assert len(lines) >= 20, lines  # the workflow block alone has 16
+    problems = [p for line in lines for p in command_line_problems(line, commands)]
+    assert problems == []
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("dptool prune in.beton --scores s.json --ratio-of 0.6 -o out.beton", "has no option --ratio-of"),
+    ("dptool score --method lp --source a.beton -o s.json", "--method lp is not one of"),
+    ("dptool bench pretrain a.beton --compare-folder DIR", "has no option --compare-folder"),
+    ("dptool pruned in.beton", "no command 'pruned'"),
+])
+def test_readme_command_line_check_finds_what_is_wrong(line, problem):
+    problems = command_line_problems(line, _commands())
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_every_command_has_a_readme_section():
+    headings = [line for line in README.read_text().splitlines() if line.startswith("### ")]
+    for name in _commands():
+        assert any(f"`dptool {name.split()[0]}" in h for h in headings), name
