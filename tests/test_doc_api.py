@@ -206,3 +206,27 @@ def test_every_command_has_a_readme_section():
     headings = [line for line in README.read_text().splitlines() if line.startswith("### ")]
     for name in _commands():
         assert any(f"`dptool {name.split()[0]}" in h for h in headings), name
+
+
+def readme_missing_files(text: str, root: Path) -> list[str]:
+    """Repository files the README names (`dptool/X.py`, `tests/X.py`, benchmark scripts, `results/X.json`, the
+    GPU log) that are not in `root`."""
+    named = set(re.findall(r"(?<![\w/])((?:dptool|tests|benchmarks)/[a-z_/]+\.\w+)", text))
+    named |= {f"benchmarks/{name}" for name in re.findall(r"`((?:bench_\w+|transfer_experiment|gpu_\w+)\.(?:py|sh))`",
+                                                         text)}
+    named |= {f"benchmarks/results/{name}" for name in re.findall(r"(?<![\w/])results/(\w+\.(?:json|log))", text)}
+    named |= {f"benchmarks/results/{name}" for name in re.findall(r"`(\w+\.log)`", text)}
+    return sorted(path for path in named if not (root / path).is_file())
+
+
+def test_every_file_the_readme_names_exists():
+    assert readme_missing_files(README.read_text(), README.parent) == []
+    assert readme_missing_files("see `results/gone.json` and `bench_gone.py`", README.parent) == [
+        "benchmarks/bench_gone.py", "benchmarks/results/gone.json"]
+
+
+def test_every_benchmark_script_is_in_the_readme():
+    scripts = {p.name for p in (README.parent / "benchmarks").iterdir()
+               if p.suffix in (".py", ".sh") and not p.name.startswith("_")}
+    table = README.read_text().split("\n## Tests and benchmarks\n", 1)[1]
+    assert {s for s in scripts if f"| `{s}` |" not in table} == set()
