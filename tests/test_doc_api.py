@@ -230,3 +230,46 @@ def test_every_benchmark_script_is_in_the_readme():
                if p.suffix in (".py", ".sh") and not p.name.startswith("_")}
     table = README.read_text().split("\n## Tests and benchmarks\n", 1)[1]
     assert {s for s in scripts if f"| `{s}` |" not in table} == set()
+
+
+def readme_defaults(text: str) -> list[tuple[str, str]]:
+    """(option, value) for each default the README states as "`--opt` (N", "`--opt` ... (default N" or
+    "`--opt`, default N" (N a number, or a `code` value after "default")."""
+    number = r"([0-9][0-9.e-]*)[;,) ]"
+    pattern = (rf"`(--[a-z-]+)` \({number}|`(--[a-z-]+)`[^`(]{{0,45}}\(default:? (?:{number}|`([^`]+)`\))"
+               rf"|`(--[a-z-]+)`,?\s+default {number}")
+    found = []
+    for m in re.finditer(pattern, text):
+        groups = [g for g in m.groups() if g is not None]
+        found.append((groups[0], groups[1]))
+    return found
+
+
+def _shown_default(param: click.Parameter):
+    """The default `-h` shows: the parameter's own, else its `show_default` text or its help's "[default: X]" (the
+    options whose default a --preset or --recipe resolves), up to a ';'."""
+    if isinstance(param.default, (int, float, str, Path)):  # not None, nor click's sentinel for an unset flag
+        return param.default
+    shown = param.show_default if isinstance(getattr(param, "show_default", None), str) else None
+    found = shown or next(iter(re.findall(r"\[default: ([^\]]+)\]", getattr(param, "help", None) or "")), None)
+    return found.split(";")[0].strip() if found else None
+
+
+def _same(value: str, param: click.Parameter) -> bool:
+    default = _shown_default(param)
+    try:
+        return float(value) == float(default)
+    except (TypeError, ValueError):
+        return value == str(default)
+
+
+def test_every_default_the_readme_states_is_the_cli_default():
+    commands = _commands()
+    stated = readme_defaults(README.read_text())
+    assert {"--max-res", "--steps", "--checkpoint-every", "--max-listed", "--workdir"} <= {o for o, _ in stated}
+    wrong = [(option, value) for option, value in stated
+             if not any(option in _options(c) and _same(value, _options(c)[option])
+                        for c in commands.values())]
+    assert wrong == [], "README defaults that no command with that option has"
+    assert readme_defaults("`--steps` (40) and `--workdir` (default `demo`)") == [("--steps", "40"),
+                                                                                 ("--workdir", "demo")]
