@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -273,3 +274,25 @@ def test_every_default_the_readme_states_is_the_cli_default():
     assert wrong == [], "README defaults that no command with that option has"
     assert readme_defaults("`--steps` (40) and `--workdir` (default `demo`)") == [("--steps", "40"),
                                                                                  ("--workdir", "demo")]
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether `dptool.a.b.c` names a module, or an attribute reached from the longest importable module."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
+
+
+def test_every_dptool_name_the_readme_gives_exists():
+    names = set(re.findall(r"\bdptool(?:\.[A-Za-z_]\w*)+", README.read_text()))
+    assert "dptool.train.RECIPES" in names and not _resolves("dptool.train.RECIPE")
+    assert sorted(n for n in names if not _resolves(n)) == []
