@@ -5,6 +5,7 @@ Library errors become exit codes in one place, `dptool.cli.main`."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 
@@ -59,13 +60,25 @@ def emit(result, as_json: bool, human: Callable[[object], str] | None = None) ->
     """Print `result`: one JSON document on stdout with --json, else `human(result)` (or its str)."""
     data = result.to_dict() if hasattr(result, "to_dict") else result
     if as_json:
-        click.echo(json.dumps(data, indent=1, default=str))
+        click.echo(json.dumps(_finite(data), indent=1, default=str, allow_nan=False))
     else:
         text = human(result) if human else str(data)
         try:
             click.echo(text)
         except UnicodeEncodeError:  # a file or folder name that is not UTF-8 (Python holds its bytes as surrogates)
             click.echo(text.encode("utf-8", "surrogateescape"))  # its bytes, as ls prints them
+
+
+def _finite(data):
+    """`data` with every NaN or infinite float replaced by None: json.dumps writes them as NaN and Infinity, which
+    are not JSON (jq and JSON.parse refuse the document), and a hand-edited log or sidecar can hold them."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def counted(n, plural: str) -> str:

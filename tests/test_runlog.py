@@ -315,3 +315,16 @@ def test_plot_draws_resumes_and_a_running_log_on_its_planned_epochs(runs, tmp_pa
     finally:
         for fig in figures:
             close(fig)
+
+
+def test_json_output_is_json_when_a_log_holds_nan_or_infinity(runs, tmp_path):
+    """`info --json` on a log with a NaN or infinite value (hand-edited, or joined from elsewhere) printed NaN and
+    Infinity, which jq and JSON.parse refuse: such values are null in the JSON output, the rest unchanged."""
+    bad = iter([float("nan"), float("inf"), 1.5])
+    log = tmp_path / "m.jsonl"
+    records = [{**r, "epoch_time_s": next(bad)} if r["event"] == "epoch" else r for r in _lines(runs / "m.jsonl")]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, text = _run("info", log, "--json")
+    assert code == 0, text
+    doc = json.loads(text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
+    assert [e["epoch_time_s"] for e in doc["epochs"]] == [None, None, 1.5]
