@@ -31,14 +31,7 @@ def _beton(s: dict) -> str:
         lines.append(f"source: {s['source'].get('format')} {s['source'].get('path')}"
                      + (f" ({split})" if split else ""))
     if s.get("pruning"):
-        p = s["pruning"]
-        tie = p.get("tie_at_cut")
-        by_tie = (f" ({tie['kept']} of the {tie['groups']} scoring {tie['score']:g} picked by the tie-break)"
-                  if isinstance(tie, dict) else "")
-        lines.append(
-            f"pruned: ratio {p.get('ratio')}, {counted(p.get('kept_groups', '?'), 'groups')} kept{by_tie}, scores "
-            f"{p.get('scores')}"
-        )
+        lines.append(_pruned(s["pruning"]))
     if s["skipped"]:
         lines.append(f"skipped at conversion: {counted(s['skipped'], 'files')} (listed in the sidecar)")
     if "classes" in s:
@@ -54,6 +47,21 @@ def _beton(s: dict) -> str:
         lines.append(f"warning: the sidecar {s['sidecar']} was not written for this file ({s['sidecar_problem']}); "
                      f"{shown}")
     return "\n".join(lines)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _pruned(p: dict) -> str:
+    """The sidecar's pruning record in a line: the ratio as prune prints it (0.166667 for a --keep), the groups kept
+    and, where the cut fell among equal scores, how many of them the tie-break kept; a record edited by hand is shown
+    as far as it reads (a tie_at_cut without its numbers stopped info with "internal error: KeyError")."""
+    ratio, tie = p.get("ratio"), p.get("tie_at_cut")
+    by_tie = (f" ({tie['kept']} of the {tie['groups']} scoring {tie['score']:g} picked by the tie-break)"
+              if isinstance(tie, dict) and all(_number(tie.get(k)) for k in ("score", "groups", "kept")) else "")
+    return (f"pruned: ratio {f'{ratio:g}' if _number(ratio) else ratio}, "
+            f"{counted(p.get('kept_groups', '?'), 'groups')} kept{by_tie}, scores {p.get('scores')}")
 
 
 _LISTED = 50  # classes listed by name; more are summed up

@@ -173,6 +173,23 @@ def test_a_cut_among_equal_scores_says_how_many_the_tie_break_kept(data, tmp_pat
     assert result.exit_code == 0 and "tie" not in result.output
 
 
+def test_info_shows_a_pruning_record_it_cannot_read_in_full_without_failing(data, tmp_path):
+    """info read the sidecar's tie_at_cut blindly: one edited by hand ({"groups": 3}, a score of null) stopped it with
+    "internal error: KeyError" (exit 1), where the rest of the pruning record is shown as it is; and a --keep prune's
+    ratio read 0.16666666666666666 where prune's own summary says 0.166667."""
+    out = tmp_path / "k.beton"
+    assert run(data["train"], "--scores", data["scores"], "--keep", 5, "-o", out).exit_code == 0
+    side = read_sidecar(out)
+    for tie in ({"groups": 3}, {"score": None, "groups": 3, "kept": 1}, {"score": "0", "groups": 3, "kept": 1}, 7):
+        write_sidecar(out, {**side, "pruning": {**side["pruning"], "tie_at_cut": tie}})
+        result = CliRunner().invoke(cli, ["info", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "pruned: ratio 0.166667, 5 groups kept, scores " in result.output
+    write_sidecar(out, side)
+    assert "pruned: ratio 0.166667, 5 groups kept (2 of the 3 scoring 0 picked by the tie-break), scores " in (
+        CliRunner().invoke(cli, ["info", str(out)]).output)
+
+
 def test_several_ratios_in_one_pass_equal_separate_runs(data, tmp_path):
     before = {k: sha256(data[k]) for k in ("train", "val", "scores")}
     result = run(data["train"], "--scores", data["scores"], "--ratios", "0.2,0.5,0.8",
