@@ -62,6 +62,35 @@ def _ties(r, train) -> list[str]:
     return lines
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _plan_table(r) -> str:
+    """`--dry-run`: one row per output (the training file's, then the validation file's), totals, the ties."""
+    noun = "clusters" if r.level == "cluster" else "classes"
+    classes = r.level == "cluster"  # the classes its clusters touch; at class level, the classes kept
+    rows = [("split", "ratio", f"{noun} kept", *(("classes",) if classes else ()), "samples", "of", "share",
+             "speed-up", "size", "output")]
+    for f in r.files:
+        rows.append((f.split, f"{f.ratio:g}", f"{f.kept_groups}", *((f"{f.num_classes_kept}",) if classes else ()),
+                     f"{f.num_samples:,}", f"{f.source_samples:,}", f"{f.share:.1%}", f"{f.speedup:.2f}x",
+                     _size(f.bytes), f"{f.output}{' (exists)' if f.exists else ''}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = [f"dry run, nothing written: {r.method} scores, {r.groups} {noun} with samples"
+             + (f" ({r.empty_groups} without)" if r.empty_groups else "")]
+    lines += ["  ".join([c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+                        + [row[-1]]) for row in rows]
+    lines.append(f"{_size(r.bytes_to_write)} to write (.beton files), {_size(r.bytes_to_read)} to read")
+    existing = sum(f.exists for f in r.files)
+    if existing:
+        them = "it" if existing == 1 else "them"
+        lines.append(f"{counted(existing, 'outputs')} {'exists' if existing == 1 else 'exist'}: "
+                     + (f"--force replaces {them}" if r.force else f"prune refuses {them} without --force"))
+    lines += _ties(r, [f for f in r.files if f.split == "train"])
+    return "\n".join(lines)
+
+
 @click.command("prune", context_settings=CONTEXT_SETTINGS)
 @click.argument("source", type=ExistingFile(path_type=str))
 @click.option("--scores", "scores_path", required=True, type=ExistingFile(path_type=str),
@@ -77,9 +106,12 @@ def _ties(r, train) -> list[str]:
               help="Validation .beton to prune to the same classes (class-level scores only).")
 @click.option("--val-out", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Pruned validation .beton (holds {ratio} with --ratios).")
+@click.option("--dry-run", is_flag=True,
+              help="Run every check and print what each ratio would keep (groups, samples, bytes, speed-up); "
+                   "write nothing.")
 @force_option
 @json_option
-def command(source, scores_path, ratio, keep, ratios, output, val, val_out, force, as_json):
+def command(source, scores_path, ratio, keep, ratios, output, val, val_out, dry_run, force, as_json):
     """Write the top-scored classes (or FM clusters) of SOURCE to a new .beton by copying their stored bytes.
 
     \b
@@ -87,5 +119,5 @@ def command(source, scores_path, ratio, keep, ratios, output, val, val_out, forc
     dptool prune in_train.beton --scores scores.json --ratios 0.2,0.4,0.6,0.8 -o 'in_train_p{ratio}.beton'
     """
     result = prune(source, scores_path, output, ratio=ratio, keep=keep, ratios=ratios, val=val, val_output=val_out,
-                   force=force, progress=show_progress(as_json))
-    emit(result, as_json, _human)
+                   force=force, progress=show_progress(as_json), dry_run=dry_run)
+    emit(result, as_json, _plan_table if dry_run else _human)

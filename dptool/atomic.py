@@ -139,10 +139,11 @@ def sweep_stale(path: str | os.PathLike) -> None:
     _sweep_stale(Path(path))
 
 
-def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
+def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = (), dry_run: bool = False) -> Path:
     """Refuse an output that exists (without `force`), equals an input, an input's sidecar (`INPUT.json`) or
     digests file (`INPUT.digests.npy`), or sits in a folder that is missing or cannot be written to (found before
-    any work is done)."""
+    any work is done). `dry_run`: write and remove nothing (no probe file, no sweep of stale temporaries), see
+    `_check_writable_unwritten`."""
     out = Path(path)
     for src in (p for p in inputs if p is not None):
         for protected, what in ((Path(src), f"input {src}"), (Path(f"{src}.json"), f"the sidecar of input {src}"),
@@ -157,6 +158,9 @@ def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = (
         raise InputError(f"Folder {out.parent} of output {out} does not exist.")
     if out.exists() and out.is_dir():
         raise InputError(f"Output {out} is a folder; give a file path.")
+    if dry_run:
+        _check_writable_unwritten(out)
+        return out
     _check_writable(out)
     _sweep_stale(out)
     return out
@@ -191,6 +195,20 @@ def _check_writable(out: Path) -> None:
         raise InputError(f"Cannot write to folder {out.parent} of output {out} ({exc.strerror}); "
                          "choose a folder you can write to.") from None
     os.unlink(probe)
+
+
+def _check_writable_unwritten(out: Path) -> None:
+    """`_check_writable` without creating a file: the folder's write permission as `access(2)` sees it (a
+    read-only mount included) and the temporary name's length against the folder's limit."""
+    probe, limit = temp_path_for(out), None
+    with contextlib.suppress(OSError, ValueError):  # no limit known: none checked
+        limit = os.pathconf(out.parent, "PC_NAME_MAX")
+    if limit is not None and len(os.fsencode(probe.name)) > limit:
+        raise InputError(f"Output name {out.name} is too long: its temporary name {probe.name} is "
+                         f"{len(os.fsencode(probe.name))} bytes; choose a shorter name.")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write to folder {out.parent} of output {out} (permission denied or a read-only "
+                          "file system); choose a folder you can write to.")
 
 
 class _Group:

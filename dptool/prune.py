@@ -28,10 +28,11 @@ from .beton import (
 from .errors import InputError
 from .integrity import record_digests, recorded_digests, sample_digests
 from .scores import Scores, fingerprint_file, load_assignment, read_scores, select_groups
-from .sidecar import check_beton_output, write_sidecar
-from .subset import write_subsets
+from .sidecar import check_beton_output, digests_path, sidecar_path, write_sidecar
+from .subset import plan_subsets, write_subsets
 
-__all__ = ["PrunedFile", "PruneResult", "prune", "check_scores_source", "cut_tie", "kept_samples", "output_paths"]
+__all__ = ["PrunedFile", "PruneResult", "PlannedFile", "PrunePlan", "prune", "check_scores_source", "cut_tie",
+           "kept_samples", "output_paths"]
 
 RATIO_PLACEHOLDER = "{ratio}"
 
@@ -81,6 +82,39 @@ class PruneResult:
     def to_dict(self) -> dict:
         """Plain-JSON form for `--json`."""
         return {**asdict(self), "mb_per_second": self.mb_per_second}
+
+
+@dataclass
+class PlannedFile(PrunedFile):
+    """One `.beton` a prune would write (`prune(..., dry_run=True)`): the numbers a prune reports for it, the share
+    of its split's samples it keeps, the ideal epoch speed-up, and whether it exists already."""
+
+    source_samples: int = 0  # samples of the file it is cut from (the source, or the validation file)
+    share: float = 0.0  # num_samples / source_samples
+    speedup: float = 0.0  # source_samples / num_samples: an epoch's samples, full over pruned
+    exists: bool = False  # the output, its sidecar or its digests file is there: prune refuses it without --force
+
+
+@dataclass
+class PrunePlan:
+    """What `prune` would write, from the tables alone (`dry_run=True`): nothing is read of the samples but the
+    64 the fingerprint check hashes, and nothing is written."""
+
+    source: str
+    scores: str
+    method: str
+    level: str
+    groups: int = 0  # groups with samples in the source: what the ratio counts
+    empty_groups: int = 0
+    tie_break: str = ""
+    force: bool = False
+    files: list[PlannedFile] = field(default_factory=list)
+    bytes_to_write: int = 0  # the .beton files' bytes (sidecars and digests files, 4 bytes a sample, aside)
+    bytes_to_read: int = 0  # the sources' bytes the byte copy reads, each kept sample's once
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form for `--json`."""
+        return {"dry_run": True, **asdict(self)}
 
 
 def output_paths(template: str | os.PathLike, ratios: list[float]) -> list[Path]:
@@ -222,10 +256,45 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
     return files, results[0].seconds, results[0].bytes_read
 
 
+def _planned(beton: Beton, split: str, jobs: list[tuple[Path, float, np.ndarray, np.ndarray]], scores: Scores,
+             sizes: np.ndarray) -> tuple[list[PlannedFile], int]:
+    """The files `_write` would write for one source, laid out as it lays them out; returns them and the source
+    bytes the copy would read."""
+    results = plan_subsets(beton, {p: idx for p, _, _, idx in jobs})
+    files = []
+    for res, (p, r, kept, idx) in zip(results, jobs):
+        tie_score, tied, tied_kept = cut_tie(scores, kept, sizes) or (None, 0, 0)
+        files.append(PlannedFile(
+            output=res.output, split=split, ratio=r, kept_groups=len(kept), num_samples=res.num_samples,
+            num_classes_kept=int(np.count_nonzero(np.bincount(beton.labels[idx]))), bytes=res.bytes,
+            tie_score=tie_score, tied=tied, tied_kept=tied_kept, source_samples=beton.num_samples,
+            share=res.num_samples / beton.num_samples, speedup=beton.num_samples / res.num_samples,
+            exists=any(q.exists() for q in (p, sidecar_path(p), digests_path(p)))))
+    return files, results[0].bytes_read
+
+
+def _dry_run(result: PruneResult, beton: Beton, jobs, vbeton: Beton | None, vjobs, scores: Scores,
+             sizes: np.ndarray, force: bool) -> PrunePlan:
+    """`prune`'s plan once its checks have passed: each output's numbers, computed without writing."""
+    for b in (beton, vbeton) if vjobs else (beton,):
+        try:  # the check `_write` makes, with its warning
+            recorded_digests(b)
+        except InputError as exc:
+            log.warning("%s The pruned files' digests would be read from them instead.", exc)
+    files, read = _planned(beton, "train", jobs, scores, sizes)
+    if vjobs:
+        vfiles, vread = _planned(vbeton, "val", vjobs, scores, sizes)
+        files, read = files + vfiles, read + vread
+    return PrunePlan(source=result.source, scores=result.scores, method=result.method, level=result.level,
+                     groups=int(np.count_nonzero(sizes)), empty_groups=result.empty_groups,
+                     tie_break=result.tie_break, force=force, files=files,
+                     bytes_to_write=sum(f.bytes for f in files), bytes_to_read=read)
+
+
 def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str | os.PathLike, *,
           ratio: float | None = None, keep: int | None = None, ratios: list[float] | None = None,
           val: str | os.PathLike | None = None, val_output: str | os.PathLike | None = None,
-          force: bool = False, progress: bool = False) -> PruneResult:
+          force: bool = False, progress: bool = False, dry_run: bool = False) -> PruneResult | PrunePlan:
     """Prune `source` with the scores file at `scores_path` and write the pruned `.beton` (+ sidecar) per ratio.
 
     Parameters
@@ -238,6 +307,8 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
     val, val_output : optionally prune a validation `.beton` to the same classes (class-level scores only).
     force : overwrite existing outputs.
     progress : progress bar on stderr.
+    dry_run : run every check, then return a `PrunePlan` of what would be written, and write nothing; an existing
+        output is not refused but marked (`exists`), as prune would refuse it without `force`.
     """
     scores_path = Path(scores_path)
     scores = read_scores(scores_path)
@@ -269,7 +340,7 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
     # the assignment by the name the scores file records (it stays put when the scores file is moved)
     inputs = (source, scores_path, val, scores_path.with_name(scores.assignment) if scores.assignment else None)
     for p in outs + val_outs:
-        check_beton_output(p, force=force, inputs=inputs)
+        check_beton_output(p, force=force or dry_run, inputs=inputs, dry_run=dry_run)
 
     jobs = [(p, r, kept, kept_samples(groups_of, kept)) for p, (r, kept) in zip(outs, selections)]
     vbeton, vjobs = None, []
@@ -286,6 +357,8 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
 
     result = PruneResult(source=str(beton.path), scores=str(scores_path), method=scores.method, level=scores.level,
                          empty_groups=empty, tie_break=scores.tie_break)
+    if dry_run:
+        return _dry_run(result, beton, jobs, vbeton, vjobs, scores, sizes, force)
     with output_group():  # the training and validation outputs are renamed into place together, or none
         files, seconds, read = _write(beton, source_fp, "train", jobs, scores, scores_path, sizes, force,
                                          progress)

@@ -53,12 +53,12 @@ def companions_of(path: str | os.PathLike, companion: Callable[[Path], Path] = s
     return p
 
 
-def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = ()) -> Path:
+def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = (), dry_run: bool = False) -> Path:
     """Refuse a `.beton` output, or the sidecar and digests file it brings, that exists (without `force`) or is an
     input or an input's sidecar; a path ending in `.json` is refused as a sidecar name, one ending in `.digests.npy`
-    as a digests file's."""
+    as a digests file's. `dry_run`: check without writing or removing any file (`check_output_path`'s)."""
     inputs = tuple(p for p in inputs if p is not None)
-    out = check_output_path(path, force=force, inputs=inputs)
+    out = check_output_path(path, force=force, inputs=inputs, dry_run=dry_run)
     if str(out).endswith(".json"):
         raise InputError(f"Output {out} looks like a sidecar; give a .beton path.")
     if str(out).endswith(".digests.npy"):  # another output's digests file (prune's -o and --val-out)
@@ -69,8 +69,8 @@ def check_beton_output(path: str | os.PathLike, *, force: bool, inputs: tuple = 
                 side.exists() and Path(src).exists() and side.resolve() == Path(src).resolve()):
             raise InputError(f"Output {out} would write its sidecar over {side}, which is an input or its "
                              "sidecar; choose another output path.")
-    check_output_path(side, force=force)
-    check_output_path(digests_path(out), force=force, inputs=inputs)
+    check_output_path(side, force=force, dry_run=dry_run)
+    check_output_path(digests_path(out), force=force, inputs=inputs, dry_run=dry_run)
     return out
 
 

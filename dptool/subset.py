@@ -32,7 +32,7 @@ from .beton import Beton, open_beton
 from .beton_format import _ALLOC
 from .errors import DptoolError, InputError
 
-__all__ = ["SubsetResult", "write_subset", "write_subsets", "sample_extents"]
+__all__ = ["SubsetResult", "write_subset", "write_subsets", "plan_subsets", "sample_extents"]
 
 log = logging.getLogger(__name__)
 
@@ -320,10 +320,7 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
     if len({os.path.abspath(d) for d in dsts}) != len(dsts):
         raise InputError("Two outputs have the same path; give each subset its own file.")
     started = time.perf_counter()
-    extents = sample_extents(beton)
-    order_by_sample = np.argsort(beton.alloc_table["sample_id"], kind="stable")
-    plans = [_plan(beton, dst, _checked_indices(idx, dst, beton.num_samples), extents, order_by_sample)
-             for dst, idx in zip(dsts, outputs.values())]
+    plans = _plans(beton, dsts, outputs.values())
     step = max(beton.page_size, int(step))
 
     with output_group():  # all outputs (and what `finalize` writes) renamed into place together, or none
@@ -333,7 +330,30 @@ def write_subsets(src: Beton | str | os.PathLike, outputs: Mapping[str | os.Path
         if finalize is not None:
             for p, tmp in zip(plans, tmps):
                 finalize(p.dst, tmp)
-    seconds = time.perf_counter() - started
+    return _results(beton, plans, time.perf_counter() - started)
+
+
+def plan_subsets(src: Beton | str | os.PathLike,
+                 outputs: Mapping[str | os.PathLike, np.ndarray]) -> list[SubsetResult]:
+    """What `write_subsets(src, outputs)` would write, laid out from the metadata and allocation tables alone: no
+    sample byte is read and nothing is written (`seconds` is 0). The indices and the source's layout are checked
+    as `write_subsets` checks them; the outputs are not (see `dptool.sidecar.check_beton_output`)."""
+    beton = src if isinstance(src, Beton) else open_beton(src, require_label=False)
+    if not outputs:
+        raise InputError("No outputs to write.")
+    return _results(beton, _plans(beton, [Path(d) for d in outputs], outputs.values()), 0.0)
+
+
+def _plans(beton: Beton, dsts: list[Path], indices) -> list[_Plan]:
+    """One `_plan` per output (`dsts` and `indices` in the same order), the indices checked first."""
+    extents = sample_extents(beton)
+    order_by_sample = np.argsort(beton.alloc_table["sample_id"], kind="stable")
+    return [_plan(beton, dst, _checked_indices(idx, dst, beton.num_samples), extents, order_by_sample)
+            for dst, idx in zip(dsts, indices)]
+
+
+def _results(beton: Beton, plans: list[_Plan], seconds: float) -> list[SubsetResult]:
+    """The `SubsetResult` of each planned output: its sizes, and the pass's bytes read and `seconds`."""
     bytes_read = _bytes_read(plans)
     return [SubsetResult(output=str(p.dst), num_samples=p.num_samples,
                          num_pages=(p.data_end - p.data_start) // beton.page_size,

@@ -1,0 +1,146 @@
+"""`dptool prune --dry-run`: the numbers a real prune then writes (samples, bytes, classes, ties; class and FM
+cluster scores, with --val), nothing written or removed, every check still refusing, existing outputs marked."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_prune import REFUSALS, data, one_sentence, run  # noqa: F401 (data: the fixture)
+
+from dptool.atomic import _TAG
+from dptool.prune import PrunePlan, prune
+
+COMPARED = ("output", "split", "ratio", "kept_groups", "num_samples", "num_classes_kept", "bytes", "tie_score", "tied",
+            "tied_kept")
+
+
+def snapshot(folder) -> dict:
+    """Every entry under `folder` with its size and mtime, and each folder's own mtime (a file created and removed
+    again, such as a probe, changes it)."""
+    out = {}
+    for root, _dirs, files in os.walk(folder):
+        out[root] = os.stat(root).st_mtime_ns
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            out[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def plan_then_prune(args, tmp_path) -> tuple[dict, dict]:
+    """The --dry-run --json document (checking that it wrote nothing), then the real prune's."""
+    before = snapshot(tmp_path)
+    dry = run(*args, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert snapshot(tmp_path) == before
+    real = run(*args, "--json")
+    assert real.exit_code == 0, real.output
+    return json.loads(dry.stdout), json.loads(real.stdout)
+
+
+def check_same(plan: dict, done: dict) -> None:
+    assert plan["dry_run"] is True
+    assert [{k: f[k] for k in COMPARED} for f in plan["files"]] == [{k: f[k] for k in COMPARED} for f in done["files"]]
+    assert plan["bytes_to_write"] == done["bytes_written"] == sum(os.path.getsize(f["output"]) for f in done["files"])
+    assert plan["bytes_to_read"] == done["bytes_read"]
+    for f in plan["files"]:
+        assert f["share"] == f["num_samples"] / f["source_samples"]
+        assert f["speedup"] == f["source_samples"] / f["num_samples"]
+        assert f["exists"] is False
+
+
+def test_class_scores_with_val_plan_what_prune_writes(data, tmp_path):  # noqa: F811
+    args = [data["train"], "--scores", data["scores"], "--ratios", "0.2,0.5,0.8", "-o", tmp_path / "p_{ratio}.beton",
+            "--val", data["val"], "--val-out", tmp_path / "v_{ratio}.beton"]
+    plan, done = plan_then_prune(args, tmp_path)
+    check_same(plan, done)
+    # ORDER 2, 0, 5, 1, 3, 4 (test_prune): 25 training and 6 validation samples a class
+    assert [(f["split"], f["kept_groups"], f["num_samples"], f["source_samples"]) for f in plan["files"]] == [
+        ("train", 5, 125, 150), ("train", 3, 75, 150), ("train", 1, 25, 150),
+        ("val", 5, 30, 36), ("val", 3, 18, 36), ("val", 1, 6, 36)]
+    assert [f["speedup"] for f in plan["files"]] == [1.2, 2.0, 6.0] * 2
+    assert (plan["files"][0]["tied"], plan["files"][0]["tied_kept"]) == (3, 2)  # 1, 3, 4 score 0; 1 and 3 kept
+    assert plan["groups"] == 6 and plan["level"] == "class" and plan["method"] == "lm"
+
+
+def test_fm_cluster_scores_plan_what_prune_writes(data, tmp_path):  # noqa: F811
+    args = [data["train"], "--scores", data["fm"], "--ratios", "0.25,0.5", "-o", tmp_path / "p_{ratio}.beton"]
+    plan, done = plan_then_prune(args, tmp_path)
+    check_same(plan, done)
+    counts = [int((data["assign"] == c).sum()) for c in range(4)]  # scores 3, 1, 0, 2: clusters 0, 3, 1, 2 kept
+    assert [f["num_samples"] for f in plan["files"]] == [counts[0] + counts[3] + counts[1], counts[0] + counts[3]]
+    assert plan["level"] == "cluster" and [f["kept_groups"] for f in plan["files"]] == [3, 2]
+
+
+def test_the_table_gives_a_row_per_output_train_then_val(data, tmp_path):  # noqa: F811
+    result = run(data["train"], "--scores", data["scores"], "--ratios", "0.5,0.8", "-o", tmp_path / "p_{ratio}.beton",
+                 "--val", data["val"], "--val-out", tmp_path / "v_{ratio}.beton", "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "dry run, nothing written: lm scores, 6 classes with samples"
+    assert lines[1].split() == ["split", "ratio", "classes", "kept", "samples", "of", "share", "speed-up", "size",
+                                "output"]
+    rows = [line.split() for line in lines[2:6]]
+    assert [r[:7] for r in rows] == [["train", "0.5", "3", "75", "150", "50.0%", "2.00x"],
+                                     ["train", "0.8", "1", "25", "150", "16.7%", "6.00x"],
+                                     ["val", "0.5", "3", "18", "36", "50.0%", "2.00x"],
+                                     ["val", "0.8", "1", "6", "36", "16.7%", "6.00x"]]
+    assert [r[-1] for r in rows] == [str(tmp_path / n) for n in ("p_0.5.beton", "p_0.8.beton", "v_0.5.beton",
+                                                                  "v_0.8.beton")]
+    assert "to write (.beton files)" in lines[6]
+    assert "ratio 0.8: the cut fell among the 2 classes scoring 5; 1 of them kept" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_outputs_are_marked_not_replaced(data, tmp_path):  # noqa: F811
+    out = tmp_path / "p.beton"
+    out.write_bytes(b"keep me")
+    args = [data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out, "--dry-run"]
+    for extra, said in (([], "1 output exists: prune refuses it without --force"),
+                        (["--force"], "1 output exists: --force replaces it")):
+        result = run(*args, *extra)
+        assert result.exit_code == 0, result.output
+        assert said in result.output
+        doc = json.loads(run(*args, *extra, "--json").stdout)
+        assert doc["files"][0]["exists"] is True and doc["force"] == bool(extra)
+    assert out.read_bytes() == b"keep me" and [p.name for p in tmp_path.iterdir()] == ["p.beton"]
+
+
+def test_a_stale_temporary_file_is_left_alone(data, tmp_path):  # noqa: F811
+    """A real prune removes the temporary file a killed run of this machine left; a dry run removes nothing."""
+    stale = tmp_path / f".p.beton.tmp-{2**22 - 1}-{_TAG}-0123abcd"
+    stale.write_bytes(b"x")
+    before = snapshot(tmp_path)
+    result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", tmp_path / "p.beton",
+                 "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert snapshot(tmp_path) == before and stale.exists()
+
+
+@pytest.mark.parametrize("extra, phrase", REFUSALS)
+def test_every_refusal_of_prune_refuses_a_dry_run(data, tmp_path, extra, phrase):  # noqa: F811
+    fmt = {"t": tmp_path, "val": data["val"], "train": data["train"], "scores": data["scores"]}
+    args = [data["train"], "--scores", data["scores"]]
+    if "-o" not in extra:
+        args += ["-o", tmp_path / "out.beton"]
+    result = run(*args, *[a.format(**fmt) for a in extra], "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert phrase in result.output and one_sentence(result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_val_with_cluster_scores_and_scores_of_another_source_refuse_a_dry_run(data, tmp_path):  # noqa: F811
+    result = run(data["train"], "--scores", data["fm"], "--ratio", "0.5", "-o", tmp_path / "p.beton", "--val",
+                 data["val"], "--val-out", tmp_path / "v.beton", "--dry-run")
+    assert result.exit_code == 2 and "--val needs class-level scores" in result.output
+    result = run(data["val"], "--scores", data["scores"], "--ratio", "0.5", "-o", tmp_path / "p.beton", "--dry-run")
+    assert result.exit_code == 2 and "computed for 150 samples but" in result.output and one_sentence(result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_dry_run_returns_a_plan(data, tmp_path):  # noqa: F811
+    plan = prune(data["train"], data["scores"], tmp_path / "p.beton", keep=2, dry_run=True)
+    assert isinstance(plan, PrunePlan) and plan.to_dict()["dry_run"] is True
+    (f,) = plan.files
+    assert (f.kept_groups, f.num_samples, f.share) == (2, 50, 50 / 150) and list(tmp_path.iterdir()) == []
