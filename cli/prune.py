@@ -81,7 +81,10 @@ def _plan_table(r) -> str:
              + (f" ({r.empty_groups} without)" if r.empty_groups else "")]
     lines += ["  ".join([c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
                         + [row[-1]]) for row in rows]
-    lines.append(f"{_size(r.bytes_to_write)} to write (.beton files), {_size(r.bytes_to_read)} to read")
+    free = ", ".join(f"{_size(d['free_bytes'])} free in {d['folder']}" for d in r.space)
+    lines.append(f"{_size(r.bytes_to_write)} to write (.beton files), {_size(r.bytes_to_read)} to read; {free}")
+    lines += [f"{d['folder']}: {_size(d['bytes_to_write'])} to write but {_size(d['free_bytes'])} free; prune would "
+              "fail there when the disk fills" for d in r.space if d["bytes_to_write"] > d["free_bytes"]]
     existing = sum(f.exists for f in r.files)
     if existing:
         them = "it" if existing == 1 else "them"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,6 +112,8 @@ class PrunePlan:
     files: list[PlannedFile] = field(default_factory=list)
     bytes_to_write: int = 0  # the .beton files' bytes (sidecars and digests files, 4 bytes a sample, aside)
     bytes_to_read: int = 0  # the sources' bytes the byte copy reads, each kept sample's once
+    # per file system the outputs go to: {"folder": one of its output folders, "bytes_to_write", "free_bytes"}
+    space: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain-JSON form for `--json`."""
@@ -273,6 +276,18 @@ def _planned(beton: Beton, split: str, jobs: list[tuple[Path, float, np.ndarray,
     return files, results[0].bytes_read
 
 
+def _space(files: list[PlannedFile]) -> list[dict]:
+    """Per file system the outputs go to (in the order first met): a folder of them on it, the `.beton` bytes bound
+    for it, and its free bytes now (an output replaced with --force is written in full before the old one goes)."""
+    by_device: dict[int, dict] = {}
+    for f in files:
+        folder = Path(f.output).parent
+        entry = by_device.setdefault(os.stat(folder).st_dev, {
+            "folder": str(folder), "bytes_to_write": 0, "free_bytes": shutil.disk_usage(folder).free})
+        entry["bytes_to_write"] += f.bytes
+    return list(by_device.values())
+
+
 def _dry_run(result: PruneResult, beton: Beton, jobs, vbeton: Beton | None, vjobs, scores: Scores,
              sizes: np.ndarray, force: bool) -> PrunePlan:
     """`prune`'s plan once its checks have passed: each output's numbers, computed without writing."""
@@ -288,7 +303,7 @@ def _dry_run(result: PruneResult, beton: Beton, jobs, vbeton: Beton | None, vjob
     return PrunePlan(source=result.source, scores=result.scores, method=result.method, level=result.level,
                      groups=int(np.count_nonzero(sizes)), empty_groups=result.empty_groups,
                      tie_break=result.tie_break, force=force, files=files,
-                     bytes_to_write=sum(f.bytes for f in files), bytes_to_read=read)
+                     bytes_to_write=sum(f.bytes for f in files), bytes_to_read=read, space=_space(files))
 
 
 def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str | os.PathLike, *,

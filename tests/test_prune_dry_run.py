@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from test_prune import REFUSALS, data, one_sentence, run  # noqa: F401 (data: the fixture)
@@ -144,3 +145,19 @@ def test_library_dry_run_returns_a_plan(data, tmp_path):  # noqa: F811
     assert isinstance(plan, PrunePlan) and plan.to_dict()["dry_run"] is True
     (f,) = plan.files
     assert (f.kept_groups, f.num_samples, f.share) == (2, 50, 50 / 150) and list(tmp_path.iterdir()) == []
+
+
+def test_the_space_each_file_system_needs_and_has(data, tmp_path, monkeypatch):  # noqa: F811
+    args = [data["train"], "--scores", data["scores"], "--ratios", "0.5,0.8", "-o", tmp_path / "p_{ratio}.beton",
+            "--val", data["val"], "--val-out", tmp_path / "v_{ratio}.beton", "--dry-run"]
+    doc = json.loads(run(*args, "--json").stdout)
+    (space,) = doc["space"]  # every output in one folder
+    assert space["folder"] == str(tmp_path) and space["bytes_to_write"] == doc["bytes_to_write"]
+    assert space["free_bytes"] > 0
+    assert "prune would fail there" not in run(*args).output
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=doc["bytes_to_write"] - 1))
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert f"{tmp_path}: {doc['bytes_to_write'] / 1e6:.1f} MB to write but" in result.output
+    assert "prune would fail there when the disk fills" in result.output
