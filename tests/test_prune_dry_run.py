@@ -161,3 +161,13 @@ def test_the_space_each_file_system_needs_and_has(data, tmp_path, monkeypatch): 
     assert result.exit_code == 0, result.output
     assert f"{tmp_path}: {doc['bytes_to_write'] / 1e6:.1f} MB to write but" in result.output
     assert "prune would fail there when the disk fills" in result.output
+
+
+def test_a_name_too_long_for_the_temporary_file_is_refused_as_prune_refuses_it(data, tmp_path):  # noqa: F811
+    """prune finds it by creating its probe file; a dry run, which creates none, from the folder's name limit."""
+    out = tmp_path / f"{'a' * 240}.beton"
+    for extra in (["--dry-run"], []):
+        result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out, *extra)
+        assert result.exit_code == 2 and one_sentence(result.output)
+        assert f"Output name {out.name} is too long: its temporary name" in result.output
+        assert list(tmp_path.iterdir()) == []
