@@ -120,6 +120,7 @@ def command(source, scores_path, ratio, keep, ratios, output, val, val_out, dry_
     \b
     dptool prune in_train.beton --scores scores.json --ratio 0.6 -o in_train_p60.beton
     dptool prune in_train.beton --scores scores.json --ratios 0.2,0.4,0.6,0.8 -o 'in_train_p{ratio}.beton'
+    dptool prune in_train.beton --scores scores.json --ratios 0.2,0.4,0.6,0.8 -o 'in_train_p{ratio}.beton' --dry-run
     """
     result = prune(source, scores_path, output, ratio=ratio, keep=keep, ratios=ratios, val=val, val_output=val_out,
                    force=force, progress=show_progress(as_json), dry_run=dry_run)
