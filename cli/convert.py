@@ -29,9 +29,13 @@ def _human(r) -> str:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
 @click.option(
     "--format", "fmt", default="auto",
-    help="auto, imagefolder, npz, torchvision:NAME (e.g. torchvision:Flowers102) or coop:SPLIT.json (a CoOp split "
-         "file; SRC is then the dataset's image folder).",
+    help="auto, imagefolder, npz, torchvision:NAME (e.g. torchvision:Flowers102), coop:SPLIT.json (a CoOp split "
+         "file; SRC is then the dataset's image folder) or list:FILE (lines 'path class', or Kaggle's "
+         "LOC_val_solution.csv; SRC is the folder of the images).",
 )
+@click.option("--classes-from", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Label by this .beton's class list, by name (the train file, for its val split): classes it has "
+                   "and SRC lacks keep their labels with no samples.")
 @click.option("--split", default=None,
               help="Split of a torchvision dataset: train, test (val where it has one; all for SUN397, which has "
                    "no official split); of a CoOp split file: train, val, test or trainval (train then val)  "
@@ -85,6 +89,7 @@ def command(
     on_error,
     workers,
     resume,
+    classes_from,
     force,
     as_json,
 ):
@@ -95,6 +100,7 @@ def command(
     dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18 --resume   # after a stop
     dptool convert --format torchvision:Flowers102 ~/data flowers_train.beton --split train
     dptool convert --format coop:split_zhou_OxfordPets.json oxford_pets/images pets_train.beton --split train
+    dptool convert --format list:LOC_val_solution.csv ILSVRC/Data/CLS-LOC/val val.beton --classes-from train.beton
     """
     params = writer_params(preset=preset, shuffle_seed=seed, num_workers=workers, max_resolution=max_res,
                            jpeg_quality=jpeg_quality, compress_probability=compress_prob, write_mode=write_mode)
@@ -108,5 +114,6 @@ def command(
         force=force,
         progress=show_progress(as_json),
         resume=resume,
+        classes_from=classes_from,
     )
     emit(result, as_json, _human)

@@ -28,8 +28,9 @@ def _beton(s: dict) -> str:
         )
     if s.get("source"):
         split = s["source"].get("split")
+        ref = (s["source"].get("classes_from") or {}).get("path")  # convert --classes-from
         lines.append(f"source: {s['source'].get('format')} {s['source'].get('path')}"
-                     + (f" ({split})" if split else ""))
+                     + (f" ({split})" if split else "") + (f", labelled by the classes of {ref}" if ref else ""))
     if s.get("pruning"):
         lines.append(_pruned(s["pruning"]))
     if s["skipped"]:

@@ -219,7 +219,8 @@ def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None
     got = repr(theirs[first]) if first < len(theirs) else "nothing"
     want = repr(mine[first]) if first < len(mine) else "nothing"
     raise InputError(f"{role} {other.path} has other classes than {data.path} (label {first} is {got} there, "
-                     f"{want} here); give the {split} split of the same dataset.")
+                     f"{want} here); give the {split} split of the same dataset, converted with its labels matched to "
+                     f"this file's classes by name: dptool convert SRC OUT --classes-from {data.path}.")
 
 
 def _tables_hash(b: Beton):

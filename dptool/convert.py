@@ -21,6 +21,7 @@ import numpy as np
 
 from .atomic import atomic_output, output_group, sweep_stale
 from .beton import fingerprint, open_beton
+from .class_map import reference_classes, relabel
 from .errors import InputError, check_seed
 from .integrity import record_digests, sample_digests
 from .readers import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, open_source, source_inputs
@@ -126,7 +127,8 @@ _CHECKPOINT_ENV = "DPTOOL_CONVERT_CHECKPOINT_SECONDS"
 _IDENTITY_NAMES = {
     "format": "--format", "split": "--split", "order": "--seed", "on_error": "--on-error",
     "writer": "the writer options (--preset, --max-res, --write-mode, --jpeg-quality, --compress-prob)",
-    "max_pixels": "the decoder's pixel limit", "versions": "the version of dptool, FFCV, Pillow or OpenCV",
+    "max_pixels": "the decoder's pixel limit", "classes_from": "the --classes-from file (or its classes)",
+    "versions": "the version of dptool, FFCV, Pillow or OpenCV",
 }
 
 
@@ -160,29 +162,32 @@ def _source_identity(src, source: SourceDataset) -> tuple[str | None, str]:
     datasets that keep one), the file's size and time (.npz) or the torchvision dataset's arrays. None for a
     torchvision dataset that keeps neither where dptool looks (another torchvision version): it cannot be resumed."""
     common = [os.path.abspath(src), source.class_names]
+    # --classes-from is its own part of the identity, by fingerprint (the file may move); not the source's
+    provenance = {k: v for k, v in source.provenance.items() if k != "classes_from"}
     if source.format == "imagefolder":
-        return (_hash(*common, source.provenance, _file_list_hash(map(source.describe, range(len(source))),
-                                                                  source.labels)),
+        return (_hash(*common, provenance, _file_list_hash(map(source.describe, range(len(source))),
+                                                           source.labels)),
                 "the source (its files, their labels, sizes or modification times)")
-    if source.format.startswith("coop"):  # the split file itself is "split_file"
+    if source.format.startswith(("coop", "list:")):  # the split file or list itself is "split_file" or "label_list"
         return (_hash(*common, _file_list_hash(map(source.describe, range(len(source))), source.labels)),
-                "the images the split lists (their paths, labels, sizes or modification times)")
+                f"the images the {'split lists' if source.format.startswith('coop') else 'list names'} (their paths, "
+                "labels, sizes or modification times)")
     if source.format == "npz":
         st = os.stat(src)
-        return (_hash(*common, source.provenance, [st.st_size, st.st_mtime_ns], source.labels.tobytes()),
+        return (_hash(*common, provenance, [st.st_size, st.st_mtime_ns], source.labels.tobytes()),
                 "the source (the .npz file's size or modification time)")
     ds = getattr(source, "dataset", None)
     for attr in ("_image_files", "_images", "_samples"):
         files = getattr(ds, attr, None)
         if files:
             paths = [os.fspath(f[0] if isinstance(f, tuple | list) else f) for f in files]
-            return (_hash(*common, source.provenance, _file_list_hash(paths, source.labels)),
+            return (_hash(*common, provenance, _file_list_hash(paths, source.labels)),
                     "the torchvision dataset (its image files, their labels, sizes or modification times)")
     data = getattr(ds, "data", None)
     if data is None:
         return None, "the torchvision dataset (dptool finds neither its list of image files nor its image array)"
     # hashed as it is held (CIFAR's is a transposed view: copied once, contiguous, to be hashed)
-    return (_hash(*common, source.provenance, source.labels.tobytes(),
+    return (_hash(*common, provenance, source.labels.tobytes(),
                   memoryview(np.ascontiguousarray(np.asarray(data))).cast("B")),
             "the torchvision dataset (its image and label arrays)")
 
@@ -207,6 +212,11 @@ def _run_identity(src, source: SourceDataset, order: np.ndarray, params: WriterP
     if "split_file" in source.provenance:  # a CoOp split: its bytes (all its splits name the classes)
         identity["split_file"] = source.provenance["split_file"]["sha256"]
         names["split_file"] = f"the split file {source.provenance['split_file']['path']}"
+    if "label_list" in source.provenance:  # a label list: its bytes
+        identity["label_list"] = source.provenance["label_list"]["sha256"]
+        names["label_list"] = f"the label list {source.provenance['label_list']['path']}"
+    if "classes_from" in source.provenance:  # the reference file, by fingerprint: another one relabels the samples
+        identity["classes_from"] = source.provenance["classes_from"]["fingerprint"]
     identity.update({"format": source.format, "split": source.split, "order": _hash(order.tobytes()),
                      "on_error": on_error, "writer": writer, "max_pixels": max_pixels,
                      "versions": [__version__, ffcv, PIL.__version__, cv2.__version__]})
@@ -297,7 +307,8 @@ def _resume_from(out: Path, partial: Path, state_path: Path, identity: dict, nam
             before = json.loads(state["details"])
         except ValueError:
             before = {}
-        changed = [names.get(k, k) for k in identity if before.get(k) != json.loads(json.dumps(identity[k]))]
+        changed = [names.get(k, k) for k in {**identity, **before}  # a part only one of them has changed too
+                   if before.get(k) != json.loads(json.dumps(identity.get(k)))]
         raise InputError(f"{where}, but {' and '.join(changed) or 'its configuration'} changed since; resume it with "
                          "the same source and options, or pass --force without --resume to start over.")
     log.info("resuming the conversion of %s at sample %d of %d; unchanged since: %s", out, state["done"],
@@ -317,12 +328,14 @@ def convert(
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resume: bool = False,
+    classes_from: str | os.PathLike | None = None,
 ) -> ConvertResult:
     """Convert `src` to the FFCV file `out` (+ sidecar); bad images are skipped and listed, or stop the run.
 
     The file is written as ``.OUT.partial`` beside `out`, with a progress record every 30 s: an interrupted
     conversion (Ctrl-C, a kill, a crash) keeps them, and `resume=True` continues it with the same bytes as an
-    uninterrupted run; without `resume`, an interrupted conversion is refused unless `force` starts over."""
+    uninterrupted run; without `resume`, an interrupted conversion is refused unless `force` starts over.
+    `classes_from`: a `.beton` whose class list (by name) labels the samples (`dptool.class_map`)."""
     if on_error not in ("skip", "fail"):
         raise InputError(f"--on-error must be 'skip' or 'fail', got {on_error!r}.")
     if params.write_mode not in ("raw", "jpg", "smart", "proportion"):
@@ -336,9 +349,12 @@ def convert(
                          f"images), got {params.max_resolution}.")
     if params.shuffle_seed is not None:
         check_seed("--seed", params.shuffle_seed)
-    out = check_beton_output(out, force=force, inputs=source_inputs(src, format))
+    out = check_beton_output(out, force=force, inputs=(*source_inputs(src, format), classes_from))
     _refuse_output_in_class_folder(out, src, format)
+    ref = None if classes_from is None else reference_classes(classes_from)
     source = open_source(src, format=format, split=split, max_pixels=max_pixels)
+    if ref is not None:
+        relabel(source, ref, "class folders" if source.format == "imagefolder" else "classes")
     n = len(source)
     if n == 0:
         raise InputError(f"Source {src} holds no samples.")

@@ -330,8 +330,8 @@ class TorchvisionSource(SourceDataset):
 def open_source(
     src: str | os.PathLike, *, format: str = "auto", split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> SourceDataset:
-    """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz', 'torchvision:NAME' or 'coop:SPLIT.json'
-    (`src` is then the dataset's image folder)."""
+    """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz', 'torchvision:NAME', 'coop:SPLIT.json' or
+    'list:FILE' (`src` is then the folder the file's paths are relative to)."""
     src_path = Path(src)
     if format.startswith("torchvision:"):
         return TorchvisionSource(format.split(":", 1)[1], src_path, split or "train")
@@ -339,6 +339,13 @@ def open_source(
         from .coop import CoOpSource
 
         return CoOpSource(_coop_file(format), src_path, split or "train", max_pixels=max_pixels)
+    if format.startswith("list:"):
+        from .label_list import ListSource
+
+        if split is not None:
+            raise InputError("--split applies to torchvision datasets and CoOp split files; with --format list: "
+                             "the images the list names are converted, all of them.")
+        return ListSource(_list_file(format), src_path, max_pixels=max_pixels)
     if not src_path.exists():
         raise InputError(f"Source {src_path} does not exist.")
     if split is not None:
@@ -351,11 +358,13 @@ def open_source(
         if src_path.is_file() and src_path.suffix.lower() == ".beton":
             raise InputError(f"Source {src_path} is already an FFCV .beton, what convert writes; convert reads an "
                              "ImageFolder tree (one folder of images per class), an .npz (images, labels), "
-                             "--format torchvision:NAME or --format coop:SPLIT.json.")
+                             "--format torchvision:NAME, --format coop:SPLIT.json or --format list:FILE.")
         if src_path.is_file() and src_path.suffix.lower() != ".npz":
+            listed = (f"; a label list is given as --format list:{src_path} with the image folder as the source"
+                      if src_path.suffix.lower() in (".csv", ".txt", ".tsv") else "")
             raise InputError(f"Source {src_path} is a file but not an .npz; give an .npz file (images, labels; "
                              "--format npz for another name) or an ImageFolder tree (one folder of images per "
-                             "class).")
+                             f"class){listed}.")
         format = "npz" if src_path.is_file() else "imagefolder"
         coop = sorted(src_path.glob("split_zhou_*.json")) if format == "imagefolder" else []
         if coop:  # a CoOp dataset folder (stanford_cars, oxford_pets) read as ImageFolder: its sub-folders as classes
@@ -367,7 +376,7 @@ def open_source(
     if format == "imagefolder":
         return ImageFolderSource(src_path, max_pixels=max_pixels)
     raise InputError(f"Unknown format {format!r}; accepted: auto, imagefolder, npz, torchvision:NAME, "
-                     "coop:SPLIT.json.")
+                     "coop:SPLIT.json, list:FILE.")
 
 
 def _coop_file(format: str) -> str:
@@ -379,9 +388,19 @@ def _coop_file(format: str) -> str:
     return os.path.expanduser(name)
 
 
+def _list_file(format: str) -> str:
+    """The label list named by `--format list:FILE`, with `~` expanded."""
+    name = format.split(":", 1)[1]
+    if not name:
+        raise InputError("--format list: needs the label list after the colon, e.g. list:LOC_val_solution.csv.")
+    return os.path.expanduser(name)
+
+
 def source_inputs(src: str | os.PathLike, format: str) -> tuple:
-    """The files a conversion with `format` reads (the source, and a CoOp split file), for the output checks: no
-    output or sidecar may be written over one of them."""
+    """The files a conversion with `format` reads (the source, and a CoOp split file or label list), for the output
+    checks: no output or sidecar may be written over one of them."""
     if format.startswith("coop:") and format != "coop:":
         return (src, _coop_file(format))
+    if format.startswith("list:") and format != "list:":
+        return (src, _list_file(format))
     return (src,)

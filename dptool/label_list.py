@@ -1,0 +1,178 @@
+"""A flat folder of images with a label list as a dptool source (`--format list:FILE`): ImageNet's val set as most
+download it (Kaggle's flat `val` folder and its `LOC_val_solution.csv`).
+
+FILE holds one image a line, `relative/path<TAB, comma or spaces>class_name` (two fields split at a tab, else
+at a comma, else at spaces; blank lines and a header such as `filename,label` left out), or is Kaggle's CSV, known
+by its header `ImageId,PredictionString`: image `ImageId.JPEG`, class the first word of the PredictionString (the
+class of its first box; an image's boxes are all of its class). Class ids are the sorted class names (or a
+reference file's, with `--classes-from`, `dptool.class_map`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .source_dataset import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, decode_image_file
+
+__all__ = ["KAGGLE_HEADER", "LabelList", "read_label_list", "ListSource"]
+
+log = logging.getLogger(__name__)
+
+#: the header of Kaggle's LOC_val_solution.csv (and LOC_train_solution.csv)
+KAGGLE_HEADER = "ImageId,PredictionString"
+
+_SHAPE = ("one image a line, 'relative/path<TAB, comma or space>class_name', or Kaggle's CSV with the header "
+          f"'{KAGGLE_HEADER}'")
+
+# a first line made of these words is a header, not an image (an image of that name is not looked for)
+_HEADER_WORDS = {"path", "file", "filename", "file_name", "image", "image_path", "img", "name", "id", "image_id",
+                 "imageid", "label", "class", "class_name", "classname", "category", "wnid", "synset", "target"}
+
+
+@dataclass(frozen=True)
+class LabelList:
+    """A checked label list: sample paths (as one UTF-8 byte string and end offsets), the line each came from,
+    each one's class name index into `class_names` (sorted), and the sha256 of the file's bytes."""
+
+    path: str
+    sha256: str
+    kaggle: bool
+    class_names: list[str]
+    names: np.ndarray  # (B,) uint8: the relative paths, concatenated
+    ends: np.ndarray  # (N,) int64: where each path ends in `names`
+    lines: np.ndarray  # (N,) int64: the 1-based line number of each entry
+    labels: np.ndarray  # (N,) int64: index into class_names
+
+    def relpath(self, index: int) -> str:
+        """The relative path of entry `index`, as written in the file."""
+        start = int(self.ends[index - 1]) if index > 0 else 0
+        return self.names[start:self.ends[index]].tobytes().decode("utf-8")
+
+
+def _split_line(text: str) -> list[str]:
+    """A line's fields: split at every tab, else at every comma, else at every run of spaces."""
+    for sep in ("\t", ","):
+        if sep in text:
+            return [f.strip() for f in text.split(sep)]
+    return text.split()
+
+
+def _check_relpath(where: str, impath: str) -> None:
+    norm = os.path.normpath(impath)
+    if os.path.isabs(impath) or norm in (os.curdir, os.pardir) or norm.startswith(os.pardir + os.sep):
+        raise InputError(f"{where}: the path {impath!r} is not an image path inside the image folder; paths are "
+                         "relative to the image folder given as the source, without '..' leading out of it.")
+
+
+def read_label_list(path: str | os.PathLike) -> LabelList:
+    """Read and check a label list (module docstring): every line parsed, no image listed twice."""
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise InputError(f"Label list {path} does not exist; --format list: takes a file of "
+                         f"{_SHAPE}.") from exc
+    except OSError as exc:
+        raise InputError(f"Label list {path} cannot be read ({exc.strerror or exc}).") from exc
+    text_lines = data.split(b"\n")
+    kaggle = text_lines[0].strip().lstrip(b"\xef\xbb\xbf") == KAGGLE_HEADER.encode()
+    paths: list[bytes] = []
+    line_numbers: list[int] = []
+    classes: list[str] = []
+    first_line: dict[str, int] = {}  # normalised path -> the line it was first listed on (freed when done)
+    for number, raw in enumerate(text_lines, start=1):
+        where = f"{path}:{number}"
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); a label list is "
+                             f"{_SHAPE}.") from None
+        if not text or (number == 1 and kaggle):
+            continue
+        if kaggle:
+            fields = text.split(",", 1)
+            words = fields[1].split() if len(fields) == 2 else []
+            if not fields[0].strip() or not words:
+                raise InputError(f"{where} is {text[:80]!r}, not 'ImageId,PredictionString' with the class first "
+                                 "in the PredictionString (Kaggle's 'ILSVRC2012_val_00000001,n01751748 ...').")
+            impath, name = fields[0].strip() + ".JPEG", words[0]
+        else:
+            fields = _split_line(text)
+            if number == 1 and len(fields) == 2 and all(f.lower() in _HEADER_WORDS for f in fields):
+                continue  # a header such as 'filename,label'
+            if len(fields) != 2 or not all(fields):
+                raise InputError(f"{where} is {text[:80]!r}, not 'relative/path<TAB, comma or space>class_name'; a "
+                                 f"label list is {_SHAPE}.")
+            impath, name = fields
+        _check_relpath(where, impath)
+        key = os.path.normpath(impath)
+        if key in first_line:
+            raise InputError(f"{where} lists {impath!r} again (first at line {first_line[key]}); each image is "
+                             "listed once, with its one class.")
+        first_line[key] = number
+        paths.append(impath.encode("utf-8"))
+        line_numbers.append(number)
+        classes.append(name)
+    del first_line
+    if not paths:
+        raise InputError(f"Label list {path} lists no images; it is {_SHAPE}.")
+    class_names = sorted(set(classes))
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.fromiter((index[c] for c in classes), dtype=np.int64, count=len(classes))
+    return LabelList(path=os.path.abspath(path), sha256=hashlib.sha256(data).hexdigest(), kaggle=kaggle,
+                     class_names=class_names, names=np.frombuffer(b"".join(paths), dtype=np.uint8),
+                     ends=np.cumsum([len(p) for p in paths], dtype=np.int64),
+                     lines=np.asarray(line_numbers, dtype=np.int64), labels=labels)
+
+
+class ListSource(SourceDataset):
+    """The images a label list names, read from `image_dir`; classes are the list's sorted class names."""
+
+    def __init__(self, list_file: str | os.PathLike, image_dir: str | os.PathLike, *,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        if not Path(image_dir).is_dir():
+            raise InputError(f"Image folder {image_dir} does not exist or is not a folder; with --format list: the "
+                             "source is the folder the list's paths are relative to (ILSVRC/Data/CLS-LOC/val for "
+                             "Kaggle's LOC_val_solution.csv).")
+        parsed = read_label_list(list_file)
+        root = os.path.abspath(image_dir)
+        self._list = parsed
+        n = len(parsed.labels)
+        absent = [i for i in range(n) if not os.path.exists(os.path.join(root, parsed.relpath(i)))]
+        if len(absent) == n:  # the image folder is not the one the list's paths are relative to
+            raise InputError(f"None of the {n} images of {parsed.path} is in {image_dir} (the first would be "
+                             f"{os.path.join(root, parsed.relpath(0))}); give the folder the list's paths are "
+                             "relative to.")
+        if absent:
+            log.warning("%d of the %d images of %s are not in %s (the first: line %d, %s): each is skipped and "
+                        "listed (or stops the run under --on-error fail)", len(absent), n, parsed.path, image_dir,
+                        parsed.lines[absent[0]], parsed.relpath(absent[0]))
+        super().__init__(
+            class_names=parsed.class_names,
+            labels=parsed.labels,
+            format=f"list:{parsed.path}",
+            root=root,
+            max_pixels=max_pixels,
+            provenance={"label_list": {"path": parsed.path, "sha256": parsed.sha256}},
+        )
+
+    def describe(self, index: int) -> str:
+        """The file of sample `index`: what skip lists and error messages name."""
+        return os.path.join(self.root, self._list.relpath(index))
+
+    def load(self, index: int) -> np.ndarray:
+        """Decode the image of sample `index` to (H, W, 3) uint8; a listed file that is not there is unreadable."""
+        path = self.describe(index)
+        if not os.path.exists(path):
+            raise UnreadableImage("broken symbolic link" if os.path.islink(path) else
+                                  f"listed at {self._list.path}:{int(self._list.lines[index])} but not found")
+        return decode_image_file(path, self.max_pixels)
