@@ -363,7 +363,8 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
         vbeton = open_beton(val)
         if vbeton.num_classes != beton.num_classes:
             raise InputError(f"Validation file {vbeton.path} has {vbeton.num_classes} classes but {beton.path} "
-                             f"has {beton.num_classes}; give the validation split of the same dataset.")
+                             f"has {beton.num_classes}; give the validation split of the same dataset (a val "
+                             f"folder lacking classes: dptool convert SRC OUT --classes-from {beton.path}).")
         check_same_classes(beton, vbeton, "Validation file", "validation")
         vjobs = [(p, r, kept, kept_samples(vbeton.labels, kept)) for p, (r, kept) in zip(val_outs, selections)]
     for (p, _, kept, idx), b in [(j, beton) for j in jobs] + [(j, vbeton) for j in vjobs]:
