@@ -190,23 +190,44 @@ def _check_writable(out: Path) -> None:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
-            raise InputError(f"Output name {out.name} is too long: its temporary name {probe.name} is "
-                             f"{len(os.fsencode(probe.name))} bytes; choose a shorter name.") from None
+            raise (_too_long(out, probe) or InputError(
+                f"Output name {out.name} is too long: its temporary name {probe.name} is "
+                f"{len(os.fsencode(probe.name))} bytes; choose a shorter name.")) from None
         raise InputError(f"Cannot write to folder {out.parent} of output {out} ({exc.strerror}); "
                          "choose a folder you can write to.") from None
     os.unlink(probe)
 
 
+def _too_long(out: Path, probe: Path) -> InputError | None:
+    """The error for a temporary name `probe` of `out` longer than its folder's limit on a name, or a path longer
+    than the limit on a whole path (PATH_MAX, which counts the closing NUL); None within both or where unknown."""
+    for key, measured in (("PC_NAME_MAX", probe.name), ("PC_PATH_MAX", str(probe))):
+        try:
+            limit = os.pathconf(out.parent, key) - (key == "PC_PATH_MAX")
+        except (OSError, ValueError):  # no limit known: none checked
+            continue
+        n = len(os.fsencode(measured))
+        if n > limit and key == "PC_NAME_MAX":
+            return InputError(f"Output name {out.name} is too long: its temporary name {probe.name} is {n} bytes; "
+                              "choose a shorter name.")
+        if n > limit:
+            return InputError(f"Output path {out} is too long: its temporary file's path is {n} bytes, over the "
+                              f"limit of {limit}; choose a shorter name or a folder with a shorter path.")
+    return None
+
+
 def _check_writable_unwritten(out: Path) -> None:
-    """`_check_writable` without creating a file: the folder's write permission as `access(2)` sees it (a
-    read-only mount included) and the temporary name's length against the folder's limit."""
-    probe, limit = temp_path_for(out), None
-    with contextlib.suppress(OSError, ValueError):  # no limit known: none checked
-        limit = os.pathconf(out.parent, "PC_NAME_MAX")
-    if limit is not None and len(os.fsencode(probe.name)) > limit:
-        raise InputError(f"Output name {out.name} is too long: its temporary name {probe.name} is "
-                         f"{len(os.fsencode(probe.name))} bytes; choose a shorter name.")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
+    """`_check_writable` without creating a file: the folder is one, its write permission for this process's
+    effective ids as `access(2)` sees it (a read-only mount and an immutable folder included), and the temporary
+    name's length against the limits on a name and a path (`_too_long`)."""
+    if not out.parent.is_dir():  # the probe's ENOTDIR: `exists()` holds for a file
+        raise InputError(f"Cannot write to folder {out.parent} of output {out} ({os.strerror(errno.ENOTDIR)}); "
+                         "choose a folder you can write to.")
+    error = _too_long(out, temp_path_for(out))
+    if error is not None:
+        raise error
+    # open(2) checks the effective ids; os.access by default the real ones (they differ under setuid)
+    if not os.access(out.parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         raise InputError(f"Cannot write to folder {out.parent} of output {out} (permission denied or a read-only "
                           "file system); choose a folder you can write to.")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from test_prune import REFUSALS, data, one_sentence, run  # noqa: F401 (data: the fixture)
@@ -171,3 +173,50 @@ def test_a_name_too_long_for_the_temporary_file_is_refused_as_prune_refuses_it(d
         assert result.exit_code == 2 and one_sentence(result.output)
         assert f"Output name {out.name} is too long: its temporary name" in result.output
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_is_a_file_is_refused_as_prune_refuses_it(data, tmp_path):  # noqa: F811
+    """`exists()` holds for a file: the dry run passed a 'folder' that is an executable file (os.access gave it
+    write and search rights), where prune's probe fails with ENOTDIR."""
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    for extra in (["--dry-run"], []):
+        result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", script / "p.beton", *extra)
+        assert result.exit_code == 2 and one_sentence(result.output)
+        assert f"Cannot write to folder {script} of output {script / 'p.beton'} (Not a directory)" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["run.sh"]
+
+
+def test_a_path_too_long_for_the_temporary_file_is_refused_as_prune_refuses_it(data, tmp_path):  # noqa: F811
+    """A folder and name within the limits whose temporary file's path is over PATH_MAX: the dry run, which checked
+    the name alone, passed; prune's probe fails (ENAMETOOLONG), and said the 100-byte name was too long."""
+    folder = tmp_path
+    while len(os.fsencode(str(folder))) < 3900:
+        folder = folder / ("d" * 200)
+    folder.mkdir(parents=True)
+    out = folder / ("p" * (4090 - len(os.fsencode(str(folder))) - len(".beton")) + ".beton")  # 4090 bytes
+    for extra in (["--dry-run"], []):
+        result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out, *extra)
+        assert result.exit_code == 2 and one_sentence(result.output)
+        assert f"Output path {out} is too long: its temporary file's path is" in result.output
+        assert "over the limit of 4095" in result.output
+        assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root, to run as another real user with the effective user root")
+def test_write_access_is_the_effective_users_as_for_prune(data, tmp_path):  # noqa: F811
+    """open(2) checks the effective ids, os.access by default the real ones: with the real user nobody and the
+    effective user root (a setuid start), the dry run refused a folder that only root may write to, which prune
+    writes. (From Python: Click's own `readable` checks of the inputs use the real ids.)"""
+    folder = tmp_path / "rootonly"
+    folder.mkdir(mode=0o755)
+    code = ("import sys; from dptool.prune import prune; "
+            "prune(sys.argv[1], sys.argv[2], sys.argv[3], ratio=0.5, dry_run=sys.argv[4] == 'dry')")
+    for how in ("dry", "real"):
+        done = subprocess.run([sys.executable, "-c", code, str(data["train"]), str(data["scores"]),
+                               str(folder / "p.beton"), how], capture_output=True, text=True,
+                              preexec_fn=lambda: os.setresuid(65534, 0, 0))
+        assert done.returncode == 0, done.stderr
+    assert (folder / "p.beton").exists()
