@@ -346,12 +346,17 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
     rs = [r for r, _ in selections]
     outs = output_paths(output, rs)
     val_outs = output_paths(val_output, rs) if val_output is not None else []
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     for p in outs + val_outs:
-        if os.path.abspath(p) in seen:
+        # the file each names: a folder reached through a link (-o a/p.beton --val-out linked_a/p.beton) is the same
+        same = os.path.join(os.path.realpath(p.parent), p.name)
+        if same in seen and os.path.abspath(seen[same]) != os.path.abspath(p):
+            raise InputError(f"Outputs {seen[same]} and {p} are the same file (their folders are one, through a "
+                             "link); give --val-out a name other than -o.")
+        if same in seen:
             raise InputError(f"Two outputs would both be {p}: give ratios that differ as {RATIO_PLACEHOLDER} writes "
                              "them, and --val-out a name other than -o.")
-        seen.add(os.path.abspath(p))
+        seen[same] = p
     # the assignment by the name the scores file records (it stays put when the scores file is moved)
     inputs = (source, scores_path, val, scores_path.with_name(scores.assignment) if scores.assignment else None)
     for p in outs + val_outs:

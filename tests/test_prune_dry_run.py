@@ -220,3 +220,17 @@ def test_write_access_is_the_effective_users_as_for_prune(data, tmp_path):  # no
                               preexec_fn=lambda: os.setresuid(65534, 0, 0))
         assert done.returncode == 0, done.stderr
     assert (folder / "p.beton").exists()
+
+
+def test_outputs_that_are_one_file_through_a_linked_folder_are_refused(data, tmp_path):  # noqa: F811
+    """-o out/p.beton --val-out alias/p.beton, alias a link to out: the dry run planned two files and prune
+    reported two, but the validation file replaced the training one (p.beton held the 18 validation samples)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "alias").symlink_to("out")
+    for extra in (["--dry-run"], []):
+        result = run(data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", tmp_path / "out/p.beton",
+                     "--val", data["val"], "--val-out", tmp_path / "alias/p.beton", *extra)
+        assert result.exit_code == 2 and one_sentence(result.output)
+        assert (f"Outputs {tmp_path / 'out/p.beton'} and {tmp_path / 'alias/p.beton'} are the same file"
+                in result.output)
+        assert list((tmp_path / "out").iterdir()) == []
