@@ -81,10 +81,17 @@ def _plan_table(r) -> str:
              + (f" ({r.empty_groups} without)" if r.empty_groups else "")]
     lines += ["  ".join([c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
                         + [row[-1]]) for row in rows]
-    free = ", ".join(f"{_size(d['free_bytes'])} free in {d['folder']}" for d in r.space)
-    lines.append(f"{_size(r.bytes_to_write)} to write (.beton files), {_size(r.bytes_to_read)} to read; {free}")
-    lines += [f"{d['folder']}: {_size(d['bytes_to_write'])} to write but {_size(d['free_bytes'])} free; prune would "
-              "fail there when the disk fills" for d in r.space if d["bytes_to_write"] > d["free_bytes"]]
+    # what prune can use: the free space, and the stale temporary files it removes before writing
+    free = {id(d): d["free_bytes"] + d["stale_bytes"] for d in r.space}
+    lines.append(f"{_size(r.bytes_to_write)} to write (.beton files), {_size(r.bytes_to_read)} to read; " + ", ".join(
+        f"{_size(free[id(d)])} free in {d['folder']}"
+        + (f" ({_size(d['stale_bytes'])} of it stale temporary files prune removes)" if d["stale_bytes"] else "")
+        for d in r.space))
+    lines += [f"{d['folder']}: {_size(d['bytes_to_write'])} to write but {_size(free[id(d)])} free; prune would "
+              "fail there when the disk fills"
+              + (f" (the {_size(d['replaced_bytes'])} of the files --force replaces are freed only after the new "
+                 "ones are written)" if r.force and d["replaced_bytes"] else "")
+              for d in r.space if d["bytes_to_write"] > free[id(d)]]
     existing = sum(f.exists for f in r.files)
     if existing:
         them = "it" if existing == 1 else "them"

@@ -27,7 +27,7 @@ from pathlib import Path
 from .errors import DptoolError, InputError
 
 __all__ = ["atomic_output", "check_output_path", "check_plot_path", "is_write_error", "output_group", "pwrite_all",
-           "sweep_stale", "temp_path_for", "write_durably", "write_error"]
+           "stale_bytes", "sweep_stale", "temp_path_for", "write_durably", "write_error"]
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sweep_stale(out: Path) -> None:
-    """Remove the temporary files of `out` left by interrupted runs (kill -9, power loss) of this machine whose
-    process is gone; name the others (another machine's, or an older dptool's) so their space is not lost unseen."""
+def _stale(out: Path) -> Iterator[tuple[os.DirEntry, bool]]:
+    """Each temporary file of `out` in its folder but this process's own, with whether it is removable: left by an
+    interrupted run of this machine whose process is gone (not another machine's, or an older dptool's)."""
     prefix = f".{out.name}.tmp-"
     with contextlib.suppress(OSError):
         for entry in os.scandir(out.parent):
@@ -124,14 +124,42 @@ def _sweep_stale(out: Path) -> None:
                 continue
             pid, tag = int(m["pid"]), m["tag"]
             if tag == _TAG and not _alive(pid):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    log.warning("removed %s, left by an interrupted run", entry.path)
+                yield entry, True
             elif tag != _TAG or pid != os.getpid():  # not this process's own
-                with contextlib.suppress(OSError):
-                    size = entry.stat(follow_symlinks=False).st_size
-                    log.warning("%s (%d bytes) is the temporary file of another or an interrupted run; delete it "
-                                "if no dptool is writing %s", entry.path, size, out)
+                yield entry, False
+
+
+def _size(entry: os.DirEntry) -> int | None:
+    with contextlib.suppress(OSError):
+        return entry.stat(follow_symlinks=False).st_size
+    return None
+
+
+def _sweep_stale(out: Path, dry_run: bool = False) -> None:
+    """Remove the temporary files of `out` left by interrupted runs (kill -9, power loss) of this machine whose
+    process is gone; name the others (another machine's, or an older dptool's) so their space is not lost unseen.
+    `dry_run`: name the ones it would remove too, and remove none."""
+    for entry, removable in _stale(out):
+        if removable and dry_run:
+            size = _size(entry)
+            if size is not None:
+                log.warning("%s (%d bytes) was left by an interrupted run; a run writing %s removes it first",
+                            entry.path, size, out)
+        elif removable:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                log.warning("removed %s, left by an interrupted run", entry.path)
+        else:
+            size = _size(entry)
+            if size is not None:
+                log.warning("%s (%d bytes) is the temporary file of another or an interrupted run; delete it "
+                            "if no dptool is writing %s", entry.path, size, out)
+
+
+def stale_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the temporary files of `path` that `check_output_path` removes before a run writes it (left by
+    interrupted runs of this machine): space a dry run can count as free."""
+    return sum(_size(entry) or 0 for entry, removable in _stale(Path(path)) if removable)
 
 
 def sweep_stale(path: str | os.PathLike) -> None:
@@ -142,8 +170,8 @@ def sweep_stale(path: str | os.PathLike) -> None:
 def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = (), dry_run: bool = False) -> Path:
     """Refuse an output that exists (without `force`), equals an input, an input's sidecar (`INPUT.json`) or
     digests file (`INPUT.digests.npy`), or sits in a folder that is missing or cannot be written to (found before
-    any work is done). `dry_run`: write and remove nothing (no probe file, no sweep of stale temporaries), see
-    `_check_writable_unwritten`."""
+    any work is done). `dry_run`: write and remove nothing (no probe file; the stale temporaries a run would remove
+    are named, not removed), see `_check_writable_unwritten`."""
     out = Path(path)
     for src in (p for p in inputs if p is not None):
         for protected, what in ((Path(src), f"input {src}"), (Path(f"{src}.json"), f"the sidecar of input {src}"),
@@ -160,6 +188,7 @@ def check_output_path(path: str | os.PathLike, *, force: bool, inputs: tuple = (
         raise InputError(f"Output {out} is a folder; give a file path.")
     if dry_run:
         _check_writable_unwritten(out)
+        _sweep_stale(out, dry_run=True)
         return out
     _check_writable(out)
     _sweep_stale(out)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import output_group
+from .atomic import output_group, stale_bytes
 from .beton import (
     Beton,
     check_same_classes,
@@ -112,7 +112,8 @@ class PrunePlan:
     files: list[PlannedFile] = field(default_factory=list)
     bytes_to_write: int = 0  # the .beton files' bytes (sidecars and digests files, 4 bytes a sample, aside)
     bytes_to_read: int = 0  # the sources' bytes the byte copy reads, each kept sample's once
-    # per file system the outputs go to: {"folder": one of its output folders, "bytes_to_write", "free_bytes"}
+    # per file system the outputs go to: {"folder": one of its output folders, "bytes_to_write", "free_bytes",
+    # "stale_bytes", "replaced_bytes"} (see `_space`)
     space: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -278,13 +279,21 @@ def _planned(beton: Beton, split: str, jobs: list[tuple[Path, float, np.ndarray,
 
 def _space(files: list[PlannedFile]) -> list[dict]:
     """Per file system the outputs go to (in the order first met): a folder of them on it, the `.beton` bytes bound
-    for it, and its free bytes now (an output replaced with --force is written in full before the old one goes)."""
+    for it, its free bytes now, the bytes of temporary files that interrupted runs left there and that prune
+    removes before it writes (`stale_bytes`), and the bytes of the existing files --force replaces
+    (`replaced_bytes`: freed only once every output is written, since each is written in full before the old one
+    goes)."""
     by_device: dict[int, dict] = {}
     for f in files:
         folder = Path(f.output).parent
         entry = by_device.setdefault(os.stat(folder).st_dev, {
-            "folder": str(folder), "bytes_to_write": 0, "free_bytes": shutil.disk_usage(folder).free})
+            "folder": str(folder), "bytes_to_write": 0, "free_bytes": shutil.disk_usage(folder).free,
+            "stale_bytes": 0, "replaced_bytes": 0})
         entry["bytes_to_write"] += f.bytes
+        for q in (Path(f.output), sidecar_path(f.output), digests_path(f.output)):
+            entry["stale_bytes"] += stale_bytes(q)
+            if q.is_file():
+                entry["replaced_bytes"] += q.stat().st_size
     return list(by_device.values())
 
 

@@ -234,3 +234,41 @@ def test_outputs_that_are_one_file_through_a_linked_folder_are_refused(data, tmp
         assert (f"Outputs {tmp_path / 'out/p.beton'} and {tmp_path / 'alias/p.beton'} are the same file"
                 in result.output)
         assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_stale_temporary_files_prune_removes_count_as_free_space(data, tmp_path, monkeypatch):  # noqa: F811
+    """prune removes the temporary files that killed runs of this machine left before it writes (its space is
+    free to it); the dry run counted only the free space, and said a prune that fits would fail, without naming the
+    files."""
+    stale = tmp_path / f".p.beton.tmp-{2**22 - 1}-{_TAG}-0123abcd"  # no process has that PID
+    stale.write_bytes(bytes(3_000_000))
+    args = [data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", tmp_path / "p.beton"]
+    doc = json.loads(run(*args, "--dry-run", "--json").stdout)
+    (space,) = doc["space"]
+    assert space["stale_bytes"] == 3_000_000 and space["replaced_bytes"] == 0
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=doc["bytes_to_write"] - 1))
+    result = run(*args, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "prune would fail there" not in result.output
+    free = (doc["bytes_to_write"] - 1 + 3_000_000) / 1e6
+    assert f"{free:.1f} MB free in {tmp_path} (3.0 MB of it stale temporary files prune removes)" in result.output
+    assert f"{stale} (3000000 bytes) was left by an interrupted run; a run writing" in result.output
+    assert stale.exists()
+    monkeypatch.undo()
+    assert run(*args).exit_code == 0 and not stale.exists()  # as the dry run said
+
+
+def test_the_space_line_says_the_files_force_replaces_are_freed_after(data, tmp_path, monkeypatch):  # noqa: F811
+    """Each output is written in full before the file it replaces goes: their space does not count as free."""
+    out = tmp_path / "p.beton"
+    out.write_bytes(bytes(1_000_000))
+    args = [data["train"], "--scores", data["scores"], "--ratio", "0.5", "-o", out, "--dry-run", "--force"]
+    doc = json.loads(run(*args, "--json").stdout)
+    assert doc["space"][0]["replaced_bytes"] == 1_000_000 and doc["space"][0]["stale_bytes"] == 0
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=doc["bytes_to_write"] - 1))
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert ("prune would fail there when the disk fills (the 1.0 MB of the files --force replaces are freed only "
+            "after the new ones are written)") in result.output
