@@ -2,14 +2,16 @@
 download it (Kaggle's flat `val` folder and its `LOC_val_solution.csv`).
 
 FILE holds one image a line, `relative/path<TAB, comma or spaces>class_name` (two fields split at a tab, else
-at a comma, else at spaces; blank lines and a header such as `filename,label` left out), or is Kaggle's CSV, known
-by its header `ImageId,PredictionString`: image `ImageId.JPEG`, class the first word of the PredictionString (the
-class of its first box; an image's boxes are all of its class). Class ids are the sorted class names (or a
-reference file's, with `--classes-from`, `dptool.class_map`).
+at a comma, else at spaces; a field in double quotes read as CSV reads it; blank lines and a header such as
+`filename,label` left out), or is Kaggle's CSV, known by its header `ImageId,PredictionString`: image
+`ImageId.JPEG`, class the first word of the PredictionString (the class of its first box; an image's boxes are all
+of its class). Class ids are the sorted class names (or a reference file's, with `--classes-from`,
+`dptool.class_map`).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import logging
@@ -58,9 +60,15 @@ class LabelList:
 
 
 def _split_line(text: str) -> list[str]:
-    """A line's fields: split at every tab, else at every comma, else at every run of spaces."""
+    """A line's fields: split at every tab, else at every comma, else at every run of spaces; a field in double
+    quotes (as CSV writers quote one holding a comma, or every one) is read as CSV reads it."""
     for sep in ("\t", ","):
         if sep in text:
+            if '"' in text:
+                try:
+                    return [f.strip() for f in next(csv.reader([text], delimiter=sep, skipinitialspace=True))]
+                except csv.Error:  # a NUL byte: not a line of two fields, refused as such
+                    return [text]
             return [f.strip() for f in text.split(sep)]
     return text.split()
 

@@ -272,3 +272,19 @@ def test_wrong_ways_to_give_a_label_list_are_refused(tmp_path, monkeypatch, args
     args = [a.replace("LIST", "labels.csv").replace("IMG", "img") for a in args]
     result = run("convert", *args, *RAW)
     assert result.exit_code == 2 and phrase in result.output and "Traceback" not in result.output, result.output
+
+
+def test_quoted_csv_fields_are_read_as_csv_reads_them(tmp_path):
+    """A CSV writer quotes a path holding a comma (or every field): the quotes are not part of the path or the
+    class, so no image is skipped and no class '"cat"' is made."""
+    made = _tree(tmp_path / "img", ["cat", "dog"], 2, seed=12)
+    (tmp_path / "img" / "cat" / "0.png").rename(tmp_path / "img" / "cat" / "a, b.png")
+    lines = ['"filename","label"', '"cat/a, b.png",cat', '"cat/1.png","cat"', '"dog/0.png", "dog"',
+             'dog/1.png\t"dog"']
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    result = run("convert", "--format", f"list:{tmp_path / 'labels.csv'}", tmp_path / "img", tmp_path / "o.beton",
+                 *RAW)
+    assert result.exit_code == 0, result.output
+    side = read_sidecar(tmp_path / "o.beton")
+    assert side["class_names"] == ["cat", "dog"] and side["skipped"] == [], side
+    assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
