@@ -80,8 +80,10 @@ def _check_relpath(where: str, impath: str) -> None:
                          "relative to the image folder given as the source, without '..' leading out of it.")
 
 
-def read_label_list(path: str | os.PathLike) -> LabelList:
-    """Read and check a label list (module docstring): every line parsed, no image listed twice."""
+def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> LabelList:
+    """Read and check a label list (module docstring): every line parsed, no image listed twice. With `image_dir`,
+    a first line whose image is not there and whose class no other line names is a header ('file_path,label_name'),
+    left out, not a missing image of a class of its own."""
     path = str(path)
     try:
         data = Path(path).read_bytes()
@@ -132,6 +134,12 @@ def read_label_list(path: str | os.PathLike) -> LabelList:
         line_numbers.append(number)
         classes.append(known.setdefault(name, name))
     del first_line
+    if (image_dir is not None and not kaggle and len(paths) > 1 and line_numbers[0] == 1
+            and classes.count(classes[0]) == 1
+            and not os.path.exists(os.path.join(image_dir, paths[0].decode("utf-8")))):
+        log.warning("%s:%d (%r, %r) is taken as a header: its image is not in %s and no other line names its class",
+                    path, 1, paths[0].decode("utf-8"), classes[0], image_dir)
+        del paths[0], line_numbers[0], classes[0]
     if not paths:
         raise InputError(f"Label list {path} lists no images; it is {_SHAPE}.")
     class_names = sorted(set(classes))
@@ -152,7 +160,7 @@ class ListSource(SourceDataset):
             raise InputError(f"Image folder {image_dir} does not exist or is not a folder; with --format list: the "
                              "source is the folder the list's paths are relative to (ILSVRC/Data/CLS-LOC/val for "
                              "Kaggle's LOC_val_solution.csv).")
-        parsed = read_label_list(list_file)
+        parsed = read_label_list(list_file, image_dir)
         root = os.path.abspath(image_dir)
         self._list = parsed
         n = len(parsed.labels)

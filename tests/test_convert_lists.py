@@ -288,3 +288,26 @@ def test_quoted_csv_fields_are_read_as_csv_reads_them(tmp_path):
     side = read_sidecar(tmp_path / "o.beton")
     assert side["class_names"] == ["cat", "dog"] and side["skipped"] == [], side
     assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
+
+
+def test_a_header_of_other_words_is_not_a_missing_image_of_a_class_of_its_own(tmp_path):
+    """'file_path,label_name' is no image of the folder and no other line names 'label_name': a header, left out
+    (one warning), not a skipped image and a class with no samples that `--val` would count as one too many. A
+    missing first image whose class other lines name is still skipped and listed."""
+    made = _tree(tmp_path / "img", ["cat", "dog"], 2, seed=13)
+    listing = tmp_path / "labels.csv"
+    listing.write_text("file_path,label_name\ncat/0.png,cat\ncat/1.png,cat\ndog/0.png,dog\ndog/1.png,dog\n")
+    result = run("convert", "--format", f"list:{listing}", tmp_path / "img", tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 0, result.output
+    assert f"{listing}:1 ('file_path', 'label_name') is taken as a header" in result.output, result.output
+    side = read_sidecar(tmp_path / "o.beton")
+    assert side["class_names"] == ["cat", "dog"] and side["skipped"] == [], side
+    assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
+
+    listing.write_text("cat/9.png,cat\ncat/0.png,cat\ndog/0.png,dog\n")  # a missing image, not a header
+    result = run("convert", "--format", f"list:{listing}", tmp_path / "img", tmp_path / "m.beton", *RAW)
+    assert result.exit_code == 0, result.output
+    side = read_sidecar(tmp_path / "m.beton")
+    assert side["class_names"] == ["cat", "dog"] and side["class_counts"] == [1, 1], side
+    assert side["skipped"] == [{"path": str(tmp_path / "img" / "cat" / "9.png"),
+                                "reason": f"listed at {listing}:1 but not found"}]
