@@ -1,12 +1,12 @@
 """A flat folder of images with a label list as a dptool source (`--format list:FILE`): ImageNet's val set as most
 download it (Kaggle's flat `val` folder and its `LOC_val_solution.csv`).
 
-FILE holds one image a line, `relative/path<TAB, comma or spaces>class_name` (two fields split at a tab, else
-at a comma, else at spaces; a field in double quotes read as CSV reads it; blank lines and a header such as
-`filename,label` left out), or is Kaggle's CSV, known by its header `ImageId,PredictionString`: image
-`ImageId.JPEG`, class the first word of the PredictionString (the class of its first box; an image's boxes are all
-of its class). Class ids are the sorted class names (or a reference file's, with `--classes-from`,
-`dptool.class_map`).
+FILE holds one image a line, `relative/path<TAB, comma or spaces>class_name` (two fields split at a tab, else at a
+comma, else at spaces; a field in double quotes read as CSV reads it; blank lines and a header such as
+`filename,label` left out), or is Kaggle's CSV, known by its header `ImageId,PredictionString` (further columns left
+out): image `ImageId.JPEG` (an ImageId ending in `.JPEG` kept as it is), class the first word of the
+PredictionString (the class of its first box; an image's boxes are all of its class). Class ids are the sorted class
+names (or a reference file's, with `--classes-from`, `dptool.class_map`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
                          f"{_SHAPE}.") from exc
     except OSError as exc:
         raise InputError(f"Label list {path} cannot be read ({exc.strerror or exc}).") from exc
-    kaggle = data.split(b"\n", 1)[0].strip().removeprefix(b"\xef\xbb\xbf") == KAGGLE_HEADER.encode()
+    header = data.split(b"\n", 1)[0].strip().removeprefix(b"\xef\xbb\xbf")
+    kaggle = header == KAGGLE_HEADER.encode() or header.startswith(KAGGLE_HEADER.encode() + b",")  # extra columns
     paths: list[bytes] = []
     line_numbers: list[int] = []
     classes: list[str] = []  # one str object a class, not a line (setdefault below): 1.28M lines hold 1000
@@ -110,12 +111,13 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
         if not text or (number == 1 and kaggle):
             continue
         if kaggle:
-            fields = text.split(",", 1)
-            words = fields[1].split() if len(fields) == 2 else []
+            fields = text.split(",", 2)  # ImageId, PredictionString (then any further columns)
+            words = fields[1].split() if len(fields) >= 2 else []
             if not fields[0].strip() or not words:
                 raise InputError(f"{where} is {text[:80]!r}, not 'ImageId,PredictionString' with the class first "
                                  "in the PredictionString (Kaggle's 'ILSVRC2012_val_00000001,n01751748 ...').")
-            impath, name = fields[0].strip() + ".JPEG", words[0]
+            impath = fields[0].strip()  # Kaggle's ids lack the extension; a list that keeps it is read as well
+            impath, name = (impath if impath.upper().endswith(".JPEG") else impath + ".JPEG"), words[0]
         else:
             fields = _split_line(text)
             if number == 1 and len(fields) == 2 and all(f.lower() in _HEADER_WORDS for f in fields):

@@ -311,3 +311,18 @@ def test_a_header_of_other_words_is_not_a_missing_image_of_a_class_of_its_own(tm
     assert side["class_names"] == ["cat", "dog"] and side["class_counts"] == [1, 1], side
     assert side["skipped"] == [{"path": str(tmp_path / "img" / "cat" / "9.png"),
                                 "reason": f"listed at {listing}:1 but not found"}]
+
+
+def test_kaggle_s_csv_with_further_columns_or_ids_that_end_in_jpeg(tmp_path):
+    """A Kaggle-style CSV whose header goes on after 'ImageId,PredictionString' (a 'Usage' column) is Kaggle's
+    CSV still, and an ImageId that already ends in '.JPEG' is not looked for as 'X.JPEG.JPEG'."""
+    made = _kaggle(tmp_path, [WNIDS[0], WNIDS[2]], 2)
+    csv = tmp_path / "LOC_val_solution.csv"
+    rows = csv.read_text().splitlines()[1:]
+    csv.write_text("ImageId,PredictionString,Usage\n" + "".join(
+        f"{r.split(',')[0] + ('.JPEG' if k % 2 else '')},{r.split(',')[1]},Public\n" for k, r in enumerate(rows)))
+    result = run("convert", "--format", f"list:{csv}", tmp_path / "val", tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 0, result.output
+    side = read_sidecar(tmp_path / "o.beton")
+    assert side["class_names"] == [WNIDS[0], WNIDS[2]] and side["skipped"] == [], side
+    assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
