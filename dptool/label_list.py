@@ -2,11 +2,11 @@
 download it (Kaggle's flat `val` folder and its `LOC_val_solution.csv`).
 
 FILE holds one image a line, `relative/path<TAB, comma or spaces>class_name` (two fields split at a tab, else at a
-comma, else at spaces; a field in double quotes read as CSV reads it; blank lines and a header such as
-`filename,label` left out), or is Kaggle's CSV, known by its header `ImageId,PredictionString` (further columns left
-out): image `ImageId.JPEG` (an ImageId ending in `.JPEG` kept as it is), class the first word of the
-PredictionString (the class of its first box; an image's boxes are all of its class). Class ids are the sorted class
-names (or a reference file's, with `--classes-from`, `dptool.class_map`).
+comma, else at spaces; a field in double quotes read as CSV reads it; a backslash in a path read as '/'; blank lines
+and a header such as `filename,label` left out), or is Kaggle's CSV, known by its header `ImageId,PredictionString`
+(further columns left out): image `ImageId.JPEG` (an ImageId ending in `.JPEG` kept as it is), class the first word
+of the PredictionString (the class of its first box; an image's boxes are all of its class). Class ids are the
+sorted class names (or a reference file's, with `--classes-from`, `dptool.class_map`).
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
                 raise InputError(f"{where} is {text[:80]!r}, not 'relative/path<TAB, comma or space>class_name'; a "
                                  f"label list is {_SHAPE}.")
             impath, name = fields
+            impath = impath.replace("\\", "/")  # a list written on Windows ('val\\a.JPEG'); '..\\' is refused below
         _check_relpath(where, impath)
         key = os.path.normpath(impath)
         if key in first_line:

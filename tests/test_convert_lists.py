@@ -326,3 +326,19 @@ def test_kaggle_s_csv_with_further_columns_or_ids_that_end_in_jpeg(tmp_path):
     side = read_sidecar(tmp_path / "o.beton")
     assert side["class_names"] == [WNIDS[0], WNIDS[2]] and side["skipped"] == [], side
     assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
+
+
+def test_windows_paths_are_read_with_slashes_and_cannot_lead_out(tmp_path):
+    """'cat\\0.png' (a list written on Windows) names img/cat/0.png, not a file 'cat\\0.png' missing from img;
+    '..\\x.png' leads out of the folder and is refused as '../x.png' is."""
+    made = _tree(tmp_path / "img", ["cat", "dog"], 1, seed=14)
+    listing = tmp_path / "labels.txt"
+    listing.write_text("cat\\0.png\tcat\ndog\\0.png\tdog\n")
+    result = run("convert", "--format", f"list:{listing}", tmp_path / "img", tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 0, result.output
+    assert read_sidecar(tmp_path / "o.beton")["skipped"] == []
+    assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
+    listing.write_text("cat\\0.png\tcat\n..\\img\\dog\\0.png\tdog\n")
+    result = run("convert", "--format", f"list:{listing}", tmp_path / "img", tmp_path / "x.beton", *RAW)
+    assert result.exit_code == 2 and f"{listing}:2: the path '../img/dog/0.png' is not" in result.output, \
+        result.output
