@@ -82,8 +82,8 @@ def _check_relpath(where: str, impath: str) -> None:
 
 def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> LabelList:
     """Read and check a label list (module docstring): every line parsed, no image listed twice. With `image_dir`,
-    a first line whose image is not there and whose class no other line names is a header ('file_path,label_name'),
-    left out, not a missing image of a class of its own."""
+    a first line whose image is not there (but the next line's is) and whose class no other line names is a header
+    ('file_path,label_name'), left out, not a missing image of a class of its own."""
     path = str(path)
     try:
         data = Path(path).read_bytes()
@@ -139,9 +139,10 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
     del first_line
     if (image_dir is not None and not kaggle and len(paths) > 1 and line_numbers[0] == 1
             and classes.count(classes[0]) == 1
-            and not os.path.exists(os.path.join(image_dir, paths[0].decode("utf-8")))):
-        log.warning("%s:%d (%r, %r) is taken as a header: its image is not in %s and no other line names its class",
-                    path, 1, paths[0].decode("utf-8"), classes[0], image_dir)
+            and not os.path.exists(os.path.join(image_dir, paths[0].decode("utf-8")))
+            and os.path.exists(os.path.join(image_dir, paths[1].decode("utf-8")))):  # else: the wrong folder
+        log.warning("%s:%d (%r, %r) is taken as a header: its image is not in %s, the next line's is, and no other "
+                    "line names its class", path, 1, paths[0].decode("utf-8"), classes[0], image_dir)
         del paths[0], line_numbers[0], classes[0]
     if not paths:
         raise InputError(f"Label list {path} lists no images; it is {_SHAPE}.")

@@ -176,6 +176,7 @@ def test_a_missing_image_is_skipped_and_listed_or_stops_the_run_naming_its_line(
         ("ImageId,PredictionString\nILSVRC2012_val_00000001,\n", "labels.txt:2 is 'ILSVRC2012_val_00000001,', not "
          "'ImageId,PredictionString'"),
         ("nothere/0.png,cat\n", "None of the 1 images of"),
+        ("nothere/0.png,cat\nnothere/1.png,dog\n", "None of the 2 images of"),  # not line 1 taken as a header
     ],
 )
 def test_bad_label_lists_are_one_sentence_with_exit_2(tmp_path, content, phrase):
