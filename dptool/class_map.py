@@ -50,16 +50,20 @@ def reference_classes(ref: str | os.PathLike) -> ReferenceClasses:
     return ReferenceClasses(path=os.path.abspath(ref), fingerprint=fingerprint(beton), class_names=list(names))
 
 
-def relabel(source: SourceDataset, ref: ReferenceClasses, what: str = "classes") -> SourceDataset:
+def relabel(source: SourceDataset, ref: ReferenceClasses, what: str = "class") -> SourceDataset:
     """Give `source` the labels and class names of `ref`, matching classes by name (in place; returned). A class of
     `source` that `ref` lacks is refused; `ref`'s classes that `source` lacks keep their labels with no samples
-    (one warning). `what` names the source's classes in messages ('class folders')."""
+    (one warning). `what` names a class of the source in messages ('class folder')."""
     index = {name: i for i, name in enumerate(ref.class_names)}
     foreign = [name for name in source.class_names if name not in index]
     if foreign:
         shown = ", ".join(map(repr, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise InputError(f"{len(foreign)} {what} of {source.root} are not classes of --classes-from {ref.path} "
-                         f"({shown}); give the reference file of the same dataset, or remove them from the source.")
+        # a label list's classes are its lines', not the image folder's
+        origin = (source.provenance.get("label_list") or {}).get("path", source.root)
+        what, are, them = (what, "is not a class", "it") if len(foreign) == 1 else (
+            what + ("es" if what.endswith("s") else "s"), "are not classes", "them")
+        raise InputError(f"{len(foreign)} {what} of {origin} {are} of --classes-from {ref.path} "
+                         f"({shown}); give the reference file of the same dataset, or remove {them} from the source.")
     mapping = np.asarray([index[name] for name in source.class_names], dtype=np.int64)
     present = np.zeros(len(ref.class_names), dtype=bool)
     present[mapping[np.unique(source.labels)]] = True

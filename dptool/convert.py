@@ -354,7 +354,7 @@ def convert(
     ref = None if classes_from is None else reference_classes(classes_from)
     source = open_source(src, format=format, split=split, max_pixels=max_pixels)
     if ref is not None:
-        relabel(source, ref, "class folders" if source.format == "imagefolder" else "classes")
+        relabel(source, ref, "class folder" if source.format == "imagefolder" else "class")
     n = len(source)
     if n == 0:
         raise InputError(f"Source {src} holds no samples.")

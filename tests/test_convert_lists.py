@@ -343,3 +343,16 @@ def test_windows_paths_are_read_with_slashes_and_cannot_lead_out(tmp_path):
     result = run("convert", "--format", f"list:{listing}", tmp_path / "img", tmp_path / "x.beton", *RAW)
     assert result.exit_code == 2 and f"{listing}:2: the path '../img/dog/0.png' is not" in result.output, \
         result.output
+
+
+def test_a_list_s_class_the_reference_lacks_is_named_with_the_list(train, tmp_path):
+    """The classes of a list source are its lines': the refusal names the list, not the image folder, in the
+    singular for one class."""
+    _tree(tmp_path / "img", [WNIDS[0]], 2, seed=15)
+    listing = tmp_path / "labels.txt"
+    listing.write_text(f"{WNIDS[0]}/0.png,{WNIDS[0]}\n{WNIDS[0]}/1.png,n99999999\n")
+    result = run("convert", "--format", f"list:{listing}", tmp_path / "img", tmp_path / "o.beton", *RAW,
+                 "--classes-from", train)
+    assert result.exit_code == 2, result.output
+    assert (f"1 class of {listing} is not a class of --classes-from {train} ('n99999999'); give the reference "
+            "file of the same dataset, or remove it from the source.") in result.output, result.output
