@@ -35,7 +35,7 @@ def _human(r) -> str:
 )
 @click.option("--classes-from", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Label by this .beton's class list, by name (the train file, for its val split): classes it has "
-                   "and SRC lacks keep their labels with no samples.")
+                   "and SRC lacks keep their labels with no samples; a class of SRC it lacks is refused.")
 @click.option("--split", default=None,
               help="Split of a torchvision dataset: train, test (val where it has one; all for SUN397, which has "
                    "no official split); of a CoOp split file: train, val, test or trainval (train then val)  "
