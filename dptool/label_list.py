@@ -2,11 +2,12 @@
 download it (Kaggle's flat `val` folder and its `LOC_val_solution.csv`).
 
 FILE holds one image a line, `relative/path<TAB, comma or spaces>class_name` (two fields split at a tab, else at a
-comma, else at spaces; a field in double quotes read as CSV reads it; a backslash in a path read as '/'; blank lines
-and a header such as `filename,label` left out), or is Kaggle's CSV, known by its header `ImageId,PredictionString`
-(further columns left out): image `ImageId.JPEG` (an ImageId ending in `.JPEG` kept as it is), class the first word
-of the PredictionString (the class of its first box; an image's boxes are all of its class). Class ids are the
-sorted class names (or a reference file's, with `--classes-from`, `dptool.class_map`).
+comma, else at spaces; a field in double quotes read as CSV reads it; a backslash in a path read as '/'; UTF-8, or
+UTF-16 with its byte order mark; blank lines and a header such as `filename,label` left out), or is Kaggle's CSV,
+known by its header `ImageId,PredictionString` (further columns left out): image `ImageId.JPEG` (an ImageId ending
+in `.JPEG` kept as it is), class the first word of the PredictionString (the class of its first box; an image's
+boxes are all of its class). Class ids are the sorted class names (or a reference file's, with `--classes-from`,
+`dptool.class_map`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
                          f"{_SHAPE}.") from exc
     except OSError as exc:
         raise InputError(f"Label list {path} cannot be read ({exc.strerror or exc}).") from exc
+    sha256 = hashlib.sha256(data).hexdigest()  # of the file's bytes, as written
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its BOM: Excel's 'Unicode Text' (a TSV)
+        try:
+            data = data.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"Label list {path} starts as UTF-16 text but is not ({exc.reason} at byte "
+                             f"{exc.start}); a label list is {_SHAPE}, in UTF-8 or UTF-16.") from None
     header = data.split(b"\n", 1)[0].strip().removeprefix(b"\xef\xbb\xbf")
     kaggle = header == KAGGLE_HEADER.encode() or header.startswith(KAGGLE_HEADER.encode() + b",")  # extra columns
     paths: list[bytes] = []
@@ -149,7 +157,7 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
     class_names = sorted(set(classes))
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.fromiter((index[c] for c in classes), dtype=np.int64, count=len(classes))
-    return LabelList(path=os.path.abspath(path), sha256=hashlib.sha256(data).hexdigest(), kaggle=kaggle,
+    return LabelList(path=os.path.abspath(path), sha256=sha256, kaggle=kaggle,
                      class_names=class_names, names=np.frombuffer(b"".join(paths), dtype=np.uint8),
                      ends=np.cumsum([len(p) for p in paths], dtype=np.int64),
                      lines=np.asarray(line_numbers, dtype=np.int64), labels=labels)

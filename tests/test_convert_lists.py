@@ -356,3 +356,16 @@ def test_a_list_s_class_the_reference_lacks_is_named_with_the_list(train, tmp_pa
     assert result.exit_code == 2, result.output
     assert (f"1 class of {listing} is not a class of --classes-from {train} ('n99999999'); give the reference "
             "file of the same dataset, or remove it from the source.") in result.output, result.output
+
+
+def test_a_utf16_list_as_excel_saves_unicode_text_is_read(tmp_path):
+    """Excel's 'Unicode Text' is a TSV in UTF-16 with its byte order mark (and CRLF): read as the UTF-8 one is."""
+    made = _tree(tmp_path / "img", ["cat", "dog"], 1, seed=16)
+    listing = tmp_path / "labels.txt"
+    listing.write_bytes("filename\tlabel\r\ncat/0.png\tcat\r\ndog/0.png\tdog\r\n".encode("utf-16"))
+    result = run("convert", "--format", f"list:{listing}", tmp_path / "img", tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 0, result.output
+    side = read_sidecar(tmp_path / "o.beton")
+    assert side["class_names"] == ["cat", "dog"] and side["skipped"] == [], side
+    assert side["source"]["label_list"]["sha256"] == hashlib.sha256(listing.read_bytes()).hexdigest()
+    assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
