@@ -427,7 +427,9 @@ def _shared_by_every_rank(report: str, wait_s: float):
             store.add(prefix + "kinds", 1)
         world, deadline = int(os.environ["WORLD_SIZE"]), time.monotonic() + wait_s
         later = f"{prefix}reached/{_STAGE[0] + 1}"  # a rank past a mark this one never reached cannot fail alike
-        while store.add(prefix + "kinds", 0) == 1 and time.monotonic() < deadline:
+        # "kinds" reads 0 for a moment: the first rank with a report counts it just after `same`, and a rank failing
+        # alike at once can ask in between; only a second distinct report (2) ends the wait
+        while store.add(prefix + "kinds", 0) <= 1 and time.monotonic() < deadline:
             if store.add(same, 0) == world:  # every rank failed, with this report
                 store.add(prefix + "seen", 1)  # rank 0 keeps the store's agent alive until every rank has seen it
                 return store, prefix

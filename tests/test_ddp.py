@@ -260,6 +260,37 @@ def test_a_user_error_every_rank_hits_is_printed_once(tmp_path, tiny_beton):
         assert codes[0] == 2  # the rank that printed is torchrun's "first observed failure"
 
 
+def test_a_rank_that_asks_between_the_first_ranks_two_counts_still_prints_once(monkeypatch):
+    """The first rank with a report counts it in torchrun's store with two calls (its report, then one more distinct
+    report in the job), and a rank failing alike at the same moment (a check right after a collective, such as an input
+    that differs between machines) could ask in between: it read no report counted yet, ended its wait as for two
+    different ones, and printed its own 'Error: rank 1: ...' (2 runs in 30 of the two-machine score case). Here rank
+    0 stands between its two calls in a real store: rank 1 must still find that both failed alike and print once."""
+    import hashlib
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from dptool import distributed
+
+    port = _free_port()
+    server = tdist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "GROUP_RANK": "1", "MASTER_PORT": str(port),
+                        "MASTER_ADDR": "127.0.0.1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "TORCHELASTIC_RUN_ID": "between", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "_AGENT_STORE", [])  # this test's store, not one a test before connected to
+    report = "exit 2\nError: The source src.beton differs between the processes of this torchrun job\n"
+    prefix = "dptool/failure/between/0/"
+    server.compare_set(prefix + "failed_rank", "", "0")  # rank 0's report_failure, up to its first count
+    server.add(prefix + "failed", 1)
+    server.add(prefix + "same/" + hashlib.sha256(report.encode()).hexdigest()[:32], 1)  # not yet its "kinds"
+    shown: list[bool] = []
+    distributed.report_failure(report, shown.append, wait_s=60)
+    assert shown == [False]  # printed as the job's sentence, not naming rank 1
+    assert server.add(prefix + "seen", 0) == 1  # and rank 0, waiting until every rank has seen it, is told
+
+
 _PER_RANK_SCRIPT = """
 import os, sys
 from dptool.cli.main import main
