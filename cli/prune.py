@@ -69,8 +69,11 @@ def _size(n: int) -> str:
 def _plan_table(r) -> str:
     """`--dry-run`: one row per output (the training file's, then the validation file's), totals, the ties."""
     noun = "clusters" if r.level == "cluster" else "classes"
-    classes = r.level == "cluster"  # the classes its clusters touch; at class level, the classes kept
-    rows = [("split", "ratio", f"{noun} kept", *(("classes",) if classes else ()), "samples", "of", "share",
+    # the classes an output holds samples of: those its clusters touch, or at class level those of the kept classes a
+    # validation file holds (one converted with --classes-from may lack some)
+    classes = r.level == "cluster" or any(f.num_classes_kept != f.kept_groups for f in r.files)
+    held = "classes" if r.level == "cluster" else "with samples"
+    rows = [("split", "ratio", f"{noun} kept", *((held,) if classes else ()), "samples", "of", "share",
              "speed-up", "size", "output")]
     for f in r.files:
         rows.append((f.split, f"{f.ratio:g}", f"{f.kept_groups}", *((f"{f.num_classes_kept}",) if classes else ()),

@@ -272,3 +272,32 @@ def test_the_space_line_says_the_files_force_replaces_are_freed_after(data, tmp_
     assert result.exit_code == 0, result.output
     assert ("prune would fail there when the disk fills (the 1.0 MB of the files --force replaces are freed only "
             "after the new ones are written)") in result.output
+
+
+def test_a_val_lacking_kept_classes_shows_the_classes_it_holds(data, tmp_path):  # noqa: F811
+    """A val set lacking classes (`convert --classes-from`): its rows give the kept classes it holds samples of, as
+    prune's summary does ('18 samples, 2 classes, 3 classes kept'), not only the classes kept."""
+    from dptool.convert import WriterParams, convert
+    from dptool.synthetic import separable_images, write_npz
+
+    images, labels = separable_images(6, 4, 32, seed=9)
+    keep = labels != 0  # class_0 missing, as an ImageNet val folder lacking a class
+    npz = write_npz(tmp_path / "val.npz", images[keep], labels[keep] - 1, [f"class_{c}" for c in range(1, 6)])
+    val = tmp_path / "val_lacking.beton"
+    convert(npz, val, params=WriterParams(max_resolution=32, write_mode="raw", num_workers=1),
+            classes_from=data["train"])
+    args = [data["train"], "--scores", data["scores"], "--ratios", "0.5,0.8", "-o", tmp_path / "p_{ratio}.beton",
+            "--val", val, "--val-out", tmp_path / "v_{ratio}.beton"]
+    result = run(*args, "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split()[:6] == ["split", "ratio", "classes", "kept", "with", "samples"]
+    # ORDER 2, 0, 5, ...: 0.5 keeps classes 2, 0, 5 (the val set holds 2 and 5), 0.8 keeps class 2
+    assert [line.split()[:5] for line in lines[2:6]] == [["train", "0.5", "3", "3", "75"],
+                                                         ["train", "0.8", "1", "1", "25"],
+                                                         ["val", "0.5", "3", "2", "8"],
+                                                         ["val", "0.8", "1", "1", "4"]]
+    plan, done = plan_then_prune(args, tmp_path)
+    check_same(plan, done)
+    assert [f["num_classes_kept"] for f in plan["files"]] == [3, 1, 2, 1]
+    assert "v_0.5.beton: 8 samples, 2 classes, 3 classes kept" in run(*args, "--force").output
