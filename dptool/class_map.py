@@ -56,10 +56,10 @@ def relabel(source: SourceDataset, ref: ReferenceClasses, what: str = "class") -
     (one warning). `what` names a class of the source in messages ('class folder')."""
     index = {name: i for i, name in enumerate(ref.class_names)}
     foreign = [name for name in source.class_names if name not in index]
+    # a label list's classes are its lines', not the image folder's
+    origin = (source.provenance.get("label_list") or {}).get("path", source.root)
     if foreign:
         shown = ", ".join(map(repr, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        # a label list's classes are its lines', not the image folder's
-        origin = (source.provenance.get("label_list") or {}).get("path", source.root)
         what, are, them = (what, "is not a class", "it") if len(foreign) == 1 else (
             what + ("es" if what.endswith("s") else "s"), "are not classes", "them")
         raise InputError(f"{len(foreign)} {what} of {origin} {are} of --classes-from {ref.path} "
@@ -68,8 +68,10 @@ def relabel(source: SourceDataset, ref: ReferenceClasses, what: str = "class") -
     present = np.zeros(len(ref.class_names), dtype=bool)
     present[mapping[np.unique(source.labels)]] = True
     if not present.all():
-        log.warning("%d of the %d classes of %s have no samples in %s; their labels are kept with no samples",
-                    int((~present).sum()), len(ref.class_names), ref.path, source.root)
+        lacking = int((~present).sum())
+        log.warning("%d of the %d classes of %s %s no samples in %s; %s kept with no samples", lacking,
+                    len(ref.class_names), ref.path, "has" if lacking == 1 else "have", origin,
+                    "its label is" if lacking == 1 else "their labels are")
     source.labels = mapping[source.labels]
     source.class_names = list(ref.class_names)
     source.provenance = {**source.provenance, "classes_from": {"path": ref.path, "fingerprint": ref.fingerprint}}

@@ -80,7 +80,7 @@ def test_a_val_tree_lacking_a_class_gets_the_train_file_s_labels_and_is_accepted
     with caplog.at_level(logging.WARNING, logger="dptool"):
         convert(tmp_path / "val", tmp_path / "val.beton", params=PARAMS, classes_from=train)
     assert [r.getMessage() for r in caplog.records] == [
-        f"1 of the 4 classes of {train} have no samples in {tmp_path / 'val'}; their labels are kept with no samples"]
+        f"1 of the 4 classes of {train} has no samples in {tmp_path / 'val'}; its label is kept with no samples"]
     val, ref = open_beton(tmp_path / "val.beton"), open_beton(train)
     assert val.sidecar["class_names"] == ref.sidecar["class_names"] == WNIDS
     assert val.sidecar["class_counts"] == [2, 0, 2, 2] and val.sidecar["num_classes"] == 4
@@ -369,3 +369,22 @@ def test_a_utf16_list_as_excel_saves_unicode_text_is_read(tmp_path):
     assert side["class_names"] == ["cat", "dog"] and side["skipped"] == [], side
     assert side["source"]["label_list"]["sha256"] == hashlib.sha256(listing.read_bytes()).hexdigest()
     assert _stored(tmp_path / "o.beton") == collections.Counter(made.items())
+
+
+def test_the_reference_s_classes_a_list_lacks_are_counted_against_the_list(train, tmp_path, caplog):
+    """The classes of a list source are its lines': TRAIN's classes it names no image of are counted against the list
+    (the folder may hold their images, unlisted), in the singular for one class, as the refusal names them."""
+    _kaggle(tmp_path, [WNIDS[0], WNIDS[2], WNIDS[3]], 2)
+    csv = tmp_path / "LOC_val_solution.csv"
+    with caplog.at_level(logging.WARNING, logger="dptool"):
+        convert(tmp_path / "val", tmp_path / "val.beton", format=f"list:{csv}", params=PARAMS, classes_from=train)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 of the 4 classes of {train} has no samples in {csv}; its label is kept with no samples"]
+    caplog.clear()
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(line for line in lines if WNIDS[2] not in line) + "\n")  # its images stay in val/
+    with caplog.at_level(logging.WARNING, logger="dptool"):
+        convert(tmp_path / "val", tmp_path / "val2.beton", format=f"list:{csv}", params=PARAMS, classes_from=train)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 of the 4 classes of {train} have no samples in {csv}; their labels are kept with no samples"]
+    assert read_sidecar(tmp_path / "val2.beton")["class_counts"] == [2, 0, 0, 2]
