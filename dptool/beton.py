@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ __all__ = [
     "write_sidecar",
     "check_image_field",
     "check_same_classes",
+    "classes_from_command",
     "fingerprint",
     "known_fingerprints",
     "summarize",
@@ -220,7 +222,19 @@ def check_same_classes(data: Beton, other: Beton, role: str, split: str) -> None
     want = repr(mine[first]) if first < len(mine) else "nothing"
     raise InputError(f"{role} {other.path} has other classes than {data.path} (label {first} is {got} there, "
                      f"{want} here); give the {split} split of the same dataset, converted with its labels matched to "
-                     f"this file's classes by name: dptool convert SRC OUT --classes-from {data.path}.")
+                     f"this file's classes by name: {classes_from_command(other, data.path)}.")
+
+
+def classes_from_command(other: Beton, ref: str | os.PathLike) -> str:
+    """The `dptool convert ... --classes-from REF` that labels `other`'s source as `ref`, from the source its sidecar
+    records (with the `--format` and `--split` a list, CoOp or torchvision source needs; SRC where none is recorded)."""
+    source = (other.sidecar or {}).get("source") or {}
+    fmt, path, split = source.get("format"), source.get("path"), source.get("split")
+    named = isinstance(fmt, str) and ":" in fmt  # list:FILE, coop:FILE, torchvision:NAME; a folder or .npz is found
+    words = ["dptool", "convert", *(("--format", fmt) if named else ()),
+             path if isinstance(path, str) and path else "SRC", "OUT",
+             *(("--split", split) if named and isinstance(split, str) and split else ()), "--classes-from", str(ref)]
+    return " ".join(w if w in ("SRC", "OUT") else shlex.quote(w) for w in words)
 
 
 def _tables_hash(b: Beton):

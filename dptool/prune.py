@@ -22,6 +22,7 @@ from .atomic import output_group, stale_bytes
 from .beton import (
     Beton,
     check_same_classes,
+    classes_from_command,
     fingerprint,
     known_fingerprints,
     open_beton,
@@ -378,7 +379,7 @@ def prune(source: str | os.PathLike, scores_path: str | os.PathLike, output: str
         if vbeton.num_classes != beton.num_classes:
             raise InputError(f"Validation file {vbeton.path} has {vbeton.num_classes} classes but {beton.path} "
                              f"has {beton.num_classes}; give the validation split of the same dataset (a val "
-                             f"folder lacking classes: dptool convert SRC OUT --classes-from {beton.path}).")
+                             f"folder lacking classes: {classes_from_command(vbeton, beton.path)}).")
         check_same_classes(beton, vbeton, "Validation file", "validation")
         vjobs = [(p, r, kept, kept_samples(vbeton.labels, kept)) for p, (r, kept) in zip(val_outs, selections)]
     for (p, _, kept, idx), b in [(j, beton) for j in jobs] + [(j, vbeton) for j in vjobs]:

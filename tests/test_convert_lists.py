@@ -388,3 +388,33 @@ def test_the_reference_s_classes_a_list_lacks_are_counted_against_the_list(train
     assert [r.getMessage() for r in caplog.records] == [
         f"2 of the 4 classes of {train} have no samples in {csv}; their labels are kept with no samples"]
     assert read_sidecar(tmp_path / "val2.beton")["class_counts"] == [2, 0, 0, 2]
+
+
+def test_a_val_list_converted_without_classes_from_is_told_the_command_that_converts_it(train, tmp_path):
+    """The refusal of a val file with other classes gives the command for its own source: a list's needs
+    `--format list:FILE` (the bare 'dptool convert SRC OUT' read Kaggle's flat folder as an ImageFolder)."""
+    _kaggle(tmp_path, [WNIDS[0], WNIDS[2], WNIDS[3]], 2)
+    csv = tmp_path / "LOC_val_solution.csv"
+    plain = tmp_path / "plain.beton"
+    convert(tmp_path / "val", plain, format=f"list:{csv}", params=PARAMS)
+    command = f"dptool convert --format list:{csv} {tmp_path / 'val'} OUT --classes-from {train}"
+    with pytest.raises(InputError) as refused:
+        check_same_classes(open_beton(train), open_beton(plain), "Validation file", "validation")
+    assert str(refused.value).endswith(command + "."), refused.value
+    scores = tmp_path / "lm.json"
+    from dptool.scores import Scores, write_scores
+    ref = open_beton(train)
+    write_scores(scores, Scores(method="lm", level="class", ids=np.arange(4), names=WNIDS, scores=np.arange(4.0),
+                                tiebreak=np.zeros(4), tie_break="class id",
+                                source={"path": str(train), "fingerprint": ref.sidecar["fingerprint"],
+                                        "num_samples": ref.num_samples, "num_classes": 4}))
+    for dry in ((), ("--dry-run",)):
+        result = run("prune", train, "--scores", scores, "--ratio", "0.5", "-o", tmp_path / "p.beton", "--val", plain,
+                     "--val-out", tmp_path / "pv.beton", *dry)
+        assert result.exit_code == 2 and result.output.strip().endswith(command + ")."), result.output
+    # an ImageFolder val: no --format; a path with a space is quoted as a shell needs it
+    _tree(tmp_path / "val tree", [WNIDS[0], WNIDS[2]], 1, seed=5)
+    convert(tmp_path / "val tree", tmp_path / "tree.beton", params=PARAMS)
+    with pytest.raises(InputError) as refused:
+        check_same_classes(ref, open_beton(tmp_path / "tree.beton"), "Validation file", "validation")
+    assert str(refused.value).endswith(f"dptool convert '{tmp_path / 'val tree'}' OUT --classes-from {train}.")
