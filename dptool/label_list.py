@@ -6,8 +6,9 @@ comma, else at spaces; a field in double quotes read as CSV reads it; a backslas
 UTF-16 with its byte order mark; blank lines and a header such as `filename,label` left out), or is Kaggle's CSV,
 known by its header `ImageId,PredictionString` (further columns left out): image `ImageId.JPEG` (an ImageId ending
 in `.JPEG` kept as it is), class the first word of the PredictionString (the class of its first box; an image's
-boxes are all of its class). Class ids are the sorted class names (or a reference file's, with `--classes-from`,
-`dptool.class_map`).
+boxes are all of its class). FILE may also be image-net.org's devkit, `ILSVRC2012_devkit_t12.tar.gz` or its folder,
+for the flat folder of `ILSVRC2012_img_val.tar` (`dptool.imagenet_devkit`). Class ids are the sorted class names (or a
+reference file's, with `--classes-from`, `dptool.class_map`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .imagenet_devkit import is_devkit, read_devkit, val_image_name
 from .source_dataset import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, decode_image_file
 
 __all__ = ["KAGGLE_HEADER", "LabelList", "read_label_list", "ListSource"]
@@ -43,7 +45,8 @@ _HEADER_WORDS = {"path", "file", "filename", "file_name", "image", "image_path",
 @dataclass(frozen=True)
 class LabelList:
     """A checked label list: sample paths (as one UTF-8 byte string and end offsets), the line each came from,
-    each one's class name index into `class_names` (sorted), and the sha256 of the file's bytes."""
+    each one's class name index into `class_names` (sorted), and the sha256 of the file's bytes (a devkit's:
+    `dptool.imagenet_devkit.Devkit.sha256`)."""
 
     path: str
     sha256: str
@@ -53,6 +56,7 @@ class LabelList:
     ends: np.ndarray  # (N,) int64: where each path ends in `names`
     lines: np.ndarray  # (N,) int64: the 1-based line number of each entry
     labels: np.ndarray  # (N,) int64: index into class_names
+    line_file: str | None = None  # the file `lines` number, where it is not `path` (a devkit's ground truth)
 
     def relpath(self, index: int) -> str:
         """The relative path of entry `index`, as written in the file."""
@@ -84,8 +88,11 @@ def _check_relpath(where: str, impath: str) -> None:
 def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> LabelList:
     """Read and check a label list (module docstring): every line parsed, no image listed twice. With `image_dir`,
     a first line whose image is not there (but the next line's is) and whose class no other line names is a header
-    ('file_path,label_name'), left out, not a missing image of a class of its own."""
+    ('file_path,label_name'), left out, not a missing image of a class of its own. A devkit (folder or tar
+    archive) is read by `dptool.imagenet_devkit`: its classes are all of its leaf synsets'."""
     path = str(path)
+    if is_devkit(path):
+        return _devkit_list(path)
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError as exc:
@@ -163,6 +170,17 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
                      lines=np.asarray(line_numbers, dtype=np.int64), labels=labels)
 
 
+def _devkit_list(path: str) -> LabelList:
+    """The devkit's ground truth as a label list: line i is image ILSVRC2012_val_{i:08d}.JPEG, of its ID's WNID."""
+    devkit = read_devkit(path)
+    n = len(devkit.labels)
+    names = [val_image_name(i).encode() for i in range(1, n + 1)]
+    return LabelList(path=devkit.path, sha256=devkit.sha256, kaggle=False, class_names=devkit.wnids,
+                     names=np.frombuffer(b"".join(names), dtype=np.uint8),
+                     ends=np.cumsum([len(p) for p in names], dtype=np.int64),
+                     lines=np.arange(1, n + 1, dtype=np.int64), labels=devkit.labels, line_file=devkit.ground_truth)
+
+
 class ListSource(SourceDataset):
     """The images a label list names, read from `image_dir`; classes are the list's sorted class names."""
 
@@ -171,16 +189,21 @@ class ListSource(SourceDataset):
         if not Path(image_dir).is_dir():
             raise InputError(f"Image folder {image_dir} does not exist or is not a folder; with --format list: the "
                              "source is the folder the list's paths are relative to (ILSVRC/Data/CLS-LOC/val for "
-                             "Kaggle's LOC_val_solution.csv).")
+                             "Kaggle's LOC_val_solution.csv, the folder ILSVRC2012_img_val.tar is extracted into for "
+                             "image-net.org's devkit).")
         parsed = read_label_list(list_file, image_dir)
         root = os.path.abspath(image_dir)
         self._list = parsed
         n = len(parsed.labels)
         absent = [i for i in range(n) if not os.path.exists(os.path.join(root, parsed.relpath(i)))]
         if len(absent) == n:  # the image folder is not the one the list's paths are relative to
+            sorted_val = parsed.line_file is not None and any(  # torchvision's ImageNet moves them into WNID folders
+                os.path.isdir(os.path.join(root, c)) for c in parsed.class_names)
             raise InputError(f"None of the {n} images of {parsed.path} is in {image_dir} (the first would be "
-                             f"{os.path.join(root, parsed.relpath(0))}); give the folder the list's paths are "
-                             "relative to.")
+                             f"{os.path.join(root, parsed.relpath(0))}); " + (
+                                 "it holds class folders, as torchvision's ImageNet sorts the val images: convert it "
+                                 "as an ImageFolder, without --format, with --classes-from TRAIN.beton." if sorted_val
+                                 else "give the folder the list's paths are relative to."))
         if absent:
             log.warning("%d of the %d images of %s are not in %s (the first: line %d, %s): each is skipped and "
                         "listed (or stops the run under --on-error fail)", len(absent), n, parsed.path, image_dir,
@@ -203,5 +226,6 @@ class ListSource(SourceDataset):
         path = self.describe(index)
         if not os.path.exists(path):
             raise UnreadableImage("broken symbolic link" if os.path.islink(path) else
-                                  f"listed at {self._list.path}:{int(self._list.lines[index])} but not found")
+                                  f"listed at {self._list.line_file or self._list.path}:"
+                                  f"{int(self._list.lines[index])} but not found")
         return decode_image_file(path, self.max_pixels)
