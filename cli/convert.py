@@ -30,8 +30,8 @@ def _human(r) -> str:
 @click.option(
     "--format", "fmt", default="auto",
     help="auto, imagefolder, npz, torchvision:NAME (e.g. torchvision:Flowers102), coop:SPLIT.json (a CoOp split "
-         "file; SRC is then the dataset's image folder) or list:FILE (lines 'path class', or Kaggle's "
-         "LOC_val_solution.csv; SRC is the folder of the images).",
+         "file; SRC is then the dataset's image folder) or list:FILE (lines 'path class', Kaggle's "
+         "LOC_val_solution.csv, or image-net.org's ILSVRC2012_devkit_t12.tar.gz; SRC is the folder of the images).",
 )
 @click.option("--classes-from", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Label by this .beton's class list, by name (the train file, for its val split): classes it has "
