@@ -71,7 +71,10 @@ def child(tree: str, src: str, out: str, max_res: int, workers: int, mode: str) 
     if progress_module is not None:
         timed(progress_module, "_save_checkpoint", "records", samples)  # the recording thread's
     timed(writer, "_save_checkpoint", "records", samples)  # the parent's (the last record, a stop's)
-    timed(conv, "_source_identity", "source_identity")  # inside _run_identity: the stat pass
+    # _run_identity looks _source_identity up in its own module (dptool.convert_resume since convert.py was split)
+    run_identity = getattr(conv, "_run_identity", None)
+    identity_module = sys.modules[run_identity.__module__] if run_identity else conv
+    timed(identity_module, "_source_identity", "source_identity")  # inside _run_identity: the stat pass
     timed(conv, "_run_identity", "identity")
     timed(writer, "pwrite_all", "pwrite")
     timed(conv, "write_beton", "write_beton")
