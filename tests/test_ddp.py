@@ -270,7 +270,7 @@ def test_a_rank_that_asks_between_the_first_ranks_two_counts_still_prints_once(m
 
     import torch.distributed as tdist
 
-    from dptool import distributed
+    from dptool import rank_failures
 
     port = _free_port()
     server = tdist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
@@ -278,14 +278,14 @@ def test_a_rank_that_asks_between_the_first_ranks_two_counts_still_prints_once(m
                         "MASTER_ADDR": "127.0.0.1", "TORCHELASTIC_USE_AGENT_STORE": "True",
                         "TORCHELASTIC_RUN_ID": "between", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(distributed, "_AGENT_STORE", [])  # this test's store, not one a test before connected to
+    monkeypatch.setattr(rank_failures, "_AGENT_STORE", [])  # this test's store, not one a test before connected to
     report = "exit 2\nError: The source src.beton differs between the processes of this torchrun job\n"
     prefix = "dptool/failure/between/0/"
     server.compare_set(prefix + "failed_rank", "", "0")  # rank 0's report_failure, up to its first count
     server.add(prefix + "failed", 1)
     server.add(prefix + "same/" + hashlib.sha256(report.encode()).hexdigest()[:32], 1)  # not yet its "kinds"
     shown: list[bool] = []
-    distributed.report_failure(report, shown.append, wait_s=60)
+    rank_failures.report_failure(report, shown.append, wait_s=60)
     assert shown == [False]  # printed as the job's sentence, not naming rank 1
     assert server.add(prefix + "seen", 0) == 1  # and rank 0, waiting until every rank has seen it, is told
 
