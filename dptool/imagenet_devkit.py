@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import tarfile
@@ -32,6 +33,10 @@ _ACCEPTED = ("ILSVRC2012_devkit_t12.tar.gz or its extracted folder, with data/me
              f"data/{GROUND_TRUTH}")
 _VAL_IMAGE = re.compile(r"(?:.*/)?ILSVRC2012_val_\d{8}\.JPEG")
 _ID = re.compile(rb"[0-9]+")
+# how a compressed file starts (gzip, bzip2, xz): a devkit archive, never a label list, even where tarfile cannot
+# open it (a download cut short)
+_COMPRESSED = re.compile(rb"\x1f\x8b|BZh[1-9](?:1AY&SY|\x17rE8P\x90)|\xfd7zXZ\x00")  # bzip2's with its block magic
+_ZIP = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,17 @@ def val_image_name(number: int) -> str:
 
 
 def is_devkit(path: str | os.PathLike) -> bool:
-    """Whether `--format list:PATH` names a devkit (a folder, or a tar archive) rather than a label list."""
+    """Whether `--format list:PATH` names a devkit (a folder, a tar archive, or any compressed or zip file, refused
+    by `read_devkit` if it is no devkit) rather than a label list."""
     try:
-        return os.path.isdir(path) or (os.path.isfile(path) and tarfile.is_tarfile(path))
-    except OSError:  # unreadable: the label list reader says so
+        if os.path.isdir(path):
+            return True
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(10)
+        return bool(_COMPRESSED.match(head)) or head.startswith(_ZIP) or tarfile.is_tarfile(path)
+    except (OSError, EOFError, zlib.error):  # unreadable: the label list reader says so
         return False
 
 
@@ -84,6 +96,11 @@ def _from_archive(path: str) -> tuple[bytes, bytes, str, str]:
     truth's ARCHIVE/member, read without extracting."""
     found: dict[str, tuple[str, bytes]] = {}
     try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == _ZIP
+        if zipped:
+            raise InputError(f"{path} is a zip archive; --format list: takes a label list, or ImageNet's devkit as "
+                             f"image-net.org hands it out (a tar archive) or extracted: {_ACCEPTED}.")
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if _VAL_IMAGE.fullmatch(member.name):  # before reading 6.4 GB of images through
@@ -94,7 +111,9 @@ def _from_archive(path: str) -> tuple[bytes, bytes, str, str]:
                 if member.isfile() and len(parts) >= 2 and parts[-2] == "data" and parts[-1] in (META, GROUND_TRUTH):
                     found.setdefault(parts[-1], (member.name, tar.extractfile(member).read()))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise InputError(f"Devkit archive {path} cannot be read as a tar archive ({exc}); give {_ACCEPTED}.") from exc
+        reason = " ".join(str(exc).split())  # tarfile's 'r:*' says why each method failed, a line each
+        raise InputError(f"Devkit archive {path} cannot be read as a tar archive ({reason}); --format list: takes a "
+                         f"label list (text, not compressed), or ImageNet's devkit: {_ACCEPTED}.") from exc
     lacking = [f"data/{name}" for name in (META, GROUND_TRUTH) if name not in found]
     if lacking:
         raise InputError(f"Archive {path} holds no {' and no '.join(lacking)}; --format list: takes a label list, or "
@@ -113,7 +132,7 @@ def _scalar(value, kind: type):
         return None
     item = arr.reshape(()).item()
     if kind is int:
-        if isinstance(item, bool) or not isinstance(item, int | float) or item != int(item):
+        if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item) or item != int(item):
             return None
         return int(item)
     return item if isinstance(item, str) and item else None

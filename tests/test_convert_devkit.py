@@ -7,10 +7,12 @@ reader that took ID - 1, or a synset's position, as the label would store other 
 from __future__ import annotations
 
 import collections
+import gzip
 import hashlib
 import io
 import os
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -200,6 +202,10 @@ def _val_archive(tmp_path):
         ("truncated", "ILSVRC2012_devkit_t12.tar.gz cannot be read as a tar archive"),
         ("val images", "ILSVRC2012_img_val.tar holds the val images (ILSVRC2012_val_00000001.JPEG), not the devkit"),
         ("sorted val", "it holds class folders, as torchvision's ImageNet sorts the val images"),
+        ("cut in its first member", "ILSVRC2012_devkit_t12.tar.gz cannot be read as a tar archive"),
+        ("zip", "ILSVRC2012_devkit_t12.zip is a zip archive; --format list: takes a label list, or"),
+        ("gzipped list", "val.txt.gz cannot be read as a tar archive (file could not be opened successfully: -"),
+        ("nan num_children", "data/meta.mat: synset 1 has no integer ILSVRC2012_ID, WNID text and integer"),
     ],
 )
 def test_devkits_without_its_files_or_with_a_line_that_is_no_leaf_s_id_are_refused(tmp_path, case, phrase):
@@ -213,12 +219,28 @@ def test_devkits_without_its_files_or_with_a_line_that_is_no_leaf_s_id_are_refus
         out = io.BytesIO()
         sio.savemat(out, {"classes": np.arange(3)})
         meta = out.getvalue()
+    if case == "nan num_children":  # a double field, as MATLAB stores numbers, that is no integer
+        synsets = sio.loadmat(io.BytesIO(_meta_mat(LEAVES)))["synsets"]
+        synsets[0, 0]["num_children"] = np.array([[np.nan]])
+        out = io.BytesIO()
+        sio.savemat(out, {"synsets": synsets})
+        meta = out.getvalue()
     folder, archive = _devkit(tmp_path, truth, meta=meta,
                               leave_out={"no meta": "data/meta.mat", "no truth folder": f"data/{GT}"}.get(case, ""))
     _val(tmp_path)
     if case == "truncated":  # a download cut short: the first members are there, the rest is not
         archive.write_bytes(archive.read_bytes()[:-200])
+    if case == "cut in its first member":  # cut so short that tarfile cannot tell it is a tar archive
+        archive.write_bytes(archive.read_bytes()[:100])
     devkit = {"no truth folder": folder, "val images": _val_archive(tmp_path)}.get(case, archive)
+    if case == "zip":  # the devkit repacked as a zip archive
+        devkit = tmp_path / "ILSVRC2012_devkit_t12.zip"
+        with zipfile.ZipFile(devkit, "w") as z:
+            for name in ("data/meta.mat", f"data/{GT}"):
+                z.write(folder / name, f"ILSVRC2012_devkit_t12/{name}")
+    if case == "gzipped list":  # a label list compressed, not a devkit
+        devkit = tmp_path / "val.txt.gz"
+        devkit.write_bytes(gzip.compress(b"ILSVRC2012_val_00000001.JPEG n01440764\n"))
     image_dir = tmp_path / "val"
     if case == "sorted val":  # torchvision moved each image into its WNID's folder
         image_dir = tmp_path / "sorted"
@@ -261,3 +283,4 @@ def test_resume_refuses_a_changed_devkit(tmp_path, monkeypatch):
     result = run("convert", *options)
     assert result.exit_code == 2 and f"{GT}:90 but not found" in result.output, result.output
     assert "changed since" not in result.output
+
