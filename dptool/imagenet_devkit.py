@@ -37,6 +37,9 @@ _ID = re.compile(rb"[0-9]+")
 # open it (a download cut short)
 _COMPRESSED = re.compile(rb"\x1f\x8b|BZh[1-9](?:1AY&SY|\x17rE8P\x90)|\xfd7zXZ\x00")  # bzip2's with its block magic
 _ZIP = b"PK\x03\x04"
+#: the largest archive read as a devkit: ILSVRC2012_devkit_t12.tar.gz is 2.5 MB; a train or test tar given by
+#: mistake (138 GB, 13 GB) is refused before it is read through or hashed
+MAX_ARCHIVE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def _from_archive(path: str) -> tuple[bytes, bytes, str, str]:
     try:
         with open(path, "rb") as f:
             zipped = f.read(4) == _ZIP
+        size = os.path.getsize(path)
         if zipped:
             raise InputError(f"{path} is a zip archive; --format list: takes a label list, or ImageNet's devkit as "
                              f"image-net.org hands it out (a tar archive) or extracted: {_ACCEPTED}.")
@@ -107,9 +111,15 @@ def _from_archive(path: str) -> tuple[bytes, bytes, str, str]:
                     raise InputError(f"{path} holds the val images ({member.name}), not the devkit; extract it into a "
                                      "folder, give that folder as the source, and --format list: the devkit: "
                                      f"{_ACCEPTED}.")
+                if size > MAX_ARCHIVE_BYTES:  # after the first member: the val images' tar is named as such above
+                    raise InputError(f"Archive {path} is {size / 2**30:.1f} GiB (its first member {member.name}), "
+                                     f"too large for ImageNet's devkit (2.5 MB; at most {MAX_ARCHIVE_BYTES >> 20} MiB "
+                                     f"read); give {_ACCEPTED}.")
                 parts = member.name.split("/")
                 if member.isfile() and len(parts) >= 2 and parts[-2] == "data" and parts[-1] in (META, GROUND_TRUTH):
                     found.setdefault(parts[-1], (member.name, tar.extractfile(member).read()))
+                    if len(found) == 2:  # the rest of the archive is not read through
+                        break
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         reason = " ".join(str(exc).split())  # tarfile's 'r:*' says why each method failed, a line each
         raise InputError(f"Devkit archive {path} cannot be read as a tar archive ({reason}); --format list: takes a "

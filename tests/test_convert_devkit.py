@@ -24,6 +24,7 @@ from dptool.beton import check_same_classes, open_beton, read_image, read_sideca
 from dptool.cli.main import cli
 from dptool.convert import WriterParams, convert, partial_paths
 from dptool.errors import InputError
+from dptool.imagenet_devkit import MAX_ARCHIVE_BYTES
 from dptool.writer_progress import read_checkpoint
 
 RAW = ["--write-mode", "raw", "--max-res", "32", "--workers", "1"]
@@ -284,3 +285,26 @@ def test_resume_refuses_a_changed_devkit(tmp_path, monkeypatch):
     assert result.exit_code == 2 and f"{GT}:90 but not found" in result.output, result.output
     assert "changed since" not in result.output
 
+
+@pytest.mark.parametrize("first", ["devkit files", "one big member"])
+def test_an_archive_too_large_for_a_devkit_is_refused_without_being_read_through(tmp_path, first):
+    """A tar of more than MAX_ARCHIVE_BYTES (a sparse member of zeros, as ILSVRC2012_img_train.tar's 138 GB would be
+    given by mistake), the devkit's two files first or not, is refused in one sentence naming its size, not hashed
+    or read through as a devkit."""
+    folder, _ = _devkit(tmp_path)
+    _val(tmp_path)
+    path = tmp_path / "ILSVRC2012_img_train.tar"
+    with open(path, "wb") as f:
+        if first == "devkit files":
+            with tarfile.open(fileobj=f, mode="w") as tar:
+                for name in ("data/meta.mat", f"data/{GT}"):
+                    tar.add(folder / name, f"ILSVRC2012_devkit_t12/{name}")
+            f.seek(f.tell() - 1024)  # over the end-of-archive blocks
+        info = tarfile.TarInfo("n01440764.tar")
+        info.size = MAX_ARCHIVE_BYTES + 1
+        f.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        f.truncate(f.tell() + info.size + (-info.size % 512) + 1024)  # sparse: no disk written
+    result = run("convert", "--format", f"list:{path}", tmp_path / "val", tmp_path / "o.beton", *RAW)
+    assert result.exit_code == 2 and f"Archive {path} is 0.3 GiB" in result.output, result.output
+    assert "too large for ImageNet's devkit" in result.output and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "o.beton").exists()
