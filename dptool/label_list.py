@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: the header of Kaggle's LOC_val_solution.csv (and LOC_train_solution.csv)
 KAGGLE_HEADER = "ImageId,PredictionString"
+
+_VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")  # a file of ILSVRC2012_img_val.tar, by its number
 
 _SHAPE = ("one image a line, 'relative/path<TAB, comma or space>class_name', or Kaggle's CSV with the header "
           f"'{KAGGLE_HEADER}'")
@@ -208,6 +211,13 @@ class ListSource(SourceDataset):
             log.warning("%d of the %d images of %s are not in %s (the first: line %d, %s): each is skipped and "
                         "listed (or stops the run under --on-error fail)", len(absent), n, parsed.path, image_dir,
                         parsed.lines[absent[0]], parsed.relpath(absent[0]))
+        if parsed.line_file is not None:  # a devkit: a val image its ground truth has no line for is left out
+            unlisted = sorted(int(m[1]) for e in os.scandir(root) if (m := _VAL_NUMBER.fullmatch(e.name))
+                              and int(m[1]) > n)
+            if unlisted:
+                log.warning("%d images of %s are past the %d lines of %s (the first: %s) and are left out: is the "
+                            "ground truth cut short?", len(unlisted), image_dir, n, parsed.line_file,
+                            val_image_name(unlisted[0]))
         super().__init__(
             class_names=parsed.class_names,
             labels=parsed.labels,

@@ -10,6 +10,7 @@ import collections
 import gzip
 import hashlib
 import io
+import logging
 import os
 import tarfile
 import zipfile
@@ -308,3 +309,16 @@ def test_an_archive_too_large_for_a_devkit_is_refused_without_being_read_through
     assert result.exit_code == 2 and f"Archive {path} is 0.3 GiB" in result.output, result.output
     assert "too large for ImageNet's devkit" in result.output and result.output.count("\n") == 1, result.output
     assert not (tmp_path / "o.beton").exists()
+
+
+def test_val_images_past_the_ground_truth_s_last_line_are_named_in_a_warning(tmp_path, caplog):
+    """A ground truth cut short (8 lines for 10 images): the 8 are converted, and a warning counts the 2 left out and
+    names the first."""
+    _, archive = _devkit(tmp_path, TRUTH[:8])
+    made = _val(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dptool"):
+        convert(tmp_path / "val", tmp_path / "o.beton", format=f"list:{archive}", params=PARAMS)
+    assert _stored(tmp_path / "o.beton") == collections.Counter(v for k, v in made.items() if k <= 8)
+    assert [r.getMessage() for r in caplog.records if "past the" in r.getMessage()] == [
+        f"2 images of {tmp_path / 'val'} are past the 8 lines of {archive}/ILSVRC2012_devkit_t12/data/{GT} (the "
+        "first: ILSVRC2012_val_00000009.JPEG) and are left out: is the ground truth cut short?"]
