@@ -236,7 +236,8 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
     scores_fp = fingerprint_file(scores_path)
     labels = beton.labels
     counts = [np.bincount(labels[idx], minlength=beton.num_classes) for _, _, _, idx in jobs]
-    by_path = {os.path.abspath(p): (r, kept, c, idx) for (p, r, kept, idx), c in zip(jobs, counts)}
+    ties = [cut_tie(scores, kept, sizes) for _, _, kept, _ in jobs]  # for the sidecar and the result alike
+    by_path = {os.path.abspath(p): (r, kept, c, idx, tie) for (p, r, kept, idx), c, tie in zip(jobs, counts, ties)}
     try:  # checked before any byte is copied
         source_digests = recorded_digests(beton)
     except InputError as exc:  # the source's record is lost, not its data: the outputs' digests are read back
@@ -244,20 +245,20 @@ def _write(beton: Beton, source_fp: str, split: str, jobs: list[tuple[Path, floa
         source_digests = None
 
     def finalize(final: Path, written: Path) -> None:
-        r, kept, c, idx = by_path[os.path.abspath(final)]
+        r, kept, c, idx, tie = by_path[os.path.abspath(final)]
         out = open_beton(written, require_label=False)  # its tables, for the fingerprint (and a read-back)
         # the kept samples' bytes are copies of the source's, so are their digests; without the source's, read back
         digests = source_digests[idx] if source_digests is not None else sample_digests(out)
         write_sidecar(final, _sidecar(beton, source_fp, c, r, kept, scores, scores_path, scores_fp, out,
-                                      record_digests(final, digests), cut_tie(scores, kept, sizes)))
+                                      record_digests(final, digests), tie))
 
     results = write_subsets(beton, {p: idx for p, _, _, idx in jobs}, force=force, progress=progress,
                             finalize=finalize)
     files = [PrunedFile(output=res.output, split=split, ratio=r, kept_groups=len(kept), num_samples=res.num_samples,
                         num_classes_kept=int(np.count_nonzero(c)), bytes=res.bytes)
              for res, (_, r, kept, _), c in zip(results, jobs, counts)]
-    for f, (_, _, kept, _) in zip(files, jobs):
-        f.tie_score, f.tied, f.tied_kept = cut_tie(scores, kept, sizes) or (None, 0, 0)
+    for f, tie in zip(files, ties):
+        f.tie_score, f.tied, f.tied_kept = tie or (None, 0, 0)
     return files, results[0].seconds, results[0].bytes_read
 
 

@@ -17,12 +17,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from scipy import io as sio
+from test_convert_lists import _digest, _stored, run  # the same CLI runner and image digests
 
-from dptool.beton import check_same_classes, open_beton, read_image, read_sidecar
-from dptool.cli.main import cli
+from dptool.beton import check_same_classes, open_beton, read_sidecar
 from dptool.convert import WriterParams, convert, partial_paths
 from dptool.errors import InputError
 from dptool.imagenet_devkit import MAX_ARCHIVE_BYTES
@@ -38,14 +37,6 @@ TRUTH = [3, 1, 4, 2, 2, 4, 1, 3, 1, 4]  # the ID of val image 1, 2, ...
 FIELDS = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
           "num_train_images"]
 GT = "ILSVRC2012_validation_ground_truth.txt"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def _digest(img: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()
 
 
 def _meta_mat(leaves: dict[int, str]) -> bytes:
@@ -92,14 +83,6 @@ def _val(root, truth=TRUTH, seed: int = 1) -> dict[int, tuple[str, str]]:
         with Image.open(path) as img:
             made[number] = (_digest(np.asarray(img.convert("RGB"))), LEAVES[ident])
     return made
-
-
-def _stored(path) -> collections.Counter:
-    """(image digest, class name) of every sample of `path`, its class named by its sidecar."""
-    beton = open_beton(path)
-    names = beton.sidecar["class_names"]
-    return collections.Counter((_digest(read_image(beton, i)), names[int(beton.labels[i])])
-                               for i in range(beton.num_samples))
 
 
 def _state(root) -> dict:
