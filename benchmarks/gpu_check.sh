@@ -168,6 +168,9 @@ if [ "$FFCV_OK" -eq 1 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cu
     FFCV_OK=0
 fi
 if [ "$FFCV_OK" -eq 1 ]; then
+    section "loaders on CUDA: batches equal the CPU's on a busy GPU, epochs left early (tests/test_loaders_gpu.py)"
+    step 90 "$PY" -m pytest tests/test_loaders_gpu.py -q -rs -p no:cacheprovider -o faulthandler_timeout=60
+
     section "scoring on CUDA: LM and FM against the CPU references (tests/test_score_gpu.py)"
     step 150 "$PY" -m pytest tests/test_score_gpu.py -q -rs -p no:cacheprovider -o faulthandler_timeout=60
 

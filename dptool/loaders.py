@@ -96,6 +96,11 @@ class FfcvLoader:
         import torch
 
         threads = self._threads
+        # FFCV's thread copies each batch to the GPU on streams of its own, which nothing orders after the work
+        # already queued on the caller's stream. Memory that queued work still writes, freed to torch's caching
+        # allocator, can become this epoch's buffers, and the late write then lands on a batch already copied
+        # (labels read as garbage: a device-side assert in the loss, ResNet-50 `bench pretrain` on an H200).
+        _synchronize(self.device)
         # FFCV allocates the epoch's buffers here, and its thread copies into them (ToDevice) outside any
         # inference mode: buffers made under the caller's torch.inference_mode() would be inference tensors,
         # whose in-place update kills that thread (and FFCV then waits forever for its next batch).
@@ -119,7 +124,22 @@ class FfcvLoader:
                 yield x, y
         finally:
             _stop_epoch(epoch)
+            # the copies of batches fetched ahead and never taken may still be queued on FFCV's streams: they
+            # must land before the epoch's buffers go back to the allocator (on the caller's stream) and are reused
+            _synchronize(self.device)
             restore_threads(threads)
+
+
+def _synchronize(device) -> None:
+    """Wait for every stream of a CUDA `device` (a no-op elsewhere); a CUDA error already raised is not raised again."""
+    if device.type != "cuda":
+        return
+    import torch
+
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError:  # a broken device (e.g. a device-side assert) fails the next CUDA call with its own error
+        log.debug("torch.cuda.synchronize failed", exc_info=True)
 
 
 def _wait_for_batch(epoch, path) -> None:
