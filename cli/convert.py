@@ -1,4 +1,4 @@
-"""`dptool convert`: ImageFolder / .npz / torchvision dataset on disk / CoOp split -> FFCV .beton + sidecar."""
+"""`dptool convert`: ImageFolder / tar / .npz / torchvision / CoOp split / label list -> FFCV .beton + sidecar."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ def _human(r) -> str:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
 @click.option(
     "--format", "fmt", default="auto",
-    help="auto, imagefolder, npz, torchvision:NAME (e.g. torchvision:Flowers102), coop:SPLIT.json (a CoOp split "
-         "file; SRC is then the dataset's image folder) or list:FILE (lines 'path class', Kaggle's "
-         "LOC_val_solution.csv, or image-net.org's ILSVRC2012_devkit_t12.tar.gz; SRC is the folder of the images).",
+    help="auto (a folder: imagefolder; FILE.npz: npz; FILE.tar: tar), imagefolder, npz, tar (an uncompressed tar "
+         "read in place: ILSVRC2012_img_train.tar as downloaded, or a tar of an ImageFolder tree), "
+         "torchvision:NAME (e.g. torchvision:Flowers102), coop:SPLIT.json (a CoOp split file; SRC is then the "
+         "dataset's image folder) or list:FILE (lines 'path class', Kaggle's LOC_val_solution.csv, or image-net.org's "
+         "ILSVRC2012_devkit_t12.tar.gz; SRC is the folder of the images, or their tar: ILSVRC2012_img_val.tar).",
 )
 @click.option("--classes-from", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Label by this .beton's class list, by name (the train file, for its val split): classes it has "
@@ -98,6 +100,7 @@ def command(
     \b
     dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18
     dptool convert ~/data/imagenet/train imagenet_train.beton --preset rn18 --resume   # after a stop
+    dptool convert ILSVRC2012_img_train.tar imagenet_train.beton --preset rn18   # the tar as downloaded
     dptool convert --format torchvision:Flowers102 ~/data flowers_train.beton --split train
     dptool convert --format coop:split_zhou_OxfordPets.json oxford_pets/images pets_train.beton --split train
     dptool convert --format list:LOC_val_solution.csv ILSVRC/Data/CLS-LOC/val val.beton --classes-from train.beton

@@ -1,4 +1,5 @@
-"""Convert an ImageFolder tree, an `.npz`, a torchvision dataset on disk or a CoOp split into an FFCV `.beton`.
+"""Convert an ImageFolder tree (or its tar), an `.npz`, a torchvision dataset on disk or a CoOp split into an FFCV
+`.beton`.
 
 The samples are written in a seeded shuffled order (`--seed`) by `dptool.writer`, whose output does not depend
 on the number of workers. A file that cannot be read is left out and listed in the sidecar, or stops the run.

@@ -69,11 +69,15 @@ def _file_list_hash(paths, labels: np.ndarray) -> str:
 def _source_identity(src, source: SourceDataset) -> tuple[str | None, str]:
     """What tells this source from a changed one, without reading its images, and what that is in words (for a
     refusal and the resume's log): the file list with sizes and times (ImageFolder, CoOp and the torchvision
-    datasets that keep one), the file's size and time (.npz) or the torchvision dataset's arrays. None for a
+    datasets that keep one), the file's size and time (.npz, a tar) or the torchvision dataset's arrays. None for a
     torchvision dataset that keeps neither where dptool looks (another torchvision version): it cannot be resumed."""
     common = [os.path.abspath(src), source.class_names]
     # --classes-from is its own part of the identity, by fingerprint (the file may move); not the source's
     provenance = {k: v for k, v in source.provenance.items() if k != "classes_from"}
+    if "tar" in provenance:  # a tar (--format tar, or a label list's images): its size and time, as an .npz's
+        provenance.pop("label_list", None)  # the list itself is its own part of the identity
+        return (_hash(*common, provenance, source.labels.tobytes()),
+                f"the tar {source.root} (its size or modification time)")
     if source.format == "imagefolder":
         return (_hash(*common, provenance, _file_list_hash(map(source.describe, range(len(source))),
                                                            source.labels)),

@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import numpy as np
 from .errors import InputError
 from .imagenet_devkit import is_devkit, read_devkit, val_image_name
 from .source_dataset import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, decode_image_file
+from .tar_index import looks_like_tar
 
 __all__ = ["KAGGLE_HEADER", "LabelList", "read_label_list", "ListSource"]
 
@@ -88,12 +90,16 @@ def _check_relpath(where: str, impath: str) -> None:
                          "relative to the image folder given as the source, without '..' leading out of it.")
 
 
-def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> LabelList:
+def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *,
+                    exists: Callable[[str], bool] | None = None) -> LabelList:
     """Read and check a label list (module docstring): every line parsed, no image listed twice. With `image_dir`,
     a first line whose image is not there (but the next line's is) and whose class no other line names is a header
-    ('file_path,label_name'), left out, not a missing image of a class of its own. A devkit (folder or tar
-    archive) is read by `dptool.imagenet_devkit`: its classes are all of its leaf synsets'."""
+    ('file_path,label_name'), left out, not a missing image of a class of its own; `exists(relpath)` says whether an
+    image is there (default: a file under `image_dir`; a tar's member for a tar). A devkit (folder or tar archive)
+    is read by `dptool.imagenet_devkit`: its classes are all of its leaf synsets'."""
     path = str(path)
+    if exists is None and image_dir is not None:
+        exists = lambda rel: os.path.exists(os.path.join(image_dir, rel))  # noqa: E731
     if is_devkit(path):
         return _devkit_list(path)
     try:
@@ -157,8 +163,8 @@ def read_label_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
     del first_line
     if (image_dir is not None and not kaggle and len(paths) > 1 and line_numbers[0] == 1
             and classes.count(classes[0]) == 1
-            and not os.path.exists(os.path.join(image_dir, paths[0].decode("utf-8")))
-            and os.path.exists(os.path.join(image_dir, paths[1].decode("utf-8")))):  # else: the wrong folder
+            and not exists(paths[0].decode("utf-8"))
+            and exists(paths[1].decode("utf-8"))):  # else: the wrong folder
         log.warning("%s:%d (%r, %r) is taken as a header: its image is not in %s, the next line's is, and no other "
                     "line names its class", path, 1, paths[0].decode("utf-8"), classes[0], image_dir)
         del paths[0], line_numbers[0], classes[0]
@@ -184,58 +190,96 @@ def _devkit_list(path: str) -> LabelList:
                      lines=np.arange(1, n + 1, dtype=np.int64), labels=devkit.labels, line_file=devkit.ground_truth)
 
 
+class _Folder:
+    """A label list's images in a folder, by relative path (`dptool.tar_source.TarImages` is the same for a tar)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.provenance = None
+
+    def exists(self, relpath: str) -> bool:
+        """Whether the listed image `relpath` is there."""
+        return os.path.exists(os.path.join(self.root, relpath))
+
+    def describe(self, relpath: str) -> str:
+        """The file of the listed image `relpath`."""
+        return os.path.join(self.root, relpath)
+
+    def basenames(self):
+        """The names of the folder's entries."""
+        return (e.name for e in os.scandir(self.root))
+
+    def has_folders(self, names) -> bool:
+        """Whether the folder holds a sub-folder named like one of `names`."""
+        return any(os.path.isdir(os.path.join(self.root, c)) for c in names)
+
+    def load(self, relpath: str, max_pixels: int, missing: str) -> np.ndarray:
+        """Decode the listed image `relpath` to (H, W, 3) uint8; `missing` is the reason where it is not there."""
+        path = self.describe(relpath)
+        if not os.path.exists(path):
+            raise UnreadableImage("broken symbolic link" if os.path.islink(path) else missing)
+        return decode_image_file(path, max_pixels)
+
+
 class ListSource(SourceDataset):
-    """The images a label list names, read from `image_dir`; classes are the list's sorted class names."""
+    """The images a label list names, read from `image_dir` (a folder, or a tar: ILSVRC2012_img_val.tar as
+    downloaded); classes are the list's sorted class names."""
 
     def __init__(self, list_file: str | os.PathLike, image_dir: str | os.PathLike, *,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        if not Path(image_dir).is_dir():
-            raise InputError(f"Image folder {image_dir} does not exist or is not a folder; with --format list: the "
-                             "source is the folder the list's paths are relative to (ILSVRC/Data/CLS-LOC/val for "
-                             "Kaggle's LOC_val_solution.csv, the folder ILSVRC2012_img_val.tar is extracted into for "
-                             "image-net.org's devkit).")
-        parsed = read_label_list(list_file, image_dir)
-        root = os.path.abspath(image_dir)
+        if Path(image_dir).is_file() and looks_like_tar(image_dir):
+            from .tar_source import TarImages
+
+            images = TarImages(image_dir)
+        elif Path(image_dir).is_dir():
+            images = _Folder(image_dir)
+        else:
+            raise InputError(f"Image folder {image_dir} does not exist or is not a folder or a tar; with --format "
+                             "list: the source is the folder (or the uncompressed tar) the list's paths are relative "
+                             "to (ILSVRC/Data/CLS-LOC/val for Kaggle's LOC_val_solution.csv, ILSVRC2012_img_val.tar or "
+                             "the folder it is extracted into for image-net.org's devkit).")
+        parsed = read_label_list(list_file, image_dir, exists=images.exists)
+        self._images = images
         self._list = parsed
         n = len(parsed.labels)
-        absent = [i for i in range(n) if not os.path.exists(os.path.join(root, parsed.relpath(i)))]
+        absent = [i for i in range(n) if not images.exists(parsed.relpath(i))]
         if len(absent) == n:  # the image folder is not the one the list's paths are relative to
-            sorted_val = parsed.line_file is not None and any(  # torchvision's ImageNet moves them into WNID folders
-                os.path.isdir(os.path.join(root, c)) for c in parsed.class_names)
+            # torchvision's ImageNet moves them into WNID folders
+            sorted_val = parsed.line_file is not None and images.has_folders(parsed.class_names)
             raise InputError(f"None of the {n} images of {parsed.path} is in {image_dir} (the first would be "
-                             f"{os.path.join(root, parsed.relpath(0))}); " + (
+                             f"{images.describe(parsed.relpath(0))}); " + (
                                  "it holds class folders, as torchvision's ImageNet sorts the val images: convert it "
-                                 "as an ImageFolder, without --format, with --classes-from TRAIN.beton." if sorted_val
-                                 else "give the folder the list's paths are relative to."))
+                                 "as an ImageFolder (or a tar), without --format, with --classes-from TRAIN.beton."
+                                 if sorted_val else "give the folder the list's paths are relative to."))
         if absent:
             log.warning("%d of the %d images of %s are not in %s (the first: line %d, %s): each is skipped and "
                         "listed (or stops the run under --on-error fail)", len(absent), n, parsed.path, image_dir,
                         parsed.lines[absent[0]], parsed.relpath(absent[0]))
         if parsed.line_file is not None:  # a devkit: a val image its ground truth has no line for is left out
-            unlisted = sorted(int(m[1]) for e in os.scandir(root) if (m := _VAL_NUMBER.fullmatch(e.name))
+            unlisted = sorted(int(m[1]) for name in images.basenames() if (m := _VAL_NUMBER.fullmatch(name))
                               and int(m[1]) > n)
             if unlisted:
                 log.warning("%d images of %s are past the %d lines of %s (the first: %s) and are left out: is the "
                             "ground truth cut short?", len(unlisted), image_dir, n, parsed.line_file,
                             val_image_name(unlisted[0]))
+        provenance = {"label_list": {"path": parsed.path, "sha256": parsed.sha256}}
+        if images.provenance is not None:  # a tar: its size and time tell a changed one (`--resume`)
+            provenance["tar"] = images.provenance
         super().__init__(
             class_names=parsed.class_names,
             labels=parsed.labels,
             format=f"list:{parsed.path}",
-            root=root,
+            root=images.root,
             max_pixels=max_pixels,
-            provenance={"label_list": {"path": parsed.path, "sha256": parsed.sha256}},
+            provenance=provenance,
         )
 
     def describe(self, index: int) -> str:
-        """The file of sample `index`: what skip lists and error messages name."""
-        return os.path.join(self.root, self._list.relpath(index))
+        """The file (or `TAR:member`) of sample `index`: what skip lists and error messages name."""
+        return self._images.describe(self._list.relpath(index))
 
     def load(self, index: int) -> np.ndarray:
         """Decode the image of sample `index` to (H, W, 3) uint8; a listed file that is not there is unreadable."""
-        path = self.describe(index)
-        if not os.path.exists(path):
-            raise UnreadableImage("broken symbolic link" if os.path.islink(path) else
-                                  f"listed at {self._list.line_file or self._list.path}:"
-                                  f"{int(self._list.lines[index])} but not found")
-        return decode_image_file(path, self.max_pixels)
+        return self._images.load(self._list.relpath(index), self.max_pixels,
+                                 f"listed at {self._list.line_file or self._list.path}:{int(self._list.lines[index])} "
+                                 "but not found")

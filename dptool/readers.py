@@ -330,8 +330,9 @@ class TorchvisionSource(SourceDataset):
 def open_source(
     src: str | os.PathLike, *, format: str = "auto", split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> SourceDataset:
-    """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz', 'torchvision:NAME', 'coop:SPLIT.json' or
-    'list:FILE' (`src` is then the folder the file's paths are relative to)."""
+    """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz', 'tar' (`dptool.tar_source`: 'auto' takes a
+    file named .tar as one), 'torchvision:NAME', 'coop:SPLIT.json' or 'list:FILE' (`src` is then the folder, or
+    tar, the file's paths are relative to)."""
     src_path = Path(src)
     if format.startswith("torchvision:"):
         return TorchvisionSource(format.split(":", 1)[1], src_path, split or "train")
@@ -352,30 +353,38 @@ def open_source(
         raise InputError(f"--split applies to torchvision datasets (--format torchvision:NAME) and CoOp split files "
                          f"(--format coop:SPLIT.json); {src_path} is converted whole.")
     if format == "auto":
-        if src_path.is_file() and src_path.suffix.lower() == ".json":
+        from .tar_index import looks_like_tar
+
+        is_file = src_path.is_file()
+        if is_file and src_path.suffix.lower() == ".json":
             raise InputError(f"Source {src_path} is a JSON file; a CoOp split file is given as --format "
                              f"coop:{src_path} with the dataset's image folder as the source.")
-        if src_path.is_file() and src_path.suffix.lower() == ".beton":
+        if is_file and src_path.suffix.lower() == ".beton":
             raise InputError(f"Source {src_path} is already an FFCV .beton, what convert writes; convert reads an "
-                             "ImageFolder tree (one folder of images per class), an .npz (images, labels), "
+                             "ImageFolder tree (one folder of images per class), an .npz (images, labels), a tar, "
                              "--format torchvision:NAME, --format coop:SPLIT.json or --format list:FILE.")
-        if src_path.is_file() and src_path.suffix.lower() != ".npz":
+        if is_file and src_path.suffix.lower() != ".npz" and not looks_like_tar(src_path):
             listed = (f"; a label list is given as --format list:{src_path} with the image folder as the source"
                       if src_path.suffix.lower() in (".csv", ".txt", ".tsv") else "")
-            raise InputError(f"Source {src_path} is a file but not an .npz; give an .npz file (images, labels; "
-                             "--format npz for another name) or an ImageFolder tree (one folder of images per "
-                             f"class){listed}.")
-        format = "npz" if src_path.is_file() else "imagefolder"
+            raise InputError(f"Source {src_path} is a file but not an .npz or a .tar; give an .npz file (images, "
+                             "labels; --format npz for another name), a tar (ILSVRC2012_img_train.tar as downloaded, "
+                             "or a tar of an ImageFolder tree; --format tar for another name) or an ImageFolder tree "
+                             f"(one folder of images per class){listed}.")
+        format = ("npz" if src_path.suffix.lower() == ".npz" else "tar") if is_file else "imagefolder"
         coop = sorted(src_path.glob("split_zhou_*.json")) if format == "imagefolder" else []
         if coop:  # a CoOp dataset folder (stanford_cars, oxford_pets) read as ImageFolder: its sub-folders as classes
             raise InputError(f"Source {src_path} holds the CoOp split file {coop[0].name}: convert a split of it with "
                              f"--format coop:{coop[0]} and the dataset's image folder as the source, or give --format "
                              "imagefolder to read the folder as one folder per class.")
+    if format == "tar":
+        from .tar_source import TarSource
+
+        return TarSource(src_path, max_pixels=max_pixels)
     if format == "npz":
         return NpzSource(src_path)
     if format == "imagefolder":
         return ImageFolderSource(src_path, max_pixels=max_pixels)
-    raise InputError(f"Unknown format {format!r}; accepted: auto, imagefolder, npz, torchvision:NAME, "
+    raise InputError(f"Unknown format {format!r}; accepted: auto, imagefolder, npz, tar, torchvision:NAME, "
                      "coop:SPLIT.json, list:FILE.")
 
 

@@ -9,6 +9,7 @@ pixels, corrupt or truncated), after opening the file only once: `decode_image_f
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ __all__ = [
     "SourceDataset",
     "to_rgb_array",
     "decode_image_file",
+    "decode_image_bytes",
 ]
 
 
@@ -102,8 +104,24 @@ def decode_image_file(path: str, max_pixels: int) -> np.ndarray:
     bytes, more than `max_pixels` pixels, not an image, corrupt or truncated)."""
     if os.path.getsize(path) == 0:
         raise UnreadableImage("zero-byte file")
+    return _decode(path, max_pixels)
+
+
+def decode_image_bytes(data: bytes, max_pixels: int, *, expected: int | None = None) -> np.ndarray:
+    """Decode an image file's bytes (a tar member's) as `decode_image_file` decodes the file, with the same reasons
+    to skip it; fewer bytes than `expected` (the file read has been cut since it was indexed) is one more."""
+    if expected is not None and len(data) < expected:
+        raise UnreadableImage(f"only {len(data)} of its {expected} bytes could be read (the file ends there: changed "
+                              "since it was indexed?)")
+    if not data:
+        raise UnreadableImage("zero-byte file")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(file, max_pixels: int) -> np.ndarray:
+    """Decode a path or a file object (PIL's messages name the object by its address: left out of the reason)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise UnreadableImage(f"decompression bomb ({width}x{height} > {max_pixels} pixels)")
@@ -112,4 +130,5 @@ def decode_image_file(path: str, max_pixels: int) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise UnreadableImage("decompression bomb (too many pixels)") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        text = str(exc) if isinstance(file, str) else str(exc).replace(f" {file!r}", "")
+        raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {text})") from exc

@@ -1,0 +1,230 @@
+"""ImageNet's tar files as downloaded, read in place: `ILSVRC2012_img_train.tar` (a tar of one tar a class) or a tar
+of an ImageFolder tree as a dptool source (`--format tar`, `TarSource`), and a tar of images as the image folder of a
+label list (`ILSVRC2012_img_val.tar` with `--format list:DEVKIT`: `TarImages`, used by `dptool.label_list`).
+
+The index of every image's (offset, size) in the file comes from the tar headers alone (`dptool.tar_index`); an
+image is then read with one `os.pread`, through a file descriptor each process opens for itself (the writer's
+workers are forked; a dataset unpickled elsewhere opens its own too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+
+import numpy as np
+
+from .beton import MAX_CLASSES
+from .errors import InputError
+from .source_dataset import DEFAULT_MAX_PIXELS, SourceDataset, UnreadableImage, decode_image_bytes
+from .tar_index import listing, open_tar
+
+__all__ = ["TarSource", "TarImages"]
+
+log = logging.getLogger(__name__)
+
+_ACCEPTED = ("a tar of one tar a class (ImageNet's ILSVRC2012_img_train.tar: n01440764.tar, ...) or of an "
+             "ImageFolder tree (`tar -cf train.tar train/`: CLASS/.../image)")
+
+
+class _Reader:
+    """Reads byte ranges of one file with `os.pread`, opening it once in each process that reads."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self._fd, self._pid = path, fd, os.getpid()
+
+    def read(self, offset: int, size: int) -> bytes:
+        """The `size` bytes at `offset`; fewer where the file has changed since it was indexed (a decoder says so)."""
+        if self._pid != os.getpid() or self._fd is None:
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return os.pread(self._fd, size, offset)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+def _stripped_top(names: list[str], kinds: bytearray) -> str | None:
+    """The single top folder that every member is under (`tar -cf train.tar train/`), when what is below it still
+    has classes (a folder, or a member tar); None where there is none to strip."""
+    if not names:
+        return None
+    top = names[0].split("/", 1)[0]
+    prefix = top + "/"
+    if not all(n == top or n.startswith(prefix) for n in names):
+        return None
+    below = (n[len(prefix):] for n, k in zip(names, kinds) if n.startswith(prefix))
+    if any("/" in rest or rest.lower().endswith(".tar") for rest in below) or any(
+            k == 68 and n.startswith(prefix) for n, k in zip(names, kinds)):
+        return top
+    return None
+
+
+def _sorted_unique(order: list[int], names: list[str]) -> list[int]:
+    """`order` sorted by name as ImageFolder sorts a class's files; of a name listed twice (a tar appended to), the
+    last, as extracting the tar would keep it."""
+    order = sorted(order, key=names.__getitem__)  # stable: equal names stay in the tar's order
+    return [i for j, i in enumerate(order) if j + 1 == len(order) or names[order[j + 1]] != names[i]]
+
+
+class TarSource(SourceDataset):
+    """The images of an uncompressed tar, in place: member `NAME.tar` -> class NAME (its images at any depth), member
+    `CLASS/.../image` -> class CLASS, under an optional single top folder; classes and images sorted by name as
+    `ImageFolderSource` sorts them, so the labels are those of the tree extracting it gives."""
+
+    def __init__(self, path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        path = os.path.abspath(path)
+        fd, size = open_tar(path)
+        try:
+            st = os.fstat(fd)
+            outer = listing(fd, 0, size, path, outer=True)
+            top = _stripped_top(outer.names, outer.kinds)
+            cut = len(top) + 1 if top else 0
+            names: list[str] = []  # the images: their names in the tar, and where they lie
+            offsets, sizes = array("q"), array("q")
+            classes: dict[str, list[int]] = {}
+            others, loose, inner_tars = outer.others, 0, 0
+            for name, offset, length, kind in zip(outer.names, outer.offsets, outer.sizes, outer.kinds):
+                rest = name[cut:] if cut else name
+                if not rest:
+                    continue
+                cls, sep, _ = rest.partition("/")
+                if kind == 68:  # a folder: a class folder is a class even if empty, as ImageFolder has it
+                    if not sep:
+                        classes.setdefault(cls, [])
+                elif sep:
+                    classes.setdefault(cls, []).append(len(names))
+                    names.append(name), offsets.append(offset), sizes.append(length)
+                elif rest.lower().endswith(".tar"):  # a class's tar: its images, read in place
+                    inner_tars += 1
+                    inside = listing(fd, offset, length, f"{path}:{name}", outer=False)
+                    others += inside.others
+                    mine = classes.setdefault(rest[:-4], [])
+                    for inner, i_off, i_size, i_kind in zip(inside.names, inside.offsets, inside.sizes, inside.kinds):
+                        if i_kind == 70:
+                            mine.append(len(names))
+                            names.append(f"{name}/{inner}"), offsets.append(i_off), sizes.append(i_size)
+                else:
+                    loose += 1  # a file beside the classes: ImageFolder reads none
+            del outer
+        except BaseException:
+            os.close(fd)
+            raise
+        if loose and not classes:
+            raise InputError(f"{path} holds files ({loose}) but no class folders or member tars: a flat tar of "
+                             "images (ILSVRC2012_img_val.tar) is labelled by a list, --format "
+                             "list:ILSVRC2012_devkit_t12.tar.gz (or list:FILE) with the tar as the source, and "
+                             f"--format tar takes {_ACCEPTED}.")
+        if not names:
+            raise InputError(f"{path} holds no images; --format tar takes {_ACCEPTED}.")
+        if len(classes) > MAX_CLASSES:
+            raise InputError(f"{path} holds {len(classes)} classes, more than the {MAX_CLASSES} a .beton's labels "
+                             f"take; is it {_ACCEPTED}?")
+        if others:
+            log.warning("%s: %d links or other non-file members are left out (their images are not read)", path,
+                        others)
+        if loose:
+            log.warning("%s: %d files beside the class folders are left out, as ImageFolder leaves them", path, loose)
+        class_names = sorted(classes)
+        counts, chosen = [], []
+        for cls in class_names:
+            picked = _sorted_unique(classes.pop(cls), names)
+            counts.append(len(picked))
+            chosen.extend(picked)
+        empty = [c for c, n in zip(class_names, counts) if n == 0]
+        if empty:
+            shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            log.warning("%d classes of %s have no images (%s); their labels are kept with no samples", len(empty),
+                        path, shown)
+        encoded = [names[i].encode("utf-8", "surrogateescape") for i in chosen]
+        super().__init__(
+            class_names=class_names,
+            labels=np.repeat(np.arange(len(class_names), dtype=np.int64), counts),
+            format="tar",
+            root=path,
+            max_pixels=max_pixels,
+            provenance={"tar": {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                "layout": "class tars" if inner_tars else "class folders"}},
+        )
+        # one byte string and offsets, not N Python strings (the forked workers would copy the pages they touch)
+        self._names = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._ends = np.cumsum([len(n) for n in encoded], dtype=np.int64)
+        self._offsets = np.frombuffer(offsets, dtype=np.int64)[chosen]
+        self._sizes = np.frombuffer(sizes, dtype=np.int64)[chosen]
+        self._reader = _Reader(path, fd)
+
+    def member(self, index: int) -> str:
+        """The name of sample `index` in the tar (`n01440764.tar/n01440764_10026.JPEG` for a member tar's)."""
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return self._names[start:self._ends[index]].tobytes().decode("utf-8", "surrogateescape")
+
+    def describe(self, index: int) -> str:
+        """`TAR:member` of sample `index`: what skip lists and error messages name."""
+        return f"{self.root}:{self.member(index)}"
+
+    def load(self, index: int) -> np.ndarray:
+        """Decode sample `index` (one pread at its offset) to (H, W, 3) uint8; UnreadableImage says why not."""
+        return decode_image_bytes(self._reader.read(int(self._offsets[index]), int(self._sizes[index])),
+                                  self.max_pixels, expected=int(self._sizes[index]))
+
+
+class TarImages:
+    """The images of a tar as a label list's image folder: a listed path is a member's name, or its name below the
+    single top folder every member is under (`tar -cf val.tar val/`). Member tars are not looked into."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = os.path.abspath(path)
+        fd, size = open_tar(self.root)
+        try:
+            st = os.fstat(fd)
+            found = listing(fd, 0, size, self.root, outer=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        files = [i for i, k in enumerate(found.kinds) if k == 70]
+        names = [found.names[i] for i in files]
+        tops = {n.split("/", 1)[0] for n in names}
+        self.top = next(iter(tops)) if len(tops) == 1 and all("/" in n for n in names) else None
+        self._index = {n: j for j, n in enumerate(names)}  # of a name listed twice, the last (as extracting it)
+        self._names = names
+        self._offsets = np.frombuffer(found.offsets, dtype=np.int64)[files]
+        self._sizes = np.frombuffer(found.sizes, dtype=np.int64)[files]
+        self._reader = _Reader(self.root, fd)
+        self.provenance = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "layout": "images"}
+
+    def _find(self, relpath: str) -> int | None:
+        key = "/".join(p for p in relpath.split("/") if p not in ("", "."))
+        found = self._index.get(key)
+        if found is None and self.top is not None:
+            found = self._index.get(f"{self.top}/{key}")
+        return found
+
+    def exists(self, relpath: str) -> bool:
+        """Whether the list's path `relpath` is an image of the tar."""
+        return self._find(relpath) is not None
+
+    def describe(self, relpath: str) -> str:
+        """`TAR:member` of the list's path (the path as listed where the tar lacks it)."""
+        found = self._find(relpath)
+        return f"{self.root}:{relpath if found is None else self._names[found]}"
+
+    def basenames(self):
+        """The file names of the images (what a folder's listing gives)."""
+        return (n.rsplit("/", 1)[-1] for n in self._names)
+
+    def has_folders(self, names) -> bool:
+        """Whether some image lies in a folder (or member tar) named like one of `names` (torchvision's sorted val)."""
+        wanted = set(names)
+        return any(n.split("/")[-2 if "/" in n else 0].removesuffix(".tar") in wanted for n in self._names)
+
+    def load(self, relpath: str, max_pixels: int, missing: str) -> np.ndarray:
+        """Decode the listed image `relpath` to (H, W, 3) uint8; `missing` is the reason where the tar lacks it."""
+        found = self._find(relpath)
+        if found is None:
+            raise UnreadableImage(missing)
+        size = int(self._sizes[found])
+        return decode_image_bytes(self._reader.read(int(self._offsets[found]), size), max_pixels, expected=size)

@@ -1,0 +1,303 @@
+"""`dptool convert` of ImageNet's tar files as downloaded, read in place (`dptool.tar_source`): a tar of one tar a class
+(ILSVRC2012_img_train.tar) or of an ImageFolder tree gives the .beton of the extracted tree, byte for byte; the flat
+val tar is a label list's image folder; a compressed, cut, empty or flat tar is refused in one sentence; an
+interrupted conversion of a tar resumes, and one of a changed tar is refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_convert_devkit import _devkit, _val
+from test_convert_lists import run
+from test_convert_resume import ENV, OPTIONS, PARAMS, _interrupt
+
+from dptool.beton import read_sidecar
+from dptool.convert import WriterParams, convert, partial_paths
+from dptool.errors import InputError
+from dptool.readers import ImageFolderSource, UnreadableImage
+from dptool.synthetic import separable_images, write_image_folder
+from dptool.tar_source import TarSource
+from dptool.writer_progress import read_checkpoint
+
+RAW = WriterParams(max_resolution=32, write_mode="raw", num_workers=2)
+CLASSES = ["n02", "n01", "n03", "n04"]  # not in sorted order: the labels must be the sorted names'
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _tree(root: Path) -> Path:
+    """An ImageFolder with what ImageFolder reads and leaves: JPEGs and PNGs, a nested folder, hidden files
+    (.DS_Store, AppleDouble ._x), a corrupt image, a zero-byte one, an empty class folder (n04)."""
+    rng = np.random.default_rng(5)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        if name == "n04":
+            continue
+        for i in range(6):
+            ext = "JPEG" if i % 2 else "png"
+            image = rng.integers(0, 256, (10 + i, 12 + c, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / name / f"{name}_{5 - i}.{ext}")
+        (root / name / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (root / name / f"._{name}_1.JPEG").write_bytes(b"\0\5\26\7AppleDouble")
+    (root / "n01" / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(root / "n01" / "sub" / "deep.JPEG")
+    (root / "n02" / "n02_9.JPEG").write_bytes(b"not a jpeg")
+    (root / "n03" / "n03_9.JPEG").write_bytes(b"")
+    return root
+
+
+def _tree_tar(folder: Path, out: Path) -> Path:
+    """`tar -cf out train/`: one top folder, folder members included."""
+    with tarfile.open(out, "w") as tar:
+        tar.add(folder, arcname="train")
+    return out
+
+
+def _tar_of_tars(folder: Path, out: Path) -> Path:
+    """ILSVRC2012_img_train.tar's shape: a member NAME.tar per class folder, holding its files (members in reverse
+    order: the images are sorted by name, not taken in the tar's order)."""
+    with tarfile.open(out, "w") as outer:
+        for class_dir in sorted(folder.iterdir(), reverse=True):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for path in sorted(class_dir.rglob("*"), reverse=True):
+                    if path.is_file():
+                        tar.add(path, arcname=str(path.relative_to(class_dir)))
+            _add(outer, f"{class_dir.name}.tar", inner.getvalue())
+    return out
+
+
+def _loaded(source, index):
+    try:
+        return source.load(index)
+    except UnreadableImage as exc:
+        return str(exc).split(" (")[0]  # the reason's kind: a file's names its path, a member's bytes do not
+
+
+def test_a_tar_of_tars_and_a_tree_s_tar_give_the_extracted_tree_s_file(tmp_path):
+    """The same images from the folder, a tar of its tree and a tar of one tar a class: the same classes, labels,
+    pixels and skipped images, and byte-identical .beton files (two forked workers read the tars)."""
+    folder = _tree(tmp_path / "train")
+    tars = [_tree_tar(folder, tmp_path / "tree.tar"), _tar_of_tars(folder, tmp_path / "ILSVRC2012_img_train.tar")]
+    reference = ImageFolderSource(folder)
+    assert reference.class_names == sorted(CLASSES) and len(reference) == 6 * 3 + 3
+    for tar in tars:
+        source = TarSource(tar)
+        assert source.class_names == reference.class_names
+        np.testing.assert_array_equal(source.labels, reference.labels)
+        for i in range(len(reference)):
+            mine, theirs = _loaded(source, i), _loaded(reference, i)
+            assert type(mine) is type(theirs) and np.array_equal(mine, theirs), (i, source.describe(i))
+        again = pickle.loads(pickle.dumps(source))  # a spawned worker's copy opens the tar for itself
+        np.testing.assert_array_equal(again.load(1), reference.load(1))
+    assert TarSource(tars[1]).describe(0) == f"{tars[1]}:n01.tar/n01_0.JPEG"
+    assert TarSource(tars[0]).describe(len(reference) - 1) == f"{tars[0]}:train/n03/n03_9.JPEG"
+
+    convert(folder, tmp_path / "folder.beton", params=RAW)
+    expected = (tmp_path / "folder.beton").read_bytes()
+    for tar in tars:
+        out = tmp_path / f"{tar.stem}.beton"
+        result = run("convert", tar, out, "--write-mode", "raw", "--max-res", "32", "--workers", "2")
+        assert result.exit_code == 0, result.output
+        assert out.read_bytes() == expected
+        side = read_sidecar(out)
+        st = tar.stat()
+        assert side["source"] == {"path": str(tar), "format": "tar", "split": None, "tar": {
+            "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "layout": "class tars" if tar.name.startswith("ILSVRC") else "class folders"}}
+        assert side["class_counts"] == [7, 6, 6, 0] and len(side["skipped"]) == 2
+        assert {s["path"].split(":")[0] for s in side["skipped"]} == {str(tar)}
+        assert f"source: tar {tar}" in run("info", out).output
+    assert set(os.listdir(tmp_path)) == {"train", "tree.tar", "ILSVRC2012_img_train.tar", "folder.beton",
+                                         "folder.beton.json", "folder.beton.digests.npy", *(
+                                             f"{t}.beton{s}" for t in ("tree", "ILSVRC2012_img_train")
+                                             for s in ("", ".json", ".digests.npy"))}  # nothing extracted
+
+
+def test_format_tar_takes_another_name_and_links_are_left_out_with_a_warning(tmp_path, caplog):
+    """A tar named otherwise is read with --format tar; a member tar under one top folder (`tar -cf train.tar
+    train_tars/`) is a class; a link member (no image bytes) is left out, counted in a warning."""
+    images = [np.full((8, 8, 3), v, np.uint8) for v in (10, 200)]
+    data = [io.BytesIO() for _ in images]
+    for image, b in zip(images, data):
+        Image.fromarray(image).save(b, "PNG")
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w") as tar:
+        _add(tar, "./b.png", data[1].getvalue())
+        _add(tar, "./a.png", data[0].getvalue())
+        link = tarfile.TarInfo("./c.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.png"
+        tar.addfile(link)
+    path = tmp_path / "images.data"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "train_tars/cat.tar", inner.getvalue())
+    caplog.set_level("WARNING")
+    source = TarSource(path)
+    assert source.class_names == ["cat"] and [source.describe(i).split(":")[1] for i in range(2)] == [
+        "train_tars/cat.tar/a.png", "train_tars/cat.tar/b.png"]
+    np.testing.assert_array_equal(source.load(1), images[1])
+    assert "1 links or other non-file members are left out" in caplog.text
+    result = run("convert", "--format", "tar", path, tmp_path / "o.beton", "--max-res", "8", "--workers", "1")
+    assert result.exit_code == 0, result.output
+
+
+def _members_tar(path: Path, members: dict[str, bytes], fmt: str = "w") -> Path:
+    with tarfile.open(path, fmt) as tar:
+        for name, content in members.items():
+            _add(tar, name, content)
+    return path
+
+
+def _png() -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(b, "PNG")
+    return b.getvalue()
+
+
+def _cut(path: Path, where: str) -> Path:
+    """Cut `path` inside its member named n02.tar's data, its header, the zero padding after its data, or where
+    that padding ends."""
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith("n02.tar"))
+    at = {"data": member.offset_data + member.size // 2, "header": member.offset + 100,
+          "padding": member.offset_data + member.size + 1,
+          "end": member.offset_data + -(-member.size // 512) * 512}[where]
+    assert where != "padding" or member.size % 512
+    path.write_bytes(path.read_bytes()[:at])
+    return path
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _class_tars(path: Path) -> Path:
+    inner = _members_tar(path.with_suffix(".in"), {"a.png": _png(), "b.png": _png()}).read_bytes()
+    return _members_tar(path, {"n01.tar": inner, "n02.tar": inner})
+
+
+REFUSALS = {
+    "gzip": (lambda p: _members_tar(p.with_suffix(".tar.gz"), {"c/a.png": _png()}, "w:gz"),
+             ["tar compressed with gzip", "gunzip -k", "uncompressed tar"]),
+    "gzip named .tar": (lambda p: _members_tar(p, {"c/a.png": _png()}, "w:gz"), ["tar compressed with gzip"]),
+    "xz": (lambda p: _members_tar(p.with_suffix(".txz"), {"c/a.png": _png()}, "w:xz"),
+           ["tar compressed with xz", "unxz -k"]),
+    "cut in a member": (lambda p: _cut(_class_tars(p), "data"),
+                        ["is cut short (a partial download?): it ends inside its member n02.tar"]),
+    "cut after a member": (lambda p: _cut(_class_tars(p), "end"),
+                           ["is cut short", "ends after its member n02.tar, at", "end-of-archive block"]),
+    "cut in a header": (lambda p: _cut(_class_tars(p), "header"),
+                        ["is cut short", "ends in the header after its member n01.tar"]),
+    "no images": (lambda p: _members_tar(p, {}), ["holds no images"]),
+    "only hidden files": (lambda p: _members_tar(p, {"c/.DS_Store": b"x", "c/._a.png": b"y"}), ["holds no images"]),
+    "empty file": (lambda p: _write(p, b""), ["is empty"]),
+    "not a tar": (lambda p: _write(p, b"PK\3\4" + b"\x99" * 2000), ["is not a tar archive"]),
+    "flat images": (lambda p: _members_tar(p, {"ILSVRC2012_val_00000001.JPEG": _png()}),
+                    ["no class folders or member tars", "--format list:ILSVRC2012_devkit_t12.tar.gz"]),
+    "cut in padding": (lambda p: _cut(_members_tar(p, {"c/a.png": _png(), "c/n02.tar": _png()}), "padding"),
+                       ["is cut short", "ends inside its member c/n02.tar"]),
+    "member tar damaged": (lambda p: _members_tar(p, {"n01.tar": b"\x07" * 1024}),
+                           ["train.tar:n01.tar is not a tar archive", "named as a class's tar"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_are_one_sentence_with_exit_2(tmp_path, case):
+    make, phrases = REFUSALS[case]
+    path = make(tmp_path / "train.tar")
+    result = run("convert", path, tmp_path / "o.beton", "--workers", "1")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert all(p in " ".join(result.output.split()) for p in phrases), result.output
+    assert str(path) in result.output and not (tmp_path / "o.beton").exists()
+
+
+def test_more_classes_than_a_beton_takes_are_refused(tmp_path, monkeypatch):
+    from dptool import tar_source
+
+    monkeypatch.setattr(tar_source, "MAX_CLASSES", 2)
+    path = _members_tar(tmp_path / "t.tar", {f"c{i}/a.png": _png() for i in range(3)})
+    with pytest.raises(InputError, match=r"holds 3 classes, more than the 2"):
+        TarSource(path)
+
+
+def test_the_val_tar_with_the_devkit_or_a_list_is_read_in_place(tmp_path):
+    """ILSVRC2012_img_val.tar as downloaded (flat) with the devkit gives the extracted folder's file, byte for byte;
+    a tar under one top folder with a plain list reads the list's paths below it, and a listed image the tar lacks
+    is skipped naming its line."""
+    _, archive = _devkit(tmp_path)
+    _val(tmp_path)
+    flat = tmp_path / "ILSVRC2012_img_val.tar"
+    with tarfile.open(flat, "w") as tar:
+        for path in sorted((tmp_path / "val").iterdir()):
+            tar.add(path, arcname=path.name)
+    params = WriterParams(max_resolution=32, write_mode="raw", num_workers=1)
+    convert(tmp_path / "val", tmp_path / "folder.beton", format=f"list:{archive}", params=params)
+    result = run("convert", "--format", f"list:{archive}", flat, tmp_path / "tar.beton", "--write-mode", "raw",
+                 "--max-res", "32", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tar.beton").read_bytes() == (tmp_path / "folder.beton").read_bytes()
+    side = read_sidecar(tmp_path / "tar.beton")
+    assert side["source"]["path"] == str(flat) and side["source"]["tar"]["layout"] == "images"
+    assert side["source"]["label_list"]["path"] == str(archive)
+
+    topped = tmp_path / "val_top.tar"
+    with tarfile.open(topped, "w") as tar:
+        tar.add(tmp_path / "val", arcname="val", filter=lambda m: None if m.name.endswith("3.JPEG") else m)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n" for i in range(1, 11)))
+    out = tmp_path / "topped.beton"
+    convert(topped, out, format=f"list:{listing}", params=params)
+    side = read_sidecar(out)
+    assert side["num_samples"] == 9 and side["skipped"] == [{
+        "path": f"{topped}:ILSVRC2012_val_00000003.JPEG", "reason": f"listed at {listing}:3 but not found"}]
+    with pytest.raises(InputError, match="None of the 10 images of .* is in .*wrong.tar"):
+        convert(_members_tar(tmp_path / "wrong.tar", {"other.png": _png()}), tmp_path / "w.beton",
+                format=f"list:{listing}", params=params)
+
+
+@pytest.fixture(scope="module")
+def big_tar(tmp_path_factory) -> Path:
+    """1,600 JPEGs of 64 px in 4 class tars: a few seconds to convert, long enough to be interrupted half way."""
+    root = tmp_path_factory.mktemp("tar_resume")
+    images, labels = separable_images(4, 400, 64, seed=3)
+    write_image_folder(root / "train", images, labels, ["a", "b", "c", "d"], ext="jpg")
+    return _tar_of_tars(root / "train", root / "train.tar")
+
+
+def test_an_interrupted_tar_conversion_resumes_and_a_changed_tar_is_refused(big_tar, tmp_path):
+    """kill -9 half way; the tar touched since (its modification time) is refused naming it; put back, the resume
+    (one worker, the killed run had two) ends on the bytes of an uninterrupted conversion."""
+    reference = tmp_path / "ref.beton"
+    convert(big_tar, reference, params=PARAMS)
+    out = tmp_path / "out.beton"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dptool", "convert", str(big_tar), str(out), *OPTIONS, "--workers", "2"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, ENV: "0"})
+    _interrupt(proc, out, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL and 0 < read_checkpoint(partial_paths(out)[1])["done"] < 1600
+    st = big_tar.stat()
+    os.utime(big_tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    result = run("convert", big_tar, out, *OPTIONS, "--workers", 1, "--resume")
+    assert result.exit_code == 2 and f"but the tar {big_tar} (its size or modification time) changed since" in \
+        " ".join(result.output.split()), result.output
+    os.utime(big_tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result = run("convert", big_tar, out, *OPTIONS, "--workers", 1, "--resume")
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == reference.read_bytes()
+    assert not any(p.exists() for p in partial_paths(out))
