@@ -64,11 +64,22 @@ def _stripped_top(names: list[str], kinds: bytearray) -> str | None:
     return None
 
 
-def _sorted_unique(order: list[int], names: list[str]) -> list[int]:
-    """`order` sorted by name as ImageFolder sorts a class's files; of a name listed twice (a tar appended to), the
-    last, as extracting the tar would keep it."""
-    order = sorted(order, key=names.__getitem__)  # stable: equal names stay in the tar's order
-    return [i for j, i in enumerate(order) if j + 1 == len(order) or names[order[j + 1]] != names[i]]
+def _pack(names: list[str], offsets, sizes) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """A class's images sorted by name as ImageFolder sorts a class's files (of a name listed twice, a tar appended
+    to, the last, as extracting the tar keeps it), packed: (names joined, their lengths, offsets, sizes)."""
+    order = sorted(range(len(names)), key=names.__getitem__)  # stable: equal names stay in the tar's order
+    order = [i for j, i in enumerate(order) if j + 1 == len(order) or names[order[j + 1]] != names[i]]
+    encoded = [names[i].encode("utf-8", "surrogateescape") for i in order]
+    return (b"".join(encoded), np.fromiter(map(len, encoded), np.int64, len(encoded)),
+            np.asarray(offsets, dtype=np.int64)[order], np.asarray(sizes, dtype=np.int64)[order])
+
+
+def _unpack(packed) -> tuple[list[str], array, array]:
+    """`_pack`'s inverse (a class met twice, as a tar and a folder, is packed again with both)."""
+    joined, lengths, offsets, sizes = packed
+    ends = np.cumsum(lengths)
+    names = [joined[e - n:e].decode("utf-8", "surrogateescape") for e, n in zip(ends.tolist(), lengths.tolist())]
+    return names, array("q", offsets.tolist()), array("q", sizes.tolist())
 
 
 class TarSource(SourceDataset):
@@ -79,14 +90,22 @@ class TarSource(SourceDataset):
     def __init__(self, path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         path = os.path.abspath(path)
         fd, size = open_tar(path)
+        # a class's images: listed (names, offsets, sizes), or packed as soon as its tar is read (ImageNet's 1.28M
+        # names are held as Python strings one class at a time)
+        listed: dict[str, tuple[list[str], array, array]] = {}
+        packed: dict[str, tuple] = {}
+        classes: dict[str, None] = {}  # every class met, a folder with no image included
+
+        def listed_of(cls: str) -> tuple[list[str], array, array]:
+            if cls not in listed:
+                listed[cls] = _unpack(packed.pop(cls)) if cls in packed else ([], array("q"), array("q"))
+            return listed[cls]
+
         try:
             st = os.fstat(fd)
             outer = listing(fd, 0, size, path, outer=True)
             top = _stripped_top(outer.names, outer.kinds)
             cut = len(top) + 1 if top else 0
-            names: list[str] = []  # the images: their names in the tar, and where they lie
-            offsets, sizes = array("q"), array("q")
-            classes: dict[str, list[int]] = {}
             others, loose, inner_tars = outer.others, 0, 0
             for name, offset, length, kind in zip(outer.names, outer.offsets, outer.sizes, outer.kinds):
                 rest = name[cut:] if cut else name
@@ -95,31 +114,41 @@ class TarSource(SourceDataset):
                 cls, sep, _ = rest.partition("/")
                 if kind == 68:  # a folder: a class folder is a class even if empty, as ImageFolder has it
                     if not sep:
-                        classes.setdefault(cls, [])
+                        classes[cls] = None
                 elif sep:
-                    classes.setdefault(cls, []).append(len(names))
+                    classes[cls] = None
+                    names, offsets, sizes = listed_of(cls)
                     names.append(name), offsets.append(offset), sizes.append(length)
                 elif rest.lower().endswith(".tar"):  # a class's tar: its images, read in place
                     inner_tars += 1
+                    cls = rest[:-4]
+                    classes[cls] = None
                     inside = listing(fd, offset, length, f"{path}:{name}", outer=False)
                     others += inside.others
-                    mine = classes.setdefault(rest[:-4], [])
-                    for inner, i_off, i_size, i_kind in zip(inside.names, inside.offsets, inside.sizes, inside.kinds):
-                        if i_kind == 70:
-                            mine.append(len(names))
-                            names.append(f"{name}/{inner}"), offsets.append(i_off), sizes.append(i_size)
+                    files = [i for i, k in enumerate(inside.kinds) if k == 70]
+                    found = ([f"{name}/{inside.names[i]}" for i in files], [inside.offsets[i] for i in files],
+                             [inside.sizes[i] for i in files])
+                    if cls in listed or cls in packed:
+                        for mine, more in zip(listed_of(cls), found):
+                            mine.extend(more)
+                    else:
+                        packed[cls] = _pack(*found)
                 else:
                     loose += 1  # a file beside the classes: ImageFolder reads none
             del outer
         except BaseException:
             os.close(fd)
             raise
+        class_names = sorted(classes)
+        pieces = [_pack(*listed.pop(c)) if c in listed else packed.pop(c, None) or _pack([], [], [])
+                  for c in class_names]
+        counts = [len(p[1]) for p in pieces]
         if loose and not classes:
             raise InputError(f"{path} holds files ({loose}) but no class folders or member tars: a flat tar of "
                              "images (ILSVRC2012_img_val.tar) is labelled by a list, --format "
                              "list:ILSVRC2012_devkit_t12.tar.gz (or list:FILE) with the tar as the source, and "
                              f"--format tar takes {_ACCEPTED}.")
-        if not names:
+        if not sum(counts):
             raise InputError(f"{path} holds no images; --format tar takes {_ACCEPTED}.")
         if len(classes) > MAX_CLASSES:
             raise InputError(f"{path} holds {len(classes)} classes, more than the {MAX_CLASSES} a .beton's labels "
@@ -129,18 +158,11 @@ class TarSource(SourceDataset):
                         others)
         if loose:
             log.warning("%s: %d files beside the class folders are left out, as ImageFolder leaves them", path, loose)
-        class_names = sorted(classes)
-        counts, chosen = [], []
-        for cls in class_names:
-            picked = _sorted_unique(classes.pop(cls), names)
-            counts.append(len(picked))
-            chosen.extend(picked)
         empty = [c for c, n in zip(class_names, counts) if n == 0]
         if empty:
             shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
             log.warning("%d classes of %s have no images (%s); their labels are kept with no samples", len(empty),
                         path, shown)
-        encoded = [names[i].encode("utf-8", "surrogateescape") for i in chosen]
         super().__init__(
             class_names=class_names,
             labels=np.repeat(np.arange(len(class_names), dtype=np.int64), counts),
@@ -151,10 +173,10 @@ class TarSource(SourceDataset):
                                 "layout": "class tars" if inner_tars else "class folders"}},
         )
         # one byte string and offsets, not N Python strings (the forked workers would copy the pages they touch)
-        self._names = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self._ends = np.cumsum([len(n) for n in encoded], dtype=np.int64)
-        self._offsets = np.frombuffer(offsets, dtype=np.int64)[chosen]
-        self._sizes = np.frombuffer(sizes, dtype=np.int64)[chosen]
+        self._names = np.frombuffer(b"".join(p[0] for p in pieces), dtype=np.uint8)
+        self._ends = np.cumsum(np.concatenate([p[1] for p in pieces]), dtype=np.int64)
+        self._offsets = np.concatenate([p[2] for p in pieces])
+        self._sizes = np.concatenate([p[3] for p in pieces])
         self._reader = _Reader(path, fd)
 
     def member(self, index: int) -> str:

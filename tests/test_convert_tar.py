@@ -130,7 +130,8 @@ def test_a_tar_of_tars_and_a_tree_s_tar_give_the_extracted_tree_s_file(tmp_path)
 
 def test_format_tar_takes_another_name_and_links_are_left_out_with_a_warning(tmp_path, caplog):
     """A tar named otherwise is read with --format tar; a member tar under one top folder (`tar -cf train.tar
-    train_tars/`) is a class; a link member (no image bytes) is left out, counted in a warning."""
+    train_tars/`) is a class; a link member (no image bytes) and a file beside the classes are left out, each
+    counted in a warning."""
     images = [np.full((8, 8, 3), v, np.uint8) for v in (10, 200)]
     data = [io.BytesIO() for _ in images]
     for image, b in zip(images, data):
@@ -145,14 +146,37 @@ def test_format_tar_takes_another_name_and_links_are_left_out_with_a_warning(tmp
     path = tmp_path / "images.data"
     with tarfile.open(path, "w") as tar:
         _add(tar, "train_tars/cat.tar", inner.getvalue())
+        _add(tar, "train_tars/LICENSE", b"terms")
     caplog.set_level("WARNING")
     source = TarSource(path)
     assert source.class_names == ["cat"] and [source.describe(i).split(":")[1] for i in range(2)] == [
         "train_tars/cat.tar/a.png", "train_tars/cat.tar/b.png"]
     np.testing.assert_array_equal(source.load(1), images[1])
     assert "1 links or other non-file members are left out" in caplog.text
+    assert "1 files beside the class folders are left out" in caplog.text
     result = run("convert", "--format", "tar", path, tmp_path / "o.beton", "--max-res", "8", "--workers", "1")
     assert result.exit_code == 0, result.output
+
+
+def test_a_class_met_as_a_tar_and_a_folder_and_an_image_appended_again(tmp_path):
+    """A class both a member tar and a folder has the images of both (as extracting both into one folder gives);
+    an image appended to the tar again (`tar -rf`) is read as its last copy, as extracting the tar keeps it."""
+    images = [np.full((4, 4, 3), v, np.uint8) for v in (10, 80, 150, 220)]
+    png = []
+    for image in images:
+        b = io.BytesIO()
+        Image.fromarray(image).save(b, "PNG")
+        png.append(b.getvalue())
+    inner = _members_tar(tmp_path / "n01.tar", {"a.png": png[0]}).read_bytes()
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("n02/x.png", png[2]), ("n01/b.png", png[1]), ("n01.tar", inner), ("n02/x.png", png[3])):
+            _add(tar, name, data)
+    source = TarSource(path)
+    assert source.class_names == ["n01", "n02"] and source.labels.tolist() == [0, 0, 1]
+    assert [source.member(i) for i in range(3)] == ["n01.tar/a.png", "n01/b.png", "n02/x.png"]
+    for i, want in enumerate((0, 1, 3)):
+        np.testing.assert_array_equal(source.load(i), images[want])
 
 
 def _members_tar(path: Path, members: dict[str, bytes], fmt: str = "w") -> Path:
@@ -178,6 +202,16 @@ def _cut(path: Path, where: str) -> Path:
           "end": member.offset_data + -(-member.size // 512) * 512}[where]
     assert where != "padding" or member.size % 512
     path.write_bytes(path.read_bytes()[:at])
+    return path
+
+
+def _damaged(path: Path) -> Path:
+    """Its second member's header overwritten (tarfile takes it for the archive's end, and says nothing)."""
+    with tarfile.open(path) as tar:
+        second = tar.getmembers()[1]
+    data = bytearray(path.read_bytes())
+    data[second.offset:second.offset + 512] = b"\x55" * 512
+    path.write_bytes(bytes(data))
     return path
 
 
@@ -211,6 +245,8 @@ REFUSALS = {
                     ["no class folders or member tars", "--format list:ILSVRC2012_devkit_t12.tar.gz"]),
     "cut in padding": (lambda p: _cut(_members_tar(p, {"c/a.png": _png(), "c/n02.tar": _png()}), "padding"),
                        ["is cut short", "ends inside its member c/n02.tar"]),
+    "damaged header": (lambda p: _damaged(_members_tar(p, {"c/a.png": _png(), "c/b.png": _png()})),
+                       ["holds no tar header at byte", "(after its member c/a.png): it is damaged"]),
     "member tar damaged": (lambda p: _members_tar(p, {"n01.tar": b"\x07" * 1024}),
                            ["train.tar:n01.tar is not a tar archive", "named as a class's tar"]),
 }
