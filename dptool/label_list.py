@@ -250,7 +250,7 @@ class ListSource(SourceDataset):
                              f"{images.describe(parsed.relpath(0))}); " + (
                                  "it holds class folders, as torchvision's ImageNet sorts the val images: convert it "
                                  "as an ImageFolder (or a tar), without --format, with --classes-from TRAIN.beton."
-                                 if sorted_val else "give the folder the list's paths are relative to."))
+                                 if sorted_val else "give the folder (or tar) the list's paths are relative to."))
         if absent:
             log.warning("%d of the %d images of %s are not in %s (the first: line %d, %s): each is skipped and "
                         "listed (or stops the run under --on-error fail)", len(absent), n, parsed.path, image_dir,

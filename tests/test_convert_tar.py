@@ -271,37 +271,49 @@ def test_more_classes_than_a_beton_takes_are_refused(tmp_path, monkeypatch):
         TarSource(path)
 
 
-def test_the_val_tar_with_the_devkit_or_a_list_is_read_in_place(tmp_path):
+def test_the_val_tar_with_the_devkit_is_read_in_place(tmp_path):
     """ILSVRC2012_img_val.tar as downloaded (flat) with the devkit gives the extracted folder's file, byte for byte;
-    a tar under one top folder with a plain list reads the list's paths below it, and a listed image the tar lacks
-    is skipped naming its line."""
+    an image numbered past the ground truth is named in a warning."""
     _, archive = _devkit(tmp_path)
     _val(tmp_path)
     flat = tmp_path / "ILSVRC2012_img_val.tar"
     with tarfile.open(flat, "w") as tar:
         for path in sorted((tmp_path / "val").iterdir()):
             tar.add(path, arcname=path.name)
+        tar.add(path, arcname="ILSVRC2012_val_00000011.JPEG")
     params = WriterParams(max_resolution=32, write_mode="raw", num_workers=1)
     convert(tmp_path / "val", tmp_path / "folder.beton", format=f"list:{archive}", params=params)
     result = run("convert", "--format", f"list:{archive}", flat, tmp_path / "tar.beton", "--write-mode", "raw",
                  "--max-res", "32", "--workers", "2")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tar.beton").read_bytes() == (tmp_path / "folder.beton").read_bytes()
+    assert f"1 images of {flat} are past the 10 lines" in result.output, result.output
     side = read_sidecar(tmp_path / "tar.beton")
     assert side["source"]["path"] == str(flat) and side["source"]["tar"]["layout"] == "images"
     assert side["source"]["label_list"]["path"] == str(archive)
 
+
+
+def test_a_tar_under_a_top_folder_with_a_list_of_paths_below_it(tmp_path, caplog):
+    """A tar under one top folder with a plain list reads the list's paths below it; a first line whose image the tar
+    lacks (the next line's it has) and whose class no other line names is a header; a listed image the tar lacks is
+    skipped naming its line; a tar holding none of the listed images is refused as the wrong one."""
+    _val(tmp_path)
+    params = WriterParams(max_resolution=32, write_mode="raw", num_workers=1)
+    caplog.set_level("WARNING")
     topped = tmp_path / "val_top.tar"
     with tarfile.open(topped, "w") as tar:
         tar.add(tmp_path / "val", arcname="val", filter=lambda m: None if m.name.endswith("3.JPEG") else m)
     listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n" for i in range(1, 11)))
+    listing.write_text("image_file,synset\n" + "".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n"
+                                                          for i in range(1, 11)))
     out = tmp_path / "topped.beton"
     convert(topped, out, format=f"list:{listing}", params=params)
     side = read_sidecar(out)
-    assert side["num_samples"] == 9 and side["skipped"] == [{
-        "path": f"{topped}:ILSVRC2012_val_00000003.JPEG", "reason": f"listed at {listing}:3 but not found"}]
-    with pytest.raises(InputError, match="None of the 10 images of .* is in .*wrong.tar"):
+    assert side["num_samples"] == 9 and side["class_names"] == ["n0", "n1"] and side["skipped"] == [{
+        "path": f"{topped}:ILSVRC2012_val_00000003.JPEG", "reason": f"listed at {listing}:4 but not found"}]
+    assert f"{listing}:1 ('image_file', 'synset') is taken as a header: its image is not in {topped}" in caplog.text
+    with pytest.raises(InputError, match=r"None of the 11 images of .* is in .*wrong.tar .*give the folder \(or tar\)"):
         convert(_members_tar(tmp_path / "wrong.tar", {"other.png": _png()}), tmp_path / "w.beton",
                 format=f"list:{listing}", params=params)
 
