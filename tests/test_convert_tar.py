@@ -179,6 +179,18 @@ def test_a_class_met_as_a_tar_and_a_folder_and_an_image_appended_again(tmp_path)
         np.testing.assert_array_equal(source.load(i), images[want])
 
 
+def test_an_image_the_tar_no_longer_holds_whole_is_unreadable(tmp_path):
+    """The tar cut after it was indexed (rewritten while a conversion runs): its images past the cut are unreadable
+    samples saying so, not a decoder's guess at a shorter file."""
+    path = _class_tars(tmp_path / "t.tar")
+    source = TarSource(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(source._offsets[-1]) + 10)
+    with pytest.raises(UnreadableImage, match=r"only 10 of its \d+ bytes could be read"):
+        source.load(len(source) - 1)
+    source.load(0)
+
+
 def _members_tar(path: Path, members: dict[str, bytes], fmt: str = "w") -> Path:
     with tarfile.open(path, fmt) as tar:
         for name, content in members.items():
