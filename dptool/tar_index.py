@@ -134,12 +134,17 @@ def members(fd: int, start: int, size: int, where: str, *, outer: bool) -> Itera
                 info = tar.next()
             except tarfile.ReadError:  # "unexpected end of data": the last member's padding runs past the end
                 _cut(where, f"ends inside its member {last}", size, outer)
+            except (ValueError, tarfile.TarError):  # a damaged extended header's numbers or names
+                raise InputError(f"{where} holds a damaged tar header at byte {tar.offset}" + (
+                    f" (after its member {last})" if last else "") + "; give a complete, undamaged tar.") from None
             if info is None:
                 break
             tar.members.clear()  # tarfile keeps every member it read: 1.28M of them in a tree's tar
-            if info.offset_data + info.size > size:
+            # a sparse file's data in the tar is its non-hole parts only, shorter than its size
+            stored = info.size if info.sparse is None else sum(n for _, n in info.sparse)
+            if info.offset_data + stored > size:
                 raise InputError(f"{where} is cut short (a partial download?): it ends inside its member "
-                                 f"{info.name} ({max(size - info.offset_data, 0)} of its {info.size} bytes are "
+                                 f"{info.name} ({max(size - info.offset_data, 0)} of its {stored} bytes are "
                                  "there); download the rest and convert the complete file.")
             kind = ("file" if info.isreg() and not info.issparse() else "folder" if info.isdir() else "other")
             last = info.name

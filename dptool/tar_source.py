@@ -157,8 +157,8 @@ class TarSource(SourceDataset):
             raise InputError(f"{path} holds {len(classes)} classes, more than the {MAX_CLASSES} a .beton's labels "
                              f"take; is it {_ACCEPTED}?")
         if others:
-            log.warning("%s: %d links or other non-file members are left out (their images are not read)", path,
-                        others)
+            log.warning("%s: %d links, sparse files or other non-file members are left out (their images are not "
+                        "read)", path, others)
         if loose:
             log.warning("%s: %d files beside the class folders are left out, as ImageFolder leaves them", path, loose)
         empty = [c for c, n in zip(class_names, counts) if n == 0]

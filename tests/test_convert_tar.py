@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def test_format_tar_takes_another_name_and_links_are_left_out_with_a_warning(tmp
     assert source.class_names == ["cat"] and [source.describe(i).split(":")[1] for i in range(2)] == [
         "train_tars/cat.tar/a.png", "train_tars/cat.tar/b.png"]
     np.testing.assert_array_equal(source.load(1), images[1])
-    assert "1 links or other non-file members are left out" in caplog.text
+    assert "1 links, sparse files or other non-file members are left out" in caplog.text
     assert "1 files beside the class folders are left out" in caplog.text
     result = run("convert", "--format", "tar", path, tmp_path / "o.beton", "--max-res", "8", "--workers", "1")
     assert result.exit_code == 0, result.output
@@ -361,3 +362,56 @@ def test_an_interrupted_tar_conversion_resumes_and_a_changed_tar_is_refused(big_
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == reference.read_bytes()
     assert not any(p.exists() for p in partial_paths(out))
+
+
+def _gnu_tar(*args) -> None:
+    """Run GNU tar (the tests that need it skip where `tar` is not GNU's)."""
+    version = subprocess.run(["tar", "--version"], capture_output=True, text=True, check=False).stdout \
+        if shutil.which("tar") else ""
+    if "GNU tar" not in version:
+        pytest.skip("needs GNU tar")
+    subprocess.run(["tar", *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_a_sparse_member_is_left_out_with_a_warning_not_taken_for_a_cut(tmp_path, caplog, fmt):
+    """`tar --sparse` stores a file's zero blocks as holes: the member's data in the tar is shorter than its size. A
+    complete tar holding one is read (the sparse image left out, counted in the warning), not refused as cut short."""
+    (tmp_path / "train" / "c").mkdir(parents=True)
+    Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(tmp_path / "train" / "c" / "a.png")
+    black = np.zeros((200, 200, 3), np.uint8)
+    black[0] = 255
+    bmp = io.BytesIO()
+    Image.fromarray(black).save(bmp, "BMP")
+    data = bmp.getvalue()
+    with open(tmp_path / "train" / "c" / "b.bmp", "wb") as f:  # the zero rows between as a hole
+        f.write(data[:4096])
+        f.seek(len(data) - 4096)
+        f.write(data[-4096:])
+    if os.stat(f.name).st_blocks * 512 >= len(data):
+        pytest.skip("the file system stores no holes")
+    path = tmp_path / "sparse.tar"
+    _gnu_tar("-C", str(tmp_path), "--sparse", "--hole-detection=raw", f"--format={fmt}", "-cf", str(path), "train")
+    with tarfile.open(path) as tar:
+        assert tar.getmember("train/c/b.bmp").issparse() and path.stat().st_size < 120_000
+    caplog.set_level("WARNING")
+    source = TarSource(path)
+    assert [source.member(i) for i in range(len(source))] == ["train/c/a.png"]
+    np.testing.assert_array_equal(source.load(0), np.full((4, 4, 3), 90, np.uint8))
+    assert "1 links, sparse files or other non-file members are left out" in caplog.text
+
+
+def test_a_damaged_extended_header_is_refused_as_damaged(tmp_path):
+    """A PAX extended header whose sparse map is damaged (tarfile raises ValueError on it): one sentence naming the
+    tar and where, exit 2, not an internal error."""
+    path = tmp_path / "train.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "c/a.png", _png())
+        info = tarfile.TarInfo("c/b.png")
+        info.size = len(_png())
+        info.pax_headers = {"GNU.sparse.map": "0,x", "GNU.sparse.size": "9"}
+        tar.addfile(info, io.BytesIO(_png()))
+    result = run("convert", path, tmp_path / "o.beton", "--workers", "1")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{path} holds a damaged tar header at byte" in " ".join(result.output.split()), result.output
+    assert "(after its member c/a.png)" in result.output and not (tmp_path / "o.beton").exists()
