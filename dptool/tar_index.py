@@ -123,6 +123,12 @@ def members(fd: int, start: int, size: int, where: str, *, outer: bool) -> Itera
         if size == 0 or str(exc) == "empty file":
             raise InputError(f"{where} is empty: a tar holds at least one image; give the complete file.") from None
         if not outer:
+            head = os.pread(fd, 6, start)
+            kind = next((kind for magic, kind, _ in _MAGIC[:5] if head.startswith(magic)), None)
+            if kind is not None:
+                raise InputError(f"{where} is a tar compressed with {kind}, but a member tar is read in place "
+                                 "uncompressed; extract the tar and convert the folder, or replace the member with "
+                                 f"its decompressed tar ({_COMMANDS[kind]}).") from None
             raise InputError(f"{where} is not a tar archive ({exc}), though named as a class's tar; repair it or "
                              "remove it from the tar.") from None
         raise InputError(f"{where} is not a tar archive ({exc}); give an uncompressed tar (ImageNet's "

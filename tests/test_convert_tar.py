@@ -262,6 +262,9 @@ REFUSALS = {
                        ["holds no tar header at byte", "(after its member c/a.png): it is damaged"]),
     "member tar damaged": (lambda p: _members_tar(p, {"n01.tar": b"\x07" * 1024}),
                            ["train.tar:n01.tar is not a tar archive", "named as a class's tar"]),
+    "member tar gzipped": (lambda p: _members_tar(p, {"n01.tar": _members_tar(p.with_suffix(".tgz"), {
+        "a.png": _png()}, "w:gz").read_bytes()}), ["train.tar:n01.tar is a tar compressed with gzip",
+                                                   "a member tar is read in place uncompressed"]),
 }
 
 
