@@ -3,8 +3,8 @@ of an ImageFolder tree as a dptool source (`--format tar`, `TarSource`), and a t
 label list (`ILSVRC2012_img_val.tar` with `--format list:DEVKIT`: `TarImages`, used by `dptool.label_list`).
 
 The index of every image's (offset, size) in the file comes from the tar headers alone (`dptool.tar_index`); an
-image is then read with one `os.pread`, through a file descriptor each process opens for itself (the writer's
-workers are forked; a dataset unpickled elsewhere opens its own too).
+image is then read with one `os.pread`, through the descriptor the index was read through (the writer's forked
+workers inherit it; a dataset unpickled elsewhere opens the path, and refuses another file put in its place).
 """
 
 from __future__ import annotations
@@ -30,19 +30,27 @@ _ACCEPTED = ("a tar of one tar a class (ImageNet's ILSVRC2012_img_train.tar: n01
 
 
 class _Reader:
-    """Reads byte ranges of one file with `os.pread`, opening it once in each process that reads."""
+    """Reads byte ranges of one file with `os.pread`: through the descriptor it was indexed through, which forked
+    processes inherit (pread has no shared position), so a file put in its place under the same name is never read;
+    a copy unpickled in another process opens the path, and refuses a file that is not the one indexed."""
 
     def __init__(self, path: str, fd: int):
-        self.path, self._fd, self._pid = path, fd, os.getpid()
+        st = os.fstat(fd)
+        self.path, self._fd, self._pid, self._identity = path, fd, os.getpid(), (st.st_dev, st.st_ino)
 
     def read(self, offset: int, size: int) -> bytes:
         """The `size` bytes at `offset`; fewer where the file has changed since it was indexed (a decoder says so)."""
-        if self._pid != os.getpid() or self._fd is None:
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._identity:
+                os.close(fd)
+                raise InputError(f"{self.path} is not the file indexed (it was replaced since); convert it again.")
+            self._fd, self._pid = fd, os.getpid()
         return os.pread(self._fd, size, offset)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_fd": None, "_pid": None}
+        return {"path": self.path, "_fd": None, "_pid": None, "_identity": self._identity}
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None and self._pid == os.getpid():

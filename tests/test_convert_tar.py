@@ -418,3 +418,36 @@ def test_a_damaged_extended_header_is_refused_as_damaged(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert f"{path} holds a damaged tar header at byte" in " ".join(result.output.split()), result.output
     assert "(after its member c/a.png)" in result.output and not (tmp_path / "o.beton").exists()
+
+
+def _bmp_tar(path: Path, value: int) -> Path:
+    """A tar of one class of two BMPs of one colour (the same bytes' count whatever the colour)."""
+    b = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(b, "BMP")
+    return _members_tar(path, {"c/a.bmp": b.getvalue(), "c/b.bmp": b.getvalue()})
+
+
+def _in_a_forked_process(function):
+    """What `function()` returns when called in a forked child (as the writer's workers are), nothing pickled."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    queue = context.SimpleQueue()
+    child = context.Process(target=lambda: queue.put(function()))
+    child.start()
+    got = queue.get()
+    child.join()
+    return got
+
+
+def test_workers_read_the_tar_indexed_not_one_put_in_its_place(tmp_path):
+    """A tar replaced under its name after it was indexed (a download's rename, another `tar -cf` to the same name):
+    the forked workers read the file that was indexed, as the parent does; a copy unpickled elsewhere, which opens the
+    path, refuses the other file naming it instead of reading its bytes at the old offsets."""
+    path = _bmp_tar(tmp_path / "train.tar", 10)
+    source = TarSource(path)
+    os.replace(_bmp_tar(tmp_path / "other.tar", 200), path)
+    assert source.load(0)[0, 0, 0] == 10
+    assert _in_a_forked_process(lambda: int(source.load(1)[0, 0, 0])) == 10
+    with pytest.raises(InputError, match=rf"{path} is not the file indexed \(it was replaced since\)"):
+        pickle.loads(pickle.dumps(source)).load(0)
