@@ -154,16 +154,19 @@ class TarSource(SourceDataset):
         pieces = [_pack(*listed.pop(c)) if c in listed else packed.pop(c, None) or _pack([], [], [])
                   for c in class_names]
         counts = [len(p[1]) for p in pieces]
+        refusal = None
         if loose and not classes:
-            raise InputError(f"{path} holds files ({loose}) but no class folders or member tars: a flat tar of "
-                             "images (ILSVRC2012_img_val.tar) is labelled by a list, --format "
-                             "list:ILSVRC2012_devkit_t12.tar.gz (or list:FILE) with the tar as the source, and "
-                             f"--format tar takes {_ACCEPTED}.")
-        if not sum(counts):
-            raise InputError(f"{path} holds no images; --format tar takes {_ACCEPTED}.")
-        if len(classes) > MAX_CLASSES:
-            raise InputError(f"{path} holds {len(classes)} classes, more than the {MAX_CLASSES} a .beton's labels "
-                             f"take; is it {_ACCEPTED}?")
+            refusal = (f"{path} holds files ({loose}) but no class folders or member tars: a flat tar of images "
+                       "(ILSVRC2012_img_val.tar) is labelled by a list, --format list:ILSVRC2012_devkit_t12.tar.gz "
+                       f"(or list:FILE) with the tar as the source, and --format tar takes {_ACCEPTED}.")
+        elif not sum(counts):
+            refusal = f"{path} holds no images; --format tar takes {_ACCEPTED}."
+        elif len(classes) > MAX_CLASSES:
+            refusal = (f"{path} holds {len(classes)} classes, more than the {MAX_CLASSES} a .beton's labels take; is "
+                       f"it {_ACCEPTED}?")
+        if refusal is not None:
+            os.close(fd)
+            raise InputError(refusal)
         if others:
             log.warning("%s: %d links, sparse files or other non-file members are left out (their images are not "
                         "read)", path, others)

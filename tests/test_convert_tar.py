@@ -451,3 +451,18 @@ def test_workers_read_the_tar_indexed_not_one_put_in_its_place(tmp_path):
     assert _in_a_forked_process(lambda: int(source.load(1)[0, 0, 0])) == 10
     with pytest.raises(InputError, match=rf"{path} is not the file indexed \(it was replaced since\)"):
         pickle.loads(pickle.dumps(source)).load(0)
+
+
+def test_a_refused_tar_is_closed(tmp_path):
+    """A tar refused after its index was read (no class, no image, a flat tar) leaves no descriptor open: a library
+    caller trying many files runs out of none."""
+    cases = [_members_tar(tmp_path / "flat.tar", {"a.png": _png()}), _members_tar(tmp_path / "none.tar", {}),
+             _members_tar(tmp_path / "hidden.tar", {"c/.a.png": _png()})]
+    before = set(os.listdir("/proc/self/fd"))
+    for path in cases:
+        with pytest.raises(InputError):
+            TarSource(path)
+    import gc
+
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) == before
