@@ -5,6 +5,7 @@ interrupted conversion of a tar resumes, and one of a changed tar is refused."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import pickle
@@ -458,11 +459,10 @@ def test_a_refused_tar_is_closed(tmp_path):
     caller trying many files runs out of none."""
     cases = [_members_tar(tmp_path / "flat.tar", {"a.png": _png()}), _members_tar(tmp_path / "none.tar", {}),
              _members_tar(tmp_path / "hidden.tar", {"c/.a.png": _png()})]
+    gc.collect()  # earlier tests' sources, closed when collected
     before = set(os.listdir("/proc/self/fd"))
     for path in cases:
         with pytest.raises(InputError):
             TarSource(path)
-    import gc
-
     gc.collect()
     assert set(os.listdir("/proc/self/fd")) == before
