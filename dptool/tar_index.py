@@ -96,13 +96,15 @@ class _View:
 
 @dataclass(frozen=True)
 class Member:
-    """A tar member: its name, whether a regular file (`file`), a folder (`folder`) or anything else (a link, a
-    device, a sparse file: `other`), and where its data lies in the outer file."""
+    """A tar member: its name, whether a regular file (`file`), a folder (`folder`), a hard link to an earlier member
+    (`hardlink`, named by `target`) or anything else (a symbolic link, a device, a sparse file: `other`), and where
+    its data lies in the outer file."""
 
     name: str
     kind: str
     offset: int
     size: int
+    target: str = ""
 
 
 def parts(name: str) -> tuple[str, ...]:
@@ -152,9 +154,10 @@ def members(fd: int, start: int, size: int, where: str, *, outer: bool) -> Itera
                 raise InputError(f"{where} is cut short (a partial download?): it ends inside its member "
                                  f"{info.name} ({max(size - info.offset_data, 0)} of its {stored} bytes are "
                                  "there); download the rest and convert the complete file.")
-            kind = ("file" if info.isreg() and not info.issparse() else "folder" if info.isdir() else "other")
+            kind = ("file" if info.isreg() and not info.issparse() else "folder" if info.isdir() else
+                    "hardlink" if info.islnk() else "other")
             last = info.name
-            yield Member(info.name, kind, start + info.offset_data, info.size)
+            yield Member(info.name, kind, start + info.offset_data, info.size, info.linkname if info.islnk() else "")
         end = tar.offset  # where tarfile stopped: an end-of-archive block, or what it could not read as a header
         view.seek(end)
         tail = view.read(BLOCK)
@@ -202,8 +205,10 @@ def open_tar(path: str | os.PathLike) -> tuple[int, int]:
 
 def listing(fd: int, start: int, size: int, where: str, *, outer: bool) -> _Listing:
     """The files and folders of a tar (`members`), names as `parts` joins them, hidden ones (any component starting
-    with '.': `.DS_Store`, AppleDouble `._x.JPEG`, `.git/`) left out as ImageFolder leaves them."""
+    with '.': `.DS_Store`, AppleDouble `._x.JPEG`, `.git/`) left out as ImageFolder leaves them. A hard link is a
+    file with its target's data (what extracting the tar gives: `tar` stores a hard-linked file's bytes once)."""
     out = _Listing([], array("q"), array("q"), bytearray())
+    links: dict[int, str] = {}  # listing position of a hard link -> its target's name
     for m in members(fd, start, size, where, outer=outer):
         p = parts(m.name)
         if not p or any(c.startswith(".") for c in p):
@@ -211,8 +216,34 @@ def listing(fd: int, start: int, size: int, where: str, *, outer: bool) -> _List
         if m.kind == "other":
             out.others += 1
             continue
+        if m.kind == "hardlink":
+            links[len(out.names)] = "/".join(parts(m.target))
         out.names.append("/".join(p))
         out.offsets.append(m.offset)
         out.sizes.append(m.size)
-        out.kinds.append(70 if m.kind == "file" else 68)  # 'F', 'D'
+        out.kinds.append(68 if m.kind == "folder" else 70)  # 'D', 'F'
+    if links:
+        _resolve_links(out, links)
     return out
+
+
+def _resolve_links(out: _Listing, links: dict[int, str]) -> None:
+    """Give each hard link of `out` the offset and size of the last file of its target's name listed before it (the
+    file extracting the tar had given that name when it made the link); one whose target is not a file of the tar
+    (left out as hidden or not a file) is dropped and counted with the others. One pass, names looked up only for
+    the targets (a tree's tar lists 1.28M)."""
+    targets = set(links.values())
+    latest: dict[str, int] = {}
+    dropped = []
+    for i, (name, kind) in enumerate(zip(out.names, out.kinds)):
+        if i in links:
+            found = latest.get(links[i])
+            if found is None:
+                dropped.append(i)
+                continue
+            out.offsets[i], out.sizes[i] = out.offsets[found], out.sizes[found]
+        if kind == 70 and name in targets:
+            latest[name] = i
+    for i in reversed(dropped):
+        del out.names[i], out.offsets[i], out.sizes[i], out.kinds[i]
+    out.others += len(dropped)

@@ -466,3 +466,31 @@ def test_a_refused_tar_is_closed(tmp_path):
             TarSource(path)
     gc.collect()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("maker", ["tarfile", "gnu"])
+def test_a_hard_link_to_an_image_is_read_as_its_target_as_extracting_gives(tmp_path, maker, caplog):
+    """A tree with hard-linked images (a subset made with `cp -al`, a deduplicated copy) is archived with the data
+    once and a link member for each other name; extracting gives a file at each name, so the tar is read with the
+    target's bytes at the link's name, and equals the extracted tree's file. A symbolic link is still left out."""
+    folder = _tree(tmp_path / "train")
+    os.link(folder / "n01" / "n01_5.png", folder / "n03" / "linked.png")
+    os.link(folder / "n02" / "n02_4.JPEG", folder / "n02" / "z_linked.JPEG")
+    os.symlink("../n01/n01_1.png", folder / "n03" / "symbolic.png")
+    path = tmp_path / "tree.tar"
+    if maker == "gnu":
+        _gnu_tar("-C", str(tmp_path), "-cf", str(path), "train")
+    else:
+        _tree_tar(folder, path)
+    with tarfile.open(path) as tar:
+        assert sum(m.islnk() for m in tar) == 2
+    (folder / "n03" / "symbolic.png").unlink()  # the tree read: what extracting gives, but for the symbolic link
+    reference = ImageFolderSource(folder)
+    caplog.set_level("WARNING")
+    source = TarSource(path)
+    assert source.class_names == reference.class_names
+    np.testing.assert_array_equal(source.labels, reference.labels)
+    for i in range(len(reference)):
+        mine, theirs = _loaded(source, i), _loaded(reference, i)
+        assert type(mine) is type(theirs) and np.array_equal(mine, theirs), (i, source.describe(i))
+    assert "1 links, sparse files or other non-file members are left out" in caplog.text
