@@ -31,15 +31,20 @@ _COMMANDS = {kind: command for _, kind, command in _MAGIC} | {"compress": "uncom
 
 def compression(path: str | os.PathLike) -> str | None:
     """The compression of a tar file (gzip, bzip2, xz, zstd, lz4...), by its first bytes, else by its name
-    (`.tar.gz`, `.tgz`...); None for an uncompressed file."""
+    (`.tar.gz`, `.tgz`...) unless it starts with a tar header; None for an uncompressed file."""
     try:
         with open(path, "rb") as f:
-            head = f.read(6)
+            head = f.read(BLOCK)
     except OSError:
         head = b""
     for magic, kind, _ in _MAGIC[:5]:  # lzma's three bytes are too common to trust without the name
         if head.startswith(magic):
             return kind
+    try:  # a tar named as compressed: a browser or a server undid the compression on the way, keeping the name
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+        return None
+    except tarfile.HeaderError:
+        pass
     name = os.path.basename(os.fspath(path)).lower()
     suffix = os.path.splitext(name)[1]
     if suffix in _SUFFIXES and (".tar" in name or suffix.startswith(".t")):

@@ -494,3 +494,12 @@ def test_a_hard_link_to_an_image_is_read_as_its_target_as_extracting_gives(tmp_p
         mine, theirs = _loaded(source, i), _loaded(reference, i)
         assert type(mine) is type(theirs) and np.array_equal(mine, theirs), (i, source.describe(i))
     assert "1 links, sparse files or other non-file members are left out" in caplog.text
+
+
+def test_an_uncompressed_tar_named_as_compressed_is_read(tmp_path):
+    """A .tar.gz that is an uncompressed tar (a browser or server that undid the gzip on the way, keeping the name) is
+    read as the tar its bytes are: `gunzip -k`, which the refusal of a compressed tar says, fails on it."""
+    path = _members_tar(tmp_path / "train.tar.gz", {"c/a.png": _png(), "d/b.png": _png()})
+    result = run("convert", path, tmp_path / "o.beton", "--workers", "1", "--max-res", "8")
+    assert result.exit_code == 0, result.output
+    assert read_sidecar(tmp_path / "o.beton")["class_names"] == ["c", "d"]
