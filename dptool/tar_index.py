@@ -145,11 +145,14 @@ def members(fd: int, start: int, size: int, where: str, *, outer: bool) -> Itera
         while True:
             try:
                 info = tar.next()
-            except tarfile.ReadError:  # "unexpected end of data": the last member's padding runs past the end
-                _cut(where, f"ends inside its member {last}", size, outer)
+            except tarfile.ReadError as exc:
+                if str(exc) == "unexpected end of data":  # the last member's padding runs past the end
+                    _cut(where, f"ends inside its member {last}", size, outer)
+                if str(exc) in ("truncated header", "empty header"):  # a member's header after its long name's
+                    _cut(where, f"ends in the header after its member {last}", size, outer)
+                _damaged(where, tar.offset, last)  # a header after a long name's or an extended one
             except (ValueError, tarfile.TarError):  # a damaged extended header's numbers or names
-                raise InputError(f"{where} holds a damaged tar header at byte {tar.offset}" + (
-                    f" (after its member {last})" if last else "") + "; give a complete, undamaged tar.") from None
+                _damaged(where, tar.offset, last)
             if info is None:
                 break
             tar.members.clear()  # tarfile keeps every member it read: 1.28M of them in a tree's tar
@@ -175,6 +178,12 @@ def members(fd: int, start: int, size: int, where: str, *, outer: bool) -> Itera
                              else "") + ": it is damaged, or tar files were joined; give one complete tar.")
     finally:
         tar.close()
+
+
+def _damaged(where: str, offset: int, last: str | None):
+    """Refuse a tar whose header at `offset` (after the member `last`) cannot be read."""
+    raise InputError(f"{where} holds a damaged tar header at byte {offset}" + (
+        f" (after its member {last})" if last else "") + "; give a complete, undamaged tar.")
 
 
 def _cut(where: str, how: str, size: int, outer: bool):

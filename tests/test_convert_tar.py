@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from tarfile import BLOCKSIZE as BLOCK
 
 import numpy as np
 import pytest
@@ -229,6 +230,22 @@ def _damaged(path: Path) -> Path:
     return path
 
 
+def _long_name(path: Path, how: str) -> Path:
+    """A GNU tar whose second member's name (over 100 characters) is in a long-name header: the member's own header,
+    after it, damaged or cut."""
+    long = "c/" + "x" * 120 + ".png"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name in ("c/a.png", long, "c/z.png"):
+            _add(tar, name, _png())
+    with tarfile.open(path) as tar:
+        header = tar.getmember(long).offset_data - BLOCK
+    data = bytearray(path.read_bytes())
+    if how == "damaged":
+        data[header:header + BLOCK] = b"\x55" * BLOCK
+    path.write_bytes(bytes(data[:header + 100] if how == "cut" else data))
+    return path
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -263,6 +280,10 @@ REFUSALS = {
                        ["holds no tar header at byte", "(after its member c/a.png): it is damaged"]),
     "member tar damaged": (lambda p: _members_tar(p, {"n01.tar": b"\x07" * 1024}),
                            ["train.tar:n01.tar is not a tar archive", "named as a class's tar"]),
+    "damaged after a long name": (lambda p: _long_name(p, "damaged"), [
+        "holds a damaged tar header at byte 1024 (after its member c/a.png)"]),
+    "cut after a long name": (lambda p: _long_name(p, "cut"), [
+        "is cut short", "ends in the header after its member c/a.png"]),
     "member tar gzipped": (lambda p: _members_tar(p, {"n01.tar": _members_tar(p.with_suffix(".tgz"), {
         "a.png": _png()}, "w:gz").read_bytes()}), ["train.tar:n01.tar is a tar compressed with gzip",
                                                    "a member tar is read in place uncompressed"]),
