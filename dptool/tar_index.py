@@ -258,6 +258,10 @@ def _resolve_links(out: _Listing, links: dict[int, str]) -> None:
             out.offsets[i], out.sizes[i] = out.offsets[found], out.sizes[found]
         if kind == 70 and name in targets:
             latest[name] = i
-    for i in reversed(dropped):
-        del out.names[i], out.offsets[i], out.sizes[i], out.kinds[i]
+    if dropped:  # rebuilt, not deleted one by one (each deletion moves the rest of 1.28M entries)
+        gone = set(dropped)
+        keep = [i for i in range(len(out.names)) if i not in gone]
+        out.names = [out.names[i] for i in keep]
+        out.offsets, out.sizes = array("q", (out.offsets[i] for i in keep)), array("q", (out.sizes[i] for i in keep))
+        out.kinds = bytearray(out.kinds[i] for i in keep)
     out.others += len(dropped)

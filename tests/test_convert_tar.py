@@ -524,3 +524,19 @@ def test_an_uncompressed_tar_named_as_compressed_is_read(tmp_path):
     result = run("convert", path, tmp_path / "o.beton", "--workers", "1", "--max-res", "8")
     assert result.exit_code == 0, result.output
     assert read_sidecar(tmp_path / "o.beton")["class_names"] == ["c", "d"]
+
+
+def test_a_hard_link_to_no_file_of_the_tar_is_left_out_and_counted(tmp_path, caplog):
+    """A hard link whose target the index left out (a hidden file) or the tar lacks is left out and counted with the
+    links; the images around it keep their places."""
+    path = _members_tar(tmp_path / "t.tar", {"c/.h.png": _png(), "c/a.png": _png()})
+    with tarfile.open(path, "a") as tar:
+        for name, target in (("c/l1.png", "c/.h.png"), ("c/l2.png", "c/a.png"), ("c/l3.png", "c/gone.png")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.LNKTYPE, target
+            tar.addfile(link)
+    caplog.set_level("WARNING")
+    source = TarSource(path)
+    assert [source.member(i) for i in range(len(source))] == ["c/a.png", "c/l2.png"]
+    np.testing.assert_array_equal(source.load(1), source.load(0))
+    assert "2 links, sparse files or other non-file members are left out" in caplog.text
