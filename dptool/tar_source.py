@@ -58,19 +58,24 @@ class _Reader:
 
 
 def _stripped_top(names: list[str], kinds: bytearray) -> str | None:
-    """The single top folder that every member is under (`tar -cf train.tar train/`), when what is below it still
-    has classes (a folder, or a member tar); None where there is none to strip."""
-    if not names:
-        return None
-    top = names[0].split("/", 1)[0]
-    prefix = top + "/"
-    if not all(n == top or n.startswith(prefix) for n in names):
-        return None
-    below = (n[len(prefix):] for n, k in zip(names, kinds) if n.startswith(prefix))
-    if any("/" in rest or rest.lower().endswith(".tar") for rest in below) or any(
-            k == 68 and n.startswith(prefix) for n, k in zip(names, kinds)):
-        return top
-    return None
+    """The folders every member is under (`train` of `tar -cf train.tar train/`; `home/me/data/train` of `tar -cf
+    train.tar ~/data/train`, which tar stores without its leading '/'), level by level while what is below still has
+    classes (a folder, or a member tar); None where there is none to strip. A member that is one of these folders
+    is under none of them: it names nothing below the cut."""
+    stripped = ""
+    while names:
+        first = next((n for n in names if n.startswith(stripped) and len(n) > len(stripped)), None)
+        if first is None:
+            break
+        prefix = stripped + first[len(stripped):].split("/", 1)[0] + "/"
+        if not all(n.startswith(prefix) or prefix.startswith(n + "/") for n in names):
+            break
+        cut = len(prefix)
+        if not (any("/" in n[cut:] or n[cut:].lower().endswith(".tar") for n in names if n.startswith(prefix))
+                or any(k == 68 and n.startswith(prefix) for n, k in zip(names, kinds))):
+            break
+        stripped = prefix
+    return stripped[:-1] or None
 
 
 def _pack(names: list[str], offsets, sizes) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
@@ -212,7 +217,7 @@ class TarSource(SourceDataset):
 
 class TarImages:
     """The images of a tar as a label list's image folder: a listed path is a member's name, or its name below the
-    single top folder every member is under (`tar -cf val.tar val/`). Member tars are not looked into."""
+    folders every member is under (`tar -cf val.tar val/`). Member tars are not looked into."""
 
     def __init__(self, path: str | os.PathLike):
         self.root = os.path.abspath(path)
@@ -225,8 +230,11 @@ class TarImages:
             raise
         files = [i for i, k in enumerate(found.kinds) if k == 70]
         names = [found.names[i] for i in files]
-        tops = {n.split("/", 1)[0] for n in names}
-        self.top = next(iter(tops)) if len(tops) == 1 and all("/" in n for n in names) else None
+        # the folders every image is under (`val` of `tar -cf val.tar val/`, `home/me/val` of `tar -cf val.tar
+        # ~/val`), deepest first: a listed path is looked for below each
+        folders = [n.rpartition("/")[0] for n in names]  # no name has a leading '/' (`parts`)
+        common = [c for c in os.path.commonpath(folders).split("/") if c] if folders else []
+        self.tops = ["/".join(common[:k]) for k in range(len(common), 0, -1)]
         self._index = {n: j for j, n in enumerate(names)}  # of a name listed twice, the last (as extracting it)
         self._names = names
         self._offsets = np.frombuffer(found.offsets, dtype=np.int64)[files]
@@ -237,8 +245,10 @@ class TarImages:
     def _find(self, relpath: str) -> int | None:
         key = "/".join(p for p in relpath.split("/") if p not in ("", "."))
         found = self._index.get(key)
-        if found is None and self.top is not None:
-            found = self._index.get(f"{self.top}/{key}")
+        for top in self.tops:
+            if found is not None:
+                break
+            found = self._index.get(f"{top}/{key}")
         return found
 
     def exists(self, relpath: str) -> bool:

@@ -540,3 +540,28 @@ def test_a_hard_link_to_no_file_of_the_tar_is_left_out_and_counted(tmp_path, cap
     assert [source.member(i) for i in range(len(source))] == ["c/a.png", "c/l2.png"]
     np.testing.assert_array_equal(source.load(1), source.load(0))
     assert "2 links, sparse files or other non-file members are left out" in caplog.text
+
+
+def test_a_tree_tarred_by_its_full_path_is_read_below_every_common_folder(tmp_path):
+    """`tar -cf train.tar ~/data/imagenet/train` stores `home/me/data/imagenet/train/n01/...` (tar drops the leading
+    '/'): the classes are the folders below the path every member shares, as the tree extracted at that path has them,
+    not one class 'me' holding every image. The same for a label list's tar of images."""
+    folder = _tree(tmp_path / "train")
+    path = tmp_path / "deep.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.add(folder, arcname="home/me/data/imagenet/train")
+    reference = ImageFolderSource(folder)
+    source = TarSource(path)
+    assert source.class_names == reference.class_names
+    np.testing.assert_array_equal(source.labels, reference.labels)
+
+    _val(tmp_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n" for i in range(1, 11)))
+    val = tmp_path / "val.tar"
+    with tarfile.open(val, "w") as tar:
+        tar.add(tmp_path / "val", arcname="home/me/val")
+    out = tmp_path / "val.beton"
+    convert(val, out, format=f"list:{listing}", params=WriterParams(max_resolution=32, write_mode="raw",
+                                                                    num_workers=1))
+    assert read_sidecar(out)["num_samples"] == 10
