@@ -218,14 +218,15 @@ def open_tar(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def listing(fd: int, start: int, size: int, where: str, *, outer: bool) -> _Listing:
-    """The files and folders of a tar (`members`), names as `parts` joins them, hidden ones (any component starting
-    with '.': `.DS_Store`, AppleDouble `._x.JPEG`, `.git/`) left out as ImageFolder leaves them. A hard link is a
-    file with its target's data (what extracting the tar gives: `tar` stores a hard-linked file's bytes once)."""
+    """The files and folders of a tar (`members`), names as `parts` joins them; hidden ones (`.DS_Store`, AppleDouble
+    `._x.JPEG`) included: whether a name is hidden depends on the folders a caller strips (a tree tarred as
+    `root/.cache/train/` is not). A hard link is a file with its target's data (what extracting the tar gives: `tar`
+    stores a hard-linked file's bytes once)."""
     out = _Listing([], array("q"), array("q"), bytearray())
     links: dict[int, str] = {}  # listing position of a hard link -> its target's name
     for m in members(fd, start, size, where, outer=outer):
         p = parts(m.name)
-        if not p or any(c.startswith(".") for c in p):
+        if not p:
             continue
         if m.kind == "other":
             out.others += 1
@@ -244,7 +245,7 @@ def listing(fd: int, start: int, size: int, where: str, *, outer: bool) -> _List
 def _resolve_links(out: _Listing, links: dict[int, str]) -> None:
     """Give each hard link of `out` the offset and size of the last file of its target's name listed before it (the
     file extracting the tar had given that name when it made the link); one whose target is not a file of the tar
-    (left out as hidden or not a file) is dropped and counted with the others. One pass, names looked up only for
+    is dropped and counted with the others. One pass, names looked up only for
     the targets (a tree's tar lists 1.28M)."""
     targets = set(links.values())
     latest: dict[str, int] = {}

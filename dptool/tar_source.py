@@ -57,21 +57,31 @@ class _Reader:
             os.close(self._fd)
 
 
+def _hidden(name: str) -> bool:
+    """Whether a member's name (below the folders stripped) has a hidden component (`.DS_Store`, AppleDouble
+    `._x.JPEG`, `.git/`): left out as ImageFolder leaves hidden files."""
+    return any(c.startswith(".") for c in name.split("/"))
+
+
 def _stripped_top(names: list[str], kinds: bytearray) -> str | None:
     """The folders every member is under (`train` of `tar -cf train.tar train/`; `home/me/data/train` of `tar -cf
     train.tar ~/data/train`, which tar stores without its leading '/'), level by level while what is below still has
-    classes (a folder, or a member tar); None where there is none to strip. A member that is one of these folders
-    is under none of them: it names nothing below the cut."""
+    classes (a folder, or a member tar); None where there is none to strip. A member that is one of these folders,
+    or hidden beside one (macOS's AppleDouble `._train`), is under none of them: it names nothing below the cut."""
     stripped = ""
-    while names:
-        first = next((n for n in names if n.startswith(stripped) and len(n) > len(stripped)), None)
+    while True:
+        cut = len(stripped)
+        first = (next((n for n in names if n.startswith(stripped) and len(n) > cut and n[cut] != "."), None)
+                 or next((n for n in names if n.startswith(stripped) and "/" in n[cut:]), None))  # `.cache/` only
         if first is None:
             break
-        prefix = stripped + first[len(stripped):].split("/", 1)[0] + "/"
-        if not all(n.startswith(prefix) or prefix.startswith(n + "/") for n in names):
+        prefix = stripped + first[cut:].split("/", 1)[0] + "/"
+        if not all(n.startswith(prefix) or n == prefix[:-1] or n[cut] == "." for n in names if n.startswith(stripped)
+                   and len(n) > cut):
             break
-        cut = len(prefix)
-        if not (any("/" in n[cut:] or n[cut:].lower().endswith(".tar") for n in names if n.startswith(prefix))
+        inside = len(prefix)
+        if not (any("/" in n[inside:] or n[inside:].lower().endswith(".tar") for n in names
+                    if n.startswith(prefix) and n[inside] != ".")
                 or any(k == 68 and n.startswith(prefix) for n, k in zip(names, kinds))):
             break
         stripped = prefix
@@ -124,8 +134,10 @@ class TarSource(SourceDataset):
             cut = len(top) + 1 if top else 0
             others, loose, inner_tars = outer.others, 0, 0
             for name, offset, length, kind in zip(outer.names, outer.offsets, outer.sizes, outer.kinds):
-                rest = name[cut:] if cut else name
-                if not rest:
+                if cut and not name.startswith(top + "/"):  # a folder stripped, or a hidden member beside one
+                    continue
+                rest = name[cut:]
+                if not rest or _hidden(rest):
                     continue
                 cls, sep, _ = rest.partition("/")
                 if kind == 68:  # a folder: a class folder is a class even if empty, as ImageFolder has it
@@ -141,7 +153,7 @@ class TarSource(SourceDataset):
                     classes[cls] = None
                     inside = listing(fd, offset, length, f"{path}:{name}", outer=False)
                     others += inside.others
-                    files = [i for i, k in enumerate(inside.kinds) if k == 70]
+                    files = [i for i, k in enumerate(inside.kinds) if k == 70 and not _hidden(inside.names[i])]
                     found = ([f"{name}/{inside.names[i]}" for i in files], [inside.offsets[i] for i in files],
                              [inside.sizes[i] for i in files])
                     if cls in listed or cls in packed:
@@ -232,7 +244,8 @@ class TarImages:
         names = [found.names[i] for i in files]
         # the folders every image is under (`val` of `tar -cf val.tar val/`, `home/me/val` of `tar -cf val.tar
         # ~/val`), deepest first: a listed path is looked for below each
-        folders = [n.rpartition("/")[0] for n in names]  # no name has a leading '/' (`parts`)
+        # no name has a leading '/' (`parts`); a hidden file (AppleDouble `._val` beside the folder) names none
+        folders = [n.rpartition("/")[0] for n in names if not n.rpartition("/")[2].startswith(".")]
         common = [c for c in os.path.commonpath(folders).split("/") if c] if folders else []
         self.tops = ["/".join(common[:k]) for k in range(len(common), 0, -1)]
         self._index = {n: j for j, n in enumerate(names)}  # of a name listed twice, the last (as extracting it)

@@ -527,8 +527,8 @@ def test_an_uncompressed_tar_named_as_compressed_is_read(tmp_path):
 
 
 def test_a_hard_link_to_no_file_of_the_tar_is_left_out_and_counted(tmp_path, caplog):
-    """A hard link whose target the index left out (a hidden file) or the tar lacks is left out and counted with the
-    links; the images around it keep their places."""
+    """A hard link whose target the tar lacks is left out and counted with the links; one to a hidden file is read
+    (extracting it gives a file that is not hidden); the images around them keep their places."""
     path = _members_tar(tmp_path / "t.tar", {"c/.h.png": _png(), "c/a.png": _png()})
     with tarfile.open(path, "a") as tar:
         for name, target in (("c/l1.png", "c/.h.png"), ("c/l2.png", "c/a.png"), ("c/l3.png", "c/gone.png")):
@@ -537,9 +537,10 @@ def test_a_hard_link_to_no_file_of_the_tar_is_left_out_and_counted(tmp_path, cap
             tar.addfile(link)
     caplog.set_level("WARNING")
     source = TarSource(path)
-    assert [source.member(i) for i in range(len(source))] == ["c/a.png", "c/l2.png"]
+    assert [source.member(i) for i in range(len(source))] == ["c/a.png", "c/l1.png", "c/l2.png"]
     np.testing.assert_array_equal(source.load(1), source.load(0))
-    assert "2 links, sparse files or other non-file members are left out" in caplog.text
+    np.testing.assert_array_equal(source.load(2), source.load(0))
+    assert "1 links, sparse files or other non-file members are left out" in caplog.text
 
 
 def test_a_tree_tarred_by_its_full_path_is_read_below_every_common_folder(tmp_path):
@@ -561,6 +562,33 @@ def test_a_tree_tarred_by_its_full_path_is_read_below_every_common_folder(tmp_pa
     val = tmp_path / "val.tar"
     with tarfile.open(val, "w") as tar:
         tar.add(tmp_path / "val", arcname="home/me/val")
+    out = tmp_path / "val.beton"
+    convert(val, out, format=f"list:{listing}", params=WriterParams(max_resolution=32, write_mode="raw",
+                                                                    num_workers=1))
+    assert read_sidecar(out)["num_samples"] == 10
+
+
+def test_a_tree_under_a_hidden_folder_is_read(tmp_path):
+    """`tar -cf train.tar ~/.cache/imagenet/train` (a tree in a cache folder): the hidden folder lies above the
+    classes, as the folder it is extracted into does, so nothing is hidden; macOS's AppleDouble `._train` beside the
+    tree's folder and `._` files beside images are. The same for a label list's tar of images."""
+    folder = _tree(tmp_path / "train")
+    path = tmp_path / "cached.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.add(folder, arcname="root/.cache/imagenet/train")
+        _add(tar, "root/.cache/imagenet/._train", b"\0\5\26\7AppleDouble")
+    reference = ImageFolderSource(folder)
+    source = TarSource(path)
+    assert source.class_names == reference.class_names
+    np.testing.assert_array_equal(source.labels, reference.labels)
+
+    _val(tmp_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n" for i in range(1, 11)))
+    val = tmp_path / "val.tar"
+    with tarfile.open(val, "w") as tar:
+        tar.add(tmp_path / "val", arcname=".cache/val")
+        _add(tar, "._val", b"\0\5\26\7AppleDouble")
     out = tmp_path / "val.beton"
     convert(val, out, format=f"list:{listing}", params=WriterParams(max_resolution=32, write_mode="raw",
                                                                     num_workers=1))
