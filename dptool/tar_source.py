@@ -108,8 +108,8 @@ def _unpack(packed) -> tuple[list[str], array, array]:
 
 class TarSource(SourceDataset):
     """The images of an uncompressed tar, in place: member `NAME.tar` -> class NAME (its images at any depth), member
-    `CLASS/.../image` -> class CLASS, under an optional single top folder; classes and images sorted by name as
-    `ImageFolderSource` sorts them, so the labels are those of the tree extracting it gives."""
+    `CLASS/.../image` -> class CLASS, under the folders every member shares (`_stripped_top`); classes and images
+    sorted by name as `ImageFolderSource` sorts them, so the labels are those of the tree extracting it gives."""
 
     def __init__(self, path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         path = os.path.abspath(path)
