@@ -230,7 +230,11 @@ def classes_from_command(other: Beton, ref: str | os.PathLike) -> str:
     records (with the `--format` and `--split` a list, CoOp or torchvision source needs; SRC where none is recorded)."""
     source = (other.sidecar or {}).get("source") or {}
     fmt, path, split = source.get("format"), source.get("path"), source.get("split")
-    named = isinstance(fmt, str) and ":" in fmt  # list:FILE, coop:FILE, torchvision:NAME; a folder or .npz is found
+    # list:FILE, coop:FILE, torchvision:NAME; a folder, an .npz or a .tar is found by --format auto, not a file
+    # named otherwise
+    suffix = {"npz": ".npz", "tar": ".tar"}.get(fmt) if isinstance(fmt, str) else None
+    named = isinstance(fmt, str) and (":" in fmt or (suffix is not None and isinstance(path, str)
+                                                      and not path.lower().endswith(suffix)))
     words = ["dptool", "convert", *(("--format", fmt) if named else ()),
              path if isinstance(path, str) and path else "SRC", "OUT",
              *(("--split", split) if named and isinstance(split, str) and split else ()), "--classes-from", str(ref)]

@@ -593,3 +593,20 @@ def test_a_tree_under_a_hidden_folder_is_read(tmp_path):
     convert(val, out, format=f"list:{listing}", params=WriterParams(max_resolution=32, write_mode="raw",
                                                                     num_workers=1))
     assert read_sidecar(out)["num_samples"] == 10
+
+
+def test_the_command_that_relabels_a_tar_named_otherwise_names_its_format():
+    """The refusal of a file with other classes gives the convert command for its source: a tar or an .npz whose name
+    `--format auto` does not know needs its `--format` (auto refused 'images.data' as neither)."""
+    from types import SimpleNamespace
+
+    from dptool.beton import classes_from_command
+
+    def command(fmt, path):
+        return classes_from_command(SimpleNamespace(sidecar={"source": {"format": fmt, "path": path}}), "train.beton")
+
+    tail = " OUT --classes-from train.beton"
+    assert command("tar", "/d/images.data") == "dptool convert --format tar /d/images.data" + tail
+    assert command("npz", "/d/arrays.bin") == "dptool convert --format npz /d/arrays.bin" + tail
+    assert command("tar", "/d/val.TAR") == "dptool convert /d/val.TAR" + tail
+    assert command("imagefolder", "/d/val") == "dptool convert /d/val" + tail
