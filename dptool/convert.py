@@ -154,7 +154,7 @@ def convert(
     out = check_beton_output(out, force=force, inputs=(*source_inputs(src, format), classes_from))
     _refuse_output_in_class_folder(out, src, format)
     ref = None if classes_from is None else reference_classes(classes_from)
-    source = open_source(src, format=format, split=split, max_pixels=max_pixels)
+    source = open_source(src, format=format, split=split, max_pixels=max_pixels, progress=progress)
     if ref is not None:
         relabel(source, ref, "class folder" if source.format == "imagefolder" else "class")
     n = len(source)

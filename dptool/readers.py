@@ -328,11 +328,12 @@ class TorchvisionSource(SourceDataset):
 
 
 def open_source(
-    src: str | os.PathLike, *, format: str = "auto", split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    src: str | os.PathLike, *, format: str = "auto", split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
 ) -> SourceDataset:
     """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz', 'tar' (`dptool.tar_source`: 'auto' takes a
     file named .tar as one), 'torchvision:NAME', 'coop:SPLIT.json' or 'list:FILE' (`src` is then the folder, or
-    tar, the file's paths are relative to)."""
+    tar, the file's paths are relative to). `progress`: a bar on stderr while a tar is indexed."""
     src_path = Path(src)
     if format.startswith("torchvision:"):
         return TorchvisionSource(format.split(":", 1)[1], src_path, split or "train")
@@ -379,7 +380,7 @@ def open_source(
     if format == "tar":
         from .tar_source import TarSource
 
-        return TarSource(src_path, max_pixels=max_pixels)
+        return TarSource(src_path, max_pixels=max_pixels, progress=progress)
     if format == "npz":
         return NpzSource(src_path)
     if format == "imagefolder":

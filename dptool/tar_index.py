@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tarfile
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -217,14 +217,18 @@ def open_tar(path: str | os.PathLike) -> tuple[int, int]:
     return fd, os.fstat(fd).st_size
 
 
-def listing(fd: int, start: int, size: int, where: str, *, outer: bool) -> _Listing:
+def listing(fd: int, start: int, size: int, where: str, *, outer: bool,
+            at: Callable[[int], None] | None = None) -> _Listing:
     """The files and folders of a tar (`members`), names as `parts` joins them; hidden ones (`.DS_Store`, AppleDouble
     `._x.JPEG`) included: whether a name is hidden depends on the folders a caller strips (a tree tarred as
     `root/.cache/train/` is not). A hard link is a file with its target's data (what extracting the tar gives: `tar`
-    stores a hard-linked file's bytes once)."""
+    stores a hard-linked file's bytes once). `at(offset)` is told how far into the file the headers are read, every
+    4096 members (a progress bar's position)."""
     out = _Listing([], array("q"), array("q"), bytearray())
     links: dict[int, str] = {}  # listing position of a hard link -> its target's name
-    for m in members(fd, start, size, where, outer=outer):
+    for k, m in enumerate(members(fd, start, size, where, outer=outer)):
+        if at is not None and k % 4096 == 0:
+            at(m.offset)
         p = parts(m.name)
         if not p:
             continue
