@@ -226,11 +226,13 @@ class ListSource(SourceDataset):
     downloaded); classes are the list's sorted class names."""
 
     def __init__(self, list_file: str | os.PathLike, image_dir: str | os.PathLike, *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False):
+        from tqdm import tqdm
+
         if Path(image_dir).is_file() and looks_like_tar(image_dir):
             from .tar_source import TarImages
 
-            images = TarImages(image_dir)
+            images = TarImages(image_dir, progress=progress)
         elif Path(image_dir).is_dir():
             images = _Folder(image_dir)
         else:
@@ -242,7 +244,8 @@ class ListSource(SourceDataset):
         self._images = images
         self._list = parsed
         n = len(parsed.labels)
-        absent = [i for i in range(n) if not images.exists(parsed.relpath(i))]
+        looked = tqdm(range(n), desc="looking for the listed images", unit="image", disable=not progress)
+        absent = [i for i in looked if not images.exists(parsed.relpath(i))]
         if len(absent) == n:  # the image folder is not the one the list's paths are relative to
             # torchvision's ImageNet moves them into WNID folders
             sorted_val = parsed.line_file is not None and images.has_folders(parsed.class_names)

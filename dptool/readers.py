@@ -75,7 +75,9 @@ def _class_files(class_dir: Path) -> list[str]:
 class ImageFolderSource(SourceDataset):
     """One sub-folder per class (sorted by name); every non-hidden file under it is a sample (`_class_files`)."""
 
-    def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False):
+        from tqdm import tqdm
+
         root = Path(root)
         if not root.is_dir():
             raise InputError(f"Source folder {root} does not exist or is not a folder.")
@@ -94,7 +96,8 @@ class ImageFolderSource(SourceDataset):
         names: list[bytes] = []
         counts: list[int] = []
         empty: list[tuple[int, Path]] = []
-        for label, class_dir in enumerate(class_dirs):
+        listed = tqdm(class_dirs, desc=f"listing {root.name or root}", unit="class", disable=not progress)
+        for label, class_dir in enumerate(listed):
             files = _class_files(class_dir)
             if not files:
                 empty.append((label, class_dir))
@@ -333,7 +336,8 @@ def open_source(
 ) -> SourceDataset:
     """Open `src` as a dataset: `format` is 'auto', 'imagefolder', 'npz', 'tar' (`dptool.tar_source`: 'auto' takes a
     file named .tar as one), 'torchvision:NAME', 'coop:SPLIT.json' or 'list:FILE' (`src` is then the folder, or
-    tar, the file's paths are relative to). `progress`: a bar on stderr while a tar is indexed."""
+    tar, the file's paths are relative to). `progress`: a bar on stderr while a folder is listed, a tar indexed or
+    a list's images looked for."""
     src_path = Path(src)
     if format.startswith("torchvision:"):
         return TorchvisionSource(format.split(":", 1)[1], src_path, split or "train")
@@ -347,7 +351,7 @@ def open_source(
         if split is not None:
             raise InputError("--split applies to torchvision datasets and CoOp split files; with --format list: "
                              "the images the list names are converted, all of them.")
-        return ListSource(_list_file(format), src_path, max_pixels=max_pixels)
+        return ListSource(_list_file(format), src_path, max_pixels=max_pixels, progress=progress)
     if not src_path.exists():
         raise InputError(f"Source {src_path} does not exist.")
     if split is not None:
@@ -384,7 +388,7 @@ def open_source(
     if format == "npz":
         return NpzSource(src_path)
     if format == "imagefolder":
-        return ImageFolderSource(src_path, max_pixels=max_pixels)
+        return ImageFolderSource(src_path, max_pixels=max_pixels, progress=progress)
     raise InputError(f"Unknown format {format!r}; accepted: auto, imagefolder, npz, tar, torchvision:NAME, "
                      "coop:SPLIT.json, list:FILE.")
 

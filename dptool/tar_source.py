@@ -57,6 +57,19 @@ class _Reader:
             os.close(self._fd)
 
 
+def _index_bar(path: str, size: int, progress: bool):
+    """A bar through the tar's `size` bytes as its headers are read (20 s for ImageNet's count here, page cache warm),
+    and the function that moves it to an offset; shown only with `progress`."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=size, desc=f"indexing {os.path.basename(path)}", unit="B", unit_scale=True, disable=not progress)
+
+    def at(offset: int) -> None:
+        bar.update(max(0, offset - bar.n))
+
+    return bar, at
+
+
 def _hidden(name: str) -> bool:
     """Whether a member's name (below the folders stripped) has a hidden component (`.DS_Store`, AppleDouble
     `._x.JPEG`, `.git/`): left out as ImageFolder leaves hidden files."""
@@ -112,17 +125,10 @@ class TarSource(SourceDataset):
     sorted by name as `ImageFolderSource` sorts them, so the labels are those of the tree extracting it gives."""
 
     def __init__(self, path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False):
-        from tqdm import tqdm
-
         path = os.path.abspath(path)
         fd, size = open_tar(path)
         began = time.perf_counter()
-        # the index reads the headers through the whole file (20 s for ImageNet's count here, page cache warm)
-        bar = tqdm(total=size, desc=f"indexing {os.path.basename(path)}", unit="B", unit_scale=True,
-                   disable=not progress)
-
-        def at(offset: int) -> None:
-            bar.update(max(0, offset - bar.n))
+        bar, at = _index_bar(path, size, progress)
 
         log.info("indexing the images of %s from its headers (about 20 s for ImageNet's 1.28M on a warm cache)", path)
         # a class's images: listed (names, offsets, sizes), or packed as soon as its tar is read (ImageNet's 1.28M
@@ -244,15 +250,19 @@ class TarImages:
     """The images of a tar as a label list's image folder: a listed path is a member's name, or its name below the
     folders every member is under (`tar -cf val.tar val/`). Member tars are not looked into."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, progress: bool = False):
         self.root = os.path.abspath(path)
         fd, size = open_tar(self.root)
+        bar, at = _index_bar(self.root, size, progress)
         try:
             st = os.fstat(fd)
-            found = listing(fd, 0, size, self.root, outer=True)
+            found = listing(fd, 0, size, self.root, outer=True, at=at)
+            at(size)
         except BaseException:
             os.close(fd)
             raise
+        finally:
+            bar.close()
         files = [i for i, k in enumerate(found.kinds) if k == 70]
         names = [found.names[i] for i in files]
         # the folders every image is under (`val` of `tar -cf val.tar val/`, `home/me/val` of `tar -cf val.tar

@@ -612,14 +612,24 @@ def test_the_command_that_relabels_a_tar_named_otherwise_names_its_format():
     assert command("imagefolder", "/d/val") == "dptool convert /d/val" + tail
 
 
-def test_the_index_shows_a_bar_through_the_whole_tar_when_asked(tmp_path, capsys):
-    """Indexing ImageNet's tar reads a header every image through 138 GB (20 s at its count here, warm cache): with
-    `progress` a bar on stderr follows the file to its end, for a tar of class tars as for a tree's tar; none
+def test_opening_a_source_shows_a_bar_when_asked(tmp_path, capsys):
+    """Opening ImageNet reads its whole listing before the first image (a tar's headers: 20 s at its count here,
+    warm cache; a folder's 1000 class folders; a stat of every listed image): with `progress` a bar on stderr reaches
+    its end, for a tar of class tars, a tree's tar, the folder, and a label list over the folder or the tar; none
     without."""
+    from dptool.readers import open_source
+
     tree = _tree(tmp_path / "tree")
-    for tar in (_tar_of_tars(tree, tmp_path / "t.tar"), _tree_tar(tree, tmp_path / "f.tar")):
-        TarSource(tar, progress=True)
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{c}/{f.name} {c}\n" for c in ("n01", "n03") for f in sorted((tree / c).glob("*.png"))))
+    cases = [(_tar_of_tars(tree, tmp_path / "t.tar"), "auto", "indexing t.tar"),
+             (_tree_tar(tree, tmp_path / "f.tar"), "auto", "indexing f.tar"),
+             (tree, "auto", "listing tree"),
+             (tree, f"list:{listed}", "looking for the listed images"),
+             (tmp_path / "f.tar", f"list:{listed}", "indexing f.tar")]
+    for src, fmt, bar in cases:
+        source = open_source(src, format=fmt, progress=True)
         err = capsys.readouterr().err
-        assert f"indexing {tar.name}" in err and "100%" in err, err
-        TarSource(tar)
-        assert capsys.readouterr().err == ""
+        assert bar in err and "100%" in err, (src, fmt, err)
+        assert len(open_source(src, format=fmt)) == len(source)
+        assert capsys.readouterr().err == "", (src, fmt)
