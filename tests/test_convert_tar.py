@@ -543,6 +543,23 @@ def test_a_hard_link_to_no_file_of_the_tar_is_left_out_and_counted(tmp_path, cap
     assert "1 links, sparse files or other non-file members are left out" in caplog.text
 
 
+def _val_tar_samples(tmp_path: Path, arcname: str, beside: dict[str, bytes] | None = None) -> int:
+    """Ten val images tarred under `arcname` (with the `beside` members), converted with a plain list naming them
+    without that folder: the samples the file holds."""
+    _val(tmp_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n" for i in range(1, 11)))
+    val = tmp_path / "val.tar"
+    with tarfile.open(val, "w") as tar:
+        tar.add(tmp_path / "val", arcname=arcname)
+        for name, data in (beside or {}).items():
+            _add(tar, name, data)
+    out = tmp_path / "val.beton"
+    convert(val, out, format=f"list:{listing}", params=WriterParams(max_resolution=32, write_mode="raw",
+                                                                    num_workers=1))
+    return read_sidecar(out)["num_samples"]
+
+
 def test_a_tree_tarred_by_its_full_path_is_read_below_every_common_folder(tmp_path):
     """`tar -cf train.tar ~/data/imagenet/train` stores `home/me/data/imagenet/train/n01/...` (tar drops the leading
     '/'): the classes are the folders below the path every member shares, as the tree extracted at that path has them,
@@ -556,16 +573,7 @@ def test_a_tree_tarred_by_its_full_path_is_read_below_every_common_folder(tmp_pa
     assert source.class_names == reference.class_names
     np.testing.assert_array_equal(source.labels, reference.labels)
 
-    _val(tmp_path)
-    listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n" for i in range(1, 11)))
-    val = tmp_path / "val.tar"
-    with tarfile.open(val, "w") as tar:
-        tar.add(tmp_path / "val", arcname="home/me/val")
-    out = tmp_path / "val.beton"
-    convert(val, out, format=f"list:{listing}", params=WriterParams(max_resolution=32, write_mode="raw",
-                                                                    num_workers=1))
-    assert read_sidecar(out)["num_samples"] == 10
+    assert _val_tar_samples(tmp_path, "home/me/val") == 10
 
 
 def test_a_tree_under_a_hidden_folder_is_read(tmp_path):
@@ -582,17 +590,7 @@ def test_a_tree_under_a_hidden_folder_is_read(tmp_path):
     assert source.class_names == reference.class_names
     np.testing.assert_array_equal(source.labels, reference.labels)
 
-    _val(tmp_path)
-    listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG n{i % 2}\n" for i in range(1, 11)))
-    val = tmp_path / "val.tar"
-    with tarfile.open(val, "w") as tar:
-        tar.add(tmp_path / "val", arcname=".cache/val")
-        _add(tar, "._val", b"\0\5\26\7AppleDouble")
-    out = tmp_path / "val.beton"
-    convert(val, out, format=f"list:{listing}", params=WriterParams(max_resolution=32, write_mode="raw",
-                                                                    num_workers=1))
-    assert read_sidecar(out)["num_samples"] == 10
+    assert _val_tar_samples(tmp_path, ".cache/val", beside={"._val": b"\0\5\26\7AppleDouble"}) == 10
 
 
 def test_the_command_that_relabels_a_tar_named_otherwise_names_its_format():
