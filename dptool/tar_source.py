@@ -9,6 +9,7 @@ workers inherit it; a dataset unpickled elsewhere opens the path, and refuses an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -57,17 +58,23 @@ class _Reader:
             os.close(self._fd)
 
 
-def _index_bar(path: str, size: int, progress: bool):
-    """A bar through the tar's `size` bytes as its headers are read (20 s for ImageNet's count here, page cache warm),
-    and the function that moves it to an offset; shown only with `progress`."""
+@contextlib.contextmanager
+def _indexing(path: str, progress: bool):
+    """Open the tar `path` for its index: yields (descriptor, size, `at`), `at(offset)` moving a bar through the file
+    as its headers are read (20 s for ImageNet's count here, page cache warm; shown only with `progress`). The
+    descriptor is closed if the index fails, and kept open for the images if it does not."""
     from tqdm import tqdm
 
+    fd, size = open_tar(path)
     bar = tqdm(total=size, desc=f"indexing {os.path.basename(path)}", unit="B", unit_scale=True, disable=not progress)
-
-    def at(offset: int) -> None:
-        bar.update(max(0, offset - bar.n))
-
-    return bar, at
+    try:
+        yield fd, size, lambda offset: bar.update(max(0, offset - bar.n))
+        bar.update(size - bar.n)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        bar.close()
 
 
 def _hidden(name: str) -> bool:
@@ -126,10 +133,7 @@ class TarSource(SourceDataset):
 
     def __init__(self, path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False):
         path = os.path.abspath(path)
-        fd, size = open_tar(path)
         began = time.perf_counter()
-        bar, at = _index_bar(path, size, progress)
-
         log.info("indexing the images of %s from its headers (about 20 s for ImageNet's 1.28M on a warm cache)", path)
         # a class's images: listed (names, offsets, sizes), or packed as soon as its tar is read (ImageNet's 1.28M
         # names are held as Python strings one class at a time)
@@ -142,7 +146,7 @@ class TarSource(SourceDataset):
                 listed[cls] = _unpack(packed.pop(cls)) if cls in packed else ([], array("q"), array("q"))
             return listed[cls]
 
-        try:
+        with _indexing(path, progress) as (fd, size, at):
             st = os.fstat(fd)
             outer = listing(fd, 0, size, path, outer=True, at=at)
             top = _stripped_top(outer.names, outer.kinds)
@@ -180,12 +184,6 @@ class TarSource(SourceDataset):
                 else:
                     loose += 1  # a file beside the classes: ImageFolder reads none
             del outer
-            at(size)
-        except BaseException:
-            os.close(fd)
-            raise
-        finally:
-            bar.close()
         class_names = sorted(classes)
         pieces = [_pack(*listed.pop(c)) if c in listed else packed.pop(c, None) or _pack([], [], [])
                   for c in class_names]
@@ -252,17 +250,9 @@ class TarImages:
 
     def __init__(self, path: str | os.PathLike, *, progress: bool = False):
         self.root = os.path.abspath(path)
-        fd, size = open_tar(self.root)
-        bar, at = _index_bar(self.root, size, progress)
-        try:
+        with _indexing(self.root, progress) as (fd, size, at):
             st = os.fstat(fd)
             found = listing(fd, 0, size, self.root, outer=True, at=at)
-            at(size)
-        except BaseException:
-            os.close(fd)
-            raise
-        finally:
-            bar.close()
         files = [i for i, k in enumerate(found.kinds) if k == 70]
         names = [found.names[i] for i in files]
         # the folders every image is under (`val` of `tar -cf val.tar val/`, `home/me/val` of `tar -cf val.tar
